@@ -1,0 +1,28 @@
+from setuptools import setup
+
+# One import root, `harmonica`. The folders kernels/, bench/ and profiling/ install as
+# harmonica.kernels, harmonica.bench and harmonica.profiling: a top-level module named `kernels`
+# would collide with the `kernels` package that diffusers and transformers import.
+PACKAGE_DIRS = {
+    "harmonica": "harmonica",
+    "harmonica.kernels": "kernels",
+    "harmonica.bench": "bench",
+    "harmonica.profiling": "profiling",
+}
+
+setup(
+    name="harmonica-dit",
+    version="0.1.0",
+    description="Learned feature caching (HarmoniCa) for diffusion transformers, with fused Triton kernels",
+    python_requires=">=3.10",
+    packages=list(PACKAGE_DIRS),
+    package_dir=PACKAGE_DIRS,
+    # triton is not required: CUDA builds of torch pin their own; the `test` extra brings it for the
+    # CPU interpreter.
+    install_requires=["torch>=2.4", "diffusers", "numpy", "safetensors", "nvidia-ml-py", "tqdm"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "triton", "hypothesis"],
+        "xformers": ["xformers"],
+        "dev": ["ruff"],
+    },
+)

@@ -1,0 +1,261 @@
+"""gated_residual: the Triton kernels (interpreter on CPU) against the torch reference in fp32."""
+
+import pytest
+import torch
+from _helpers import DEVICE, DTYPES, assert_matches_reference, dtype_id, nan_like, randn
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harmonica.kernels.gated_residual import (
+    BLEND,
+    COMPUTE,
+    REUSE,
+    GatedResidualFunction,
+    gated_residual,
+    gated_residual_compute,
+    gated_residual_compute_ref,
+    gated_residual_fwd,
+    gated_residual_ref,
+    gated_residual_reuse,
+    gated_residual_reuse_ref,
+)
+
+SHAPES = [(2, 63, 72), (1, 5, 1152)]
+GATES = ["BD", "B1D", "chunk", "none"]  # chunk: a strided (B, D) slice of a (B, 6D) modulation, as diffusers makes
+
+
+def make_gate(kind, B, D, dtype, gen):
+    if kind == "none":
+        return None
+    if kind == "chunk":
+        return randn((B, 6 * D), dtype, gen=gen)[:, 2 * D:3 * D]
+    gate = randn((B, D), dtype, gen=gen)
+    return gate.unsqueeze(1) if kind == "B1D" else gate
+
+
+def make_unit(shape, dtype, gate_kind, strided, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h, fresh, cache = (randn(shape, dtype, gen=gen, strided=strided) for _ in range(3))
+    return h, fresh, cache, make_gate(gate_kind, shape[0], shape[2], dtype, gen)
+
+
+def f32(t):
+    """An fp32 copy (never `t` itself, which the reference may write)."""
+    return None if t is None else t.to(torch.float32, copy=True)
+
+
+def case_id(shape, dtype, strided, gate):
+    B, N, D = shape
+    return f"B{B}-N{N}-D{D}-{dtype_id(dtype)}-{'strided' if strided else 'contig'}-gate{gate}"
+
+
+CASES = [(s, d, st_, g) for s in SHAPES for d in DTYPES for st_ in (False, True) for g in GATES]
+CASE_IDS = [case_id(*c) for c in CASES]
+
+
+@pytest.mark.parametrize("r_value,tau", [(0.7, 0.1), (0.05, 0.1), (0.3, None)], ids=["write", "keep", "no-tau"])
+@pytest.mark.parametrize("shape,dtype,strided,gate_kind", CASES, ids=CASE_IDS)
+def test_blend_kernel(shape, dtype, strided, gate_kind, r_value, tau):
+    h, fresh, cache, gate = make_unit(shape, dtype, gate_kind, strided)
+    r = torch.tensor(r_value, device=DEVICE)
+    slot = randn(shape, dtype, gen=torch.Generator(), strided=strided).copy_(cache)
+    out = nan_like(h)
+    gated_residual_fwd(h, fresh, slot, r, gate, out, mode=BLEND, tau=tau, write_cache=tau is not None)
+
+    cache32, cache_lp = f32(cache), cache.clone()
+    expected = gated_residual_ref(f32(h), f32(fresh), cache32, r, f32(gate), tau)
+    assert_matches_reference(out, gated_residual_ref(h, fresh, cache_lp, r, gate, tau), expected, "out")
+    if tau is not None and r_value > tau:
+        assert_matches_reference(slot, cache_lp, cache32, "cache")
+    else:
+        assert torch.equal(slot, cache), "cache: written although r <= tau or no tau"
+
+
+@pytest.mark.parametrize("write", [True, False], ids=["write", "no-write"])
+@pytest.mark.parametrize("shape,dtype,strided,gate_kind", CASES, ids=CASE_IDS)
+def test_compute_kernel(shape, dtype, strided, gate_kind, write):
+    h, fresh, _, gate = make_unit(shape, dtype, gate_kind, strided)
+    slot = nan_like(fresh) if write else None
+    out = nan_like(h)
+    gated_residual_fwd(h, fresh, slot, None, gate, out, mode=COMPUTE, write_cache=write)
+    expected = gated_residual_compute_ref(f32(h), f32(fresh), f32(gate))
+    assert_matches_reference(out, gated_residual_compute_ref(h, fresh, gate), expected, "out")
+    if write:
+        assert torch.equal(slot, fresh), "cache: not an exact copy of fresh"
+
+
+@pytest.mark.parametrize("shape,dtype,strided,gate_kind", CASES, ids=CASE_IDS)
+def test_reuse_kernel(shape, dtype, strided, gate_kind):
+    h, _, cache, gate = make_unit(shape, dtype, gate_kind, strided)
+    before = cache.clone()
+    out = nan_like(h)
+    gated_residual_fwd(h, None, cache, None, gate, out, mode=REUSE)
+    expected = gated_residual_reuse_ref(f32(h), f32(cache), f32(gate))
+    assert_matches_reference(out, gated_residual_reuse_ref(h, cache, gate), expected, "out")
+    assert torch.equal(cache, before), "cache: modified by the reuse form"
+
+
+def test_out_may_alias_h():
+    h, fresh, cache, gate = make_unit((2, 63, 72), torch.float32, "BD", False)
+    expected = gated_residual_ref(h, fresh, cache.clone(), torch.tensor(0.4, device=DEVICE), gate)
+    gated_residual_fwd(h, fresh, cache, torch.tensor(0.4, device=DEVICE), gate, h, mode=BLEND)
+    torch.testing.assert_close(h, expected)
+
+
+def _grads(fn, h, fresh, cache, r, gate, tau, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in (h, fresh, r)]
+    gate_leaf = None if gate is None else gate.detach().clone().requires_grad_()
+    out = fn(*leaves[:2], cache, leaves[2], gate_leaf, tau)
+    inputs = leaves + ([] if gate_leaf is None else [gate_leaf])
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("tau", [0.1, None], ids=["write", "no-write"])
+@pytest.mark.parametrize("shape,dtype,strided,gate_kind", CASES, ids=CASE_IDS)
+def test_backward_kernel(shape, dtype, strided, gate_kind, tau):
+    """Gradients for h, fresh, r and gate; with a slot write, r and gate still see the old slot."""
+    h, fresh, cache, gate = make_unit(shape, dtype, gate_kind, strided)
+    r = torch.tensor(0.6, device=DEVICE)
+    dout = randn(shape, dtype, gen=torch.Generator().manual_seed(1))
+    slot = cache.clone()
+    got = _grads(GatedResidualFunction.apply, h, fresh, slot, r, gate, tau, dout)
+    lowp = _grads(gated_residual_ref, h, fresh, cache.clone(), r, gate, tau, dout)
+    expected = _grads(gated_residual_ref, f32(h), f32(fresh), f32(cache), r, f32(gate), tau, f32(dout))
+    for name, g, lp, e in zip(["dh", "dfresh", "dr", "dgate"], got, lowp, expected):
+        assert_matches_reference(g, lp, e, name)
+    if tau is not None:
+        assert not torch.equal(slot, cache), "cache: the in-pass write did not happen"
+
+
+def test_no_gradient_for_the_cache():
+    h, fresh, cache, gate = make_unit((2, 7, 8), torch.float32, "BD", False)
+    with pytest.raises(ValueError, match=r"cache: expected a tensor that does not require grad"):
+        gated_residual(h, fresh, cache.requires_grad_(), torch.tensor(0.5, device=DEVICE), gate)
+
+
+@pytest.mark.parametrize("gate_kind", ["BD", "none"])
+def test_public_ops_on_device(gate_kind):
+    """The public functions (reference on CPU, kernels on CUDA) against the fp32 reference."""
+    h, fresh, cache, gate = make_unit((2, 63, 72), torch.float32, gate_kind, True)
+    r = torch.tensor(0.8, device=DEVICE)
+    slot = cache.clone()
+    out = gated_residual(h, fresh, slot, r, gate, tau=0.5)
+    torch.testing.assert_close(out, gated_residual_ref(h, fresh, cache.clone(), r, gate))
+    torch.testing.assert_close(slot, cache + 0.8 * (fresh - cache))
+
+    slot = nan_like(fresh)
+    torch.testing.assert_close(gated_residual_compute(h, fresh, gate, cache=slot), gated_residual_compute_ref(h, fresh, gate))
+    assert torch.equal(slot, fresh)
+    result = nan_like(h)
+    assert gated_residual_reuse(h, cache, gate, out=result) is result
+    torch.testing.assert_close(result, gated_residual_reuse_ref(h, cache, gate))
+
+
+def test_public_soft_form_gradients():
+    h, fresh, cache, gate = make_unit((2, 63, 72), torch.float32, "B1D", False)
+    r = torch.tensor(0.3, device=DEVICE)
+    dout = torch.randn(h.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    got = _grads(lambda *a: gated_residual(*a[:5], tau=a[5]), h, fresh, cache.clone(), r, gate, 0.1, dout)
+    expected = _grads(gated_residual_ref, h, fresh, cache.clone(), r, gate, 0.1, dout)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_reference_semantics():
+    """What the engine relies on: the compute form is diffusers' `gate * out + h` bit for bit, and
+    a soft gate at r = 0 adds exactly the cached tensor (at r = 1 the blend is fresh up to rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    h, fresh, cache = (torch.randn(2, 9, 8, generator=gen) for _ in range(3))
+    gate = torch.randn(2, 8, generator=gen)
+    assert torch.equal(gated_residual_compute_ref(h, fresh, gate), gate.unsqueeze(1) * fresh + h)
+    assert torch.equal(gated_residual_ref(h, fresh, cache.clone(), torch.tensor(0.0), gate), h + gate[:, None] * cache)
+    torch.testing.assert_close(gated_residual_ref(h, fresh, cache.clone(), torch.tensor(1.0), gate),
+                               h + gate[:, None] * fresh)
+    assert torch.equal(gated_residual_reuse_ref(h, cache), h + cache)
+
+
+def _bad(**changes):
+    gen = torch.Generator().manual_seed(0)
+    args = dict(h=torch.randn(2, 5, 8, generator=gen), fresh=torch.randn(2, 5, 8, generator=gen),
+                cache=torch.randn(2, 5, 8, generator=gen), r=torch.tensor(0.5), gate=torch.randn(2, 8, generator=gen))
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("args,message", [
+    (_bad(h=torch.randn(5, 8)), r"h: expected a 3-D tensor, got shape \(5, 8\)"),
+    (_bad(fresh=torch.randn(2, 5, 9)), r"fresh: expected shape \(2, 5, 8\) \(from h\), got \(2, 5, 9\)"),
+    (_bad(cache=torch.randn(2, 5, 8, dtype=torch.float64)), r"cache: expected dtype torch.float32 \(from h\), got torch.float64"),
+    (_bad(cache=torch.randn(2, 5, 8, device="meta")), r"cache: expected device cpu \(from h\), got meta"),
+    (_bad(gate=torch.randn(3, 8)), r"gate: expected shape \(2, 8\) or \(2, 1, 8\) .*, got \(3, 8\)"),
+    (_bad(gate=torch.randn(2, 8).half()), r"gate: expected dtype torch.float32 \(from h\), got torch.float16"),
+    (_bad(r=torch.tensor([0.5])), r"r: expected a 0-dim floating tensor .*, got shape \(1,\)"),
+    (_bad(r=torch.tensor(1)), r"r: expected a 0-dim floating tensor .* dtype torch.int64"),
+    (_bad(r=0.5), r"r: expected a torch.Tensor, got float"),
+    (_bad(r=torch.tensor(0.5, device="meta")), r"r: expected device cpu \(from h\), got meta"),
+], ids=["h-ndim", "fresh-shape", "cache-dtype", "cache-device", "gate-batch", "gate-dtype", "r-shape", "r-dtype",
+        "r-float", "r-device"])
+def test_bad_input_names_argument(args, message):
+    with pytest.raises(ValueError, match=message):
+        gated_residual(**args)
+
+
+def test_bad_tau_and_out():
+    with pytest.raises(ValueError, match=r"tau: expected a float in \[0, 1\), got 1.5"):
+        gated_residual(**_bad(), tau=1.5)
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 5, 8\) \(from h\), got \(2, 5\)"):
+        gated_residual_reuse(torch.randn(2, 5, 8), torch.randn(2, 5, 8), out=torch.empty(2, 5))
+    args = _bad()
+    args["fresh"].requires_grad_()
+    with pytest.raises(ValueError, match=r"out: expected None when gradients are required"):
+        gated_residual(**args, out=torch.empty(2, 5, 8))
+
+
+@given(
+    B=st.integers(1, 3), N=st.integers(1, 40), D=st.integers(1, 90),
+    dtype=st.sampled_from(DTYPES), mode=st.sampled_from([BLEND, COMPUTE, REUSE]),
+    gate_kind=st.sampled_from(GATES), strided=st.booleans(), r_value=st.floats(0.0, 1.0),
+)
+def test_random_shapes(B, N, D, dtype, mode, gate_kind, strided, r_value):
+    h, fresh, cache, gate = make_unit((B, N, D), dtype, gate_kind, strided)
+    r = torch.tensor(r_value, device=DEVICE)
+    out = nan_like(h)
+    gated_residual_fwd(h, fresh, cache.clone(), r, gate, out, mode=mode)
+    # the compute and reuse forms are the blend at r = 1 and r = 0
+    r_eff = {BLEND: r, COMPUTE: torch.ones_like(r), REUSE: torch.zeros_like(r)}[mode]
+    expected = gated_residual_ref(f32(h), f32(fresh), f32(cache), r_eff, f32(gate))
+    assert_matches_reference(out, gated_residual_ref(h, fresh, cache.clone(), r_eff, gate), expected, "out")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_cuda_graph_replay(dtype):
+    """Capture each form in a CUDA graph, poison the outputs, replay, compare with eager."""
+    h, fresh, cache, gate = make_unit((2, 4096, 1152), dtype, "B1D", False)
+    r = torch.tensor(0.7, device=DEVICE)
+    slots = [cache.clone() for _ in range(3)]
+    outs = [torch.empty_like(h) for _ in range(3)]
+
+    def step():
+        gated_residual(h, fresh, slots[0], r, gate, tau=0.1, out=outs[0])
+        gated_residual_compute(h, fresh, gate, cache=slots[1], out=outs[1])
+        gated_residual_reuse(h, slots[2], gate, out=outs[2])
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for t in outs + slots:
+        t.fill_(float("nan"))
+    slots[0].copy_(cache)
+    slots[2].copy_(cache)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(outs[0], gated_residual_ref(h, fresh, cache.clone(), r, gate), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outs[1], gated_residual_compute_ref(h, fresh, gate), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(outs[2], gated_residual_reuse_ref(h, cache, gate), atol=2e-2, rtol=2e-2)
+    assert torch.equal(slots[1], fresh)
