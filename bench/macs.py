@@ -83,7 +83,8 @@ def _example_inputs(model, batch: int, height: int, width: int, caption_tokens: 
     cfg = model.config
     patch = VAE_FACTOR * cfg.patch_size
     if height % patch or width % patch:
-        raise ValueError(f"height, width: expected multiples of {patch} (VAE factor x patch size), got {height}x{width}")
+        raise ValueError(f"height, width: expected multiples of {patch} (VAE factor x patch size), "
+                         f"got {height}x{width}")
     meta = dict(device="meta")
     inputs = dict(
         hidden_states=torch.empty(batch, cfg.in_channels, height // VAE_FACTOR, width // VAE_FACTOR, **meta),

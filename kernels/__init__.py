@@ -1,0 +1,18 @@
+"""Fused Triton kernels of the cache path, each with its torch reference (`<op>_ref`)."""
+
+from .cache_copy import CacheCopyPlan, cache_copy, cache_copy_ref
+from .gated_residual import (
+    gated_residual,
+    gated_residual_compute,
+    gated_residual_compute_ref,
+    gated_residual_ref,
+    gated_residual_reuse,
+    gated_residual_reuse_ref,
+)
+
+__all__ = [
+    "CacheCopyPlan", "cache_copy", "cache_copy_ref",
+    "gated_residual", "gated_residual_ref",
+    "gated_residual_compute", "gated_residual_compute_ref",
+    "gated_residual_reuse", "gated_residual_reuse_ref",
+]

@@ -113,7 +113,8 @@ class CacheCopyPlan:
             if d.requires_grad:
                 raise ValueError(f"dsts[{i}]: expected a tensor that does not require grad, got requires_grad=True")
         self.srcs, self.dsts = srcs, dsts
-        self._rows = [(_rows_view(f"srcs[{i}]", s), _rows_view(f"dsts[{i}]", d)) for i, (s, d) in enumerate(zip(srcs, dsts))]
+        self._rows = [(_rows_view(f"srcs[{i}]", s), _rows_view(f"dsts[{i}]", d))
+                      for i, (s, d) in enumerate(zip(srcs, dsts))]
         self._groups = None
 
     @property

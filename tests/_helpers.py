@@ -32,7 +32,8 @@ def assert_matches_reference(actual, lowp, ref32, name: str) -> None:
     precision (`lowp`) differs, plus a small per-dtype atol. Reports count and place of mismatches."""
     assert actual.shape == ref32.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref32.shape)}"
     err = (actual.float() - ref32.float()).abs()
-    bound = 2 * (lowp.float() - ref32.float()).abs().max().item() + ATOL[actual.dtype] * max(1.0, ref32.abs().max().item())
+    scale = max(1.0, ref32.abs().max().item())
+    bound = 2 * (lowp.float() - ref32.float()).abs().max().item() + ATOL[actual.dtype] * scale
     bad = ~(err <= bound)  # NaN counts as bad
     if bad.any():
         where = bad.nonzero()[:5].tolist()

@@ -1,14 +1,17 @@
 """cache_copy: one launch per dtype pair copies many slots of different sizes, casting if asked."""
 
+import importlib
+
 import pytest
 import torch
 from _helpers import DEVICE, DTYPES, dtype_id, randn
 from hypothesis import given
 from hypothesis import strategies as st
 
-import harmonica.kernels.cache_copy as cache_copy_module
 from harmonica.kernels.cache_copy import CacheCopyPlan, cache_copy, cache_copy_fwd
 
+# the module itself: the package attribute `cache_copy` is the public function of the same name
+cache_copy_module = importlib.import_module("harmonica.kernels.cache_copy")
 SHAPES = [(2, 63, 72), (130,), (1, 5, 1152), (3, 7), ()]
 
 
@@ -114,7 +117,8 @@ def test_public_op_on_device():
      r"dsts\[1\]: expected device cpu \(from srcs\[0\]\), got meta"),
     ([torch.zeros(3, dtype=torch.int32)], [torch.zeros(3)], r"srcs\[0\]: expected one of .*, got torch.int32"),
     ([torch.zeros(4, 3).t()], [torch.zeros(3, 4)], r"srcs\[0\]: expected a tensor whose leading dimensions collapse"),
-    ([torch.zeros(3)], [torch.zeros(3, requires_grad=True)], r"dsts\[0\]: expected a tensor that does not require grad"),
+    ([torch.zeros(3)], [torch.zeros(3, requires_grad=True)],
+     r"dsts\[0\]: expected a tensor that does not require grad"),
     ([torch.zeros(3)], ["x"], r"dsts\[0\]: expected a torch.Tensor, got str"),
 ], ids=["count", "shape", "device", "dtype", "layout", "grad", "type"])
 def test_bad_input_names_argument(srcs, dsts, message):

@@ -144,7 +144,8 @@ def test_public_ops_on_device(gate_kind):
     torch.testing.assert_close(slot, cache + 0.8 * (fresh - cache))
 
     slot = nan_like(fresh)
-    torch.testing.assert_close(gated_residual_compute(h, fresh, gate, cache=slot), gated_residual_compute_ref(h, fresh, gate))
+    result = gated_residual_compute(h, fresh, gate, cache=slot)
+    torch.testing.assert_close(result, gated_residual_compute_ref(h, fresh, gate))
     assert torch.equal(slot, fresh)
     result = nan_like(h)
     assert gated_residual_reuse(h, cache, gate, out=result) is result
@@ -185,7 +186,8 @@ def _bad(**changes):
 @pytest.mark.parametrize("args,message", [
     (_bad(h=torch.randn(5, 8)), r"h: expected a 3-D tensor, got shape \(5, 8\)"),
     (_bad(fresh=torch.randn(2, 5, 9)), r"fresh: expected shape \(2, 5, 8\) \(from h\), got \(2, 5, 9\)"),
-    (_bad(cache=torch.randn(2, 5, 8, dtype=torch.float64)), r"cache: expected dtype torch.float32 \(from h\), got torch.float64"),
+    (_bad(cache=torch.randn(2, 5, 8, dtype=torch.float64)),
+     r"cache: expected dtype torch.float32 \(from h\), got torch.float64"),
     (_bad(cache=torch.randn(2, 5, 8, device="meta")), r"cache: expected device cpu \(from h\), got meta"),
     (_bad(gate=torch.randn(3, 8)), r"gate: expected shape \(2, 8\) or \(2, 1, 8\) .*, got \(3, 8\)"),
     (_bad(gate=torch.randn(2, 8).half()), r"gate: expected dtype torch.float32 \(from h\), got torch.float16"),

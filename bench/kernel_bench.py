@@ -1,0 +1,154 @@
+"""Kernel micro-benchmark: the fused cache-path ops against the eager diffusers sequence.
+
+Ops (inputs (B, N, D), gate (B, 1, D)):
+- compute: eager `cache.copy_(out)`, `gate * out`, `+ h`   vs `gated_residual_compute(..., cache=)`
+- reuse:   eager `gate * cache`, `+ h`                      vs `gated_residual_reuse`
+- blend:   eager soft gating with the r > tau slot write    vs `gated_residual(..., tau=)`
+- cache_copy: 56 slots, a loop of `copy_` and `torch._foreach_copy_` vs one `CacheCopyPlan`
+Each op also times a device-to-device copy moving the same bytes as the fused op, in the same run:
+`copy_fraction` = copy time / op time is the share of copy bandwidth the op reaches.
+
+Times are `triton.testing.do_bench` quantiles (median, p20, p80, ms; L2 flushed between runs).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from harmonica.kernels.cache_copy import CacheCopyPlan, cache_copy_ref
+from harmonica.kernels.gated_residual import (
+    gated_residual,
+    gated_residual_compute,
+    gated_residual_compute_ref,
+    gated_residual_ref,
+    gated_residual_reuse,
+    gated_residual_reuse_ref,
+)
+
+TAU = 0.1
+CACHE_SLOTS = 56  # DiT-XL/2: 28 blocks x (attn1, ff)
+TARGET = {"op": "compute", "shape": (2, 4096, 1152), "dtype": "bf16", "copy_fraction": 0.9, "speedup": 2.5}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+PROVIDERS = {
+    "compute": ("eager", "fused"),
+    "reuse": ("eager", "fused"),
+    "blend": ("eager", "fused"),
+    "cache_copy": ("eager", "foreach", "fused"),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    shape: tuple  # (B, N, D)
+    dtype: torch.dtype
+
+    @property
+    def id(self) -> str:
+        B, N, D = self.shape
+        return f"{self.op}-B{B}-N{N}-D{D}-{DTYPE_NAMES[self.dtype]}"
+
+
+def default_cases() -> list:
+    shapes = [(2, 256, 1152), (2, 1024, 1152), (2, 4096, 1152), (2, 16384, 1152)]
+    return [Case(op, shape, dtype) for op in PROVIDERS for dtype in (torch.bfloat16, torch.float16)
+            for shape in shapes if not (op == "cache_copy" and shape[1] > 4096)]
+
+
+def _tensors(case: Case, device, count: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(case.shape, generator=gen).to(device, case.dtype) for _ in range(count)]
+
+
+def build(case: Case, provider: str, device="cuda"):
+    """(fn, bytes the fused op moves). fn runs the provider and returns the tensors it wrote."""
+    B, N, D = case.shape
+    size = B * N * D * torch.tensor([], dtype=case.dtype).element_size()
+    if case.op == "cache_copy":
+        srcs = _tensors(case, device, CACHE_SLOTS)
+        dsts = [torch.empty_like(s) for s in srcs]
+        plan = CacheCopyPlan(srcs, dsts)
+        fns = {"eager": lambda: cache_copy_ref(srcs, dsts), "foreach": lambda: torch._foreach_copy_(dsts, srcs),
+               "fused": plan}
+        return (lambda: fns[provider]() or dsts), 2 * CACHE_SLOTS * size
+    h, fresh, cache = _tensors(case, device, 3)
+    gate = torch.randn(B, 1, D, generator=torch.Generator().manual_seed(1)).to(device, case.dtype)
+    r = torch.tensor(0.7, device=device)
+    out = torch.empty_like(h)
+    # eager allocates its result, as diffusers' `hidden_states = attn_output + hidden_states` does
+    fns = {
+        "compute": {"eager": lambda: gated_residual_compute_ref(h, fresh, gate, cache),
+                    "fused": lambda: gated_residual_compute(h, fresh, gate, cache=cache, out=out)},
+        "reuse": {"eager": lambda: gated_residual_reuse_ref(h, cache, gate),
+                  "fused": lambda: gated_residual_reuse(h, cache, gate, out=out)},
+        "blend": {"eager": lambda: gated_residual_ref(h, fresh, cache, r, gate, TAU),
+                  "fused": lambda: gated_residual(h, fresh, cache, r, gate, tau=TAU, out=out)},
+    }[case.op][provider]
+    # tensor-sized reads and writes of the fused op: compute h, fresh -> out, cache; reuse h, cache -> out;
+    # blend h, fresh, cache -> out, cache
+    moved = {"compute": 4, "reuse": 3, "blend": 5}[case.op] * size
+    return (lambda: [fns(), cache]), moved
+
+
+def do_bench_ms(fn) -> tuple:
+    """(median, p20, p80) in ms of `fn` on the GPU, L2 flushed before each run."""
+    import triton.testing
+
+    return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+
+
+def copy_baseline(moved_bytes: int, device="cuda"):
+    """A device-to-device copy that reads and writes `moved_bytes` in total."""
+    src = torch.empty(moved_bytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def measure(cases, time_fn=do_bench_ms, device="cuda") -> list:
+    """Long-format rows: one per (case, provider), plus the copy baseline of each case."""
+    rows = []
+    for case in cases:
+        timings = {}
+        for provider in PROVIDERS[case.op]:
+            fn, moved = build(case, provider, device)
+            timings[provider] = time_fn(fn)
+        timings["copy"] = time_fn(copy_baseline(moved, device))
+        for provider, (median, p20, p80) in timings.items():
+            rows.append({
+                "kernel": case.op, "provider": provider, "shape": list(case.shape), "dtype": DTYPE_NAMES[case.dtype],
+                "metric": "ms", "median": median, "p20": p20, "p80": p80,
+                "bytes": moved, "gbps": moved / median / 1e6,
+                "copy_fraction": timings["copy"][0] / median,
+                "speedup_vs_eager": timings["eager"][0] / median,
+            })
+    return rows
+
+
+def format_rows(rows) -> str:
+    """Markdown table: one line per case, fused against eager and against the copy of the same bytes."""
+    by_case = {}
+    for row in rows:
+        by_case.setdefault((row["kernel"], tuple(row["shape"]), row["dtype"]), {})[row["provider"]] = row
+    header = ("| op | B, N, D | dtype | eager ms | fused ms | fused vs eager | fused GB/s | copy GB/s "
+              "| fused / copy bandwidth | others |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for (op, shape, dtype), p in by_case.items():
+        others = ", ".join(f"{name} {r['median']:.4f} ms" for name, r in p.items()
+                           if name not in ("eager", "fused", "copy"))
+        lines.append(
+            f"| {op} | {', '.join(map(str, shape))} | {dtype} | {p['eager']['median']:.4f} | "
+            f"{p['fused']['median']:.4f} | {p['fused']['speedup_vs_eager']:.2f}x | {p['fused']['gbps']:.0f} | "
+            f"{p['copy']['gbps']:.0f} | {p['fused']['copy_fraction']:.0%} | {others or '-'} |")
+    return "\n".join(lines)
+
+
+def target_verdict(rows) -> str:
+    """The issue's target: the fused compute form at B=2, N=4096, D=1152, bf16."""
+    for row in rows:
+        if (row["kernel"], tuple(row["shape"]), row["dtype"], row["provider"]) == (
+                TARGET["op"], TARGET["shape"], TARGET["dtype"], "fused"):
+            ok = row["copy_fraction"] >= TARGET["copy_fraction"] and row["speedup_vs_eager"] >= TARGET["speedup"]
+            return (f"target (fused compute, B2 N4096 D1152 bf16): {row['copy_fraction']:.0%} of copy bandwidth "
+                    f"(want >= 90%), {row['speedup_vs_eager']:.2f}x vs eager (want >= 2.5x): "
+                    f"{'met' if ok else 'NOT met'}")
+    return "target case not measured"
