@@ -52,12 +52,15 @@ def test_copies_slots_of_different_sizes(src_dtype, dst_dtype):
         assert_copied(d, s, f"dsts[{i}]")
 
 
-def test_strided_views_leave_the_rest_untouched():
+@pytest.mark.parametrize("strided_srcs", [True, False], ids=["both-strided", "dst-strided"])
+def test_strided_views_leave_the_rest_untouched(strided_srcs):
     """Slices of bigger buffers: the pair's elements are copied, the gaps keep their sentinel."""
     gen = torch.Generator().manual_seed(1)
     src_base = randn((4, 10, 16), torch.float32, gen=gen)
-    dst_base = torch.full((3, 4, 10, 16), 7.0, device=DEVICE)
     srcs = [src_base[:, :, 3:12], src_base.view(40, 16)[::2], row_slice(5, 9, torch.float32, gen)]
+    if not strided_srcs:
+        srcs = [s.contiguous() for s in srcs]
+    dst_base = torch.full((3, 4, 10, 16), 7.0, device=DEVICE)
     dsts = [dst_base[0, :, :, :9], dst_base[1].view(40, 16)[1::2], dst_base[2, 1, :5, 2:11]]
     cache_copy_fwd(CacheCopyPlan(srcs, dsts))
     written = torch.zeros_like(dst_base, dtype=torch.bool)
