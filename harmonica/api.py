@@ -1,0 +1,139 @@
+"""Public API: `enable`, `disable`, `reset`, `summary` on a diffusers pipeline or transformer."""
+
+import warnings
+from dataclasses import dataclass
+
+from .engine import CacheEngine
+from .router import Router, RouterInfo
+from .schedule import CacheSchedule
+
+ATTRIBUTE = "_harmonica"
+
+
+@dataclass
+class CacheState:
+    """What `enable` attached to a transformer."""
+
+    engine: CacheEngine
+    router: Router | None
+    scheduler: object | None  # the pipeline's scheduler whose set_timesteps starts generations
+    sampler: str = ""  # the sampler of the latest generation
+
+
+def _parts(pipe_or_transformer):
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    if not hasattr(transformer, "transformer_blocks"):
+        raise ValueError(f"pipe_or_transformer: expected a diffusers DiT/PixArt pipeline or transformer, "
+                         f"got {type(pipe_or_transformer).__name__}")
+    return transformer, getattr(pipe_or_transformer, "scheduler", None)
+
+
+def _state(pipe_or_transformer) -> CacheState:
+    transformer, _ = _parts(pipe_or_transformer)
+    state = getattr(transformer, ATTRIBUTE, None)
+    if state is None:
+        raise ValueError("pipe_or_transformer: expected one with harmonica enabled, got one without "
+                         "(call harmonica.enable first)")
+    return state
+
+
+def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
+           cross_attention: bool = True) -> CacheEngine:
+    """Cache the units of a DiT/PixArt pipeline (or bare transformer) with a router or schedule.
+
+    router_or_schedule: a trained `Router` (checked against the model, and at each generation against
+    the sampler and timesteps) or a `CacheSchedule`.
+    tau: router threshold; default the router's training tau (method.md: they should match).
+    cross_attention: whether PixArt's cross-attention is a unit of its own.
+    A pipeline's `scheduler.set_timesteps` starts each generation; a bare transformer's generations
+    are delimited by the schedule's step count, or by `reset`.
+    """
+    transformer, scheduler = _parts(pipe_or_transformer)
+    if getattr(transformer, ATTRIBUTE, None) is not None:
+        disable(transformer)
+    router = router_or_schedule if isinstance(router_or_schedule, Router) else None
+    if router is not None:
+        router.check(RouterInfo.for_model(transformer, cross_attention=cross_attention))
+        if tau is not None and tau != router.info.tau:
+            warnings.warn(f"tau: {tau} differs from the router's training tau {router.info.tau}", stacklevel=2)
+        schedule = router.schedule(tau)
+    elif isinstance(router_or_schedule, CacheSchedule):
+        schedule = router_or_schedule
+    else:
+        raise ValueError(f"router_or_schedule: expected a Router or CacheSchedule, "
+                         f"got {type(router_or_schedule).__name__}")
+    engine = CacheEngine(transformer, schedule, cross_attention=cross_attention)
+    state = CacheState(engine, router, scheduler)
+    setattr(transformer, ATTRIBUTE, state)
+    if scheduler is not None:
+        set_timesteps = scheduler.set_timesteps
+
+        def set_timesteps_and_begin(*args, **kwargs):
+            result = set_timesteps(*args, **kwargs)
+            begin_generation(transformer, type(scheduler).__name__, scheduler.timesteps.tolist())
+            return result
+
+        scheduler.set_timesteps = set_timesteps_and_begin
+    return engine
+
+
+def begin_generation(transformer, sampler: str, timesteps: list) -> None:
+    """Start a generation at step 0 (a no-op without harmonica): checks the step count and, for a
+    router, the sampler and timesteps it was trained with. Called once per generation."""
+    state = getattr(transformer, ATTRIBUTE, None)
+    if state is None:
+        return
+    if state.router is not None:
+        state.router.check(RouterInfo(sampler=sampler, timesteps=[int(t) for t in timesteps]))
+    state.engine.begin(len(timesteps))
+    state.sampler = sampler
+
+
+def reset(pipe_or_transformer) -> None:
+    """Start the next forward at step 0 (for samplers that are not a pipeline's step loop)."""
+    _state(pipe_or_transformer).engine.begin()
+
+
+def disable(pipe_or_transformer) -> None:
+    """Undo `enable`: original block forwards, no hooks, slots freed."""
+    state = _state(pipe_or_transformer)
+    state.engine.remove()
+    if state.scheduler is not None:
+        del state.scheduler.set_timesteps  # the instance attribute set by enable
+    transformer, _ = _parts(pipe_or_transformer)
+    delattr(transformer, ATTRIBUTE)
+
+
+@dataclass
+class Summary:
+    schedule: str
+    sampler: str
+    steps: int
+    units: int
+    cur: float
+    theoretical_speedup: float
+    resolution: tuple  # (height, width) in pixels the speedup was counted at
+    cache_bytes: int  # slots allocated by the latest generation
+
+    def __str__(self) -> str:
+        return (f"{self.schedule} ({self.sampler or 'sampler not yet seen'}): {self.steps} steps x {self.units} units, "
+                f"CUR {self.cur:.1%}, theoretical speedup {self.theoretical_speedup:.2f}x at "
+                f"{self.resolution[0]}x{self.resolution[1]}, cache {self.cache_bytes / 2**20:.1f} MiB")
+
+
+def summary(pipe_or_transformer) -> Summary:
+    """CUR, theoretical MAC speedup (at the latest generation's resolution, else the model's native
+    one) and cache memory of an enabled pipeline or transformer."""
+    from .bench.macs import VAE_FACTOR, count_macs
+
+    state = _state(pipe_or_transformer)
+    engine = state.engine
+    transformer = engine.transformer
+    if engine.last_input_shape is not None:
+        height, width = (size * VAE_FACTOR for size in engine.last_input_shape[-2:])
+    else:
+        height = width = transformer.config.sample_size * VAE_FACTOR
+    macs = count_macs(transformer, height, width, cross_attention=engine.cross_attention)
+    schedule = engine.schedule
+    return Summary(schedule.name, state.sampler, schedule.num_steps, schedule.num_units, schedule.cur,
+                   schedule.theoretical_speedup(macs), (height, width), engine.cache_bytes())

@@ -1,0 +1,190 @@
+"""The cache engine: runs each `BasicTransformerBlock` with its units computed or reused.
+
+`CacheEngine(transformer, schedule)` replaces the `forward` of every block (restored by `remove`).
+The replacement is diffusers' block forward for the two norm types of DiT (`ada_norm_zero`) and
+PixArt (`ada_norm_single`), with each unit's residual update going through the fused ops:
+- computed unit: `gated_residual_compute` (`h + gate * out`, slot <- out when a later step reads it);
+- reused unit: `gated_residual_reuse` (`h + gate * slot`, the current step's gate); its LayerNorm,
+  modulation and attention/MLP are skipped;
+- training: `gated_residual` with the router value r, slot <- blend where r > tau.
+The step index is a host counter advanced by a forward hook of the transformer and reset by
+`begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value.
+"""
+
+import types
+import warnings
+
+import torch
+
+from .kernels import gated_residual, gated_residual_compute, gated_residual_reuse
+from .units import UNIT_KINDS, cached_units
+
+MODES = ("off", "inference", "training")
+SUPPORTED_NORMS = ("ada_norm_zero", "ada_norm_single")
+
+
+def _check_block(i: int, block) -> None:
+    problems = []
+    if block.norm_type not in SUPPORTED_NORMS:
+        problems.append(f"norm_type {block.norm_type!r} (supported: {SUPPORTED_NORMS})")
+    if block.pos_embed is not None:
+        problems.append("a positional embedding inside the block")
+    if block.only_cross_attention:
+        problems.append("only_cross_attention")
+    if block._chunk_size is not None:
+        problems.append("feed-forward chunking")
+    if getattr(block, "fuser", None) is not None:
+        problems.append("GLIGEN")
+    if problems:
+        raise ValueError(f"transformer_blocks[{i}]: expected a DiT or PixArt block, got one with " + ", ".join(problems))
+
+
+class CacheEngine:
+    """Cached execution of one diffusers DiT/PixArt transformer.
+
+    schedule: `CacheSchedule` of K = number of units (inference mode).
+    cross_attention: whether PixArt's `attn2` is a unit (else it always computes).
+    """
+
+    def __init__(self, transformer, schedule=None, *, cross_attention: bool = True):
+        self.transformer = transformer
+        self.cross_attention = cross_attention
+        self.units = cached_units(transformer, cross_attention=cross_attention)
+        self.unit_index = {name: k for k, (name, _) in enumerate(self.units)}
+        for i, block in enumerate(transformer.transformer_blocks):
+            _check_block(i, block)
+        self.mode = "off"
+        self.schedule = None
+        self.gates = None  # training: (T, K) router values of the current step's graph
+        self.tau = None
+        self.step = 0
+        self.slots = [None] * len(self.units)
+        self.last_input_shape = None  # (B, C, H, W) of the latest forward
+        if schedule is not None:
+            self.set_schedule(schedule)
+        self._originals = []
+        for i, block in enumerate(transformer.transformer_blocks):
+            index = {kind: self.unit_index.get(f"transformer_blocks.{i}.{kind}") for kind in UNIT_KINDS}
+            self._originals.append(block.forward)
+            block.forward = types.MethodType(_make_block_forward(self, index), block)
+        self._hooks = [transformer.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                       transformer.register_forward_hook(self._after_forward, with_kwargs=True)]
+
+    # ---- configuration ----
+
+    def set_schedule(self, schedule) -> None:
+        if schedule.num_units != len(self.units):
+            raise ValueError(f"schedule: expected {len(self.units)} units (from the transformer), "
+                             f"got {schedule.num_units}")
+        self.schedule = schedule
+        self.mode = "inference"
+        self.begin()
+
+    def set_training(self, gates: torch.Tensor, tau: float) -> None:
+        """Soft gating with router values `gates` (T, K) at threshold `tau` (the training issue)."""
+        if gates.dim() != 2 or gates.shape[1] != len(self.units):
+            raise ValueError(f"gates: expected shape (T, {len(self.units)}), got {tuple(gates.shape)}")
+        self.gates, self.tau, self.mode = gates, tau, "training"
+
+    @property
+    def num_steps(self):
+        if self.mode == "inference":
+            return self.schedule.num_steps
+        return self.gates.shape[0] if self.mode == "training" else None
+
+    def begin(self, num_steps: int | None = None) -> None:
+        """Start a generation at step 0; with `num_steps`, check it against the schedule."""
+        if num_steps is not None and self.num_steps is not None and num_steps != self.num_steps:
+            raise ValueError(f"num_inference_steps: expected {self.num_steps} (the cache schedule's steps), "
+                             f"got {num_steps}")
+        self.step = 0
+
+    def remove(self) -> None:
+        """Restore every block's forward, drop the hooks and free the slots."""
+        for block, forward in zip(self.transformer.transformer_blocks, self._originals):
+            block.forward = forward
+        for hook in self._hooks:
+            hook.remove()
+        self.slots = [None] * len(self.units)
+
+    # ---- memory ----
+
+    def cache_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.slots if s is not None)
+
+    # ---- step counter ----
+
+    def _before_forward(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self.last_input_shape = tuple(hidden.shape)
+
+    def _after_forward(self, module, args, kwargs, output):
+        self.step += 1
+        if self.num_steps is not None and self.step == self.num_steps:
+            self.step = 0  # the generation is complete; the next call starts another
+
+    # ---- one unit ----
+
+    def run_unit(self, k, compute, gate, h):
+        """Add unit k's (gated) output to h. compute: () -> fresh output (B, N, D)."""
+        if k is None or self.mode == "off":
+            return gated_residual_compute(h, compute(), gate)
+        if self.mode == "training":
+            fresh = compute()
+            if self.step == 0:
+                return gated_residual_compute(h, fresh, gate, cache=self._slot(k, fresh))
+            return gated_residual(h, fresh, self._read_slot(k, h), self.gates[self.step, k], gate, tau=self.tau)
+        if self.schedule.rows[self.step][k]:
+            fresh = compute()
+            slot = self._slot(k, fresh) if self.schedule.writes[self.step][k] else None
+            return gated_residual_compute(h, fresh, gate, cache=slot)
+        return gated_residual_reuse(h, self._read_slot(k, h), gate)
+
+    def _slot(self, k, like):
+        slot = self.slots[k]
+        if slot is None or slot.shape != like.shape or slot.dtype != like.dtype or slot.device != like.device:
+            slot = self.slots[k] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return slot
+
+    def _read_slot(self, k, h):
+        slot = self.slots[k]
+        if slot is None or slot.shape != h.shape or slot.dtype != h.dtype or slot.device != h.device:
+            name = self.units[k][0]
+            raise RuntimeError(f"{name}: step {self.step} reuses a cache slot that no earlier step of this "
+                               f"generation filled for hidden states {tuple(h.shape)} {h.dtype}")
+        return slot
+
+
+def _make_block_forward(engine: CacheEngine, index: dict):
+    """diffusers' `BasicTransformerBlock.forward` for ada_norm_zero / ada_norm_single, unit by unit."""
+
+    def forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+        kwargs = dict(cross_attention_kwargs or {})
+        if kwargs.get("scale") is not None:
+            warnings.warn("Passing `scale` to `cross_attention_kwargs` is deprecated. `scale` will be ignored.",
+                          stacklevel=2)
+        h = hidden_states
+        if block.norm_type == "ada_norm_zero":
+            norm1 = block.norm1
+            emb = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype) if norm1.emb is not None else None
+            emb = norm1.linear(norm1.silu(emb))
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+            shift_msa, scale_msa, shift_mlp, scale_mlp = (t[:, None] for t in (shift_msa, scale_msa, shift_mlp,
+                                                                                scale_mlp))
+            norm_attn, norm_ff = norm1.norm, block.norm3
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                block.scale_shift_table[None] + timestep.reshape(h.shape[0], 6, -1)).chunk(6, dim=1)
+            norm_attn, norm_ff = block.norm1, block.norm2
+
+        h = engine.run_unit(index["attn1"], lambda: block.attn1(
+            norm_attn(h) * (1 + scale_msa) + shift_msa, encoder_hidden_states=None, attention_mask=attention_mask,
+            **kwargs), gate_msa, h)
+        if block.attn2 is not None:
+            h = engine.run_unit(index["attn2"], lambda: block.attn2(
+                h if block.norm_type == "ada_norm_single" else block.norm2(h),
+                encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs), None, h)
+        return engine.run_unit(index["ff"], lambda: block.ff(norm_ff(h) * (1 + scale_mlp) + shift_mlp), gate_mlp, h)
+
+    return forward

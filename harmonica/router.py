@@ -1,0 +1,175 @@
+"""The HarmoniCa router: one learned logit per (denoising step, unit), independent of the input.
+
+Gate value r = sigmoid(logit). The first step's row is a constant +5 (never trained: step 0 computes
+every unit and fills the cache); all logits are clamped to [-5, 5] after every optimizer step.
+A router file (`save_pretrained`) records what it was trained for, and loading it into another
+model, sampler or step count is an error that lists each difference (method.md section 2).
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .schedule import ROUTER_RULES, CacheSchedule
+from .units import cached_units
+
+LOGIT_BOUND = 5.0
+WEIGHTS_FILE = "router.safetensors"
+INFO_FILE = "router.json"
+FORMAT_VERSION = 1
+
+
+def config_fingerprint(transformer) -> str:
+    """Short hash of a diffusers model's config (private keys such as `_name_or_path` left out)."""
+    config = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dit_ddim_timesteps(num_steps: int) -> list:
+    """The original DiT DDIM timesteps, `round(linspace(0, 999, T))`, in denoising (descending) order."""
+    return torch.linspace(0, 999, num_steps, dtype=torch.float64).round().long().flip(0).tolist()
+
+
+@dataclass
+class RouterInfo:
+    """What a router was trained for. Empty fields are not checked."""
+
+    model_class: str = ""
+    config_hash: str = ""
+    units: list = field(default_factory=list)  # qualified unit names, `cached_units` order
+    sampler: str = ""  # e.g. "dit-ddim", "DPMSolverMultistepScheduler"
+    timesteps: list = field(default_factory=list)  # denoising order
+    tau: float = 0.1
+    rule: str = "harmonica"  # or "l2c-alternating"
+
+    @classmethod
+    def for_model(cls, transformer, *, cross_attention: bool = True, **fields) -> "RouterInfo":
+        units = [name for name, _ in cached_units(transformer, cross_attention=cross_attention)]
+        return cls(model_class=type(transformer).__name__, config_hash=config_fingerprint(transformer), units=units,
+                   **fields)
+
+    def differences(self, other: "RouterInfo") -> list:
+        """'field: router has X, got Y' for every field both sides set and that differs."""
+        diffs = []
+        for name in ("model_class", "config_hash", "units", "sampler", "timesteps"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine and theirs and mine != theirs:
+                shown = (f"{len(mine)} units", f"{len(theirs)} units") if name == "units" else (mine, theirs)
+                diffs.append(f"{name}: router has {shown[0]}, got {shown[1]}")
+        return diffs
+
+
+class Router(torch.nn.Module):
+    """Logits `(T, K)`: T denoising steps (row 0 first), K units.
+
+    generator: a `torch.Generator` for the N(0, 1) initialisation.
+    """
+
+    def __init__(self, num_steps: int, num_units: int, *, info: RouterInfo | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if num_steps < 1 or num_units < 1:
+            raise ValueError(f"num_steps, num_units: expected >= 1, got {num_steps}, {num_units}")
+        logits = torch.randn(num_steps, num_units, generator=generator)
+        logits[0] = LOGIT_BOUND
+        self.logits = torch.nn.Parameter(logits)
+        self.info = info or RouterInfo()
+        if self.info.rule not in ROUTER_RULES:
+            raise ValueError(f"info.rule: expected one of {ROUTER_RULES}, got {self.info.rule!r}")
+        if self.info.units and len(self.info.units) != num_units:
+            raise ValueError(f"info.units: expected {num_units} names (one per unit), got {len(self.info.units)}")
+        if self.info.timesteps and len(self.info.timesteps) != num_steps:
+            raise ValueError(f"info.timesteps: expected {num_steps} (one per step), got {len(self.info.timesteps)}")
+
+    @property
+    def num_steps(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_units(self) -> int:
+        return self.logits.shape[1]
+
+    def gates(self) -> torch.Tensor:
+        """r = sigmoid(logits), (T, K); row 0 is the constant sigmoid(5) and carries no gradient."""
+        first = torch.full_like(self.logits[:1], LOGIT_BOUND).detach()
+        return torch.sigmoid(torch.cat([first, self.logits[1:]]))
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """After each optimizer step: logits into [-5, 5], row 0 back to +5."""
+        self.logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
+        self.logits[0] = LOGIT_BOUND
+
+    def schedule(self, tau: float | None = None) -> CacheSchedule:
+        """The static schedule at `tau` (default: the training tau), with this router's rule."""
+        return CacheSchedule.from_gates(self.gates(), self.info.tau if tau is None else tau, self.info.rule)
+
+    def check(self, other: RouterInfo) -> None:
+        """Raise ValueError listing every way `other` (a model, sampler, timesteps) differs."""
+        diffs = self.info.differences(other)
+        if diffs:
+            raise ValueError("router: trained for something else:\n  " + "\n  ".join(diffs))
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"logits": self.logits.detach().cpu().contiguous()}, str(directory / WEIGHTS_FILE))
+        info = {"format_version": FORMAT_VERSION, **asdict(self.info)}
+        (directory / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "Router":
+        directory = Path(directory)
+        for name in (WEIGHTS_FILE, INFO_FILE):
+            if not (directory / name).is_file():
+                raise ValueError(f"directory: expected a router saved by Router.save_pretrained with {name}, "
+                                 f"got {directory} without it")
+        info = json.loads((directory / INFO_FILE).read_text())
+        version = info.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{INFO_FILE}: expected format_version {FORMAT_VERSION}, got {version}")
+        logits = load_file(str(directory / WEIGHTS_FILE))["logits"]
+        router = cls(*logits.shape, info=RouterInfo(**info))
+        with torch.no_grad():
+            router.logits.copy_(logits)
+        return router
+
+    @classmethod
+    def from_official(cls, path, transformer, *, rule: str = "harmonica", sampler: str = "dit-ddim",
+                      timesteps: list | None = None, tau: float | None = None) -> "Router":
+        """Import a router saved by the official Learning-to-Cache or HarmoniCa code.
+
+        path: their `torch.save` checkpoint, a dict whose `routers` is a state dict
+        `{"<i>.prob": (2L,)}` (row i = i-th timestep in ascending order; entries 2b and 2b+1 are
+        block b's attention and MLP) and whose `args` may hold the threshold `thres`.
+        transformer: the diffusers DiT the router is for (its units must be 2L).
+        rule: "harmonica" (unit computes iff sigmoid > tau) or "l2c-alternating" (Learning-to-Cache).
+        sampler, timesteps: what it was trained with; default the original DiT DDIM.
+        """
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(checkpoint, dict) or "routers" not in checkpoint:
+            raise ValueError(f"path: expected a checkpoint dict with a 'routers' state dict, got "
+                             f"{type(checkpoint).__name__} with keys {list(checkpoint)[:5] if isinstance(checkpoint, dict) else '-'}")
+        state = checkpoint["routers"]
+        rows = sorted((int(key.split(".")[0]), value) for key, value in state.items() if key.endswith(".prob"))
+        if not rows or [i for i, _ in rows] != list(range(len(rows))):
+            raise ValueError(f"path: expected routers entries '0.prob' .. '<T-1>.prob', got {sorted(state)[:5]}")
+        ascending = torch.stack([value.float() for _, value in rows])
+        info = RouterInfo.for_model(transformer, cross_attention=False, sampler=sampler, rule=rule)
+        if ascending.shape[1] != len(info.units):
+            raise ValueError(f"path: expected rows of {len(info.units)} logits (2 per block of the transformer), "
+                             f"got {ascending.shape[1]}")
+        num_steps = ascending.shape[0]
+        args = checkpoint.get("args")
+        official_tau = getattr(args, "thres", None) if not isinstance(args, dict) else args.get("thres")
+        info.tau = tau if tau is not None else (official_tau if official_tau is not None else 0.1)
+        info.timesteps = timesteps or (dit_ddim_timesteps(num_steps) if sampler == "dit-ddim" else [])
+        router = cls(num_steps, ascending.shape[1], info=info)
+        with torch.no_grad():
+            router.logits.copy_(ascending.flip(0))  # denoising order: the noisiest timestep first
+            router.logits[0] = LOGIT_BOUND
+        return router
