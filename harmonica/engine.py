@@ -36,7 +36,8 @@ def _check_block(i: int, block) -> None:
     if getattr(block, "fuser", None) is not None:
         problems.append("GLIGEN")
     if problems:
-        raise ValueError(f"transformer_blocks[{i}]: expected a DiT or PixArt block, got one with " + ", ".join(problems))
+        raise ValueError(f"transformer_blocks[{i}]: expected a DiT or PixArt block, got one with "
+                         + ", ".join(problems))
 
 
 class CacheEngine:

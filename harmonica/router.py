@@ -152,8 +152,9 @@ class Router(torch.nn.Module):
         """
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(checkpoint, dict) or "routers" not in checkpoint:
+            keys = list(checkpoint)[:5] if isinstance(checkpoint, dict) else "-"
             raise ValueError(f"path: expected a checkpoint dict with a 'routers' state dict, got "
-                             f"{type(checkpoint).__name__} with keys {list(checkpoint)[:5] if isinstance(checkpoint, dict) else '-'}")
+                             f"{type(checkpoint).__name__} with keys {keys}")
         state = checkpoint["routers"]
         rows = sorted((int(key.split(".")[0]), value) for key, value in state.items() if key.endswith(".prob"))
         if not rows or [i for i, _ in rows] != list(range(len(rows))):

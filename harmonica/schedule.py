@@ -104,8 +104,8 @@ class CacheSchedule:
         depth = max(blocks) + 1
         cached = depth // 2 if cached_blocks is None else cached_blocks
         if not 0 <= boundary <= num_steps or interval < 1 or not 0 <= cached <= depth:
-            raise ValueError(f"boundary, interval, cached_blocks: expected 0 <= boundary <= {num_steps}, interval >= 1, "
-                             f"0 <= cached_blocks <= {depth}; got {boundary}, {interval}, {cached}")
+            raise ValueError(f"boundary, interval, cached_blocks: expected 0 <= boundary <= {num_steps}, "
+                             f"interval >= 1, 0 <= cached_blocks <= {depth}; got {boundary}, {interval}, {cached}")
         block = torch.tensor(blocks)
         rear, front = block >= depth - cached, block < cached
         table = torch.ones(num_steps, len(blocks), dtype=torch.bool)
