@@ -20,6 +20,7 @@ setup(
     # triton is not required: CUDA builds of torch pin their own; the `test` extra brings it for the
     # CPU interpreter.
     install_requires=["torch>=2.4", "diffusers", "numpy", "safetensors", "nvidia-ml-py", "tqdm"],
+    entry_points={"console_scripts": ["harmonica=harmonica.cli:main"]},
     extras_require={
         "test": ["pytest", "pytest-benchmark", "triton", "hypothesis"],
         "xformers": ["xformers"],

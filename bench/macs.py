@@ -12,32 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harmonica.models import PRESETS, REAL_MODELS
 from harmonica.units import cached_units
 
 VAE_FACTOR = 8  # pixels per latent pixel (SD VAE, used by DiT and PixArt)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A transformer configuration at its native resolution."""
-
-    class_name: str  # DiTTransformer2DModel or PixArtTransformer2DModel
-    config: dict  # overrides of the diffusers defaults (which are the XL/2 sizes)
-    resolution: int  # pixels per side
-    caption_tokens: int = 0  # text tokens of the cross-attention (PixArt)
-
-
-PRESETS = {
-    "dit-xl-2-256": ModelSpec("DiTTransformer2DModel", {"sample_size": 32, "out_channels": 8}, 256),
-    "dit-xl-2-512": ModelSpec("DiTTransformer2DModel", {"sample_size": 64, "out_channels": 8}, 512),
-    "pixart-alpha-256": ModelSpec("PixArtTransformer2DModel", {"sample_size": 32, "caption_channels": 4096}, 256, 120),
-    "pixart-alpha-512": ModelSpec("PixArtTransformer2DModel", {"sample_size": 64, "caption_channels": 4096}, 512, 120),
-    "pixart-alpha-1024": ModelSpec(
-        "PixArtTransformer2DModel", {"sample_size": 128, "caption_channels": 4096}, 1024, 120),
-    "pixart-sigma-2048": ModelSpec(
-        "PixArtTransformer2DModel",
-        {"sample_size": 256, "caption_channels": 4096, "use_additional_conditions": False}, 2048, 300),
-}
 
 
 @dataclass(frozen=True)
@@ -131,7 +109,7 @@ def count_macs(model, height: int | None = None, width: int | None = None, *, ba
     return MacCount(names=names, unit_macs=unit_macs, always_macs=per_module["Global"] - sum(unit_macs))
 
 
-def mac_table(presets=tuple(PRESETS)) -> list:
+def mac_table(presets=REAL_MODELS) -> list:
     """One row per preset at its native resolution: GMACs per image per forward and the unit shares."""
     rows = []
     for name in presets:

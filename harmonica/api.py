@@ -62,7 +62,9 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     else:
         raise ValueError(f"router_or_schedule: expected a Router or CacheSchedule, "
                          f"got {type(router_or_schedule).__name__}")
-    engine = CacheEngine(transformer, schedule, cross_attention=cross_attention)
+    pipe = pipe_or_transformer if scheduler is not None else None
+    engine = CacheEngine(transformer, schedule, cross_attention=cross_attention,
+                         on_first_step=(lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None)
     state = CacheState(engine, router, scheduler)
     setattr(transformer, ATTRIBUTE, state)
     if scheduler is not None:
@@ -75,6 +77,12 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
 
         scheduler.set_timesteps = set_timesteps_and_begin
     return engine
+
+
+def _check_scheduler(pipe, hooked) -> None:
+    if pipe.scheduler is not hooked:
+        raise RuntimeError("pipe.scheduler: replaced after harmonica.enable, so generations are no longer "
+                           "tracked; call harmonica.enable(pipe, ...) again after setting the scheduler")
 
 
 def begin_generation(transformer, sampler: str, timesteps: list) -> None:
@@ -118,7 +126,15 @@ class Summary:
     def __str__(self) -> str:
         return (f"{self.schedule} ({self.sampler or 'sampler not yet seen'}): {self.steps} steps x {self.units} units, "
                 f"CUR {self.cur:.1%}, theoretical speedup {self.theoretical_speedup:.2f}x at "
-                f"{self.resolution[0]}x{self.resolution[1]}, cache {self.cache_bytes / 2**20:.1f} MiB")
+                f"{self.resolution[0]}x{self.resolution[1]}, cache {_format_bytes(self.cache_bytes)}")
+
+
+def _format_bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
 
 
 def summary(pipe_or_transformer) -> Summary:

@@ -47,8 +47,9 @@ class CacheEngine:
     cross_attention: whether PixArt's `attn2` is a unit (else it always computes).
     """
 
-    def __init__(self, transformer, schedule=None, *, cross_attention: bool = True):
+    def __init__(self, transformer, schedule=None, *, cross_attention: bool = True, on_first_step=None):
         self.transformer = transformer
+        self.on_first_step = on_first_step  # called before each step-0 forward
         self.cross_attention = cross_attention
         self.units = cached_units(transformer, cross_attention=cross_attention)
         self.unit_index = {name: k for k, (name, _) in enumerate(self.units)}
@@ -118,6 +119,8 @@ class CacheEngine:
     def _before_forward(self, module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         self.last_input_shape = tuple(hidden.shape)
+        if self.step == 0 and self.on_first_step is not None:
+            self.on_first_step()
 
     def _after_forward(self, module, args, kwargs, output):
         self.step += 1

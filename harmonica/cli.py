@@ -1,0 +1,128 @@
+"""`harmonica sample`: one image from a DiT/PixArt model with a router, a baseline schedule or no cache."""
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .api import enable, summary
+from .models import PRESETS, build_pipeline, preset, random_prompt_embeds
+from .router import Router
+from .samplers import DIT_SAMPLERS, PIXART_SAMPLERS, default_steps, dit_ddim_sample, use_pixart_sampler
+from .schedule import CacheSchedule
+from .units import cached_units
+
+DIT_PIPELINE_SAMPLER = "pipeline"  # DiTPipeline with its own scheduler
+
+
+def parse_schedule(spec: str, num_steps: int, unit_names: list) -> CacheSchedule:
+    """'no-cache', 'fora:N' or 'delta-dit:b=B,n=N[,blocks=C]' for `num_steps` steps."""
+    kind, _, params = spec.partition(":")
+    try:
+        if kind == "no-cache" and not params:
+            return CacheSchedule.no_cache(num_steps, len(unit_names))
+        if kind == "fora":
+            return CacheSchedule.fora(num_steps, len(unit_names), int(params))
+        if kind == "delta-dit":
+            values = dict(item.split("=") for item in params.split(","))
+            blocks = int(values["blocks"]) if "blocks" in values else None
+            return CacheSchedule.delta_dit(unit_names, num_steps, int(values["b"]), int(values["n"]), blocks)
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"--schedule: could not read {spec!r} ({error})") from error
+    raise ValueError(f"--schedule: expected 'no-cache', 'fora:N' or 'delta-dit:b=B,n=N', got {spec!r}")
+
+
+def _sampler_choices(spec) -> dict:
+    return PIXART_SAMPLERS if spec.is_pixart else {**DIT_SAMPLERS, DIT_PIPELINE_SAMPLER: (None, 20)}
+
+
+def generate(pipe, args, spec, sampler: str, steps: int, generator: torch.Generator):
+    """One PIL image of the preset's native resolution."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    device = pipe.transformer.device
+    if spec.is_pixart:
+        prompt = {"prompt": args.prompt}
+        if args.random_weights:  # no text encoder: embeddings of a random prompt
+            embeds = random_prompt_embeds(args.model, 1, generator).to(device, pipe.transformer.dtype)
+            mask = torch.ones(embeds.shape[:2], device=device)
+            prompt = {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_prompt": None,
+                      "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
+        return pipe(**prompt, num_inference_steps=steps, guidance_scale=args.guidance or 4.5, generator=generator,
+                    height=spec.resolution, width=spec.resolution, use_resolution_binning=not args.random_weights
+                    ).images[0]
+    labels = torch.tensor([args.class_label], device=device)
+    if sampler == DIT_PIPELINE_SAMPLER:
+        return pipe(class_labels=[args.class_label], num_inference_steps=steps, guidance_scale=args.guidance or 4.0,
+                    generator=generator).images[0]
+    latents = dit_ddim_sample(pipe.transformer, labels, num_steps=steps, guidance_scale=args.guidance or 1.5,
+                              generator=generator, progress=True)
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return VaeImageProcessor().postprocess(images, output_type="pil")[0]
+
+
+def sample(args) -> int:
+    spec = preset(args.model)
+    sampler = args.sampler or spec.sampler
+    choices = _sampler_choices(spec)
+    if sampler not in choices:
+        raise ValueError(f"--sampler: expected one of {sorted(choices)} for {args.model}, got {sampler!r}")
+    steps = args.steps or (default_steps(sampler) if sampler != DIT_PIPELINE_SAMPLER else 20)
+    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" and not args.fp32 else torch.float32
+    pipe.to(device, dtype)
+    if spec.is_pixart:
+        use_pixart_sampler(pipe, sampler)  # before enable, which hooks the scheduler
+    unit_names = [name for name, _ in cached_units(pipe.transformer)]
+    if args.router:
+        enable(pipe, Router.from_pretrained(args.router), tau=args.tau)
+    else:
+        enable(pipe, parse_schedule(args.schedule or "no-cache", steps, unit_names))
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        image = generate(pipe, args, spec, sampler, steps, generator)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    image.save(args.out)
+    weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
+    print(f"model {args.model} ({weights}), sampler {sampler}, {steps} steps, seed {args.seed}, {device} {dtype}")
+    print(summary(pipe))
+    print(f"measured {elapsed:.2f} s (whole generation, decode included); image written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harmonica", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    s = commands.add_parser("sample", help="generate one image")
+    s.add_argument("--model", required=True, choices=sorted(PRESETS))
+    source = s.add_mutually_exclusive_group()
+    source.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
+    source.add_argument("--random-weights", action="store_true", help="no download: random weights from configs")
+    cache = s.add_mutually_exclusive_group()
+    cache.add_argument("--router", help="directory of a router saved by Router.save_pretrained")
+    cache.add_argument("--schedule", help="'fora:N', 'delta-dit:b=B,n=N' or 'no-cache'")
+    cache.add_argument("--no-cache", action="store_true", help="every unit computes at every step (the default)")
+    s.add_argument("--tau", type=float, help="router threshold (default: the router's training tau)")
+    s.add_argument("--sampler", help="dit-ddim or pipeline (DiT); dpm-solver++, sa-solver or iddpm (PixArt)")
+    s.add_argument("--steps", type=int, help="denoising steps (default: the sampler's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--class-label", type=int, default=207, help="ImageNet class (DiT)")
+    s.add_argument("--prompt", default="A small cactus with a happy face in the Sahara desert.", help="PixArt prompt")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance (default: 1.5 DiT-DDIM, 4.5 PixArt)")
+    s.add_argument("--fp32", action="store_true", help="fp32 on CUDA (default fp16; CPU always fp32)")
+    s.add_argument("--out", default="out.png")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return sample(args)
+    except (ValueError, RuntimeError) as error:
+        print(f"harmonica: error: {error}", file=sys.stderr)
+        return 2

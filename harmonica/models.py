@@ -1,0 +1,107 @@
+"""Model presets: the real DiT/PixArt checkpoints and tiny random models for tests and CPU runs.
+
+A preset gives the transformer config (overrides of diffusers' defaults, which are the XL/2
+sizes), its native resolution, the hub id of its pipeline, the pipeline class and the default
+sampler. `build_pipeline` loads the weights or, with `random_weights`, builds every part from its
+config (no network): random weights make the same computation, so timing and caching behave alike.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+TINY_DIT = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "sample_size": 8, "out_channels": 8}
+TINY_PIXART = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "sample_size": 8,
+               "cross_attention_dim": 16, "caption_channels": 32}
+TINY_VAE = {"block_out_channels": (8, 8, 8, 8), "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 4, "layers_per_block": 1}
+SD_VAE = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+          "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2}
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    class_name: str  # DiTTransformer2DModel or PixArtTransformer2DModel
+    config: dict
+    resolution: int  # pixels per side
+    caption_tokens: int = 0  # PixArt text length
+    hub_id: str | None = None
+    pipeline: str = "DiTPipeline"
+    sampler: str = "dit-ddim"
+    vae: dict = field(default_factory=lambda: SD_VAE)
+
+    @property
+    def is_pixart(self) -> bool:
+        return self.class_name == "PixArtTransformer2DModel"
+
+
+def _dit(sample_size, hub_id):
+    return ModelPreset("DiTTransformer2DModel", {"sample_size": sample_size, "out_channels": 8}, sample_size * 8,
+                       hub_id=hub_id)
+
+
+def _pixart(sample_size, hub_id, pipeline="PixArtAlphaPipeline", tokens=120, **config):
+    return ModelPreset("PixArtTransformer2DModel", {"sample_size": sample_size, "caption_channels": 4096, **config},
+                       sample_size * 8, tokens, hub_id, pipeline, "dpm-solver++")
+
+
+PRESETS = {
+    "dit-xl-2-256": _dit(32, "facebook/DiT-XL-2-256"),
+    "dit-xl-2-512": _dit(64, "facebook/DiT-XL-2-512"),
+    "pixart-alpha-256": _pixart(32, "PixArt-alpha/PixArt-XL-2-256x256"),
+    "pixart-alpha-512": _pixart(64, "PixArt-alpha/PixArt-XL-2-512x512"),
+    "pixart-alpha-1024": _pixart(128, "PixArt-alpha/PixArt-XL-2-1024-MS"),
+    "pixart-sigma-2048": _pixart(256, "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", "PixArtSigmaPipeline", 300,
+                                 use_additional_conditions=False),
+    "tiny-dit": ModelPreset("DiTTransformer2DModel", TINY_DIT, 64, vae=TINY_VAE),
+    "tiny-pixart": ModelPreset("PixArtTransformer2DModel", TINY_PIXART, 64, 8, pipeline="PixArtAlphaPipeline",
+                               sampler="dpm-solver++", vae=TINY_VAE),
+}
+REAL_MODELS = tuple(name for name in PRESETS if not name.startswith("tiny"))
+
+
+def preset(name: str) -> ModelPreset:
+    if name not in PRESETS:
+        raise ValueError(f"model: expected one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def build_transformer(name: str, *, seed: int = 0):
+    """The preset's transformer with random weights (seeded)."""
+    import diffusers
+
+    spec = preset(name)
+    torch.manual_seed(seed)
+    return getattr(diffusers, spec.class_name)(**spec.config).eval()
+
+
+def build_pipeline(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0):
+    """The preset's diffusers pipeline: from `weights` (hub id or path; default the preset's hub id)
+    or, with `random_weights`, from configs alone. A random PixArt pipeline has no text encoder:
+    pass prompt embeddings (see `random_prompt_embeds`)."""
+    import diffusers
+
+    spec = preset(name)
+    pipeline_class = getattr(diffusers, spec.pipeline)
+    if not random_weights:
+        source = weights or spec.hub_id
+        if source is None:
+            raise ValueError(f"weights: {name} has no published weights; use --random-weights")
+        try:
+            return pipeline_class.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise RuntimeError(f"could not load the weights of {name} from {source!r} (no network or no local copy?): "
+                               f"{error}\nWithout weights, run with --random-weights.") from error
+    transformer = build_transformer(name, seed=seed)
+    vae = diffusers.AutoencoderKL(**spec.vae).eval()
+    if spec.is_pixart:
+        return pipeline_class(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                              scheduler=diffusers.DPMSolverMultistepScheduler())
+    return pipeline_class(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler())
+
+
+def random_prompt_embeds(name: str, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """(batch, caption tokens, caption channels) N(0, 1) prompt embeddings for a random PixArt."""
+    spec = preset(name)
+    channels = spec.config.get("caption_channels", 4096)
+    return torch.randn(batch, spec.caption_tokens, channels, generator=generator)
