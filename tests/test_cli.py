@@ -1,0 +1,88 @@
+"""`harmonica sample` as a new user runs it, and the original DiT DDIM sampler."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harmonica.cli import main, parse_schedule
+from harmonica.models import build_pipeline, random_prompt_embeds
+from harmonica.samplers import dit_alphas_cumprod, dit_ddim_sample
+
+
+def test_sample_with_fora_reports_cur_and_speedup(tmp_path, capsys):
+    out = tmp_path / "fora.png"
+    args = ["sample", "--model", "tiny-pixart", "--random-weights", "--schedule", "fora:2", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "fora:2 (DPMSolverMultistepScheduler): 20 steps x 6 units, CUR 50.0%, theoretical speedup 1.6" in printed
+    assert "sampler dpm-solver++" in printed and "measured" in printed
+    assert Image.open(out).size == (64, 64)
+
+
+def test_no_cache_image_is_the_plain_diffusers_image(tmp_path):
+    out = tmp_path / "plain.png"
+    assert main(["sample", "--model", "tiny-pixart", "--random-weights", "--no-cache", "--out", str(out)]) == 0
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    generator = torch.Generator().manual_seed(0)
+    embeds = random_prompt_embeds("tiny-pixart", 1, generator)
+    mask = torch.ones(embeds.shape[:2])
+    image = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
+                 negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=mask,
+                 num_inference_steps=20, guidance_scale=4.5, generator=generator, height=64, width=64,
+                 use_resolution_binning=False).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(image))
+    cached = tmp_path / "cached.png"
+    main(["sample", "--model", "tiny-pixart", "--random-weights", "--schedule", "fora:3", "--out", str(cached)])
+    assert not np.array_equal(np.asarray(Image.open(cached)), np.asarray(image))
+
+
+def test_dit_ddim_with_delta_dit(tmp_path, capsys):
+    out = tmp_path / "dit.png"
+    args = ["sample", "--model", "tiny-dit", "--random-weights", "--schedule", "delta-dit:b=5,n=2", "--steps", "10"]
+    assert main(args + ["--out", str(out)]) == 0
+    assert "delta-dit:b=5,n=2 (dit-ddim): 10 steps x 4 units" in capsys.readouterr().out
+
+
+def test_missing_weights_suggest_random_weights(capsys):
+    assert main(["sample", "--model", "tiny-dit", "--weights", "/nonexistent/pipeline"]) == 2
+    assert "--random-weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("fora:x", r"--schedule: could not read 'fora:x'"),
+    ("taylor:2", r"--schedule: expected 'no-cache', 'fora:N' or 'delta-dit:b=B,n=N', got 'taylor:2'"),
+    ("delta-dit:b=3", r"--schedule: could not read 'delta-dit:b=3'"),
+])
+def test_bad_schedule_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_schedule(spec, 10, ["transformer_blocks.0.attn1", "transformer_blocks.0.ff"])
+
+
+class ConstantEps(torch.nn.Module):
+    """A stand-in DiT whose output is eps = 1 for the conditional half and 0 for the null class."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"in_channels": 4, "sample_size": 2, "num_embeds_ada_norm": 1000})()
+        self.dtype = torch.float32
+        self.timesteps = []
+
+    def forward(self, x, timestep, class_labels):
+        self.timesteps.append(timestep.tolist())
+        eps = (class_labels != 1000).float()[:, None, None, None].expand(-1, 8, 2, 2)
+        return type("Output", (), {"sample": eps})()
+
+
+def test_dit_ddim_guides_three_channels():
+    model, x = ConstantEps(), torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    result = dit_ddim_sample(model, torch.tensor([5]), num_steps=2, guidance_scale=4.0, latents=x)
+    assert model.timesteps == [[999, 999], [0, 0]]
+    alphas = dit_alphas_cumprod()
+    eps = torch.tensor([4.0, 4.0, 4.0, 1.0])[None, :, None, None]  # guided: 0 + 4 * (1 - 0); channel 3 unguided
+    expected = x
+    for t, prev in ((999, alphas[0].item()), (0, 1.0)):
+        a = alphas[t].item()
+        x0 = (expected - (1 - a) ** 0.5 * eps) / a ** 0.5
+        expected = prev ** 0.5 * x0 + (1 - prev) ** 0.5 * eps
+    torch.testing.assert_close(result, expected)

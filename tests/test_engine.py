@@ -1,0 +1,233 @@
+"""The cache engine on tiny diffusers DiT and PixArt transformers (CPU, fp32)."""
+
+import contextlib
+
+import pytest
+import torch
+
+import harmonica
+from harmonica import CacheSchedule
+from harmonica.engine import CacheEngine
+from harmonica.models import build_pipeline, build_transformer
+from harmonica.units import cached_units
+
+MODELS = ["tiny-dit", "tiny-pixart"]
+STEPS = 4
+
+
+def make_model(name):
+    model = build_transformer(name)
+    with torch.no_grad():
+        for p in model.parameters():  # diffusers zero-initialises some layers: make every unit matter
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    return model
+
+
+def step_inputs(model, step, batch=2):
+    gen = torch.Generator().manual_seed(100 + step)
+    inputs = dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=gen),
+                  timestep=torch.full((batch,), 900 - 200 * step))
+    if type(model).__name__.startswith("DiT"):
+        inputs["class_labels"] = torch.tensor([3, 1000])[:batch]
+    else:
+        inputs["encoder_hidden_states"] = torch.randn(batch, 5, 32, generator=gen)
+        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    return inputs
+
+
+@torch.no_grad()
+def trajectory(model, steps=STEPS):
+    return [model(**step_inputs(model, s)).sample for s in range(steps)]
+
+
+def units_of(model):
+    return len(cached_units(model))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_no_cache_and_disable_are_bitwise_the_plain_model(name):
+    model = make_model(name)
+    plain = trajectory(model)
+    harmonica.enable(model, CacheSchedule.no_cache(STEPS, units_of(model)))
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain))
+    harmonica.disable(model)
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain))
+    assert not hasattr(model, "_harmonica")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_units_run_exactly_as_scheduled(name):
+    """Module calls per step follow the table; the first step computes everything; a reuse differs."""
+    model = make_model(name)
+    K = units_of(model)
+    table = torch.rand(STEPS, K, generator=torch.Generator().manual_seed(0)) > 0.5
+    table[0] = True
+    calls = torch.zeros(STEPS, K, dtype=torch.bool)
+    engine = harmonica.enable(model, CacheSchedule(table, "random"))
+    for k, (_, module) in enumerate(cached_units(model)):
+        module.register_forward_hook(lambda *_, k=k: calls.__setitem__((engine.step, k), True))
+    cached = trajectory(model)
+    assert torch.equal(calls, table)
+    assert torch.equal(cached[0], trajectory(make_model(name), 1)[0])
+    assert not torch.equal(cached[-1], trajectory(make_model(name))[-1])
+
+
+def test_reused_unit_adds_gate_times_cache():
+    model = make_model("tiny-dit")
+    K = units_of(model)
+    engine = CacheEngine(model, CacheSchedule.fora(2, K, 2))
+    gen = torch.Generator().manual_seed(0)
+    h, fresh = torch.randn(2, 16, 16, generator=gen), torch.randn(2, 16, 16, generator=gen)
+    gate0, gate1 = torch.randn(2, 16, generator=gen), torch.randn(2, 16, generator=gen)
+    engine.run_unit(0, lambda: fresh, gate0, h)  # step 0 computes and fills the slot (step 1 reuses it)
+    engine.step = 1
+    out = engine.run_unit(0, lambda: pytest.fail("a reused unit was computed"), gate1, h)
+    assert torch.equal(out, h + gate1[:, None] * fresh)
+
+
+def test_training_mode_soft_gating():
+    model = make_model("tiny-dit")
+    engine = CacheEngine(model)
+    gates = torch.tensor([[1.0] * 4, [0.3, 0.05, 0.3, 0.3]], requires_grad=True)
+    engine.set_training(gates, tau=0.1)
+    gen = torch.Generator().manual_seed(0)
+    h, f0, f1 = (torch.randn(2, 16, 16, generator=gen) for _ in range(3))
+    engine.run_unit(1, lambda: f0, None, h)
+    assert torch.equal(engine.slots[1], f0)
+    engine.step = 1
+    out = engine.run_unit(1, lambda: f1, None, h)
+    torch.testing.assert_close(out, h + 0.05 * f1 + 0.95 * f0)
+    assert torch.equal(engine.slots[1], f0), "r = 0.05 <= tau must keep the slot"
+    out.sum().backward()
+    torch.testing.assert_close(gates.grad[1, 1], (f1 - f0).sum())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generations_restart_and_slots_are_reused(name):
+    """A second generation equals the first even with the slots poisoned in between."""
+    model = make_model(name)
+    engine = harmonica.enable(model, CacheSchedule.fora(STEPS, units_of(model), 2))
+    first = trajectory(model)
+    slots = list(engine.slots)
+    for slot in slots:
+        if slot is not None:
+            slot.fill_(float("nan"))
+    second = trajectory(model)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert [s is t for s, t in zip(slots, engine.slots)] == [True] * len(slots), "slots were reallocated"
+    assert engine.cache_bytes() == units_of(model) * 2 * 16 * 16 * 4
+
+
+@contextlib.contextmanager
+def forbid_host_reads():
+    """Make every device-to-host read of a tensor value raise."""
+    names = ["item", "tolist", "__bool__", "__int__", "__float__", "numpy"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+
+    def fail(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read on the host inside the step loop")
+
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, fail)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_step_loop_reads_no_tensor_value(name):
+    model = make_model(name)
+    harmonica.enable(model, CacheSchedule.fora(STEPS, units_of(model), 2))
+    inputs = [step_inputs(model, s) for s in range(STEPS)]
+    with forbid_host_reads(), torch.no_grad():
+        for step in inputs:
+            model(**step)
+
+
+def test_cfg_halves_share_decisions_and_slots():
+    """PixArt's pipeline runs both CFG halves as one batch: one call per computed unit, one slot of 2B."""
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    K = units_of(pipe.transformer)
+    engine = harmonica.enable(pipe, CacheSchedule.fora(6, K, 2))
+    calls = []
+    attn1 = cached_units(pipe.transformer)[0][1]
+    attn1.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
+    embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(1, 8)
+    pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
+         negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=mask, num_inference_steps=6,
+         height=64, width=64, use_resolution_binning=False, output_type="latent")
+    assert calls == [2, 2, 2]
+    assert engine.slots[0].shape[0] == 2
+    assert harmonica.summary(pipe).sampler == "DPMSolverMultistepScheduler"
+
+
+def test_pipeline_errors():
+    pipe = build_pipeline("tiny-dit", random_weights=True)
+    harmonica.enable(pipe, CacheSchedule.fora(5, units_of(pipe.transformer), 2))
+    with pytest.raises(ValueError, match=r"num_inference_steps: expected 5 \(the cache schedule's steps\), got 3"):
+        pipe(class_labels=[1], num_inference_steps=3, output_type="latent")
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    with pytest.raises(RuntimeError, match=r"pipe.scheduler: replaced after harmonica.enable"):
+        pipe(class_labels=[1], num_inference_steps=5, output_type="latent")
+
+
+def test_bad_arguments():
+    model = make_model("tiny-dit")
+    with pytest.raises(ValueError, match=r"schedule: expected 4 units \(from the transformer\), got 3"):
+        harmonica.enable(model, CacheSchedule.fora(4, 3, 2))
+    with pytest.raises(ValueError, match=r"router_or_schedule: expected a Router or CacheSchedule, got str"):
+        harmonica.enable(model, "fora:2")
+    with pytest.raises(ValueError, match=r"expected one with harmonica enabled"):
+        harmonica.summary(model)
+    model.transformer_blocks[0].norm_type = "layer_norm"
+    with pytest.raises(ValueError, match=r"transformer_blocks\[0\]: expected a DiT or PixArt block, got one with "
+                                         r"norm_type 'layer_norm'"):
+        harmonica.enable(model, CacheSchedule.fora(4, 4, 2))
+
+
+def test_summary_counts_macs_at_the_latest_resolution():
+    model = make_model("tiny-pixart")
+    harmonica.enable(model, CacheSchedule.fora(STEPS, units_of(model), 2))
+    trajectory(model)
+    report = harmonica.summary(model)
+    assert report.cur == 0.5
+    assert report.resolution == (64, 64)
+    assert 1.5 < report.theoretical_speedup < 2.0  # half the unit MACs skipped, the always-run part kept
+    assert "CUR 50.0%" in str(report)
+
+
+def cuda_inputs(model, step):
+    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in step_inputs(model, step).items()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MODELS)
+def test_cuda_step_loop_has_no_host_sync(name):
+    model = make_model(name).cuda()
+    harmonica.enable(model, CacheSchedule.fora(STEPS, units_of(model), 2))
+    inputs = [cuda_inputs(model, s) for s in range(STEPS)]
+    with torch.no_grad():
+        for step in inputs:  # compile the kernels first
+            model(**step)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in inputs:
+                model(**step)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MODELS)
+def test_cuda_fused_path_matches_the_plain_model(name):
+    model = make_model(name).cuda()
+    with torch.no_grad():
+        plain = [model(**cuda_inputs(model, s)).sample for s in range(STEPS)]
+        harmonica.enable(model, CacheSchedule.no_cache(STEPS, units_of(model)))
+        fused = [model(**cuda_inputs(model, s)).sample for s in range(STEPS)]
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
