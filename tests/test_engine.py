@@ -146,9 +146,13 @@ def test_step_loop_reads_no_tensor_value(name):
             model(**step)
 
 
-def test_cfg_halves_share_decisions_and_slots():
-    """PixArt's pipeline runs both CFG halves as one batch: one call per computed unit, one slot of 2B."""
-    pipe = build_pipeline("tiny-pixart", random_weights=True)
+@pytest.mark.parametrize("pipeline", ["PixArtAlphaPipeline", "PixArtSigmaPipeline"])
+def test_cfg_halves_share_decisions_and_slots(pipeline):
+    """PixArt's pipelines run both CFG halves as one batch: one call per computed unit, one slot of 2B."""
+    import diffusers
+
+    parts = build_pipeline("tiny-pixart", random_weights=True).components
+    pipe = getattr(diffusers, pipeline)(**parts)
     K = units_of(pipe.transformer)
     engine = harmonica.enable(pipe, CacheSchedule.fora(6, K, 2))
     calls = []
