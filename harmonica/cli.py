@@ -95,9 +95,65 @@ def sample(args) -> int:
     return 0
 
 
+def train(args) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    from .training import DiTTask, RouterTrainer, TrainConfig
+
+    spec = preset(args.model)
+    if spec.is_pixart:
+        raise ValueError(f"--model: router training supports the DiT models for now, got {args.model}")
+    config = TrainConfig(num_steps=args.steps, iterations=args.iterations, batch=args.batch, lr=args.lr,
+                         beta=args.beta, tau=args.tau, refresh=args.refresh, guidance=args.guidance,
+                         objective=args.objective, lambda_batch=args.lambda_batch, seed=args.seed,
+                         checkpoint_every=args.checkpoint_every, target_cur=args.target_cur)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+    transformer = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights).transformer
+    trainer = RouterTrainer(DiTTask(transformer.to(device), config.num_steps, config.guidance), config, args.out)
+    router = trainer.run(resume=args.resume)
+    if trainer.rank == 0:
+        schedule = router.schedule(config.tau)
+        print(f"router after {trainer.iteration} iterations: {args.out}/router (sampler {trainer.task.sampler}, "
+              f"{config.num_steps} steps, tau {config.tau}), CUR {schedule.cur:.1%}, theoretical speedup "
+              f"{schedule.theoretical_speedup(trainer.macs):.2f}x")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .training import OBJECTIVES, TrainConfig
+
     parser = argparse.ArgumentParser(prog="harmonica", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    t = commands.add_parser("train", help="train a router (SDT + IEPO); torchrun for several GPUs")
+    defaults = TrainConfig()
+    t.add_argument("--model", required=True, choices=sorted(PRESETS))
+    weights = t.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
+    weights.add_argument("--random-weights", action="store_true", help="no download: random weights")
+    t.add_argument("--out", required=True, help="directory for checkpoints, train_log.jsonl and router/")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--steps", type=int, default=defaults.num_steps, help="denoising steps T")
+    t.add_argument("--iterations", type=int, default=defaults.iterations)
+    t.add_argument("--batch", type=int, default=defaults.batch, help="noises per rank (CFG doubles it)")
+    t.add_argument("--lr", type=float, default=defaults.lr)
+    t.add_argument("--beta", type=float, default=defaults.beta, help="weight of the router L1 term")
+    t.add_argument("--tau", type=float, default=defaults.tau)
+    t.add_argument("--refresh", type=int, default=defaults.refresh, help="iterations between lambda refreshes")
+    t.add_argument("--guidance", type=float, default=defaults.guidance)
+    t.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
+    t.add_argument("--lambda-batch", type=int, default=defaults.lambda_batch)
+    t.add_argument("--seed", type=int, default=defaults.seed)
+    t.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    t.add_argument("--target-cur", type=float, help="adjust beta during training towards this CUR at tau")
     s = commands.add_parser("sample", help="generate one image")
     s.add_argument("--model", required=True, choices=sorted(PRESETS))
     source = s.add_mutually_exclusive_group()
@@ -122,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return sample(args)
+        return {"sample": sample, "train": train}[args.command](args)
     except (ValueError, RuntimeError) as error:
         print(f"harmonica: error: {error}", file=sys.stderr)
         return 2

@@ -42,14 +42,44 @@ def dit_alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1 - betas, 0)
 
 
+def dit_guided_eps(out: torch.Tensor, batch: int, guidance_scale: float, channels: int) -> torch.Tensor:
+    """eps (B, C) from a DiT output (2B or B, >= C channels): with guidance, the conditional half's eps
+    with its first 3 channels guided, `uncond + s * (cond - uncond)` (the original DiT's choice)."""
+    eps = out[:batch, :channels]
+    if out.shape[0] == batch:
+        return eps
+    guided = min(DIT_GUIDED_CHANNELS, channels)
+    cond, uncond = out[:batch, :guided], out[batch:, :guided]
+    return torch.cat([uncond + guidance_scale * (cond - uncond), eps[:, guided:]], dim=1)
+
+
+def ddim_update(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float) -> torch.Tensor:
+    """One eta = 0 DDIM step from alpha_bar `alpha` to `alpha_prev` (x0 not clipped)."""
+    x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha ** 0.5
+    eps = (x - alpha ** 0.5 * x0) / (1 - alpha) ** 0.5
+    return alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+
+
+def dit_ddim_alphas(num_steps: int) -> list:
+    """[(alpha_bar at step i, alpha_bar at step i + 1)] of the original DiT DDIM, the last to 1."""
+    alphas = dit_alphas_cumprod().tolist()  # host floats: no device read in the loop
+    timesteps = dit_ddim_timesteps(num_steps)
+    return [(alphas[t], alphas[timesteps[i + 1]] if i + 1 < num_steps else 1.0) for i, t in enumerate(timesteps)]
+
+
+def dit_null_labels(class_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(2B,) labels of the CFG batch: the classes, then the null class."""
+    return torch.cat([class_labels, torch.full_like(class_labels, num_classes)])
+
+
 @torch.no_grad()
 def dit_ddim_sample(transformer, class_labels: torch.Tensor, *, num_steps: int = 20, guidance_scale: float = 1.5,
                     generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                     progress: bool = False) -> torch.Tensor:
     """The original DiT DDIM loop; returns latents (B, C, H, W) (decode with `vae.decode(x / 0.18215)`).
 
-    class_labels: (B,) ImageNet classes on the transformer's device. With guidance_scale > 1 the model
-    runs the conditional and the null-class (1000) halves as one batch of 2B.
+    class_labels: (B,) classes on the transformer's device. With guidance_scale > 1 the model runs the
+    conditional and the null-class halves as one batch of 2B.
     """
     cfg = transformer.config
     device, dtype = class_labels.device, transformer.dtype
@@ -58,22 +88,14 @@ def dit_ddim_sample(transformer, class_labels: torch.Tensor, *, num_steps: int =
         shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
     guided = guidance_scale > 1
-    labels = torch.cat([class_labels, torch.full_like(class_labels, cfg.num_embeds_ada_norm)]) if guided \
-        else class_labels
+    labels = dit_null_labels(class_labels, cfg.num_embeds_ada_norm) if guided else class_labels
     timesteps = dit_ddim_timesteps(num_steps)
-    alphas = dit_alphas_cumprod().tolist()  # host floats: no device read in the loop
     begin_generation(transformer, "dit-ddim", timesteps)
     x = latents
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="dit-ddim")):
+    for t, (alpha, alpha_prev) in zip(tqdm(timesteps, disable=not progress, desc="dit-ddim"),
+                                      dit_ddim_alphas(num_steps)):
         model_in = torch.cat([x, x]) if guided else x
         t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.long)
         out = transformer(model_in, timestep=t_batch, class_labels=labels).sample
-        eps = out[:batch, :cfg.in_channels]
-        if guided:
-            cond, uncond = out[:batch, :DIT_GUIDED_CHANNELS], out[batch:, :DIT_GUIDED_CHANNELS]
-            eps = torch.cat([uncond + guidance_scale * (cond - uncond), eps[:, DIT_GUIDED_CHANNELS:]], dim=1)
-        alpha, alpha_prev = alphas[t], (alphas[timesteps[i + 1]] if i + 1 < num_steps else 1.0)
-        x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha ** 0.5
-        eps = (x - alpha ** 0.5 * x0) / (1 - alpha) ** 0.5
-        x = alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+        x = ddim_update(x, dit_guided_eps(out, batch, guidance_scale, cfg.in_channels), alpha, alpha_prev)
     return x

@@ -1,0 +1,328 @@
+"""Router training: Step-wise Denoising Training with the Image-Error-Proxy Objective (method.md 4-5).
+
+One iteration is one denoising step i >= 1 of the student's own trajectory: the frozen backbone
+without caching (teacher, no_grad) and with soft gating (student) see the same x_i; the loss is
+`lambda_i * mse(eps_T, eps_S) + beta * sum_k r[i, k]`; AdamW updates the router only, then the
+logits are clamped; x_{i+1} follows from the student's output. lambda (IEPO) is refreshed every
+`refresh` iterations on a fixed noise batch drawn from its own generator.
+
+Checkpoints (one file per rank, written atomically) hold the router, optimizer, lambda, beta, the
+noise generator and the current trajectory as its noise, conditions and the gate rows it used;
+resuming replays those rows to rebuild x_i and the cache slots exactly, so no slot is saved.
+Under torchrun, router gradients and lambda are averaged over ranks; each rank has its own noise.
+"""
+
+import json
+import math
+import os
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .engine import CacheEngine
+from .router import Router, RouterInfo, dit_ddim_timesteps
+from .samplers import ddim_update, dit_ddim_alphas, dit_guided_eps, dit_null_labels
+
+OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
+
+
+@dataclass
+class TrainConfig:
+    """Defaults: the official DiT-XL/2 256, T = 10 recipe (method.md section 4)."""
+
+    num_steps: int = 10
+    iterations: int = 20000
+    batch: int = 32  # noises per rank; classifier-free guidance doubles the model batch
+    lr: float = 1e-2
+    beta: float = 7e-8
+    tau: float = 0.1
+    refresh: int = 500  # C: iterations between lambda refreshes
+    guidance: float = 1.5
+    objective: str = "cumulative"  # or "leave-one-out", or "l2c" (lambda = 1: the L2C objective)
+    lambda_batch: int = 8
+    seed: int = 0
+    checkpoint_every: int = 1000
+    target_cur: float | None = None  # adjust beta towards this CUR at tau
+    log_every: int = 1
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps: expected >= 2 (step 0 only fills the cache), got {self.num_steps}")
+        if self.target_cur is not None and not 0 < self.target_cur < 1:
+            raise ValueError(f"target_cur: expected a value in (0, 1), got {self.target_cur}")
+
+
+class DiTTask:
+    """Class-conditional DiT sampled by the original DiT DDIM (guidance on 3 eps channels)."""
+
+    sampler = "dit-ddim"
+
+    def __init__(self, transformer, num_steps: int, guidance: float):
+        self.transformer, self.guidance = transformer, guidance
+        self.timesteps = dit_ddim_timesteps(num_steps)
+        self.alphas = dit_ddim_alphas(num_steps)
+        cfg = transformer.config
+        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.num_classes = cfg.num_embeds_ada_norm
+
+    def conditions(self, batch: int, generator: torch.Generator) -> dict:
+        return {"class_labels": torch.randint(0, self.num_classes, (batch,), generator=generator)}
+
+    def begin(self):
+        return None  # DDIM keeps no state between steps
+
+    def model_kwargs(self, x, cond, i: int) -> dict:
+        labels = cond["class_labels"].to(x.device)
+        guided = self.guidance > 1
+        model_in = torch.cat([x, x]) if guided else x
+        return {"hidden_states": model_in, "timestep": torch.full((model_in.shape[0],), self.timesteps[i],
+                                                                   device=x.device, dtype=torch.long),
+                "class_labels": dit_null_labels(labels, self.num_classes) if guided else labels}
+
+    def update(self, state, x, out, cond, i: int):
+        eps = dit_guided_eps(out, x.shape[0], self.guidance, x.shape[1])
+        return ddim_update(x, eps, *self.alphas[i])
+
+
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average(tensor: torch.Tensor) -> torch.Tensor:
+    rank, world = _rank_world()
+    if world > 1:
+        dist.all_reduce(tensor)
+        tensor /= world
+    return tensor
+
+
+@dataclass
+class Trajectory:
+    noise: torch.Tensor  # x at step 0
+    cond: dict
+    rows: list  # gate rows (K,) used at steps 1 .. step-1
+    x: torch.Tensor = None
+    state: object = None  # the sampler's state
+    step: int = 0
+
+
+class RouterTrainer:
+    """SDT + IEPO for one transformer and task; `run()` trains, checkpoints and saves the router."""
+
+    def __init__(self, task, config: TrainConfig, out_dir, *, router: Router | None = None):
+        self.task, self.config = task, config
+        self.out_dir = Path(out_dir)
+        self.rank, self.world = _rank_world()
+        self.transformer = task.transformer.eval().requires_grad_(False)
+        self.device = next(self.transformer.parameters()).device
+        self.engine = CacheEngine(self.transformer)
+        num_units = len(self.engine.units)
+        info = RouterInfo.for_model(self.transformer, sampler=task.sampler, timesteps=list(task.timesteps),
+                                    tau=config.tau)
+        init = torch.Generator().manual_seed(config.seed)  # identical on every rank
+        self.router = router or Router(config.num_steps, num_units, info=info, generator=init)
+        self.router.to(self.device)
+        self.optimizer = torch.optim.AdamW([self.router.logits], lr=config.lr, weight_decay=0.0)
+        self.noise_gen = torch.Generator().manual_seed(config.seed * 7919 + 1 + self.rank)
+        lambda_gen = torch.Generator().manual_seed(config.seed * 7919 + 100003 + self.rank)
+        self.lambda_noise = torch.randn(config.lambda_batch, *task.latent_shape, generator=lambda_gen)
+        self.lambda_cond = task.conditions(config.lambda_batch, lambda_gen)
+        self.lam = torch.ones(config.num_steps)
+        self.beta = config.beta
+        self.iteration = 0
+        self.trajectory = None
+        self.stop_requested = False
+        from .bench.macs import VAE_FACTOR, count_macs
+
+        size = task.latent_shape[-1] * VAE_FACTOR
+        self.macs = count_macs(self.transformer, size, size)
+
+    # ---- forwards ----
+
+    def _forward(self, x, cond, i, gates=None):
+        """Model output at step i: caching off (gates None) or soft gating with `gates` (T, K)."""
+        if gates is None:
+            self.engine.mode = "off"
+        else:
+            self.engine.set_training(gates, self.config.tau)
+        self.engine.step = i
+        return self.transformer(**self.task.model_kwargs(x, cond, i)).sample
+
+    @torch.no_grad()
+    def rollout(self, noise, cond, gates=None) -> torch.Tensor:
+        """A whole trajectory from `noise`: caching off, or soft gating with `gates` (T, K)."""
+        state, x = self.task.begin(), noise.to(self.device, self.transformer.dtype)
+        for i in range(self.config.num_steps):
+            x = self.task.update(state, x, self._forward(x, cond, i, gates), cond, i)
+        return x
+
+    # ---- IEPO ----
+
+    @torch.no_grad()
+    def refresh_lambda(self) -> None:
+        cfg, T = self.config, self.config.num_steps
+        lam = torch.ones(T)
+        trajectory_slots, self.engine.slots = self.engine.slots, [None] * len(self.engine.units)
+        if cfg.objective != "l2c":
+            gates = self.router.gates().detach()
+            ones = torch.ones_like(gates)
+            noise, cond = self.lambda_noise, self.lambda_cond
+            if cfg.objective == "cumulative":
+                previous = self.rollout(noise, cond)
+                for i in range(1, T):
+                    partial = ones.clone()
+                    partial[1:i + 1] = gates[1:i + 1]
+                    current = self.rollout(noise, cond, partial)
+                    lam[i] = torch.mean((current.float() - previous.float()) ** 2).cpu()
+                    previous = current
+            else:
+                routed = self.rollout(noise, cond, gates)
+                for i in range(1, T):
+                    forced = gates.clone()
+                    forced[i] = 1.0
+                    lam[i] = torch.mean((routed.float() - self.rollout(noise, cond, forced).float()) ** 2).cpu()
+        self.engine.slots = trajectory_slots  # the rollouts had their own
+        self.lam = _average(lam.to(self.device)).cpu()
+
+    # ---- trajectories ----
+
+    def _gate_table(self, rows) -> torch.Tensor:
+        table = torch.ones(self.config.num_steps, self.router.num_units, device=self.device)
+        for i, row in enumerate(rows, start=1):
+            table[i] = row.to(self.device)
+        return table
+
+    @torch.no_grad()
+    def _start(self, trajectory: Trajectory) -> Trajectory:
+        """Step 0 (full compute, slots filled), then replay the recorded rows of steps 1 .. len(rows)."""
+        trajectory.state = self.task.begin()
+        x = trajectory.noise.to(self.device, self.transformer.dtype)
+        table = self._gate_table(trajectory.rows)
+        for i in range(len(trajectory.rows) + 1):
+            x = self.task.update(trajectory.state, x, self._forward(x, trajectory.cond, i, table), trajectory.cond, i)
+        trajectory.x, trajectory.step = x, len(trajectory.rows) + 1
+        return trajectory
+
+    def _new_trajectory(self) -> Trajectory:
+        noise = torch.randn(self.config.batch, *self.task.latent_shape, generator=self.noise_gen)
+        return self._start(Trajectory(noise, self.task.conditions(self.config.batch, self.noise_gen), []))
+
+    # ---- one iteration ----
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        if self.iteration % cfg.refresh == 0:
+            self.refresh_lambda()
+        if self.trajectory is None or self.trajectory.step == cfg.num_steps:
+            self.trajectory = self._new_trajectory()
+        traj, i = self.trajectory, self.trajectory.step
+        with torch.no_grad():
+            teacher = self._forward(traj.x, traj.cond, i)
+        gates = self.router.gates()
+        student = self._forward(traj.x, traj.cond, i, gates)
+        mse = torch.mean((teacher.float() - student.float()) ** 2)
+        l1 = gates[i].sum()
+        loss = self.lam[i].item() * mse + self.beta * l1
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        _average(self.router.logits.grad)
+        self.optimizer.step()
+        self.router.clamp_()
+        traj.rows.append(gates[i].detach().cpu())
+        with torch.no_grad():
+            traj.x = self.task.update(traj.state, traj.x, student.detach(), traj.cond, i)
+        traj.step += 1
+        self.iteration += 1
+        if cfg.target_cur is not None and traj.step == cfg.num_steps:
+            self.beta *= math.exp(4.0 * (cfg.target_cur - self.router.schedule(cfg.tau).cur))
+        return {"iteration": self.iteration, "step": i, "loss": loss.item(), "mse": mse.item(), "l1": l1.item(),
+                "lambda": self.lam[i].item(), "beta": self.beta}
+
+    # ---- checkpoints ----
+
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / f"checkpoint-rank{self.rank}.pt"
+
+    def save_checkpoint(self) -> None:
+        traj = self.trajectory
+        state = {
+            "iteration": self.iteration, "logits": self.router.logits.detach().cpu(),
+            "optimizer": self.optimizer.state_dict(), "lambda": self.lam, "beta": self.beta,
+            "noise_gen": self.noise_gen.get_state(), "config": asdict(self.config),
+            "trajectory": None if traj is None else {"noise": traj.noise, "cond": traj.cond, "rows": traj.rows},
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_path()
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: an interrupted write leaves the previous checkpoint intact
+
+    def load_checkpoint(self) -> None:
+        path = self.checkpoint_path()
+        if not path.is_file():
+            raise ValueError(f"--resume: expected a checkpoint at {path}, found none")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = {k: v for k, v in state["config"].items() if k not in ("iterations", "checkpoint_every", "log_every")}
+        current = {k: v for k, v in asdict(self.config).items() if k in saved}
+        diffs = [f"{k}: checkpoint has {saved[k]!r}, got {current[k]!r}" for k in saved if saved[k] != current[k]]
+        if diffs:
+            raise ValueError("--resume: the checkpoint was trained with other settings:\n  " + "\n  ".join(diffs))
+        with torch.no_grad():
+            self.router.logits.copy_(state["logits"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration, self.lam, self.beta = state["iteration"], state["lambda"], state["beta"]
+        self.noise_gen.set_state(state["noise_gen"])
+        saved_traj = state["trajectory"]
+        self.trajectory = None if saved_traj is None else self._start(Trajectory(**saved_traj))
+
+    # ---- the loop ----
+
+    def run(self, *, resume: bool = False, progress: bool = True) -> Router:
+        """Train to `config.iterations`; returns the router, also saved to `out_dir/router`."""
+        cfg = self.config
+        if resume:
+            self.load_checkpoint()
+        previous_handler = signal.signal(signal.SIGINT, self._request_stop) if self._is_main_thread() else None
+        log = (self.out_dir / "train_log.jsonl") if self.rank == 0 else None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress or self.rank != 0,
+                   desc="train router")
+        try:
+            while self.iteration < cfg.iterations and not self.stop_requested:
+                record = self.train_step()
+                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
+                    schedule = self.router.schedule(cfg.tau)
+                    record.update(cur=schedule.cur, speedup=schedule.theoretical_speedup(self.macs))
+                    bar.set_postfix(loss=f"{record['loss']:.3g}", mse=f"{record['mse']:.3g}",
+                                    cur=f"{record['cur']:.1%}", speedup=f"{record['speedup']:.2f}x")
+                    if log is not None:
+                        with log.open("a") as f:
+                            f.write(json.dumps(record) + "\n")
+                bar.update(1)
+                if self.iteration % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        self.save_checkpoint()
+        if self.rank == 0:
+            self.router.save_pretrained(self.out_dir / "router")
+        return self.router
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True  # the loop ends after this iteration and writes a checkpoint
+
+    @staticmethod
+    def _is_main_thread() -> bool:
+        import threading
+
+        return threading.current_thread() is threading.main_thread()
