@@ -28,6 +28,7 @@ from .router import Router, RouterInfo, dit_ddim_timesteps
 from .samplers import ddim_update, dit_ddim_alphas, dit_guided_eps, dit_null_labels
 
 OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
+BETA_GAIN = 2.0  # --target-cur: after each trajectory, beta *= exp(gain * (target CUR - CUR at tau))
 
 
 @dataclass
@@ -242,7 +243,7 @@ class RouterTrainer:
         traj.step += 1
         self.iteration += 1
         if cfg.target_cur is not None and traj.step == cfg.num_steps:
-            self.beta *= math.exp(4.0 * (cfg.target_cur - self.router.schedule(cfg.tau).cur))
+            self.beta *= math.exp(BETA_GAIN * (cfg.target_cur - self.router.schedule(cfg.tau).cur))
         return {"iteration": self.iteration, "step": i, "loss": loss.item(), "mse": mse.item(), "l1": l1.item(),
                 "lambda": self.lam[i].item(), "beta": self.beta}
 
