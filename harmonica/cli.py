@@ -100,11 +100,12 @@ def train(args) -> int:
 
     import torch.distributed as dist
 
-    from .training import DiTTask, RouterTrainer, TrainConfig
+    from .training import DiTTask, PixArtTask, RouterTrainer, TrainConfig, load_prompt_embeddings
 
     spec = preset(args.model)
-    if spec.is_pixart:
-        raise ValueError(f"--model: router training supports the DiT models for now, got {args.model}")
+    if spec.is_pixart and not args.embeds:
+        raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "
+                         f"(harmonica.training.save_prompt_embeddings writes one), got none")
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations, batch=args.batch, lr=args.lr,
                          beta=args.beta, tau=args.tau, refresh=args.refresh, guidance=args.guidance,
                          objective=args.objective, lambda_batch=args.lambda_batch, seed=args.seed,
@@ -115,8 +116,15 @@ def train(args) -> int:
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
-    transformer = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights).transformer
-    trainer = RouterTrainer(DiTTask(transformer.to(device), config.num_steps, config.guidance), config, args.out)
+    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
+    transformer = pipe.transformer.to(device)
+    if spec.is_pixart:
+        scheduler = use_pixart_sampler(pipe, args.sampler or spec.sampler)
+        task = PixArtTask(transformer, scheduler, load_prompt_embeddings(args.embeds), config.num_steps,
+                          config.guidance)
+    else:
+        task = DiTTask(transformer, config.num_steps, config.guidance)
+    trainer = RouterTrainer(task, config, args.out)
     router = trainer.run(resume=args.resume)
     if trainer.rank == 0:
         schedule = router.schedule(config.tau)
@@ -148,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--beta", type=float, default=defaults.beta, help="weight of the router L1 term")
     t.add_argument("--tau", type=float, default=defaults.tau)
     t.add_argument("--refresh", type=int, default=defaults.refresh, help="iterations between lambda refreshes")
-    t.add_argument("--guidance", type=float, default=defaults.guidance)
+    t.add_argument("--guidance", type=float, default=defaults.guidance, help="1.5 is DiT's; PixArt uses 4.5")
+    t.add_argument("--embeds", help="PixArt: safetensors file of prompt embeddings (see save_prompt_embeddings)")
+    t.add_argument("--sampler", help="PixArt: dpm-solver++ (default), sa-solver or iddpm")
     t.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
     t.add_argument("--lambda-batch", type=int, default=defaults.lambda_batch)
     t.add_argument("--seed", type=int, default=defaults.seed)

@@ -91,6 +91,78 @@ class DiTTask:
         return ddim_update(x, eps, *self.alphas[i])
 
 
+EMBEDDING_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_embeds", "negative_attention_mask")
+
+
+def load_prompt_embeddings(path) -> dict:
+    """A safetensors file of precomputed T5 prompt embeddings for PixArt training:
+    prompt_embeds (P, L, C), prompt_attention_mask (P, L), negative_embeds (1, L, C) and
+    negative_attention_mask (1, L) (the empty prompt, PixArt's unconditional input)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    missing = [k for k in EMBEDDING_KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"embeddings: expected the keys {EMBEDDING_KEYS} in {path}, missing {missing}")
+    return tensors
+
+
+def save_prompt_embeddings(pipe, prompts: list, path) -> None:
+    """Encode `prompts` (and the empty prompt) with a PixArt pipeline's T5 once, for training."""
+    from safetensors.torch import save_file
+
+    with torch.no_grad():
+        embeds, mask, negative, negative_mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=True,
+                                                                   negative_prompt="", num_images_per_prompt=1)
+    save_file({"prompt_embeds": embeds.cpu().contiguous(), "prompt_attention_mask": mask.cpu().contiguous(),
+               "negative_embeds": negative[:1].cpu().contiguous(),
+               "negative_attention_mask": negative_mask[:1].cpu().contiguous()}, str(path))
+
+
+class PixArtTask:
+    """Text-conditional PixArt sampled by a diffusers scheduler, as the PixArt pipelines run it:
+    [negative, positive] CFG batch, guidance on the eps channels, learned sigma dropped."""
+
+    def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
+        self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
+        self.scheduler_class, self.scheduler_config = type(scheduler), scheduler.config
+        self.sampler = self.scheduler_class.__name__
+        self.timesteps = [int(t) for t in self.begin().timesteps.tolist()]
+        cfg = transformer.config
+        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.embeddings = embeddings
+
+    def conditions(self, batch: int, generator: torch.Generator) -> dict:
+        count = self.embeddings["prompt_embeds"].shape[0]
+        return {"prompt_index": torch.randint(0, count, (batch,), generator=generator)}
+
+    def begin(self):
+        scheduler = self.scheduler_class.from_config(self.scheduler_config)
+        scheduler.set_timesteps(self.num_steps)
+        return scheduler
+
+    def model_kwargs(self, x, cond, i: int) -> dict:
+        batch, e = x.shape[0], self.embeddings
+        index = cond["prompt_index"]
+        dtype = self.transformer.dtype
+        embeds = torch.cat([e["negative_embeds"].expand(batch, -1, -1), e["prompt_embeds"][index]])
+        mask = torch.cat([e["negative_attention_mask"].expand(batch, -1), e["prompt_attention_mask"][index]])
+        model_in = torch.cat([x, x])
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.use_additional_conditions:
+            size = float(x.shape[-1] * 8)
+            added = {"resolution": torch.tensor([[size, size]], device=x.device, dtype=dtype).repeat(2 * batch, 1),
+                     "aspect_ratio": torch.ones(2 * batch, 1, device=x.device, dtype=dtype)}
+        return {"hidden_states": model_in, "encoder_hidden_states": embeds.to(x.device, dtype),
+                "encoder_attention_mask": mask.to(x.device), "added_cond_kwargs": added,
+                "timestep": torch.full((2 * batch,), self.timesteps[i], device=x.device)}
+
+    def update(self, state, x, out, cond, i: int):
+        uncond, conditional = out[:, :x.shape[1]].chunk(2)
+        eps = uncond + self.guidance * (conditional - uncond)
+        return state.step(eps, self.timesteps[i], x).prev_sample
+
+
 def _rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -139,3 +139,43 @@ def test_logits_stay_clamped(tmp_path):
         run.router.logits[1:] = -4.9  # the L1 term pushes every trained row further down
     run.run(progress=False)
     assert run.router.logits[1:].min() == -5.0 and torch.all(run.router.logits[0] == 5.0)
+
+
+def test_pixart_router_trains_on_embeddings_and_runs_in_the_pipeline(tmp_path):
+    """Train on a file of prompt embeddings, then sample with the router in the PixArt pipeline."""
+    from safetensors.torch import save_file
+
+    import harmonica
+    from harmonica import Router
+    from harmonica.cli import main
+    from harmonica.models import build_pipeline
+
+    gen = torch.Generator().manual_seed(0)
+    save_file({"prompt_embeds": torch.randn(3, 8, 32, generator=gen), "prompt_attention_mask": torch.ones(3, 8),
+               "negative_embeds": torch.randn(1, 8, 32, generator=gen), "negative_attention_mask": torch.ones(1, 8)},
+              str(tmp_path / "embeds.safetensors"))
+    args = ["train", "--model", "tiny-pixart", "--random-weights", "--embeds", str(tmp_path / "embeds.safetensors"),
+            "--steps", "5", "--iterations", "6", "--batch", "2", "--lambda-batch", "2", "--refresh", "4",
+            "--guidance", "4.5", "--beta", "1e-3", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    router = Router.from_pretrained(tmp_path / "run" / "router")
+    assert router.info.sampler == "DPMSolverMultistepScheduler" and len(router.info.units) == 6
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    harmonica.enable(pipe, router)
+    embeds = torch.randn(1, 8, 32, generator=gen)
+    mask = torch.ones(1, 8)
+    pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
+         negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=mask, num_inference_steps=5,
+         height=64, width=64, use_resolution_binning=False, output_type="latent")
+    assert harmonica.summary(pipe).sampler == "DPMSolverMultistepScheduler"
+    with pytest.raises(ValueError, match=r"timesteps: router has"):
+        pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
+             negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=mask,
+             num_inference_steps=6, height=64, width=64, use_resolution_binning=False, output_type="latent")
+
+
+def test_pixart_training_needs_embeddings(capsys):
+    from harmonica.cli import main
+
+    assert main(["train", "--model", "tiny-pixart", "--random-weights", "--out", "unused"]) == 2
+    assert "--embeds: tiny-pixart trains on precomputed prompt embeddings" in capsys.readouterr().err
