@@ -17,6 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
+    package_data={"harmonica": ["data/*.safetensors"]},
     # triton is not required: CUDA builds of torch pin their own; the `test` extra brings it for the
     # CPU interpreter.
     install_requires=["torch>=2.4", "diffusers", "numpy", "safetensors", "nvidia-ml-py", "tqdm"],
@@ -25,5 +26,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "triton", "hypothesis"],
         "xformers": ["xformers"],
         "dev": ["ruff"],
+        "proof": ["scikit-learn"],  # only to refit the committed digits model: python -m harmonica.digits
     },
 )

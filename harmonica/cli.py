@@ -95,6 +95,25 @@ def sample(args) -> int:
     return 0
 
 
+DIGITS = "digits-dit"  # the committed digits model (harmonica.digits), trainable, not a pipeline
+
+
+def digits_report(model, schedule, num_steps: int, count: int = 500) -> str:
+    """Quality of the digits model with `schedule` against its uncached samples of the same seeds."""
+    from .api import disable
+    from .digits import eval_batch, psnr, quality, sample
+
+    noise, labels = eval_batch(count)
+    reference = sample(model, noise, labels, num_steps)
+    enable(model, schedule)
+    cached = sample(model, noise, labels, num_steps)
+    disable(model)
+    ref_q, q = quality(reference, labels), quality(cached, labels)
+    return (f"quality on {count} samples: uncached FD {ref_q['fd']:.3f}, accuracy {ref_q['accuracy']:.1%}; "
+            f"with the router FD {q['fd']:.3f}, accuracy {q['accuracy']:.1%}, "
+            f"PSNR vs uncached {psnr(cached, reference):.1f} dB")
+
+
 def train(args) -> int:
     import os
 
@@ -102,7 +121,7 @@ def train(args) -> int:
 
     from .training import DiTTask, PixArtTask, RouterTrainer, TrainConfig, load_prompt_embeddings
 
-    spec = preset(args.model)
+    spec = preset("tiny-dit" if args.model == DIGITS else args.model)
     if spec.is_pixart and not args.embeds:
         raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "
                          f"(harmonica.training.save_prompt_embeddings writes one), got none")
@@ -116,8 +135,13 @@ def train(args) -> int:
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
-    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
-    transformer = pipe.transformer.to(device)
+    if args.model == DIGITS:
+        from .digits import load_digits_dit
+
+        transformer = load_digits_dit().to(device)
+    else:
+        pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
+        transformer = pipe.transformer.to(device)
     if spec.is_pixart:
         scheduler = use_pixart_sampler(pipe, args.sampler or spec.sampler)
         task = PixArtTask(transformer, scheduler, load_prompt_embeddings(args.embeds), config.num_steps,
@@ -131,6 +155,8 @@ def train(args) -> int:
         print(f"router after {trainer.iteration} iterations: {args.out}/router (sampler {trainer.task.sampler}, "
               f"{config.num_steps} steps, tau {config.tau}), CUR {schedule.cur:.1%}, theoretical speedup "
               f"{schedule.theoretical_speedup(trainer.macs):.2f}x")
+        if args.model == DIGITS:
+            print(digits_report(transformer, schedule, config.num_steps))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -143,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     t = commands.add_parser("train", help="train a router (SDT + IEPO); torchrun for several GPUs")
     defaults = TrainConfig()
-    t.add_argument("--model", required=True, choices=sorted(PRESETS))
+    t.add_argument("--model", required=True, choices=sorted(PRESETS) + [DIGITS])
     weights = t.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
     weights.add_argument("--random-weights", action="store_true", help="no download: random weights")
