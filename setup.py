@@ -20,7 +20,8 @@ setup(
     package_data={"harmonica": ["data/*.safetensors"]},
     # triton is not required: CUDA builds of torch pin their own; the `test` extra brings it for the
     # CPU interpreter.
-    install_requires=["torch>=2.4", "diffusers", "numpy", "safetensors", "nvidia-ml-py", "tqdm"],
+    # transformers: the PixArt pipelines import it (T5)
+    install_requires=["torch>=2.4", "diffusers", "transformers", "numpy", "safetensors", "nvidia-ml-py", "tqdm"],
     entry_points={"console_scripts": ["harmonica=harmonica.cli:main"]},
     extras_require={
         "test": ["pytest", "pytest-benchmark", "triton", "hypothesis"],
