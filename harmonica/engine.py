@@ -19,7 +19,6 @@ import torch
 from .kernels import gated_residual, gated_residual_compute, gated_residual_reuse
 from .units import UNIT_KINDS, cached_units
 
-MODES = ("off", "inference", "training")
 SUPPORTED_NORMS = ("ada_norm_zero", "ada_norm_single")
 
 
