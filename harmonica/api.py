@@ -4,6 +4,7 @@ import warnings
 from dataclasses import dataclass
 
 from .engine import CacheEngine
+from .graphs import GraphRunner
 from .router import Router, RouterInfo
 from .schedule import CacheSchedule
 
@@ -18,6 +19,7 @@ class CacheState:
     router: Router | None
     scheduler: object | None  # the pipeline's scheduler whose set_timesteps starts generations
     sampler: str = ""  # the sampler of the latest generation
+    graphs: GraphRunner | None = None
 
 
 def _parts(pipe_or_transformer):
@@ -38,13 +40,16 @@ def _state(pipe_or_transformer) -> CacheState:
 
 
 def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
-           cross_attention: bool = True) -> CacheEngine:
+           cross_attention: bool = True, cuda_graphs: bool = False, fused: bool = True) -> CacheEngine:
     """Cache the units of a DiT/PixArt pipeline (or bare transformer) with a router or schedule.
 
     router_or_schedule: a trained `Router` (checked against the model, and at each generation against
     the sampler and timesteps) or a `CacheSchedule`.
     tau: router threshold; default the router's training tau (method.md: they should match).
     cross_attention: whether PixArt's cross-attention is a unit of its own.
+    cuda_graphs: run each distinct schedule row as one captured CUDA graph (see `graphs.py`); on the
+    CPU it does nothing and says so once. Opt-in until it has been validated on a GPU.
+    fused: the fused Triton ops on CUDA; False runs their torch references (the eager baseline).
     A pipeline's `scheduler.set_timesteps` starts each generation; a bare transformer's generations
     are delimited by the schedule's step count, or by `reset`.
     """
@@ -63,9 +68,12 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
         raise ValueError(f"router_or_schedule: expected a Router or CacheSchedule, "
                          f"got {type(router_or_schedule).__name__}")
     pipe = pipe_or_transformer if scheduler is not None else None
-    engine = CacheEngine(transformer, schedule, cross_attention=cross_attention,
+    engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused,
                          on_first_step=(lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None)
     state = CacheState(engine, router, scheduler)
+    if cuda_graphs:
+        state.graphs = GraphRunner(engine, transformer.forward)
+        transformer.forward = state.graphs  # an instance attribute: Module.__call__ and its hooks stay
     setattr(transformer, ATTRIBUTE, state)
     if scheduler is not None:
         set_timesteps = scheduler.set_timesteps
@@ -106,6 +114,8 @@ def disable(pipe_or_transformer) -> None:
     """Undo `enable`: original block forwards, no hooks, slots freed."""
     state = _state(pipe_or_transformer)
     state.engine.remove()
+    if state.graphs is not None:
+        del state.engine.transformer.forward  # back to the class's forward
     if state.scheduler is not None:
         del state.scheduler.set_timesteps  # the instance attribute set by enable
     transformer, _ = _parts(pipe_or_transformer)

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from .kernels import gated_residual, gated_residual_compute, gated_residual_reuse
+from . import kernels
 from .units import UNIT_KINDS, cached_units
 
 SUPPORTED_NORMS = ("ada_norm_zero", "ada_norm_single")
@@ -44,10 +44,17 @@ class CacheEngine:
 
     schedule: `CacheSchedule` of K = number of units (inference mode).
     cross_attention: whether PixArt's `attn2` is a unit (else it always computes).
+    fused: the fused Triton ops (on CUDA); False runs their torch references (`<op>_ref`), the eager
+    sequence diffusers would run, for comparisons.
     """
 
-    def __init__(self, transformer, schedule=None, *, cross_attention: bool = True, on_first_step=None):
+    def __init__(self, transformer, schedule=None, *, cross_attention: bool = True, on_first_step=None,
+                 fused: bool = True):
         self.transformer = transformer
+        self.fused = fused
+        self._compute, self._reuse, self._soft = (
+            (kernels.gated_residual_compute, kernels.gated_residual_reuse, kernels.gated_residual) if fused else
+            (_compute_ref, kernels.gated_residual_reuse_ref, _soft_ref))
         self.on_first_step = on_first_step  # called before each step-0 forward
         self.cross_attention = cross_attention
         self.units = cached_units(transformer, cross_attention=cross_attention)
@@ -131,17 +138,17 @@ class CacheEngine:
     def run_unit(self, k, compute, gate, h):
         """Add unit k's (gated) output to h. compute: () -> fresh output (B, N, D)."""
         if k is None or self.mode == "off":
-            return gated_residual_compute(h, compute(), gate)
+            return self._compute(h, compute(), gate)
         if self.mode == "training":
             fresh = compute()
             if self.step == 0:
-                return gated_residual_compute(h, fresh, gate, cache=self._slot(k, fresh))
-            return gated_residual(h, fresh, self._read_slot(k, h), self.gates[self.step, k], gate, tau=self.tau)
+                return self._compute(h, fresh, gate, cache=self._slot(k, fresh))
+            return self._soft(h, fresh, self._read_slot(k, h), self.gates[self.step, k], gate, tau=self.tau)
         if self.schedule.rows[self.step][k]:
             fresh = compute()
             slot = self._slot(k, fresh) if self.schedule.writes[self.step][k] else None
-            return gated_residual_compute(h, fresh, gate, cache=slot)
-        return gated_residual_reuse(h, self._read_slot(k, h), gate)
+            return self._compute(h, fresh, gate, cache=slot)
+        return self._reuse(h, self._read_slot(k, h), gate)
 
     def _slot(self, k, like):
         slot = self.slots[k]
@@ -156,6 +163,14 @@ class CacheEngine:
             raise RuntimeError(f"{name}: step {self.step} reuses a cache slot that no earlier step of this "
                                f"generation filled for hidden states {tuple(h.shape)} {h.dtype}")
         return slot
+
+
+def _compute_ref(h, fresh, gate=None, *, cache=None):
+    return kernels.gated_residual_compute_ref(h, fresh, gate, cache)
+
+
+def _soft_ref(h, fresh, cache, r, gate=None, *, tau=None):
+    return kernels.gated_residual_ref(h, fresh, cache, r, gate, tau)
 
 
 def _make_block_forward(engine: CacheEngine, index: dict):

@@ -1,0 +1,198 @@
+"""CUDA graphs for cached sampling: one graph per distinct schedule row (method.md section 3).
+
+A learned schedule is static, so the transformer forward of step t depends on the step only through
+its row: which units compute, which slots are written. Steps with equal rows share one graph; the
+inputs (latents, timestep, conditions) are copied into static buffers before `replay()`, so the
+timestep and everything derived from it (the adaLN modulations) are graph inputs. The cache slots
+have fixed addresses (allocated once), so a replay reads and writes them in place.
+
+The first time a row appears, the step runs eagerly on a side stream (its real result, and the
+warm-up), then the graph is captured. A change of input shapes, dtypes or devices drops every graph
+(recapture). All graphs share one memory pool; outputs are cloned before the next replay.
+"""
+
+import time
+import warnings
+
+import torch
+
+_WARNED_CPU = False
+
+
+def step_key(schedule, step: int) -> tuple:
+    """What the forward of `step` depends on: (compute row, slot-write row)."""
+    return tuple(schedule.rows[step]), tuple(schedule.writes[step])
+
+
+def graph_plan(schedule) -> list:
+    """Graph index of every step: steps with equal keys share a graph. len(set(plan)) graphs."""
+    index = {}
+    return [index.setdefault(step_key(schedule, t), len(index)) for t in range(schedule.num_steps)]
+
+
+def input_signature(args, kwargs) -> tuple:
+    """What a captured graph is specialised to: tensor shapes, dtypes, devices and non-tensor values."""
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, str(value.device), value.stride())
+        if isinstance(value, dict):
+            return ("dict", tuple((k, describe(v)) for k, v in sorted(value.items())))
+        if isinstance(value, (list, tuple)):
+            return ("seq", tuple(describe(v) for v in value))
+        return ("value", repr(value))
+
+    return describe(list(args)), describe(kwargs)
+
+
+class StaticInputs:
+    """Static copies of a forward's tensor arguments (nested in dicts and sequences), refreshed by
+    `copy_from` before each replay; non-tensor arguments are kept as they are."""
+
+    def __init__(self, args, kwargs):
+        self.args = self._clone(list(args))
+        self.kwargs = self._clone(kwargs)
+
+    @classmethod
+    def _clone(cls, value):
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return {k: cls._clone(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(cls._clone(v) for v in value)
+        return value
+
+    @classmethod
+    def _copy(cls, static, value) -> None:
+        if isinstance(static, torch.Tensor):
+            static.copy_(value)
+        elif isinstance(static, dict):
+            for k in static:
+                cls._copy(static[k], value[k])
+        elif isinstance(static, (list, tuple)):
+            for s, v in zip(static, value):
+                cls._copy(s, v)
+
+    def copy_from(self, args, kwargs) -> None:
+        self._copy(self.args, list(args))
+        self._copy(self.kwargs, kwargs)
+
+    def nbytes(self) -> int:
+        total = 0
+
+        def visit(value):
+            nonlocal total
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, dict):
+                for v in value.values():
+                    visit(v)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    visit(v)
+
+        visit(self.args)
+        visit(self.kwargs)
+        return total
+
+
+class CudaGraphBackend:
+    """torch.cuda graphs sharing one memory pool."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def warm_up(self, fn):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            result = fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        return result
+
+    def capture(self, fn):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = fn()
+        return graph, output
+
+    @staticmethod
+    def replay(captured):
+        graph, output = captured
+        graph.replay()
+        return output
+
+    @staticmethod
+    def allocated() -> int:
+        return torch.cuda.memory_allocated()
+
+
+class GraphRunner:
+    """Runs an engine's transformer forward through one captured graph per distinct step key.
+
+    forward: the transformer's original forward; backend: `CudaGraphBackend` (tests pass a stand-in).
+    """
+
+    def __init__(self, engine, forward, backend=None):
+        self.engine, self.forward = engine, forward
+        self.backend = backend
+        self.graphs = {}
+        self.signature = None
+        self.schedule = None
+        self.static = None
+        self.captures = 0
+        self.replays = 0
+        self.capture_seconds = 0.0
+        self.pool_bytes = 0
+
+    def reset(self) -> None:
+        """Drop every graph (the next call of each key recaptures)."""
+        self.graphs, self.signature, self.schedule, self.static = {}, None, None, None
+
+    def __call__(self, *args, **kwargs):
+        engine = self.engine
+        if engine.mode != "inference":
+            return self.forward(*args, **kwargs)
+        if not self._on_cuda(args, kwargs) and self.backend is None:
+            _warn_cpu_once()
+            return self.forward(*args, **kwargs)
+        backend = self.backend = self.backend or CudaGraphBackend()
+        signature = input_signature(args, kwargs)
+        if signature != self.signature or engine.schedule is not self.schedule:
+            self.reset()
+            self.signature, self.schedule, self.static = signature, engine.schedule, StaticInputs(args, kwargs)
+        key = step_key(engine.schedule, engine.step)
+        if key not in self.graphs:
+            result = backend.warm_up(lambda: self.forward(*args, **kwargs))  # this step's real output
+            self.static.copy_from(args, kwargs)
+            start, before = time.perf_counter(), backend.allocated()
+            self.graphs[key] = backend.capture(lambda: self.forward(*self.static.args, **self.static.kwargs))
+            self.capture_seconds += time.perf_counter() - start
+            self.pool_bytes += backend.allocated() - before
+            self.captures += 1
+            return result
+        self.static.copy_from(args, kwargs)
+        self.replays += 1
+        return _clone_output(backend.replay(self.graphs[key]))
+
+    @staticmethod
+    def _on_cuda(args, kwargs) -> bool:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        return isinstance(hidden, torch.Tensor) and hidden.is_cuda
+
+
+def _clone_output(output):
+    """A copy the next replay will not overwrite (diffusers outputs: a dataclass or a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, tuple):
+        return tuple(_clone_output(o) for o in output)
+    return type(output)(**{k: _clone_output(v) for k, v in output.items()})
+
+
+def _warn_cpu_once() -> None:
+    global _WARNED_CPU
+    if not _WARNED_CPU:
+        warnings.warn("cuda_graphs: the transformer runs on the CPU, where there are no CUDA graphs; "
+                      "running eagerly", stacklevel=3)
+        _WARNED_CPU = True
