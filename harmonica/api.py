@@ -132,11 +132,19 @@ class Summary:
     theoretical_speedup: float
     resolution: tuple  # (height, width) in pixels the speedup was counted at
     cache_bytes: int  # slots allocated by the latest generation
+    graphs: int | None = None  # captured CUDA graphs (None: cuda_graphs off)
+    graph_pool_bytes: int = 0  # device memory the captures added to the shared pool
+    static_bytes: int = 0  # static input buffers of the graphs
+    capture_seconds: float = 0.0  # total time spent capturing
 
     def __str__(self) -> str:
-        return (f"{self.schedule} ({self.sampler or 'sampler not yet seen'}): {self.steps} steps x {self.units} units, "
+        text = (f"{self.schedule} ({self.sampler or 'sampler not yet seen'}): {self.steps} steps x {self.units} units, "
                 f"CUR {self.cur:.1%}, theoretical speedup {self.theoretical_speedup:.2f}x at "
                 f"{self.resolution[0]}x{self.resolution[1]}, cache {_format_bytes(self.cache_bytes)}")
+        if self.graphs is not None:
+            text += (f", {self.graphs} CUDA graphs (pool {_format_bytes(self.graph_pool_bytes)}, static inputs "
+                     f"{_format_bytes(self.static_bytes)}, captured in {self.capture_seconds:.2f} s)")
+        return text
 
 
 def _format_bytes(size: int) -> str:
@@ -161,5 +169,10 @@ def summary(pipe_or_transformer) -> Summary:
         height = width = transformer.config.sample_size * VAE_FACTOR
     macs = count_macs(transformer, height, width, cross_attention=engine.cross_attention)
     schedule = engine.schedule
-    return Summary(schedule.name, state.sampler, schedule.num_steps, schedule.num_units, schedule.cur,
-                   schedule.theoretical_speedup(macs), (height, width), engine.cache_bytes())
+    report = Summary(schedule.name, state.sampler, schedule.num_steps, schedule.num_units, schedule.cur,
+                     schedule.theoretical_speedup(macs), (height, width), engine.cache_bytes())
+    if state.graphs is not None:
+        runner = state.graphs
+        report.graphs, report.graph_pool_bytes = len(runner.graphs), runner.pool_bytes
+        report.static_bytes, report.capture_seconds = runner.static_bytes(), runner.capture_seconds
+    return report

@@ -123,8 +123,9 @@ class CudaGraphBackend:
         return output
 
     @staticmethod
-    def allocated() -> int:
-        return torch.cuda.memory_allocated()
+    def reserved() -> int:
+        """Device memory held by the caching allocator: its growth during a capture is the new pool memory."""
+        return torch.cuda.memory_reserved()
 
 
 class GraphRunner:
@@ -142,12 +143,17 @@ class GraphRunner:
         self.static = None
         self.captures = 0
         self.replays = 0
+        self.resets = 0  # times every graph was dropped for a new signature or schedule
         self.capture_seconds = 0.0
         self.pool_bytes = 0
 
     def reset(self) -> None:
         """Drop every graph (the next call of each key recaptures)."""
         self.graphs, self.signature, self.schedule, self.static = {}, None, None, None
+        self.pool_bytes = 0
+
+    def static_bytes(self) -> int:
+        return self.static.nbytes() if self.static is not None else 0
 
     def __call__(self, *args, **kwargs):
         engine = self.engine
@@ -159,16 +165,21 @@ class GraphRunner:
         backend = self.backend = self.backend or CudaGraphBackend()
         signature = input_signature(args, kwargs)
         if signature != self.signature or engine.schedule is not self.schedule:
+            if self.signature is not None and engine.step != 0:
+                warnings.warn(f"cuda_graphs: the transformer's inputs changed within a generation (step "
+                              f"{engine.step}), so every graph is captured again; pass tensors of fixed shapes "
+                              "(not Python numbers) for arguments that change per step", stacklevel=2)
+            self.resets += self.signature is not None
             self.reset()
             self.signature, self.schedule, self.static = signature, engine.schedule, StaticInputs(args, kwargs)
         key = step_key(engine.schedule, engine.step)
         if key not in self.graphs:
             result = backend.warm_up(lambda: self.forward(*args, **kwargs))  # this step's real output
             self.static.copy_from(args, kwargs)
-            start, before = time.perf_counter(), backend.allocated()
+            start, before = time.perf_counter(), backend.reserved()
             self.graphs[key] = backend.capture(lambda: self.forward(*self.static.args, **self.static.kwargs))
             self.capture_seconds += time.perf_counter() - start
-            self.pool_bytes += backend.allocated() - before
+            self.pool_bytes += backend.reserved() - before
             self.captures += 1
             return result
         self.static.copy_from(args, kwargs)

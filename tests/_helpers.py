@@ -2,6 +2,9 @@
 
 import torch
 
+from harmonica.models import build_transformer
+from harmonica.units import cached_units
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # beyond twice torch's own low-precision error (the interpreter truncates where the GPU rounds)
@@ -39,3 +42,33 @@ def assert_matches_reference(actual, lowp, ref32, name: str) -> None:
         where = bad.nonzero()[:5].tolist()
         raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements beyond {bound:.3g} "
                              f"(max error {err.nan_to_num(float('inf')).max().item():.3g}); first at {where}")
+
+
+def make_model(name):
+    """A tiny DiT/PixArt transformer whose every parameter is random (diffusers zero-initialises some)."""
+    model = build_transformer(name)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    return model
+
+
+def step_inputs(model, step, batch=2):
+    """The forward arguments of denoising step `step` for a tiny model (8x8 latents)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    inputs = dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=gen),
+                  timestep=torch.full((batch,), 900 - 200 * step))
+    if type(model).__name__.startswith("DiT"):
+        inputs["class_labels"] = torch.tensor([3, 1000])[:batch]
+    else:
+        inputs["encoder_hidden_states"] = torch.randn(batch, 5, 32, generator=gen)
+        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    return inputs
+
+
+def cuda_inputs(model, step, batch=2):
+    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in step_inputs(model, step, batch).items()}
+
+
+def units_of(model):
+    return len(cached_units(model))

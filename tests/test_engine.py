@@ -4,44 +4,21 @@ import contextlib
 
 import pytest
 import torch
+from _helpers import cuda_inputs, make_model, step_inputs, units_of
 
 import harmonica
 from harmonica import CacheSchedule
 from harmonica.engine import CacheEngine
-from harmonica.models import build_pipeline, build_transformer
+from harmonica.models import build_pipeline
 from harmonica.units import cached_units
 
 MODELS = ["tiny-dit", "tiny-pixart"]
 STEPS = 4
 
 
-def make_model(name):
-    model = build_transformer(name)
-    with torch.no_grad():
-        for p in model.parameters():  # diffusers zero-initialises some layers: make every unit matter
-            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
-    return model
-
-
-def step_inputs(model, step, batch=2):
-    gen = torch.Generator().manual_seed(100 + step)
-    inputs = dict(hidden_states=torch.randn(batch, 4, 8, 8, generator=gen),
-                  timestep=torch.full((batch,), 900 - 200 * step))
-    if type(model).__name__.startswith("DiT"):
-        inputs["class_labels"] = torch.tensor([3, 1000])[:batch]
-    else:
-        inputs["encoder_hidden_states"] = torch.randn(batch, 5, 32, generator=gen)
-        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
-    return inputs
-
-
 @torch.no_grad()
 def trajectory(model, steps=STEPS):
     return [model(**step_inputs(model, s)).sample for s in range(steps)]
-
-
-def units_of(model):
-    return len(cached_units(model))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -201,10 +178,6 @@ def test_summary_counts_macs_at_the_latest_resolution():
     assert report.resolution == (64, 64)
     assert 1.5 < report.theoretical_speedup < 2.0  # half the unit MACs skipped, the always-run part kept
     assert "CUR 50.0%" in str(report)
-
-
-def cuda_inputs(model, step):
-    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in step_inputs(model, step).items()}
 
 
 @pytest.mark.gpu

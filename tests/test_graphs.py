@@ -1,0 +1,194 @@
+"""The CUDA-graph runner: row dedupe, static inputs, recapture triggers (CPU, with a stand-in backend that
+keeps a graph's semantics: a replay re-runs the captured call on the static inputs and writes a fixed
+output buffer), and the real graphs on CUDA."""
+
+import warnings
+
+import pytest
+import torch
+from _helpers import cuda_inputs, make_model, step_inputs, units_of
+
+import harmonica
+from harmonica import CacheSchedule
+from harmonica import graphs as graphs_module
+from harmonica.graphs import StaticInputs, graph_plan, input_signature, step_key
+
+MODELS = ["tiny-dit", "tiny-pixart"]
+
+
+class StandInGraphs:
+    """Graph semantics without CUDA: capture records the call (it reads the static inputs when it
+    runs) and one output buffer; replay re-runs the call and overwrites that buffer in place."""
+
+    def __init__(self):
+        self.captured_keys = []
+
+    def warm_up(self, fn):
+        return fn()
+
+    def capture(self, fn):
+        output = fn()
+        return fn, output
+
+    @staticmethod
+    def replay(captured):
+        fn, output = captured
+        output.sample.copy_(fn().sample)
+        return output
+
+    @staticmethod
+    def reserved() -> int:
+        return 0
+
+
+def enable_with_stand_in(model, schedule):
+    engine = harmonica.enable(model, schedule, cuda_graphs=True)
+    runner = model._harmonica.graphs
+    runner.backend = StandInGraphs()
+    return engine, runner
+
+
+@torch.no_grad()
+def run(model, steps, batch=2):
+    return [model(**step_inputs(model, s, batch)).sample for s in range(steps)]
+
+
+def test_graph_plan_shares_graphs_between_equal_rows_and_writes():
+    assert graph_plan(CacheSchedule.fora(6, 4, 2)) == [0, 1, 0, 1, 0, 1]
+    # the last computing step writes no slot (nothing reads it later): a graph of its own
+    assert graph_plan(CacheSchedule.fora(5, 4, 2)) == [0, 1, 0, 1, 2]
+    assert graph_plan(CacheSchedule.no_cache(7, 4)) == [0] * 7
+    table = torch.tensor([[1, 1], [1, 0], [0, 1], [1, 0], [1, 1]], dtype=torch.bool)
+    schedule = CacheSchedule(table, "mixed")
+    assert graph_plan(schedule) == [0, 1, 2, 3, 4]
+    assert step_key(schedule, 1) == ((True, False), (True, False))  # step 2 reuses unit 0
+    assert step_key(schedule, 3) == ((True, False), (False, False))  # step 4 computes everything
+
+
+def test_input_signature_tracks_shapes_dtypes_and_values():
+    base = input_signature((torch.zeros(2, 3),), {"t": torch.zeros(2), "flag": False, "d": {"x": None}})
+    assert base == input_signature((torch.ones(2, 3),), {"t": torch.ones(2), "flag": False, "d": {"x": None}})
+    assert base != input_signature((torch.zeros(1, 3),), {"t": torch.zeros(2), "flag": False, "d": {"x": None}})
+    assert base != input_signature((torch.zeros(2, 3, dtype=torch.float16),), {"t": torch.zeros(2), "flag": False,
+                                                                               "d": {"x": None}})
+    assert base != input_signature((torch.zeros(2, 3),), {"t": torch.zeros(2), "flag": True, "d": {"x": None}})
+    assert base != input_signature((torch.zeros(3, 2).t(),), {"t": torch.zeros(2), "flag": False, "d": {"x": None}})
+
+
+def test_static_inputs_copy_nested_tensors_and_count_bytes():
+    gen = torch.Generator().manual_seed(0)
+    first = ([torch.randn(2, 3, generator=gen)], {"cond": {"e": torch.randn(4, generator=gen)}, "n": 7})
+    static = StaticInputs(*first)
+    assert static.args[0] is not first[0][0] and torch.equal(static.args[0], first[0][0])
+    second = ([torch.randn(2, 3, generator=gen)], {"cond": {"e": torch.randn(4, generator=gen)}, "n": 7})
+    address = static.kwargs["cond"]["e"].data_ptr()
+    static.copy_from(*second)
+    assert torch.equal(static.args[0], second[0][0])
+    assert torch.equal(static.kwargs["cond"]["e"], second[1]["cond"]["e"])
+    assert static.kwargs["cond"]["e"].data_ptr() == address, "a static buffer moved"
+    assert static.nbytes() == (6 + 4) * 4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_replayed_generations_equal_the_eager_engine_bitwise(name):
+    model = make_model(name)
+    schedule = CacheSchedule.fora(5, units_of(model), 2)
+    harmonica.enable(model, schedule)
+    eager = run(model, 5)
+    harmonica.disable(model)
+
+    _, runner = enable_with_stand_in(model, schedule)
+    first, second = run(model, 5), run(model, 5)
+    for a, b, c in zip(eager, first, second):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert runner.captures == len(set(graph_plan(schedule))) == 3
+    assert runner.replays == 10 - 3
+    report = harmonica.summary(model)
+    assert report.graphs == 3
+    assert report.static_bytes == runner.static.nbytes() > 0
+    assert "3 CUDA graphs" in str(report)
+
+
+def test_recapture_on_a_new_batch_shape_or_schedule():
+    model = make_model("tiny-dit")
+    K = units_of(model)
+    engine, runner = enable_with_stand_in(model, CacheSchedule.fora(4, K, 2))
+    run(model, 4)
+    assert (runner.captures, runner.resets) == (2, 0)
+    single = run(model, 4, batch=1)
+    assert (runner.captures, runner.resets) == (4, 1)
+
+    harmonica.disable(model)
+    harmonica.enable(model, CacheSchedule.fora(4, K, 2))
+    assert all(torch.equal(a, b) for a, b in zip(single, run(model, 4, batch=1)))
+    harmonica.disable(model)
+
+    engine, runner = enable_with_stand_in(model, CacheSchedule.fora(4, K, 2))
+    run(model, 4)
+    engine.set_schedule(CacheSchedule.no_cache(4, K))
+    run(model, 4)
+    assert (runner.captures, runner.resets, runner.replays) == (3, 1, 2 + 3)
+
+
+def test_an_input_that_changes_within_a_generation_warns():
+    model = make_model("tiny-dit")
+    _, runner = enable_with_stand_in(model, CacheSchedule.fora(4, units_of(model), 2))
+    inputs = [step_inputs(model, s) for s in range(4)]
+    inputs[1]["return_dict"] = True  # a non-tensor argument that differs at step 1
+    with pytest.warns(UserWarning, match=r"inputs changed within a generation \(step 1\)"), torch.no_grad():
+        for step in inputs:
+            model(**step)
+
+
+def test_training_mode_runs_eagerly():
+    model = make_model("tiny-dit")
+    engine, runner = enable_with_stand_in(model, CacheSchedule.fora(2, units_of(model), 2))
+    engine.set_training(torch.ones(2, units_of(model)), tau=0.1)
+    run(model, 2)
+    assert runner.captures == runner.replays == 0
+
+
+def test_on_cpu_the_option_says_once_that_it_does_nothing(monkeypatch):
+    monkeypatch.setattr(graphs_module, "_WARNED_CPU", False)
+    model = make_model("tiny-pixart")
+    schedule = CacheSchedule.fora(4, units_of(model), 2)
+    harmonica.enable(model, schedule)
+    eager = run(model, 4)
+    harmonica.disable(model)
+    harmonica.enable(model, schedule, cuda_graphs=True)
+    with pytest.warns(UserWarning, match="runs on the CPU, where there are no CUDA graphs") as record:
+        graphed = run(model, 4)
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(model, 4)
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    assert harmonica.summary(model).graphs == 0
+    harmonica.disable(model)
+    assert "forward" not in vars(model), "disable left the runner in place"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", MODELS)
+def test_cuda_graph_replay_equals_eager_without_host_sync(name):
+    model = make_model(name).cuda()
+    schedule = CacheSchedule.fora(5, units_of(model), 2)
+    inputs = [cuda_inputs(model, s) for s in range(5)]
+    with torch.no_grad():
+        harmonica.enable(model, schedule)
+        eager = [model(**step).sample for step in inputs]
+        harmonica.disable(model)
+        harmonica.enable(model, schedule, cuda_graphs=True)
+        first = [model(**step).sample for step in inputs]  # warm-up + capture
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            replayed = [model(**step).sample for step in inputs]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    runner = model._harmonica.graphs
+    assert (runner.captures, runner.replays) == (3, 7)
+    for a, b, c in zip(eager, first, replayed):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    report = harmonica.summary(model)
+    assert report.graph_pool_bytes > 0 and report.capture_seconds > 0
