@@ -61,6 +61,8 @@ class CacheEngine:
         self.unit_index = {name: k for k, (name, _) in enumerate(self.units)}
         for i, block in enumerate(transformer.transformer_blocks):
             _check_block(i, block)
+        self.shared_embedding = _shares_embedding(transformer.transformer_blocks)
+        self.embedding = None  # DiT: the step's timestep/class embedding, computed by block 0 when shared
         self.mode = "off"
         self.schedule = None
         self.gates = None  # training: (T, K) router values of the current step's graph
@@ -74,7 +76,7 @@ class CacheEngine:
         for i, block in enumerate(transformer.transformer_blocks):
             index = {kind: self.unit_index.get(f"transformer_blocks.{i}.{kind}") for kind in UNIT_KINDS}
             self._originals.append(block.forward)
-            block.forward = types.MethodType(_make_block_forward(self, index), block)
+            block.forward = types.MethodType(_make_block_forward(self, index, first=i == 0), block)
         self._hooks = [transformer.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        transformer.register_forward_hook(self._after_forward, with_kwargs=True)]
 
@@ -114,6 +116,7 @@ class CacheEngine:
         for hook in self._hooks:
             hook.remove()
         self.slots = [None] * len(self.units)
+        self.embedding = None
 
     # ---- memory ----
 
@@ -173,8 +176,21 @@ def _soft_ref(h, fresh, cache, r, gate=None, *, tau=None):
     return kernels.gated_residual_ref(h, fresh, cache, r, gate, tau)
 
 
-def _make_block_forward(engine: CacheEngine, index: dict):
-    """diffusers' `BasicTransformerBlock.forward` for ada_norm_zero / ada_norm_single, unit by unit."""
+def _shares_embedding(blocks) -> bool:
+    """Whether every DiT block holds the same timestep/class embedder (diffusers copies the original
+    DiT's single embedder into each block): then one embedding per step serves all blocks. Checked once,
+    at enable."""
+    embedders = [block.norm1.emb for block in blocks if block.norm_type == "ada_norm_zero"]
+    if len(embedders) != len(blocks) or any(e is None for e in embedders):
+        return False
+    reference = dict(embedders[0].named_parameters())
+    return all(torch.equal(p, reference[name]) for e in embedders[1:] for name, p in e.named_parameters())
+
+
+def _make_block_forward(engine: CacheEngine, index: dict, first: bool):
+    """diffusers' `BasicTransformerBlock.forward` for ada_norm_zero / ada_norm_single, unit by unit.
+    first: block 0, which computes the step's shared DiT embedding (blocks run in order in every forward,
+    captured graphs included, so no embedding outlives its step)."""
 
     def forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
@@ -185,7 +201,12 @@ def _make_block_forward(engine: CacheEngine, index: dict):
         h = hidden_states
         if block.norm_type == "ada_norm_zero":
             norm1 = block.norm1
-            emb = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype) if norm1.emb is not None else None
+            if not engine.shared_embedding:
+                emb = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype) if norm1.emb is not None else None
+            elif first:
+                emb = engine.embedding = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype)
+            else:
+                emb = engine.embedding
             emb = norm1.linear(norm1.silu(emb))
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
             shift_msa, scale_msa, shift_mlp, scale_mlp = (t[:, None] for t in (shift_msa, scale_msa, shift_mlp,

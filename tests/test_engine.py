@@ -49,6 +49,23 @@ def test_units_run_exactly_as_scheduled(name):
     assert not torch.equal(cached[-1], trajectory(make_model(name))[-1])
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_dit_embedding_once_per_step_when_every_block_holds_the_same(shared):
+    model = make_model("tiny-dit")  # equal-sized parameters get equal values: every block's embedder is the same
+    if not shared:
+        with torch.no_grad():
+            model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(0.5)
+    plain = trajectory(model)
+    engine = harmonica.enable(model, CacheSchedule.no_cache(STEPS, units_of(model)))
+    assert engine.shared_embedding == shared
+    calls = []
+    for block in model.transformer_blocks:
+        block.norm1.emb.register_forward_hook(lambda *_: calls.append(engine.step))
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain))
+    blocks = len(model.transformer_blocks)  # + 1: diffusers' final layer calls block 0's embedder too
+    assert calls == [s for s in range(STEPS) for _ in range(1 + (1 if shared else blocks))]
+
+
 def test_reused_unit_adds_gate_times_cache():
     model = make_model("tiny-dit")
     K = units_of(model)
