@@ -3,8 +3,10 @@
 import warnings
 from dataclasses import dataclass
 
+import torch
+
 from .engine import CacheEngine
-from .graphs import GraphRunner
+from .graphs import GraphRunner, graph_plan
 from .router import Router, RouterInfo
 from .schedule import CacheSchedule
 
@@ -40,7 +42,8 @@ def _state(pipe_or_transformer) -> CacheState:
 
 
 def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
-           cross_attention: bool = True, cuda_graphs: bool = False, fused: bool = True) -> CacheEngine:
+           cross_attention: bool = True, cuda_graphs: bool = False, fused: bool = True,
+           compile: bool | dict = False) -> CacheEngine:
     """Cache the units of a DiT/PixArt pipeline (or bare transformer) with a router or schedule.
 
     router_or_schedule: a trained `Router` (checked against the model, and at each generation against
@@ -50,6 +53,8 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     cuda_graphs: run each distinct schedule row as one captured CUDA graph (see `graphs.py`); on the
     CPU it does nothing and says so once. Opt-in until it has been validated on a GPU.
     fused: the fused Triton ops on CUDA; False runs their torch references (the eager baseline).
+    compile: `torch.compile` the transformer forward with fullgraph=True, one compiled graph per distinct
+    schedule row (the units read only the current row); a dict is passed to torch.compile (backend, mode).
     A pipeline's `scheduler.set_timesteps` starts each generation; a bare transformer's generations
     are delimited by the schedule's step count, or by `reset`.
     """
@@ -71,9 +76,13 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused,
                          on_first_step=(lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None)
     state = CacheState(engine, router, scheduler)
+    forward = transformer.forward
+    if compile:
+        forward = _compile(forward, schedule, compile if isinstance(compile, dict) else {})
     if cuda_graphs:
-        state.graphs = GraphRunner(engine, transformer.forward)
-        transformer.forward = state.graphs  # an instance attribute: Module.__call__ and its hooks stay
+        forward = state.graphs = GraphRunner(engine, forward)
+    if forward is not transformer.forward:
+        transformer.forward = forward  # an instance attribute: Module.__call__ and its hooks stay
     setattr(transformer, ATTRIBUTE, state)
     if scheduler is not None:
         set_timesteps = scheduler.set_timesteps
@@ -85,6 +94,16 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
 
         scheduler.set_timesteps = set_timesteps_and_begin
     return engine
+
+
+def _compile(forward, schedule, options: dict):
+    """torch.compile specialises on the row tuples the units read: raise dynamo's recompile limit to the
+    number of distinct rows, or the later rows would silently run uncompiled."""
+    import torch._dynamo.config as dynamo_config
+
+    needed = len(set(graph_plan(schedule))) + 1
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
+    return torch.compile(forward, **{"fullgraph": True, "dynamic": False, **options})
 
 
 def _check_scheduler(pipe, hooked) -> None:
@@ -114,7 +133,7 @@ def disable(pipe_or_transformer) -> None:
     """Undo `enable`: original block forwards, no hooks, slots freed."""
     state = _state(pipe_or_transformer)
     state.engine.remove()
-    if state.graphs is not None:
+    if "forward" in vars(state.engine.transformer):  # graphs or compile
         del state.engine.transformer.forward  # back to the class's forward
     if state.scheduler is not None:
         del state.scheduler.set_timesteps  # the instance attribute set by enable

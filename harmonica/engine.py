@@ -67,6 +67,7 @@ class CacheEngine:
         self.schedule = None
         self.gates = None  # training: (T, K) router values of the current step's graph
         self.tau = None
+        self.row = self.write_row = None  # inference: the current step's schedule rows, as tuples
         self.step = 0
         self.slots = [None] * len(self.units)
         self.last_input_shape = None  # (B, C, H, W) of the latest forward
@@ -95,6 +96,18 @@ class CacheEngine:
         if gates.dim() != 2 or gates.shape[1] != len(self.units):
             raise ValueError(f"gates: expected shape (T, {len(self.units)}), got {tuple(gates.shape)}")
         self.gates, self.tau, self.mode = gates, tau, "training"
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        """Steps reach the units only through `row`/`write_row`: what a compiled or captured forward is
+        specialised on (steps with equal rows share it)."""
+        self._step = value
+        if self.mode == "inference":
+            self.row, self.write_row = tuple(self.schedule.rows[value]), tuple(self.schedule.writes[value])
 
     @property
     def num_steps(self):
@@ -132,9 +145,9 @@ class CacheEngine:
             self.on_first_step()
 
     def _after_forward(self, module, args, kwargs, output):
-        self.step += 1
-        if self.num_steps is not None and self.step == self.num_steps:
-            self.step = 0  # the generation is complete; the next call starts another
+        following = self.step + 1
+        # at the end of a generation, the next call starts another
+        self.step = 0 if self.num_steps is not None and following == self.num_steps else following
 
     # ---- one unit ----
 
@@ -147,9 +160,9 @@ class CacheEngine:
             if self.step == 0:
                 return self._compute(h, fresh, gate, cache=self._slot(k, fresh))
             return self._soft(h, fresh, self._read_slot(k, h), self.gates[self.step, k], gate, tau=self.tau)
-        if self.schedule.rows[self.step][k]:
+        if self.row[k]:
             fresh = compute()
-            slot = self._slot(k, fresh) if self.schedule.writes[self.step][k] else None
+            slot = self._slot(k, fresh) if self.write_row[k] else None
             return self._compute(h, fresh, gate, cache=slot)
         return self._reuse(h, self._read_slot(k, h), gate)
 
