@@ -76,10 +76,11 @@ def sample(args) -> int:
     if spec.is_pixart:
         use_pixart_sampler(pipe, sampler)  # before enable, which hooks the scheduler
     unit_names = [name for name, _ in cached_units(pipe.transformer)]
+    execution = {"cuda_graphs": args.cuda_graphs, "compile": args.compile}
     if args.router:
-        enable(pipe, Router.from_pretrained(args.router), tau=args.tau)
+        enable(pipe, Router.from_pretrained(args.router), tau=args.tau, **execution)
     else:
-        enable(pipe, parse_schedule(args.schedule or "no-cache", steps, unit_names))
+        enable(pipe, parse_schedule(args.schedule or "no-cache", steps, unit_names), **execution)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", default="A small cactus with a happy face in the Sahara desert.", help="PixArt prompt")
     s.add_argument("--guidance", type=float, help="classifier-free guidance (default: 1.5 DiT-DDIM, 4.5 PixArt)")
     s.add_argument("--fp32", action="store_true", help="fp32 on CUDA (default fp16; CPU always fp32)")
+    s.add_argument("--cuda-graphs", action="store_true", help="one CUDA graph per distinct schedule row")
+    s.add_argument("--compile", action="store_true", help="torch.compile the transformer, one graph per row")
     s.add_argument("--out", default="out.png")
     return parser
 

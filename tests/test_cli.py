@@ -37,6 +37,18 @@ def test_no_cache_image_is_the_plain_diffusers_image(tmp_path):
     assert not np.array_equal(np.asarray(Image.open(cached)), np.asarray(image))
 
 
+def test_cuda_graphs_and_compile_flags_on_cpu(tmp_path, monkeypatch):
+    from harmonica import graphs
+
+    monkeypatch.setattr(graphs, "_WARNED_CPU", False)
+    base = ["sample", "--model", "tiny-dit", "--random-weights", "--schedule", "fora:2", "--steps", "4"]
+    assert main(base + ["--out", str(tmp_path / "eager.png")]) == 0
+    with pytest.warns(UserWarning, match="no CUDA graphs"):
+        assert main(base + ["--cuda-graphs", "--out", str(tmp_path / "graphs.png")]) == 0
+    eager, graphed = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("eager", "graphs"))
+    assert np.array_equal(eager, graphed)
+
+
 def test_dit_ddim_with_delta_dit(tmp_path, capsys):
     out = tmp_path / "dit.png"
     args = ["sample", "--model", "tiny-dit", "--random-weights", "--schedule", "delta-dit:b=5,n=2", "--steps", "10"]
