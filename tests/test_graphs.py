@@ -229,3 +229,23 @@ def test_cuda_compile_with_graphs_matches_eager(name):
         outputs = [model(**step).sample for _ in range(2) for step in inputs]
     for a, b in zip(eager * 2, outputs):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_whole_dit_generation_with_graphs_has_no_host_sync():
+    from harmonica.samplers import dit_ddim_sample
+
+    model = make_model("tiny-dit").cuda()
+    labels = torch.tensor([3, 7], device="cuda")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).cuda()
+    harmonica.enable(model, CacheSchedule.fora(6, units_of(model), 2))
+    eager = dit_ddim_sample(model, labels, num_steps=6, latents=latents)
+    harmonica.enable(model, CacheSchedule.fora(6, units_of(model), 2), cuda_graphs=True)
+    dit_ddim_sample(model, labels, num_steps=6, latents=latents)  # capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        replayed = dit_ddim_sample(model, labels, num_steps=6, latents=latents)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(eager, replayed)
