@@ -2,13 +2,14 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: test bench clean
 
 test: $(STAMP)
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(PY) -m harmonica.bench
 
 # Reuse a CUDA build of torch already on the system (its pinned triton comes with it);
@@ -21,6 +22,11 @@ $(STAMP): setup.py
 	fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
+
+# The bench extras: matplotlib (the plot) and cache-dit (the DBCache peer rows).
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[bench,peers]"
+	touch $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks build *.egg-info

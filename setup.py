@@ -28,5 +28,7 @@ setup(
         "xformers": ["xformers"],
         "dev": ["ruff"],
         "proof": ["scikit-learn"],  # only to refit the committed digits model: python -m harmonica.digits
+        "bench": ["matplotlib"],  # the speedup plot of harmonica bench
+        "peers": ["cache-dit"],  # cache-dit's DBCache rows of harmonica bench (skipped without it)
     },
 )

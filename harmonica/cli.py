@@ -211,13 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cuda-graphs", action="store_true", help="one CUDA graph per distinct schedule row")
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer, one graph per row")
     s.add_argument("--out", default="out.png")
+    from .bench.command import add_arguments as add_bench_arguments
+
+    add_bench_arguments(commands.add_parser("bench", help="the benchmark suite: theoretical vs measured speedup, "
+                                            "quality, peers (what make bench runs)"))
+    from .profiling.session import add_parser as add_profile_parser
+
+    add_profile_parser(commands)
     return parser
+
+
+def bench(args) -> int:
+    from .bench.command import run
+
+    return run(args, prog="harmonica bench")
+
+
+def profile(args) -> int:
+    from .profiling.session import run
+
+    return run(args)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"sample": sample, "train": train}[args.command](args)
+        return {"sample": sample, "train": train, "bench": bench, "profile": profile}[args.command](args)
     except (ValueError, RuntimeError) as error:
         print(f"harmonica: error: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,409 @@
+"""The sampling suite: each model x step count x configuration x execution mode, timed against the
+no-cache baseline of the same run, with the theoretical (MAC) speedup, quality and the gap between them.
+
+A generation has three timed phases: text encoding (PixArt with real weights; random weights have
+no text encoder and DiT is class-conditional: not timed), the transformer loop (DiT: the original
+DiT DDIM loop `samplers.dit_ddim_sample`; PixArt: the diffusers pipeline with `output_type="latent"`,
+its scheduler steps included) and the VAE decode. Each row warms up (`warmup` generations, which
+also capture CUDA graphs and count the units peers ran), then times `repeat` generations (CUDA
+events after a synchronise on a GPU, `perf_counter` on the CPU); medians, quartiles and extremes.
+
+Execution modes of a harmonica configuration (peers run once, as their hooks run):
+- eager: `enable(..., fused=False)` (torch references); for no-cache and fewer-steps the plain pipeline;
+- fused: `enable(...)` (fused Triton ops on CUDA);
+- graphs: `enable(..., cuda_graphs=True)` (CUDA only);
+- compile: `enable(..., cuda_graphs=True, compile=True)` (CUDA only).
+
+Rows are flat dicts (one per model, resolution, steps, configuration, mode), `status` "ok" or
+"skipped" with the `reason`. Quality: PSNR / SSIM of the decoded image against the baseline image of
+the same seed (for fewer-steps: the baseline at the full step count).
+"""
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+import harmonica
+from harmonica.models import PRESETS, REAL_MODELS, build_pipeline, preset, random_prompt_embeds
+from harmonica.router import Router
+from harmonica.samplers import default_steps, dit_ddim_sample, use_pixart_sampler
+from harmonica.schedule import CacheSchedule
+
+from .configs import DEFAULT_CONFIGS, LEARNED_RULES, MODES, SKELETON, Config, engine_schedule, fewer_steps, parse_config
+from .gap import attribute_gap
+from .macs import count_macs
+from .peers import PeerUnavailable, UnitCounter, make_peer
+from .quality import psnr, ssim
+from .timing import spread, timed
+
+CPU_MODELS = ("tiny-dit", "tiny-pixart")
+DIT_STEPS = (10, 20, 50)
+DIT_CLASS, DIT_GUIDANCE, PIXART_GUIDANCE = 207, 1.5, 4.5
+PROMPT = "A small cactus with a happy face in the Sahara desert."
+
+
+def family(name: str) -> str:
+    """'pixart-alpha-512' -> 'pixart-alpha'; names without a resolution suffix are their own family."""
+    stem, _, suffix = name.rpartition("-")
+    return stem if suffix.isdigit() else name
+
+
+FAMILIES = {}
+for _name in PRESETS:
+    FAMILIES.setdefault(family(_name), []).append(_name)
+
+
+@dataclass
+class SuiteOptions:
+    """What to run. models: preset or family names (None: the real models with CUDA, else the tiny
+    ones); resolutions: pixels (None: every resolution of the models); steps: None for each model's
+    defaults (DiT-XL/2: DDIM 10/20/50; others: their sampler's, 20; --quick: 20 only)."""
+
+    models: tuple | None = None
+    resolutions: tuple | None = None
+    configs: tuple = DEFAULT_CONFIGS
+    modes: tuple = MODES
+    steps: tuple | None = None
+    repeat: int = 5
+    warmup: int = 1
+    quick: bool = False
+    router: str | None = None
+    real_weights: bool = False
+    seed: int = 0
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+
+    def __post_init__(self):
+        if self.quick:
+            self.repeat = min(self.repeat, 2)
+        self.configs = tuple(parse_config(c) if isinstance(c, str) else c for c in self.configs)
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"--modes: expected names from {list(MODES)}, got {unknown[0]!r}")
+        for name, value, least in (("--repeat", self.repeat, 1), ("--warmup", self.warmup, 1)):
+            if value < least:
+                raise ValueError(f"{name}: expected an integer >= {least}, got {value}")
+        if self.steps is not None and min(self.steps) < 2:
+            raise ValueError(f"--steps: expected step counts >= 2, got {list(self.steps)}")
+        self.model_names = select_models(self.models, self.resolutions, self.device)
+
+    def steps_for(self, name: str) -> tuple:
+        if self.steps is not None:
+            return tuple(self.steps)
+        spec = preset(name)
+        native = default_steps(spec.sampler)
+        if self.quick or spec.is_pixart or name not in REAL_MODELS:
+            return (native,)
+        return DIT_STEPS
+
+
+def select_models(models, resolutions, device: str) -> list:
+    """Preset names to run; ValueError naming --models or --resolutions for a name or resolution
+    that does not exist or that a named model cannot take."""
+    explicit = models is not None
+    names = []
+    for name in (models if explicit else (REAL_MODELS if device == "cuda" else CPU_MODELS)):
+        if name not in PRESETS and name not in FAMILIES:
+            raise ValueError(f"--models: expected preset or family names from {sorted(PRESETS)} or "
+                             f"{sorted(FAMILIES)}, got {name!r}")
+        members = [name] if name in PRESETS else FAMILIES[name]
+        if resolutions:
+            taken = [m for m in members if PRESETS[m].resolution in resolutions]
+            if explicit and not taken:
+                raise ValueError(f"--resolutions: {name} takes {sorted(PRESETS[m].resolution for m in members)}, "
+                                 f"got {list(resolutions)}")
+            members = taken
+        names += [m for m in members if m not in names]
+    if not names:
+        raise ValueError(f"--resolutions: none of the default models takes {list(resolutions)}")
+    return names
+
+
+class Workload:
+    """One model's pipeline on the device and the three phases of a generation of one image."""
+
+    def __init__(self, name: str, options: SuiteOptions):
+        self.name, self.spec = name, preset(name)
+        self.device = torch.device(options.device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.seed, self.real_weights = options.seed, options.real_weights
+        pipe = build_pipeline(name, random_weights=not options.real_weights, seed=options.seed)
+        pipe.to(self.device, self.dtype)
+        if self.spec.is_pixart:
+            use_pixart_sampler(pipe, self.spec.sampler)
+        self.pipe = pipe
+        self.macs = count_macs(name)
+        self.has_text_encoder = self.spec.is_pixart and options.real_weights
+        self.prompt = None
+        if self.spec.is_pixart and not options.real_weights:
+            embeds = random_prompt_embeds(name, 1, torch.Generator().manual_seed(options.seed))
+            embeds = embeds.to(self.device, self.dtype)
+            mask = torch.ones(embeds.shape[:2], device=self.device)
+            self.prompt = {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_prompt": None,
+                           "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
+
+    @property
+    def sampler(self) -> str:
+        return self.spec.sampler
+
+    def enable_target(self):
+        """What `harmonica.enable` takes: the pipeline for PixArt (its scheduler starts generations),
+        the transformer for DiT (the DDIM loop starts them)."""
+        return self.pipe if self.spec.is_pixart else self.pipe.transformer
+
+    def encode(self):
+        """PixArt with a text encoder: the prompt's embeddings (timed); None for the others."""
+        keys = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+        values = self.pipe.encode_prompt(PROMPT, do_classifier_free_guidance=True, device=self.device)
+        return {**dict(zip(keys, values)), "negative_prompt": None}
+
+    def loop(self, prompt, num_steps: int, transformer):
+        """Latents (1, C, h, w) after `num_steps` denoising steps of the seed's noise."""
+        generator = torch.Generator().manual_seed(self.seed)
+        if not self.spec.is_pixart:
+            labels = torch.tensor([DIT_CLASS], device=self.device)
+            return dit_ddim_sample(transformer, labels, num_steps=num_steps, guidance_scale=DIT_GUIDANCE,
+                                   generator=generator)
+        original, self.pipe.transformer = self.pipe.transformer, transformer
+        try:
+            return self.pipe(**prompt, num_inference_steps=num_steps, guidance_scale=PIXART_GUIDANCE,
+                             generator=generator, height=self.spec.resolution, width=self.spec.resolution,
+                             use_resolution_binning=False, output_type="latent").images
+        finally:
+            self.pipe.transformer = original
+
+    def decode(self, latents):
+        vae = self.pipe.vae
+        return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+
+    def generate(self, num_steps: int, transformer, generation) -> tuple:
+        """(images, {"text", "loop", "decode"} ms, bytes the loop left allocated beyond its output (CUDA
+        only: caches, graph pools)) of one generation; `generation()` is entered around its loop."""
+        cuda = self.device.type == "cuda"
+        with generation():
+            if self.has_text_encoder:
+                prompt, text_ms = timed(self.encode, device=self.device)
+            else:
+                prompt, text_ms = self.prompt, 0.0
+            allocated = torch.cuda.memory_allocated(self.device) if cuda else 0
+            latents, loop_ms = timed(self.loop, prompt, num_steps, transformer, device=self.device)
+            retained = (torch.cuda.memory_allocated(self.device) - allocated - latents.numel() * latents.element_size()
+                        if cuda else None)
+        images, decode_ms = timed(self.decode, latents, device=self.device)
+        return images, {"text": text_ms, "loop": loop_ms, "decode": decode_ms}, retained
+
+    @torch.inference_mode()
+    def measure(self, num_steps: int, repeat: int, warmup: int, transformer=None, generation=None,
+                count_units: bool = False) -> dict:
+        """Spreads of the text, loop, decode and pipeline times of `repeat` generations after `warmup`
+        untimed ones; the last images; what the first loop left allocated; the peak memory of the timed
+        ones (CUDA); with `count_units`, the (T, K) table of the units the first generation ran.
+        transformer: default the pipeline's; generation: a context factory entered around each loop
+        (a peer's state reset)."""
+        transformer = transformer if transformer is not None else self.pipe.transformer
+        cuda = self.device.type == "cuda"
+        times = {"text": [], "loop": [], "decode": [], "pipeline": []}
+        result = {"peak_bytes": None, "units_run": None}
+        for i in range(warmup + repeat):
+            if i == warmup and cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            counter = UnitCounter(transformer) if count_units and i == 0 else contextlib.nullcontext()
+            with counter:
+                images, ms, retained = self.generate(num_steps, transformer, generation or contextlib.nullcontext)
+            if i == 0:
+                result["retained_bytes"] = retained
+                if count_units:
+                    result["units_run"] = counter.table()
+            if i >= warmup:
+                for part, value in {**ms, "pipeline": sum(ms.values())}.items():
+                    times[part].append(value)
+        if cuda:
+            result["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        result["images"] = images.float().cpu()
+        for part, samples in times.items():
+            result[part] = spread(samples)
+        return result
+
+
+def _skip_reason(config: Config, mode: str, device: str) -> str | None:
+    if mode in ("graphs", "compile") and device != "cuda":
+        return "needs CUDA"
+    if mode == "compile" and "compile" not in inspect.signature(harmonica.enable).parameters:
+        return "torch.compile option not implemented yet (harmonica.enable has no compile argument)"
+    return None
+
+
+def _enable_kwargs(mode: str) -> dict:
+    return {"eager": {"fused": False}, "fused": {}, "graphs": {"cuda_graphs": True},
+            "compile": {"cuda_graphs": True, "compile": True}}[mode]
+
+
+class GroupRun:
+    """The rows of one model at one step count: baseline first, then every configuration and mode,
+    the skeleton rows the gap attribution needs, then the attribution."""
+
+    def __init__(self, workload: Workload, num_steps: int, options: SuiteOptions, router: Router | None, bar):
+        self.w, self.steps, self.options, self.router, self.bar = workload, num_steps, options, router, bar
+        self.rows = []
+        self.reference = None
+        self.baseline = None
+
+    def row(self, config_name: str, mode: str, **fields) -> dict:
+        spec = self.w.spec
+        row = {"model": self.w.name, "resolution": spec.resolution, "steps": self.steps, "sampler": self.w.sampler,
+               "config": config_name, "mode": mode, "status": "ok", "reason": None, "synthetic": False,
+               "peer_config": None, "device": self.options.device, "dtype": str(self.w.dtype).removeprefix("torch."),
+               "weights": spec.hub_id if self.options.real_weights else "random", **fields}
+        self.rows.append(row)
+        self.bar.set_postfix_str(f"{self.w.name} T={self.steps} {config_name} {mode}")
+        self.bar.update()
+        return row
+
+    def skip(self, config_name: str, mode: str, reason: str) -> dict:
+        return self.row(config_name, mode, status="skipped", reason=reason)
+
+    def measured(self, config_name, mode, measurement, *, cur, theoretical, row_steps=None, **fields) -> dict:
+        """An ok row from a measurement: speedups against the baseline, efficiency, quality.
+        theoretical: None when unknown (then no efficiency)."""
+        base = self.baseline
+        loop, pipeline = measurement["loop"]["median"], measurement["pipeline"]["median"]
+        loop_speedup = base["loop"]["median"] / loop
+        return self.row(
+            config_name, mode, row_steps=row_steps or self.steps, cur=cur, theoretical_speedup=theoretical,
+            text_encoder=self.w.has_text_encoder,
+            **{f"{part}_ms": measurement[part]["median"] for part in ("text", "loop", "decode", "pipeline")},
+            **{f"{part}_ms_{q}": measurement[part][q] for part in ("loop", "pipeline")
+               for q in ("p25", "p75", "min", "max")},
+            repeats=measurement["loop"]["n"], loop_speedup=loop_speedup,
+            pipeline_speedup=base["pipeline"]["median"] / pipeline,
+            efficiency=None if theoretical is None else loop_speedup / theoretical,
+            psnr=psnr(measurement["images"], self.reference), ssim=ssim(measurement["images"], self.reference),
+            retained_bytes=measurement["retained_bytes"], peak_bytes=measurement["peak_bytes"], **fields)
+
+    def run(self) -> list:
+        options, w = self.options, self.w
+        self.baseline = w.measure(self.steps, options.repeat, options.warmup)
+        self.reference = self.baseline["images"]
+        self.measured("no-cache", "eager", self.baseline, cur=0.0, theoretical=1.0, cache_bytes=0)
+        matched = self.matched_speedup()
+        for config in options.configs:
+            if config.is_peer:
+                self.run_peer(config)
+                continue
+            for mode in options.modes:
+                if config.kind == "no-cache" and mode == "eager":
+                    continue  # the baseline
+                self.run_engine(config, mode, matched)
+        reusing = {r["mode"] for r in self.rows if r["status"] == "ok" and r["cur"] > 0}  # modes the gaps need
+        for mode in (m for m in MODES if m in reusing):
+            self.run_engine(Config(SKELETON, SKELETON), mode, matched)
+        self.attribute_gaps()
+        return self.rows
+
+    def matched_speedup(self) -> float:
+        """Theoretical speedup that fewer-steps matches: the run's first harmonica configuration's."""
+        learned = next((c for c in self.options.configs if c.kind == "harmonica"), parse_config("harmonica"))
+        try:
+            schedule, _ = engine_schedule(learned, self.w.pipe.transformer, self.steps, self.router)
+        except ValueError:
+            schedule, _ = engine_schedule(parse_config("harmonica"), self.w.pipe.transformer, self.steps)
+        schedule = schedule.schedule() if isinstance(schedule, Router) else schedule
+        return schedule.theoretical_speedup(self.w.macs)
+
+    def run_engine(self, config: Config, mode: str, matched: float) -> None:
+        reason = _skip_reason(config, mode, self.options.device)
+        if reason:
+            self.skip(config.name, mode, reason)
+            return
+        row_steps = fewer_steps(config, self.steps, matched) if config.kind == "fewer-steps" else self.steps
+        try:
+            plan, synthetic = engine_schedule(config, self.w.pipe.transformer, row_steps,
+                                              self.router if config.kind in LEARNED_RULES else None)
+        except ValueError as error:
+            self.skip(config.name, mode, str(error))
+            return
+        schedule = plan.schedule() if isinstance(plan, Router) else plan
+        theoretical = self.steps / row_steps * schedule.theoretical_speedup(self.w.macs)
+        cur = schedule.cur
+        plain = mode == "eager" and config.kind == "fewer-steps"
+        target = self.w.enable_target()
+        try:
+            if not plain:
+                harmonica.enable(target, plan, **_enable_kwargs(mode))
+            measurement = self.w.measure(row_steps, self.options.repeat, self.options.warmup)
+            report = None if plain else harmonica.summary(target)
+        except Exception as error:  # a failing row is recorded, the suite goes on
+            self.skip(config.name, mode, f"failed: {type(error).__name__}: {error}")
+            return
+        finally:
+            if not plain:
+                harmonica.disable(target)
+        self.measured(config.name, mode, measurement, cur=cur, theoretical=theoretical, row_steps=row_steps,
+                      synthetic=synthetic, schedule=schedule.name, cache_bytes=report.cache_bytes if report else 0,
+                      graphs=report.graphs if report else None,
+                      graph_pool_bytes=report.graph_pool_bytes if report and report.graphs is not None else None)
+
+    def run_peer(self, config: Config) -> None:
+        try:
+            peer = make_peer(config, self.w.pipe.transformer)
+        except PeerUnavailable as error:
+            self.skip(config.name, "eager", str(error))
+            return
+        try:
+            measurement = self.w.measure(self.steps, self.options.repeat, self.options.warmup, peer.transformer,
+                                         lambda: peer.generation(self.steps), count_units=True)
+        except Exception as error:
+            self.skip(config.name, "eager", f"failed: {type(error).__name__}: {error}")
+            return
+        finally:
+            del peer.transformer
+        table = measurement["units_run"]
+        try:  # the units that really ran, as a schedule: its CUR and MAC speedup
+            ran = CacheSchedule(table, config.name)
+            cur, theoretical, note = ran.cur, ran.theoretical_speedup(self.w.macs), None
+        except ValueError as error:
+            cur, theoretical, note = 1.0 - table.float().mean().item(), None, f"no MAC count: {error}"
+        self.measured(config.name, "eager", measurement, cur=cur, theoretical=theoretical,
+                      peer_config=peer.description, cache_bytes=None, theoretical_note=note,
+                      units_run_per_step=table.sum(1).tolist())
+
+    def attribute_gaps(self) -> None:
+        ok = {(r["config"], r["mode"]): r for r in self.rows if r["status"] == "ok"}
+        base = ok[("no-cache", "eager")]
+        base_other = base["text_ms"] + base["decode_ms"]
+        always_share = self.w.macs.always_macs / self.w.macs.total
+        for row in ok.values():
+            if not row["theoretical_speedup"] or row["theoretical_speedup"] <= 1.0:
+                continue
+            graphs = ok.get((row["config"], "graphs")) if row["mode"] not in ("graphs", "compile") else None
+            reference_mode = "graphs" if graphs else row["mode"]
+            skeleton = ok.get((SKELETON, reference_mode))
+            reuses = row["config"].partition(":")[0] != "fewer-steps"
+            row.update(attribute_gap(
+                steps=self.steps, theoretical=row["theoretical_speedup"], always_share=always_share,
+                baseline_loop_ms=base["loop_ms"], baseline_other_ms=base_other, loop_ms=row["loop_ms"],
+                other_ms=row["text_ms"] + row["decode_ms"],
+                skeleton_loop_ms=skeleton["loop_ms"] if skeleton and reuses else None,
+                graphs_loop_ms=graphs["loop_ms"] if graphs else None))
+
+
+def run_suite(options: SuiteOptions, progress: bool = True) -> list:
+    """Every row of the suite, model by model (each model built, run and freed in turn)."""
+    router = Router.from_pretrained(options.router) if options.router else None
+    per_group = 1 + sum(1 if c.is_peer else len(options.modes) for c in options.configs) + len(options.modes)
+    per_group -= sum(1 for c in options.configs if c.kind == "no-cache")
+    total = sum(len(options.steps_for(name)) * per_group for name in options.model_names)
+    rows = []
+    with tqdm(total=total, disable=not progress, desc="bench", unit="row") as bar:
+        for name in options.model_names:
+            workload = Workload(name, options)
+            for num_steps in options.steps_for(name):
+                rows += GroupRun(workload, num_steps, options, router, bar).run()
+            del workload
+            if options.device == "cuda":
+                torch.cuda.empty_cache()
+        bar.total = bar.n
+    return rows
+

@@ -1,0 +1,326 @@
+"""The sampling suite on CPU: options and their errors, synthetic schedules, quality metrics, gap
+arithmetic, tables from a fixed JSON, the peers' unit counting, and a quick end-to-end run."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import harmonica
+from harmonica.bench import command, peers, table
+from harmonica.bench.configs import parse_config, synthetic_schedule
+from harmonica.bench.gap import attribute_gap
+from harmonica.bench.macs import count_macs, mac_table
+from harmonica.bench.peers import UnitCounter, make_peer
+from harmonica.bench.quality import psnr, ssim
+from harmonica.bench.suite import SuiteOptions, select_models
+from harmonica.bench.timing import spread
+from harmonica.cli import main as cli_main
+from harmonica.models import build_pipeline
+from harmonica.samplers import dit_ddim_sample
+from harmonica.schedule import CacheSchedule
+
+# ---- options ----
+
+
+def test_models_and_families_by_resolution():
+    assert select_models(None, None, "cpu") == ["tiny-dit", "tiny-pixart"]
+    assert select_models(["pixart-alpha"], (256, 1024), "cuda") == ["pixart-alpha-256", "pixart-alpha-1024"]
+    assert select_models(None, (2048,), "cuda") == ["pixart-sigma-2048"]
+    assert select_models(["dit-xl-2-512", "tiny-dit"], None, "cpu") == ["dit-xl-2-512", "tiny-dit"]
+
+
+@pytest.mark.parametrize("models,resolutions,message", [
+    (["dit-xl-3"], None, r"--models: expected preset or family names .* got 'dit-xl-3'"),
+    (["dit-xl-2"], (1024,), r"--resolutions: dit-xl-2 takes \[256, 512\], got \[1024\]"),
+    (["pixart-sigma-2048", "pixart-alpha"], (512,), r"--resolutions: pixart-sigma-2048 takes \[2048\], got \[512\]"),
+    (None, (768,), r"--resolutions: none of the default models takes \[768\]"),
+])
+def test_bad_models_and_resolutions(models, resolutions, message):
+    with pytest.raises(ValueError, match=message):
+        select_models(models, resolutions, "cuda")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("taylor", r"--configs: expected names from .*'fbcache'.* got 'taylor'"),
+    ("fora:x", r"--configs: could not read 'fora:x'"),
+    ("fora:0", r"--configs: could not read 'fora:0' \(expected an integer >= 1\)"),
+    ("harmonica:0.5", r"--configs: could not read 'harmonica:0.5' \(expected cur=C\)"),
+    ("l2c:cur=1.5", r"--configs: could not read 'l2c:cur=1.5' \(expected 0 <= cur < 1\)"),
+    ("no-cache:2", r"--configs: could not read 'no-cache:2' \(no-cache takes no parameter\)"),
+    ("delta-dit:b=3", r"--configs: could not read 'delta-dit:b=3' \(expected b=B,n=N\[,blocks=C\]\)"),
+    ("fbcache:-1", r"--configs: could not read 'fbcache:-1' \(expected a threshold >= 0\)"),
+])
+def test_bad_configs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(spec)
+
+
+def test_good_configs_and_defaults():
+    assert parse_config("harmonica").cur == 0.5 and parse_config("l2c").cur == 0.35
+    assert parse_config("harmonica:cur=0.3").cur == 0.3
+    assert parse_config("dbcache:0.1").is_peer and not parse_config("fora:2").is_peer
+    options = SuiteOptions(models=("dit-xl-2-256", "pixart-alpha-512"), device="cpu")
+    assert options.steps_for("dit-xl-2-256") == (10, 20, 50) and options.steps_for("pixart-alpha-512") == (20,)
+    quick = SuiteOptions(models=("dit-xl-2-256",), quick=True, repeat=9, device="cpu")
+    assert quick.steps_for("dit-xl-2-256") == (20,) and quick.repeat == 2
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"modes": ("eager", "fast")}, r"--modes: expected names from \['eager', 'fused', 'graphs', 'compile'\], "
+                                   r"got 'fast'"),
+    ({"repeat": 0}, r"--repeat: expected an integer >= 1, got 0"),
+    ({"steps": (20, 1)}, r"--steps: expected step counts >= 2, got \[20, 1\]"),
+])
+def test_bad_suite_options(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SuiteOptions(device="cpu", **fields)
+
+
+def test_cli_reports_a_bad_name(capsys):
+    assert cli_main(["bench", "--models", "tiny-dot"]) == 2
+    assert "harmonica: error: --models: expected preset or family names" in capsys.readouterr().err
+
+
+# ---- synthetic schedules ----
+
+
+@pytest.mark.parametrize("steps,units,cur", [(20, 56, 0.5), (10, 4, 0.37), (20, 84, 0.55), (50, 56, 0.0)])
+def test_synthetic_harmonica_reaches_the_requested_cur(steps, units, cur):
+    schedule = synthetic_schedule(steps, units, cur)
+    assert schedule.cur == round(cur * steps * units) / (steps * units)
+    assert abs(schedule.cur - cur) <= 0.5 / (steps * units)
+    assert bool(schedule.table[0].all())
+    assert schedule == synthetic_schedule(steps, units, cur)  # deterministic
+    assert schedule.name == f"harmonica:synthetic,cur={cur:g}"
+    if cur:  # early steps compute more than late ones
+        half = steps // 2
+        assert schedule.table[:half].float().mean() > schedule.table[half:].float().mean()
+
+
+def test_synthetic_l2c_keeps_the_alternating_rows():
+    schedule = synthetic_schedule(20, 56, 0.35, rule="l2c-alternating")
+    forced = CacheSchedule.from_gates(torch.zeros(20, 56), 0.5, "l2c-alternating").table
+    assert schedule.cur == round(0.35 * 20 * 56) / (20 * 56)
+    assert bool(schedule.table[forced].all())
+    with pytest.raises(ValueError, match=r"cur: the l2c-alternating rule reuses at most 0.500 of 20 steps x 56 units"):
+        synthetic_schedule(20, 56, 0.6, rule="l2c-alternating")
+
+
+# ---- quality and timing ----
+
+
+def test_psnr_and_ssim_on_known_inputs():
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert psnr(image, image) == math.inf
+    assert ssim(image, image) == pytest.approx(1.0, abs=1e-12)
+    x, y = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.3)
+    assert psnr(y, x) == pytest.approx(10 * math.log10(4 / 0.01), abs=1e-4)  # MSE 0.01, peak-to-peak 2
+    mx, my, c1 = 0.6, 0.65, 0.01 ** 2  # in [0, 1]; no variance, so only the luminance term is left
+    assert ssim(y, x) == pytest.approx((2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1), abs=1e-9)
+    noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(1))
+    assert ssim(image + 0.05 * noise, image) > ssim(image + 0.2 * noise, image) > 0
+    with pytest.raises(ValueError, match=r"images, reference: expected two \(B, C, H, W\) tensors of one shape"):
+        ssim(image, image[:1])
+
+
+def test_spread_of_repeats():
+    assert spread([3.0, 1.0, 2.0, 4.0]) == {"median": 2.5, "p25": 1.75, "p75": 3.25, "min": 1.0, "max": 4.0, "n": 4}
+    assert spread([5.0]) == {"median": 5.0, "p25": 5.0, "p75": 5.0, "min": 5.0, "max": 5.0, "n": 1}
+
+
+# ---- gap attribution ----
+
+
+def test_gap_attribution_on_fixed_numbers():
+    # T = 10, always-run MAC share a = 0.1, half the unit MACs computed: S = 1 / (0.1 + 0.9 * 0.5) = 1 / 0.55.
+    # Baseline: loop 100 ms (t_full 10 ms), text + decode 20 ms. Skeleton step 3 ms: loop 10 + 9 * 3 = 37 ms.
+    gap = attribute_gap(steps=10, theoretical=1 / 0.55, always_share=0.1, baseline_loop_ms=100.0,
+                        baseline_other_ms=20.0, loop_ms=70.0, other_ms=21.0, skeleton_loop_ms=37.0,
+                        graphs_loop_ms=62.0)
+    assert gap["ideal_ms"] == pytest.approx(120 * 0.55)
+    assert gap["computed_share"] == pytest.approx(0.5)
+    assert gap["gap_vae_text_ms"] == pytest.approx(21 - 20 * 0.55)  # 10
+    assert gap["gap_always_run_ms"] == pytest.approx(10 * 0.5 * (3 - 0.1 * 10))  # 10
+    assert gap["gap_launch_ms"] == pytest.approx(8.0)
+    assert gap["gap_overhead_ms"] == pytest.approx((70 - 55) - 10 - 8)  # -3
+    assert gap["gap_ms"] == pytest.approx(91 - 66)
+    fewer = attribute_gap(steps=10, theoretical=2.0, always_share=0.1, baseline_loop_ms=100.0, baseline_other_ms=20.0,
+                          loop_ms=52.0, other_ms=20.0)
+    assert fewer["gap_always_run_ms"] is None and fewer["gap_launch_ms"] is None
+    assert fewer["gap_overhead_ms"] == pytest.approx(2.0) and fewer["gap_vae_text_ms"] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match=r"theoretical, steps, always_share: expected > 0, >= 2, in \[0, 1\)"):
+        attribute_gap(steps=1, theoretical=2.0, always_share=0.1, baseline_loop_ms=1, baseline_other_ms=0,
+                      loop_ms=1, other_ms=0)
+
+
+# ---- tables ----
+
+ROWS = [
+    {"model": "tiny-dit", "resolution": 64, "steps": 20, "row_steps": 20, "config": "no-cache", "mode": "eager",
+     "status": "ok", "reason": None, "synthetic": False, "cur": 0.0, "theoretical_speedup": 1.0,
+     "loop_speedup": 1.0, "pipeline_speedup": 1.0, "efficiency": 1.0, "psnr": math.inf, "ssim": 1.0,
+     "loop_ms": 40.0, "loop_ms_min": 39.5, "loop_ms_max": 41.25, "pipeline_ms": 45.0, "cache_bytes": 0,
+     "retained_bytes": None, "peak_bytes": None, "repeats": 5, "weights": "random", "dtype": "float32"},
+    {"model": "tiny-dit", "resolution": 64, "steps": 20, "row_steps": 20, "config": "harmonica", "mode": "fused",
+     "status": "ok", "reason": None, "synthetic": True, "cur": 0.5, "theoretical_speedup": 1.6806,
+     "loop_speedup": 1.25, "pipeline_speedup": 1.2, "efficiency": 1.25 / 1.6806, "psnr": 31.44, "ssim": 0.98765,
+     "loop_ms": 32.0, "loop_ms_min": 31.0, "loop_ms_max": 35.0, "pipeline_ms": 37.5, "cache_bytes": 3 * 2 ** 20,
+     "retained_bytes": None, "peak_bytes": 2 ** 30, "repeats": 5, "weights": "random", "dtype": "float32",
+     "ideal_ms": 26.78, "gap_ms": 10.72, "gap_always_run_ms": 7.5, "gap_overhead_ms": 1.0, "gap_launch_ms": None,
+     "gap_vae_text_ms": 2.22},
+    {"model": "tiny-dit", "resolution": 64, "steps": 20, "config": "harmonica", "mode": "graphs",
+     "status": "skipped", "reason": "needs CUDA"},
+    {"model": "tiny-dit", "resolution": 64, "steps": 20, "config": "fora:2", "mode": "graphs",
+     "status": "skipped", "reason": "needs CUDA"},
+]
+
+SUITE_TABLE = """\
+| model | res | steps | config | mode | CUR | theoretical | loop speedup | pipeline speedup | efficiency | PSNR dB \
+| SSIM | loop ms (min-max) | cache MiB | peak MiB |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| tiny-dit | 64 | 20 | no-cache | eager | 0.0% | 1.00x | 1.00x | 1.00x | 1.00 | inf | 1.0000 | 40.0 (39.5-41.2) \
+| 0 | - |
+| tiny-dit | 64 | 20 | harmonica* | fused | 50.0% | 1.68x | 1.25x | 1.20x | 0.74 | 31.4 | 0.9877 | 32.0 (31.0-35.0) \
+| 3 | 1.02e+03 |"""
+
+GAP_TABLE = """\
+| model | steps | config | mode | ideal ms | gap ms | always-run | cache/router overhead | launch gaps | VAE + text |
+|---|---|---|---|---|---|---|---|---|---|
+| tiny-dit | 20 | harmonica* | fused | 26.8 | 10.7 | 7.5 | 1.0 | - | 2.2 |"""
+
+SKIPPED_TABLE = """\
+| model | steps | mode | configs | reason |
+|---|---|---|---|---|
+| tiny-dit | 20 | graphs | harmonica, fora:2 | needs CUDA |"""
+
+
+def test_tables_from_fixed_rows():
+    assert table.format_suite_table(ROWS) == SUITE_TABLE
+    assert table.format_gap_table(ROWS) == GAP_TABLE
+    assert table.format_skipped(ROWS) == SKIPPED_TABLE
+
+
+def test_benchmarks_section_is_regenerated_between_the_markers(tmp_path):
+    machine = {"date": "2026-11-22T05:00:00+00:00", "commit": "abc1234", "cpu": "x86_64", "torch": "2.13.0",
+               "triton": "3.9.0", "diffusers": "0.42.1"}
+    results = {"command": "python -m harmonica.bench", "args": {"warmup": 1}, "machine_before": machine,
+               "suite": ROWS}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nhand-written text\n")
+    assert table.main([str(path), "--benchmarks", str(md)]) == 0
+    first = md.read_text()
+    assert first.startswith("# Benchmarks\n\nhand-written text\n\n" + table.BEGIN)
+    assert SUITE_TABLE in first and GAP_TABLE in first and SKIPPED_TABLE in first
+    assert ("- Command: `python -m harmonica.bench`; device cpu (x86_64, no GPU); date 2026-11-22; commit abc1234; "
+            "torch 2.13.0, triton 3.9.0, diffusers 0.42.1") in first
+    assert "Targets: The targets are defined on an H100; this run had no GPU" in first
+    md.write_text(first + "\n## Later section\n")
+    table.main([str(path), "--benchmarks", str(md)])
+    assert md.read_text() == first + "\n## Later section\n"  # replaced in place, the rest kept
+    with pytest.raises(ValueError, match="BENCHMARKS.md: expected both markers"):
+        table.update_benchmarks(table.BEGIN + "\nno end", "section")
+
+
+def test_target_verdicts_on_a_gpu_run():
+    rows = [dict(ROWS[1], model="pixart-alpha-256", mode="graphs", efficiency=0.93),
+            dict(ROWS[1], model="pixart-alpha-256", config="fbcache", synthetic=False, loop_ms=33.0, psnr=30.0)]
+    lines = table.target_verdicts(rows, "cuda")
+    assert "efficiency >= 0.90 for pixart-alpha-256 at 20 steps (graphs): 0.93, met" in lines
+    assert "efficiency >= 0.95 for pixart-alpha-1024 (graphs): not measured (no such row)" in lines
+    assert ("faster than fbcache at >= PSNR, pixart-alpha-256 20 steps: harmonica (graphs) 32.0 ms at 31.4 dB vs "
+            "33.0 ms at 30.0 dB, met") in lines
+    assert "faster than dbcache at >= PSNR, pixart-alpha-256 20 steps: not measured (no dbcache row)" in lines
+
+
+# ---- peers and the unit counter ----
+
+
+@pytest.fixture(scope="module")
+def tiny_dit():
+    return build_pipeline("tiny-dit", random_weights=True).transformer
+
+
+def _sample(transformer):
+    return dit_ddim_sample(transformer, torch.tensor([1]), num_steps=10, generator=torch.Generator().manual_seed(0))
+
+
+def test_first_block_cache_skips_all_but_block_zero(tiny_dit):
+    reference = _sample(tiny_dit)
+    peer = make_peer(parse_config("fbcache:1000"), tiny_dit)  # a threshold every step stays under
+    with UnitCounter(peer.transformer) as counter, peer.generation(10):
+        cached = _sample(peer.transformer)
+    table = counter.table()  # units: block 0 attn1, ff; block 1 attn1, ff
+    assert table.shape == (10, 4) and bool(table[0].all())
+    assert bool(table[1:, :2].all()) and not bool(table[1:, 2:].any())
+    assert not torch.equal(cached, reference)
+    assert torch.equal(_sample(tiny_dit), reference)  # the peer ran on a copy
+
+
+def test_counter_sees_the_engine_schedule(tiny_dit):
+    schedule = CacheSchedule.fora(10, 4, 3)
+    harmonica.enable(tiny_dit, schedule, fused=False)
+    try:
+        with UnitCounter(tiny_dit) as counter:
+            _sample(tiny_dit)
+    finally:
+        harmonica.disable(tiny_dit)
+    assert torch.equal(counter.table(), schedule.table)
+
+
+def test_missing_cache_dit_is_a_skip_reason(tiny_dit, monkeypatch):
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(peers.PeerUnavailable, match=r"cache-dit not installed \(pip install -e '.\[peers\]'\)"):
+        make_peer(parse_config("dbcache"), tiny_dit)
+
+
+# ---- end to end ----
+
+
+def test_quick_run_on_tiny_dit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)  # as if cache-dit were absent
+    monkeypatch.setattr(command, "mac_table", lambda: mac_table(("tiny-dit",)))  # the real presets take seconds
+    out = tmp_path / "run.json"
+    argv = ["--models", "tiny-dit", "--configs", "fora:2", "harmonica", "fewer-steps", "dbcache",
+            "--modes", "eager", "graphs", "--repeat", "1", "--out", str(out), "--no-progress"]
+    assert command.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["command"] == ("python -m harmonica.bench --models tiny-dit --configs fora:2 harmonica "
+                                  "fewer-steps dbcache --modes eager graphs --repeat 1")
+    assert {"machine_before", "machine_after", "macs", "kernels", "suite"} <= set(results)
+    assert [r["model"] for r in results["macs"]] == ["tiny-dit"]
+    rows = {(r["config"], r["mode"]): r for r in results["suite"]}
+    for row in results["suite"]:  # long format: flat rows
+        assert all(not isinstance(v, dict) for v in row.values())
+    macs = count_macs("tiny-dit")
+    base, fora, learned = rows[("no-cache", "eager")], rows[("fora:2", "eager")], rows[("harmonica", "eager")]
+    assert (base["cur"], base["theoretical_speedup"], base["psnr"], base["loop_speedup"]) == (0, 1, math.inf, 1)
+    assert fora["cur"] == 0.5
+    assert fora["theoretical_speedup"] == pytest.approx(CacheSchedule.fora(20, 4, 2).theoretical_speedup(macs))
+    assert fora["theoretical_speedup"] == pytest.approx(1.6647, abs=1e-4)
+    assert learned["synthetic"] and learned["cur"] == 0.5 and learned["schedule"] == "harmonica:synthetic,cur=0.5"
+    matched = synthetic_schedule(20, 4, 0.5).theoretical_speedup(macs)
+    assert learned["theoretical_speedup"] == pytest.approx(matched)
+    fewer = rows[("fewer-steps", "eager")]
+    assert fewer["row_steps"] == round(20 / matched) and fewer["theoretical_speedup"] == pytest.approx(20 / 12)
+    assert rows[("dbcache", "eager")]["status"] == "skipped"
+    assert rows[("dbcache", "eager")]["reason"] == "cache-dit not installed (pip install -e '.[peers]')"
+    assert rows[("skeleton", "eager")]["cur"] == 0.95
+    if not torch.cuda.is_available():
+        assert rows[("fora:2", "graphs")]["reason"] == "needs CUDA"
+    for row in (fora, learned):
+        parts = (row["gap_always_run_ms"], row["gap_overhead_ms"], row["gap_launch_ms"] or 0, row["gap_vae_text_ms"])
+        assert row["gap_ms"] == pytest.approx(sum(parts))
+        assert row["efficiency"] == pytest.approx(row["loop_speedup"] / row["theoretical_speedup"])
+        assert 0 < row["psnr"] < math.inf and 0 < row["ssim"] <= 1
+    printed = capsys.readouterr().out
+    assert "| tiny-dit | 64 | 20 | fora:2 | eager | 50.0% | 1.66x |" in printed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in printed
+    else:
+        assert out.with_suffix(".png").stat().st_size > 0
