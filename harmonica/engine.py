@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from . import kernels
+from .profiling import nvtx as _nvtx
 from .units import UNIT_KINDS, cached_units
 
 SUPPORTED_NORMS = ("ada_norm_zero", "ada_norm_single")
@@ -143,8 +144,12 @@ class CacheEngine:
         self.last_input_shape = tuple(hidden.shape)
         if self.step == 0 and self.on_first_step is not None:
             self.on_first_step()
+        if _nvtx.ENABLED:
+            _nvtx.open_range(_nvtx.step_label(self.step))
 
     def _after_forward(self, module, args, kwargs, output):
+        if _nvtx.ENABLED:
+            _nvtx.close_range()
         following = self.step + 1
         # at the end of a generation, the next call starts another
         self.step = 0 if self.num_steps is not None and following == self.num_steps else following
@@ -152,7 +157,14 @@ class CacheEngine:
     # ---- one unit ----
 
     def run_unit(self, k, compute, gate, h):
-        """Add unit k's (gated) output to h. compute: () -> fresh output (B, N, D)."""
+        """Add unit k's (gated) output to h. compute: () -> fresh output (B, N, D). With NVTX on
+        (profiling/nvtx.py), inside a range named after the unit and whether it computes or reuses."""
+        if _nvtx.ENABLED and k is not None:
+            label = _nvtx.unit_label(self.units[k][0], self.mode != "inference" or self.row[k])
+            return _nvtx.call_in_range(label, self._run_unit, k, compute, gate, h)
+        return self._run_unit(k, compute, gate, h)
+
+    def _run_unit(self, k, compute, gate, h):
         if k is None or self.mode == "off":
             return self._compute(h, compute(), gate)
         if self.mode == "training":

@@ -1,0 +1,134 @@
+"""NVTX ranges of a cached generation, for Nsight Systems / Nsight Compute (torch.cuda.nvtx).
+
+Ranges (push/pop, default domain):
+- `step t` around each transformer forward (the engine's step hooks);
+- `transformer_blocks.i` around each block, and `<unit> compute` / `<unit> reuse` around each cached
+  unit (e.g. `transformer_blocks.3.attn1 reuse`), from `PipelineRanges` and the engine's `run_unit`;
+- `scheduler step` around the sampler's update and `vae decode` around the decode (`PipelineRanges`).
+
+Off by default. On with `HARMONICA_NVTX=1` in the environment or `set_enabled(True)` (needs a CUDA
+build of torch). When off, the engine's only cost is one test of the module flag `ENABLED`: no label
+is formatted and nothing is called.
+
+NVTX calls are host calls: a captured CUDA graph does not repeat them when it replays, and
+torch.compile would trace them away. So no range is opened while the current stream is capturing or
+while torch.compile traces. With `cuda_graphs=True` the step ranges stay (the transformer's forward
+hooks run around each replay) and the replayed steps have no block or unit ranges; only the eager
+first run of each schedule row (the graph's warm-up) has them.
+"""
+
+import functools
+import os
+
+import torch
+
+ENABLED = os.environ.get("HARMONICA_NVTX", "0") not in ("", "0")
+
+SCHEDULER_STEP = "scheduler step"
+VAE_DECODE = "vae decode"
+GENERATION = "generation"  # the timed generation of the profiling workload
+
+
+def set_enabled(on: bool) -> None:
+    """Switch every harmonica NVTX range on or off (the environment's HARMONICA_NVTX is the default)."""
+    global ENABLED
+    ENABLED = bool(on)
+
+
+def step_label(step: int) -> str:
+    return f"step {step}"
+
+
+def unit_label(name: str, computes: bool) -> str:
+    return f"{name} {'compute' if computes else 'reuse'}"
+
+
+def _recorded() -> bool:
+    """Whether a range opened now would be seen: not while torch.compile traces or a CUDA graph captures."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def open_range(label: str) -> None:
+    """Push `label` (callers test `ENABLED` first); skipped where it would not be recorded."""
+    if _recorded():
+        torch.cuda.nvtx.range_push(label)
+
+
+def close_range() -> None:
+    """Pop the range `open_range` pushed in the same (compile, capture) state."""
+    if _recorded():
+        torch.cuda.nvtx.range_pop()
+
+
+def call_in_range(label: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) inside the range `label` (callers test `ENABLED` first)."""
+    open_range(label)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        close_range()
+
+
+def _open_block(label: str):
+    def hook(module, args):  # a forward pre-hook must return None (else it replaces the inputs)
+        if ENABLED:
+            open_range(label)
+
+    return hook
+
+
+def _close_block(module, args, output):
+    if ENABLED:
+        close_range()
+
+
+def _ranged(fn, label: str):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return call_in_range(label, fn, *args, **kwargs) if ENABLED else fn(*args, **kwargs)
+
+    return wrapper
+
+
+class PipelineRanges:
+    """Block, scheduler-step and VAE-decode ranges of a diffusers DiT/PixArt pipeline (the step and unit
+    ranges come from the cache engine). Forward hooks on each transformer block; `pipe.scheduler.step`,
+    `pipe.vae.decode` and the original DiT sampler's update (`harmonica.samplers.ddim_update`) wrapped.
+    Each costs one flag test while NVTX is off. `remove()` (or leaving a `with` block) undoes it all.
+
+    Set the pipeline's scheduler before (a later `use_pixart_sampler` replaces the wrapped one).
+    """
+
+    def __init__(self, pipe):
+        from harmonica import samplers
+
+        self._hooks = []
+        for i, block in enumerate(pipe.transformer.transformer_blocks):
+            self._hooks.append(block.register_forward_pre_hook(_open_block(f"transformer_blocks.{i}")))
+            self._hooks.append(block.register_forward_hook(_close_block))
+        self._wrapped = []  # (object, attribute, its own value before or None)
+        self._wrap(pipe.scheduler, "step", SCHEDULER_STEP)
+        self._wrap(pipe.vae, "decode", VAE_DECODE)
+        self._wrap(samplers, "ddim_update", SCHEDULER_STEP)
+
+    def _wrap(self, owner, name: str, label: str) -> None:
+        self._wrapped.append((owner, name, vars(owner).get(name)))
+        setattr(owner, name, _ranged(getattr(owner, name), label))
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for owner, name, own in reversed(self._wrapped):
+            if own is None:
+                delattr(owner, name)  # back to the class's attribute
+            else:
+                setattr(owner, name, own)
+        self._hooks, self._wrapped = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()

@@ -1,0 +1,109 @@
+"""The profiled workload: one cached generation of a preset, timed after warm-up, between
+cudaProfilerStart and cudaProfilerStop (what `nsys profile -c cudaProfilerApi` and
+`ncu --profile-from-start off` capture), inside an NVTX range `generation` when NVTX is on.
+
+    HARMONICA_NVTX=1 python -m harmonica.profiling.workload --model dit-xl-2-256 --config fora:2 --steps 20
+
+`harmonica profile nsys|ncu` runs it in a subprocess with the same options. On the CPU it runs the
+same way without the profiler calls (the tests use the tiny presets).
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+from harmonica.api import enable, summary
+from harmonica.cli import generate, parse_schedule
+from harmonica.models import PRESETS, build_pipeline, preset
+from harmonica.router import Router
+from harmonica.samplers import default_steps, use_pixart_sampler
+from harmonica.units import cached_units
+
+from . import nvtx
+
+# how the transformer runs, as `harmonica.enable` options
+MODES = {"eager": {"fused": False}, "fused": {}, "graphs": {"cuda_graphs": True}, "compile": {"compile": True}}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, choices=sorted(PRESETS))
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
+    weights.add_argument("--random-weights", action="store_true", help="no download: random weights from configs")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--config", default="no-cache", help="cache schedule: 'fora:N', 'delta-dit:b=B,n=N' or "
+                                                            "'no-cache' (as `harmonica sample --schedule`)")
+    cache.add_argument("--router", help="directory of a router saved by Router.save_pretrained")
+    parser.add_argument("--mode", choices=MODES, default="fused",
+                        help="eager (torch references), fused (Triton ops), graphs (one CUDA graph per schedule "
+                             "row) or compile (torch.compile)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the preset sampler's)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed generations first (Triton autotuning, graph capture, compilation)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(prompt="a photo of a cat", guidance=None, class_label=207)  # what cli.generate reads
+
+
+def workload_argv(args) -> list:
+    """The command line that runs this workload with the options parsed into `args`."""
+    argv = [sys.executable, "-m", "harmonica.profiling.workload", "--model", args.model]
+    if args.weights:
+        argv += ["--weights", args.weights]
+    if args.random_weights:
+        argv.append("--random-weights")
+    argv += ["--router", args.router] if args.router else ["--config", args.config]
+    argv += ["--mode", args.mode, "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    return argv + (["--steps", str(args.steps)] if args.steps else [])
+
+
+def run(args) -> float:
+    """Build, warm up and time one generation; returns its seconds (decode included)."""
+    spec = preset(args.model)
+    steps = args.steps or default_steps(spec.sampler)
+    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device, torch.float16 if device == "cuda" else torch.float32)
+    if spec.is_pixart:
+        use_pixart_sampler(pipe, spec.sampler)  # before enable, which hooks the scheduler
+    if args.router:
+        cache = Router.from_pretrained(args.router)
+    else:
+        cache = parse_schedule(args.config, steps, [name for name, _ in cached_units(pipe.transformer)])
+    enable(pipe, cache, **MODES[args.mode])
+
+    def generation():
+        return generate(pipe, args, spec, spec.sampler, steps, torch.Generator().manual_seed(args.seed))
+
+    profiled = device == "cuda"
+    with nvtx.PipelineRanges(pipe), torch.inference_mode():
+        for _ in range(args.warmup):
+            generation()
+        if profiled:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+        start = time.perf_counter()
+        if nvtx.ENABLED:
+            nvtx.call_in_range(nvtx.GENERATION, generation)
+        else:
+            generation()
+        if profiled:
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+        elapsed = time.perf_counter() - start
+    print(f"model {args.model}, mode {args.mode}, {steps} steps, {device}")
+    print(summary(pipe))
+    print(f"timed generation: {elapsed * 1e3:.1f} ms after {args.warmup} warm-up (decode included)")
+    return elapsed
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harmonica.profiling.workload", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
