@@ -1,1 +1,2 @@
-"""Profiling helpers (NVTX ranges, nsys/ncu runners and report parsers); filled by a later issue."""
+"""Profiling (`harmonica.profiling`): NVTX ranges of a cached generation (`nvtx`), the profiled workload
+(`workload`), Nsight Systems and Nsight Compute sessions (`nsys`, `ncu`, `session`: `harmonica profile`)."""

@@ -36,9 +36,10 @@ def profile_command(report: Path, workload: list) -> list:
 
 
 def stats_command(report: Path) -> list:
-    """`nsys stats` of `<report>.nsys-rep`: the REPORTS as `<report>_<name>.csv`."""
+    """`nsys stats` of `<report>.nsys-rep`: the REPORTS as `<report>_<name>.csv` (`--force-export`: never the
+    SQLite export of an earlier report of the same name)."""
     return ["nsys", "stats", "--report", ",".join(REPORTS), "--format", "csv", "--output", str(report),
-            f"{report}.nsys-rep"]
+            "--force-export", "true", f"{report}.nsys-rep"]
 
 
 def report_path(report: Path, name: str) -> Path:
