@@ -128,7 +128,7 @@ class Workload:
         self.name, self.spec = name, preset(name)
         self.device = torch.device(options.device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.seed, self.real_weights = options.seed, options.real_weights
+        self.seed = options.seed
         pipe = build_pipeline(name, random_weights=not options.real_weights, seed=options.seed)
         pipe.to(self.device, self.dtype)
         if self.spec.is_pixart:
@@ -328,17 +328,19 @@ class GroupRun:
         theoretical = self.steps / row_steps * schedule.theoretical_speedup(self.w.macs)
         cur = schedule.cur
         plain = mode == "eager" and config.kind == "fewer-steps"
-        target = self.w.enable_target()
+        target, enabled, report = self.w.enable_target(), False, None
         try:
             if not plain:
                 harmonica.enable(target, plan, **_enable_kwargs(mode))
+                enabled = True
             measurement = self.w.measure(row_steps, self.options.repeat, self.options.warmup)
-            report = None if plain else harmonica.summary(target)
+            if enabled:
+                report = harmonica.summary(target)
         except Exception as error:  # a failing row is recorded, the suite goes on
             self.skip(config.name, mode, f"failed: {type(error).__name__}: {error}")
             return
         finally:
-            if not plain:
+            if enabled:
                 harmonica.disable(target)
         self.measured(config.name, mode, measurement, cur=cur, theoretical=theoretical, row_steps=row_steps,
                       synthetic=synthetic, schedule=schedule.name, cache_bytes=report.cache_bytes if report else 0,

@@ -14,7 +14,7 @@ from harmonica.bench.gap import attribute_gap
 from harmonica.bench.macs import count_macs, mac_table
 from harmonica.bench.peers import UnitCounter, make_peer
 from harmonica.bench.quality import psnr, ssim
-from harmonica.bench.suite import SuiteOptions, select_models
+from harmonica.bench.suite import SuiteOptions, run_suite, select_models
 from harmonica.bench.timing import spread
 from harmonica.cli import main as cli_main
 from harmonica.models import build_pipeline
@@ -324,3 +324,19 @@ def test_quick_run_on_tiny_dit(tmp_path, monkeypatch, capsys):
         assert "matplotlib is not installed" in printed
     else:
         assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.gpu
+def test_graph_and_compile_rows_on_cuda():
+    options = SuiteOptions(models=("tiny-pixart",), configs=("fora:2", "harmonica", "fbcache"),
+                           modes=("fused", "graphs", "compile"), repeat=2, device="cuda")
+    rows = {(r["config"], r["mode"]): r for r in run_suite(options, progress=False)}
+    for config in ("fora:2", "harmonica"):
+        fused, graphs, compiled = (rows[(config, mode)] for mode in ("fused", "graphs", "compile"))
+        assert graphs["status"] == "ok" and compiled["status"] == "ok", (graphs["reason"], compiled["reason"])
+        assert graphs["psnr"] == pytest.approx(fused["psnr"], abs=0.5)  # replays compute what fused computes
+        assert graphs["retained_bytes"] > 0 and graphs["peak_bytes"] > 0 and graphs["cache_bytes"] > 0
+    assert rows[("fora:2", "graphs")]["graphs"] == 2  # two distinct schedule rows
+    assert rows[("fbcache", "eager")]["status"] == "ok"
+    assert rows[("fora:2", "graphs")]["gap_launch_ms"] is None  # graph rows are the launch-free reference
+    assert rows[("fora:2", "fused")]["gap_launch_ms"] is not None
