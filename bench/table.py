@@ -132,6 +132,9 @@ def benchmarks_section(results: dict, json_path: str) -> str:
         "Speedups against the no-cache eager row of the same model and step count. Efficiency = loop speedup / "
         "theoretical. PSNR/SSIM against the uncached image of the same seed. cache: harmonica's slots; for "
         "peers the device memory the first loop left allocated (CUDA only).",
+        *(["- No GPU: `fused` runs the same torch references as `eager`, graphs and compile rows are skipped, and "
+            "the tiny models' steps are dominated by per-module host overhead. These rows check the harness and "
+            "its arithmetic end to end; they say nothing about the GPU targets."] if "gpu" not in machine else []),
         "",
         format_suite_table(rows),
         "",
