@@ -120,7 +120,7 @@ def begin_generation(transformer, sampler: str, timesteps: list) -> None:
         return
     if state.router is not None:
         state.router.check(RouterInfo(sampler=sampler, timesteps=[int(t) for t in timesteps]))
-    state.engine.begin(len(timesteps))
+    state.engine.begin(len(timesteps), list(timesteps))
     state.sampler = sampler
 
 
@@ -155,6 +155,7 @@ class Summary:
     graph_pool_bytes: int = 0  # device memory the captures added to the shared pool
     static_bytes: int = 0  # static input buffers of the graphs
     capture_seconds: float = 0.0  # total time spent capturing
+    modulation_bytes: int = 0  # DiT: the per-generation modulation table and its step buffer
 
     def __str__(self) -> str:
         text = (f"{self.schedule} ({self.sampler or 'sampler not yet seen'}): {self.steps} steps x {self.units} units, "
@@ -189,7 +190,8 @@ def summary(pipe_or_transformer) -> Summary:
     macs = count_macs(transformer, height, width, cross_attention=engine.cross_attention)
     schedule = engine.schedule
     report = Summary(schedule.name, state.sampler, schedule.num_steps, schedule.num_units, schedule.cur,
-                     schedule.theoretical_speedup(macs), (height, width), engine.cache_bytes())
+                     schedule.theoretical_speedup(macs), (height, width), engine.cache_bytes(),
+                     modulation_bytes=engine.modulation.nbytes())
     if state.graphs is not None:
         runner = state.graphs
         report.graphs, report.graph_pool_bytes = len(runner.graphs), runner.pool_bytes

@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from . import kernels
+from .modulation import ModulationTable
 from .profiling import nvtx as _nvtx
 from .units import UNIT_KINDS, cached_units
 
@@ -64,6 +65,9 @@ class CacheEngine:
             _check_block(i, block)
         self.shared_embedding = _shares_embedding(transformer.transformer_blocks)
         self.embedding = None  # DiT: the step's timestep/class embedding, computed by block 0 when shared
+        self.timesteps = None  # host timesteps of the current generation, when its sampler told them
+        self.modulation = ModulationTable()  # DiT: every step's adaLN modulations, per generation
+        self.modulation_active = False
         self.mode = "off"
         self.schedule = None
         self.gates = None  # training: (T, K) router values of the current step's graph
@@ -78,7 +82,7 @@ class CacheEngine:
         for i, block in enumerate(transformer.transformer_blocks):
             index = {kind: self.unit_index.get(f"transformer_blocks.{i}.{kind}") for kind in UNIT_KINDS}
             self._originals.append(block.forward)
-            block.forward = types.MethodType(_make_block_forward(self, index, first=i == 0), block)
+            block.forward = types.MethodType(_make_block_forward(self, index, i), block)
         self._hooks = [transformer.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        transformer.register_forward_hook(self._after_forward, with_kwargs=True)]
 
@@ -116,11 +120,14 @@ class CacheEngine:
             return self.schedule.num_steps
         return self.gates.shape[0] if self.mode == "training" else None
 
-    def begin(self, num_steps: int | None = None) -> None:
-        """Start a generation at step 0; with `num_steps`, check it against the schedule."""
+    def begin(self, num_steps: int | None = None, timesteps: list | None = None) -> None:
+        """Start a generation at step 0; with `num_steps`, check it against the schedule. `timesteps`:
+        the values every forward of this generation will pass, in order (lets DiT precompute its
+        modulations; see modulation.py)."""
         if num_steps is not None and self.num_steps is not None and num_steps != self.num_steps:
             raise ValueError(f"num_inference_steps: expected {self.num_steps} (the cache schedule's steps), "
                              f"got {num_steps}")
+        self.timesteps = timesteps
         self.step = 0
 
     def remove(self) -> None:
@@ -131,6 +138,7 @@ class CacheEngine:
             hook.remove()
         self.slots = [None] * len(self.units)
         self.embedding = None
+        self.modulation, self.modulation_active = ModulationTable(), False
 
     # ---- memory ----
 
@@ -144,6 +152,10 @@ class CacheEngine:
         self.last_input_shape = tuple(hidden.shape)
         if self.step == 0 and self.on_first_step is not None:
             self.on_first_step()
+        if self.step == 0:
+            self.modulation_active = self._compute_modulations(hidden, args, kwargs)
+        if self.modulation_active:
+            self.modulation.load(self.step)
         if _nvtx.ENABLED:
             _nvtx.open_range(_nvtx.step_label(self.step))
 
@@ -151,8 +163,19 @@ class CacheEngine:
         if _nvtx.ENABLED:
             _nvtx.close_range()
         following = self.step + 1
-        # at the end of a generation, the next call starts another
-        self.step = 0 if self.num_steps is not None and following == self.num_steps else following
+        if self.num_steps is not None and following == self.num_steps:
+            self.timesteps = None  # the generation is complete; the next call starts another, as told
+            following = 0
+        self.step = following
+
+    def _compute_modulations(self, hidden, args, kwargs) -> bool:
+        """At step 0: every step's DiT modulations, when this generation allows it (modulation.py)."""
+        labels = args[2] if len(args) > 2 else kwargs.get("class_labels")
+        if not (self.mode == "inference" and self.shared_embedding and isinstance(labels, torch.Tensor)
+                and self.timesteps is not None and len(self.timesteps) == self.num_steps):
+            return False
+        self.modulation.compute(self.transformer.transformer_blocks, self.timesteps, labels, hidden.dtype)
+        return True
 
     # ---- one unit ----
 
@@ -212,10 +235,12 @@ def _shares_embedding(blocks) -> bool:
     return all(torch.equal(p, reference[name]) for e in embedders[1:] for name, p in e.named_parameters())
 
 
-def _make_block_forward(engine: CacheEngine, index: dict, first: bool):
+def _make_block_forward(engine: CacheEngine, index: dict, block_index: int):
     """diffusers' `BasicTransformerBlock.forward` for ada_norm_zero / ada_norm_single, unit by unit.
-    first: block 0, which computes the step's shared DiT embedding (blocks run in order in every forward,
-    captured graphs included, so no embedding outlives its step)."""
+    DiT: the step's modulations come from the per-generation table when it is active; else block 0
+    computes the step's shared embedding (blocks run in order in every forward, captured graphs
+    included, so no embedding outlives its step)."""
+    first = block_index == 0
 
     def forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
@@ -226,13 +251,16 @@ def _make_block_forward(engine: CacheEngine, index: dict, first: bool):
         h = hidden_states
         if block.norm_type == "ada_norm_zero":
             norm1 = block.norm1
-            if not engine.shared_embedding:
-                emb = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype) if norm1.emb is not None else None
-            elif first:
-                emb = engine.embedding = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype)
+            if engine.modulation_active:
+                emb = engine.modulation.step_buffer[block_index]
             else:
-                emb = engine.embedding
-            emb = norm1.linear(norm1.silu(emb))
+                if not engine.shared_embedding:
+                    emb = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype) if norm1.emb is not None else None
+                elif first:
+                    emb = engine.embedding = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype)
+                else:
+                    emb = engine.embedding
+                emb = norm1.linear(norm1.silu(emb))
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
             shift_msa, scale_msa, shift_mlp, scale_mlp = (t[:, None] for t in (shift_msa, scale_msa, shift_mlp,
                                                                                 scale_mlp))

@@ -66,6 +66,42 @@ def test_dit_embedding_once_per_step_when_every_block_holds_the_same(shared):
     assert calls == [s for s in range(STEPS) for _ in range(1 + (1 if shared else blocks))]
 
 
+def dit_generation(model, steps=6):
+    from harmonica.samplers import dit_ddim_sample
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    return dit_ddim_sample(model, torch.tensor([3, 7]), num_steps=steps, latents=latents)
+
+
+def test_dit_modulations_are_computed_once_per_generation():
+    model = make_model("tiny-dit")  # every block's embedder is the same
+    plain = dit_generation(model)
+    engine = harmonica.enable(model, CacheSchedule.no_cache(6, units_of(model)))
+    calls = []
+    for block in model.transformer_blocks:
+        block.norm1.linear.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    torch.testing.assert_close(dit_generation(model), plain, rtol=1e-6, atol=1e-6)
+    assert calls == [6 * 4] * len(model.transformer_blocks), "one linear over 6 steps x CFG batch 4 per block"
+    assert engine.modulation.modulations.shape == (6, 2, 4, 6 * 16)
+
+    harmonica.enable(model, CacheSchedule.fora(6, units_of(model), 2))
+    with_table = dit_generation(model)
+    model._harmonica.engine.shared_embedding = False  # per-step, per-block modulations
+    torch.testing.assert_close(with_table, dit_generation(model), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(with_table, plain)
+
+
+def test_a_generation_without_known_timesteps_computes_modulations_per_step():
+    """After a sampler's generation, plain forwards (no timesteps announced) must not reuse its table."""
+    model = make_model("tiny-dit")
+    plain = trajectory(model)
+    engine = harmonica.enable(model, CacheSchedule.no_cache(STEPS, units_of(model)))
+    dit_generation(model, STEPS)
+    assert engine.timesteps is None and engine.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain))
+    assert not engine.modulation_active
+
+
 def test_reused_unit_adds_gate_times_cache():
     model = make_model("tiny-dit")
     K = units_of(model)
