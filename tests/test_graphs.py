@@ -53,6 +53,22 @@ def run(model, steps, batch=2):
     return [model(**step_inputs(model, s, batch)).sample for s in range(steps)]
 
 
+def eager_run(model, schedule, steps):
+    """Outputs of the eager cached engine (the reference of the graph and compile paths)."""
+    harmonica.enable(model, schedule)
+    outputs = run(model, steps)
+    harmonica.disable(model)
+    return outputs
+
+
+@torch.no_grad()
+def cuda_eager_run(model, schedule, inputs):
+    harmonica.enable(model, schedule)
+    outputs = [model(**step).sample for step in inputs]
+    harmonica.disable(model)
+    return outputs
+
+
 def test_graph_plan_shares_graphs_between_equal_rows_and_writes():
     assert graph_plan(CacheSchedule.fora(6, 4, 2)) == [0, 1, 0, 1, 0, 1]
     # the last computing step writes no slot (nothing reads it later): a graph of its own
@@ -93,9 +109,7 @@ def test_static_inputs_copy_nested_tensors_and_count_bytes():
 def test_replayed_generations_equal_the_eager_engine_bitwise(name):
     model = make_model(name)
     schedule = CacheSchedule.fora(5, units_of(model), 2)
-    harmonica.enable(model, schedule)
-    eager = run(model, 5)
-    harmonica.disable(model)
+    eager = eager_run(model, schedule, 5)
 
     _, runner = enable_with_stand_in(model, schedule)
     first, second = run(model, 5), run(model, 5)
@@ -152,9 +166,7 @@ def test_on_cpu_the_option_says_once_that_it_does_nothing(monkeypatch):
     monkeypatch.setattr(graphs_module, "_WARNED_CPU", False)
     model = make_model("tiny-pixart")
     schedule = CacheSchedule.fora(4, units_of(model), 2)
-    harmonica.enable(model, schedule)
-    eager = run(model, 4)
-    harmonica.disable(model)
+    eager = eager_run(model, schedule, 4)
     harmonica.enable(model, schedule, cuda_graphs=True)
     with pytest.warns(UserWarning, match="runs on the CPU, where there are no CUDA graphs") as record:
         graphed = run(model, 4)
@@ -174,10 +186,8 @@ def test_cuda_graph_replay_equals_eager_without_host_sync(name):
     model = make_model(name).cuda()
     schedule = CacheSchedule.fora(5, units_of(model), 2)
     inputs = [cuda_inputs(model, s) for s in range(5)]
+    eager = cuda_eager_run(model, schedule, inputs)
     with torch.no_grad():
-        harmonica.enable(model, schedule)
-        eager = [model(**step).sample for step in inputs]
-        harmonica.disable(model)
         harmonica.enable(model, schedule, cuda_graphs=True)
         first = [model(**step).sample for step in inputs]  # warm-up + capture
         torch.cuda.synchronize()
@@ -198,9 +208,7 @@ def test_cuda_graph_replay_equals_eager_without_host_sync(name):
 def test_compile_traces_one_full_graph_per_schedule_row(name):
     model = make_model(name)
     schedule = CacheSchedule.fora(5, units_of(model), 2)
-    harmonica.enable(model, schedule)
-    eager = run(model, 5)
-    harmonica.disable(model)
+    eager = eager_run(model, schedule, 5)
     compiled = []
 
     def counting_backend(graph_module, example_inputs):
@@ -222,9 +230,8 @@ def test_cuda_compile_with_graphs_matches_eager(name):
     model = make_model(name).cuda()
     schedule = CacheSchedule.fora(5, units_of(model), 2)
     inputs = [cuda_inputs(model, s) for s in range(5)]
+    eager = cuda_eager_run(model, schedule, inputs)
     with torch.no_grad():
-        harmonica.enable(model, schedule)
-        eager = [model(**step).sample for step in inputs]
         harmonica.enable(model, schedule, compile=True, cuda_graphs=True)
         outputs = [model(**step).sample for _ in range(2) for step in inputs]
     for a, b in zip(eager * 2, outputs):
