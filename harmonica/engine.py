@@ -112,7 +112,7 @@ class CacheEngine:
         specialised on (steps with equal rows share it)."""
         self._step = value
         if self.mode == "inference":
-            self.row, self.write_row = tuple(self.schedule.rows[value]), tuple(self.schedule.writes[value])
+            self.row, self.write_row = self.schedule.step_keys[value]
 
     @property
     def num_steps(self):

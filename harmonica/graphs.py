@@ -19,15 +19,10 @@ import torch
 _WARNED_CPU = False
 
 
-def step_key(schedule, step: int) -> tuple:
-    """What the forward of `step` depends on: (compute row, slot-write row)."""
-    return tuple(schedule.rows[step]), tuple(schedule.writes[step])
-
-
 def graph_plan(schedule) -> list:
     """Graph index of every step: steps with equal keys share a graph. len(set(plan)) graphs."""
     index = {}
-    return [index.setdefault(step_key(schedule, t), len(index)) for t in range(schedule.num_steps)]
+    return [index.setdefault(key, len(index)) for key in schedule.step_keys]
 
 
 def input_signature(args, kwargs) -> tuple:
@@ -172,7 +167,7 @@ class GraphRunner:
             self.resets += self.signature is not None
             self.reset()
             self.signature, self.schedule, self.static = signature, engine.schedule, StaticInputs(args, kwargs)
-        key = step_key(engine.schedule, engine.step)
+        key = engine.row, engine.write_row
         if key not in self.graphs:
             result = backend.warm_up(lambda: self.forward(*args, **kwargs))  # this step's real output
             self.static.copy_from(args, kwargs)

@@ -34,6 +34,9 @@ class CacheSchedule:
         nxt = torch.zeros_like(self.table)
         nxt[:-1] = ~self.table[1:]
         self.writes = (self.table & nxt).tolist()
+        # what the forward of each step depends on, (compute row, slot-write row): the key of its
+        # captured or compiled graph
+        self.step_keys = [(tuple(r), tuple(w)) for r, w in zip(self.rows, self.writes)]
 
     @property
     def num_steps(self) -> int:

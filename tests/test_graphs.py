@@ -11,7 +11,7 @@ from _helpers import cuda_inputs, make_model, step_inputs, units_of
 import harmonica
 from harmonica import CacheSchedule
 from harmonica import graphs as graphs_module
-from harmonica.graphs import StaticInputs, graph_plan, input_signature, step_key
+from harmonica.graphs import StaticInputs, graph_plan, input_signature
 
 MODELS = ["tiny-dit", "tiny-pixart"]
 
@@ -62,11 +62,15 @@ def eager_run(model, schedule, steps):
 
 
 @torch.no_grad()
-def cuda_eager_run(model, schedule, inputs):
+def cuda_case(name, steps=5):
+    """A CUDA model, FORA:2 over `steps`, its step inputs and the eager cached engine's outputs."""
+    model = make_model(name).cuda()
+    schedule = CacheSchedule.fora(steps, units_of(model), 2)
+    inputs = [cuda_inputs(model, s) for s in range(steps)]
     harmonica.enable(model, schedule)
-    outputs = [model(**step).sample for step in inputs]
+    eager = [model(**step).sample for step in inputs]
     harmonica.disable(model)
-    return outputs
+    return model, schedule, inputs, eager
 
 
 def test_graph_plan_shares_graphs_between_equal_rows_and_writes():
@@ -77,8 +81,8 @@ def test_graph_plan_shares_graphs_between_equal_rows_and_writes():
     table = torch.tensor([[1, 1], [1, 0], [0, 1], [1, 0], [1, 1]], dtype=torch.bool)
     schedule = CacheSchedule(table, "mixed")
     assert graph_plan(schedule) == [0, 1, 2, 3, 4]
-    assert step_key(schedule, 1) == ((True, False), (True, False))  # step 2 reuses unit 0
-    assert step_key(schedule, 3) == ((True, False), (False, False))  # step 4 computes everything
+    assert schedule.step_keys[1] == ((True, False), (True, False))  # step 2 reuses unit 0
+    assert schedule.step_keys[3] == ((True, False), (False, False))  # step 4 computes everything
 
 
 def test_input_signature_tracks_shapes_dtypes_and_values():
@@ -183,10 +187,7 @@ def test_on_cpu_the_option_says_once_that_it_does_nothing(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODELS)
 def test_cuda_graph_replay_equals_eager_without_host_sync(name):
-    model = make_model(name).cuda()
-    schedule = CacheSchedule.fora(5, units_of(model), 2)
-    inputs = [cuda_inputs(model, s) for s in range(5)]
-    eager = cuda_eager_run(model, schedule, inputs)
+    model, schedule, inputs, eager = cuda_case(name)
     with torch.no_grad():
         harmonica.enable(model, schedule, cuda_graphs=True)
         first = [model(**step).sample for step in inputs]  # warm-up + capture
@@ -227,10 +228,7 @@ def test_compile_traces_one_full_graph_per_schedule_row(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODELS)
 def test_cuda_compile_with_graphs_matches_eager(name):
-    model = make_model(name).cuda()
-    schedule = CacheSchedule.fora(5, units_of(model), 2)
-    inputs = [cuda_inputs(model, s) for s in range(5)]
-    eager = cuda_eager_run(model, schedule, inputs)
+    model, schedule, inputs, eager = cuda_case(name)
     with torch.no_grad():
         harmonica.enable(model, schedule, compile=True, cuda_graphs=True)
         outputs = [model(**step).sample for _ in range(2) for step in inputs]
