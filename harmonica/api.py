@@ -42,8 +42,8 @@ def _state(pipe_or_transformer) -> CacheState:
 
 
 def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
-           cross_attention: bool = True, cuda_graphs: bool = False, fused: bool = True,
-           compile: bool | dict = False) -> CacheEngine:
+           cross_attention: bool = True, cuda_graphs: bool = False, scheduler_in_graph: bool = False,
+           fused: bool = True, compile: bool | dict = False) -> CacheEngine:
     """Cache the units of a DiT/PixArt pipeline (or bare transformer) with a router or schedule.
 
     router_or_schedule: a trained `Router` (checked against the model, and at each generation against
@@ -52,6 +52,8 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     cross_attention: whether PixArt's cross-attention is a unit of its own.
     cuda_graphs: run each distinct schedule row as one captured CUDA graph (see `graphs.py`); on the
     CPU it does nothing and says so once. Opt-in until it has been validated on a GPU.
+    scheduler_in_graph: with cuda_graphs, the samplers that can (`dit_ddim_sample`, `pixart_sample`) run
+    their step (guidance and solver update) inside each graph instead of after it.
     fused: the fused Triton ops on CUDA; False runs their torch references (the eager baseline).
     compile: `torch.compile` the transformer forward with fullgraph=True, one compiled graph per distinct
     schedule row (the units read only the current row); a dict is passed to torch.compile (backend, mode).
@@ -59,6 +61,8 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     are delimited by the schedule's step count, or by `reset`.
     """
     transformer, scheduler = _parts(pipe_or_transformer)
+    if scheduler_in_graph and not cuda_graphs:
+        raise ValueError("scheduler_in_graph: expected together with cuda_graphs=True, got cuda_graphs=False")
     if getattr(transformer, ATTRIBUTE, None) is not None:
         disable(transformer)
     router = router_or_schedule if isinstance(router_or_schedule, Router) else None
@@ -81,6 +85,7 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
         forward = _compile(forward, schedule, compile if isinstance(compile, dict) else {})
     if cuda_graphs:
         forward = state.graphs = GraphRunner(engine, forward)
+        state.graphs.scheduler_inside = scheduler_in_graph
     if forward is not transformer.forward:
         transformer.forward = forward  # an instance attribute: Module.__call__ and its hooks stay
     setattr(transformer, ATTRIBUTE, state)
@@ -122,6 +127,14 @@ def begin_generation(transformer, sampler: str, timesteps: list) -> None:
         state.router.check(RouterInfo(sampler=sampler, timesteps=[int(t) for t in timesteps]))
     state.engine.begin(len(timesteps), list(timesteps))
     state.sampler = sampler
+
+
+def step_runner(transformer) -> GraphRunner | None:
+    """The graph runner that takes the sampler's step inside its graphs (enable(..., scheduler_in_graph=True)),
+    else None (the sampler steps eagerly)."""
+    state = getattr(transformer, ATTRIBUTE, None)
+    runner = state.graphs if state is not None else None
+    return runner if runner is not None and runner.scheduler_inside else None
 
 
 def reset(pipe_or_transformer) -> None:

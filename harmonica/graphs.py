@@ -9,6 +9,10 @@ have fixed addresses (allocated once), so a replay reads and writes them in plac
 The first time a row appears, the step runs eagerly on a side stream (its real result, and the
 warm-up), then the graph is captured. A change of input shapes, dtypes or devices drops every graph
 (recapture). All graphs share one memory pool; outputs are cloned before the next replay.
+
+With `scheduler_in_graph`, a sampler that can (`samplers.dit_ddim_sample`, `samplers.pixart_sample`)
+sets an epilogue: its step (guidance and the solver update of `solvers.py`, on buffers of fixed
+address) runs inside each graph right after the forward, instead of eagerly after the replay.
 """
 
 import time
@@ -141,25 +145,53 @@ class GraphRunner:
         self.resets = 0  # times every graph was dropped for a new signature or schedule
         self.capture_seconds = 0.0
         self.pool_bytes = 0
+        self.scheduler_inside = False  # whether samplers may put their step inside the graphs
+        self.epilogue = self.epilogue_key = self.captured_epilogue_key = None
+        self.buffers = {}  # the samplers' state buffers, by name
 
     def reset(self) -> None:
         """Drop every graph (the next call of each key recaptures)."""
         self.graphs, self.signature, self.schedule, self.static = {}, None, None, None
+        self.captured_epilogue_key = None
         self.pool_bytes = 0
 
     def static_bytes(self) -> int:
-        return self.static.nbytes() if self.static is not None else 0
+        inputs = self.static.nbytes() if self.static is not None else 0
+        return inputs + sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def set_epilogue(self, key, epilogue) -> None:
+        """Run `epilogue(output)` right after the forward, inside every graph (None removes it). key: what
+        the epilogue's captured work depends on besides its buffers (constants such as the guidance
+        scale): graphs captured under another key are dropped at the next call. While an epilogue is set,
+        a replay returns the graph's own output (overwritten by the next replay) instead of a copy."""
+        self.epilogue, self.epilogue_key = epilogue, key
+
+    def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        """A sampler state buffer of fixed address (contents undefined when new): the same tensor for
+        the same name, shape, dtype and device, so graphs captured with it stay valid."""
+        current = self.buffers.get(name)
+        if current is None or current.shape != shape or current.dtype != dtype or current.device != torch.device(device):
+            current = self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+            self.reset()  # graphs captured with the old buffer would write to it
+        return current
+
+    def _run(self, args, kwargs):
+        output = self.forward(*args, **kwargs)
+        if self.epilogue is not None:
+            self.epilogue(output)
+        return output
 
     def __call__(self, *args, **kwargs):
         engine = self.engine
         if engine.mode != "inference":
-            return self.forward(*args, **kwargs)
+            return self._run(args, kwargs)
         if not self._on_cuda(args, kwargs) and self.backend is None:
             _warn_cpu_once()
-            return self.forward(*args, **kwargs)
+            return self._run(args, kwargs)
         backend = self.backend = self.backend or CudaGraphBackend()
         signature = input_signature(args, kwargs)
-        if signature != self.signature or engine.schedule is not self.schedule:
+        if (signature != self.signature or engine.schedule is not self.schedule
+                or self.epilogue_key != self.captured_epilogue_key):
             if self.signature is not None and engine.step != 0:
                 warnings.warn(f"cuda_graphs: the transformer's inputs changed within a generation (step "
                               f"{engine.step}), so every graph is captured again; pass tensors of fixed shapes "
@@ -167,19 +199,21 @@ class GraphRunner:
             self.resets += self.signature is not None
             self.reset()
             self.signature, self.schedule, self.static = signature, engine.schedule, StaticInputs(args, kwargs)
+            self.captured_epilogue_key = self.epilogue_key
         key = engine.row, engine.write_row
         if key not in self.graphs:
-            result = backend.warm_up(lambda: self.forward(*args, **kwargs))  # this step's real output
+            result = backend.warm_up(lambda: self._run(args, kwargs))  # this step's real output
             self.static.copy_from(args, kwargs)
             start, before = time.perf_counter(), backend.reserved()
-            self.graphs[key] = backend.capture(lambda: self.forward(*self.static.args, **self.static.kwargs))
+            self.graphs[key] = backend.capture(lambda: self._run(self.static.args, self.static.kwargs))
             self.capture_seconds += time.perf_counter() - start
             self.pool_bytes += backend.reserved() - before
             self.captures += 1
             return result
         self.static.copy_from(args, kwargs)
         self.replays += 1
-        return _clone_output(backend.replay(self.graphs[key]))
+        output = backend.replay(self.graphs[key])
+        return output if self.epilogue is not None else _clone_output(output)
 
     @staticmethod
     def _on_cuda(args, kwargs) -> bool:

@@ -6,13 +6,17 @@
 - PixArt, as scheduler swaps on the pipeline: "dpm-solver++" (20 steps), "sa-solver" (25),
   "iddpm" (100 DDPM steps; the pipeline drops PixArt's learned variance, so the variance is the
   scheduler's fixed one).
+
+`dit_ddim_sample` steps through a coefficient table (`solvers.py`) held by `SolverLoop`: with
+`enable(..., cuda_graphs=True, scheduler_in_graph=True)` its step runs inside the captured graphs.
 """
 
 import torch
 from tqdm.auto import tqdm
 
-from .api import begin_generation
+from .api import begin_generation, step_runner
 from .router import dit_ddim_timesteps
+from .solvers import StepTable, ddim_table, solver_step
 
 PIXART_SAMPLERS = {"dpm-solver++": ("DPMSolverMultistepScheduler", 20), "sa-solver": ("SASolverScheduler", 25),
                    "iddpm": ("DDPMScheduler", 100)}
@@ -53,18 +57,73 @@ def dit_guided_eps(out: torch.Tensor, batch: int, guidance_scale: float, channel
     return torch.cat([uncond + guidance_scale * (cond - uncond), eps[:, guided:]], dim=1)
 
 
-def ddim_update(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float) -> torch.Tensor:
-    """One eta = 0 DDIM step from alpha_bar `alpha` to `alpha_prev` (x0 not clipped)."""
-    x0 = (x - (1 - alpha) ** 0.5 * eps) / alpha ** 0.5
-    eps = (x - alpha ** 0.5 * x0) / (1 - alpha) ** 0.5
-    return alpha_prev ** 0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
-
-
 def dit_ddim_alphas(num_steps: int) -> list:
     """[(alpha_bar at step i, alpha_bar at step i + 1)] of the original DiT DDIM, the last to 1."""
     alphas = dit_alphas_cumprod().tolist()  # host floats: no device read in the loop
     timesteps = dit_ddim_timesteps(num_steps)
     return [(alphas[t], alphas[timesteps[i + 1]] if i + 1 < num_steps else 1.0) for i, t in enumerate(timesteps)]
+
+
+def dit_ddim_table(num_steps: int) -> StepTable:
+    """The original DiT DDIM over `num_steps` as a coefficient table."""
+    return ddim_table("dit-ddim", dit_ddim_alphas(num_steps))
+
+
+class SolverLoop:
+    """One generation of a table-driven sampler: the sample `x`, the previous data prediction and the
+    step's coefficients. When the transformer's graph runner takes the sampler step (`step_runner`),
+    these live in its fixed buffers and `advance` is the graphs' epilogue; else `end_step` advances
+    eagerly. Use as a context manager around the step loop.
+
+    table: the sampler's `StepTable`; latents: (B, C, H, W) initial sample; eps_of: transformer output ->
+    eps (B, C, H, W); key: the constants eps_of depends on (guidance scale, batch).
+    """
+
+    def __init__(self, transformer, table: StepTable, latents: torch.Tensor, eps_of, key: tuple):
+        self.runner = step_runner(transformer)
+        self.eps_of, self.key = eps_of, (table.name, *key)
+        device = latents.device
+        self.coefficients = table.tensor(device)
+        make = self.runner.buffer if self.runner is not None else _new_buffer
+        self.x = make("x", tuple(latents.shape), latents.dtype, device)
+        self.x.copy_(latents)
+        self.x0_prev = make("x0_prev", tuple(latents.shape), torch.float32, device) if table.multistep else None
+        if self.x0_prev is not None:
+            self.x0_prev.zero_()  # read with coefficient 0 at step 0: must not hold NaN
+        self.step_coefficients = make("coefficients", (5,), torch.float32, device) if self.runner else None
+
+    def __enter__(self):
+        if self.runner is not None:
+            self.runner.set_epilogue(self.key, self.advance)
+        return self
+
+    def __exit__(self, *exc):
+        if self.runner is not None:
+            self.runner.set_epilogue(None, None)
+
+    def begin_step(self, i: int) -> None:
+        if self.runner is not None:
+            self.step_coefficients.copy_(self.coefficients[i])  # outside the graph: a graph input
+        else:
+            self.step_coefficients = self.coefficients[i]
+
+    def end_step(self, output) -> None:
+        if self.runner is None:
+            self.advance(output)
+
+    def advance(self, output) -> None:
+        x_next, x0 = solver_step(self.x, self.eps_of(output), self.x0_prev, self.step_coefficients)
+        self.x.copy_(x_next)
+        if self.x0_prev is not None:
+            self.x0_prev.copy_(x0)
+
+    def result(self) -> torch.Tensor:
+        """The final sample (a copy when it lives in the runner's buffer, which the next generation reuses)."""
+        return self.x.clone() if self.runner is not None else self.x
+
+
+def _new_buffer(name, shape, dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def dit_null_labels(class_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -91,11 +150,14 @@ def dit_ddim_sample(transformer, class_labels: torch.Tensor, *, num_steps: int =
     labels = dit_null_labels(class_labels, cfg.num_embeds_ada_norm) if guided else class_labels
     timesteps = dit_ddim_timesteps(num_steps)
     begin_generation(transformer, "dit-ddim", timesteps)
-    x = latents
-    for t, (alpha, alpha_prev) in zip(tqdm(timesteps, disable=not progress, desc="dit-ddim"),
-                                      dit_ddim_alphas(num_steps)):
-        model_in = torch.cat([x, x]) if guided else x
-        t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.long)
-        out = transformer(model_in, timestep=t_batch, class_labels=labels).sample
-        x = ddim_update(x, dit_guided_eps(out, batch, guidance_scale, cfg.in_channels), alpha, alpha_prev)
-    return x
+
+    def eps_of(output):
+        return dit_guided_eps(output.sample, batch, guidance_scale, cfg.in_channels)
+
+    with SolverLoop(transformer, dit_ddim_table(num_steps), latents, eps_of, (guidance_scale, batch)) as loop:
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="dit-ddim")):
+            loop.begin_step(i)
+            model_in = torch.cat([loop.x, loop.x]) if guided else loop.x
+            t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.long)
+            loop.end_step(transformer(model_in, timestep=t_batch, class_labels=labels))
+    return loop.result()

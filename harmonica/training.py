@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from .engine import CacheEngine
 from .router import Router, RouterInfo, dit_ddim_timesteps
-from .samplers import ddim_update, dit_ddim_alphas, dit_guided_eps, dit_null_labels
+from .samplers import dit_ddim_table, dit_guided_eps, dit_null_labels
+from .solvers import solver_step
 
 OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
 BETA_GAIN = 2.0  # --target-cur: after each trajectory, beta *= exp(gain * (target CUR - CUR at tau))
@@ -67,7 +68,8 @@ class DiTTask:
     def __init__(self, transformer, num_steps: int, guidance: float):
         self.transformer, self.guidance = transformer, guidance
         self.timesteps = dit_ddim_timesteps(num_steps)
-        self.alphas = dit_ddim_alphas(num_steps)
+        self.table = dit_ddim_table(num_steps)
+        self.coefficients = None  # (T, 5) on the device of the first update
         cfg = transformer.config
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.num_classes = cfg.num_embeds_ada_norm
@@ -88,7 +90,9 @@ class DiTTask:
 
     def update(self, state, x, out, cond, i: int):
         eps = dit_guided_eps(out, x.shape[0], self.guidance, x.shape[1])
-        return ddim_update(x, eps, *self.alphas[i])
+        if self.coefficients is None or self.coefficients.device != x.device:
+            self.coefficients = self.table.tensor(x.device)
+        return solver_step(x, eps, None, self.coefficients[i])[0]
 
 
 EMBEDDING_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_embeds", "negative_attention_mask")

@@ -95,7 +95,7 @@ def _ranged(fn, label: str):
 class PipelineRanges:
     """Block, scheduler-step and VAE-decode ranges of a diffusers DiT/PixArt pipeline (the step and unit
     ranges come from the cache engine). Forward hooks on each transformer block; `pipe.scheduler.step`,
-    `pipe.vae.decode` and the original DiT sampler's update (`harmonica.samplers.ddim_update`) wrapped.
+    `pipe.vae.decode` and the table samplers' update (`harmonica.samplers.solver_step`, eager steps only) wrapped.
     Each costs one flag test while NVTX is off. `remove()` (or leaving a `with` block) undoes it all.
 
     Set the pipeline's scheduler before (a later `use_pixart_sampler` replaces the wrapped one).
@@ -111,7 +111,7 @@ class PipelineRanges:
         self._wrapped = []  # (object, attribute, its own value before or None)
         self._wrap(pipe.scheduler, "step", SCHEDULER_STEP)
         self._wrap(pipe.vae, "decode", VAE_DECODE)
-        self._wrap(samplers, "ddim_update", SCHEDULER_STEP)
+        self._wrap(samplers, "solver_step", SCHEDULER_STEP)
 
     def _wrap(self, owner, name: str, label: str) -> None:
         self._wrapped.append((owner, name, vars(owner).get(name)))

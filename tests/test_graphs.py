@@ -18,16 +18,20 @@ MODELS = ["tiny-dit", "tiny-pixart"]
 
 class StandInGraphs:
     """Graph semantics without CUDA: capture records the call (it reads the static inputs when it
-    runs) and one output buffer; replay re-runs the call and overwrites that buffer in place."""
+    runs) and one output buffer, and like a real capture leaves the runner's sampler buffers as they
+    were; replay re-runs the call and overwrites that buffer in place."""
 
-    def __init__(self):
-        self.captured_keys = []
+    def __init__(self, runner):
+        self.runner = runner
 
     def warm_up(self, fn):
         return fn()
 
     def capture(self, fn):
+        saved = {name: b.clone() for name, b in self.runner.buffers.items()}
         output = fn()
+        for name, b in saved.items():
+            self.runner.buffers[name].copy_(b)
         return fn, output
 
     @staticmethod
@@ -41,10 +45,10 @@ class StandInGraphs:
         return 0
 
 
-def enable_with_stand_in(model, schedule):
-    engine = harmonica.enable(model, schedule, cuda_graphs=True)
+def enable_with_stand_in(model, schedule, **options):
+    engine = harmonica.enable(model, schedule, cuda_graphs=True, **options)
     runner = model._harmonica.graphs
-    runner.backend = StandInGraphs()
+    runner.backend = StandInGraphs(runner)
     return engine, runner
 
 
@@ -184,6 +188,44 @@ def test_on_cpu_the_option_says_once_that_it_does_nothing(monkeypatch):
     assert "forward" not in vars(model), "disable left the runner in place"
 
 
+@torch.no_grad()
+def dit_generation(model, guidance=1.5, steps=6):
+    from harmonica.samplers import dit_ddim_sample
+
+    device = next(model.parameters()).device
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+    return dit_ddim_sample(model, torch.tensor([3, 7], device=device), num_steps=steps, guidance_scale=guidance,
+                           latents=latents)
+
+
+def test_dit_sampler_step_inside_the_graphs_equals_the_eager_sampler_bitwise():
+    model = make_model("tiny-dit")
+    schedule = CacheSchedule.fora(6, units_of(model), 2)
+    harmonica.enable(model, schedule)
+    eager, eager_guided = dit_generation(model), dit_generation(model, guidance=4.0)
+
+    _, runner = enable_with_stand_in(model, schedule, scheduler_in_graph=True)
+    first, second = dit_generation(model), dit_generation(model)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert (runner.captures, runner.replays, runner.resets) == (2, 4 + 6, 0)
+    assert runner.epilogue is None, "the sampler left its step in the runner"
+    assert first.data_ptr() != second.data_ptr(), "a result aliases the runner's sample buffer"
+    x_bytes, coefficient_bytes = 2 * 4 * 8 * 8 * 4, 5 * 4
+    assert runner.static_bytes() == runner.static.nbytes() + x_bytes + coefficient_bytes
+    # the guidance scale is baked into the captured step: a new one recaptures
+    assert torch.equal(dit_generation(model, guidance=4.0), eager_guided)
+    assert (runner.captures, runner.resets) == (4, 1)
+
+    _, runner = enable_with_stand_in(model, schedule)  # the step after each replay
+    assert torch.equal(dit_generation(model), eager) and runner.epilogue is None and not runner.buffers
+
+
+def test_scheduler_in_graph_needs_cuda_graphs():
+    model = make_model("tiny-dit")
+    with pytest.raises(ValueError, match="scheduler_in_graph: expected together with cuda_graphs=True"):
+        harmonica.enable(model, CacheSchedule.fora(4, units_of(model), 2), scheduler_in_graph=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", MODELS)
 def test_cuda_graph_replay_equals_eager_without_host_sync(name):
@@ -237,20 +279,18 @@ def test_cuda_compile_with_graphs_matches_eager(name):
 
 
 @pytest.mark.gpu
-def test_cuda_whole_dit_generation_with_graphs_has_no_host_sync():
-    from harmonica.samplers import dit_ddim_sample
-
+@pytest.mark.parametrize("scheduler_in_graph", [False, True], ids=["step-outside", "step-inside"])
+def test_cuda_whole_dit_generation_with_graphs_has_no_host_sync(scheduler_in_graph):
     model = make_model("tiny-dit").cuda()
-    labels = torch.tensor([3, 7], device="cuda")
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).cuda()
-    harmonica.enable(model, CacheSchedule.fora(6, units_of(model), 2))
-    eager = dit_ddim_sample(model, labels, num_steps=6, latents=latents)
-    harmonica.enable(model, CacheSchedule.fora(6, units_of(model), 2), cuda_graphs=True)
-    dit_ddim_sample(model, labels, num_steps=6, latents=latents)  # capture
+    schedule = CacheSchedule.fora(6, units_of(model), 2)
+    harmonica.enable(model, schedule)
+    eager = dit_generation(model)
+    harmonica.enable(model, schedule, cuda_graphs=True, scheduler_in_graph=scheduler_in_graph)
+    dit_generation(model)  # capture
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        replayed = dit_ddim_sample(model, labels, num_steps=6, latents=latents)
+        replayed = dit_generation(model)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(eager, replayed)

@@ -79,11 +79,11 @@ def test_nothing_is_pushed_when_off(ranges, monkeypatch):
 
 def test_pipeline_ranges_are_removed():
     pipe = build_pipeline("tiny-dit", random_weights=True)
-    ddim_update, step, decode = samplers.ddim_update, pipe.scheduler.step, pipe.vae.decode
+    solver_step, step, decode = samplers.solver_step, pipe.scheduler.step, pipe.vae.decode
     with nvtx.PipelineRanges(pipe):
-        assert samplers.ddim_update is not ddim_update and "step" in vars(pipe.scheduler)
+        assert samplers.solver_step is not solver_step and "step" in vars(pipe.scheduler)
         assert len(pipe.transformer.transformer_blocks[0]._forward_pre_hooks) == 1
-    assert samplers.ddim_update is ddim_update
+    assert samplers.solver_step is solver_step
     assert "step" not in vars(pipe.scheduler) and pipe.scheduler.step == step
     assert "decode" not in vars(pipe.vae) and pipe.vae.decode == decode
     assert not pipe.transformer.transformer_blocks[0]._forward_pre_hooks
