@@ -169,8 +169,8 @@ class GraphRunner:
     def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
         """A sampler state buffer of fixed address (contents undefined when new): the same tensor for
         the same name, shape, dtype and device, so graphs captured with it stay valid."""
-        current = self.buffers.get(name)
-        if current is None or current.shape != shape or current.dtype != dtype or current.device != torch.device(device):
+        current, device = self.buffers.get(name), torch.device(device)
+        if current is None or current.shape != shape or current.dtype != dtype or current.device != device:
             current = self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
             self.reset()  # graphs captured with the old buffer would write to it
         return current
