@@ -7,8 +7,10 @@
   "iddpm" (100 DDPM steps; the pipeline drops PixArt's learned variance, so the variance is the
   scheduler's fixed one).
 
-`dit_ddim_sample` steps through a coefficient table (`solvers.py`) held by `SolverLoop`: with
-`enable(..., cuda_graphs=True, scheduler_in_graph=True)` its step runs inside the captured graphs.
+`dit_ddim_sample` and `pixart_sample` (the PixArt pipeline's denoising loop for DPM-Solver++) step
+through a coefficient table (`solvers.py`) held by `SolverLoop`: no host state and no device read in
+the loop; with `enable(..., cuda_graphs=True, scheduler_in_graph=True)` the step runs inside the
+captured graphs.
 """
 
 import torch
@@ -16,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .api import begin_generation, step_runner
 from .router import dit_ddim_timesteps
-from .solvers import StepTable, ddim_table, solver_step
+from .solvers import StepTable, ddim_table, dpm_solver_table, solver_step
 
 PIXART_SAMPLERS = {"dpm-solver++": ("DPMSolverMultistepScheduler", 20), "sa-solver": ("SASolverScheduler", 25),
                    "iddpm": ("DDPMScheduler", 100)}
@@ -160,4 +162,60 @@ def dit_ddim_sample(transformer, class_labels: torch.Tensor, *, num_steps: int =
             model_in = torch.cat([loop.x, loop.x]) if guided else loop.x
             t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.long)
             loop.end_step(transformer(model_in, timestep=t_batch, class_labels=labels))
+    return loop.result()
+
+
+@torch.no_grad()
+def pixart_sample(pipe, prompt_embeds: torch.Tensor, prompt_attention_mask: torch.Tensor,
+                  negative_prompt_embeds: torch.Tensor | None = None,
+                  negative_prompt_attention_mask: torch.Tensor | None = None, *, num_steps: int = 20,
+                  guidance_scale: float = 4.5, height: int | None = None, width: int | None = None,
+                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                  progress: bool = False) -> torch.Tensor:
+    """The denoising loop of diffusers' PixArt pipeline with its DPM-Solver++ scheduler as a coefficient
+    table; returns latents (B, C, h, w) (decode with `vae.decode(x / vae.config.scaling_factor)`).
+
+    prompt_embeds (B, L, C) and prompt_attention_mask (B, L): the prompt; with guidance_scale > 1 the
+    negative pair (B, L, C), (B, L) too (the empty prompt's embeddings for PixArt's unconditional half).
+    `pipe.scheduler` must be a DPMSolverMultistepScheduler (`use_pixart_sampler(pipe, "dpm-solver++")`).
+    """
+    transformer, scheduler = pipe.transformer, pipe.scheduler
+    cfg = transformer.config
+    device, dtype = transformer.device, transformer.dtype
+    guided = guidance_scale > 1
+    if guided and (negative_prompt_embeds is None or negative_prompt_attention_mask is None):
+        raise ValueError("negative_prompt_embeds: expected the unconditional embeddings and mask with "
+                         f"guidance_scale {guidance_scale} > 1, got None")
+    batch = prompt_embeds.shape[0]
+    height = height or cfg.sample_size * pipe.vae_scale_factor
+    width = width or cfg.sample_size * pipe.vae_scale_factor
+    embeds, mask = prompt_embeds.to(device, dtype), prompt_attention_mask.to(device)
+    if guided:
+        embeds = torch.cat([negative_prompt_embeds.to(device, dtype), embeds])
+        mask = torch.cat([negative_prompt_attention_mask.to(device), mask])
+    conditions = {"resolution": None, "aspect_ratio": None}
+    if cfg.sample_size == 128:  # PixArt-alpha 1024's micro-conditions, as the pipeline sets them
+        rows = 2 * batch if guided else batch
+        conditions = {name: torch.tensor([value], dtype=dtype).repeat(rows, 1).to(device, non_blocking=True)
+                      for name, value in (("resolution", [height, width]), ("aspect_ratio", [height / width]))}
+    scheduler.set_timesteps(num_steps)  # on the host; starts the generation when harmonica is enabled
+    table = dpm_solver_table(scheduler)
+    timesteps = scheduler.timesteps.to(device, non_blocking=True)
+    latents = pipe.prepare_latents(batch, cfg.in_channels, height, width, dtype, device, generator, latents)
+    learned_sigma = cfg.out_channels // 2 == cfg.in_channels
+
+    def eps_of(output):
+        eps = output.sample[:, :cfg.in_channels] if learned_sigma else output.sample
+        if not guided:
+            return eps
+        uncond, cond = eps.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    with SolverLoop(transformer, table, latents, eps_of, (guidance_scale, batch)) as loop:
+        for i in tqdm(range(num_steps), disable=not progress, desc="dpm-solver++"):
+            loop.begin_step(i)
+            model_in = torch.cat([loop.x, loop.x]) if guided else loop.x
+            loop.end_step(transformer(model_in, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                      timestep=timesteps[i:i + 1].expand(model_in.shape[0]),
+                                      added_cond_kwargs=conditions))
     return loop.result()

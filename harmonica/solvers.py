@@ -33,8 +33,9 @@ class StepTable:
         return any(row[4] != 0 for row in self.rows)
 
     def tensor(self, device) -> torch.Tensor:
-        """(T, 5) float32 on `device`."""
-        return torch.tensor(self.rows, dtype=torch.float64).to(device, torch.float32)
+        """(T, 5) float32 on `device`, uploaded asynchronously (pageable memory is staged before the
+        call returns), so that a sampler loop reads nothing back from the device."""
+        return torch.tensor(self.rows, dtype=torch.float64).float().to(device, non_blocking=True)
 
 
 def ddim_table(name: str, alphas: list) -> StepTable:

@@ -47,7 +47,7 @@ class StandInGraphs:
 
 def enable_with_stand_in(model, schedule, **options):
     engine = harmonica.enable(model, schedule, cuda_graphs=True, **options)
-    runner = model._harmonica.graphs
+    runner = getattr(model, "transformer", model)._harmonica.graphs
     runner.backend = StandInGraphs(runner)
     return engine, runner
 
@@ -220,6 +220,32 @@ def test_dit_sampler_step_inside_the_graphs_equals_the_eager_sampler_bitwise():
     assert torch.equal(dit_generation(model), eager) and runner.epilogue is None and not runner.buffers
 
 
+@torch.no_grad()
+def pixart_generation(pipe, steps=6):
+    from harmonica.models import random_prompt_embeds
+    from harmonica.samplers import pixart_sample
+
+    device = pipe.transformer.device
+    embeds = random_prompt_embeds("tiny-pixart", 2, torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones(embeds.shape[:2], device=device)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
+    return pixart_sample(pipe, embeds, mask, torch.zeros_like(embeds), mask, num_steps=steps, latents=latents)
+
+
+def test_pixart_sampler_step_inside_the_graphs_equals_the_eager_sampler_bitwise():
+    from harmonica.models import build_pipeline
+
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    schedule = CacheSchedule.fora(6, units_of(pipe.transformer), 2)
+    harmonica.enable(pipe, schedule)
+    eager = pixart_generation(pipe)
+    _, runner = enable_with_stand_in(pipe, schedule, scheduler_in_graph=True)
+    runner.buffer("x0_prev", (2, 4, 8, 8), torch.float32, "cpu").fill_(float("nan"))  # read at step 0 with c = 0
+    first, second = pixart_generation(pipe), pixart_generation(pipe)
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert (runner.captures, runner.replays) == (2, 4 + 6)
+
+
 def test_scheduler_in_graph_needs_cuda_graphs():
     model = make_model("tiny-dit")
     with pytest.raises(ValueError, match="scheduler_in_graph: expected together with cuda_graphs=True"):
@@ -239,7 +265,7 @@ def test_cuda_graph_replay_equals_eager_without_host_sync(name):
             replayed = [model(**step).sample for step in inputs]
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    runner = model._harmonica.graphs
+    runner = getattr(model, "transformer", model)._harmonica.graphs
     assert (runner.captures, runner.replays) == (3, 7)
     for a, b, c in zip(eager, first, replayed):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -291,6 +317,26 @@ def test_cuda_whole_dit_generation_with_graphs_has_no_host_sync(scheduler_in_gra
     torch.cuda.set_sync_debug_mode("error")
     try:
         replayed = dit_generation(model)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(eager, replayed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheduler_in_graph", [False, True], ids=["step-outside", "step-inside"])
+def test_cuda_whole_pixart_generation_with_graphs_has_no_host_sync(scheduler_in_graph):
+    from harmonica.models import build_pipeline
+
+    pipe = build_pipeline("tiny-pixart", random_weights=True).to("cuda")
+    schedule = CacheSchedule.fora(6, units_of(pipe.transformer), 2)
+    harmonica.enable(pipe, schedule)
+    eager = pixart_generation(pipe)
+    harmonica.enable(pipe, schedule, cuda_graphs=True, scheduler_in_graph=scheduler_in_graph)
+    pixart_generation(pipe)  # capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        replayed = pixart_generation(pipe)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(eager, replayed)

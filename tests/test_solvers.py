@@ -1,11 +1,16 @@
-"""Sampler steps as coefficient tables (harmonica/solvers.py) against the samplers they replace."""
+"""Sampler steps as coefficient tables (harmonica/solvers.py) and the loops that use them, against the
+samplers they replace."""
 
 import diffusers
 import pytest
 import torch
 
-from harmonica.samplers import dit_alphas_cumprod, dit_ddim_table
+import harmonica
+from harmonica import CacheSchedule
+from harmonica.models import TINY_PIXART, build_pipeline, random_prompt_embeds
+from harmonica.samplers import dit_alphas_cumprod, dit_ddim_table, pixart_sample, use_pixart_sampler
 from harmonica.solvers import dpm_solver_table, solver_step
+from harmonica.units import cached_units
 
 DPM_SETTINGS = {"pixart": {}, "heun": {"solver_type": "heun"}, "order-1": {"solver_order": 1},
                 "no-lowering": {"lower_order_final": False, "final_sigmas_type": "sigma_min"}}
@@ -100,3 +105,54 @@ def test_solver_step_computes_in_float32_and_casts_the_sample_only(dtype):
     assert x_next.dtype == dtype and x0.dtype == torch.float32
     torch.testing.assert_close(x0, expected_x0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x_next, (0.4 * xl + 0.5 * expected_x0 - 0.2 * x0_prev).to(dtype), rtol=0, atol=0)
+
+
+def pixart_prompt(batch: int = 1) -> dict:
+    embeds = random_prompt_embeds("tiny-pixart", batch, torch.Generator().manual_seed(0))
+    mask = torch.ones(embeds.shape[:2])
+    return {"prompt_embeds": embeds, "prompt_attention_mask": mask,
+            "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
+
+
+def assert_close_relative(actual, expected, rtol=1e-5):
+    error = (actual - expected).abs().max().item()
+    assert error <= rtol * expected.abs().max().item(), f"max error {error:.3g}"
+
+
+@pytest.mark.parametrize("guidance", [4.5, 1.0])
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "fora-2"])
+def test_pixart_sample_follows_the_pipeline(cached, guidance):
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    if cached:
+        harmonica.enable(pipe, CacheSchedule.fora(8, len(cached_units(pipe.transformer)), 2))
+    options = {"guidance_scale": guidance, "height": 64, "width": 64}
+    expected = pipe(**pixart_prompt(2), negative_prompt=None, num_inference_steps=8, use_resolution_binning=False,
+                    generator=torch.Generator().manual_seed(1), output_type="latent", **options).images
+    actual = pixart_sample(pipe, **pixart_prompt(2), num_steps=8, generator=torch.Generator().manual_seed(1),
+                           **options)
+    assert actual.shape == (2, 4, 8, 8)
+    assert_close_relative(actual, expected)
+
+
+def test_pixart_sample_passes_the_1024_micro_conditions():
+    """PixArt-alpha 1024 (sample_size 128) reads resolution and aspect ratio (a tiny model of that size)."""
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    # width 24: the size embedding needs a multiple of 3
+    config = {**TINY_PIXART, "sample_size": 128, "attention_head_dim": 12, "cross_attention_dim": 24}
+    pipe.transformer = diffusers.PixArtTransformer2DModel(**config).eval()
+    size = 128 * pipe.vae_scale_factor
+    options = {"guidance_scale": 4.5, "height": size, "width": size}
+    expected = pipe(**pixart_prompt(), negative_prompt=None, num_inference_steps=2, use_resolution_binning=False,
+                    generator=torch.Generator().manual_seed(1), output_type="latent", **options).images
+    actual = pixart_sample(pipe, **pixart_prompt(), num_steps=2, generator=torch.Generator().manual_seed(1), **options)
+    assert_close_relative(actual, expected)
+
+
+def test_pixart_sample_errors():
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    prompt = pixart_prompt()
+    with pytest.raises(ValueError, match="negative_prompt_embeds: expected the unconditional embeddings"):
+        pixart_sample(pipe, prompt["prompt_embeds"], prompt["prompt_attention_mask"], num_steps=2)
+    use_pixart_sampler(pipe, "sa-solver")
+    with pytest.raises(ValueError, match="expected a DPMSolverMultistepScheduler, got SASolverScheduler"):
+        pixart_sample(pipe, **prompt, num_steps=2)
