@@ -22,7 +22,11 @@ from harmonica.router import Router, RouterInfo
 from harmonica.schedule import CacheSchedule
 from harmonica.units import cached_units
 
-MODES = ("eager", "fused", "graphs", "compile")
+# execution modes, as `harmonica.enable` options (bench/suite.py describes them)
+MODE_OPTIONS = {"eager": {"fused": False}, "fused": {}, "graphs": {"cuda_graphs": True},
+                "graphs-step": {"cuda_graphs": True, "scheduler_in_graph": True},
+                "compile": {"cuda_graphs": True, "compile": True}}
+MODES = tuple(MODE_OPTIONS)
 PEERS = ("fbcache", "taylorseer", "dbcache")
 LEARNED_RULES = {"harmonica": "harmonica", "l2c": "l2c-alternating"}
 DEFAULT_CUR = {"harmonica": 0.5, "l2c": 0.35}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .configs import SKELETON
 
-MODE_MARKERS = {"eager": "o", "fused": "s", "graphs": "^", "compile": "D"}
+MODE_MARKERS = {"eager": "o", "fused": "s", "graphs": "^", "graphs-step": "v", "compile": "D"}
 
 
 def _fastest_per_config(rows) -> dict:

@@ -3,15 +3,19 @@ no-cache baseline of the same run, with the theoretical (MAC) speedup, quality a
 
 A generation has three timed phases: text encoding (PixArt with real weights; random weights have
 no text encoder and DiT is class-conditional: not timed), the transformer loop (DiT: the original
-DiT DDIM loop `samplers.dit_ddim_sample`; PixArt: the diffusers pipeline with `output_type="latent"`,
-its scheduler steps included) and the VAE decode. Each row warms up (`warmup` generations, which
+DiT DDIM loop `samplers.dit_ddim_sample`; PixArt with DPM-Solver++: `samplers.pixart_sample`, the
+pipeline's loop with the scheduler as a coefficient table (equal to the pipeline's latents within fp32
+rounding); PixArt with another sampler: the diffusers pipeline with `output_type="latent"`; scheduler
+steps included) and the VAE decode. Each row warms up (`warmup` generations, which
 also capture CUDA graphs and count the units peers ran), then times `repeat` generations (CUDA
 events after a synchronise on a GPU, `perf_counter` on the CPU); medians, quartiles and extremes.
 
 Execution modes of a harmonica configuration (peers run once, as their hooks run):
 - eager: `enable(..., fused=False)` (torch references); for no-cache and fewer-steps the plain pipeline;
 - fused: `enable(...)` (fused Triton ops on CUDA);
-- graphs: `enable(..., cuda_graphs=True)` (CUDA only);
+- graphs: `enable(..., cuda_graphs=True)` (CUDA only): the sampler step runs after each replay;
+- graphs-step: `enable(..., cuda_graphs=True, scheduler_in_graph=True)` (CUDA only, table samplers):
+  the sampler step runs inside each graph (method.md: keep the faster of the two);
 - compile: `enable(..., cuda_graphs=True, compile=True)` (CUDA only).
 
 Rows are flat dicts (one per model, resolution, steps, configuration, mode), `status` "ok" or
@@ -29,10 +33,27 @@ from tqdm.auto import tqdm
 import harmonica
 from harmonica.models import PRESETS, REAL_MODELS, build_pipeline, preset, random_prompt_embeds
 from harmonica.router import Router
-from harmonica.samplers import default_steps, dit_ddim_sample, use_pixart_sampler
+from harmonica.samplers import (
+    PIXART_PROMPT_KEYS,
+    TABLE_SAMPLERS,
+    default_steps,
+    dit_ddim_sample,
+    pixart_sample,
+    use_pixart_sampler,
+)
 from harmonica.schedule import CacheSchedule
 
-from .configs import DEFAULT_CONFIGS, LEARNED_RULES, MODES, SKELETON, Config, engine_schedule, fewer_steps, parse_config
+from .configs import (
+    DEFAULT_CONFIGS,
+    LEARNED_RULES,
+    MODE_OPTIONS,
+    MODES,
+    SKELETON,
+    Config,
+    engine_schedule,
+    fewer_steps,
+    parse_config,
+)
 from .gap import attribute_gap
 from .macs import count_macs
 from .peers import PeerUnavailable, UnitCounter, make_peer
@@ -155,9 +176,8 @@ class Workload:
 
     def encode(self):
         """PixArt with a text encoder: the prompt's embeddings (timed); None for the others."""
-        keys = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
         values = self.pipe.encode_prompt(PROMPT, do_classifier_free_guidance=True, device=self.device)
-        return {**dict(zip(keys, values)), "negative_prompt": None}
+        return {**dict(zip(PIXART_PROMPT_KEYS, values)), "negative_prompt": None}
 
     def loop(self, prompt, num_steps: int, transformer):
         """Latents (1, C, h, w) after `num_steps` denoising steps of the seed's noise."""
@@ -168,6 +188,10 @@ class Workload:
                                    generator=generator)
         original, self.pipe.transformer = self.pipe.transformer, transformer
         try:
+            if self.sampler == "dpm-solver++":
+                return pixart_sample(self.pipe, **{k: prompt[k] for k in PIXART_PROMPT_KEYS}, num_steps=num_steps,
+                                     guidance_scale=PIXART_GUIDANCE, generator=generator, height=self.spec.resolution,
+                                     width=self.spec.resolution)
             return self.pipe(**prompt, num_inference_steps=num_steps, guidance_scale=PIXART_GUIDANCE,
                              generator=generator, height=self.spec.resolution, width=self.spec.resolution,
                              use_resolution_binning=False, output_type="latent").images
@@ -227,17 +251,14 @@ class Workload:
         return result
 
 
-def _skip_reason(config: Config, mode: str, device: str) -> str | None:
-    if mode in ("graphs", "compile") and device != "cuda":
+def _skip_reason(config: Config, mode: str, device: str, sampler: str) -> str | None:
+    if mode in ("graphs", "graphs-step", "compile") and device != "cuda":
         return "needs CUDA"
+    if mode == "graphs-step" and sampler not in TABLE_SAMPLERS:
+        return f"the {sampler} step cannot run inside a graph (table samplers: {', '.join(TABLE_SAMPLERS)})"
     if mode == "compile" and "compile" not in inspect.signature(harmonica.enable).parameters:
         return "torch.compile option not implemented yet (harmonica.enable has no compile argument)"
     return None
-
-
-def _enable_kwargs(mode: str) -> dict:
-    return {"eager": {"fused": False}, "fused": {}, "graphs": {"cuda_graphs": True},
-            "compile": {"cuda_graphs": True, "compile": True}}[mode]
 
 
 class GroupRun:
@@ -313,7 +334,7 @@ class GroupRun:
         return schedule.theoretical_speedup(self.w.macs)
 
     def run_engine(self, config: Config, mode: str, matched: float) -> None:
-        reason = _skip_reason(config, mode, self.options.device)
+        reason = _skip_reason(config, mode, self.options.device, self.w.sampler)
         if reason:
             self.skip(config.name, mode, reason)
             return
@@ -331,7 +352,7 @@ class GroupRun:
         target, enabled, report = self.w.enable_target(), False, None
         try:
             if not plain:
-                harmonica.enable(target, plan, **_enable_kwargs(mode))
+                harmonica.enable(target, plan, **MODE_OPTIONS[mode])
                 enabled = True
             measurement = self.w.measure(row_steps, self.options.repeat, self.options.warmup)
             if enabled:

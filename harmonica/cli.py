@@ -6,10 +6,19 @@ import time
 
 import torch
 
-from .api import enable, summary
+from .api import enable, step_runner, summary
 from .models import PRESETS, build_pipeline, preset, random_prompt_embeds
 from .router import Router
-from .samplers import DIT_SAMPLERS, PIXART_SAMPLERS, default_steps, dit_ddim_sample, use_pixart_sampler
+from .samplers import (
+    DIT_SAMPLERS,
+    PIXART_PROMPT_KEYS,
+    PIXART_SAMPLERS,
+    TABLE_SAMPLERS,
+    default_steps,
+    dit_ddim_sample,
+    pixart_sample,
+    use_pixart_sampler,
+)
 from .schedule import CacheSchedule
 from .units import cached_units
 
@@ -38,9 +47,8 @@ def _sampler_choices(spec) -> dict:
 
 
 def generate(pipe, args, spec, sampler: str, steps: int, generator: torch.Generator):
-    """One PIL image of the preset's native resolution."""
-    from diffusers.image_processor import VaeImageProcessor
-
+    """One PIL image of the preset's native resolution. With the sampler step inside the CUDA graphs
+    (`enable(..., scheduler_in_graph=True)`), PixArt runs `pixart_sample` instead of the pipeline."""
     device = pipe.transformer.device
     if spec.is_pixart:
         prompt = {"prompt": args.prompt}
@@ -49,6 +57,13 @@ def generate(pipe, args, spec, sampler: str, steps: int, generator: torch.Genera
             mask = torch.ones(embeds.shape[:2], device=device)
             prompt = {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_prompt": None,
                       "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
+        if step_runner(pipe.transformer) is not None:
+            if "prompt" in prompt:
+                prompt = dict(zip(PIXART_PROMPT_KEYS, pipe.encode_prompt(args.prompt, device=device)))
+            prompt = {key: prompt[key] for key in PIXART_PROMPT_KEYS}
+            latents = pixart_sample(pipe, **prompt, num_steps=steps, guidance_scale=args.guidance or 4.5,
+                                    generator=generator, height=spec.resolution, width=spec.resolution, progress=True)
+            return _decode(pipe, latents)
         return pipe(**prompt, num_inference_steps=steps, guidance_scale=args.guidance or 4.5, generator=generator,
                     height=spec.resolution, width=spec.resolution, use_resolution_binning=not args.random_weights
                     ).images[0]
@@ -58,6 +73,13 @@ def generate(pipe, args, spec, sampler: str, steps: int, generator: torch.Genera
                     generator=generator).images[0]
     latents = dit_ddim_sample(pipe.transformer, labels, num_steps=steps, guidance_scale=args.guidance or 1.5,
                               generator=generator, progress=True)
+    return _decode(pipe, latents)
+
+
+def _decode(pipe, latents: torch.Tensor):
+    """The PIL image of latents (1, C, h, w)."""
+    from diffusers.image_processor import VaeImageProcessor
+
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
     return VaeImageProcessor().postprocess(images, output_type="pil")[0]
 
@@ -76,7 +98,10 @@ def sample(args) -> int:
     if spec.is_pixart:
         use_pixart_sampler(pipe, sampler)  # before enable, which hooks the scheduler
     unit_names = [name for name, _ in cached_units(pipe.transformer)]
-    execution = {"cuda_graphs": args.cuda_graphs, "compile": args.compile}
+    if args.scheduler_in_graph and sampler not in TABLE_SAMPLERS:
+        raise ValueError(f"--scheduler-in-graph: expected a sampler from {list(TABLE_SAMPLERS)}, got {sampler!r}")
+    execution = {"cuda_graphs": args.cuda_graphs, "scheduler_in_graph": args.scheduler_in_graph,
+                 "compile": args.compile}
     if args.router:
         enable(pipe, Router.from_pretrained(args.router), tau=args.tau, **execution)
     else:
@@ -209,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance", type=float, help="classifier-free guidance (default: 1.5 DiT-DDIM, 4.5 PixArt)")
     s.add_argument("--fp32", action="store_true", help="fp32 on CUDA (default fp16; CPU always fp32)")
     s.add_argument("--cuda-graphs", action="store_true", help="one CUDA graph per distinct schedule row")
+    s.add_argument("--scheduler-in-graph", action="store_true",
+                   help="with --cuda-graphs: the sampler step inside each graph (dit-ddim, dpm-solver++)")
     s.add_argument("--compile", action="store_true", help="torch.compile the transformer, one graph per row")
     s.add_argument("--out", default="out.png")
     from .bench.command import add_arguments as add_bench_arguments

@@ -23,6 +23,10 @@ from .solvers import StepTable, ddim_table, dpm_solver_table, solver_step
 PIXART_SAMPLERS = {"dpm-solver++": ("DPMSolverMultistepScheduler", 20), "sa-solver": ("SASolverScheduler", 25),
                    "iddpm": ("DDPMScheduler", 100)}
 DIT_SAMPLERS = {"dit-ddim": ("dit-ddim", 20)}
+TABLE_SAMPLERS = ("dit-ddim", "dpm-solver++")  # run by SolverLoop: their step can be inside a CUDA graph
+# what `pixart_sample` takes, in the order of the pipeline's `encode_prompt` results
+PIXART_PROMPT_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                      "negative_prompt_attention_mask")
 DIT_GUIDED_CHANNELS = 3
 DIT_TRAIN_STEPS = 1000
 

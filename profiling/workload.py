@@ -15,6 +15,7 @@ import time
 import torch
 
 from harmonica.api import enable, summary
+from harmonica.bench.configs import MODE_OPTIONS
 from harmonica.cli import generate, parse_schedule
 from harmonica.models import PRESETS, build_pipeline, preset
 from harmonica.router import Router
@@ -22,9 +23,6 @@ from harmonica.samplers import default_steps, use_pixart_sampler
 from harmonica.units import cached_units
 
 from . import nvtx
-
-# how the transformer runs, as `harmonica.enable` options
-MODES = {"eager": {"fused": False}, "fused": {}, "graphs": {"cuda_graphs": True}, "compile": {"compile": True}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,9 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--config", default="no-cache", help="cache schedule: 'fora:N', 'delta-dit:b=B,n=N' or "
                                                             "'no-cache' (as `harmonica sample --schedule`)")
     cache.add_argument("--router", help="directory of a router saved by Router.save_pretrained")
-    parser.add_argument("--mode", choices=MODES, default="fused",
+    parser.add_argument("--mode", choices=MODE_OPTIONS, default="fused",
                         help="eager (torch references), fused (Triton ops), graphs (one CUDA graph per schedule "
-                             "row) or compile (torch.compile)")
+                             "row), graphs-step (the sampler step inside the graphs) or compile (graphs and "
+                             "torch.compile), as in the bench")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the preset sampler's)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed generations first (Triton autotuning, graph capture, compilation)")
@@ -71,7 +70,7 @@ def run(args) -> float:
         cache = Router.from_pretrained(args.router)
     else:
         cache = parse_schedule(args.config, steps, [name for name, _ in cached_units(pipe.transformer)])
-    enable(pipe, cache, **MODES[args.mode])
+    enable(pipe, cache, **MODE_OPTIONS[args.mode])
 
     def generation():
         return generate(pipe, args, spec, spec.sampler, steps, torch.Generator().manual_seed(args.seed))

@@ -9,12 +9,12 @@ import torch
 
 import harmonica
 from harmonica.bench import command, peers, table
-from harmonica.bench.configs import parse_config, synthetic_schedule
+from harmonica.bench.configs import MODE_OPTIONS, parse_config, synthetic_schedule
 from harmonica.bench.gap import attribute_gap
 from harmonica.bench.macs import count_macs, mac_table
 from harmonica.bench.peers import UnitCounter, make_peer
 from harmonica.bench.quality import psnr, ssim
-from harmonica.bench.suite import SuiteOptions, run_suite, select_models
+from harmonica.bench.suite import SuiteOptions, _skip_reason, run_suite, select_models
 from harmonica.bench.timing import spread
 from harmonica.cli import main as cli_main
 from harmonica.models import build_pipeline
@@ -68,8 +68,8 @@ def test_good_configs_and_defaults():
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"modes": ("eager", "fast")}, r"--modes: expected names from \['eager', 'fused', 'graphs', 'compile'\], "
-                                   r"got 'fast'"),
+    ({"modes": ("eager", "fast")},
+     r"--modes: expected names from \['eager', 'fused', 'graphs', 'graphs-step', 'compile'\], got 'fast'"),
     ({"repeat": 0}, r"--repeat: expected an integer >= 1, got 0"),
     ({"steps": (20, 1)}, r"--steps: expected step counts >= 2, got \[20, 1\]"),
 ])
@@ -326,15 +326,24 @@ def test_quick_run_on_tiny_dit(tmp_path, monkeypatch, capsys):
         assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_the_step_inside_the_graph_needs_cuda_and_a_table_sampler():
+    config = parse_config("fora:2")
+    assert _skip_reason(config, "graphs-step", "cpu", "dit-ddim") == "needs CUDA"
+    assert _skip_reason(config, "graphs-step", "cuda", "dpm-solver++") is None
+    assert "sa-solver step cannot run inside a graph" in _skip_reason(config, "graphs-step", "cuda", "sa-solver")
+    assert MODE_OPTIONS["graphs-step"] == {"cuda_graphs": True, "scheduler_in_graph": True}
+
+
 @pytest.mark.gpu
 def test_graph_and_compile_rows_on_cuda():
     options = SuiteOptions(models=("tiny-pixart",), configs=("fora:2", "harmonica", "fbcache"),
-                           modes=("fused", "graphs", "compile"), repeat=2, device="cuda")
+                           modes=("fused", "graphs", "graphs-step", "compile"), repeat=2, device="cuda")
     rows = {(r["config"], r["mode"]): r for r in run_suite(options, progress=False)}
     for config in ("fora:2", "harmonica"):
-        fused, graphs, compiled = (rows[(config, mode)] for mode in ("fused", "graphs", "compile"))
-        assert graphs["status"] == "ok" and compiled["status"] == "ok", (graphs["reason"], compiled["reason"])
+        fused, graphs, step, compiled = (rows[(config, m)] for m in ("fused", "graphs", "graphs-step", "compile"))
+        assert all(r["status"] == "ok" for r in (graphs, step, compiled)), (graphs, step, compiled)
         assert graphs["psnr"] == pytest.approx(fused["psnr"], abs=0.5)  # replays compute what fused computes
+        assert step["psnr"] == pytest.approx(graphs["psnr"], abs=0.5)
         assert graphs["retained_bytes"] > 0 and graphs["peak_bytes"] > 0 and graphs["cache_bytes"] > 0
     assert rows[("fora:2", "graphs")]["graphs"] == 2  # two distinct schedule rows
     assert rows[("fbcache", "eager")]["status"] == "ok"

@@ -49,6 +49,31 @@ def test_cuda_graphs_and_compile_flags_on_cpu(tmp_path, monkeypatch):
     assert np.array_equal(eager, graphed)
 
 
+def test_scheduler_in_graph_flag_runs_the_table_loop(tmp_path, monkeypatch, capsys):
+    from harmonica import graphs, samplers
+
+    monkeypatch.setattr(graphs, "_WARNED_CPU", True)
+    calls, original = [], samplers.SolverLoop.advance
+
+    def advance(loop, output):
+        calls.append(loop.runner is not None)
+        original(loop, output)
+
+    monkeypatch.setattr(samplers.SolverLoop, "advance", advance)
+    base = ["sample", "--model", "tiny-pixart", "--random-weights", "--schedule", "fora:2", "--steps", "4"]
+    assert main(base + ["--out", str(tmp_path / "pipeline.png")]) == 0
+    assert calls == []  # the pipeline's own loop
+    assert main(base + ["--cuda-graphs", "--scheduler-in-graph", "--out", str(tmp_path / "table.png")]) == 0
+    assert calls == [True] * 4  # every step through the runner's epilogue
+    pipeline, table = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("pipeline", "table"))
+    assert np.abs(pipeline - table).max() <= 1  # the same image up to fp32 rounding
+    assert main(base + ["--scheduler-in-graph", "--out", str(tmp_path / "x.png")]) == 2
+    assert main(base + ["--cuda-graphs", "--scheduler-in-graph", "--sampler", "sa-solver"]) == 2
+    errors = capsys.readouterr().err
+    assert "scheduler_in_graph: expected together with cuda_graphs=True" in errors
+    assert "--scheduler-in-graph: expected a sampler from ['dit-ddim', 'dpm-solver++'], got 'sa-solver'" in errors
+
+
 def test_dit_ddim_with_delta_dit(tmp_path, capsys):
     out = tmp_path / "dit.png"
     args = ["sample", "--model", "tiny-dit", "--random-weights", "--schedule", "delta-dit:b=5,n=2", "--steps", "10"]
