@@ -17,8 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import begin_generation, step_runner
+from .kernels import solver_step
 from .router import dit_ddim_timesteps
-from .solvers import StepTable, ddim_table, dpm_solver_table, solver_step
+from .solvers import StepTable, ddim_table, dpm_solver_table
 
 PIXART_SAMPLERS = {"dpm-solver++": ("DPMSolverMultistepScheduler", 20), "sa-solver": ("SASolverScheduler", 25),
                    "iddpm": ("DDPMScheduler", 100)}
@@ -52,15 +53,12 @@ def dit_alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1 - betas, 0)
 
 
-def dit_guided_eps(out: torch.Tensor, batch: int, guidance_scale: float, channels: int) -> torch.Tensor:
-    """eps (B, C) from a DiT output (2B or B, >= C channels): with guidance, the conditional half's eps
-    with its first 3 channels guided, `uncond + s * (cond - uncond)` (the original DiT's choice)."""
-    eps = out[:batch, :channels]
-    if out.shape[0] == batch:
-        return eps
-    guided = min(DIT_GUIDED_CHANNELS, channels)
-    cond, uncond = out[:batch, :guided], out[batch:, :guided]
-    return torch.cat([uncond + guidance_scale * (cond - uncond), eps[:, guided:]], dim=1)
+def dit_guidance(guidance_scale: float, channels: int) -> dict:
+    """`solver_step` guidance options of the original DiT: above 1, the first 3 eps channels guided,
+    `uncond + s * (cond - uncond)`, conditional half first; else none."""
+    if guidance_scale <= 1:
+        return {}
+    return {"guidance_scale": guidance_scale, "guided_channels": min(DIT_GUIDED_CHANNELS, channels)}
 
 
 def dit_ddim_alphas(num_steps: int) -> list:
@@ -81,13 +79,13 @@ class SolverLoop:
     these live in its fixed buffers and `advance` is the graphs' epilogue; else `end_step` advances
     eagerly. Use as a context manager around the step loop.
 
-    table: the sampler's `StepTable`; latents: (B, C, H, W) initial sample; eps_of: transformer output ->
-    eps (B, C, H, W); key: the constants eps_of depends on (guidance scale, batch).
+    table: the sampler's `StepTable`; latents: (B, C, H, W) initial sample; guidance: the `solver_step`
+    guidance options (empty without guidance), constants of a captured step.
     """
 
-    def __init__(self, transformer, table: StepTable, latents: torch.Tensor, eps_of, key: tuple):
+    def __init__(self, transformer, table: StepTable, latents: torch.Tensor, guidance: dict):
         self.runner = step_runner(transformer)
-        self.eps_of, self.key = eps_of, (table.name, *key)
+        self.guidance, self.key = guidance, (table.name, tuple(sorted(guidance.items())))
         device = latents.device
         self.coefficients = table.tensor(device)
         make = self.runner.buffer if self.runner is not None else _new_buffer
@@ -118,10 +116,9 @@ class SolverLoop:
             self.advance(output)
 
     def advance(self, output) -> None:
-        x_next, x0 = solver_step(self.x, self.eps_of(output), self.x0_prev, self.step_coefficients)
-        self.x.copy_(x_next)
-        if self.x0_prev is not None:
-            self.x0_prev.copy_(x0)
+        """x <- x_next and x0_prev <- x0, in place, from the transformer output (one fused op)."""
+        solver_step(self.x, output.sample, self.step_coefficients, x0_prev=self.x0_prev, x_out=self.x,
+                    x0_out=self.x0_prev, **self.guidance)
 
     def result(self) -> torch.Tensor:
         """The final sample (a copy when it lives in the runner's buffer, which the next generation reuses)."""
@@ -157,10 +154,8 @@ def dit_ddim_sample(transformer, class_labels: torch.Tensor, *, num_steps: int =
     timesteps = dit_ddim_timesteps(num_steps)
     begin_generation(transformer, "dit-ddim", timesteps)
 
-    def eps_of(output):
-        return dit_guided_eps(output.sample, batch, guidance_scale, cfg.in_channels)
-
-    with SolverLoop(transformer, dit_ddim_table(num_steps), latents, eps_of, (guidance_scale, batch)) as loop:
+    guidance = dit_guidance(guidance_scale, cfg.in_channels)
+    with SolverLoop(transformer, dit_ddim_table(num_steps), latents, guidance) as loop:
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="dit-ddim")):
             loop.begin_step(i)
             model_in = torch.cat([loop.x, loop.x]) if guided else loop.x
@@ -206,16 +201,8 @@ def pixart_sample(pipe, prompt_embeds: torch.Tensor, prompt_attention_mask: torc
     table = dpm_solver_table(scheduler)
     timesteps = scheduler.timesteps.to(device, non_blocking=True)
     latents = pipe.prepare_latents(batch, cfg.in_channels, height, width, dtype, device, generator, latents)
-    learned_sigma = cfg.out_channels // 2 == cfg.in_channels
-
-    def eps_of(output):
-        eps = output.sample[:, :cfg.in_channels] if learned_sigma else output.sample
-        if not guided:
-            return eps
-        uncond, cond = eps.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    with SolverLoop(transformer, table, latents, eps_of, (guidance_scale, batch)) as loop:
+    guidance = {"guidance_scale": guidance_scale, "cond_first": False} if guided else {}  # learned sigma: ignored
+    with SolverLoop(transformer, table, latents, guidance) as loop:
         for i in tqdm(range(num_steps), disable=not progress, desc="dpm-solver++"):
             loop.begin_step(i)
             model_in = torch.cat([loop.x, loop.x]) if guided else loop.x

@@ -8,7 +8,8 @@ previous step's data prediction x0_prev:
     x0     = p * x + q * eps
     x_next = a * x + b * x0 + c * x0_prev
 
-Row i of a table is (p, q, a, b, c) of step i, computed in float64 on the host.
+Row i of a table is (p, q, a, b, c) of step i, computed in float64 on the host; the update itself,
+guidance included, is the fused op `harmonica.kernels.solver_step` (torch reference on the CPU).
 - DDIM with eta 0 (the original DiT sampler): c = 0.
 - diffusers' `DPMSolverMultistepScheduler` as PixArt uses it (DPM-Solver++, order <= 2, epsilon
   prediction): first order at step 0 and where diffusers lowers the final step, second order elsewhere.
@@ -97,17 +98,3 @@ def _dpm_solver_row(sigmas: list, i: int, first_order: bool, solver_type: str) -
         return p, q, a, -e * (1 + 0.5 / r0), 0.5 * e / r0
     f = alpha_next * ((sigma_next / sigma - 1) / h + 1)  # heun: x_next = a x - e D0 + f D1
     return p, q, a, -e + f / r0, -f / r0
-
-
-def solver_step(x: torch.Tensor, eps: torch.Tensor, x0_prev: torch.Tensor | None,
-                coefficients: torch.Tensor) -> tuple:
-    """One step: x (B, C, H, W), eps like x, x0_prev (B, C, H, W) float32 or None (c = 0),
-    coefficients (5,) float32 on x's device. Computed in float32; returns (x_next in x's dtype,
-    x0 float32)."""
-    p, q, a, b, c = coefficients.unbind()
-    x32 = x.float()
-    x0 = p * x32 + q * eps.float()
-    x_next = a * x32 + b * x0
-    if x0_prev is not None:
-        x_next = x_next + c * x0_prev
-    return x_next.to(x.dtype), x0

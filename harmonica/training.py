@@ -24,9 +24,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .engine import CacheEngine
+from .kernels import solver_step
 from .router import Router, RouterInfo, dit_ddim_timesteps
-from .samplers import dit_ddim_table, dit_guided_eps, dit_null_labels
-from .solvers import solver_step
+from .samplers import dit_ddim_table, dit_guidance, dit_null_labels
 
 OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
 BETA_GAIN = 2.0  # --target-cur: after each trajectory, beta *= exp(gain * (target CUR - CUR at tau))
@@ -89,10 +89,9 @@ class DiTTask:
                 "class_labels": dit_null_labels(labels, self.num_classes) if guided else labels}
 
     def update(self, state, x, out, cond, i: int):
-        eps = dit_guided_eps(out, x.shape[0], self.guidance, x.shape[1])
         if self.coefficients is None or self.coefficients.device != x.device:
             self.coefficients = self.table.tensor(x.device)
-        return solver_step(x, eps, None, self.coefficients[i])[0]
+        return solver_step(x, out, self.coefficients[i], **dit_guidance(self.guidance, x.shape[1]))[0]
 
 
 EMBEDDING_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_embeds", "negative_attention_mask")

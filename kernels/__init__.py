@@ -9,10 +9,12 @@ from .gated_residual import (
     gated_residual_reuse,
     gated_residual_reuse_ref,
 )
+from .solver_step import guided_eps, solver_step, solver_step_ref
 
 __all__ = [
     "CacheCopyPlan", "cache_copy", "cache_copy_ref",
     "gated_residual", "gated_residual_ref",
     "gated_residual_compute", "gated_residual_compute_ref",
     "gated_residual_reuse", "gated_residual_reuse_ref",
+    "guided_eps", "solver_step", "solver_step_ref",
 ]
