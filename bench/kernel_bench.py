@@ -5,6 +5,9 @@ Ops (inputs (B, N, D), gate (B, 1, D)):
 - reuse:   eager `gate * cache`, `+ h`                      vs `gated_residual_reuse`
 - blend:   eager soft gating with the r > tau slot write    vs `gated_residual(..., tau=)`
 - cache_copy: 56 slots, a loop of `copy_` and `torch._foreach_copy_` vs one `CacheCopyPlan`
+- solver_step (shape (B, C, N): latents of N = H*W positions, a CFG output of 2B rows and 2C channels,
+  guidance on all channels and a DPM-Solver++ second-order step, as PixArt's):
+  eager `solver_step_ref` (about fifteen small ops) vs `solver_step`, both in place
 Each op also times a device-to-device copy moving the same bytes as the fused op, in the same run:
 `copy_fraction` = copy time / op time is the share of copy bandwidth the op reaches.
 
@@ -24,6 +27,7 @@ from harmonica.kernels.gated_residual import (
     gated_residual_reuse,
     gated_residual_reuse_ref,
 )
+from harmonica.kernels.solver_step import solver_step, solver_step_ref
 
 TAU = 0.1
 CACHE_SLOTS = 56  # DiT-XL/2: 28 blocks x (attn1, ff)
@@ -34,7 +38,9 @@ PROVIDERS = {
     "reuse": ("eager", "fused"),
     "blend": ("eager", "fused"),
     "cache_copy": ("eager", "foreach", "fused"),
+    "solver_step": ("eager", "fused"),
 }
+SOLVER_SHAPES = [(1, 4, 32 * 32), (1, 4, 128 * 128), (1, 4, 256 * 256)]  # latents of 256², 1024², 2048²
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,10 @@ class Case:
 
 def default_cases() -> list:
     shapes = [(2, 256, 1152), (2, 1024, 1152), (2, 4096, 1152), (2, 16384, 1152)]
-    return [Case(op, shape, dtype) for op in PROVIDERS for dtype in (torch.bfloat16, torch.float16)
-            for shape in shapes if not (op == "cache_copy" and shape[1] > 4096)]
+    dtypes = (torch.bfloat16, torch.float16)
+    cases = [Case(op, shape, dtype) for op in PROVIDERS if op != "solver_step" for dtype in dtypes
+             for shape in shapes if not (op == "cache_copy" and shape[1] > 4096)]
+    return cases + [Case("solver_step", shape, dtype) for dtype in dtypes for shape in SOLVER_SHAPES]
 
 
 def _tensors(case: Case, device, count: int, seed: int = 0):
@@ -71,6 +79,8 @@ def build(case: Case, provider: str, device="cuda"):
         fns = {"eager": lambda: cache_copy_ref(srcs, dsts), "foreach": lambda: torch._foreach_copy_(dsts, srcs),
                "fused": plan}
         return (lambda: fns[provider]() or dsts), 2 * CACHE_SLOTS * size
+    if case.op == "solver_step":
+        return _build_solver_step(case, provider, device)
     h, fresh, cache = _tensors(case, device, 3)
     gate = torch.randn(B, 1, D, generator=torch.Generator().manual_seed(1)).to(device, case.dtype)
     r = torch.tensor(0.7, device=device)
@@ -88,6 +98,24 @@ def build(case: Case, provider: str, device="cuda"):
     # blend h, fresh, cache -> out, cache
     moved = {"compute": 4, "reuse": 3, "blend": 5}[case.op] * size
     return (lambda: [fns(), cache]), moved
+
+
+def _build_solver_step(case: Case, provider: str, device):
+    B, C, N = case.shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, N, 1, generator=gen).to(device, case.dtype)
+    out = torch.randn(2 * B, 2 * C, N, 1, generator=gen).to(device, case.dtype)
+    x0_prev = torch.randn(B, C, N, 1, generator=gen).to(device)
+    coefficients = torch.tensor([1.02, -0.2, 0.8, 0.25, -0.05], device=device)
+    step = {"eager": solver_step_ref, "fused": solver_step}[provider]
+    x_out, x0_out = torch.empty_like(x), torch.empty_like(x0_prev)
+
+    def run():
+        step(x, out, coefficients, guidance_scale=4.5, cond_first=False, x0_prev=x0_prev, x_out=x_out, x0_out=x0_out)
+        return [x_out, x0_out]
+
+    # reads x, both halves of eps, x0_prev (fp32); writes x_next, x0 (fp32)
+    return run, B * C * N * (4 * x.element_size() + 2 * 4)
 
 
 def do_bench_ms(fn) -> tuple:
