@@ -166,7 +166,7 @@ class Summary:
     cache_bytes: int  # slots allocated by the latest generation
     graphs: int | None = None  # captured CUDA graphs (None: cuda_graphs off)
     graph_pool_bytes: int = 0  # device memory the captures added to the shared pool
-    static_bytes: int = 0  # static input buffers of the graphs
+    static_bytes: int = 0  # static input buffers of the graphs and the sampler state they update
     capture_seconds: float = 0.0  # total time spent capturing
     modulation_bytes: int = 0  # DiT: the per-generation modulation table and its step buffer
 
@@ -175,7 +175,7 @@ class Summary:
                 f"CUR {self.cur:.1%}, theoretical speedup {self.theoretical_speedup:.2f}x at "
                 f"{self.resolution[0]}x{self.resolution[1]}, cache {_format_bytes(self.cache_bytes)}")
         if self.graphs is not None:
-            text += (f", {self.graphs} CUDA graphs (pool {_format_bytes(self.graph_pool_bytes)}, static inputs "
+            text += (f", {self.graphs} CUDA graphs (pool {_format_bytes(self.graph_pool_bytes)}, static buffers "
                      f"{_format_bytes(self.static_bytes)}, captured in {self.capture_seconds:.2f} s)")
         return text
 
