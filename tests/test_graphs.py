@@ -306,37 +306,25 @@ def test_cuda_compile_with_graphs_matches_eager(name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheduler_in_graph", [False, True], ids=["step-outside", "step-inside"])
-def test_cuda_whole_dit_generation_with_graphs_has_no_host_sync(scheduler_in_graph):
-    model = make_model("tiny-dit").cuda()
-    schedule = CacheSchedule.fora(6, units_of(model), 2)
-    harmonica.enable(model, schedule)
-    eager = dit_generation(model)
-    harmonica.enable(model, schedule, cuda_graphs=True, scheduler_in_graph=scheduler_in_graph)
-    dit_generation(model)  # capture
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        replayed = dit_generation(model)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert torch.equal(eager, replayed)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("scheduler_in_graph", [False, True], ids=["step-outside", "step-inside"])
-def test_cuda_whole_pixart_generation_with_graphs_has_no_host_sync(scheduler_in_graph):
+@pytest.mark.parametrize("family", ["dit", "pixart"])
+def test_cuda_whole_generation_with_graphs_has_no_host_sync(family, scheduler_in_graph):
     from harmonica.models import build_pipeline
 
-    pipe = build_pipeline("tiny-pixart", random_weights=True).to("cuda")
-    schedule = CacheSchedule.fora(6, units_of(pipe.transformer), 2)
-    harmonica.enable(pipe, schedule)
-    eager = pixart_generation(pipe)
-    harmonica.enable(pipe, schedule, cuda_graphs=True, scheduler_in_graph=scheduler_in_graph)
-    pixart_generation(pipe)  # capture
+    if family == "dit":
+        target = transformer = make_model("tiny-dit").cuda()
+        generation = dit_generation
+    else:
+        target = build_pipeline("tiny-pixart", random_weights=True).to("cuda")
+        transformer, generation = target.transformer, pixart_generation
+    schedule = CacheSchedule.fora(6, units_of(transformer), 2)
+    harmonica.enable(target, schedule)
+    eager = generation(target)
+    harmonica.enable(target, schedule, cuda_graphs=True, scheduler_in_graph=scheduler_in_graph)
+    generation(target)  # capture
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        replayed = pixart_generation(pipe)
+        replayed = generation(target)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(eager, replayed)
