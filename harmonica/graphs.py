@@ -11,8 +11,9 @@ warm-up), then the graph is captured. A change of input shapes, dtypes or device
 (recapture). All graphs share one memory pool; outputs are cloned before the next replay.
 
 With `scheduler_in_graph`, a sampler that can (`samplers.dit_ddim_sample`, `samplers.pixart_sample`)
-sets an epilogue: its step (guidance and the solver update of `solvers.py`, on buffers of fixed
-address) runs inside each graph right after the forward, instead of eagerly after the replay.
+sets an epilogue: its step (the fused `kernels.solver_step` with the step's coefficients from
+`solvers.py`, on buffers of fixed address) runs inside each graph right after the forward, instead
+of eagerly after the replay.
 """
 
 import time
