@@ -84,8 +84,7 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     if compile:
         forward = _compile(forward, schedule, compile if isinstance(compile, dict) else {})
     if cuda_graphs:
-        forward = state.graphs = GraphRunner(engine, forward)
-        state.graphs.scheduler_inside = scheduler_in_graph
+        forward = state.graphs = GraphRunner(engine, forward, scheduler_inside=scheduler_in_graph)
     if forward is not transformer.forward:
         transformer.forward = forward  # an instance attribute: Module.__call__ and its hooks stay
     setattr(transformer, ATTRIBUTE, state)

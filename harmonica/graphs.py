@@ -131,10 +131,11 @@ class CudaGraphBackend:
 class GraphRunner:
     """Runs an engine's transformer forward through one captured graph per distinct step key.
 
-    forward: the transformer's original forward; backend: `CudaGraphBackend` (tests pass a stand-in).
+    forward: the transformer's original forward; backend: `CudaGraphBackend` (tests pass a stand-in);
+    scheduler_inside: whether samplers may put their step inside the graphs (`set_epilogue`).
     """
 
-    def __init__(self, engine, forward, backend=None):
+    def __init__(self, engine, forward, backend=None, *, scheduler_inside: bool = False):
         self.engine, self.forward = engine, forward
         self.backend = backend
         self.graphs = {}
@@ -146,7 +147,7 @@ class GraphRunner:
         self.resets = 0  # times every graph was dropped for a new signature or schedule
         self.capture_seconds = 0.0
         self.pool_bytes = 0
-        self.scheduler_inside = False  # whether samplers may put their step inside the graphs
+        self.scheduler_inside = scheduler_inside
         self.epilogue = self.epilogue_key = self.captured_epilogue_key = None
         self.buffers = {}  # the samplers' state buffers, by name
 
@@ -171,6 +172,8 @@ class GraphRunner:
         """A sampler state buffer of fixed address (contents undefined when new): the same tensor for
         the same name, shape, dtype and device, so graphs captured with it stay valid."""
         current, device = self.buffers.get(name), torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" names the current device
+            device = torch.device("cuda", torch.cuda.current_device())
         if current is None or current.shape != shape or current.dtype != dtype or current.device != device:
             current = self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
             self.reset()  # graphs captured with the old buffer would write to it

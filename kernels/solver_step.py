@@ -9,9 +9,10 @@ From the transformer output `out` (B, or 2B with guidance; >= C channels, H, W) 
     x_next = a * x + b * x0 + c * x0_prev
 
 cond and uncond are the two batch halves of `out` (DiT puts the conditional half first, PixArt the
-unconditional one); channels past C (a learned variance) are ignored. The unfused sequence is about
-fifteen small kernels per step; here one kernel reads out, x and x0_prev once and writes x_next and
-x0, in place if asked (each element is read before it is written, by the same program). The
+unconditional one); channels past C (a learned variance) are ignored. Unfused, `solver_step_ref`
+on fp16 runs 17 tensor operations per step for DiT and 16 for PixArt (counted in
+tests/test_solver_step.py); here one kernel reads out, x and x0_prev once and writes x_next and x0,
+in place if asked (each element is read before it is written, by the same program). The
 coefficients are read on the device, so a captured graph replays any step of the table.
 Kernels load, compute in fp32 and cast at the store; any strides are accepted.
 """

@@ -246,6 +246,18 @@ def test_pixart_sampler_step_inside_the_graphs_equals_the_eager_sampler_bitwise(
     assert (runner.captures, runner.replays) == (2, 4 + 6)
 
 
+def test_sampler_buffers_keep_their_address_until_their_shape_changes():
+    model = make_model("tiny-dit")
+    _, runner = enable_with_stand_in(model, CacheSchedule.fora(4, units_of(model), 2))
+    run(model, 4)
+    first = runner.buffer("x", (2, 4, 8, 8), torch.float32, "cpu")
+    assert runner.buffer("x", (2, 4, 8, 8), torch.float32, torch.device("cpu")) is first
+    assert runner.graphs == {}, "graphs captured before a new buffer existed were kept"
+    run(model, 4)
+    bigger = runner.buffer("x", (4, 4, 8, 8), torch.float32, "cpu")
+    assert bigger is not first and runner.graphs == {}
+
+
 def test_scheduler_in_graph_needs_cuda_graphs():
     model = make_model("tiny-dit")
     with pytest.raises(ValueError, match="scheduler_in_graph: expected together with cuda_graphs=True"):

@@ -128,3 +128,24 @@ def test_cuda_graph_capture_poison_replay(dtype):
     expected = solver_step_ref(x, out, other, x0_prev=x0_prev, x0_out=torch.empty_like(x0_out), **options)
     torch.testing.assert_close(x_out, expected[0], rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(x0_out, expected[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("guidance, expected", [("dit", 17), ("pixart", 16)])
+def test_the_unfused_step_is_as_many_operations_as_the_docs_say(guidance, expected):
+    """kernels/solver_step.py and the kernel micro-benchmark quote these counts (fp16, in place)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):  # operations that write a tensor (views are free)
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    x, out, x0_prev, coefficients = make_step((1, 4, 8, 8), torch.float16, GUIDANCE[guidance], strided=False)
+    options = options_of(GUIDANCE[guidance])
+    with CountOps() as ops:
+        solver_step_ref(x, out, coefficients, x0_prev=x0_prev, x_out=x, x0_out=x0_prev, **options)
+    assert ops.count == expected
