@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harmonica.bench.kernel_bench import PROVIDERS, Case, build, format_rows, measure, target_verdict
+from harmonica.bench.kernel_bench import PROVIDERS, Case, build, eager_bytes, format_rows, measure, target_verdict
 
 CASES = [Case(op, (2, 5, 8), torch.float32) for op in PROVIDERS]
 
@@ -34,7 +34,31 @@ def test_rows_and_ratios():
     assert fused["speedup_vs_eager"] == pytest.approx(0.1 / 0.03)
     assert fused["copy_fraction"] == pytest.approx(0.028 / 0.03)
     assert fused["gbps"] == pytest.approx(fused["bytes"] / 0.03 / 1e6)
-    assert "| compute | 2, 4096, 1152 | bf16 | 0.1000 | 0.0300 | 3.33x |" in format_rows(rows)
-    assert target_verdict(rows).endswith(": met")
-    slow = measure([case], time_fn=fake_timer([(0.1, 0, 0), (0.05, 0, 0), (0.028, 0, 0)]), device="cpu")
-    assert target_verdict(slow).endswith("NOT met")
+    size = 2 * 4096 * 1152 * 2
+    ratio = (7 * size + 2 * 1152 * 2) / (4 * size)  # eager: 7 tensor passes and one read of the gate
+    assert fused["byte_ratio"] == pytest.approx(ratio)
+    assert "| compute | 2, 4096, 1152 | bf16 | 0.1000 | 0.0300 | 3.33x | 1.75 |" in format_rows(rows)
+    assert target_verdict(rows) == (
+        "target (fused compute, B2 N4096 D1152 bf16): 93% of copy bandwidth (want >= 90%), 3.33x vs eager "
+        f"(want >= {0.9 * ratio:.2f}x = 0.9 x the byte ratio 1.75): met")
+
+
+@pytest.mark.parametrize("eager_ms,fused_ms,copy_ms,met", [
+    (0.1, 0.0634, 0.0571, True),    # 1.577x >= 0.9 x 1.75 (the byte ratio), 90.1% of the copy bandwidth
+    (0.1, 0.0640, 0.0600, False),   # 1.56x: short of 0.9 x the byte ratio
+    (0.1, 0.0500, 0.0440, False),   # 2x, but 88% of the copy bandwidth
+])
+def test_target_is_relative_to_the_byte_ratio_and_the_copy(eager_ms, fused_ms, copy_ms, met):
+    case = Case("compute", (2, 4096, 1152), torch.bfloat16)
+    rows = measure([case], time_fn=fake_timer([(eager_ms, 0, 0), (fused_ms, 0, 0), (copy_ms, 0, 0)]), device="cpu")
+    assert target_verdict(rows).endswith(": met" if met else ": NOT met")
+
+
+@pytest.mark.parametrize("op,passes", [("compute", 7), ("reuse", 5), ("blend", 18), ("cache_copy", 2 * 56)])
+def test_eager_bytes_count_the_tensor_passes_of_the_reference(op, passes):
+    # compute: copy_ (2), g * fresh (2), + h (3); reuse: g * cache (2), + h (3); blend: fresh - cache (3),
+    # r * (2), cache + (3), where (3), cache.copy_ (2), g * (2), h + (3); cache_copy: 56 copy_ (2 each)
+    case = Case(op, (2, 64, 8), torch.float16)
+    size = 2 * 64 * 8 * 2
+    gate_reads = {"compute": 1, "reuse": 1, "blend": 1, "cache_copy": 0}[op] * 2 * 8 * 2
+    assert eager_bytes(case) - gate_reads - (8 if op == "blend" else 0) == passes * size  # blend: r, r > tau
