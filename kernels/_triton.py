@@ -27,6 +27,10 @@ except ImportError:  # CPU-only install without the `test` extra
             return 1 << (n - 1).bit_length()
 
     class _MissingLanguage:
+        @staticmethod
+        def constexpr(value):
+            return value
+
         def __getattr__(self, name):
             return None
 

@@ -20,31 +20,43 @@ import torch
 from ._checks import KERNEL_DTYPES, check_device, check_tensor
 from ._triton import require_triton, tl, triton
 
-_BLOCK = 4096
+_TILE = 4096  # elements per program
+_MAX_BLOCK_C = 256  # columns per program on the rows path
 
 
 @triton.jit
 def _cache_copy_fwd_kernel(
     src_anchor, dst_anchor, meta_ptr, n_pairs,
-    ROWS: tl.constexpr, SRC_ALIGN: tl.constexpr, DST_ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Program (tile, pair) copies one tile of one pair. meta rows: src offset, dst offset, then
+    numel (flat) or row count, columns, src row stride, dst row stride (rows path). Every offset,
+    stride and count is a multiple of ALIGN elements (the host checked), so contiguous runs of ALIGN
+    elements move as 128-bit accesses. Counts fit int32: no 64-bit division anywhere."""
     pair = tl.program_id(1)
-    src_off = tl.multiple_of(tl.load(meta_ptr + pair), SRC_ALIGN)
-    dst_off = tl.multiple_of(tl.load(meta_ptr + n_pairs + pair), DST_ALIGN)
-    numel = tl.load(meta_ptr + 2 * n_pairs + pair)
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < numel
+    tile = tl.program_id(0)
+    src_off = tl.multiple_of(tl.load(meta_ptr + pair), ALIGN)
+    dst_off = tl.multiple_of(tl.load(meta_ptr + n_pairs + pair), ALIGN)
     if ROWS:
-        cols = tl.load(meta_ptr + 3 * n_pairs + pair)
-        row = idx // cols
-        col = idx - row * cols
-        src_idx = src_off + row * tl.load(meta_ptr + 4 * n_pairs + pair) + col
-        dst_idx = dst_off + row * tl.load(meta_ptr + 5 * n_pairs + pair) + col
+        n_rows = tl.load(meta_ptr + 2 * n_pairs + pair).to(tl.int32)
+        cols = tl.multiple_of(tl.load(meta_ptr + 3 * n_pairs + pair).to(tl.int32), ALIGN)
+        src_stride = tl.multiple_of(tl.load(meta_ptr + 4 * n_pairs + pair), ALIGN)
+        dst_stride = tl.multiple_of(tl.load(meta_ptr + 5 * n_pairs + pair), ALIGN)
+        col_tiles = tl.cdiv(cols, BLOCK_C)
+        row = ((tile // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
+        col = ((tile % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C))[None, :]
+        mask = (row < n_rows) & (col < cols)
+        src_idx = src_off + row.to(tl.int64) * src_stride + col
+        dst_idx = dst_off + row.to(tl.int64) * dst_stride + col
     else:
+        numel = tl.multiple_of(tl.load(meta_ptr + 2 * n_pairs + pair), ALIGN)
+        idx = tile.to(tl.int64) * (BLOCK_R * BLOCK_C) + tl.arange(0, BLOCK_R * BLOCK_C)
+        mask = idx < numel
         src_idx = src_off + idx
         dst_idx = dst_off + idx
     x = tl.load(src_anchor + src_idx, mask=mask)
     tl.store(dst_anchor + dst_idx, x.to(dst_anchor.dtype.element_ty), mask=mask)
+
 
 def _rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
     """`t` as a (rows, columns) view with unit column stride, or a ValueError naming `name`."""
@@ -59,8 +71,9 @@ def _rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
                          f"strides {t.stride()}; pass .contiguous()")
     return rows
 
+
 class _Group:
-    """The pairs of one (src dtype, dst dtype) combination, with their device metadata."""
+    """The pairs of one (src dtype, dst dtype) combination, with their device metadata and launch shape."""
 
     def __init__(self, pairs):
         src_rows = [s for s, _ in pairs]
@@ -73,22 +86,42 @@ class _Group:
         src_strides = [s.stride(0) for s in src_rows]
         dst_strides = [d.stride(0) for d in dst_rows]
         self.rows = any(n > c and (rs != c or ds != c) for n, c, rs, ds in zip(numels, cols, src_strides, dst_strides))
-        self.src_align = _alignment(self.src_anchor, src_rows, self.rows)
-        self.dst_align = _alignment(self.dst_anchor, dst_rows, self.rows)
+        if self.rows:
+            counts = [n // c for n, c in zip(numels, cols)]
+            self.block_c = min(_MAX_BLOCK_C, triton.next_power_of_2(max(cols)))
+            self.block_r = _TILE // self.block_c
+            tiles = max(triton.cdiv(r, self.block_r) * triton.cdiv(c, self.block_c) for r, c in zip(counts, cols))
+            aligned = src_offs + dst_offs + cols + src_strides + dst_strides
+        else:
+            counts = numels
+            self.block_r, self.block_c = 1, _TILE
+            tiles = triton.cdiv(max(numels), _TILE)
+            aligned = src_offs + dst_offs + numels
+        if max(numels) >= 2**31:
+            raise ValueError(f"srcs: expected fewer than 2**31 elements per tensor, got {max(numels)}")
+        self.align = _alignment(aligned, self.src_anchor, self.dst_anchor)
         self.n_pairs = len(pairs)
-        self.grid = (triton.cdiv(max(numels), _BLOCK), self.n_pairs)
-        meta = [src_offs, dst_offs, numels, cols, src_strides, dst_strides]  # rows read by the kernel
+        self.grid = (tiles, self.n_pairs)
+        meta = [src_offs, dst_offs, counts, cols, src_strides, dst_strides]  # rows read by the kernel
         self.meta = torch.tensor(meta, dtype=torch.int64).to(self.src_anchor.device)
+
 
 def _element_offsets(anchor: torch.Tensor, tensors) -> list:
     """Start of each tensor, in elements from `anchor` (one dtype, so the byte distance divides)."""
     return [(t.data_ptr() - anchor.data_ptr()) // anchor.element_size() for t in tensors]
 
-def _alignment(anchor: torch.Tensor, tensors, rows: bool) -> int:
-    """Elements per 16 bytes when every start is 16-byte aligned and rows are contiguous, else 1."""
-    if rows or any(t.data_ptr() % 16 for t in tensors):
+
+def _alignment(quantities, src_anchor: torch.Tensor, dst_anchor: torch.Tensor) -> int:
+    """Elements per aligned run: the largest power of two, at most 16 bytes of the narrower dtype, that
+    divides every offset, stride and count of a group (both anchors 16-byte aligned); else 1. Each
+    tensor's runs then start on a multiple of run x its element size bytes."""
+    if src_anchor.data_ptr() % 16 or dst_anchor.data_ptr() % 16:
         return 1
-    return 16 // anchor.element_size()
+    align = 16 // min(src_anchor.element_size(), dst_anchor.element_size())
+    while align > 1 and any(q % align for q in quantities):
+        align //= 2
+    return align
+
 
 class CacheCopyPlan:
     """Copies `srcs[i]` into `dsts[i]` for all i; validated once, run any number of times.
@@ -140,7 +173,7 @@ def cache_copy_fwd(plan: CacheCopyPlan) -> None:
     for g in plan.groups:
         _cache_copy_fwd_kernel[g.grid](
             g.src_anchor, g.dst_anchor, g.meta, g.n_pairs,
-            ROWS=g.rows, SRC_ALIGN=g.src_align, DST_ALIGN=g.dst_align, BLOCK=_BLOCK, num_warps=8,
+            ROWS=g.rows, ALIGN=g.align, BLOCK_R=g.block_r, BLOCK_C=g.block_c, num_warps=8,
         )
 
 def cache_copy_ref(srcs, dsts) -> None:

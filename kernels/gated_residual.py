@@ -25,7 +25,9 @@ import torch
 from ._checks import check_device, check_kernel_dtype, check_like, check_tensor
 from ._triton import require_triton, tl, triton
 
-BLEND, COMPUTE, REUSE = 0, 1, 2
+BLEND, COMPUTE, REUSE = 0, 1, 2  # the forms: the kernel's MODE
+# a kernel may read a module global only as a constexpr (the compiler refuses plain ints)
+_COMPUTE, _REUSE = tl.constexpr(COMPUTE), tl.constexpr(REUSE)
 _TILE_ELEMENTS = 2048
 
 
@@ -44,11 +46,11 @@ def _gated_residual_fwd_kernel(
     c_offs = b * s_cb + rows * s_cn + cols * s_cd
 
     h = tl.load(h_ptr + b * s_hb + rows * s_hn + cols * s_hd, mask=mask).to(tl.float32)
-    if MODE == REUSE:
+    if MODE == _REUSE:
         value = tl.load(cache_ptr + c_offs, mask=mask).to(tl.float32)
     else:
         fresh = tl.load(fresh_ptr + b * s_fb + rows * s_fn + cols * s_fd, mask=mask)
-        if MODE == COMPUTE:
+        if MODE == _COMPUTE:
             value = fresh.to(tl.float32)
             if WRITE_CACHE:
                 tl.store(cache_ptr + c_offs, fresh, mask=mask)

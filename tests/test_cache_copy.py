@@ -135,9 +135,45 @@ def test_random_pairs(sizes, src_dtype, dst_dtype, sliced):
     gen = torch.Generator().manual_seed(5)
     srcs = [row_slice(r, c, src_dtype, gen) if sliced else randn((r, c), src_dtype, gen=gen) for r, c in sizes]
     dsts = [nan_buffer((r, c), dst_dtype) for r, c in sizes]
-    cache_copy_fwd(CacheCopyPlan(srcs, dsts))
+    plan = CacheCopyPlan(srcs, dsts)
+    assert_alignment_promise(plan)
+    cache_copy_fwd(plan)
     for i, (s, d) in enumerate(zip(srcs, dsts)):
         assert_copied(d, s, f"dsts[{i}]")
+
+
+def assert_alignment_promise(plan):
+    """What the kernel tells the compiler (tl.multiple_of): every offset, count, column count and row
+    stride it reads is a multiple of the group's ALIGN elements."""
+    for g in plan.groups:
+        src_offs, dst_offs, counts, cols, src_strides, dst_strides = g.meta.tolist()
+        promised = src_offs + dst_offs + (cols + src_strides + dst_strides if g.rows else counts)
+        assert all(q % g.align == 0 for q in promised), (g.align, promised)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_aligned_slots_take_16_byte_runs_and_wide_rows_span_tiles(dtype):
+    """Contiguous slots of aligned sizes: 16 bytes per run. Rows wider than one column tile (256) and
+    more rows than one row tile: every tile of every pair is copied, the gaps between rows are not."""
+    gen = torch.Generator().manual_seed(6)
+    slots = [randn((3, 40, 64), dtype, gen=gen) for _ in range(2)]
+    flat = CacheCopyPlan(slots, [nan_buffer(s.shape, dtype) for s in slots])
+    assert not flat.groups[0].rows and flat.groups[0].align == 16 // slots[0].element_size()
+    base = randn((40, 600), dtype, gen=gen)
+    srcs = [base[:, 8:308], base[:33, 320:584]]  # 300 and 264 columns: two column tiles each
+    dst_base = torch.full((2, 40, 320), 7.0, dtype=dtype, device=DEVICE)
+    dsts = [dst_base[0, :, :300], dst_base[1, :33, :264]]
+    plan = CacheCopyPlan(srcs, dsts)
+    g = plan.groups[0]
+    assert g.rows and g.align == 4, "offsets, columns and strides share the factor 4 (312, 300, 264, 600, 320)"
+    assert_alignment_promise(plan)
+    for p in (flat, plan):
+        cache_copy_fwd(p)
+    for i, (s, d) in enumerate(zip(slots + srcs, flat.dsts + dsts)):
+        assert_copied(d, s, f"pair {i}")
+    written = torch.zeros_like(dst_base, dtype=torch.bool)
+    written[0, :, :300] = written[1, :33, :264] = True
+    assert torch.all(dst_base[~written] == 7.0), "elements outside the destination views were written"
 
 
 @pytest.mark.gpu
