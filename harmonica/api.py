@@ -3,10 +3,8 @@
 import warnings
 from dataclasses import dataclass
 
-import torch
-
 from .engine import CacheEngine
-from .graphs import GraphRunner, graph_plan
+from .graphs import GraphRunner
 from .router import Router, RouterInfo
 from .schedule import CacheSchedule
 
@@ -55,8 +53,9 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     scheduler_in_graph: with cuda_graphs, the samplers that can (`dit_ddim_sample`, `pixart_sample`) run
     their step (guidance and solver update) inside each graph instead of after it.
     fused: the fused Triton ops on CUDA; False runs their torch references (the eager baseline).
-    compile: `torch.compile` the transformer forward with fullgraph=True, one compiled graph per distinct
-    schedule row (the units read only the current row); a dict is passed to torch.compile (backend, mode).
+    compile: `torch.compile` each unit kind's computation (LayerNorm, shift/scale, attention/MLP) with
+    fullgraph=True, shared by all blocks: one compile per unit kind and input shape, whatever the steps or
+    schedule rows (the cache decisions run eagerly); a dict is passed to torch.compile (backend, mode).
     A pipeline's `scheduler.set_timesteps` starts each generation; a bare transformer's generations
     are delimited by the schedule's step count, or by `reset`.
     """
@@ -80,13 +79,11 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused,
                          on_first_step=(lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None)
     state = CacheState(engine, router, scheduler)
-    forward = transformer.forward
     if compile:
-        forward = _compile(forward, schedule, compile if isinstance(compile, dict) else {})
-    if cuda_graphs:
-        forward = state.graphs = GraphRunner(engine, forward, scheduler_inside=scheduler_in_graph)
-    if forward is not transformer.forward:
-        transformer.forward = forward  # an instance attribute: Module.__call__ and its hooks stay
+        engine.compile(compile if isinstance(compile, dict) else {})
+    if cuda_graphs:  # an instance attribute: Module.__call__ and its hooks stay
+        transformer.forward = state.graphs = GraphRunner(engine, transformer.forward,
+                                                         scheduler_inside=scheduler_in_graph)
     setattr(transformer, ATTRIBUTE, state)
     if scheduler is not None:
         set_timesteps = scheduler.set_timesteps
@@ -98,16 +95,6 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
 
         scheduler.set_timesteps = set_timesteps_and_begin
     return engine
-
-
-def _compile(forward, schedule, options: dict):
-    """torch.compile specialises on the row tuples the units read: raise dynamo's recompile limit to the
-    number of distinct rows, or the later rows would silently run uncompiled."""
-    import torch._dynamo.config as dynamo_config
-
-    needed = len(set(graph_plan(schedule))) + 1
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, needed)
-    return torch.compile(forward, **{"fullgraph": True, "dynamic": False, **options})
 
 
 def _check_scheduler(pipe, hooked) -> None:
@@ -142,10 +129,10 @@ def reset(pipe_or_transformer) -> None:
 
 
 def disable(pipe_or_transformer) -> None:
-    """Undo `enable`: original block forwards, no hooks, slots freed."""
+    """Undo `enable`: original block forwards, no hooks, no compiled code, slots freed."""
     state = _state(pipe_or_transformer)
     state.engine.remove()
-    if "forward" in vars(state.engine.transformer):  # graphs or compile
+    if "forward" in vars(state.engine.transformer):  # the graph runner
         del state.engine.transformer.forward  # back to the class's forward
     if state.scheduler is not None:
         del state.scheduler.set_timesteps  # the instance attribute set by enable

@@ -9,12 +9,18 @@ PixArt (`ada_norm_single`), with each unit's residual update going through the f
 - training: `gated_residual` with the router value r, slot <- blend where r > tau.
 The step index is a host counter advanced by a forward hook of the transformer and reset by
 `begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value.
+
+Each unit's computation (its LayerNorm, shift/scale modulation and attention/MLP) is one function of the block,
+`UNIT_BODIES[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument, so all blocks
+of one shape share one compiled graph per unit kind, and the cache decisions (compute or reuse, slot
+writes, the fused residual ops) stay in eager Python: the compiled code never sees the step or the row.
 """
 
 import types
 import warnings
 
 import torch
+from torch._C._dynamo.eval_frame import reset_code
 
 from . import kernels
 from .modulation import ModulationTable
@@ -75,13 +81,15 @@ class CacheEngine:
         self.row = self.write_row = None  # inference: the current step's schedule rows, as tuples
         self.step = 0
         self.slots = [None] * len(self.units)
+        self.bodies = UNIT_BODIES  # each unit kind's computation, torch.compile'd by `compile`
+        self._compiled_codes = []
         self.last_input_shape = None  # (B, C, H, W) of the latest forward
         if schedule is not None:
             self.set_schedule(schedule)
         self._originals = []
         for i, block in enumerate(transformer.transformer_blocks):
             index = {kind: self.unit_index.get(f"transformer_blocks.{i}.{kind}") for kind in UNIT_KINDS}
-            self._originals.append(block.forward)
+            self._originals.append(vars(block).get("forward"))  # an instance's own forward; None: the class's
             block.forward = types.MethodType(_make_block_forward(self, index, i), block)
         self._hooks = [transformer.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        transformer.register_forward_hook(self._after_forward, with_kwargs=True)]
@@ -108,8 +116,8 @@ class CacheEngine:
 
     @step.setter
     def step(self, value: int) -> None:
-        """Steps reach the units only through `row`/`write_row`: what a compiled or captured forward is
-        specialised on (steps with equal rows share it)."""
+        """Steps reach the units only through `row`/`write_row`: what a captured forward is specialised on
+        (steps with equal rows share it)."""
         self._step = value
         if self.mode == "inference":
             self.row, self.write_row = self.schedule.step_keys[value]
@@ -130,12 +138,27 @@ class CacheEngine:
         self.timesteps = timesteps
         self.step = 0
 
+    def compile(self, options: dict) -> None:
+        """torch.compile each unit kind's body with `options` (default fullgraph=True, dynamic=False): one
+        compile per unit kind and input signature (shapes, dtypes, grad mode), whatever the steps or rows.
+        More signatures than dynamo's recompile_limit raise (fullgraph never falls back to eager)."""
+        options = {"fullgraph": True, "dynamic": False, **options}
+        bodies = {kind: _own_copy(body) for kind, body in UNIT_BODIES.items()}
+        self._compiled_codes = [body.__code__ for body in bodies.values()]
+        self.bodies = {kind: torch.compile(body, **options) for kind, body in bodies.items()}
+
     def remove(self) -> None:
-        """Restore every block's forward, drop the hooks and free the slots."""
-        for block, forward in zip(self.transformer.transformer_blocks, self._originals):
-            block.forward = forward
+        """Restore every block's forward, drop the hooks, the compiled bodies and free the slots."""
+        for block, own in zip(self.transformer.transformer_blocks, self._originals):
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
         for hook in self._hooks:
             hook.remove()
+        for code in self._compiled_codes:
+            reset_code(code)
+        self.bodies, self._compiled_codes = UNIT_BODIES, []
         self.slots = [None] * len(self.units)
         self.embedding = None
         self.modulation, self.modulation_active = ModulationTable(), False
@@ -264,19 +287,48 @@ def _make_block_forward(engine: CacheEngine, index: dict, block_index: int):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
             shift_msa, scale_msa, shift_mlp, scale_mlp = (t[:, None] for t in (shift_msa, scale_msa, shift_mlp,
                                                                                 scale_mlp))
-            norm_attn, norm_ff = norm1.norm, block.norm3
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
                 block.scale_shift_table[None] + timestep.reshape(h.shape[0], 6, -1)).chunk(6, dim=1)
-            norm_attn, norm_ff = block.norm1, block.norm2
 
-        h = engine.run_unit(index["attn1"], lambda: block.attn1(
-            norm_attn(h) * (1 + scale_msa) + shift_msa, encoder_hidden_states=None, attention_mask=attention_mask,
-            **kwargs), gate_msa, h)
+        bodies = engine.bodies
+        h = engine.run_unit(index["attn1"], lambda: bodies["attn1"](block, h, shift_msa, scale_msa, attention_mask,
+                                                                   kwargs), gate_msa, h)
         if block.attn2 is not None:
-            h = engine.run_unit(index["attn2"], lambda: block.attn2(
-                h if block.norm_type == "ada_norm_single" else block.norm2(h),
-                encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs), None, h)
-        return engine.run_unit(index["ff"], lambda: block.ff(norm_ff(h) * (1 + scale_mlp) + shift_mlp), gate_mlp, h)
+            h = engine.run_unit(index["attn2"], lambda: bodies["attn2"](block, h, encoder_hidden_states,
+                                                                       encoder_attention_mask, kwargs), None, h)
+        return engine.run_unit(index["ff"], lambda: bodies["ff"](block, h, shift_mlp, scale_mlp), gate_mlp, h)
 
     return forward
+
+
+def self_attention(block, h, shift, scale, attention_mask, kwargs):
+    """Unit attn1 of `block`: self-attention over the LayerNorm of h (B, N, D) modulated by shift and
+    scale (B, 1, D). Returns (B, N, D)."""
+    norm = block.norm1.norm if block.norm_type == "ada_norm_zero" else block.norm1
+    return block.attn1(norm(h) * (1 + scale) + shift, encoder_hidden_states=None, attention_mask=attention_mask,
+                       **kwargs)
+
+
+def cross_attention(block, h, encoder_hidden_states, encoder_attention_mask, kwargs):
+    """Unit attn2 of `block`: h (B, N, D) (PixArt: as is, else its LayerNorm) attending to
+    encoder_hidden_states (B, M, D). Returns (B, N, D)."""
+    query = h if block.norm_type == "ada_norm_single" else block.norm2(h)
+    return block.attn2(query, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
+                       **kwargs)
+
+
+def feed_forward(block, h, shift, scale):
+    """Unit ff of `block`: the MLP of the LayerNorm of h (B, N, D) modulated by shift and scale (B, 1, D).
+    Returns (B, N, D)."""
+    norm = block.norm3 if block.norm_type == "ada_norm_zero" else block.norm2
+    return block.ff(norm(h) * (1 + scale) + shift)
+
+
+UNIT_BODIES = {"attn1": self_attention, "attn2": cross_attention, "ff": feed_forward}
+
+
+def _own_copy(fn):
+    """`fn` with a code object of its own. Dynamo keeps compiled entries on the code object, so an engine's
+    are neither shared with another engine's nor left behind by its `remove`."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
