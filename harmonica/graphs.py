@@ -6,9 +6,14 @@ inputs (latents, timestep, conditions) are copied into static buffers before `re
 timestep and everything derived from it (the adaLN modulations) are graph inputs. The cache slots
 have fixed addresses (allocated once), so a replay reads and writes them in place.
 
-The first time a row appears, the step runs eagerly on a side stream (its real result, and the
-warm-up), then the graph is captured. A change of input shapes, dtypes or devices drops every graph
-(recapture). All graphs share one memory pool; outputs are cloned before the next replay.
+A graph's key is the row with whether DiT's modulation table is active (the blocks then read its
+step buffer instead of computing the embedding). The first time a key appears, the inputs are copied
+into the static buffers and the step runs twice on them eagerly on a side stream (the warm-up: lazy
+initialisation, kernel compiles and the cuBLAS workspace of that stream happen outside the capture;
+the sampler buffers are restored in between, and the second run is the step's real result), then the
+graph is captured on the same stream. A change of input shapes, dtypes or devices drops every graph
+(recapture). The graphs share one memory pool, a fresh one after each drop (a pool whose graphs are
+all gone cannot be captured into again); outputs are cloned before the next replay.
 
 With `scheduler_in_graph`, a sampler that can (`samplers.dit_ddim_sample`, `samplers.pixart_sample`)
 sets an epilogue: its step (the fused `kernels.solver_step` with the step's coefficients from
@@ -96,23 +101,33 @@ class StaticInputs:
         return total
 
 
+def pool_segment_bytes(segments, pool) -> int:
+    """Bytes of the device memory segments that memory pool `pool` holds, from
+    `torch.cuda.memory_snapshot()` segments (dicts with `segment_pool_id` and `total_size`)."""
+    return sum(s["total_size"] for s in segments if tuple(s["segment_pool_id"]) == tuple(pool))
+
+
 class CudaGraphBackend:
-    """torch.cuda graphs sharing one memory pool."""
+    """torch.cuda graphs sharing one memory pool; warm-up and capture on one side stream."""
 
     def __init__(self):
+        self.stream = torch.cuda.Stream()
+        self.new_pool()
+
+    def new_pool(self) -> None:
+        """The graphs captured from now on share a fresh pool."""
         self.pool = torch.cuda.graph_pool_handle()
 
     def warm_up(self, fn):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             result = fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
         return result
 
     def capture(self, fn):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             output = fn()
         return graph, output
 
@@ -122,10 +137,10 @@ class CudaGraphBackend:
         graph.replay()
         return output
 
-    @staticmethod
-    def reserved() -> int:
-        """Device memory held by the caching allocator: its growth during a capture is the new pool memory."""
-        return torch.cuda.memory_reserved()
+    def pool_bytes(self) -> int:
+        """Device memory the graphs' pool holds: its segments, so neither the other pools (warm-up, cuBLAS
+        workspaces, caches) nor `empty_cache` (it cannot free segments the graphs hold) change it."""
+        return pool_segment_bytes(torch.cuda.memory_snapshot(), self.pool)
 
 
 class GraphRunner:
@@ -156,6 +171,8 @@ class GraphRunner:
         self.graphs, self.signature, self.schedule, self.static = {}, None, None, None
         self.captured_epilogue_key = None
         self.pool_bytes = 0
+        if self.backend is not None:
+            self.backend.new_pool()
 
     def static_bytes(self) -> int:
         inputs = self.static.nbytes() if self.static is not None else 0
@@ -185,6 +202,18 @@ class GraphRunner:
             self.epilogue(output)
         return output
 
+    def _run_static(self):
+        return self._run(self.static.args, self.static.kwargs)
+
+    def _warm_up(self):
+        """The step twice on the static inputs, the sampler buffers restored in between; returns the
+        second run's output, the step's real result."""
+        saved = [b.clone() for b in self.buffers.values()]
+        self._run_static()
+        for buffer, value in zip(self.buffers.values(), saved):
+            buffer.copy_(value)
+        return self._run_static()
+
     def __call__(self, *args, **kwargs):
         engine = self.engine
         if engine.mode != "inference":
@@ -204,17 +233,16 @@ class GraphRunner:
             self.reset()
             self.signature, self.schedule, self.static = signature, engine.schedule, StaticInputs(args, kwargs)
             self.captured_epilogue_key = self.epilogue_key
-        key = engine.row, engine.write_row
+        key = engine.row, engine.write_row, engine.modulation_active
+        self.static.copy_from(args, kwargs)
         if key not in self.graphs:
-            result = backend.warm_up(lambda: self._run(args, kwargs))  # this step's real output
-            self.static.copy_from(args, kwargs)
-            start, before = time.perf_counter(), backend.reserved()
-            self.graphs[key] = backend.capture(lambda: self._run(self.static.args, self.static.kwargs))
+            result = backend.warm_up(self._warm_up)
+            start = time.perf_counter()
+            self.graphs[key] = backend.capture(self._run_static)
             self.capture_seconds += time.perf_counter() - start
-            self.pool_bytes += backend.reserved() - before
+            self.pool_bytes = backend.pool_bytes()
             self.captures += 1
             return result
-        self.static.copy_from(args, kwargs)
         self.replays += 1
         output = backend.replay(self.graphs[key])
         return output if self.epilogue is not None else _clone_output(output)

@@ -1,12 +1,13 @@
-"""The CUDA-graph runner: row dedupe, static inputs, recapture triggers (CPU, with a stand-in backend that
-keeps a graph's semantics: a replay re-runs the captured call on the static inputs and writes a fixed
-output buffer), and the real graphs on CUDA."""
+"""The CUDA-graph runner: row dedupe, static inputs, recapture triggers (CPU, with the stand-in backend of
+graph_standin.py, which keeps a graph's semantics and refuses what a capture forbids), and the real graphs
+on CUDA."""
 
 import warnings
 
 import pytest
 import torch
 from _helpers import cuda_inputs, make_model, step_inputs, units_of
+from graph_standin import CaptureViolation, StandInGraphs, runner_inputs
 
 import harmonica
 from harmonica import CacheSchedule
@@ -16,39 +17,10 @@ from harmonica.graphs import StaticInputs, graph_plan, input_signature
 MODELS = ["tiny-dit", "tiny-pixart"]
 
 
-class StandInGraphs:
-    """Graph semantics without CUDA: capture records the call (it reads the static inputs when it
-    runs) and one output buffer, and like a real capture leaves the runner's sampler buffers as they
-    were; replay re-runs the call and overwrites that buffer in place."""
-
-    def __init__(self, runner):
-        self.runner = runner
-
-    def warm_up(self, fn):
-        return fn()
-
-    def capture(self, fn):
-        saved = {name: b.clone() for name, b in self.runner.buffers.items()}
-        output = fn()
-        for name, b in saved.items():
-            self.runner.buffers[name].copy_(b)
-        return fn, output
-
-    @staticmethod
-    def replay(captured):
-        fn, output = captured
-        output.sample.copy_(fn().sample)
-        return output
-
-    @staticmethod
-    def reserved() -> int:
-        return 0
-
-
 def enable_with_stand_in(model, schedule, **options):
     engine = harmonica.enable(model, schedule, cuda_graphs=True, **options)
     runner = getattr(model, "transformer", model)._harmonica.graphs
-    runner.backend = StandInGraphs(runner)
+    runner.backend = StandInGraphs(lambda: runner_inputs(runner))
     return engine, runner
 
 
@@ -126,7 +98,7 @@ def test_replayed_generations_equal_the_eager_engine_bitwise(name):
     assert runner.captures == len(set(graph_plan(schedule))) == 3
     assert runner.replays == 10 - 3
     report = harmonica.summary(model)
-    assert report.graphs == 3
+    assert report.graphs == 3 and report.graph_pool_bytes == runner.backend.pool_bytes() > 0
     assert report.static_bytes == runner.static.nbytes() > 0
     assert "3 CUDA graphs" in str(report)
 
@@ -137,8 +109,12 @@ def test_recapture_on_a_new_batch_shape_or_schedule():
     engine, runner = enable_with_stand_in(model, CacheSchedule.fora(4, K, 2))
     run(model, 4)
     assert (runner.captures, runner.resets) == (2, 0)
+    pool = runner.pool_bytes
+    assert pool == runner.backend.pool_bytes() > 0
     single = run(model, 4, batch=1)
     assert (runner.captures, runner.resets) == (4, 1)
+    # a fresh pool for the new graphs: the dropped ones' memory is not counted
+    assert 0 < runner.pool_bytes == runner.backend.pool_bytes() < pool
 
     harmonica.disable(model)
     harmonica.enable(model, CacheSchedule.fora(4, K, 2))
@@ -188,24 +164,29 @@ def test_on_cpu_the_option_says_once_that_it_does_nothing(monkeypatch):
     assert "forward" not in vars(model), "disable left the runner in place"
 
 
+def dit_inputs(device):
+    """Latents (2, 4, 8, 8) and class labels (2,) of a DiT generation, on `device`."""
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    return latents.to(device), torch.tensor([3, 7]).to(device)
+
+
 @torch.no_grad()
-def dit_generation(model, guidance=1.5, steps=6):
+def dit_generation(model, inputs, guidance=1.5, steps=6):
     from harmonica.samplers import dit_ddim_sample
 
-    device = next(model.parameters()).device
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
-    return dit_ddim_sample(model, torch.tensor([3, 7], device=device), num_steps=steps, guidance_scale=guidance,
-                           latents=latents)
+    latents, labels = inputs
+    return dit_ddim_sample(model, labels, num_steps=steps, guidance_scale=guidance, latents=latents)
 
 
 def test_dit_sampler_step_inside_the_graphs_equals_the_eager_sampler_bitwise():
     model = make_model("tiny-dit")
     schedule = CacheSchedule.fora(6, units_of(model), 2)
+    inputs = dit_inputs("cpu")
     harmonica.enable(model, schedule)
-    eager, eager_guided = dit_generation(model), dit_generation(model, guidance=4.0)
+    eager, eager_guided = dit_generation(model, inputs), dit_generation(model, inputs, guidance=4.0)
 
     _, runner = enable_with_stand_in(model, schedule, scheduler_in_graph=True)
-    first, second = dit_generation(model), dit_generation(model)
+    first, second = dit_generation(model, inputs), dit_generation(model, inputs)
     assert torch.equal(first, eager) and torch.equal(second, eager)
     assert (runner.captures, runner.replays, runner.resets) == (2, 4 + 6, 0)
     assert runner.epilogue is None, "the sampler left its step in the runner"
@@ -213,23 +194,29 @@ def test_dit_sampler_step_inside_the_graphs_equals_the_eager_sampler_bitwise():
     x_bytes, coefficient_bytes = 2 * 4 * 8 * 8 * 4, 5 * 4
     assert runner.static_bytes() == runner.static.nbytes() + x_bytes + coefficient_bytes
     # the guidance scale is baked into the captured step: a new one recaptures
-    assert torch.equal(dit_generation(model, guidance=4.0), eager_guided)
+    assert torch.equal(dit_generation(model, inputs, guidance=4.0), eager_guided)
     assert (runner.captures, runner.resets) == (4, 1)
 
     _, runner = enable_with_stand_in(model, schedule)  # the step after each replay
-    assert torch.equal(dit_generation(model), eager) and runner.epilogue is None and not runner.buffers
+    assert torch.equal(dit_generation(model, inputs), eager) and runner.epilogue is None and not runner.buffers
 
 
-@torch.no_grad()
-def pixart_generation(pipe, steps=6):
+def pixart_inputs(device):
+    """Prompt embeddings (2, 5, 32) and mask, the unconditional pair and latents (2, 4, 8, 8), on `device`."""
     from harmonica.models import random_prompt_embeds
-    from harmonica.samplers import pixart_sample
 
-    device = pipe.transformer.device
     embeds = random_prompt_embeds("tiny-pixart", 2, torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones(embeds.shape[:2], device=device)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
-    return pixart_sample(pipe, embeds, mask, torch.zeros_like(embeds), mask, num_steps=steps, latents=latents)
+    return embeds, mask, torch.zeros_like(embeds), mask, latents
+
+
+@torch.no_grad()
+def pixart_generation(pipe, inputs, steps=6):
+    from harmonica.samplers import pixart_sample
+
+    *prompt, latents = inputs
+    return pixart_sample(pipe, *prompt, num_steps=steps, latents=latents)
 
 
 def test_pixart_sampler_step_inside_the_graphs_equals_the_eager_sampler_bitwise():
@@ -237,11 +224,12 @@ def test_pixart_sampler_step_inside_the_graphs_equals_the_eager_sampler_bitwise(
 
     pipe = build_pipeline("tiny-pixart", random_weights=True)
     schedule = CacheSchedule.fora(6, units_of(pipe.transformer), 2)
+    inputs = pixart_inputs("cpu")
     harmonica.enable(pipe, schedule)
-    eager = pixart_generation(pipe)
+    eager = pixart_generation(pipe, inputs)
     _, runner = enable_with_stand_in(pipe, schedule, scheduler_in_graph=True)
     runner.buffer("x0_prev", (2, 4, 8, 8), torch.float32, "cpu").fill_(float("nan"))  # read at step 0 with c = 0
-    first, second = pixart_generation(pipe), pixart_generation(pipe)
+    first, second = pixart_generation(pipe, inputs), pixart_generation(pipe, inputs)
     assert torch.equal(first, eager) and torch.equal(second, eager)
     assert (runner.captures, runner.replays) == (2, 4 + 6)
 
@@ -262,6 +250,159 @@ def test_scheduler_in_graph_needs_cuda_graphs():
     model = make_model("tiny-dit")
     with pytest.raises(ValueError, match="scheduler_in_graph: expected together with cuda_graphs=True"):
         harmonica.enable(model, CacheSchedule.fora(4, units_of(model), 2), scheduler_in_graph=True)
+
+
+def graphed(fn, inputs, warm_up=None):
+    """Warm `warm_up` (default `fn`) up on the stand-in, capture `fn` and replay it once."""
+    backend = StandInGraphs(lambda: inputs)
+    backend.warm_up(warm_up or fn)
+    return backend.replay(backend.capture(fn))
+
+
+def test_the_stand_in_keeps_graph_semantics():
+    x, y = torch.arange(4.0), torch.zeros(4)
+
+    def step():
+        y.add_(x)
+        return y * 2
+
+    backend = StandInGraphs(lambda: [x, y])
+    backend.warm_up(step)
+    captured = backend.capture(step)
+    assert torch.equal(y, x), "the capture changed an input"
+    assert captured.output.isnan().all(), "the captured output holds values before any replay"
+    output = backend.replay(captured)
+    assert output is captured.output and torch.equal(output, 4 * x) and torch.equal(y, 2 * x)
+    assert backend.pool_bytes() == 4 * 4  # y * 2; y.add_ writes in place
+
+
+HOST_SYNCS = {
+    "item": lambda x: x * x.sum().item(),
+    "if": lambda x: x + 1 if x[1] > 0 else x,
+    "equal": lambda x: x + 1 if torch.equal(x, x) else x,
+    "nonzero": lambda x: x.nonzero(),
+    "mask": lambda x: x[x > 2],
+    "tolist": lambda x: x * len(x.tolist()),
+}
+
+
+@pytest.mark.parametrize("name", HOST_SYNCS)
+def test_the_stand_in_refuses_a_host_sync(name):
+    x = torch.arange(6.0)
+    with pytest.raises(CaptureViolation, match="^capture: host sync"):
+        graphed(lambda: HOST_SYNCS[name](x), [x])
+
+
+def test_the_stand_in_refuses_host_data_and_tensors_that_are_no_graph_input():
+    x, outside = torch.arange(6.0), torch.ones(6)
+    assert torch.equal(graphed(lambda: x + outside, [x, outside]), x + 1)
+    with pytest.raises(CaptureViolation, match=r"^capture: host-to-device copy \(aten.lift_fresh"):
+        graphed(lambda: x + torch.tensor([1.0] * 6), [x])
+    with pytest.raises(CaptureViolation, match="^capture: aten.add.Tensor reads a .* neither a graph input"):
+        graphed(lambda: x + outside, [x])
+    with pytest.raises(CaptureViolation, match="^capture: aten.copy_.default reads"):
+        graphed(lambda: x.copy_(outside), [x])
+
+
+def test_the_stand_in_refuses_memory_outside_the_graphs_pool():
+    x, state = torch.arange(6.0), {"buffer": torch.ones(6), "rows": 6}
+    backend = StandInGraphs(lambda: [x, state["buffer"]])
+    step = lambda: x + state["buffer"]  # noqa: E731
+    captured = backend.capture(step)
+    state["buffer"] = torch.ones(6)  # reallocated after the capture: the graph still reads the old one
+    with pytest.raises(CaptureViolation, match="^replay: aten.add.Tensor reads a .* neither a graph input"):
+        backend.replay(captured)
+
+    def scratch():  # allocated on first use: by the warm-up, then again by a replay after a drop
+        if "scratch" not in state:
+            state["scratch"] = torch.empty(6)
+        return torch.mul(x, 2, out=state["scratch"])
+
+    backend = StandInGraphs(lambda: [x, state["scratch"]])
+    backend.warm_up(scratch)
+    captured = backend.capture(scratch)
+    assert torch.equal(backend.replay(captured), 2 * x)
+    del state["scratch"]
+    with pytest.raises(CaptureViolation, match=r"^replay: allocates other memory than the capture \(outside"):
+        backend.replay(captured)
+
+    rows = lambda: x[:state["rows"]] * 2  # noqa: E731
+    captured = StandInGraphs(lambda: [x]).capture(rows)
+    state["rows"] = 3  # host state: a real replay still computes 6 rows
+    with pytest.raises(CaptureViolation, match="^replay: allocates other memory"):
+        StandInGraphs(lambda: [x]).replay(captured)
+
+
+def test_the_stand_in_refuses_a_replay_that_runs_other_ops():
+    x, flag = torch.arange(6.0), [True]
+    captured = StandInGraphs(lambda: [x]).capture(lambda: x * 2 if flag[0] else x + 2)
+    flag[0] = False
+    with pytest.raises(CaptureViolation, match="^replay: runs other ops than the capture: #0 was aten.mul"):
+        StandInGraphs(lambda: [x]).replay(captured)
+
+
+def test_the_stand_in_refuses_a_kernel_variant_the_warm_up_did_not_run():
+    from harmonica.kernels import gated_residual_compute, solver_step
+
+    gen = torch.Generator().manual_seed(0)
+    h, fresh, gate = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen), torch.randn(2, 4)
+    wide = torch.randn(2, 3, 8, generator=gen)[..., ::2]  # fresh's values with other strides
+    wide.copy_(fresh)
+    inputs = [h, fresh, gate, wide]
+    plain = lambda: gated_residual_compute(h, fresh)  # noqa: E731
+    assert torch.equal(graphed(plain, inputs), h + fresh)
+    for other in (lambda: gated_residual_compute(h, fresh, gate), lambda: gated_residual_compute(h, wide)):
+        with pytest.raises(CaptureViolation, match="^capture: first launch of .*gated_residual_compute_ref"):
+            graphed(other, inputs, warm_up=plain)
+    x, coefficients = torch.randn(2, 4, 1, 1, generator=gen), torch.rand(5, generator=gen)
+    step = lambda prev: solver_step(x, fresh.view(2, 12, 1, 1), coefficients, x0_prev=prev)  # noqa: E731
+    with pytest.raises(CaptureViolation, match="^capture: first launch of a fused-op variant .*solver_step_ref"):
+        graphed(lambda: step(x.float()), [x, fresh, coefficients], warm_up=lambda: step(None))
+
+
+def test_pool_bytes_count_the_segments_of_the_graphs_pool_only():
+    segments = [{"segment_pool_id": (0, 0), "total_size": 2 << 20},  # default pool: caches, cuBLAS workspaces
+                {"segment_pool_id": (0, 5), "total_size": 20 << 20},
+                {"segment_pool_id": [0, 5], "total_size": 2 << 20},
+                {"segment_pool_id": (0, 6), "total_size": 1 << 20}]  # the pool before a recapture
+    assert graphs_module.pool_segment_bytes(segments, (0, 5)) == 22 << 20
+    assert graphs_module.pool_segment_bytes(segments, (1, 5)) == 0
+
+
+def test_the_warm_up_runs_the_step_twice_on_the_static_buffers():
+    model = make_model("tiny-dit")
+    _, runner = enable_with_stand_in(model, CacheSchedule.fora(4, units_of(model), 2))
+    forward, seen = runner.forward, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["hidden_states"].data_ptr())
+        return forward(*args, **kwargs)
+
+    runner.forward = spy
+    run(model, 1)
+    assert seen == [runner.static.kwargs["hidden_states"].data_ptr()] * 3  # warm-up twice, capture
+
+
+@torch.no_grad()
+def test_a_graph_captured_with_the_modulation_table_is_not_replayed_without_it():
+    model = make_model("tiny-dit")
+    schedule = CacheSchedule.fora(4, units_of(model), 2)
+    inputs = dit_inputs("cpu")
+    latents, labels = inputs
+
+    def plain_loop():  # no timesteps announced: the modulation table is off
+        harmonica.reset(model)
+        return [model(latents, timestep=torch.full((2,), t), class_labels=labels).sample for t in (999, 666, 333, 0)]
+
+    harmonica.enable(model, schedule)
+    eager = plain_loop()
+    engine, runner = enable_with_stand_in(model, schedule)
+    dit_generation(model, inputs, guidance=1.0, steps=4)
+    assert engine.modulation_active and runner.captures == 2
+    graphed_outputs = plain_loop()
+    assert not engine.modulation_active
+    assert (runner.captures, runner.resets) == (4, 0)
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed_outputs))
 
 
 @pytest.mark.gpu
@@ -304,19 +445,19 @@ def test_cuda_whole_generation_with_graphs_has_no_host_sync(family, scheduler_in
 
     if family == "dit":
         target = transformer = make_model("tiny-dit").cuda()
-        generation = dit_generation
+        generation, inputs = dit_generation, dit_inputs("cuda")
     else:
         target = build_pipeline("tiny-pixart", random_weights=True).to("cuda")
-        transformer, generation = target.transformer, pixart_generation
+        transformer, generation, inputs = target.transformer, pixart_generation, pixart_inputs("cuda")
     schedule = CacheSchedule.fora(6, units_of(transformer), 2)
     harmonica.enable(target, schedule)
-    eager = generation(target)
+    eager = generation(target, inputs)
     harmonica.enable(target, schedule, cuda_graphs=True, scheduler_in_graph=scheduler_in_graph)
-    generation(target)  # capture
+    generation(target, inputs)  # capture
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # inputs made before: a blocking upload here would fail the test
     try:
-        replayed = generation(target)
+        replayed = generation(target, inputs)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(eager, replayed)

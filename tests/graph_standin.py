@@ -1,0 +1,246 @@
+"""A CPU stand-in for CUDA graphs that refuses what a real capture forbids.
+
+It keeps a graph's semantics (capture records the call and one output buffer and changes no memory;
+replay re-runs the call and overwrites that buffer in place) and checks every aten op of a capture or
+replay (a TorchDispatchMode) and every fused-op launch (the launchers `*_fwd` and the references
+`*_ref` of `harmonica.kernels`, patched only while the stand-in runs). It raises `CaptureViolation` on:
+
+- a host sync: an op that reads a device value on the host (`.item()`, `bool`/`if` on a tensor,
+  `torch.equal`, `nonzero`, boolean-mask indexing, `tolist`, `numpy`);
+- a host-to-device copy: a tensor built from host data (`torch.tensor`, `as_tensor`, `from_numpy`),
+  or a read of any tensor that is neither a graph input (`inputs()`: for the runner its static inputs,
+  the transformer's parameters and buffers, the cache slots, the sampler buffers, DiT's modulation
+  step buffer) nor allocated by the capture itself;
+- memory outside the graph's pool: a replay that reads memory the capture neither read nor allocated
+  (a buffer reallocated since), or that allocates other memory than the capture did;
+- a replay that runs other ops than the capture (a real replay repeats the captured work whatever
+  the host state is now);
+- a kernel variant first launched in a capture: a fused-op launch whose signature (function, tensor
+  dtypes, shapes, strides and 16-byte alignment, flags) no warm-up ran (on a GPU, a Triton compile
+  and module load inside the capture).
+"""
+
+import contextlib
+import importlib
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+aten = torch.ops.aten
+HOST_SYNCS = {aten._local_scalar_dense.default, aten.item.default, aten.equal.default, aten.is_nonzero.default,
+              aten.nonzero.default, aten.masked_select.default, aten.repeat_interleave.Tensor, aten._unique2.default,
+              aten.unique_consecutive.default, aten.unique_dim.default}
+INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+HOST_FROM_DATA = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
+KERNEL_MODULES = ("harmonica.kernels.gated_residual", "harmonica.kernels.solver_step", "harmonica.kernels.cache_copy")
+
+
+class CaptureViolation(RuntimeError):
+    """Something a CUDA graph capture (or replay) cannot do."""
+
+
+def _tensors(value) -> list:
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+
+
+def _address(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _storages(tensors) -> dict:
+    """address -> weak reference of each tensor's storage."""
+    return {_address(t): StorageWeakRef(t.untyped_storage()) for t in tensors}
+
+
+def _alive(storages: dict, address: int) -> bool:
+    """Whether `address` holds one of `storages` (an address can be reused once its storage is freed)."""
+    ref = storages.get(address)
+    return ref is not None and not ref.expired()
+
+
+def variant(name: str, args, kwargs) -> tuple:
+    """What a Triton launch is specialised on: the function, each tensor's dtype, shape, strides and
+    16-byte alignment, the flags and integers (floats are runtime values)."""
+    def describe(value):
+        if isinstance(value, torch.Tensor):
+            return value.dtype, tuple(value.shape), value.stride(), value.data_ptr() % 16 == 0
+        if isinstance(value, dict):
+            return tuple((k, describe(v)) for k, v in sorted(value.items()))
+        if isinstance(value, (list, tuple)):
+            return tuple(describe(v) for v in value)
+        if isinstance(value, float):
+            return float
+        return describe(vars(value)) if hasattr(value, "__dict__") else value
+
+    return name, describe(args), describe(kwargs)
+
+
+@contextlib.contextmanager
+def _patched(targets):
+    """Set (object, name, value) for the duration, then restore."""
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in targets]
+    for obj, name, value in targets:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+def _launch_points():
+    """(module, name) of every fused-op launcher and reference, where the library looks them up."""
+    package = importlib.import_module("harmonica.kernels")
+    points = []
+    for module in map(importlib.import_module, KERNEL_MODULES):
+        for name in dir(module):
+            if name.endswith(("_fwd", "_ref")) and callable(getattr(module, name)):
+                points += [(module, name)] + ([(package, name)] if hasattr(package, name) else [])
+    return points
+
+
+def _launches(record):
+    """Patch every launch point to call `record(variant)` first."""
+    def wrap(name, fn):
+        def launch(*args, **kwargs):
+            record(variant(name, args, kwargs))
+            return fn(*args, **kwargs)
+        return launch
+
+    return _patched([(obj, name, wrap(name, getattr(obj, name))) for obj, name in _launch_points()])
+
+
+class _Rules(TorchDispatchMode):
+    """The rules over the aten ops of one capture or replay. inputs: the storages the run may read besides
+    its own allocations (`_storages`); reads, allocations (alike) and trace record what it did."""
+
+    def __init__(self, phase: str, inputs: dict):
+        super().__init__()
+        self.phase, self.inputs = phase, inputs
+        self.reads, self.allocations = {}, {}
+        self.trace = []  # (op, ((bytes, dtype) of each new allocation)) per op
+
+    def refuse(self, what: str):
+        raise CaptureViolation(f"{self.phase}: {what}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = _tensors((args, kwargs))
+        if func in HOST_SYNCS or (func in INDEXING and any(t.dtype in (torch.bool, torch.uint8) for t in tensors[1:])):
+            self.refuse(f"host sync ({func}: reads a device value on the host)")
+        if func in HOST_FROM_DATA:
+            self.refuse(f"host-to-device copy ({func}: a tensor built from host data)")
+        for t in tensors:
+            address = _address(t)
+            if address and not _alive(self.allocations, address):
+                if not _alive(self.inputs, address):
+                    self.refuse(f"{func} reads a {tuple(t.shape)} {t.dtype} tensor that is neither a graph input nor "
+                                "allocated by the capture (on a GPU: host data copied in, or a stale address "
+                                "outside the graph's pool)")
+                self.reads[address] = self.inputs[address]
+        out = func(*args, **kwargs)
+        new = []
+        for t in _tensors(out):
+            address = _address(t)
+            if address and not _alive(self.inputs, address) and not _alive(self.allocations, address):
+                self.allocations.update(_storages([t]))
+                new.append((t.untyped_storage().nbytes(), t.dtype))
+        self.trace.append((str(func), tuple(new)))
+        return out
+
+
+@contextlib.contextmanager
+def _checked(rules: _Rules, on_launch):
+    def refusal(name):
+        return lambda *args, **kwargs: rules.refuse(f"host sync (Tensor.{name}: copies a device tensor to the host)")
+
+    host_reads = [(torch.Tensor, name, refusal(name)) for name in ("tolist", "numpy")]
+    with _launches(on_launch), _patched(host_reads), rules:
+        yield
+
+
+def _allocations(trace) -> list:
+    return [allocation for _, new in trace for allocation in new]
+
+
+def _ops(trace) -> list:
+    return [op for op, _ in trace]
+
+
+@dataclass
+class Captured:
+    fn: object
+    output: object
+    rules: _Rules
+
+
+class StandInGraphs:
+    """Graph backend without CUDA that enforces the capture rules (module docstring).
+
+    inputs: () -> the tensors a graph may read (read when a capture starts). The pool: the bytes each
+    capture allocated since the last `new_pool` (no reuse modelled), what `pool_bytes` reports.
+    """
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+        self.variants = set()  # fused-op launches the warm-ups ran
+        self.new_pool()
+
+    def new_pool(self) -> None:
+        self.pool = 0
+
+    def pool_bytes(self) -> int:
+        return self.pool
+
+    def warm_up(self, fn):
+        with _launches(self.variants.add):
+            return fn()
+
+    def _first_launch(self, launched) -> None:
+        if launched not in self.variants:
+            raise CaptureViolation(f"capture: first launch of a fused-op variant no warm-up ran (a compile inside "
+                                   f"the capture on a GPU): {launched}")
+
+    def capture(self, fn) -> Captured:
+        """Run `fn` under the rules, then put back every input as it was (a capture runs nothing) and
+        poison the output (a captured output holds nothing until a replay)."""
+        inputs = _tensors(self.inputs())
+        saved = [t.clone() for t in inputs]
+        rules = _Rules("capture", _storages(inputs))
+        with _checked(rules, self._first_launch):
+            output = fn()
+        for t, value in zip(inputs, saved):
+            t.copy_(value)
+        for t in _tensors(output):
+            t.fill_(float("nan") if t.is_floating_point() else -1)
+        self.pool += sum(size for _, new in rules.trace for size, _ in new)
+        return Captured(fn, output, rules)
+
+    def replay(self, captured: Captured):
+        """Re-run the captured call under the rules, on what the capture read or allocated only, check that
+        it repeats the capture, and write its result into the captured output."""
+        capture = captured.rules
+        rules = _Rules("replay", {**capture.allocations, **capture.reads})
+        with _checked(rules, self._first_launch):
+            output = captured.fn()
+        for what, part in (("allocates other memory than the capture (outside the graph's pool)", _allocations),
+                           ("runs other ops than the capture", _ops)):
+            for i, (was, now) in enumerate(itertools.zip_longest(part(capture.trace), part(rules.trace))):
+                if was != now:
+                    rules.refuse(f"{what}: #{i} was {was}, is {now}")
+        for dst, src in zip(_tensors(captured.output), _tensors(output)):
+            dst.copy_(src)
+        return captured.output
+
+
+def runner_inputs(runner) -> list:
+    """What a `GraphRunner`'s graphs may read: its static inputs and sampler buffers, the transformer's
+    parameters and buffers, the cache slots and DiT's modulation step buffer."""
+    engine, static = runner.engine, runner.static
+    return _tensors(((static.args, static.kwargs), list(engine.transformer.parameters()),
+                     list(engine.transformer.buffers()), engine.slots, list(runner.buffers.values()),
+                     engine.modulation.step_buffer))
