@@ -4,13 +4,50 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: test bench clean
+.PHONY: test bench gpu-check gpu-check-plan clean
 
 test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(BENCH_STAMP)
 	$(PY) -m harmonica.bench
+
+# The first hour on a lent H100/H200: every stage runs under a wall-clock timeout (seconds; -k: SIGKILL 15 s
+# after SIGTERM) and even when an earlier one failed; logs, results JSONs and stages.txt (each stage's exit
+# status and seconds) land in GPU_CHECK_DIR; the exit status is non-zero when any stage failed.
+# Estimated 7-8 min on one H100 (see the README); `make gpu-check-plan` prints the suite's estimate anywhere.
+GPU_CHECK_DIR ?= bench/results/gpu-check-$(GPU_CHECK_STAMP)
+GPU_CHECK_STAMP := $(shell date -u +%Y-%m-%d)-$(shell git rev-parse --short HEAD 2>/dev/null)
+GPU_CHECK_SUITE := --models dit-xl-2-256 pixart-alpha-1024 --steps 20 --configs no-cache fora:2 harmonica \
+	--modes eager fused graphs graphs-step compile --repeat 3 --max-compiled-graphs 2
+AOT_TIMEOUT ?= 90
+GPU_TESTS_TIMEOUT ?= 150
+KERNELS_TIMEOUT ?= 120
+SUITE_TIMEOUT ?= 360
+TABLES_TIMEOUT ?= 30
+
+# $(call gpu_stage,name,timeout,command): output shown and kept in GPU_CHECK_DIR/name.log
+define gpu_stage
+	@echo "== $(1) (timeout $(2) s)"; start=$$(date +%s); \
+	timeout -k 15 $(2) $(3) 2>&1 | tee $(GPU_CHECK_DIR)/$(1).log; rc=$${PIPESTATUS[0]}; \
+	echo "$(1) exit=$$rc seconds=$$(( $$(date +%s) - start ))" | tee -a $(GPU_CHECK_DIR)/stages.txt
+endef
+
+gpu-check: SHELL := /bin/bash
+gpu-check: $(STAMP)
+	@mkdir -p $(GPU_CHECK_DIR) && rm -f $(GPU_CHECK_DIR)/stages.txt
+	$(call gpu_stage,aot-compile,$(AOT_TIMEOUT),$(PY) -m pytest tests/test_aot_compile.py -q)
+	$(call gpu_stage,gpu-tests,$(GPU_TESTS_TIMEOUT),$(PY) -m pytest -m gpu -q)
+	$(call gpu_stage,kernels,$(KERNELS_TIMEOUT),$(PY) -m harmonica.bench --part kernels --out $(GPU_CHECK_DIR)/kernels.json)
+	$(call gpu_stage,suite,$(SUITE_TIMEOUT),$(PY) -m harmonica.bench --part suite $(GPU_CHECK_SUITE) --no-progress \
+		--out $(GPU_CHECK_DIR)/suite.json)
+	$(call gpu_stage,tables,$(TABLES_TIMEOUT),$(PY) -m harmonica.bench.table $(GPU_CHECK_DIR)/kernels.json \
+		$(GPU_CHECK_DIR)/suite.json)
+	@awk '$$2 != "exit=0" {failed = 1; print "FAILED: " $$0} END {exit failed}' $(GPU_CHECK_DIR)/stages.txt \
+		&& echo "gpu-check: every stage passed; results in $(GPU_CHECK_DIR)"
+
+gpu-check-plan: $(STAMP)
+	$(PY) -m harmonica.bench --plan --device cuda --part suite $(GPU_CHECK_SUITE)
 
 # Reuse a CUDA build of torch already on the system (its pinned triton comes with it);
 # otherwise install the CPU build of torch 2.13.0.

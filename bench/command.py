@@ -1,6 +1,8 @@
 """`harmonica bench` = `make bench`: the MAC table, the kernel micro-benchmark (CUDA) and the sampling
-suite; writes bench/results/<date>-<device>-<commit>.json (or --out) and the PNG beside it, prints
-the tables. Without CUDA the suite runs the tiny DiT and PixArt (random weights) in well under 2 min.
+suite; writes bench/results/<date>-<device>-<commit>.json (or --out; rewritten after each model, so a
+run cut short keeps its finished models) and the PNG beside it, prints the tables. Without CUDA the
+suite runs the tiny DiT and PixArt (random weights) in well under 2 min. `--plan` prints the rows and
+an estimated duration and runs nothing (bench/plan.py).
 """
 
 import argparse
@@ -10,33 +12,49 @@ from pathlib import Path
 
 import torch
 
-from .configs import DEFAULT_CONFIGS, MODES
+from .configs import MODES
 from .kernel_bench import default_cases, format_rows, measure, target_verdict
 from .machine import REPO, machine_info
 from .macs import format_mac_table, mac_table
-from .suite import SuiteOptions, run_suite
+from .plan import format_plan, plan
+from .suite import MATRICES, SuiteOptions, run_suite
 from .table import format_gap_table, format_skipped, format_suite_table, target_verdicts
 
-SUITE_OPTIONS = ("models", "resolutions", "configs", "modes", "steps", "repeat", "warmup", "quick", "router",
-                 "real_weights", "seed")
+SUITE_OPTIONS = ("models", "resolutions", "configs", "modes", "steps", "repeat", "warmup", "quick", "full",
+                 "max_compiled_graphs", "router", "real_weights", "seed", "device")
+PARTS = {"all": ("kernels", "suite"), "kernels": ("kernels",), "suite": ("suite",)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SuiteOptions.__dataclass_fields__
+    cuda, cpu = MATRICES["cuda"], MATRICES["cpu"]
     parser.add_argument("--models", nargs="+", help="presets or families (dit-xl-2, pixart-alpha, pixart-sigma, "
-                        "tiny-dit, ...); default: the real models with CUDA, tiny-dit and tiny-pixart without")
+                        f"tiny-dit, ...); default with CUDA: {' '.join(cuda.models)} (--full: every real model); "
+                        f"without: {' '.join(cpu.models)}")
     parser.add_argument("--resolutions", nargs="+", type=int, help="pixels, e.g. 256 1024 (default: all)")
-    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
+    parser.add_argument("--configs", nargs="+",
                         help="no-cache, fewer-steps[:T], fora:N, delta-dit[:b=B,n=N], harmonica[:cur=C], "
                         "l2c[:cur=C], fbcache[:threshold], taylorseer[:interval], dbcache[:threshold] "
-                        f"(default: {' '.join(DEFAULT_CONFIGS)})")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), help=f"of {' '.join(MODES)} (default: all)")
+                        f"(default with CUDA: {' '.join(cuda.configs)}; --full and without CUDA: "
+                        f"{' '.join(cpu.configs)})")
+    parser.add_argument("--modes", nargs="+", help=f"of {' '.join(MODES)} (default with CUDA: "
+                        f"{' '.join(cuda.modes)}; --full and without CUDA: all)")
     parser.add_argument("--steps", nargs="+", type=int,
-                        help="denoising steps (default: DDIM 10 20 50 for DiT-XL/2, 20 for the others)")
+                        help="denoising steps (default: 20; --full: DDIM 10 20 50 for DiT-XL/2)")
     parser.add_argument("--repeat", type=int, default=defaults["repeat"].default, help="timed generations per row")
     parser.add_argument("--warmup", type=int, default=defaults["warmup"].default,
                         help="untimed generations before them")
     parser.add_argument("--quick", action="store_true", help="one step count per model, at most 2 repeats")
+    parser.add_argument("--full", action="store_true", help="with CUDA, the whole matrix (every real model, "
+                        "configuration and mode; DiT-XL/2 at DDIM 10, 20 and 50) instead of the default suite")
+    parser.add_argument("--max-compiled-graphs", type=int,
+                        help="skip compile rows whose schedule needs more compiled graphs (default: no limit)")
+    parser.add_argument("--part", choices=tuple(PARTS), default="all",
+                        help="kernels: the kernel micro-benchmark only; suite: the sampling suite only")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the rows it would run and an estimated duration, run nothing")
+    parser.add_argument("--device", choices=("cuda", "cpu"),
+                        help="default: cuda when available; --plan --device cuda plans a GPU run anywhere")
     parser.add_argument("--router", help="router directory for harmonica/l2c rows (default: synthetic schedules)")
     parser.add_argument("--real-weights", action="store_true", help="the presets' hub weights (downloads)")
     parser.add_argument("--seed", type=int, default=0)
@@ -51,7 +69,7 @@ def command_line(args, prog: str) -> str:
     defaults = vars(parser.parse_args([]))
     words = [prog]
     for name, value in vars(args).items():
-        if name in defaults and name not in ("out", "no_progress") and value != defaults[name]:
+        if name in defaults and name not in ("out", "no_progress", "plan") and value != defaults[name]:
             flag = "--" + name.replace("_", "-")
             words += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
     return " ".join(words)
@@ -60,30 +78,50 @@ def command_line(args, prog: str) -> str:
 def run(args, prog: str = "python -m harmonica.bench") -> int:
     options = SuiteOptions(**{name: tuple(v) if isinstance(v, list) else v
                               for name, v in vars(args).items() if name in SUITE_OPTIONS and v is not None})
+    parts = PARTS[args.part]
+    if args.plan:
+        lines = plan(options) if "suite" in parts else []
+        print(f"Plan of `{command_line(args, prog)}` on {options.device}\n")
+        print(format_plan(lines, options, kernels="kernels" in parts, suite="suite" in parts))
+        return 0
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda requested, but torch sees no CUDA device (only --plan runs without one)")
     before = machine_info()
     results = {"command": command_line(args, prog), "args": {k: getattr(args, k) for k in SUITE_OPTIONS},
-               "machine_before": before, "macs": mac_table(), "kernels": []}
+               "machine_before": before, "macs": mac_table(), "kernels": [], "suite": []}
+    device = before.get("gpu", "cpu").replace(" ", "-")
+    path = Path(args.out) if args.out else REPO / "bench" / "results" / f"{before['date'][:10]}-{device}-" \
+        f"{before['commit']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows):
+        results["suite"] = rows
+        path.write_text(json.dumps(results, indent=1) + "\n")
+
     print("MACs per image per transformer forward (FlopCounterMode on the meta device)\n")
     print(format_mac_table(results["macs"]))
-    if torch.cuda.is_available():
+    if "kernels" not in parts:
+        print("\nKernel micro-benchmark: not run (--part suite).")
+    elif torch.cuda.is_available():
         results["kernels"] = measure(default_cases())
         print(f"\nKernel micro-benchmark on {before['gpu']} (triton.testing.do_bench medians)\n")
         print(format_rows(results["kernels"]))
         print("\n" + target_verdict(results["kernels"]))
     else:
         print("\nNo CUDA device: the kernel micro-benchmark needs one and was not run.")
+    if "suite" not in parts:
+        results["machine_after"] = machine_info()
+        save([])
+        print(f"\nraw results: {path}\nBENCHMARKS.md section: python -m harmonica.bench.table {path}")
+        return 0
+    save([])  # the kernel rows are kept if the suite is cut short
     print(f"\nSampling suite on {options.device}: {', '.join(options.model_names)}\n")
-    results["suite"] = run_suite(options, progress=not args.no_progress)
+    rows = run_suite(options, progress=not args.no_progress, done=save)
     results["machine_after"] = machine_info()
-    rows = results["suite"]
+    save(rows)
     print(format_suite_table(rows) + "\n\nGap attribution, ms per generation:\n\n" + format_gap_table(rows))
     print("\nSkipped rows:\n\n" + format_skipped(rows))
     print("\nTargets: " + "\n".join(target_verdicts(rows, options.device)))
-    device = before.get("gpu", "cpu").replace(" ", "-")
-    path = Path(args.out) if args.out else REPO / "bench" / "results" / f"{before['date'][:10]}-{device}-" \
-        f"{before['commit']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nraw results: {path}")
     try:
         from .plot import plot_speedups

@@ -18,7 +18,8 @@ Execution modes of a harmonica configuration (peers run once, as their hooks run
   the sampler step runs inside each graph (method.md: keep the faster of the two);
 - compile: `enable(..., cuda_graphs=True, compile=True)` (CUDA only).
 
-Rows are flat dicts (one per model, resolution, steps, configuration, mode), `status` "ok" or
+Which rows a run makes is decided before anything runs (`plan_group`, which `harmonica bench --plan`
+prints too). Rows are flat dicts (one per model, resolution, steps, configuration, mode), `status` "ok" or
 "skipped" with the `reason`. Quality: PSNR / SSIM of the decoded image against the baseline image of
 the same seed (for fewer-steps: the baseline at the full step count).
 """
@@ -31,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 import harmonica
-from harmonica.models import PRESETS, REAL_MODELS, build_pipeline, preset, random_prompt_embeds
+from harmonica.models import PRESETS, REAL_MODELS, build_pipeline, build_transformer, preset, random_prompt_embeds
 from harmonica.router import Router
 from harmonica.samplers import (
     PIXART_PROMPT_KEYS,
@@ -60,8 +61,27 @@ from .peers import PeerUnavailable, UnitCounter, make_peer
 from .quality import psnr, ssim
 from .timing import spread, timed
 
-CPU_MODELS = ("tiny-dit", "tiny-pixart")
-DIT_STEPS = (10, 20, 50)
+
+@dataclass(frozen=True)
+class Matrix:
+    """What a run covers when --models, --configs, --modes or --steps are not given. dit_steps: the step
+    counts of the real DiT-XL/2 models (the others run their sampler's default, 20)."""
+
+    models: tuple
+    configs: tuple
+    modes: tuple
+    dit_steps: tuple
+
+
+# CUDA default: sized to <= 15 min by `harmonica bench --plan` (bench/plan.py); covers every target
+# of table.target_verdicts. --full: the whole matrix. CPU: the tiny models, every configuration and mode.
+MATRICES = {
+    "cuda": Matrix(("dit-xl-2-256", "pixart-alpha-256", "pixart-alpha-1024", "pixart-sigma-2048"),
+                   ("no-cache", "fewer-steps", "fora:2", "harmonica", "fbcache", "dbcache"),
+                   ("eager", "fused", "graphs", "graphs-step"), (20,)),
+    "full": Matrix(REAL_MODELS, DEFAULT_CONFIGS, MODES, (10, 20, 50)),
+    "cpu": Matrix(("tiny-dit", "tiny-pixart"), DEFAULT_CONFIGS, MODES, (20,)),
+}
 DIT_CLASS, DIT_GUIDANCE, PIXART_GUIDANCE = 207, 1.5, 4.5
 PROMPT = "A small cactus with a happy face in the Sahara desert."
 
@@ -79,27 +99,33 @@ for _name in PRESETS:
 
 @dataclass
 class SuiteOptions:
-    """What to run. models: preset or family names (None: the real models with CUDA, else the tiny
-    ones); resolutions: pixels (None: every resolution of the models); steps: None for each model's
-    defaults (DiT-XL/2: DDIM 10/20/50; others: their sampler's, 20; --quick: 20 only)."""
+    """What to run. models, configs, modes, steps: None for the matrix's (`MATRICES`: "full" with `full`
+    on CUDA, else "cuda" or "cpu"); resolutions: pixels (None: every resolution of the models); steps: one
+    list for every model (None: DiT-XL/2 the matrix's DDIM step counts; others their sampler's, 20;
+    --quick: 20 only). max_compiled_graphs: compile rows whose schedule needs more graphs are skipped."""
 
     models: tuple | None = None
     resolutions: tuple | None = None
-    configs: tuple = DEFAULT_CONFIGS
-    modes: tuple = MODES
+    configs: tuple | None = None
+    modes: tuple | None = None
     steps: tuple | None = None
     repeat: int = 5
     warmup: int = 1
     quick: bool = False
+    full: bool = False
+    max_compiled_graphs: int | None = None
     router: str | None = None
     real_weights: bool = False
     seed: int = 0
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
 
     def __post_init__(self):
+        self.matrix = MATRICES["cpu" if self.device != "cuda" else "full" if self.full else "cuda"]
         if self.quick:
             self.repeat = min(self.repeat, 2)
-        self.configs = tuple(parse_config(c) if isinstance(c, str) else c for c in self.configs)
+        self.configs = tuple(parse_config(c) if isinstance(c, str) else c
+                             for c in (self.matrix.configs if self.configs is None else self.configs))
+        self.modes = self.matrix.modes if self.modes is None else tuple(self.modes)
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise ValueError(f"--modes: expected names from {list(MODES)}, got {unknown[0]!r}")
@@ -108,7 +134,9 @@ class SuiteOptions:
                 raise ValueError(f"{name}: expected an integer >= {least}, got {value}")
         if self.steps is not None and min(self.steps) < 2:
             raise ValueError(f"--steps: expected step counts >= 2, got {list(self.steps)}")
-        self.model_names = select_models(self.models, self.resolutions, self.device)
+        if self.max_compiled_graphs is not None and self.max_compiled_graphs < 1:
+            raise ValueError(f"--max-compiled-graphs: expected an integer >= 1, got {self.max_compiled_graphs}")
+        self.model_names = select_models(self.models, self.resolutions, self.matrix.models)
 
     def steps_for(self, name: str) -> tuple:
         if self.steps is not None:
@@ -117,15 +145,15 @@ class SuiteOptions:
         native = default_steps(spec.sampler)
         if self.quick or spec.is_pixart or name not in REAL_MODELS:
             return (native,)
-        return DIT_STEPS
+        return self.matrix.dit_steps
 
 
-def select_models(models, resolutions, device: str) -> list:
-    """Preset names to run; ValueError naming --models or --resolutions for a name or resolution
-    that does not exist or that a named model cannot take."""
+def select_models(models, resolutions, defaults: tuple) -> list:
+    """Preset names to run (`models`, else `defaults`); ValueError naming --models or --resolutions for a
+    name or resolution that does not exist or that a named model cannot take."""
     explicit = models is not None
     names = []
-    for name in (models if explicit else (REAL_MODELS if device == "cuda" else CPU_MODELS)):
+    for name in (models if explicit else defaults):
         if name not in PRESETS and name not in FAMILIES:
             raise ValueError(f"--models: expected preset or family names from {sorted(PRESETS)} or "
                              f"{sorted(FAMILIES)}, got {name!r}")
@@ -261,6 +289,81 @@ def _skip_reason(config: Config, mode: str, device: str, sampler: str) -> str | 
     return None
 
 
+@dataclass(frozen=True)
+class PlannedRow:
+    """A row of the suite before it runs. schedule: what `harmonica.enable` takes (a `CacheSchedule` or
+    `Router`; None for peers and skipped rows); reason: why it is skipped, None when it runs."""
+
+    config: Config
+    mode: str
+    row_steps: int
+    schedule: object = None
+    synthetic: bool = False
+    reason: str | None = None
+
+    @property
+    def table(self) -> CacheSchedule | None:
+        return self.schedule.schedule() if isinstance(self.schedule, Router) else self.schedule
+
+    @property
+    def graphs(self) -> int | None:
+        """CUDA graphs the row captures (one per distinct step key; compile: +1 compiled graph for the first
+        step, which also allocates the slots); None when it captures none."""
+        if self.mode not in ("graphs", "graphs-step", "compile") or self.table is None:
+            return None
+        return len(set(self.table.step_keys)) + (self.mode == "compile")
+
+
+def matched_speedup(configs, transformer, macs, num_steps: int, router: Router | None) -> float:
+    """Theoretical speedup that fewer-steps matches: the first harmonica configuration's."""
+    learned = next((c for c in configs if c.kind == "harmonica"), parse_config("harmonica"))
+    try:
+        schedule, _ = engine_schedule(learned, transformer, num_steps, router)
+    except ValueError:
+        schedule, _ = engine_schedule(parse_config("harmonica"), transformer, num_steps)
+    schedule = schedule.schedule() if isinstance(schedule, Router) else schedule
+    return schedule.theoretical_speedup(macs)
+
+
+def plan_group(name: str, num_steps: int, options: SuiteOptions, router: Router | None = None,
+               transformer=None, macs=None) -> list:
+    """The `PlannedRow`s of one model at one step count, in the order they run: the no-cache eager baseline,
+    every configuration in every mode (peers once, eager), then the skeleton in each mode where a
+    configuration reuses. transformer, macs: the model's (default: a meta-device transformer, its MACs)."""
+    if transformer is None:
+        with torch.device("meta"):
+            transformer = build_transformer(name)
+    macs = macs or count_macs(name)
+    sampler = preset(name).sampler
+    matched = matched_speedup(options.configs, transformer, macs, num_steps, router)
+
+    def planned(config: Config, mode: str) -> PlannedRow:
+        row_steps = fewer_steps(config, num_steps, matched) if config.kind == "fewer-steps" else num_steps
+        if config.is_peer:
+            return PlannedRow(config, mode, row_steps)
+        reason = _skip_reason(config, mode, options.device, sampler)
+        if reason:
+            return PlannedRow(config, mode, row_steps, reason=reason)
+        try:
+            schedule, synthetic = engine_schedule(config, transformer, row_steps,
+                                                  router if config.kind in LEARNED_RULES else None)
+        except ValueError as error:
+            return PlannedRow(config, mode, row_steps, reason=str(error))
+        row = PlannedRow(config, mode, row_steps, schedule, synthetic)
+        limit = options.max_compiled_graphs
+        if mode == "compile" and limit and row.graphs > limit:
+            return PlannedRow(config, mode, row_steps, reason=f"needs {row.graphs} compiled graphs, over "
+                              f"--max-compiled-graphs {limit}")
+        return row
+
+    rows = [planned(parse_config("no-cache"), "eager")]
+    for config in options.configs:
+        modes = ("eager",) if config.is_peer else options.modes
+        rows += [planned(config, mode) for mode in modes if (config.kind, mode) != ("no-cache", "eager")]
+    reusing = {r.mode for r in rows if r.reason is None and (r.config.is_peer or r.table.cur > 0)}
+    return rows + [planned(Config(SKELETON, SKELETON), mode) for mode in MODES if mode in reusing]
+
+
 class GroupRun:
     """The rows of one model at one step count: baseline first, then every configuration and mode,
     the skeleton rows the gap attribution needs, then the attribution."""
@@ -305,47 +408,23 @@ class GroupRun:
 
     def run(self) -> list:
         options, w = self.options, self.w
-        self.baseline = w.measure(self.steps, options.repeat, options.warmup)
+        baseline, *planned = plan_group(w.name, self.steps, options, self.router, w.pipe.transformer, w.macs)
+        self.baseline = w.measure(baseline.row_steps, options.repeat, options.warmup)
         self.reference = self.baseline["images"]
         self.measured("no-cache", "eager", self.baseline, cur=0.0, theoretical=1.0, cache_bytes=0)
-        matched = self.matched_speedup()
-        for config in options.configs:
-            if config.is_peer:
-                self.run_peer(config)
-                continue
-            for mode in options.modes:
-                if config.kind == "no-cache" and mode == "eager":
-                    continue  # the baseline
-                self.run_engine(config, mode, matched)
-        reusing = {r["mode"] for r in self.rows if r["status"] == "ok" and r["cur"] > 0}  # modes the gaps need
-        for mode in (m for m in MODES if m in reusing):
-            self.run_engine(Config(SKELETON, SKELETON), mode, matched)
+        for row in planned:
+            if row.reason:
+                self.skip(row.config.name, row.mode, row.reason)
+            elif row.config.is_peer:
+                self.run_peer(row.config)
+            else:
+                self.run_engine(row)
         self.attribute_gaps()
         return self.rows
 
-    def matched_speedup(self) -> float:
-        """Theoretical speedup that fewer-steps matches: the run's first harmonica configuration's."""
-        learned = next((c for c in self.options.configs if c.kind == "harmonica"), parse_config("harmonica"))
-        try:
-            schedule, _ = engine_schedule(learned, self.w.pipe.transformer, self.steps, self.router)
-        except ValueError:
-            schedule, _ = engine_schedule(parse_config("harmonica"), self.w.pipe.transformer, self.steps)
-        schedule = schedule.schedule() if isinstance(schedule, Router) else schedule
-        return schedule.theoretical_speedup(self.w.macs)
-
-    def run_engine(self, config: Config, mode: str, matched: float) -> None:
-        reason = _skip_reason(config, mode, self.options.device, self.w.sampler)
-        if reason:
-            self.skip(config.name, mode, reason)
-            return
-        row_steps = fewer_steps(config, self.steps, matched) if config.kind == "fewer-steps" else self.steps
-        try:
-            plan, synthetic = engine_schedule(config, self.w.pipe.transformer, row_steps,
-                                              self.router if config.kind in LEARNED_RULES else None)
-        except ValueError as error:
-            self.skip(config.name, mode, str(error))
-            return
-        schedule = plan.schedule() if isinstance(plan, Router) else plan
+    def run_engine(self, planned: PlannedRow) -> None:
+        config, mode, row_steps, plan, schedule = (planned.config, planned.mode, planned.row_steps, planned.schedule,
+                                                   planned.table)
         theoretical = self.steps / row_steps * schedule.theoretical_speedup(self.w.macs)
         cur = schedule.cur
         plain = mode == "eager" and config.kind == "fewer-steps"
@@ -364,7 +443,8 @@ class GroupRun:
             if enabled:
                 harmonica.disable(target)
         self.measured(config.name, mode, measurement, cur=cur, theoretical=theoretical, row_steps=row_steps,
-                      synthetic=synthetic, schedule=schedule.name, cache_bytes=report.cache_bytes if report else 0,
+                      synthetic=planned.synthetic, schedule=schedule.name,
+                      cache_bytes=report.cache_bytes if report else 0,
                       graphs=report.graphs if report else None,
                       graph_pool_bytes=report.graph_pool_bytes if report and report.graphs is not None else None)
 
@@ -412,12 +492,12 @@ class GroupRun:
                 graphs_loop_ms=graphs["loop_ms"] if graphs else None))
 
 
-def run_suite(options: SuiteOptions, progress: bool = True) -> list:
-    """Every row of the suite, model by model (each model built, run and freed in turn)."""
+def run_suite(options: SuiteOptions, progress: bool = True, done=None) -> list:
+    """Every row of the suite, model by model (each model built, run and freed in turn); `done(rows)` is
+    called with the rows so far after each model."""
     router = Router.from_pretrained(options.router) if options.router else None
-    per_group = 1 + sum(1 if c.is_peer else len(options.modes) for c in options.configs) + len(options.modes)
-    per_group -= sum(1 for c in options.configs if c.kind == "no-cache")
-    total = sum(len(options.steps_for(name)) * per_group for name in options.model_names)
+    total = sum(len(plan_group(name, steps, options, router)) for name in options.model_names
+                for steps in options.steps_for(name))
     rows = []
     with tqdm(total=total, disable=not progress, desc="bench", unit="row") as bar:
         for name in options.model_names:
@@ -427,6 +507,7 @@ def run_suite(options: SuiteOptions, progress: bool = True) -> list:
             del workload
             if options.device == "cuda":
                 torch.cuda.empty_cache()
-        bar.total = bar.n
+            if done:
+                done(rows)
     return rows
 

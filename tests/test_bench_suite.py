@@ -14,7 +14,7 @@ from harmonica.bench.gap import attribute_gap
 from harmonica.bench.macs import count_macs, mac_table
 from harmonica.bench.peers import UnitCounter, make_peer
 from harmonica.bench.quality import psnr, ssim
-from harmonica.bench.suite import SuiteOptions, _skip_reason, run_suite, select_models
+from harmonica.bench.suite import MATRICES, SuiteOptions, _skip_reason, run_suite, select_models
 from harmonica.bench.timing import spread
 from harmonica.cli import main as cli_main
 from harmonica.models import build_pipeline
@@ -25,10 +25,12 @@ from harmonica.schedule import CacheSchedule
 
 
 def test_models_and_families_by_resolution():
-    assert select_models(None, None, "cpu") == ["tiny-dit", "tiny-pixart"]
-    assert select_models(["pixart-alpha"], (256, 1024), "cuda") == ["pixart-alpha-256", "pixart-alpha-1024"]
-    assert select_models(None, (2048,), "cuda") == ["pixart-sigma-2048"]
-    assert select_models(["dit-xl-2-512", "tiny-dit"], None, "cpu") == ["dit-xl-2-512", "tiny-dit"]
+    cpu, cuda, full = (MATRICES[k].models for k in ("cpu", "cuda", "full"))
+    assert select_models(None, None, cpu) == ["tiny-dit", "tiny-pixart"]
+    assert select_models(["pixart-alpha"], (256, 1024), cuda) == ["pixart-alpha-256", "pixart-alpha-1024"]
+    assert select_models(None, (2048,), cuda) == ["pixart-sigma-2048"]
+    assert select_models(None, (512,), full) == ["dit-xl-2-512", "pixart-alpha-512"]
+    assert select_models(["dit-xl-2-512", "tiny-dit"], None, cpu) == ["dit-xl-2-512", "tiny-dit"]
 
 
 @pytest.mark.parametrize("models,resolutions,message", [
@@ -39,7 +41,7 @@ def test_models_and_families_by_resolution():
 ])
 def test_bad_models_and_resolutions(models, resolutions, message):
     with pytest.raises(ValueError, match=message):
-        select_models(models, resolutions, "cuda")
+        select_models(models, resolutions, MATRICES["cuda"].models)
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -61,8 +63,11 @@ def test_good_configs_and_defaults():
     assert parse_config("harmonica").cur == 0.5 and parse_config("l2c").cur == 0.35
     assert parse_config("harmonica:cur=0.3").cur == 0.3
     assert parse_config("dbcache:0.1").is_peer and not parse_config("fora:2").is_peer
-    options = SuiteOptions(models=("dit-xl-2-256", "pixart-alpha-512"), device="cpu")
+    options = SuiteOptions(models=("dit-xl-2-256", "pixart-alpha-512"), device="cuda", full=True)
     assert options.steps_for("dit-xl-2-256") == (10, 20, 50) and options.steps_for("pixart-alpha-512") == (20,)
+    assert SuiteOptions(models=("dit-xl-2-256",), device="cuda").steps_for("dit-xl-2-256") == (20,)
+    cpu = SuiteOptions(device="cpu", full=True)  # without CUDA, --full is the tiny models' matrix
+    assert (cpu.model_names, cpu.modes) == (["tiny-dit", "tiny-pixart"], MATRICES["cpu"].modes)
     quick = SuiteOptions(models=("dit-xl-2-256",), quick=True, repeat=9, device="cpu")
     assert quick.steps_for("dit-xl-2-256") == (20,) and quick.repeat == 2
 
@@ -72,6 +77,7 @@ def test_good_configs_and_defaults():
      r"--modes: expected names from \['eager', 'fused', 'graphs', 'graphs-step', 'compile'\], got 'fast'"),
     ({"repeat": 0}, r"--repeat: expected an integer >= 1, got 0"),
     ({"steps": (20, 1)}, r"--steps: expected step counts >= 2, got \[20, 1\]"),
+    ({"max_compiled_graphs": 0}, r"--max-compiled-graphs: expected an integer >= 1, got 0"),
 ])
 def test_bad_suite_options(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -222,7 +228,33 @@ def test_benchmarks_section_is_regenerated_between_the_markers(tmp_path):
     table.main([str(path), "--benchmarks", str(md)])
     assert md.read_text() == first + "\n## Later section\n"  # replaced in place, the rest kept
     with pytest.raises(ValueError, match="BENCHMARKS.md: expected both markers"):
-        table.update_benchmarks(table.BEGIN + "\nno end", "section")
+        table.update_benchmarks(table.BEGIN + "\nno end", "\n".join([table.BEGIN, "section", table.END]))
+
+
+def test_kernel_section_from_the_kernel_rows(tmp_path):
+    machine = {"date": "2026-11-30T08:00:00+00:00", "commit": "abc1234", "gpu": "NVIDIA H100 80GB HBM3",
+               "driver": "570.86", "torch": "2.13.0", "triton": "3.9.0", "diffusers": "0.42.1"}
+    rows = [{"kernel": "compute", "provider": provider, "shape": [2, 4096, 1152], "dtype": "bf16", "median": ms,
+             "gbps": 2.0, "bytes": 1, "byte_ratio": 1.75, "copy_fraction": 0.057 / ms, "speedup_vs_eager": 0.1 / ms}
+            for provider, ms in (("eager", 0.1), ("fused", 0.0625), ("copy", 0.057))]
+    kernels, suite = tmp_path / "kernels.json", tmp_path / "suite.json"
+    kernels.write_text(json.dumps({"command": "python -m harmonica.bench --part kernels", "machine_before": machine,
+                                   "kernels": rows, "suite": []}))
+    suite.write_text(json.dumps({"command": "python -m harmonica.bench", "args": {"warmup": 1},
+                                 "machine_before": machine, "kernels": [], "suite": ROWS}))
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    assert table.main([str(kernels), str(suite), "--benchmarks", str(md)]) == 0
+    text = md.read_text()
+    assert text.index(table.KERNELS_BEGIN) < text.index(table.KERNELS_END) < text.index(table.BEGIN)
+    assert ("- Command: `python -m harmonica.bench --part kernels`; device NVIDIA H100 80GB HBM3 (driver 570.86); "
+            "date 2026-11-30; commit abc1234") in text
+    assert "| compute | 2, 4096, 1152 | bf16 | 0.1000 | 0.0625 | 1.60x | 1.75 | 2 |" in text
+    assert "Target: target (fused compute, B2 N4096 D1152 bf16): 91% of copy bandwidth" in text
+    assert text.rstrip().endswith(table.END) and SUITE_TABLE in text
+    (tmp_path / "empty.json").write_text(json.dumps({"kernels": [], "suite": []}))
+    with pytest.raises(SystemExit, match="empty.json: expected a results file with kernel or suite rows"):
+        table.main([str(tmp_path / "empty.json"), "--benchmarks", str(md)])
 
 
 def test_target_verdicts_on_a_gpu_run():

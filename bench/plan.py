@@ -1,0 +1,145 @@
+"""`harmonica bench --plan`: the rows a bench command would run (`suite.plan_group`, the rows the suite
+runs) and an estimate of its duration, without running anything.
+
+The estimate is arithmetic on MACs (`macs.py`; the VAE decode counted the same way) and on the assumed
+constants of a `CostModel`; no constant comes from a measurement:
+- a generation: 2 FLOPs per MAC x (2 images per forward (classifier-free guidance) x the transformer MACs
+  of the row's schedule over its steps + the VAE decode's MACs) at `flops`, plus `unit_host_s` per computed
+  unit outside CUDA graphs (launch overhead);
+- a row: `row_s` + (warm-up + repeats) generations + `graph_s` per CUDA graph + `compile_s` per compiled
+  graph; a peer row counts as no-cache (its CUR is known only once it ran);
+- a model: `build_s`; a command: `start_s` (imports, the MAC table) and, with CUDA, `timing_s` per timing of
+  the kernel micro-benchmark.
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from harmonica.models import preset
+from harmonica.schedule import CacheSchedule
+
+from .kernel_bench import PROVIDERS, default_cases
+from .macs import VAE_FACTOR, count_macs
+from .suite import PlannedRow, SuiteOptions, plan_group
+
+CFG_BATCH = 2  # images per transformer forward: DiT (guidance 1.5) and PixArt (4.5) run guidance as a batch of 2
+H100_PEAK_FLOPS = 989e12  # H100 SXM, fp16/bf16 dense tensor-core peak (NVIDIA datasheet)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Assumed costs (seconds, FLOP/s) of the estimate; `name` says what they stand for."""
+
+    name: str
+    flops: float
+    unit_host_s: float
+    row_s: float
+    graph_s: float
+    compile_s: float
+    build_s: float
+    start_s: float
+    timing_s: float
+
+
+COSTS = {
+    "cuda": CostModel("H100 SXM: 0.4 x the fp16 dense peak of 989 TFLOP/s; assumed: 0.1 ms host time per "
+                      "computed unit outside graphs, 1 s per row, 0.5 s per CUDA graph, 20 s per compiled graph, "
+                      "20 s per model build, 20 s start, 0.3 s per kernel timing",
+                      0.4 * H100_PEAK_FLOPS, 1e-4, 1.0, 0.5, 20.0, 20.0, 20.0, 0.3),
+    "cpu": CostModel("CPU: simple assumed constants, not measured: 20 GFLOP/s, 0.5 ms host time per computed "
+                     "unit, 0.05 s per row, 2 s per model build, 10 s start",
+                     20e9, 5e-4, 0.05, 0.0, 0.0, 2.0, 10.0, 0.0),
+}
+
+
+_count_macs = functools.cache(count_macs)  # counting a real preset takes seconds
+
+
+@dataclass(frozen=True)
+class PlanLine:
+    model: str
+    resolution: int
+    steps: int
+    row: PlannedRow
+    seconds: float
+
+
+@functools.cache
+def decode_macs(name: str) -> float:
+    """MACs of the preset's VAE decoding one image at its resolution (FlopCounterMode on the meta device)."""
+    import diffusers
+
+    spec = preset(name)
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(**spec.vae)
+        side = spec.resolution // VAE_FACTOR
+        latents = torch.empty(1, vae.config.latent_channels, side, side)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        vae.decode(latents)
+    return counter.get_total_flops() / 2
+
+
+def row_seconds(row: PlannedRow, macs, decode: float, options: SuiteOptions, cost: CostModel) -> float:
+    """Estimated seconds of one planned row (0 when it is skipped)."""
+    if row.reason:
+        return 0.0
+    schedule = row.table or CacheSchedule.no_cache(row.row_steps, len(macs.names))
+    transformer_macs = row.row_steps * macs.total / schedule.theoretical_speedup(macs)
+    host = 0.0 if row.graphs else schedule.table.sum().item() * cost.unit_host_s
+    generation = 2 * (CFG_BATCH * transformer_macs + decode) / cost.flops + host
+    graphs = row.graphs or 0
+    compiled = graphs if row.mode == "compile" else 0
+    return (cost.row_s + (options.warmup + options.repeat) * generation + graphs * cost.graph_s
+            + compiled * cost.compile_s)
+
+
+def kernel_seconds(cost: CostModel) -> float:
+    """Estimated seconds of the kernel micro-benchmark: every provider and the copy of every default case."""
+    return sum(len(PROVIDERS[case.op]) + 1 for case in default_cases()) * cost.timing_s
+
+
+def plan(options: SuiteOptions, router=None) -> list:
+    """A `PlanLine` per row the suite would make, in the order it would make them."""
+    cost = COSTS[options.device]
+    lines = []
+    for name in options.model_names:
+        macs, decode = _count_macs(name), decode_macs(name)
+        for steps in options.steps_for(name):
+            lines += [PlanLine(name, preset(name).resolution, steps, row, row_seconds(row, macs, decode, options, cost))
+                      for row in plan_group(name, steps, options, router, macs=macs)]
+    return lines
+
+
+def total_seconds(lines: list, options: SuiteOptions, kernels: bool, suite: bool = True) -> float:
+    """The command's estimate: start, and the kernel micro-benchmark (CUDA) and/or the suite."""
+    cost = COSTS[options.device]
+    seconds = cost.start_s + (kernel_seconds(cost) if kernels and options.device == "cuda" else 0.0)
+    if suite:
+        seconds += len(options.model_names) * cost.build_s + sum(line.seconds for line in lines)
+    return seconds
+
+
+def format_plan(lines: list, options: SuiteOptions, kernels: bool, suite: bool = True) -> str:
+    """The rows as a markdown table, the cost model and the total."""
+    cost = COSTS[options.device]
+    header = "| model | res | steps | config | mode | row steps | graphs | est. s | skipped because |"
+    table = [header, "|" + "---|" * (header.count("|") - 1)]
+    table += [f"| {line.model} | {line.resolution} | {line.steps} | {line.row.config.name} | {line.row.mode} | "
+              f"{line.row.row_steps} | {line.row.graphs or '-'} | {line.seconds:.1f} | {line.row.reason or ''} |"
+              for line in lines]
+    runs = sum(1 for line in lines if not line.row.reason)
+    parts = [*(table if suite else []), "",
+             f"Cost model ({options.device}): {cost.name}.",
+             f"{options.warmup} warm-up + {options.repeat} timed generations per row."]
+    if suite:
+        parts.append(f"Suite: {len(lines)} rows ({runs} run, {len(lines) - runs} skipped), "
+                     f"{len(options.model_names)} model builds.")
+    if kernels and options.device == "cuda":
+        parts.append(f"Kernel micro-benchmark: {kernel_seconds(cost):.0f} s.")
+    seconds = total_seconds(lines, options, kernels, suite)
+    parts.append(f"Estimated duration: {seconds:.0f} s ({seconds / 60:.1f} min). Nothing was run.")
+    return "\n".join(parts)

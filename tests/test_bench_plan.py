@@ -1,0 +1,101 @@
+"""`harmonica bench --plan`: the plan lists the rows the suite makes, its arithmetic on known cases, and the
+default CUDA suite's size."""
+
+import pytest
+import torch
+
+from harmonica.bench import command
+from harmonica.bench.configs import parse_config
+from harmonica.bench.macs import count_macs
+from harmonica.bench.plan import COSTS, CostModel, plan, row_seconds, total_seconds
+from harmonica.bench.suite import PlannedRow, SuiteOptions, plan_group, run_suite
+from harmonica.schedule import CacheSchedule
+
+
+def test_plan_lists_the_rows_the_suite_runs():
+    options = SuiteOptions(models=("tiny-dit",), configs=("fora:2", "fewer-steps", "fbcache"),
+                           modes=("eager", "graphs"), repeat=1, device="cpu")
+    planned = [(line.model, line.steps, line.row.config.name, line.row.mode,
+                None if line.row.reason else line.row.row_steps, line.row.reason) for line in plan(options)]
+    ran = [(r["model"], r["steps"], r["config"], r["mode"], r.get("row_steps"), r["reason"])
+           for r in run_suite(options, progress=False)]
+    assert planned == ran
+    assert [row[2:5] for row in planned if not row[5]] == [
+        ("no-cache", "eager", 20), ("fora:2", "eager", 20), ("fewer-steps", "eager", 12), ("fbcache", "eager", 20),
+        ("skeleton", "eager", 20)]
+    assert ("tiny-dit", 20, "fora:2", "graphs", None, "needs CUDA") in planned
+
+
+def test_compile_rows_over_the_graph_limit_are_skipped():
+    options = SuiteOptions(models=("tiny-dit",), configs=("no-cache", "fora:2"), modes=("graphs", "compile"),
+                           max_compiled_graphs=2, device="cuda")
+    rows = {(r.config.name, r.mode): r for r in plan_group("tiny-dit", 20, options)}
+    assert (rows[("no-cache", "compile")].graphs, rows[("no-cache", "compile")].reason) == (2, None)
+    assert rows[("fora:2", "graphs")].graphs == 2 and rows[("fora:2", "graphs")].reason is None
+    assert rows[("fora:2", "compile")].reason == "needs 3 compiled graphs, over --max-compiled-graphs 2"
+    # no skeleton compile row: no row that runs in compile mode reuses
+    assert list(rows) == [("no-cache", "eager"), ("no-cache", "graphs"), ("no-cache", "compile"),
+                          ("fora:2", "graphs"), ("fora:2", "compile"), ("skeleton", "graphs")]
+
+
+COST = CostModel("test", flops=1e9, unit_host_s=1e-3, row_s=1.0, graph_s=0.5, compile_s=20.0, build_s=7.0,
+                 start_s=3.0, timing_s=0.0)
+
+
+@pytest.mark.parametrize("mode,host_s,fixed_s", [
+    ("fused", 10 * 4 * 1e-3, 1.0),               # FORA:2 over 20 steps computes 10 steps x 4 units
+    ("graphs", 0.0, 1.0 + 2 * 0.5),              # 2 distinct steps: 2 graphs
+    ("compile", 0.0, 1.0 + 3 * 0.5 + 3 * 20.0),  # + 1 graph for the first step
+])
+def test_row_estimate_arithmetic(mode, host_s, fixed_s):
+    macs = count_macs("tiny-dit")
+    schedule = CacheSchedule.fora(20, 4, 2)
+    options = SuiteOptions(models=("tiny-dit",), warmup=1, repeat=5, device="cpu")
+    row = PlannedRow(parse_config("fora:2"), mode, 20, schedule)
+    transformer_macs = 20 * macs.always_macs + 10 * sum(macs.unit_macs)
+    generation = 2 * (2 * transformer_macs + 1e6) / 1e9 + host_s
+    assert row_seconds(row, macs, 1e6, options, COST) == pytest.approx(fixed_s + 6 * generation)
+    skipped = PlannedRow(parse_config("fora:2"), mode, 20, reason="needs CUDA")
+    assert row_seconds(skipped, macs, 1e6, options, COST) == 0.0
+
+
+def test_peer_rows_count_as_no_cache():
+    macs = count_macs("tiny-dit")
+    options = SuiteOptions(models=("tiny-dit",), warmup=1, repeat=1, device="cpu")
+    peer = PlannedRow(parse_config("fbcache"), "eager", 20)
+    no_cache = PlannedRow(parse_config("no-cache"), "eager", 20, CacheSchedule.no_cache(20, 4))
+    assert row_seconds(peer, macs, 0.0, options, COST) == row_seconds(no_cache, macs, 0.0, options, COST)
+    assert row_seconds(peer, macs, 0.0, options, COST) == pytest.approx(
+        1.0 + 2 * (2 * 2 * 20 * macs.total / 1e9 + 20 * 4 * 1e-3))
+
+
+def test_default_cuda_suite_fits_15_minutes_and_full_is_larger():
+    default, full = SuiteOptions(device="cuda"), SuiteOptions(device="cuda", full=True)
+    default_s = total_seconds(plan(default), default, kernels=True)
+    full_lines = plan(full)
+    assert default_s <= 15 * 60
+    assert total_seconds(full_lines, full, kernels=True) > default_s
+    assert {line.model for line in full_lines} == {"dit-xl-2-256", "dit-xl-2-512", "pixart-alpha-256",
+                                                   "pixart-alpha-512", "pixart-alpha-1024", "pixart-sigma-2048"}
+    assert COSTS["cuda"].flops == 0.4 * 989e12
+
+
+def test_plan_command_prints_and_runs_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(command, "run_suite", lambda *a, **k: pytest.fail("--plan ran the suite"))
+    monkeypatch.setattr(command, "machine_info", lambda: pytest.fail("--plan read the machine"))
+    argv = ["--plan", "--models", "tiny-pixart", "--configs", "fora:2", "--modes", "fused", "graphs"]
+    assert command.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Plan of `python -m harmonica.bench --models tiny-pixart --configs fora:2 --modes "
+                              "fused graphs` on cpu")
+    assert "| tiny-pixart | 64 | 20 | fora:2 | graphs | 20 | - | 0.0 | needs CUDA |" in printed
+    assert "Suite: 4 rows (3 run, 1 skipped), 1 model builds." in printed  # baseline, fora:2 x 2, skeleton
+    assert "Cost model (cpu): CPU: simple assumed constants, not measured" in printed
+    assert "Nothing was run." in printed
+
+
+def test_running_cuda_rows_without_cuda_is_an_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert command.main(["--device", "cuda", "--models", "tiny-dit"]) == 2
+    assert "--device: cuda requested, but torch sees no CUDA device" in capsys.readouterr().err
