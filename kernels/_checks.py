@@ -2,6 +2,8 @@
 
 import torch
 
+from ._triton import kernel_path
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -30,5 +32,5 @@ def check_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -
 
 def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
     """CUDA tensors go to Triton, which supports fp32/fp16/bf16 here."""
-    if t.is_cuda and t.dtype not in KERNEL_DTYPES:
+    if kernel_path(t) and t.dtype not in KERNEL_DTYPES:
         raise ValueError(f"{name}: expected one of {KERNEL_DTYPES} on CUDA, got {t.dtype}")

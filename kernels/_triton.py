@@ -38,6 +38,16 @@ except ImportError:  # CPU-only install without the `test` extra
     tl = _MissingLanguage()
 
 
+# Set by harmonica.kernels.aot.stubbed_launches (launches that do nothing): CPU tensors then take the
+# kernel path too, so its host cost can be measured without a GPU.
+KERNELS_ON_CPU = False
+
+
+def kernel_path(t) -> bool:
+    """Whether an op on tensor `t` launches its Triton kernel (CUDA) or runs its torch reference (CPU)."""
+    return t.is_cuda or KERNELS_ON_CPU
+
+
 def require_triton(op: str) -> None:
     if not HAVE_TRITON:
         raise RuntimeError(f"{op}: CUDA tensors need triton (pip install triton), which is not installed")

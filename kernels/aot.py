@@ -184,28 +184,60 @@ class _StandInDriver:
         return 0
 
 
+@dataclass
+class Launch:
+    """One launch seen by `stubbed_launches`: through the JIT (`direct` False) or of a compiled kernel."""
+
+    kernel: str
+    direct: bool
+    args: list  # every kernel parameter's value, in the kernel's order
+
+
 @contextlib.contextmanager
-def compile_only(arch: int):
-    """Within: Triton launches compile for `arch` instead of running. Yields the list of compiled kernels."""
+def stubbed_launches(arch: int):
+    """Within: a launch through Triton's JIT compiles for `arch` instead of running, a launch of an
+    already compiled kernel does nothing, and CPU tensors take the kernel path of the public ops (so
+    their whole host path runs). Yields (compiled kernels, launches)."""
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    compiled = []
+    from . import _triton
+
+    compiled, launches = [], []
     run = JITFunction.run
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append(kernel)
+        launches.append(Launch(self.__name__, False, [*args, *(kwargs[n] for n in self.arg_names[len(args):])]))
+        if kernel not in compiled:
+            compiled.append(kernel)
+            name = self.__name__
+
+            def direct(*launch_args):  # grid x, y, z, stream, function, metadata, launch metadata, 2 hooks
+                launches.append((name, launch_args))  # as cheap as can be: host_cost times this path
+
+            kernel.module, kernel.function, kernel._run = "stub", None, direct  # as if loaded on a device
         return kernel
 
     previous = driver._active  # reset_active() would look for a GPU driver, and there is none
     driver.set_active(_StandInDriver(arch))
     JITFunction.run = compile_instead
+    _triton.KERNELS_ON_CPU = True
     try:
-        yield compiled
+        yield compiled, launches
+        launches[:] = [launch if isinstance(launch, Launch) else Launch(launch[0], True, list(launch[1][9:]))
+                       for launch in launches]
     finally:
+        _triton.KERNELS_ON_CPU = False
         JITFunction.run = run
         driver.set_active(previous)
+
+
+def _same_launch(jit: Launch, direct: Launch) -> bool:
+    """A direct launch passes what the JIT launch bound: tensors of the same dtype and shape, equal numbers."""
+    def describe(value):
+        return (value.dtype, tuple(value.shape)) if isinstance(value, torch.Tensor) else value
+    return jit.kernel == direct.kernel and list(map(describe, jit.args)) == list(map(describe, direct.args))
 
 
 def check_environment() -> None:
@@ -228,15 +260,19 @@ def compile_variants(archs=ARCHS, names=None, ptx_dir: Path | None = None) -> di
         entry = report[variant.name] = {"streams": variant.streams, "broadcasts": variant.broadcasts,
                                         "aligned": variant.aligned}
         for arch in archs:
-            with compile_only(arch) as compiled:
+            with stubbed_launches(arch) as (compiled, launches):
                 try:
-                    variant.launch()
+                    variant.launch()  # compiles
+                    variant.launch()  # launches the compiled kernel directly (kernels/_launch.py)
                 except Exception as error:  # noqa: BLE001 - every failure is reported, by variant
                     entry[str(arch)] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:2000]}
                     continue
             ptx = "\n".join(kernel.asm["ptx"] for kernel in compiled)
+            half = len(launches) // 2
             entry[str(arch)] = {"ok": len(compiled) > 0 and all("cubin" in k.asm for k in compiled),
-                                "error": None, "kernels": len(compiled), **ptx_summary(ptx)}
+                                "error": None, "kernels": len(compiled), **ptx_summary(ptx),
+                                "direct_launch": all(not j.direct and d.direct and _same_launch(j, d)
+                                                     for j, d in zip(launches[:half], launches[half:]))}
             if ptx_dir is not None:
                 ptx_dir.mkdir(parents=True, exist_ok=True)
                 (ptx_dir / f"{variant.name}-sm{arch}.ptx").write_text(ptx)

@@ -18,7 +18,8 @@ from collections import defaultdict
 import torch
 
 from ._checks import KERNEL_DTYPES, check_device, check_tensor
-from ._triton import require_triton, tl, triton
+from ._launch import Launcher
+from ._triton import kernel_path, require_triton, tl, triton
 
 _TILE = 4096  # elements per program
 _MAX_BLOCK_C = 256  # columns per program on the rows path
@@ -56,6 +57,9 @@ def _cache_copy_fwd_kernel(
         dst_idx = dst_off + idx
     x = tl.load(src_anchor + src_idx, mask=mask)
     tl.store(dst_anchor + dst_idx, x.to(dst_anchor.dtype.element_ty), mask=mask)
+
+
+_launch = Launcher(_cache_copy_fwd_kernel, num_warps=8)
 
 
 def _rows_view(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -101,7 +105,7 @@ class _Group:
             raise ValueError(f"srcs: expected fewer than 2**31 elements per tensor, got {max(numels)}")
         self.align = _alignment(aligned, self.src_anchor, self.dst_anchor)
         self.n_pairs = len(pairs)
-        self.grid = (tiles, self.n_pairs)
+        self.grid = (tiles, self.n_pairs, 1)
         meta = [src_offs, dst_offs, counts, cols, src_strides, dst_strides]  # rows read by the kernel
         self.meta = torch.tensor(meta, dtype=torch.int64).to(self.src_anchor.device)
 
@@ -162,7 +166,7 @@ class CacheCopyPlan:
         return self._groups
 
     def __call__(self) -> None:
-        if self.srcs and self.srcs[0].is_cuda:
+        if self.srcs and kernel_path(self.srcs[0]):
             cache_copy_fwd(self)
         else:
             cache_copy_ref(self.srcs, self.dsts)
@@ -171,10 +175,8 @@ def cache_copy_fwd(plan: CacheCopyPlan) -> None:
     """Launch one kernel per dtype group of `plan`."""
     require_triton("cache_copy")
     for g in plan.groups:
-        _cache_copy_fwd_kernel[g.grid](
-            g.src_anchor, g.dst_anchor, g.meta, g.n_pairs,
-            ROWS=g.rows, ALIGN=g.align, BLOCK_R=g.block_r, BLOCK_C=g.block_c, num_warps=8,
-        )
+        _launch(g.grid, (g.src_anchor, g.dst_anchor, g.meta), (), (g.n_pairs,),
+                dict(ROWS=g.rows, ALIGN=g.align, BLOCK_R=g.block_r, BLOCK_C=g.block_c))
 
 def cache_copy_ref(srcs, dsts) -> None:
     """Torch definition: `dsts[i].copy_(srcs[i])` for every i."""

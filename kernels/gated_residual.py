@@ -20,10 +20,13 @@ keeps the slot itself out of the autograd graph of the reference, so it can be o
 Kernels load, compute in fp32 and cast at the store; any strides are accepted.
 """
 
+import functools
+
 import torch
 
-from ._checks import check_device, check_kernel_dtype, check_like, check_tensor
-from ._triton import require_triton, tl, triton
+from ._checks import KERNEL_DTYPES, check_device, check_kernel_dtype, check_like, check_tensor
+from ._launch import Launcher
+from ._triton import kernel_path, require_triton, tl, triton
 
 BLEND, COMPUTE, REUSE = 0, 1, 2  # the forms: the kernel's MODE
 # a kernel may read a module global only as a constexpr (the compiler refuses plain ints)
@@ -34,7 +37,7 @@ _TILE_ELEMENTS = 2048
 @triton.jit
 def _gated_residual_fwd_kernel(
     h_ptr, fresh_ptr, cache_ptr, gate_ptr, r_ptr, out_ptr,
-    N, D, tau,
+    tau, N, D,
     s_hb, s_hn, s_hd, s_fb, s_fn, s_fd, s_cb, s_cn, s_cd, s_gb, s_gd, s_ob, s_on, s_od,
     MODE: tl.constexpr, HAS_GATE: tl.constexpr, WRITE_CACHE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -103,6 +106,10 @@ def _gated_residual_bwd_kernel(
             tl.store(dg_partial_ptr + (b * tl.num_programs(0) + pid_n) * D + cols, col_sum[None, :], mask=cols < D)
 
 
+_launch_fwd = Launcher(_gated_residual_fwd_kernel)
+_launch_bwd = Launcher(_gated_residual_bwd_kernel)
+
+
 def _gate_strides(gate):
     """(stride over batch, stride over hidden) of a (B, D) or (B, 1, D) gate; (0, 0) for None."""
     if gate is None:
@@ -110,26 +117,26 @@ def _gate_strides(gate):
     return gate.stride(0), gate.stride(-1)
 
 
-def _tiles(N: int, D: int):
+@functools.lru_cache(maxsize=256)
+def _launch_shape(B: int, N: int, D: int):
+    """(BLOCK_N, BLOCK_D) tile and grid for a (B, N, D) stream, computed once per shape."""
     block_d = min(128, triton.next_power_of_2(D))
     block_n = min(max(1, _TILE_ELEMENTS // block_d), triton.next_power_of_2(N))
-    return block_n, block_d
+    return (block_n, block_d), (triton.cdiv(N, block_n), triton.cdiv(D, block_d), B)
 
 
 def gated_residual_fwd(h, fresh, cache, r, gate, out, *, mode: int, tau=None, write_cache: bool = False):
     """Launch the forward kernel; writes `out` (and the slot when `write_cache`). Inputs are checked."""
     require_triton("gated_residual")
     B, N, D = h.shape
-    block_n, block_d = _tiles(N, D)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d), B)
+    (block_n, block_d), grid = _launch_shape(B, N, D)
     fresh_ = h if fresh is None else fresh
     cache_ = h if cache is None else cache
-    _gated_residual_fwd_kernel[grid](
-        h, fresh_, cache_, h if gate is None else gate, h if r is None else r, out,
-        N, D, 0.0 if tau is None else float(tau),
-        *h.stride(), *fresh_.stride(), *cache_.stride(), *_gate_strides(gate), *out.stride(),
-        MODE=mode, HAS_GATE=gate is not None, WRITE_CACHE=write_cache,
-        BLOCK_N=block_n, BLOCK_D=block_d,
+    _launch_fwd(
+        grid, (h, fresh_, cache_, h if gate is None else gate, h if r is None else r, out),
+        (0.0 if tau is None else float(tau),),
+        (N, D, *h.stride(), *fresh_.stride(), *cache_.stride(), *_gate_strides(gate), *out.stride()),
+        dict(MODE=mode, HAS_GATE=gate is not None, WRITE_CACHE=write_cache, BLOCK_N=block_n, BLOCK_D=block_d),
     )
     return out
 
@@ -141,21 +148,18 @@ def gated_residual_bwd(dout, fresh, cache, r, gate, *, need_fresh: bool, need_r:
     """
     require_triton("gated_residual")
     B, N, D = dout.shape
-    block_n, block_d = _tiles(N, D)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d), B)
+    (block_n, block_d), grid = _launch_shape(B, N, D)
     f32 = dict(dtype=torch.float32, device=dout.device)
     dfresh = torch.empty((B, N, D), dtype=fresh.dtype, device=dout.device) if need_fresh else None
     dr_partial = torch.empty(grid[0] * grid[1] * B, **f32) if need_r else None
     dg_partial = torch.empty((B, grid[0], D), **f32) if need_gate else None
     cache_ = fresh if cache is None else cache
-    _gated_residual_bwd_kernel[grid](
-        dout, fresh, cache_, dout if gate is None else gate, r,
-        dout if dfresh is None else dfresh, dout if dr_partial is None else dr_partial,
-        dout if dg_partial is None else dg_partial,
-        N, D,
-        *dout.stride(), *fresh.stride(), *cache_.stride(), *_gate_strides(gate),
-        HAS_GATE=gate is not None, NEED_FRESH=need_fresh, NEED_R=need_r, NEED_GATE=need_gate,
-        BLOCK_N=block_n, BLOCK_D=block_d,
+    _launch_bwd(
+        grid, (dout, fresh, cache_, dout if gate is None else gate, r, dout if dfresh is None else dfresh,
+               dout if dr_partial is None else dr_partial, dout if dg_partial is None else dg_partial),
+        (), (N, D, *dout.stride(), *fresh.stride(), *cache_.stride(), *_gate_strides(gate)),
+        dict(HAS_GATE=gate is not None, NEED_FRESH=need_fresh, NEED_R=need_r, NEED_GATE=need_gate,
+             BLOCK_N=block_n, BLOCK_D=block_d),
     )
     dr = dr_partial.sum().to(r.dtype) if need_r else None
     dgate = dg_partial.sum(1).to(gate.dtype).view(gate.shape) if need_gate else None
@@ -212,7 +216,30 @@ def gated_residual_reuse_ref(h, cache, gate=None):
     return h + _apply_gate(cache, gate)
 
 
+def _plainly_valid(h, fresh, cache, gate, out) -> bool:
+    """The common case of `_check_unit` (inference forms, kernel dtypes) in a few comparisons, since
+    every unit of every step pays it; any doubt returns False and the full checks run."""
+    try:
+        shape, dtype, device = h.shape, h.dtype, h.device
+        if len(shape) != 3 or dtype not in KERNEL_DTYPES:
+            return False
+        for t in (fresh, cache, out):
+            if t is not None and (t.shape != shape or t.dtype != dtype or t.device != device):
+                return False
+        if cache is not None and cache.requires_grad:
+            return False
+        if gate is None:
+            return True
+        gate_shape = gate.shape
+        return (gate_shape[0] == shape[0] and gate_shape[-1] == shape[2] and gate.dtype == dtype
+                and (len(gate_shape) == 2 or (len(gate_shape) == 3 and gate_shape[1] == 1)) and gate.device == device)
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
 def _check_unit(h, *, fresh=None, cache=None, gate=None, r=None, out=None, tau=None):
+    if r is None and tau is None and _plainly_valid(h, fresh, cache, gate, out):
+        return
     check_tensor("h", h, ndim=3)
     check_kernel_dtype("h", h)
     for name, t in (("fresh", fresh), ("cache", cache), ("out", out)):
@@ -253,7 +280,7 @@ def _run_inference_form(mode, h, fresh, cache, gate, out, ref_call):
     needs_grad = _needs_grad(h, fresh, gate)
     if needs_grad and out is not None:
         raise ValueError("out: expected None when gradients are required (an in-place result breaks autograd)")
-    if not h.is_cuda or needs_grad:
+    if not kernel_path(h) or needs_grad:
         return _finish(ref_call(), out)
     out = torch.empty_like(h) if out is None else out
     write = mode == COMPUTE and cache is not None
@@ -273,7 +300,7 @@ def gated_residual(h, fresh, cache, r, gate=None, *, tau=None, out=None):
     needs_grad = _needs_grad(h, fresh, r, gate)
     if needs_grad and out is not None:
         raise ValueError("out: expected None when gradients are required (an in-place result breaks autograd)")
-    if not h.is_cuda:
+    if not kernel_path(h):
         return _finish(gated_residual_ref(h, fresh, cache, r, gate, tau), out)
     if needs_grad:
         return GatedResidualFunction.apply(h, fresh, cache, r, gate, tau)

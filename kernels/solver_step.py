@@ -20,7 +20,8 @@ Kernels load, compute in fp32 and cast at the store; any strides are accepted.
 import torch
 
 from ._checks import check_device, check_kernel_dtype, check_like, check_tensor
-from ._triton import require_triton, tl, triton
+from ._launch import Launcher
+from ._triton import kernel_path, require_triton, tl, triton
 
 _BLOCK = 1024
 COEFFICIENTS = 5  # p, q, a, b, c
@@ -29,7 +30,7 @@ COEFFICIENTS = 5  # p, q, a, b, c
 @triton.jit
 def _solver_step_kernel(
     x_ptr, out_ptr, coef_ptr, prev_ptr, x_out_ptr, x0_out_ptr,
-    B, W, HW, scale, guided_channels,
+    scale, B, W, HW, guided_channels,
     s_xb, s_xc, s_xh, s_xw, s_ob, s_oc, s_oh, s_ow, s_pb, s_pc, s_ph, s_pw,
     s_yb, s_yc, s_yh, s_yw, s_zb, s_zc, s_zh, s_zw,
     GUIDED: tl.constexpr, UNCOND_FIRST: tl.constexpr, HAS_PREV: tl.constexpr, WRITE_X0: tl.constexpr,
@@ -73,6 +74,9 @@ def _solver_step_kernel(
     tl.store(x_out_ptr + b * s_yb + c * s_yc + h * s_yh + w * s_yw, x_next.to(x_out_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(x0_out_ptr + b * s_zb + c * s_zc + h * s_zh + w * s_zw, x0, mask=mask)
+
+
+_launch = Launcher(_solver_step_kernel)
 
 
 def guided_eps(out: torch.Tensor, channels: int, guidance_scale: float | None = None,
@@ -151,7 +155,7 @@ def solver_step(x, out, coefficients, *, guidance_scale=None, guided_channels=No
     options = dict(guidance_scale=guidance_scale, guided_channels=guided_channels, cond_first=cond_first,
                    x0_prev=x0_prev, x_out=x_out, x0_out=x0_out)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or out.requires_grad)
-    if not x.is_cuda or needs_grad:
+    if not kernel_path(x) or needs_grad:
         return solver_step_ref(x, out, coefficients, **options)
     return solver_step_fwd(x, out, coefficients, **options)
 
@@ -166,11 +170,11 @@ def solver_step_fwd(x, out, coefficients, *, guidance_scale=None, guided_channel
     prev, x0 = (x if t is None else t for t in (x0_prev, x0_out))
     grid = (triton.cdiv(H * W, _BLOCK), C, B)
     planes = all(t.stride(3) == 1 and t.stride(2) == W for t in (x, out, prev, x_out, x0))
-    _solver_step_kernel[grid](
-        x, out, coefficients, prev, x_out, x0,
-        B, W, H * W, float(guidance_scale) if guided else 0.0, C if guided_channels is None else guided_channels,
-        *x.stride(), *out.stride(), *prev.stride(), *x_out.stride(), *x0.stride(),
-        GUIDED=guided, UNCOND_FIRST=guided and not cond_first, HAS_PREV=x0_prev is not None,
-        WRITE_X0=x0_out is not None, PLANES=planes, BLOCK=_BLOCK,
+    _launch(
+        grid, (x, out, coefficients, prev, x_out, x0), (float(guidance_scale) if guided else 0.0,),
+        (B, W, H * W, C if guided_channels is None else guided_channels,
+         *x.stride(), *out.stride(), *prev.stride(), *x_out.stride(), *x0.stride()),
+        dict(GUIDED=guided, UNCOND_FIRST=guided and not cond_first, HAS_PREV=x0_prev is not None,
+             WRITE_X0=x0_out is not None, PLANES=planes, BLOCK=_BLOCK),
     )
     return x_out, x0_out

@@ -1,7 +1,8 @@
 """Every kernel variant the public ops launch, compiled by Triton's real compiler for sm_80 and sm_90
 without a GPU (harmonica.kernels.aot), and what its PTX must show: 128-bit global accesses for
 every full-size tensor of the memory-bound kernels on contiguous, 16-byte aligned inputs, and no 64-bit
-integer division. The interpreter the other tests use accepts kernels this compiler rejects."""
+integer division; and that a launch of the compiled kernel (kernels/_launch.py) passes exactly what
+the JIT launch bound. The interpreter the other tests use accepts kernels this compiler rejects."""
 
 import json
 import os
@@ -47,6 +48,8 @@ def test_every_variant_is_checked(report):
 def test_variant_compiles_to_vectorised_ptx(report, name, arch):
     variant, result = VARIANTS[name], report[name][str(arch)]
     assert result["ok"], f"{name} does not compile for sm_{arch}: {result['error']}"
+    assert result["direct_launch"], f"{name}: a direct launch of the compiled kernel passes other arguments " \
+                                    "than the JIT launch (kernels/_launch.py)"
     assert result["div64"] == 0, f"{name}: {result['div64']} 64-bit divisions or remainders per thread"
     if variant.aligned:
         assert result["v2"] == 0 and result["scalar"] <= variant.broadcasts, (

@@ -73,14 +73,14 @@ def test_strided_views_leave_the_rest_untouched(strided_srcs):
 
 def test_one_launch_per_dtype_pair(monkeypatch):
     launches = []
-    kernel = cache_copy_module._cache_copy_fwd_kernel
+    kernel = cache_copy_module._launch.kernel
 
     class Counting:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(cache_copy_module, "_cache_copy_fwd_kernel", Counting())
+    monkeypatch.setattr(cache_copy_module._launch, "kernel", Counting())
     gen = torch.Generator().manual_seed(2)
     srcs = [randn((2, 9 + i, 8), torch.float32, gen=gen) for i in range(12)]
     dsts = [nan_buffer(s.shape, torch.bfloat16 if i % 3 == 0 else torch.float32) for i, s in enumerate(srcs)]
