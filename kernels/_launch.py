@@ -7,7 +7,7 @@ if needed) and keeps the compiled kernel; later launches with the same specialis
 
 The specialisation key holds everything Triton specialises on: each tensor's dtype and 16-byte
 alignment, every integer argument's value (sizes and strides, so divisibility and width follow), the
-constexprs and the device. Float arguments are passed, not keyed. Under torch.compile the JIT path is
+constexprs and the current device. Float arguments are passed, not keyed. Under torch.compile the JIT path is
 always taken, since dynamo traces `kernel[grid]` launches and nothing else.
 """
 
@@ -34,7 +34,7 @@ class Launcher:
         if torch.compiler.is_compiling():
             self.kernel[grid](*tensors, *floats, *ints, **constexprs, **self.options)
             return
-        device = tensors[0].get_device()
+        device = driver.active.get_current_device()  # as the JIT: kernels are loaded per current device
         key = (device, ints, *constexprs.values(), *[t.dtype for t in tensors], *[t.data_ptr() % 16 for t in tensors])
         compiled = self.compiled.get(key)
         if compiled is None:  # the interpreter returns None: every launch goes through it

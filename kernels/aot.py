@@ -269,8 +269,9 @@ def compile_variants(archs=ARCHS, names=None, ptx_dir: Path | None = None) -> di
                     continue
             ptx = "\n".join(kernel.asm["ptx"] for kernel in compiled)
             half = len(launches) // 2
-            entry[str(arch)] = {"ok": len(compiled) > 0 and all("cubin" in k.asm for k in compiled),
-                                "error": None, "kernels": len(compiled), **ptx_summary(ptx),
+            ok = len(compiled) > 0 and all("cubin" in k.asm for k in compiled)
+            entry[str(arch)] = {"ok": ok, "error": None if ok else "no kernel compiled to a binary",
+                                "kernels": len(compiled), **ptx_summary(ptx),
                                 "direct_launch": all(not j.direct and d.direct and _same_launch(j, d)
                                                      for j, d in zip(launches[:half], launches[half:]))}
             if ptx_dir is not None:
