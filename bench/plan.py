@@ -132,12 +132,11 @@ def format_plan(lines: list, options: SuiteOptions, kernels: bool, suite: bool =
               f"{line.row.row_steps} | {line.row.graphs or '-'} | {line.seconds:.1f} | {line.row.reason or ''} |"
               for line in lines]
     runs = sum(1 for line in lines if not line.row.reason)
-    parts = [*(table if suite else []), "",
-             f"Cost model ({options.device}): {cost.name}.",
-             f"{options.warmup} warm-up + {options.repeat} timed generations per row."]
+    parts = [*(table if suite else []), "", f"Cost model ({options.device}): {cost.name}."]
     if suite:
         parts.append(f"Suite: {len(lines)} rows ({runs} run, {len(lines) - runs} skipped), "
-                     f"{len(options.model_names)} model builds.")
+                     f"{len(options.model_names)} model builds, {options.warmup} warm-up + {options.repeat} timed "
+                     "generations per row.")
     if kernels and options.device == "cuda":
         parts.append(f"Kernel micro-benchmark: {kernel_seconds(cost):.0f} s.")
     seconds = total_seconds(lines, options, kernels, suite)

@@ -89,7 +89,8 @@ def test_plan_command_prints_and_runs_nothing(capsys, monkeypatch):
     assert printed.startswith("Plan of `python -m harmonica.bench --models tiny-pixart --configs fora:2 --modes "
                               "fused graphs` on cpu")
     assert "| tiny-pixart | 64 | 20 | fora:2 | graphs | 20 | - | 0.0 | needs CUDA |" in printed
-    assert "Suite: 4 rows (3 run, 1 skipped), 1 model builds." in printed  # baseline, fora:2 x 2, skeleton
+    # baseline, fora:2 fused and graphs, skeleton fused
+    assert "Suite: 4 rows (3 run, 1 skipped), 1 model builds, 1 warm-up + 5 timed generations per row." in printed
     assert "Cost model (cpu): CPU: simple assumed constants, not measured" in printed
     assert "Nothing was run." in printed
 
