@@ -43,7 +43,7 @@ def measure(calls: int = 2000, rounds: int = 5) -> list:
     """Rows {"call", "host_us" (median over rounds of the mean per call), "target_us"}."""
     aot.check_environment()
     rows = []
-    with aot.stubbed_launches(90):
+    with aot.stubbed_launches(90), torch.no_grad():  # as the engine and samplers call them
         for name, call in _calls().items():
             call()  # compiles
             call()

@@ -13,11 +13,12 @@ always taken, since dynamo traces `kernel[grid]` launches and nothing else.
 
 import torch
 
-from ._triton import HAVE_TRITON
-
-if HAVE_TRITON:
+try:  # direct launches need triton >= 3.4 (its knobs); without, every launch goes through the JIT
     from triton import knobs
     from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+except ImportError:
+    JITFunction = None
 
 
 class Launcher:
@@ -28,16 +29,18 @@ class Launcher:
         self.kernel = kernel
         self.options = options
         self.compiled = {}
+        # the interpreter (TRITON_INTERPRET=1) builds no JIT function: it only runs kernel[grid]
+        self.direct = JITFunction is not None and isinstance(kernel, JITFunction)
 
     def __call__(self, grid: tuple, tensors: tuple, floats: tuple, ints: tuple, constexprs: dict) -> None:
         """grid: 3 entries (x, y, z)."""
-        if torch.compiler.is_compiling():
+        if not self.direct or torch.compiler.is_compiling():
             self.kernel[grid](*tensors, *floats, *ints, **constexprs, **self.options)
             return
         device = driver.active.get_current_device()  # as the JIT: kernels are loaded per current device
         key = (device, ints, *constexprs.values(), *[t.dtype for t in tensors], *[t.data_ptr() % 16 for t in tensors])
         compiled = self.compiled.get(key)
-        if compiled is None:  # the interpreter returns None: every launch goes through it
+        if compiled is None:
             self.compiled[key] = self.kernel[grid](*tensors, *floats, *ints, **constexprs, **self.options)
             return
         args = (*tensors, *floats, *ints, *constexprs.values())

@@ -17,9 +17,11 @@ coefficients are read on the device, so a captured graph replays any step of the
 Kernels load, compute in fp32 and cast at the store; any strides are accepted.
 """
 
+import functools
+
 import torch
 
-from ._checks import check_device, check_kernel_dtype, check_like, check_tensor
+from ._checks import KERNEL_DTYPES, check_device, check_kernel_dtype, check_like, check_tensor
 from ._launch import Launcher
 from ._triton import kernel_path, require_triton, tl, triton
 
@@ -79,6 +81,11 @@ def _solver_step_kernel(
 _launch = Launcher(_solver_step_kernel)
 
 
+@functools.lru_cache(maxsize=256)
+def _grid(B: int, C: int, HW: int) -> tuple:
+    return triton.cdiv(HW, _BLOCK), C, B
+
+
 def guided_eps(out: torch.Tensor, channels: int, guidance_scale: float | None = None,
                guided_channels: int | None = None, cond_first: bool = True) -> torch.Tensor:
     """eps (B, channels, H, W) in out's dtype from a transformer output (B or 2B, >= channels, H, W)."""
@@ -108,7 +115,29 @@ def solver_step_ref(x, out, coefficients, *, guidance_scale=None, guided_channel
     return (x_next if x_out is None else x_out.copy_(x_next)), x0_out
 
 
+def _plainly_valid(x, out, coefficients, guidance_scale, guided_channels, x0_prev, x_out, x0_out) -> bool:
+    """The common case of `_check` (kernel dtypes) in a few comparisons; any doubt returns False and the
+    full checks run."""
+    try:
+        shape, dtype, device = x.shape, x.dtype, x.device
+        rows = 2 * shape[0] if guidance_scale is not None else shape[0]
+        if (len(shape) != 4 or dtype not in KERNEL_DTYPES or out.dtype != dtype or out.device != device
+                or out.shape[0] != rows or out.shape[1] < shape[1] or out.shape[2:] != shape[2:]):
+            return False
+        for t, want in ((x0_prev, torch.float32), (x0_out, torch.float32), (x_out, dtype)):
+            if t is not None and (t.shape != shape or t.dtype != want or t.device != device):
+                return False
+        if coefficients.shape != (COEFFICIENTS,) or coefficients.dtype != torch.float32:
+            return False
+        return coefficients.device == device and (
+            guided_channels is None or (guidance_scale is not None and 1 <= guided_channels <= shape[1]))
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
 def _check(x, out, coefficients, guidance_scale, guided_channels, x0_prev, x_out, x0_out):
+    if _plainly_valid(x, out, coefficients, guidance_scale, guided_channels, x0_prev, x_out, x0_out):
+        return
     check_tensor("x", x, ndim=4)
     check_kernel_dtype("x", x)
     B, C, H, W = x.shape
@@ -168,12 +197,11 @@ def solver_step_fwd(x, out, coefficients, *, guidance_scale=None, guided_channel
     x_out = torch.empty_like(x) if x_out is None else x_out
     guided = guidance_scale is not None
     prev, x0 = (x if t is None else t for t in (x0_prev, x0_out))
-    grid = (triton.cdiv(H * W, _BLOCK), C, B)
-    planes = all(t.stride(3) == 1 and t.stride(2) == W for t in (x, out, prev, x_out, x0))
+    strides = [t.stride() for t in (x, out, prev, x_out, x0)]
+    planes = all(s[3] == 1 and s[2] == W for s in strides)
     _launch(
-        grid, (x, out, coefficients, prev, x_out, x0), (float(guidance_scale) if guided else 0.0,),
-        (B, W, H * W, C if guided_channels is None else guided_channels,
-         *x.stride(), *out.stride(), *prev.stride(), *x_out.stride(), *x0.stride()),
+        _grid(B, C, H * W), (x, out, coefficients, prev, x_out, x0), (float(guidance_scale) if guided else 0.0,),
+        (B, W, H * W, C if guided_channels is None else guided_channels, *(n for s in strides for n in s)),
         dict(GUIDED=guided, UNCOND_FIRST=guided and not cond_first, HAS_PREV=x0_prev is not None,
              WRITE_X0=x0_out is not None, PLANES=planes, BLOCK=_BLOCK),
     )
