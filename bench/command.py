@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from .configs import MODES
+from .host_cost import format_host_cost
+from .host_cost import measure as measure_host_cost
 from .kernel_bench import default_cases, format_rows, measure, target_verdict
 from .machine import REPO, machine_info
 from .macs import format_mac_table, mac_table
@@ -100,6 +102,8 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
 
     print("MACs per image per transformer forward (FlopCounterMode on the meta device)\n")
     print(format_mac_table(results["macs"]))
+    if "kernels" in parts:
+        results["host_cost"] = _host_cost()
     if "kernels" not in parts:
         print("\nKernel micro-benchmark: not run (--part suite).")
     elif torch.cuda.is_available():
@@ -133,6 +137,18 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
         print(f"plot: not drawn ({error})")
     print(f"BENCHMARKS.md section: python -m harmonica.bench.table {path}")
     return 0
+
+
+def _host_cost() -> list:
+    """Host microseconds per fused call (bench/host_cost.py), printed; [] with the reason when it cannot run."""
+    try:
+        rows = measure_host_cost()
+    except (RuntimeError, ImportError) as error:
+        print(f"\nHost cost per fused call: not measured ({error})")
+        return []
+    print("\nHost cost per fused call, launch stubbed (bench/host_cost.py)\n")
+    print(format_host_cost(rows))
+    return rows
 
 
 def main(argv=None) -> int:

@@ -57,9 +57,16 @@ def measure(calls: int = 2000, rounds: int = 5) -> list:
     return rows
 
 
+def format_host_cost(rows) -> str:
+    """Markdown table of `measure`'s rows."""
+    lines = ["| call | host us per call | target |", "|---|---:|---|"]
+    lines += [f"| {r['call']} | {r['host_us']:.1f} | <= {r['target_us']:.0f} us: "
+              f"{'met' if r['host_us'] <= r['target_us'] else 'NOT met'} |" for r in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
-    for row in measure():
-        print(f"{row['call']:45s} {row['host_us']:7.1f} us per call (target <= {row['target_us']:.0f})")
+    print(format_host_cost(measure()))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ class Launcher:
     """Launches one `@triton.jit` kernel whose parameters are, in order: tensors, floats, integers,
     constexprs. options: launch options such as num_warps (the same for every launch)."""
 
+    instances = []  # every launcher, for harmonica.kernels.aot's clean-up
+
     def __init__(self, kernel, **options):
+        Launcher.instances.append(self)
         self.kernel = kernel
         self.options = options
         self.compiled = {}
@@ -48,6 +51,11 @@ class Launcher:
         stream = driver.active.get_current_stream(device)
         compiled.run(*grid, stream, compiled.function, compiled.packed_metadata,
                      None if enter is None else compiled.launch_metadata(grid, stream, *args), enter, leave, *args)
+
+
+    def forget(self, device) -> None:
+        """Drop the compiled kernels of `device`."""
+        self.compiled = {key: kernel for key, kernel in self.compiled.items() if key[0] != device}
 
 
 def _hook(hook):

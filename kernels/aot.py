@@ -202,12 +202,14 @@ def stubbed_launches(arch: int):
     from triton.runtime.jit import JITFunction
 
     from . import _triton
+    from ._launch import Launcher
 
-    compiled, launches = [], []
+    compiled, launches, kernels = [], [], set()
     run = JITFunction.run
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        kernels.add(self)
         launches.append(Launch(self.__name__, False, [*args, *(kwargs[n] for n in self.arg_names[len(args):])]))
         if kernel not in compiled:
             compiled.append(kernel)
@@ -227,10 +229,23 @@ def stubbed_launches(arch: int):
         yield compiled, launches
         launches[:] = [launch if isinstance(launch, Launch) else Launch(launch[0], True, list(launch[1][9:]))
                        for launch in launches]
-    finally:
+    finally:  # nothing compiled for the stand-in outlives it
         _triton.KERNELS_ON_CPU = False
         JITFunction.run = run
         driver.set_active(previous)
+        for launcher in Launcher.instances:
+            launcher.forget(arch)
+        for kernel in kernels:
+            kernel.device_caches.pop(arch, None)
+
+
+def stand_in_leftovers() -> list:
+    """Kernels compiled under `stubbed_launches` still held by a launcher or a JIT cache (none expected)."""
+    from ._launch import Launcher
+
+    return [(launcher.kernel.__name__, key[0]) for launcher in Launcher.instances for key in launcher.compiled
+            if key[0] in ARCHS] + [(launcher.kernel.__name__, arch) for launcher in Launcher.instances
+                                   for arch in ARCHS if arch in getattr(launcher.kernel, "device_caches", {})]
 
 
 def _same_launch(jit: Launch, direct: Launch) -> bool:
@@ -300,7 +315,7 @@ def main(argv=None) -> int:
         print(f"{name:55s} " + " | ".join(cells))
     print(f"{len(report)} variants x {len(args.arch)} architectures, {len(failed)} failed")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        args.json.write_text(json.dumps({"variants": report, "stand_in_leftovers": stand_in_leftovers()}, indent=1))
     return 1 if failed else 0
 
 
