@@ -10,10 +10,10 @@ PixArt (`ada_norm_single`), with each unit's residual update going through the f
 The step index is a host counter advanced by a forward hook of the transformer and reset by
 `begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value.
 
-Each unit's computation (its LayerNorm, shift/scale modulation and attention/MLP) is one function of the block,
-`UNIT_BODIES[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument, so all blocks
-of one shape share one compiled graph per unit kind, and the cache decisions (compute or reuse, slot
-writes, the fused residual ops) stay in eager Python: the compiled code never sees the step or the row.
+Each unit's computation (its LayerNorm, shift/scale modulation and attention/MLP) is a function of the
+block, `UNIT_BODIES[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument, so all
+blocks of one shape share one compiled graph per unit kind, and the cache decisions (compute or reuse,
+slot writes, the fused residual ops) stay in eager Python: no compiled code sees the step or the row.
 """
 
 import types
