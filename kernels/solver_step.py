@@ -197,11 +197,11 @@ def solver_step_fwd(x, out, coefficients, *, guidance_scale=None, guided_channel
     x_out = torch.empty_like(x) if x_out is None else x_out
     guided = guidance_scale is not None
     prev, x0 = (x if t is None else t for t in (x0_prev, x0_out))
-    strides = [t.stride() for t in (x, out, prev, x_out, x0)]
+    sx, so, sp, sy, sz = strides = (x.stride(), out.stride(), prev.stride(), x_out.stride(), x0.stride())
     planes = all(s[3] == 1 and s[2] == W for s in strides)
     _launch(
         _grid(B, C, H * W), (x, out, coefficients, prev, x_out, x0), (float(guidance_scale) if guided else 0.0,),
-        (B, W, H * W, C if guided_channels is None else guided_channels, *(n for s in strides for n in s)),
+        (B, W, H * W, C if guided_channels is None else guided_channels, *sx, *so, *sp, *sy, *sz),
         dict(GUIDED=guided, UNCOND_FIRST=guided and not cond_first, HAS_PREV=x0_prev is not None,
              WRITE_X0=x0_out is not None, PLANES=planes, BLOCK=_BLOCK),
     )
