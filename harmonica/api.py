@@ -151,7 +151,7 @@ class Summary:
     resolution: tuple  # (height, width) in pixels the speedup was counted at
     cache_bytes: int  # slots allocated by the latest generation
     graphs: int | None = None  # captured CUDA graphs (None: cuda_graphs off)
-    graph_pool_bytes: int = 0  # device memory the captures added to the shared pool
+    graph_pool_bytes: int = 0  # device memory the graphs' pool holds (its segments)
     static_bytes: int = 0  # static input buffers of the graphs and the sampler state they update
     capture_seconds: float = 0.0  # total time spent capturing
     modulation_bytes: int = 0  # DiT: the per-generation modulation table and its step buffer

@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cuda-graphs", action="store_true", help="one CUDA graph per distinct schedule row")
     s.add_argument("--scheduler-in-graph", action="store_true",
                    help="with --cuda-graphs: the sampler step inside each graph (dit-ddim, dpm-solver++)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the transformer, one graph per row")
+    s.add_argument("--compile", action="store_true", help="torch.compile each unit kind once (all blocks share it)")
     s.add_argument("--out", default="out.png")
     from .bench.command import add_arguments as add_bench_arguments
 

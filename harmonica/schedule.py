@@ -35,7 +35,7 @@ class CacheSchedule:
         nxt[:-1] = ~self.table[1:]
         self.writes = (self.table & nxt).tolist()
         # what the forward of each step depends on, (compute row, slot-write row): the key of its
-        # captured or compiled graph
+        # captured graph
         self.step_keys = [(tuple(r), tuple(w)) for r, w in zip(self.rows, self.writes)]
 
     @property
