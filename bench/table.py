@@ -155,7 +155,7 @@ def host_cost_section(results: dict, json_path: str) -> str:
         f"- Raw: `{json_path}` (key `host_cost`). Python microseconds per public call (checks, launch shape, "
         "arguments) up to a launch that does nothing (`bench/host_cost.py`: the kernels compiled for sm_90 by "
         "`harmonica.kernels.aot.stubbed_launches`, so no GPU is needed); the least of 5 rounds of 2000 calls "
-        "under no_grad. Triton's own launcher (a few microseconds more on a GPU) is not included.",
+        "under no_grad. Triton's own launcher (the C call that launches on a GPU) is not included.",
         "",
         format_host_cost(results["host_cost"]),
         HOST_END,
