@@ -181,12 +181,10 @@ def solver_step(x, out, coefficients, *, guidance_scale=None, guided_channels=No
     that receives x0 (may be x0_prev), or None to skip it.
     """
     _check(x, out, coefficients, guidance_scale, guided_channels, x0_prev, x_out, x0_out)
-    options = dict(guidance_scale=guidance_scale, guided_channels=guided_channels, cond_first=cond_first,
-                   x0_prev=x0_prev, x_out=x_out, x0_out=x0_out)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or out.requires_grad)
-    if not kernel_path(x) or needs_grad:
-        return solver_step_ref(x, out, coefficients, **options)
-    return solver_step_fwd(x, out, coefficients, **options)
+    run = solver_step_ref if not kernel_path(x) or needs_grad else solver_step_fwd
+    return run(x, out, coefficients, guidance_scale=guidance_scale, guided_channels=guided_channels,
+               cond_first=cond_first, x0_prev=x0_prev, x_out=x_out, x0_out=x0_out)
 
 
 def solver_step_fwd(x, out, coefficients, *, guidance_scale=None, guided_channels=None, cond_first=True,
@@ -196,7 +194,8 @@ def solver_step_fwd(x, out, coefficients, *, guidance_scale=None, guided_channel
     B, C, H, W = x.shape
     x_out = torch.empty_like(x) if x_out is None else x_out
     guided = guidance_scale is not None
-    prev, x0 = (x if t is None else t for t in (x0_prev, x0_out))
+    prev = x if x0_prev is None else x0_prev
+    x0 = x if x0_out is None else x0_out
     sx, so, sp, sy, sz = strides = (x.stride(), out.stride(), prev.stride(), x_out.stride(), x0.stride())
     planes = all(s[3] == 1 and s[2] == W for s in strides)
     _launch(
