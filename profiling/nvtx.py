@@ -7,8 +7,8 @@ Ranges (push/pop, default domain):
 - `scheduler step` around the sampler's update and `vae decode` around the decode (`PipelineRanges`).
 
 Off by default. On with `HARMONICA_NVTX=1` in the environment or `set_enabled(True)` (needs a CUDA
-build of torch). When off, the engine's only cost is one test of the module flag `ENABLED`: no label
-is formatted and nothing is called.
+build of torch; on a CPU build it warns and stays off). When off, the engine's only cost is one test
+of the module flag `ENABLED`: no label is formatted and nothing is called.
 
 NVTX calls are host calls: a captured CUDA graph does not repeat them when it replays, and
 torch.compile would trace them away. So no range is opened while the current stream is capturing or
@@ -19,10 +19,21 @@ first run of each schedule row (the graph's warm-up) has them.
 
 import functools
 import os
+import warnings
 
 import torch
 
-ENABLED = os.environ.get("HARMONICA_NVTX", "0") not in ("", "0")
+
+def _usable(on) -> bool:
+    """`on`, unless this torch has no NVTX (a CPU build): then a warning, and the ranges stay off."""
+    if on and not hasattr(torch._C, "_nvtx"):
+        warnings.warn("HARMONICA_NVTX: this torch build has no NVTX (a CPU build of torch), so no ranges are "
+                      "recorded", stacklevel=3)
+        return False
+    return bool(on)
+
+
+ENABLED = _usable(os.environ.get("HARMONICA_NVTX", "0") not in ("", "0"))
 
 SCHEDULER_STEP = "scheduler step"
 VAE_DECODE = "vae decode"
@@ -32,7 +43,7 @@ GENERATION = "generation"  # the timed generation of the profiling workload
 def set_enabled(on: bool) -> None:
     """Switch every harmonica NVTX range on or off (the environment's HARMONICA_NVTX is the default)."""
     global ENABLED
-    ENABLED = bool(on)
+    ENABLED = _usable(on)
 
 
 def step_label(step: int) -> str:

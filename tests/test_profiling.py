@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -308,3 +309,18 @@ def test_missing_tool_says_what_to_install(tmp_path, monkeypatch, capsys, tool, 
     error = capsys.readouterr().err
     assert f"harmonica: error: {tool}: not found on PATH; install {product} (its command-line tool `{tool}`" in error
     assert not out.exists()
+
+
+def test_nvtx_on_a_torch_without_it_warns_and_stays_off(monkeypatch):
+    """A CPU build of torch has no NVTX: HARMONICA_NVTX=1 must not stop a generation."""
+    cpu_build = not hasattr(torch._C, "_nvtx")
+    monkeypatch.delattr(torch._C, "_nvtx", raising=False)
+    monkeypatch.setattr(nvtx, "ENABLED", False)
+    with pytest.warns(UserWarning, match="no NVTX"):
+        nvtx.set_enabled(True)
+    assert nvtx.ENABLED is False
+    env = {**os.environ, "HARMONICA_NVTX": "1"}
+    code = "import torch; from harmonica.profiling import nvtx; print(nvtx.ENABLED)"
+    if cpu_build:  # this torch: the environment variable alone must not break anything
+        result = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True)
+        assert result.stdout.strip() == "False" and "no NVTX" in result.stderr
