@@ -43,7 +43,7 @@ gpu-check: $(STAMP)
 	$(call gpu_stage,kernels,$(KERNELS_TIMEOUT),$(PY) -m harmonica.bench --part kernels --out $(GPU_CHECK_DIR)/kernels.json)
 	$(call gpu_stage,suite,$(SUITE_TIMEOUT),$(PY) -m harmonica.bench --part suite $(GPU_CHECK_SUITE) --no-progress \
 		--out $(GPU_CHECK_DIR)/suite.json)
-	$(call gpu_stage,tables,$(TABLES_TIMEOUT),$(PY) -m harmonica.bench.table $(GPU_CHECK_DIR)/kernels.json \
+	$(call gpu_stage,tables,$(TABLES_TIMEOUT),$(PY) -m harmonica.bench.table --write $(GPU_CHECK_DIR)/kernels.json \
 		$(GPU_CHECK_DIR)/suite.json)
 	@awk '$$2 != "exit=0" {failed = 1; print "FAILED: " $$0} END {exit failed}' $(GPU_CHECK_DIR)/stages.txt \
 		&& echo "gpu-check: every stage passed; results in $(GPU_CHECK_DIR)"

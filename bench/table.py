@@ -1,10 +1,10 @@
 """Markdown tables of the suite rows and the BENCHMARKS.md sections, generated from results JSONs.
 
-    python -m harmonica.bench.table bench/results/<file>.json [more.json] [--benchmarks BENCHMARKS.md]
+    python -m harmonica.bench.table bench/results/<file>.json [more.json] [--write [--benchmarks BENCHMARKS.md]]
 
-rewrites, from each JSON alone, the sections of BENCHMARKS.md between the `bench-kernels`, `bench-host` and
-`bench-suite` markers for which it has rows (kernel, host cost, suite; appending a section the first time);
-never type a number into those sections.
+prints, or with --write rewrites, from each JSON alone, the sections of BENCHMARKS.md between the
+`bench-kernels`, `bench-host` and `bench-suite` markers for which it has rows (kernel, host cost, suite;
+appending a section the first time); never type a number into those sections.
 """
 
 import argparse
@@ -216,20 +216,27 @@ def update_benchmarks(markdown: str, section: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", help="results JSONs written by `harmonica bench`")
-    parser.add_argument("--benchmarks", default="BENCHMARKS.md", help="the markdown file to rewrite")
+    parser.add_argument("--write", action="store_true", help="rewrite the sections in --benchmarks (default: print)")
+    parser.add_argument("--benchmarks", default="BENCHMARKS.md", help="the markdown file --write rewrites")
     args = parser.parse_args(argv)
     path = Path(args.benchmarks)
-    markdown = path.read_text()
+    markdown = path.read_text() if args.write else None
     for name in args.results:
         results = json.loads(Path(name).read_text())
         sections = {"kernels": kernels_section, "host_cost": host_cost_section, "suite": benchmarks_section}
         found = [key for key in sections if results.get(key)]
         if not found:
-            raise SystemExit(f"{name}: expected a results file with kernel or suite rows, got neither")
+            raise SystemExit(f"{name}: expected a results file with kernel, host cost or suite rows, got none")
         for key in found:
-            markdown = update_benchmarks(markdown, sections[key](results, name))
-        print(f"{path}: {' and '.join(found)} section regenerated from {name}")
-    path.write_text(markdown)
+            section = sections[key](results, name)
+            if args.write:
+                markdown = update_benchmarks(markdown, section)
+            else:
+                print(section + "\n")
+        if args.write:
+            print(f"{path}: {' and '.join(found)} section regenerated from {name}")
+    if args.write:
+        path.write_text(markdown)
     return 0
 
 

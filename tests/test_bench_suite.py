@@ -217,7 +217,7 @@ def test_benchmarks_section_is_regenerated_between_the_markers(tmp_path):
     path.write_text(json.dumps(results))
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nhand-written text\n")
-    assert table.main([str(path), "--benchmarks", str(md)]) == 0
+    assert table.main([str(path), "--write", "--benchmarks", str(md)]) == 0
     first = md.read_text()
     assert first.startswith("# Benchmarks\n\nhand-written text\n\n" + table.BEGIN)
     assert SUITE_TABLE in first and GAP_TABLE in first and SKIPPED_TABLE in first
@@ -225,10 +225,24 @@ def test_benchmarks_section_is_regenerated_between_the_markers(tmp_path):
             "torch 2.13.0, triton 3.9.0, diffusers 0.42.1") in first
     assert "Targets: The targets are defined on an H100; this run had no GPU" in first
     md.write_text(first + "\n## Later section\n")
-    table.main([str(path), "--benchmarks", str(md)])
+    table.main([str(path), "--write", "--benchmarks", str(md)])
     assert md.read_text() == first + "\n## Later section\n"  # replaced in place, the rest kept
     with pytest.raises(ValueError, match="BENCHMARKS.md: expected both markers"):
         table.update_benchmarks(table.BEGIN + "\nno end", "\n".join([table.BEGIN, "section", table.END]))
+
+
+def test_table_prints_the_sections_and_writes_the_file_only_with_write(tmp_path, capsys):
+    machine = {"date": "2026-11-22T05:00:00+00:00", "commit": "abc1234", "cpu": "x86_64", "torch": "2.13.0",
+               "triton": "3.9.0", "diffusers": "0.42.1"}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"command": "python -m harmonica.bench", "args": {"warmup": 1},
+                                "machine_before": machine, "suite": ROWS}))
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n")
+    assert table.main([str(path), "--benchmarks", str(md)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(table.BEGIN) and SUITE_TABLE in printed
+    assert md.read_text() == "# Benchmarks\n"
 
 
 def test_kernel_section_from_the_kernel_rows(tmp_path):
@@ -244,7 +258,7 @@ def test_kernel_section_from_the_kernel_rows(tmp_path):
                                  "machine_before": machine, "kernels": [], "suite": ROWS}))
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n")
-    assert table.main([str(kernels), str(suite), "--benchmarks", str(md)]) == 0
+    assert table.main([str(kernels), str(suite), "--write", "--benchmarks", str(md)]) == 0
     text = md.read_text()
     assert text.index(table.KERNELS_BEGIN) < text.index(table.KERNELS_END) < text.index(table.BEGIN)
     assert ("- Command: `python -m harmonica.bench --part kernels`; device NVIDIA H100 80GB HBM3 (driver 570.86); "
@@ -253,8 +267,8 @@ def test_kernel_section_from_the_kernel_rows(tmp_path):
     assert "Target: target (fused compute, B2 N4096 D1152 bf16): 91% of copy bandwidth" in text
     assert text.rstrip().endswith(table.END) and SUITE_TABLE in text
     (tmp_path / "empty.json").write_text(json.dumps({"kernels": [], "suite": []}))
-    with pytest.raises(SystemExit, match="empty.json: expected a results file with kernel or suite rows"):
-        table.main([str(tmp_path / "empty.json"), "--benchmarks", str(md)])
+    with pytest.raises(SystemExit, match="empty.json: expected a results file with kernel, host cost or suite rows"):
+        table.main([str(tmp_path / "empty.json"), "--write", "--benchmarks", str(md)])
 
 
 def test_target_verdicts_on_a_gpu_run():

@@ -36,7 +36,7 @@ def test_every_stage_runs_and_failures_are_collected(tmp_path):
     assert calls[2] == f"-m harmonica.bench --part kernels --out {out}/kernels.json"
     assert calls[3].startswith("-m harmonica.bench --part suite --models dit-xl-2-256 pixart-alpha-1024 --steps 20 "
                                "--configs no-cache fora:2 harmonica --modes eager fused graphs graphs-step compile")
-    assert calls[4] == f"-m harmonica.bench.table {out}/kernels.json {out}/suite.json"
+    assert calls[4] == f"-m harmonica.bench.table --write {out}/kernels.json {out}/suite.json"
     assert sorted(p.name for p in out.glob("*.log")) == ["aot-compile.log", "gpu-tests.log", "kernels.log",
                                                          "suite.log", "tables.log"]
 
