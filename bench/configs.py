@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from harmonica.cli import parse_schedule
 from harmonica.router import Router, RouterInfo
-from harmonica.schedule import CacheSchedule
+from harmonica.schedule import CacheSchedule, parse_schedule, read_schedule_spec
 from harmonica.units import cached_units
 
 # execution modes, as `harmonica.enable` options (bench/suite.py describes them)
@@ -60,10 +59,11 @@ def parse_config(spec: str) -> Config:
     if kind not in KINDS and spec != SKELETON:
         raise ValueError(f"--configs: expected names from {list(KINDS)} (parameters after ':'), got {spec!r}")
     config = Config(spec, kind, param)
+    if kind in ("no-cache", "fora", "delta-dit"):
+        read_schedule_spec(spec, "--configs")  # the parser of `harmonica sample --schedule`
+        return config
     try:
-        if kind == "no-cache" and param:
-            raise ValueError("no-cache takes no parameter")
-        if kind in ("fewer-steps", "fora", "taylorseer") and (param or kind == "fora") and int(param) < 1:
+        if kind in ("fewer-steps", "taylorseer") and param and int(param) < 1:
             raise ValueError("expected an integer >= 1")
         if kind in ("fbcache", "dbcache") and param and float(param) < 0:
             raise ValueError("expected a threshold >= 0")
@@ -71,11 +71,6 @@ def parse_config(spec: str) -> Config:
             raise ValueError("expected cur=C")
         if kind in LEARNED_RULES and not 0 <= config.cur < 1:
             raise ValueError("expected 0 <= cur < 1")
-        if kind == "delta-dit" and param:
-            values = dict(item.split("=") for item in param.split(","))
-            if not {"b", "n"} <= set(values) <= {"b", "n", "blocks"}:
-                raise ValueError("expected b=B,n=N[,blocks=C]")
-            [int(v) for v in values.values()]
     except ValueError as error:
         raise ValueError(f"--configs: could not read {spec!r} ({error})") from error
     return config
@@ -114,11 +109,8 @@ def engine_schedule(config: Config, transformer, num_steps: int, router: Router 
         return CacheSchedule.no_cache(num_steps, len(names)), False
     if config.name == SKELETON:
         return CacheSchedule(CacheSchedule.fora(num_steps, len(names), num_steps).table, SKELETON), False
-    if config.kind == "fora":
-        return parse_schedule(config.name, num_steps, names), False
-    if config.kind == "delta-dit":
-        return parse_schedule(config.name if config.param else f"delta-dit:b={num_steps // 2},n=2", num_steps,
-                              names), False
+    if config.kind in ("fora", "delta-dit"):
+        return parse_schedule(config.name, num_steps, names, "--configs"), False
     if router is None:
         return synthetic_schedule(num_steps, len(names), config.cur, LEARNED_RULES[config.kind]), True
     router.check(RouterInfo.for_model(transformer))

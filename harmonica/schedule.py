@@ -146,3 +146,48 @@ class CacheSchedule:
 
 
 ROUTER_RULES = ("harmonica", "l2c-alternating")
+SCHEDULE_FORMS = "'no-cache', 'fora:N' or 'delta-dit[:b=B,n=N[,blocks=C]]'"
+DELTA_DIT_FORM = "b=B,n=N[,blocks=C]"
+
+
+def read_schedule_spec(spec: str, option: str = "--schedule") -> tuple:
+    """(kind, parameters) of a schedule name, its syntax checked without a model: ("no-cache", {}),
+    ("fora", {"interval": N}) or ("delta-dit", {} or {"b": B, "n": N[, "blocks": C]}). ValueError naming
+    `option` (`harmonica sample --schedule`, `harmonica bench --configs`) for anything else."""
+    kind, colon, text = spec.partition(":")
+    if kind not in ("no-cache", "fora", "delta-dit"):
+        raise ValueError(f"{option}: expected {SCHEDULE_FORMS}, got {spec!r}")
+    try:
+        if kind == "no-cache":
+            if colon:
+                raise ValueError("no-cache takes no parameter")
+            return kind, {}
+        if kind == "fora":
+            if not text.isdigit() or int(text) < 1:
+                raise ValueError("expected an integer >= 1")
+            return kind, {"interval": int(text)}
+        if not colon:
+            return kind, {}
+        items = [item.partition("=") for item in text.split(",")]
+        values = {key: value for key, _, value in items}
+        if (len(values) != len(items) or not {"b", "n"} <= set(values) <= {"b", "n", "blocks"}
+                or not all(value.isdigit() for value in values.values())):
+            raise ValueError(f"expected {DELTA_DIT_FORM}")
+        return kind, {key: int(value) for key, value in values.items()}
+    except ValueError as error:
+        raise ValueError(f"{option}: could not read {spec!r} ({error})") from error
+
+
+def parse_schedule(spec: str, num_steps: int, unit_names: list, option: str = "--schedule") -> CacheSchedule:
+    """The `CacheSchedule` of a schedule name (`read_schedule_spec`) over `num_steps` steps of the units
+    `unit_names` (`cached_units` order). Δ-DiT without parameters: b = num_steps // 2, n = 2."""
+    kind, params = read_schedule_spec(spec, option)
+    try:
+        if kind == "no-cache":
+            return CacheSchedule.no_cache(num_steps, len(unit_names))
+        if kind == "fora":
+            return CacheSchedule.fora(num_steps, len(unit_names), params["interval"])
+        return CacheSchedule.delta_dit(unit_names, num_steps, params.get("b", num_steps // 2), params.get("n", 2),
+                                       params.get("blocks"))
+    except ValueError as error:
+        raise ValueError(f"{option}: {spec!r} does not fit {num_steps} steps ({error})") from error
