@@ -12,19 +12,22 @@ from pathlib import Path
 
 import torch
 
+from harmonica.cli import check_out_dir, check_out_file, load_router
+
 from .configs import MODES
 from .host_cost import format_host_cost
 from .host_cost import measure as measure_host_cost
 from .kernel_bench import default_cases, format_rows, measure, target_verdict
 from .machine import REPO, machine_info
 from .macs import format_mac_table, mac_table
-from .plan import format_plan, plan
+from .plan import format_plan, plan, total_seconds
 from .suite import MATRICES, SuiteOptions, run_suite
 from .table import format_gap_table, format_skipped, format_suite_table, target_verdicts
 
 SUITE_OPTIONS = ("models", "resolutions", "configs", "modes", "steps", "repeat", "warmup", "quick", "full",
                  "max_compiled_graphs", "router", "real_weights", "seed", "device")
 PARTS = {"all": ("kernels", "suite"), "kernels": ("kernels",), "suite": ("suite",)}
+CPU_CONFIRM_S = 300  # a CPU run estimated longer than this needs --yes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", help="router directory for harmonica/l2c rows (default: synthetic schedules)")
     parser.add_argument("--real-weights", action="store_true", help="the presets' hub weights (downloads)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="results JSON path (default: bench/results/<date>-<device>-<commit>.json)")
+    parser.add_argument("--out", help="results .json file, or a directory for <date>-<device>-<commit>.json "
+                        "(default: bench/results/)")
+    parser.add_argument("--yes", action="store_true",
+                        help=f"run on a CPU even when the estimate (--plan) exceeds {CPU_CONFIRM_S // 60} min")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -71,7 +77,7 @@ def command_line(args, prog: str) -> str:
     defaults = vars(parser.parse_args([]))
     words = [prog]
     for name, value in vars(args).items():
-        if name in defaults and name not in ("out", "no_progress", "plan") and value != defaults[name]:
+        if name in defaults and name not in ("out", "no_progress", "plan", "yes") and value != defaults[name]:
             flag = "--" + name.replace("_", "-")
             words += [flag] if value is True else [flag, *map(str, value if isinstance(value, list) else [value])]
     return " ".join(words)
@@ -81,20 +87,28 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
     options = SuiteOptions(**{name: tuple(v) if isinstance(v, list) else v
                               for name, v in vars(args).items() if name in SUITE_OPTIONS and v is not None})
     parts = PARTS[args.part]
+    out = _out_target(args.out)
+    router = load_router(options.router) if options.router else None
+    lines = plan(options, router) if "suite" in parts else []
+    kernels, suite = "kernels" in parts, "suite" in parts
     if args.plan:
-        lines = plan(options) if "suite" in parts else []
         print(f"Plan of `{command_line(args, prog)}` on {options.device}\n")
-        print(format_plan(lines, options, kernels="kernels" in parts, suite="suite" in parts))
+        print(format_plan(lines, options, kernels=kernels, suite=suite))
         return 0
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested, but torch sees no CUDA device (only --plan runs without one)")
+    estimate = total_seconds(lines, options, kernels, suite)
+    if options.device == "cpu" and estimate > CPU_CONFIRM_S and not args.yes:
+        raise ValueError(f"--yes: this run is estimated at {estimate / 60:.0f} min on the CPU (over "
+                         f"{CPU_CONFIRM_S // 60} min; --plan lists its rows); expected --yes to run it, got none")
     before = machine_info()
     results = {"command": command_line(args, prog), "args": {k: getattr(args, k) for k in SUITE_OPTIONS},
                "machine_before": before, "macs": mac_table(), "kernels": [], "suite": []}
     device = before.get("gpu", "cpu").replace(" ", "-")
-    path = Path(args.out) if args.out else REPO / "bench" / "results" / f"{before['date'][:10]}-{device}-" \
-        f"{before['commit']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if args.out is None or out.is_dir():  # the results file inside, with its usual name
+        out.mkdir(exist_ok=True)  # bench/results, the default
+        out = out / f"{before['date'][:10]}-{device}-{before['commit']}.json"
+    path = out
 
     def save(rows):
         results["suite"] = rows
@@ -137,6 +151,16 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
         print(f"plot: not drawn ({error})")
     print(f"BENCHMARKS.md section: python -m harmonica.bench.table {path}")
     return 0
+
+
+def _out_target(out: str | None) -> Path:
+    """--out checked before any work: an existing writable directory (default bench/results) or a .json file
+    in one."""
+    if out is None:
+        return REPO / "bench" / "results"
+    if Path(out).is_dir():
+        return check_out_dir(Path(out), "--out")
+    return check_out_file(out, "--out", {".json"}, "a .json file name or an existing directory")
 
 
 def _host_cost() -> list:

@@ -1,45 +1,40 @@
 """`harmonica sample`: one image from a DiT/PixArt model with a router, a baseline schedule or no cache."""
 
 import argparse
+import dataclasses
+import json
+import math
+import os
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from .api import enable, step_runner, summary
-from .models import PRESETS, build_pipeline, preset, random_prompt_embeds
-from .router import Router
+from .models import PRESETS, build_pipeline, build_transformer, preset, random_prompt_embeds
+from .router import INFO_FILE, WEIGHTS_FILE, Router, RouterInfo, dit_ddim_timesteps
 from .samplers import (
     DIT_SAMPLERS,
+    DIT_TRAIN_STEPS,
     PIXART_PROMPT_KEYS,
     PIXART_SAMPLERS,
     TABLE_SAMPLERS,
-    default_steps,
     dit_ddim_sample,
     pixart_sample,
     use_pixart_sampler,
 )
-from .schedule import CacheSchedule
+from .schedule import parse_schedule  # profiling.workload imports it from here too
 from .units import cached_units
 
 DIT_PIPELINE_SAMPLER = "pipeline"  # DiTPipeline with its own scheduler
-
-
-def parse_schedule(spec: str, num_steps: int, unit_names: list) -> CacheSchedule:
-    """'no-cache', 'fora:N' or 'delta-dit:b=B,n=N[,blocks=C]' for `num_steps` steps."""
-    kind, _, params = spec.partition(":")
-    try:
-        if kind == "no-cache" and not params:
-            return CacheSchedule.no_cache(num_steps, len(unit_names))
-        if kind == "fora":
-            return CacheSchedule.fora(num_steps, len(unit_names), int(params))
-        if kind == "delta-dit":
-            values = dict(item.split("=") for item in params.split(","))
-            blocks = int(values["blocks"]) if "blocks" in values else None
-            return CacheSchedule.delta_dit(unit_names, num_steps, int(values["b"]), int(values["n"]), blocks)
-    except (ValueError, KeyError) as error:
-        raise ValueError(f"--schedule: could not read {spec!r} ({error})") from error
-    raise ValueError(f"--schedule: expected 'no-cache', 'fora:N' or 'delta-dit:b=B,n=N', got {spec!r}")
+DIT_CLASS = 207
+DEFAULT_PROMPT = "A small cactus with a happy face in the Sahara desert."
+GUIDANCE = {"dit-ddim": 1.5, DIT_PIPELINE_SAMPLER: 4.0, "pixart": 4.5}
+# the training timesteps of every preset's diffusion and of every sampler's scheduler config: more
+# steps than this repeat timesteps (DiT DDIM) or diverge to NaN (PixArt's DPM-Solver++)
+TRAIN_TIMESTEPS = DIT_TRAIN_STEPS
 
 
 def _sampler_choices(spec) -> dict:
@@ -47,11 +42,13 @@ def _sampler_choices(spec) -> dict:
 
 
 def generate(pipe, args, spec, sampler: str, steps: int, generator: torch.Generator):
-    """One PIL image of the preset's native resolution. With the sampler step inside the CUDA graphs
-    (`enable(..., scheduler_in_graph=True)`), PixArt runs `pixart_sample` instead of the pipeline."""
+    """One PIL image of the preset's native resolution; RuntimeError when a pixel is not finite. With the
+    sampler step inside the CUDA graphs (`enable(..., scheduler_in_graph=True)`), PixArt runs
+    `pixart_sample` instead of the pipeline. args: prompt, class_label, guidance (None: the defaults)."""
     device = pipe.transformer.device
+    guidance = default_guidance(spec, sampler) if args.guidance is None else args.guidance
     if spec.is_pixart:
-        prompt = {"prompt": args.prompt}
+        prompt = {"prompt": args.prompt or DEFAULT_PROMPT}
         if args.random_weights:  # no text encoder: embeddings of a random prompt
             embeds = random_prompt_embeds(args.model, 1, generator).to(device, pipe.transformer.dtype)
             mask = torch.ones(embeds.shape[:2], device=device)
@@ -59,21 +56,25 @@ def generate(pipe, args, spec, sampler: str, steps: int, generator: torch.Genera
                       "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
         if step_runner(pipe.transformer) is not None:
             if "prompt" in prompt:
-                prompt = dict(zip(PIXART_PROMPT_KEYS, pipe.encode_prompt(args.prompt, device=device)))
+                prompt = dict(zip(PIXART_PROMPT_KEYS, pipe.encode_prompt(prompt["prompt"], device=device)))
             prompt = {key: prompt[key] for key in PIXART_PROMPT_KEYS}
-            latents = pixart_sample(pipe, **prompt, num_steps=steps, guidance_scale=args.guidance or 4.5,
+            latents = pixart_sample(pipe, **prompt, num_steps=steps, guidance_scale=guidance,
                                     generator=generator, height=spec.resolution, width=spec.resolution, progress=True)
             return _decode(pipe, latents)
-        return pipe(**prompt, num_inference_steps=steps, guidance_scale=args.guidance or 4.5, generator=generator,
-                    height=spec.resolution, width=spec.resolution, use_resolution_binning=not args.random_weights
-                    ).images[0]
-    labels = torch.tensor([args.class_label], device=device)
+        return _to_pil(pipe(**prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                            height=spec.resolution, width=spec.resolution,
+                            use_resolution_binning=not args.random_weights, output_type="np").images[0])
+    label = DIT_CLASS if args.class_label is None else args.class_label
     if sampler == DIT_PIPELINE_SAMPLER:
-        return pipe(class_labels=[args.class_label], num_inference_steps=steps, guidance_scale=args.guidance or 4.0,
-                    generator=generator).images[0]
-    latents = dit_ddim_sample(pipe.transformer, labels, num_steps=steps, guidance_scale=args.guidance or 1.5,
-                              generator=generator, progress=True)
+        return _to_pil(pipe(class_labels=[label], num_inference_steps=steps, guidance_scale=guidance,
+                            generator=generator, output_type="np").images[0])
+    latents = dit_ddim_sample(pipe.transformer, torch.tensor([label], device=device), num_steps=steps,
+                              guidance_scale=guidance, generator=generator, progress=True)
     return _decode(pipe, latents)
+
+
+def default_guidance(spec, sampler: str) -> float:
+    return GUIDANCE["pixart" if spec.is_pixart else sampler]
 
 
 def _decode(pipe, latents: torch.Tensor):
@@ -81,41 +82,195 @@ def _decode(pipe, latents: torch.Tensor):
     from diffusers.image_processor import VaeImageProcessor
 
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return VaeImageProcessor().postprocess(images, output_type="pil")[0]
+    return _to_pil(VaeImageProcessor().postprocess(images, output_type="np")[0])
+
+
+def _to_pil(image: np.ndarray):
+    """The PIL image of (H, W, C) values in [0, 1]; RuntimeError when any is NaN/inf (PIL would save black)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    bad = int((~np.isfinite(image)).sum())
+    if bad:
+        raise RuntimeError(f"image: expected finite pixel values, got {bad} of {image.size} NaN/inf (the sampling "
+                           "diverged; nothing was written)")
+    return VaeImageProcessor.numpy_to_pil(image[None])[0]
+
+
+def check_out_file(path: str, option: str, suffixes, what: str) -> Path:
+    """An output file, checked before any work: a name ending in one of `suffixes` (`what` says which) and
+    an existing, writable parent directory. ValueError naming `option` otherwise."""
+    out = Path(path)
+    if out.is_dir() or out.suffix.lower() not in suffixes:
+        raise ValueError(f"{option}: expected {what}, got {'the directory ' + path if out.is_dir() else repr(path)}")
+    check_out_dir(out.parent, option)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{option}: expected a writable file, got {path} (read-only)")
+    return out
+
+
+def check_out_dir(directory: Path, option: str) -> Path:
+    """`directory` when it exists and is writable; ValueError naming `option` otherwise."""
+    if not directory.is_dir():
+        what = "not a directory" if directory.exists() else "does not exist"
+        raise ValueError(f"{option}: expected an existing directory, got {directory} ({what})")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}: expected a writable directory, got {directory} (not writable)")
+    return directory
+
+
+def image_suffixes() -> set:
+    """File name suffixes PIL can write."""
+    from PIL import Image
+
+    Image.init()
+    return {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.SAVE}
+
+
+def load_router(directory: str, option: str = "--router") -> Router:
+    """`Router.from_pretrained(directory)`, with every defect of its files (missing, unreadable, unknown or
+    mistyped router.json keys, no 2-D finite `logits` tensor) as one ValueError line naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(directory)
+    info_path, weights_path = root / INFO_FILE, root / WEIGHTS_FILE
+
+    def bad(file, expected, got):
+        return ValueError(f"{option}: {file}: expected {expected}, got {got}")
+
+    for file in (info_path, weights_path):
+        if not file.is_file():
+            raise ValueError(f"{option}: expected a directory saved by Router.save_pretrained, with {file.name}; "
+                             f"got {directory} without it")
+    try:
+        info = json.loads(info_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad(info_path, "JSON", f"unreadable text ({error})") from None
+    if not isinstance(info, dict):
+        raise bad(info_path, "a JSON object", f"a {type(info).__name__}")
+    defaults = RouterInfo()
+    fields = {field.name: type(getattr(defaults, field.name)) for field in dataclasses.fields(RouterInfo)}
+    unknown = sorted(set(info) - set(fields) - {"format_version"})
+    if unknown:
+        raise bad(info_path, f"keys from {sorted(fields)} and format_version", f"unknown keys {unknown}")
+    for name, value in info.items():
+        kind = (int, float) if fields.get(name) is float else fields.get(name, int)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise bad(info_path, f"{name} of type {fields.get(name, int).__name__}", repr(value)[:60])
+    if not 0 < info.get("tau", defaults.tau) < 1:
+        raise bad(info_path, "tau in (0, 1)", info["tau"])
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise bad(weights_path, "a safetensors file", f"unreadable bytes ({error})") from None
+    logits = tensors.get("logits")
+    if logits is None:
+        raise bad(weights_path, "a 'logits' tensor", f"tensors {sorted(tensors)}")
+    if logits.dim() != 2 or not logits.is_floating_point() or logits.numel() == 0:
+        raise bad(weights_path, "float logits of shape (steps, units)",
+                  f"{logits.dtype} of shape {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        raise bad(weights_path, "finite logits", f"{int((~torch.isfinite(logits)).sum())} NaN/inf values")
+    try:
+        return Router.from_pretrained(root)
+    except ValueError as error:
+        raise ValueError(f"{option}: {root}: {error}") from None
+
+
+@dataclasses.dataclass
+class SamplePlan:
+    """What `harmonica sample` runs, every option checked: the sampler, step count, router or schedule."""
+
+    sampler: str
+    steps: int
+    cache: object  # a Router or a CacheSchedule
+
+
+def plan_sample(args, spec) -> SamplePlan:
+    """Check every option of `harmonica sample` against each other, the model's config (a meta-device
+    transformer, no weights) and the router's files, before any model is built; ValueError naming the
+    option to change."""
+    check_out_file(args.out, "--out", image_suffixes(), "an image file name (.png, .jpg or another suffix PIL writes)")
+    if args.tau is not None and not args.router:
+        raise ValueError(f"--tau: expected only with --router (it thresholds the router's gates), got --tau "
+                         f"{args.tau} with {'--schedule ' + args.schedule if args.schedule else 'no router'}")
+    for option, value, family in (("--class-label", args.class_label, "DiT"), ("--prompt", args.prompt, "PixArt")):
+        if value is not None and spec.is_pixart != (family == "PixArt"):
+            raise ValueError(f"{option}: expected only with a {family} model, got {option} {value!r} with --model "
+                             f"{args.model}")
+    if args.tau is not None and not 0 < args.tau < 1:
+        raise ValueError(f"--tau: expected a threshold in (0, 1), got {args.tau}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance: expected a finite scale >= 0, got {args.guidance}")
+    with torch.device("meta"):
+        transformer = build_transformer(args.model)
+    if args.class_label is not None and not 0 <= args.class_label < transformer.config.num_embeds_ada_norm:
+        raise ValueError(f"--class-label: expected a class in [0, {transformer.config.num_embeds_ada_norm - 1}] "
+                         f"for {args.model}, got {args.class_label}")
+    router = load_router(args.router) if args.router else None
+    choices = _sampler_choices(spec)
+    trained = _router_sampler(router, spec, args.router) if router else None
+    if args.sampler is not None and trained is not None and args.sampler != trained:
+        raise ValueError(f"--sampler: the router {args.router} was trained with {trained}, got --sampler "
+                         f"{args.sampler}; leave --sampler out")
+    sampler = args.sampler or trained or spec.sampler
+    if sampler not in choices:
+        raise ValueError(f"--sampler: expected one of {sorted(choices)} for {args.model}, got {sampler!r}")
+    if args.steps is not None and not 1 <= args.steps <= TRAIN_TIMESTEPS:
+        raise ValueError(f"--steps: expected 1 to {TRAIN_TIMESTEPS} (the model's training timesteps), got {args.steps}")
+    if router is not None and args.steps is not None and args.steps != router.num_steps:
+        raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
+                         f"{args.steps}; leave --steps out")
+    steps = args.steps or (router.num_steps if router else choices[sampler][1])
+    if args.scheduler_in_graph and sampler not in TABLE_SAMPLERS:
+        raise ValueError(f"--scheduler-in-graph: expected a sampler from {list(TABLE_SAMPLERS)}, got {sampler!r}")
+    if router is None:
+        units = [name for name, _ in cached_units(transformer)]
+        return SamplePlan(sampler, steps, parse_schedule(args.schedule or "no-cache", steps, units))
+    model = RouterInfo.for_model(transformer, timesteps=dit_ddim_timesteps(steps) if sampler == "dit-ddim" else [])
+    diffs = router.info.differences(dataclasses.replace(model, config_hash=model.config_hash if args.random_weights
+                                                        else ""))  # hub configs may differ from the preset's
+    if diffs:
+        raise ValueError(f"--router: {args.router} was trained for something else than --model {args.model} "
+                         f"({'; '.join(diffs)})")
+    return SamplePlan(sampler, steps, router)
+
+
+def _router_sampler(router: Router, spec, directory: str) -> str | None:
+    """The `--sampler` name of what the router was trained with (None when it does not say)."""
+    if not router.info.sampler:
+        return None
+    names = ({scheduler: name for name, (scheduler, _) in PIXART_SAMPLERS.items()} if spec.is_pixart
+             else {"dit-ddim": "dit-ddim", "DDIMScheduler": DIT_PIPELINE_SAMPLER})
+    if router.info.sampler not in names:
+        raise ValueError(f"--router: {directory} was trained with the sampler {router.info.sampler}, expected one "
+                         f"of {sorted(names)} for --model {spec.pipeline}")
+    return names[router.info.sampler]
 
 
 def sample(args) -> int:
     spec = preset(args.model)
-    sampler = args.sampler or spec.sampler
-    choices = _sampler_choices(spec)
-    if sampler not in choices:
-        raise ValueError(f"--sampler: expected one of {sorted(choices)} for {args.model}, got {sampler!r}")
-    steps = args.steps or (default_steps(sampler) if sampler != DIT_PIPELINE_SAMPLER else 20)
+    plan = plan_sample(args, spec)
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" and not args.fp32 else torch.float32
     pipe.to(device, dtype)
     if spec.is_pixart:
-        use_pixart_sampler(pipe, sampler)  # before enable, which hooks the scheduler
-    unit_names = [name for name, _ in cached_units(pipe.transformer)]
-    if args.scheduler_in_graph and sampler not in TABLE_SAMPLERS:
-        raise ValueError(f"--scheduler-in-graph: expected a sampler from {list(TABLE_SAMPLERS)}, got {sampler!r}")
+        use_pixart_sampler(pipe, plan.sampler)  # before enable, which hooks the scheduler
     execution = {"cuda_graphs": args.cuda_graphs, "scheduler_in_graph": args.scheduler_in_graph,
                  "compile": args.compile}
-    if args.router:
-        enable(pipe, Router.from_pretrained(args.router), tau=args.tau, **execution)
-    else:
-        enable(pipe, parse_schedule(args.schedule or "no-cache", steps, unit_names), **execution)
+    enable(pipe, plan.cache, tau=args.tau, **execution)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     with torch.inference_mode():
-        image = generate(pipe, args, spec, sampler, steps, generator)
+        image = generate(pipe, args, spec, plan.sampler, plan.steps, generator)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     image.save(args.out)
     weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
-    print(f"model {args.model} ({weights}), sampler {sampler}, {steps} steps, seed {args.seed}, {device} {dtype}")
+    print(f"model {args.model} ({weights}), sampler {plan.sampler}, {plan.steps} steps, seed {args.seed}, "
+          f"{device} {dtype}")
     print(summary(pipe))
     print(f"measured {elapsed:.2f} s (whole generation, decode included); image written to {args.out}")
     return 0
@@ -145,8 +300,9 @@ def train(args) -> int:
 
     import torch.distributed as dist
 
-    from .training import DiTTask, PixArtTask, RouterTrainer, TrainConfig, load_prompt_embeddings
+    from .training import DiTTask, PixArtTask, RouterTrainer, TrainConfig, check_out_dir, load_prompt_embeddings
 
+    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any model is loaded
     spec = preset("tiny-dit" if args.model == DIGITS else args.model)
     if spec.is_pixart and not args.embeds:
         raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "
@@ -154,7 +310,8 @@ def train(args) -> int:
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations, batch=args.batch, lr=args.lr,
                          beta=args.beta, tau=args.tau, refresh=args.refresh, guidance=args.guidance,
                          objective=args.objective, lambda_batch=args.lambda_batch, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, target_cur=args.target_cur)
+                         checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
+                         target_cur=args.target_cur)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
@@ -175,13 +332,16 @@ def train(args) -> int:
     else:
         task = DiTTask(transformer, config.num_steps, config.guidance)
     trainer = RouterTrainer(task, config, args.out)
-    router = trainer.run(resume=args.resume)
+    router = trainer.run(resume=args.resume, overwrite=args.overwrite)
     if trainer.rank == 0:
         schedule = router.schedule(config.tau)
         print(f"router after {trainer.iteration} iterations: {args.out}/router (sampler {trainer.task.sampler}, "
               f"{config.num_steps} steps, tau {config.tau}), CUR {schedule.cur:.1%}, theoretical speedup "
               f"{schedule.theoretical_speedup(trainer.macs):.2f}x")
-        if args.model == DIGITS:
+        if not router.info.complete:
+            print(f"interrupted: the router is partial ({trainer.iteration} of {config.iterations} iterations); "
+                  f"the same command with --resume continues it")
+        elif args.model == DIGITS:
             print(digits_report(transformer, schedule, config.num_steps))
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -200,7 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
     weights.add_argument("--random-weights", action="store_true", help="no download: random weights")
     t.add_argument("--out", required=True, help="directory for checkpoints, train_log.jsonl and router/")
-    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    existing = t.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="start afresh in an --out that holds a run (its checkpoints, router and log removed)")
     t.add_argument("--steps", type=int, default=defaults.num_steps, help="denoising steps T")
     t.add_argument("--iterations", type=int, default=defaults.iterations)
     t.add_argument("--batch", type=int, default=defaults.batch, help="noises per rank (CFG doubles it)")
@@ -214,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
     t.add_argument("--lambda-batch", type=int, default=defaults.lambda_batch)
     t.add_argument("--seed", type=int, default=defaults.seed)
-    t.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    t.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="iterations")
+    t.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes,
+                   help="also checkpoint when this many minutes passed since the last checkpoint")
     t.add_argument("--target-cur", type=float, help="adjust beta during training towards this CUR at tau")
     s = commands.add_parser("sample", help="generate one image")
     s.add_argument("--model", required=True, choices=sorted(PRESETS))
@@ -223,21 +388,23 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--random-weights", action="store_true", help="no download: random weights from configs")
     cache = s.add_mutually_exclusive_group()
     cache.add_argument("--router", help="directory of a router saved by Router.save_pretrained")
-    cache.add_argument("--schedule", help="'fora:N', 'delta-dit:b=B,n=N' or 'no-cache'")
+    cache.add_argument("--schedule", help="'fora:N', 'delta-dit[:b=B,n=N[,blocks=C]]' or 'no-cache'")
     cache.add_argument("--no-cache", action="store_true", help="every unit computes at every step (the default)")
-    s.add_argument("--tau", type=float, help="router threshold (default: the router's training tau)")
-    s.add_argument("--sampler", help="dit-ddim or pipeline (DiT); dpm-solver++, sa-solver or iddpm (PixArt)")
-    s.add_argument("--steps", type=int, help="denoising steps (default: the sampler's)")
+    s.add_argument("--tau", type=float, help="router threshold in (0, 1) (default: the router's training tau)")
+    s.add_argument("--sampler", help="dit-ddim or pipeline (DiT); dpm-solver++, sa-solver or iddpm (PixArt) "
+                   "(default: the router's, else the model's)")
+    s.add_argument("--steps", type=int, help="denoising steps, 1 to 1000 (default: the router's, else the sampler's)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--class-label", type=int, default=207, help="ImageNet class (DiT)")
-    s.add_argument("--prompt", default="A small cactus with a happy face in the Sahara desert.", help="PixArt prompt")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance (default: 1.5 DiT-DDIM, 4.5 PixArt)")
+    s.add_argument("--class-label", type=int, help=f"ImageNet class (DiT; default {DIT_CLASS})")
+    s.add_argument("--prompt", help=f"PixArt prompt (default {DEFAULT_PROMPT!r})")
+    s.add_argument("--guidance", type=float,
+                   help="classifier-free guidance, 0 or 1 for none (default: 1.5 dit-ddim, 4.0 pipeline, 4.5 PixArt)")
     s.add_argument("--fp32", action="store_true", help="fp32 on CUDA (default fp16; CPU always fp32)")
     s.add_argument("--cuda-graphs", action="store_true", help="one CUDA graph per distinct schedule row")
     s.add_argument("--scheduler-in-graph", action="store_true",
                    help="with --cuda-graphs: the sampler step inside each graph (dit-ddim, dpm-solver++)")
     s.add_argument("--compile", action="store_true", help="torch.compile each unit kind once (all blocks share it)")
-    s.add_argument("--out", default="out.png")
+    s.add_argument("--out", default="out.png", help="image file (.png, .jpg, ...) in an existing directory")
     from .bench.command import add_arguments as add_bench_arguments
 
     add_bench_arguments(commands.add_parser("bench", help="the benchmark suite: theoretical vs measured speedup, "
