@@ -300,9 +300,9 @@ def train(args) -> int:
 
     import torch.distributed as dist
 
-    from .training import DiTTask, PixArtTask, RouterTrainer, TrainConfig, check_out_dir, load_prompt_embeddings
+    from .training import DiTTask, PixArtTask, RouterTrainer, TrainConfig, check_run_dir, load_prompt_embeddings
 
-    check_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any model is loaded
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any model is loaded
     spec = preset("tiny-dit" if args.model == DIGITS else args.model)
     if spec.is_pixart and not args.embeds:
         raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "

@@ -6,8 +6,12 @@ A router file (`save_pretrained`) records what it was trained for, and loading i
 model, sampler or step count is an error that lists each difference (method.md section 2).
 """
 
+import argparse
 import hashlib
 import json
+import pickle
+import re
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,7 +24,35 @@ from .units import cached_units
 LOGIT_BOUND = 5.0
 WEIGHTS_FILE = "router.safetensors"
 INFO_FILE = "router.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the training progress (complete, iterations, planned_iterations)
+READABLE_VERSIONS = (1, 2)
+SAFE_GLOBALS = [argparse.Namespace]  # the `args` of the official checkpoints
+
+
+def load_tensors(path, option: str):
+    """`torch.load` with `weights_only=True`: tensors, containers and SAFE_GLOBALS only, so a crafted
+    pickle cannot run code. A file holding anything else is a ValueError naming `option`."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        detail = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global| Please use|$)", str(error),
+                           re.MULTILINE)
+        raise ValueError(f"{option}: expected a file of tensors and plain containers, got {path} holding other "
+                         f"objects ({detail.group(1) if detail else 'not loadable with weights_only'}); "
+                         f"refused to load it") from None
+
+
+def describe_differences(mine: dict, theirs: dict, owner: str) -> list:
+    """'key: <owner> has X, got Y' for every key of both dicts whose values differ; unit lists are
+    shown by their length."""
+    diffs = []
+    for key, value in mine.items():
+        other = theirs.get(key, value)
+        if value != other:
+            shown = (f"{len(value)} units", f"{len(other)} units") if key == "units" else (value, other)
+            diffs.append(f"{key}: {owner} has {shown[0]}, got {shown[1]}")
+    return diffs
 
 
 def config_fingerprint(transformer) -> str:
@@ -45,6 +77,9 @@ class RouterInfo:
     timesteps: list = field(default_factory=list)  # denoising order
     tau: float = 0.1
     rule: str = "harmonica"  # or "l2c-alternating"
+    complete: bool = True  # False: saved by an interrupted training run
+    iterations: int = 0  # training iterations done (0: not recorded)
+    planned_iterations: int = 0
 
     @classmethod
     def for_model(cls, transformer, *, cross_attention: bool = True, **fields) -> "RouterInfo":
@@ -54,13 +89,12 @@ class RouterInfo:
 
     def differences(self, other: "RouterInfo") -> list:
         """'field: router has X, got Y' for every field both sides set and that differs."""
-        diffs = []
-        for name in ("model_class", "config_hash", "units", "sampler", "timesteps"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine and theirs and mine != theirs:
-                shown = (f"{len(mine)} units", f"{len(theirs)} units") if name == "units" else (mine, theirs)
-                diffs.append(f"{name}: router has {shown[0]}, got {shown[1]}")
-        return diffs
+        return describe_differences(self.identity(), other.identity(), "router")
+
+    def identity(self) -> dict:
+        """The fields set here that must match the model and sampler the router is used with."""
+        fields = {name: getattr(self, name) for name in ("model_class", "config_hash", "units", "sampler", "timesteps")}
+        return {name: value for name, value in fields.items() if value}
 
 
 class Router(torch.nn.Module):
@@ -130,27 +164,33 @@ class Router(torch.nn.Module):
                                  f"got {directory} without it")
         info = json.loads((directory / INFO_FILE).read_text())
         version = info.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{INFO_FILE}: expected format_version {FORMAT_VERSION}, got {version}")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"{INFO_FILE}: expected format_version in {READABLE_VERSIONS}, got {version}")
         logits = load_file(str(directory / WEIGHTS_FILE))["logits"]
         router = cls(*logits.shape, info=RouterInfo(**info))
         with torch.no_grad():
             router.logits.copy_(logits)
+        if not router.info.complete:
+            warnings.warn(f"router: {directory} is partial, saved by an interrupted training run after "
+                          f"{router.info.iterations} of {router.info.planned_iterations} iterations", stacklevel=2)
         return router
 
     @classmethod
-    def from_official(cls, path, transformer, *, rule: str = "harmonica", sampler: str = "dit-ddim",
+    def from_official(cls, path, transformer, *, rule: str | None = None, sampler: str = "dit-ddim",
                       timesteps: list | None = None, tau: float | None = None) -> "Router":
         """Import a router saved by the official Learning-to-Cache or HarmoniCa code.
 
         path: their `torch.save` checkpoint, a dict whose `routers` is a state dict
         `{"<i>.prob": (2L,)}` (row i = i-th timestep in ascending order; entries 2b and 2b+1 are
-        block b's attention and MLP) and whose `args` may hold the threshold `thres`.
+        block b's attention and MLP) and whose `args` (an `argparse.Namespace`) holds the threshold
+        `ste_threshold` (None in Learning-to-Cache's files). Loaded with `weights_only=True`.
         transformer: the diffusers DiT the router is for (its units must be 2L).
-        rule: "harmonica" (unit computes iff sigmoid > tau) or "l2c-alternating" (Learning-to-Cache).
+        rule: default from the file: "harmonica" (unit computes iff sigmoid > tau) for a HarmoniCa file,
+        whose last row (the noisiest timestep) is exactly +5, else "l2c-alternating" (Learning-to-Cache).
         sampler, timesteps: what it was trained with; default the original DiT DDIM.
+        tau: default the file's threshold, else 0.1.
         """
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_tensors(path, "path")
         if not isinstance(checkpoint, dict) or "routers" not in checkpoint:
             keys = list(checkpoint)[:5] if isinstance(checkpoint, dict) else "-"
             raise ValueError(f"path: expected a checkpoint dict with a 'routers' state dict, got "
@@ -160,13 +200,14 @@ class Router(torch.nn.Module):
         if not rows or [i for i, _ in rows] != list(range(len(rows))):
             raise ValueError(f"path: expected routers entries '0.prob' .. '<T-1>.prob', got {sorted(state)[:5]}")
         ascending = torch.stack([value.float() for _, value in rows])
+        harmonica_file = bool(torch.all(ascending[-1] == LOGIT_BOUND))
+        rule = rule or ("harmonica" if harmonica_file else "l2c-alternating")
         info = RouterInfo.for_model(transformer, cross_attention=False, sampler=sampler, rule=rule)
         if ascending.shape[1] != len(info.units):
             raise ValueError(f"path: expected rows of {len(info.units)} logits (2 per block of the transformer), "
                              f"got {ascending.shape[1]}")
         num_steps = ascending.shape[0]
-        args = checkpoint.get("args")
-        official_tau = getattr(args, "thres", None) if not isinstance(args, dict) else args.get("thres")
+        official_tau = getattr(checkpoint.get("args"), "ste_threshold", None)
         info.tau = tau if tau is not None else (official_tau if official_tau is not None else 0.1)
         info.timesteps = timesteps or (dit_ddim_timesteps(num_steps) if sampler == "dit-ddim" else [])
         router = cls(num_steps, ascending.shape[1], info=info)

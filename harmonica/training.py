@@ -6,16 +6,26 @@ without caching (teacher, no_grad) and with soft gating (student) see the same x
 logits are clamped; x_{i+1} follows from the student's output. lambda (IEPO) is refreshed every
 `refresh` iterations on a fixed noise batch drawn from its own generator.
 
-Checkpoints (one file per rank, written atomically) hold the router, optimizer, lambda, beta, the
-noise generator and the current trajectory as its noise, conditions and the gate rows it used;
-resuming replays those rows to rebuild x_i and the cache slots exactly, so no slot is saved.
-Under torchrun, router gradients and lambda are averaged over ranks; each rank has its own noise.
+The trainer patches the transformer (a `CacheEngine`, frozen parameters, eval mode) only inside
+`run()` (or `attached()`), and restores it however that ends.
+
+Checkpoints (one file per rank, written atomically, every `checkpoint_every` iterations, every
+`checkpoint_minutes` and on SIGINT/SIGTERM) hold the router, optimizer, lambda, beta, the noise
+generator, the current trajectory as its noise, conditions and the gate rows it used, and what they
+were trained for (model, units, sampler, timesteps, world size, settings: resuming anything else is
+an error). Resuming replays the rows to rebuild x_i and the cache slots exactly, so no slot is saved.
+Under torchrun, router gradients and lambda are averaged over ranks; each rank has its own noise, and
+the ranks agree after every iteration on whether to checkpoint or stop.
 """
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,11 +35,16 @@ from tqdm.auto import tqdm
 
 from .engine import CacheEngine
 from .kernels import solver_step
-from .router import Router, RouterInfo, dit_ddim_timesteps
+from .router import Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
 from .samplers import dit_ddim_table, dit_guidance, dit_null_labels
+from .units import cached_units
 
 OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
 BETA_GAIN = 2.0  # --target-cur: after each trajectory, beta *= exp(gain * (target CUR - CUR at tau))
+CHECKPOINT_VERSION = 2  # 2 added the run record (model, units, sampler, timesteps, world size)
+RESUMABLE = ("iterations", "checkpoint_every", "checkpoint_minutes", "log_every")  # may change on --resume
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LOG_FILE, ROUTER_DIR = "train_log.jsonl", "router"
 
 
 @dataclass
@@ -48,6 +63,7 @@ class TrainConfig:
     lambda_batch: int = 8
     seed: int = 0
     checkpoint_every: int = 1000
+    checkpoint_minutes: float = 5.0  # also checkpoint when this much time passed since the last one
     target_cur: float | None = None  # adjust beta towards this CUR at tau
     log_every: int = 1
 
@@ -58,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"num_steps: expected >= 2 (step 0 only fills the cache), got {self.num_steps}")
         if self.target_cur is not None and not 0 < self.target_cur < 1:
             raise ValueError(f"target_cur: expected a value in (0, 1), got {self.target_cur}")
+        if not self.checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes: expected > 0, got {self.checkpoint_minutes}")
 
 
 class DiTTask:
@@ -180,6 +198,15 @@ def _average(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _any_rank(flags: list, device) -> list:
+    """Each flag, true if it is true on any rank."""
+    if _rank_world()[1] == 1:
+        return flags
+    tensor = torch.tensor(flags, dtype=torch.float32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.bool().tolist()
+
+
 @dataclass
 class Trajectory:
     noise: torch.Tensor  # x at step 0
@@ -190,6 +217,20 @@ class Trajectory:
     step: int = 0
 
 
+def check_run_dir(out_dir, *, resume: bool, overwrite: bool) -> list:
+    """The names of the training run's files in `out_dir` (checkpoints, router); an error when there
+    are some and neither `resume` nor `overwrite` says what to do with them."""
+    if resume and overwrite:
+        raise ValueError("--resume, --overwrite: expected at most one of them, got both")
+    out_dir = Path(out_dir)
+    found = [path.name for path in sorted(out_dir.glob("checkpoint-rank*.pt")) + [out_dir / ROUTER_DIR]
+             if path.exists()]
+    if found and not resume and not overwrite:
+        raise ValueError(f"--out: expected a directory without a training run, got {out_dir} holding "
+                         f"{', '.join(found)}; pass --resume to continue it or --overwrite to start afresh")
+    return found
+
+
 class RouterTrainer:
     """SDT + IEPO for one transformer and task; `run()` trains, checkpoints and saves the router."""
 
@@ -197,14 +238,14 @@ class RouterTrainer:
         self.task, self.config = task, config
         self.out_dir = Path(out_dir)
         self.rank, self.world = _rank_world()
-        self.transformer = task.transformer.eval().requires_grad_(False)
+        self.transformer = task.transformer
         self.device = next(self.transformer.parameters()).device
-        self.engine = CacheEngine(self.transformer)
-        num_units = len(self.engine.units)
-        info = RouterInfo.for_model(self.transformer, sampler=task.sampler, timesteps=list(task.timesteps),
-                                    tau=config.tau)
+        self.engine = None  # a CacheEngine while attached (`attached()`)
+        num_units = len(cached_units(self.transformer))
+        self.info = RouterInfo.for_model(self.transformer, sampler=task.sampler, timesteps=list(task.timesteps),
+                                         tau=config.tau)
         init = torch.Generator().manual_seed(config.seed)  # identical on every rank
-        self.router = router or Router(config.num_steps, num_units, info=info, generator=init)
+        self.router = router or Router(config.num_steps, num_units, info=self.info, generator=init)
         self.router.to(self.device)
         self.optimizer = torch.optim.AdamW([self.router.logits], lr=config.lr, weight_decay=0.0)
         self.noise_gen = torch.Generator().manual_seed(config.seed * 7919 + 1 + self.rank)
@@ -220,6 +261,29 @@ class RouterTrainer:
 
         size = task.latent_shape[-1] * VAE_FACTOR
         self.macs = count_macs(self.transformer, size, size)
+
+    # ---- the patched transformer ----
+
+    @contextlib.contextmanager
+    def attached(self):
+        """The transformer frozen, in eval mode and run by this trainer's CacheEngine; on exit, however it
+        comes, the engine is removed and every parameter's requires_grad and module's mode restored.
+        A trajectory in progress is replayed on entry (its cache slots went with the previous engine)."""
+        modules = list(self.transformer.modules())
+        modes, grads = [m.training for m in modules], [p.requires_grad for p in self.transformer.parameters()]
+        self.transformer.eval().requires_grad_(False)
+        self.engine = CacheEngine(self.transformer)
+        try:
+            if self.trajectory is not None:
+                self._start(self.trajectory)
+            yield self
+        finally:
+            self.engine.remove()
+            self.engine = None
+            for module, mode in zip(modules, modes):
+                module.training = mode
+            for parameter, grad in zip(self.transformer.parameters(), grads):
+                parameter.requires_grad_(grad)
 
     # ---- forwards ----
 
@@ -334,6 +398,7 @@ class RouterTrainer:
             "optimizer": self.optimizer.state_dict(), "lambda": self.lam, "beta": self.beta,
             "noise_gen": self.noise_gen.get_state(), "config": asdict(self.config),
             "trajectory": None if traj is None else {"noise": traj.noise, "cond": traj.cond, "rows": traj.rows},
+            "version": CHECKPOINT_VERSION, "run": self._run_record(),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_path()
@@ -341,64 +406,103 @@ class RouterTrainer:
         torch.save(state, tmp)
         os.replace(tmp, path)  # atomic: an interrupted write leaves the previous checkpoint intact
 
+    def _run_record(self) -> dict:
+        """What a checkpoint must be resumed with besides the settings."""
+        return {**self.info.identity(), "world_size": self.world}
+
     def load_checkpoint(self) -> None:
+        """Restore the state of `checkpoint_path()`; the trajectory is replayed when attached."""
         path = self.checkpoint_path()
         if not path.is_file():
             raise ValueError(f"--resume: expected a checkpoint at {path}, found none")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k not in ("iterations", "checkpoint_every", "log_every")}
-        current = {k: v for k, v in asdict(self.config).items() if k in saved}
-        diffs = [f"{k}: checkpoint has {saved[k]!r}, got {current[k]!r}" for k in saved if saved[k] != current[k]]
+        state = load_tensors(path, "--resume")
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != CHECKPOINT_VERSION:
+            raise ValueError(f"--resume: expected a checkpoint of version {CHECKPOINT_VERSION} at {path}, "
+                             f"got version {version}")
+        saved = {k: v for k, v in {**state["run"], **state["config"]}.items() if k not in RESUMABLE}
+        diffs = describe_differences(saved, {**self._run_record(), **asdict(self.config)}, "checkpoint")
         if diffs:
-            raise ValueError("--resume: the checkpoint was trained with other settings:\n  " + "\n  ".join(diffs))
+            raise ValueError(f"--resume: {path} was trained with other settings: " + "; ".join(diffs))
         with torch.no_grad():
             self.router.logits.copy_(state["logits"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration, self.lam, self.beta = state["iteration"], state["lambda"], state["beta"]
         self.noise_gen.set_state(state["noise_gen"])
         saved_traj = state["trajectory"]
-        self.trajectory = None if saved_traj is None else self._start(Trajectory(**saved_traj))
+        self.trajectory = None if saved_traj is None else Trajectory(**saved_traj)
 
     # ---- the loop ----
 
-    def run(self, *, resume: bool = False, progress: bool = True) -> Router:
-        """Train to `config.iterations`; returns the router, also saved to `out_dir/router`."""
+    def run(self, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> Router:
+        """Train to `config.iterations`; returns the router, also saved to `out_dir/router`.
+
+        resume: continue from the checkpoint in `out_dir`. overwrite: start afresh in an `out_dir` that
+        holds a run (its checkpoints, router and log removed); without either, such an `out_dir` is an
+        error. SIGINT/SIGTERM stop after the current iteration; the router is then saved as partial."""
         cfg = self.config
+        self._prepare_out_dir(resume, overwrite)
         if resume:
             self.load_checkpoint()
-        previous_handler = signal.signal(signal.SIGINT, self._request_stop) if self._is_main_thread() else None
-        log = (self.out_dir / "train_log.jsonl") if self.rank == 0 else None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._trim_log()
+        self.stop_requested = False
+        handlers = ({s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
+                    if threading.current_thread() is threading.main_thread() else {})
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress or self.rank != 0,
                    desc="train router")
         try:
-            while self.iteration < cfg.iterations and not self.stop_requested:
-                record = self.train_step()
-                if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
-                    schedule = self.router.schedule(cfg.tau)
-                    record.update(cur=schedule.cur, speedup=schedule.theoretical_speedup(self.macs))
-                    bar.set_postfix(loss=f"{record['loss']:.3g}", mse=f"{record['mse']:.3g}",
-                                    cur=f"{record['cur']:.1%}", speedup=f"{record['speedup']:.2f}x")
-                    if log is not None:
-                        with log.open("a") as f:
-                            f.write(json.dumps(record) + "\n")
-                bar.update(1)
-                if self.iteration % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+            with self.attached():
+                saved_at = time.monotonic()
+                while self.iteration < cfg.iterations:
+                    self._log(self.train_step(), bar)
+                    stop, due = _any_rank([self.stop_requested,
+                                           time.monotonic() - saved_at >= 60 * cfg.checkpoint_minutes], self.device)
+                    if stop:
+                        break
+                    if due or self.iteration % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                        saved_at = time.monotonic()
         finally:
             bar.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
         self.save_checkpoint()
         if self.rank == 0:
-            self.router.save_pretrained(self.out_dir / "router")
+            info = self.router.info
+            info.complete, info.iterations, info.planned_iterations = (
+                self.iteration >= cfg.iterations, self.iteration, cfg.iterations)
+            self.router.save_pretrained(self.out_dir / ROUTER_DIR)
         return self.router
+
+    def _log(self, record: dict, bar) -> None:
+        cfg = self.config
+        if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iterations:
+            schedule = self.router.schedule(cfg.tau)
+            record.update(cur=schedule.cur, speedup=schedule.theoretical_speedup(self.macs))
+            bar.set_postfix(loss=f"{record['loss']:.3g}", mse=f"{record['mse']:.3g}",
+                            cur=f"{record['cur']:.1%}", speedup=f"{record['speedup']:.2f}x")
+            if self.rank == 0:
+                with (self.out_dir / LOG_FILE).open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        bar.update(1)
+
+    def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to mix a new run into `out_dir`'s existing one, or (overwrite) remove that one."""
+        found = check_run_dir(self.out_dir, resume=resume, overwrite=overwrite)
+        if overwrite and self.rank == 0:
+            for name in found:
+                if name == ROUTER_DIR:
+                    shutil.rmtree(self.out_dir / name)
+                else:
+                    (self.out_dir / name).unlink()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def _trim_log(self) -> None:
+        """Rank 0: drop the log records after the current iteration (all of them on a fresh start)."""
+        path = self.out_dir / LOG_FILE
+        if self.rank == 0 and path.is_file():
+            lines = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= self.iteration]
+            path.write_text("".join(line + "\n" for line in lines))
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True  # the loop ends after this iteration and writes a checkpoint
-
-    @staticmethod
-    def _is_main_thread() -> bool:
-        import threading
-
-        return threading.current_thread() is threading.main_thread()

@@ -82,26 +82,34 @@ def test_missing_files_and_bad_sizes(tmp_path):
         Router(3, 4, info=RouterInfo(units=["a", "b"]))
 
 
-def official_checkpoint(path, num_steps, num_units, thres=0.1):
+def official_checkpoint(path, num_steps, num_units, harmonica_file=True):
+    """As the official scripts save them: HarmoniCa's with the noisiest timestep's row (ascending row
+    T-1) at +5 and `ste_threshold` in its args; Learning-to-Cache's with that row trained and None."""
     gen = torch.Generator().manual_seed(2)
     rows = {f"{i}.prob": torch.randn(num_units, generator=gen) for i in range(num_steps)}
-    torch.save({"routers": rows, "args": argparse.Namespace(thres=thres, num_sampling_steps=num_steps)}, path)
+    if harmonica_file:
+        rows[f"{num_steps - 1}.prob"] = torch.full((num_units,), 5.0)
+    args = argparse.Namespace(ste_threshold=0.3 if harmonica_file else None, num_sampling_steps=num_steps)
+    torch.save({"routers": rows, "args": args}, path)
     return torch.stack([rows[f"{i}.prob"] for i in range(num_steps)])
 
 
-@pytest.mark.parametrize("rule", ["harmonica", "l2c-alternating"])
-def test_official_checkpoints(tmp_path, dit, rule):
-    ascending = official_checkpoint(tmp_path / "router.pt", 10, 4, thres=0.3)
-    router = Router.from_official(tmp_path / "router.pt", dit, rule=rule)
+@pytest.mark.parametrize("harmonica_file", [True, False], ids=["harmonica-file", "l2c-file"])
+def test_official_checkpoints(tmp_path, dit, harmonica_file):
+    ascending = official_checkpoint(tmp_path / "router.pt", 10, 4, harmonica_file)
+    router = Router.from_official(tmp_path / "router.pt", dit)
     assert torch.equal(router.logits[1:], ascending.flip(0)[1:])  # row i = the (T-1-i)-th ascending timestep
-    assert router.info.tau == 0.3 and router.info.timesteps == dit_ddim_timesteps(10)
+    assert router.info.rule == ("harmonica" if harmonica_file else "l2c-alternating")
+    assert router.info.tau == (0.3 if harmonica_file else 0.1) and router.info.timesteps == dit_ddim_timesteps(10)
     assert router.info.units == [name for name, _ in cached_units(dit)]
     table = router.schedule().table
-    expected = torch.sigmoid(ascending.flip(0)) > 0.3
+    expected = torch.sigmoid(ascending.flip(0)) > router.info.tau
     expected[0] = True
-    if rule == "l2c-alternating":  # ascending row 9 - i odd computes everything: i = 0, 2, 4, ...
+    if not harmonica_file:  # ascending row 9 - i odd computes everything: i = 0, 2, 4, ...
         expected[0::2] = True
     assert torch.equal(table, expected)
+    overridden = Router.from_official(tmp_path / "router.pt", dit, rule="harmonica", tau=0.2)
+    assert (overridden.info.rule, overridden.info.tau) == ("harmonica", 0.2)
 
 
 def test_official_checkpoint_for_another_depth(tmp_path, dit):

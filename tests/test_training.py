@@ -34,55 +34,65 @@ def test_resume_continues_exactly(tmp_path):
     assert len(lines) == 12
 
 
-def test_sigint_writes_a_checkpoint_and_resume_finishes(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_writes_a_checkpoint_and_a_partial_router_and_resume_finishes(tmp_path, signum):
+    import json
+
     run = trainer(tmp_path / "a", iterations=10)
     step = run.train_step
 
     def interrupted_step():
         record = step()
         if run.iteration == 4:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return record
 
     run.train_step = interrupted_step
+    handler = signal.getsignal(signum)
     run.run(progress=False)
-    assert run.iteration == 4
-    saved = torch.load(tmp_path / "a" / "checkpoint-rank0.pt", weights_only=False)
+    assert run.iteration == 4 and signal.getsignal(signum) is handler
+    saved = torch.load(tmp_path / "a" / "checkpoint-rank0.pt", weights_only=True)
     assert saved["iteration"] == 4 and len(saved["trajectory"]["rows"]) == 1  # 3 steps, then step 1 of the next
+    info = json.loads((tmp_path / "a" / "router" / "router.json").read_text())
+    assert (info["complete"], info["iterations"], info["planned_iterations"]) == (False, 4, 10)
     finished = trainer(tmp_path / "a", iterations=10).run(resume=True, progress=False)
     assert torch.equal(finished.logits, trainer(tmp_path / "b", iterations=10).run(progress=False).logits)
+    info = json.loads((tmp_path / "a" / "router" / "router.json").read_text())
+    assert (info["complete"], info["iterations"], info["planned_iterations"]) == (True, 10, 10)
 
 
 def test_resume_refuses_other_settings(tmp_path):
     trainer(tmp_path, iterations=2).run(progress=False)
-    with pytest.raises(ValueError, match=r"--resume: the checkpoint was trained with other settings:\n  beta: "
-                                         r"checkpoint has 0.0001, got 0.001"):
+    with pytest.raises(ValueError, match=r"--resume: .*checkpoint-rank0.pt was trained with other settings: "
+                                         r"beta: checkpoint has 0.0001, got 0.001$"):
         trainer(tmp_path, iterations=4, beta=1e-3).run(resume=True, progress=False)
+
+
+def refreshed(run):
+    with run.attached():
+        run.refresh_lambda()
+    return run.lam.clone()
 
 
 def test_lambda_objectives(tmp_path):
     run = trainer(tmp_path, objective="cumulative")
-    run.refresh_lambda()
-    cumulative = run.lam.clone()
+    cumulative = refreshed(run)
     assert cumulative[1:].min() > 0 and torch.isfinite(cumulative).all()
     with torch.no_grad():
         run.router.logits.fill_(5.0)  # every unit (almost) computes: caching changes (almost) nothing
-    run.refresh_lambda()
-    assert run.lam[1:].max() < 1e-3 * cumulative[1:].max()
-    loo = trainer(tmp_path, objective="leave-one-out")
-    loo.refresh_lambda()
-    assert loo.lam[1:].min() > 0 and not torch.equal(loo.lam, cumulative)
-    l2c = trainer(tmp_path, objective="l2c")
-    l2c.refresh_lambda()
-    assert torch.equal(l2c.lam, torch.ones(4))
+    assert refreshed(run)[1:].max() < 1e-3 * cumulative[1:].max()
+    loo = refreshed(trainer(tmp_path, objective="leave-one-out"))
+    assert loo[1:].min() > 0 and not torch.equal(loo, cumulative)
+    assert torch.equal(refreshed(trainer(tmp_path, objective="l2c")), torch.ones(4))
 
 
 def test_refresh_keeps_the_trajectory_slots(tmp_path):
     run = trainer(tmp_path, iterations=2)
     run.run(progress=False)
-    slots = [s.clone() for s in run.engine.slots]
-    run.refresh_lambda()
-    assert all(torch.equal(a, b) for a, b in zip(slots, run.engine.slots))
+    with run.attached():  # replays the trajectory in progress: its slots are back
+        slots = [s.clone() for s in run.engine.slots]
+        run.refresh_lambda()
+        assert all(torch.equal(a, b) for a, b in zip(slots, run.engine.slots))
 
 
 def test_target_cur_raises_beta_until_units_are_reused(tmp_path):
@@ -120,7 +130,6 @@ def test_ddp_ranks_end_with_identical_routers(tmp_path):
 
 def test_cumulative_lambda_switches_steps_on_one_by_one(tmp_path):
     run = trainer(tmp_path)
-    run.refresh_lambda()
     gates = run.router.gates().detach()
 
     def routed_through(i):
@@ -128,9 +137,11 @@ def test_cumulative_lambda_switches_steps_on_one_by_one(tmp_path):
         table[1:i + 1] = gates[1:i + 1]
         return run.rollout(run.lambda_noise, run.lambda_cond, table)
 
-    off = run.rollout(run.lambda_noise, run.lambda_cond)
-    torch.testing.assert_close(run.lam[1], torch.mean((routed_through(1) - off) ** 2))
-    torch.testing.assert_close(run.lam[2], torch.mean((routed_through(2) - routed_through(1)) ** 2))
+    with run.attached():
+        run.refresh_lambda()
+        off = run.rollout(run.lambda_noise, run.lambda_cond)
+        torch.testing.assert_close(run.lam[1], torch.mean((routed_through(1) - off) ** 2))
+        torch.testing.assert_close(run.lam[2], torch.mean((routed_through(2) - routed_through(1)) ** 2))
 
 
 def test_logits_stay_clamped(tmp_path):
