@@ -154,9 +154,9 @@ def load_router(directory: str, option: str = "--router") -> Router:
     if unknown:
         raise bad(info_path, f"keys from {sorted(fields)} and format_version", f"unknown keys {unknown}")
     for name, value in info.items():
-        kind = (int, float) if fields.get(name) is float else fields.get(name, int)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise bad(info_path, f"{name} of type {fields.get(name, int).__name__}", repr(value)[:60])
+        kind = fields.get(name, int)  # format_version: int
+        if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool) != (kind is bool):
+            raise bad(info_path, f"{name} of type {kind.__name__}", repr(value)[:60])
     if not 0 < info.get("tau", defaults.tau) < 1:
         raise bad(info_path, "tau in (0, 1)", info["tau"])
     try:

@@ -88,12 +88,20 @@ def test_missing_weights_suggest_random_weights(capsys):
 
 @pytest.mark.parametrize("spec,message", [
     ("fora:x", r"--schedule: could not read 'fora:x'"),
-    ("taylor:2", r"--schedule: expected 'no-cache', 'fora:N' or 'delta-dit:b=B,n=N', got 'taylor:2'"),
+    ("taylor:2", r"--schedule: expected 'no-cache', 'fora:N' or 'delta-dit\[:b=B,n=N\[,blocks=C\]\]', got 'taylor:2'"),
     ("delta-dit:b=3", r"--schedule: could not read 'delta-dit:b=3'"),
+    ("delta-dit:b=3,n=2,x=1", r"--schedule: could not read 'delta-dit:b=3,n=2,x=1' \(expected b=B,n=N\[,blocks=C\]\)"),
+    ("delta-dit:b=11,n=2", r"--schedule: 'delta-dit:b=11,n=2' does not fit 10 steps"),
 ])
 def test_bad_schedule_specs(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_schedule(spec, 10, ["transformer_blocks.0.attn1", "transformer_blocks.0.ff"])
+
+
+def test_bare_delta_dit_is_the_bench_default():
+    units = [f"transformer_blocks.{b}.{u}" for b in range(2) for u in ("attn1", "ff")]
+    assert parse_schedule("delta-dit", 10, units) == parse_schedule("delta-dit:b=5,n=2", 10, units)
+    assert parse_schedule("delta-dit", 10, units).name == "delta-dit:b=5,n=2"
 
 
 class ConstantEps(torch.nn.Module):
