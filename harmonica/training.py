@@ -272,14 +272,15 @@ class RouterTrainer:
         modules = list(self.transformer.modules())
         modes, grads = [m.training for m in modules], [p.requires_grad for p in self.transformer.parameters()]
         self.transformer.eval().requires_grad_(False)
-        self.engine = CacheEngine(self.transformer)
         try:
+            self.engine = CacheEngine(self.transformer)
             if self.trajectory is not None:
                 self._start(self.trajectory)
             yield self
         finally:
-            self.engine.remove()
-            self.engine = None
+            if self.engine is not None:
+                self.engine.remove()
+                self.engine = None
             for module, mode in zip(modules, modes):
                 module.training = mode
             for parameter, grad in zip(self.transformer.parameters(), grads):

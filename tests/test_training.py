@@ -55,7 +55,11 @@ def test_a_signal_writes_a_checkpoint_and_a_partial_router_and_resume_finishes(t
     assert saved["iteration"] == 4 and len(saved["trajectory"]["rows"]) == 1  # 3 steps, then step 1 of the next
     info = json.loads((tmp_path / "a" / "router" / "router.json").read_text())
     assert (info["complete"], info["iterations"], info["planned_iterations"]) == (False, 4, 10)
+    log = tmp_path / "a" / "train_log.jsonl"
+    with log.open("a") as f:
+        f.write(json.dumps({"iteration": 5}) + "\n")  # logged after the checkpoint by a killed run
     finished = trainer(tmp_path / "a", iterations=10).run(resume=True, progress=False)
+    assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == list(range(1, 11))
     assert torch.equal(finished.logits, trainer(tmp_path / "b", iterations=10).run(progress=False).logits)
     info = json.loads((tmp_path / "a" / "router" / "router.json").read_text())
     assert (info["complete"], info["iterations"], info["planned_iterations"]) == (True, 10, 10)
