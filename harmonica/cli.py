@@ -296,7 +296,9 @@ def digits_report(model, schedule, num_steps: int, count: int = 500) -> str:
 
 
 def train(args) -> int:
+    """Exit status 0, or 128 + the signal number when a SIGINT/SIGTERM stopped the run (partial router)."""
     import os
+    import signal
 
     import torch.distributed as dist
 
@@ -345,6 +347,8 @@ def train(args) -> int:
             print(digits_report(transformer, schedule, config.num_steps))
     if dist.is_initialized():
         dist.destroy_process_group()
+    if trainer.iteration < config.iterations:  # stopped by a signal (on another rank, when not on this one)
+        return 128 + int(trainer.stop_signal or signal.SIGTERM)
     return 0
 
 

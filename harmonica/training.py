@@ -256,7 +256,7 @@ class RouterTrainer:
         self.beta = config.beta
         self.iteration = 0
         self.trajectory = None
-        self.stop_requested = False
+        self.stop_signal = None  # the SIGINT/SIGTERM that stopped the latest run()
         from .bench.macs import VAE_FACTOR, count_macs
 
         size = task.latent_shape[-1] * VAE_FACTOR
@@ -446,7 +446,7 @@ class RouterTrainer:
         if resume:
             self.load_checkpoint()
         self._trim_log()
-        self.stop_requested = False
+        self.stop_signal = None
         handlers = ({s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
                     if threading.current_thread() is threading.main_thread() else {})
         bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress or self.rank != 0,
@@ -456,7 +456,7 @@ class RouterTrainer:
                 saved_at = time.monotonic()
                 while self.iteration < cfg.iterations:
                     self._log(self.train_step(), bar)
-                    stop, due = _any_rank([self.stop_requested,
+                    stop, due = _any_rank([self.stop_signal is not None,
                                            time.monotonic() - saved_at >= 60 * cfg.checkpoint_minutes], self.device)
                     if stop:
                         break
@@ -506,4 +506,4 @@ class RouterTrainer:
             path.write_text("".join(line + "\n" for line in lines))
 
     def _request_stop(self, signum, frame) -> None:
-        self.stop_requested = True  # the loop ends after this iteration and writes a checkpoint
+        self.stop_signal = signum  # the loop ends after this iteration and writes a checkpoint

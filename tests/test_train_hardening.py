@@ -2,6 +2,7 @@
 pickled code and resumes only what it was trained for."""
 
 import json
+import signal
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_a_partial_router_warns_when_loaded(tmp_path):
     step = run.train_step
 
     def stopping_step():
-        run.stop_requested = True  # what the SIGINT/SIGTERM handler does
+        run.stop_signal = signal.SIGTERM  # what the signal handler does
         return step()
 
     run.train_step = stopping_step
