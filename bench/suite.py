@@ -32,7 +32,15 @@ import torch
 from tqdm.auto import tqdm
 
 import harmonica
-from harmonica.models import PRESETS, REAL_MODELS, build_pipeline, build_transformer, preset, random_prompt_embeds
+from harmonica.models import (
+    PRESETS,
+    REAL_MODELS,
+    build_pipeline,
+    build_transformer,
+    move_pipeline,
+    preset,
+    random_prompt_embeds,
+)
 from harmonica.router import Router
 from harmonica.samplers import (
     PIXART_PROMPT_KEYS,
@@ -179,7 +187,7 @@ class Workload:
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.seed = options.seed
         pipe = build_pipeline(name, random_weights=not options.real_weights, seed=options.seed)
-        pipe.to(self.device, self.dtype)
+        move_pipeline(pipe, self.device, self.dtype)
         if self.spec.is_pixart:
             use_pixart_sampler(pipe, self.spec.sampler)
         self.pipe = pipe

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .api import enable, step_runner, summary
-from .models import PRESETS, build_pipeline, build_transformer, preset, random_prompt_embeds
+from .models import PRESETS, build_pipeline, build_transformer, move_pipeline, preset, random_prompt_embeds
 from .router import INFO_FILE, WEIGHTS_FILE, Router, RouterInfo, dit_ddim_timesteps
 from .samplers import (
     DIT_SAMPLERS,
@@ -254,7 +254,7 @@ def sample(args) -> int:
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" and not args.fp32 else torch.float32
-    pipe.to(device, dtype)
+    move_pipeline(pipe, device, dtype)
     if spec.is_pixart:
         use_pixart_sampler(pipe, plan.sampler)  # before enable, which hooks the scheduler
     execution = {"cuda_graphs": args.cuda_graphs, "scheduler_in_graph": args.scheduler_in_graph,

@@ -6,6 +6,7 @@ sampler. `build_pipeline` loads the weights or, with `random_weights`, builds ev
 config (no network): random weights make the same computation, so timing and caching behave alike.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +99,20 @@ def build_pipeline(name: str, *, weights: str | None = None, random_weights: boo
         return pipeline_class(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                               scheduler=diffusers.DPMSolverMultistepScheduler())
     return pipeline_class(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler())
+
+
+def move_pipeline(pipe, device, dtype: torch.dtype) -> None:
+    """`pipe.to(device, dtype)`, without the warning diffusers prints for every model cast to a dtype
+    ("should be kept in float32: []") when the model keeps no module in float32."""
+    keeps_fp32 = any(getattr(part, "_keep_in_fp32_modules", None) for part in pipe.components.values())
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    if not keeps_fp32:
+        logger.setLevel(logging.ERROR)
+    try:
+        pipe.to(device, dtype)
+    finally:
+        logger.setLevel(level)
 
 
 def random_prompt_embeds(name: str, batch: int, generator: torch.Generator) -> torch.Tensor:

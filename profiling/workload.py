@@ -17,7 +17,7 @@ import torch
 from harmonica.api import enable, summary
 from harmonica.bench.configs import MODE_OPTIONS
 from harmonica.cli import generate, parse_schedule
-from harmonica.models import PRESETS, build_pipeline, preset
+from harmonica.models import PRESETS, build_pipeline, move_pipeline, preset
 from harmonica.router import Router
 from harmonica.samplers import default_steps, use_pixart_sampler
 from harmonica.units import cached_units
@@ -63,7 +63,7 @@ def run(args) -> float:
     steps = args.steps or default_steps(spec.sampler)
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe.to(device, torch.float16 if device == "cuda" else torch.float32)
+    move_pipeline(pipe, device, torch.float16 if device == "cuda" else torch.float32)
     if spec.is_pixart:
         use_pixart_sampler(pipe, spec.sampler)  # before enable, which hooks the scheduler
     if args.router:

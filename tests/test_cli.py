@@ -131,3 +131,15 @@ def test_dit_ddim_guides_three_channels():
         x0 = (expected - (1 - a) ** 0.5 * eps) / a ** 0.5
         expected = prev ** 0.5 * x0 + (1 - prev) ** 0.5 * eps
     torch.testing.assert_close(result, expected)
+
+
+def test_moving_a_pipeline_prints_no_float32_warning(capfd):
+    """diffusers warns at every dtype cast ("should be kept in float32: []") even for models that keep
+    nothing in float32; move_pipeline casts without it."""
+    from harmonica.models import move_pipeline
+
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    pipe.to("cpu", torch.float32)
+    assert "should be kept in float32" in capfd.readouterr().err
+    move_pipeline(pipe, "cpu", torch.float32)
+    assert "should be kept in float32" not in capfd.readouterr().err
