@@ -130,7 +130,7 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
     if "suite" not in parts:
         results["machine_after"] = machine_info()
         save([])
-        print(f"\nraw results: {path}\nBENCHMARKS.md section: python -m harmonica.bench.table {path}")
+        print(f"\nraw results: {path}\nBENCHMARKS.md sections: python -m harmonica.bench.table --write {path}")
         return 0
     save([])  # the kernel rows are kept if the suite is cut short
     print(f"\nSampling suite on {options.device}: {', '.join(options.model_names)}\n")
@@ -149,7 +149,7 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
         print("plot: not drawn, matplotlib is not installed (pip install -e '.[bench]')")
     except ValueError as error:
         print(f"plot: not drawn ({error})")
-    print(f"BENCHMARKS.md section: python -m harmonica.bench.table {path}")
+    print(f"BENCHMARKS.md sections: python -m harmonica.bench.table --write {path}")
     return 0
 
 
