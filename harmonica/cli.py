@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .api import enable, step_runner, summary
 from .models import PRESETS, build_pipeline, build_transformer, move_pipeline, preset, random_prompt_embeds
@@ -279,16 +280,37 @@ def sample(args) -> int:
 DIGITS = "digits-dit"  # the committed digits model (harmonica.digits), trainable, not a pipeline
 
 
-def digits_report(model, schedule, num_steps: int, count: int = 500) -> str:
-    """Quality of the digits model with `schedule` against its uncached samples of the same seeds."""
+def digits_report(model, schedule, num_steps: int, count: int = 500, *, batch: int = 50,
+                  stopped=lambda: False) -> str | None:
+    """Quality of the digits model with `schedule` against its uncached samples of the same seeds, sampled
+    `batch` at a time; None when `stopped()` turns true before a batch."""
     from .api import disable
     from .digits import eval_batch, psnr, quality, sample
 
     noise, labels = eval_batch(count)
-    reference = sample(model, noise, labels, num_steps)
-    enable(model, schedule)
-    cached = sample(model, noise, labels, num_steps)
-    disable(model)
+    chunks = list(zip(noise.split(batch), labels.split(batch)))
+    bar = tqdm(total=2 * len(chunks), desc="quality report", leave=False)
+
+    def sample_all():
+        samples = []
+        for chunk in chunks:
+            if stopped():
+                return None
+            samples.append(sample(model, *chunk, num_steps))
+            bar.update(1)
+        return torch.cat(samples)
+
+    with bar:
+        reference = sample_all()
+        if reference is None:
+            return None
+        enable(model, schedule)
+        try:
+            cached = sample_all()
+        finally:
+            disable(model)
+    if cached is None:
+        return None
     ref_q, q = quality(reference, labels), quality(cached, labels)
     return (f"quality on {count} samples: uncached FD {ref_q['fd']:.3f}, accuracy {ref_q['accuracy']:.1%}; "
             f"with the router FD {q['fd']:.3f}, accuracy {q['accuracy']:.1%}, "
@@ -302,7 +324,15 @@ def train(args) -> int:
 
     import torch.distributed as dist
 
-    from .training import DiTTask, PixArtTask, RouterTrainer, TrainConfig, check_run_dir, load_prompt_embeddings
+    from .training import (
+        DiTTask,
+        PixArtTask,
+        RouterTrainer,
+        TrainConfig,
+        check_run_dir,
+        load_prompt_embeddings,
+        stop_signals,
+    )
 
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any model is loaded
     spec = preset("tiny-dit" if args.model == DIGITS else args.model)
@@ -344,10 +374,14 @@ def train(args) -> int:
             print(f"interrupted: the router is partial ({trainer.iteration} of {config.iterations} iterations); "
                   f"the same command with --resume continues it")
         elif args.model == DIGITS:
-            print(digits_report(transformer, schedule, config.num_steps))
+            with stop_signals(trainer.request_stop):
+                report = digits_report(transformer, schedule, config.num_steps,
+                                       stopped=lambda: trainer.stop_signal is not None)
+            print(report or "interrupted: the quality report was skipped (the router is complete)")
     if dist.is_initialized():
         dist.destroy_process_group()
-    if trainer.iteration < config.iterations:  # stopped by a signal (on another rank, when not on this one)
+    # stopped by a signal (on another rank, when not on this one)
+    if trainer.stop_signal is not None or trainer.iteration < config.iterations:
         return 128 + int(trainer.stop_signal or signal.SIGTERM)
     return 0
 

@@ -207,6 +207,23 @@ def _any_rank(flags: list, device) -> list:
     return tensor.bool().tolist()
 
 
+class _Stopped(Exception):
+    """A stop signal interrupted the lambda refresh."""
+
+
+@contextlib.contextmanager
+def stop_signals(handler):
+    """Within: SIGINT and SIGTERM call `handler(signum, frame)` instead of their usual handlers (in the main
+    thread; elsewhere nothing changes)."""
+    handlers = ({s: signal.signal(s, handler) for s in STOP_SIGNALS}
+                if threading.current_thread() is threading.main_thread() else {})
+    try:
+        yield
+    finally:
+        for signum, previous in handlers.items():
+            signal.signal(signum, previous)
+
+
 @dataclass
 class Trajectory:
     noise: torch.Tensor  # x at step 0
@@ -257,6 +274,7 @@ class RouterTrainer:
         self.iteration = 0
         self.trajectory = None
         self.stop_signal = None  # the SIGINT/SIGTERM that stopped the latest run()
+        self.progress = False  # progress bars (rank 0 of a run() with progress)
         from .bench.macs import VAE_FACTOR, count_macs
 
         size = task.latent_shape[-1] * VAE_FACTOR
@@ -308,30 +326,46 @@ class RouterTrainer:
     # ---- IEPO ----
 
     @torch.no_grad()
-    def refresh_lambda(self) -> None:
+    def refresh_lambda(self) -> bool:
+        """IEPO's lambda from T rollouts of the lambda batch, one progress-bar tick each. A stop signal (on any
+        rank) ends it before the next rollout: False, and lambda stays as it was."""
         cfg, T = self.config, self.config.num_steps
         lam = torch.ones(T)
         trajectory_slots, self.engine.slots = self.engine.slots, [None] * len(self.engine.units)
-        if cfg.objective != "l2c":
-            gates = self.router.gates().detach()
-            ones = torch.ones_like(gates)
-            noise, cond = self.lambda_noise, self.lambda_cond
-            if cfg.objective == "cumulative":
-                previous = self.rollout(noise, cond)
-                for i in range(1, T):
-                    partial = ones.clone()
-                    partial[1:i + 1] = gates[1:i + 1]
-                    current = self.rollout(noise, cond, partial)
-                    lam[i] = torch.mean((current.float() - previous.float()) ** 2).cpu()
-                    previous = current
-            else:
-                routed = self.rollout(noise, cond, gates)
-                for i in range(1, T):
-                    forced = gates.clone()
-                    forced[i] = 1.0
-                    lam[i] = torch.mean((routed.float() - self.rollout(noise, cond, forced).float()) ** 2).cpu()
-        self.engine.slots = trajectory_slots  # the rollouts had their own
+        bar = tqdm(total=T, desc="lambda refresh", leave=False, disable=not self.progress or cfg.objective == "l2c")
+
+        def rollout(gates=None):
+            if _any_rank([self.stop_signal is not None], self.device)[0]:
+                raise _Stopped
+            x = self.rollout(self.lambda_noise, self.lambda_cond, gates)
+            bar.update(1)
+            return x
+
+        try:
+            if cfg.objective != "l2c":
+                gates = self.router.gates().detach()
+                ones = torch.ones_like(gates)
+                if cfg.objective == "cumulative":
+                    previous = rollout()
+                    for i in range(1, T):
+                        partial = ones.clone()
+                        partial[1:i + 1] = gates[1:i + 1]
+                        current = rollout(partial)
+                        lam[i] = torch.mean((current.float() - previous.float()) ** 2).cpu()
+                        previous = current
+                else:
+                    routed = rollout(gates)
+                    for i in range(1, T):
+                        forced = gates.clone()
+                        forced[i] = 1.0
+                        lam[i] = torch.mean((routed.float() - rollout(forced).float()) ** 2).cpu()
+        except _Stopped:
+            return False
+        finally:
+            bar.close()
+            self.engine.slots = trajectory_slots  # the rollouts had their own
         self.lam = _average(lam.to(self.device)).cpu()
+        return True
 
     # ---- trajectories ----
 
@@ -358,10 +392,11 @@ class RouterTrainer:
 
     # ---- one iteration ----
 
-    def train_step(self) -> dict:
+    def train_step(self) -> dict | None:
+        """One iteration; None when a stop signal interrupted its lambda refresh (nothing changed)."""
         cfg = self.config
-        if self.iteration % cfg.refresh == 0:
-            self.refresh_lambda()
+        if self.iteration % cfg.refresh == 0 and not self.refresh_lambda():
+            return None
         if self.trajectory is None or self.trajectory.step == cfg.num_steps:
             self.trajectory = self._new_trajectory()
         traj, i = self.trajectory, self.trajectory.step
@@ -440,39 +475,39 @@ class RouterTrainer:
 
         resume: continue from the checkpoint in `out_dir`. overwrite: start afresh in an `out_dir` that
         holds a run (its checkpoints, router and log removed); without either, such an `out_dir` is an
-        error. SIGINT/SIGTERM stop after the current iteration; the router is then saved as partial."""
+        error. SIGINT/SIGTERM stop after the current iteration or lambda-refresh rollout; the router is then
+        saved as partial."""
         cfg = self.config
         self._prepare_out_dir(resume, overwrite)
         if resume:
             self.load_checkpoint()
         self._trim_log()
-        self.stop_signal = None
-        handlers = ({s: signal.signal(s, self._request_stop) for s in STOP_SIGNALS}
-                    if threading.current_thread() is threading.main_thread() else {})
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not progress or self.rank != 0,
-                   desc="train router")
-        try:
-            with self.attached():
-                saved_at = time.monotonic()
-                while self.iteration < cfg.iterations:
-                    self._log(self.train_step(), bar)
-                    stop, due = _any_rank([self.stop_signal is not None,
-                                           time.monotonic() - saved_at >= 60 * cfg.checkpoint_minutes], self.device)
-                    if stop:
-                        break
-                    if due or self.iteration % cfg.checkpoint_every == 0:
-                        self.save_checkpoint()
-                        saved_at = time.monotonic()
-        finally:
-            bar.close()
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-        self.save_checkpoint()
-        if self.rank == 0:
-            info = self.router.info
-            info.complete, info.iterations, info.planned_iterations = (
-                self.iteration >= cfg.iterations, self.iteration, cfg.iterations)
-            self.router.save_pretrained(self.out_dir / ROUTER_DIR)
+        self.stop_signal, self.progress = None, progress and self.rank == 0
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, disable=not self.progress, desc="train router")
+        with stop_signals(self.request_stop):
+            try:
+                with self.attached():
+                    saved_at = time.monotonic()
+                    while self.iteration < cfg.iterations:
+                        record = self.train_step()
+                        if record is not None:
+                            self._log(record, bar)
+                        stop, due = _any_rank([self.stop_signal is not None,
+                                               time.monotonic() - saved_at >= 60 * cfg.checkpoint_minutes],
+                                              self.device)
+                        if stop:
+                            break
+                        if due or self.iteration % cfg.checkpoint_every == 0:
+                            self.save_checkpoint()
+                            saved_at = time.monotonic()
+            finally:
+                bar.close()
+            self.save_checkpoint()
+            if self.rank == 0:
+                info = self.router.info
+                info.complete, info.iterations, info.planned_iterations = (
+                    self.iteration >= cfg.iterations, self.iteration, cfg.iterations)
+                self.router.save_pretrained(self.out_dir / ROUTER_DIR)
         return self.router
 
     def _log(self, record: dict, bar) -> None:
@@ -505,5 +540,7 @@ class RouterTrainer:
             lines = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= self.iteration]
             path.write_text("".join(line + "\n" for line in lines))
 
-    def _request_stop(self, signum, frame) -> None:
-        self.stop_signal = signum  # the loop ends after this iteration and writes a checkpoint
+    def request_stop(self, signum, frame) -> None:
+        """The SIGINT/SIGTERM handler: run() ends after the current iteration or lambda-refresh rollout and
+        writes a checkpoint."""
+        self.stop_signal = signum

@@ -36,3 +36,15 @@ def test_train_on_digits_prints_cur_and_quality(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "router after 6 iterations" in printed and "CUR" in printed
     assert "quality on 500 samples: uncached FD" in printed and "PSNR vs uncached" in printed
+
+
+def test_the_quality_report_stops_before_the_next_batch():
+    from harmonica import CacheSchedule
+    from harmonica.cli import digits_report
+
+    model, asked = load_digits_dit(), []
+    schedule = CacheSchedule.fora(4, 12, 2)
+    assert digits_report(model, schedule, 4, count=6, batch=2, stopped=lambda: asked.append(1) or len(asked) > 4) \
+        is None
+    assert len(asked) == 5 and not hasattr(model, "_harmonica")  # 3 uncached batches, 1 cached, then stopped
+    assert digits_report(model, schedule, 4, count=6, batch=2).startswith("quality on 6 samples: uncached FD ")

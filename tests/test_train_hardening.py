@@ -2,6 +2,7 @@
 pickled code and resumes only what it was trained for."""
 
 import json
+import os
 import signal
 
 import pytest
@@ -153,11 +154,34 @@ def test_a_partial_router_warns_when_loaded(tmp_path):
     step = run.train_step
 
     def stopping_step():
+        record = step()
         run.stop_signal = signal.SIGTERM  # what the signal handler does
-        return step()
+        return record
 
     run.train_step = stopping_step
     run.run(progress=False)
     with pytest.warns(UserWarning, match=r"router: .* is partial, saved by an interrupted training run after 1 of 3 "
                                          r"iterations"):
         Router.from_pretrained(tmp_path / "router")
+
+
+@pytest.mark.parametrize("objective", ["cumulative", "leave-one-out"])
+def test_a_signal_during_the_lambda_refresh_stops_it_after_one_rollout(tmp_path, objective, capsys):
+    run = trainer(tmp_path / "a", iterations=8, objective=objective)  # refreshes at iterations 0 and 5
+    rollout, calls = run.rollout, []
+
+    def interrupted_rollout(*args):
+        calls.append(run.iteration)
+        if calls.count(5) == 1 and run.iteration == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return rollout(*args)
+
+    run.rollout = interrupted_rollout
+    run.run()  # with its progress bars
+    assert calls.count(5) == 1 and run.iteration == 5 and run.stop_signal == signal.SIGINT
+    assert "lambda refresh:   0%|          | 0/4" in capsys.readouterr().err
+    saved = torch.load(tmp_path / "a" / "checkpoint-rank0.pt", weights_only=True)
+    assert saved["iteration"] == 5 and len(saved["trajectory"]["rows"]) == 2
+    finished = trainer(tmp_path / "a", iterations=8, objective=objective).run(resume=True, progress=False)
+    straight = trainer(tmp_path / "b", iterations=8, objective=objective).run(progress=False)
+    assert torch.equal(finished.logits, straight.logits)
