@@ -56,8 +56,11 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     compile: `torch.compile` each unit kind's computation (LayerNorm, shift/scale, attention/MLP) with
     fullgraph=True, shared by all blocks: one compile per unit kind and input shape, whatever the steps or
     schedule rows (the cache decisions run eagerly); a dict is passed to torch.compile (backend, mode).
-    A pipeline's `scheduler.set_timesteps` starts each generation; a bare transformer's generations
-    are delimited by the schedule's step count, or by `reset`.
+    A pipeline's `scheduler.set_timesteps` starts each generation. A bare transformer has no scheduler to
+    hook: `reset`, `samplers.dit_ddim_sample` or `samplers.pixart_sample` start its generations; else only
+    the schedule's step count delimits them, which warns once. Driven by a sampler of another step count,
+    it raises where the timesteps are host values (numbers, CPU tensors); device tensors are never read,
+    so on a GPU that goes undetected: pass the pipeline (e.g. `enable(pipe, ...)`, not `pipe.transformer`).
     """
     transformer, scheduler = _parts(pipe_or_transformer)
     if scheduler_in_graph and not cuda_graphs:

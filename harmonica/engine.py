@@ -8,7 +8,10 @@ PixArt (`ada_norm_single`), with each unit's residual update going through the f
   modulation and attention/MLP are skipped;
 - training: `gated_residual` with the router value r, slot <- blend where r > tau.
 The step index is a host counter advanced by a forward hook of the transformer and reset by
-`begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value.
+`begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value. A
+generation that nothing began (the counter wrapped after the schedule's last step) warns once; where the
+timestep is a host value (a number or a CPU tensor), one that rises within a generation or keeps falling
+across a wrap is an error (the sampler's step count differs from the schedule's).
 
 Each unit's computation (its LayerNorm, shift/scale modulation and attention/MLP) is a function of the
 block, `UNIT_BODIES[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument, so all
@@ -16,6 +19,7 @@ blocks of one shape share one compiled graph per unit kind, and the cache decisi
 slot writes, the fused residual ops) stay in eager Python: no compiled code sees the step or the row.
 """
 
+import inspect
 import types
 import warnings
 
@@ -80,6 +84,10 @@ class CacheEngine:
         self.tau = None
         self.row = self.write_row = None  # inference: the current step's schedule rows, as tuples
         self.step = 0
+        self.begun = False  # whether `begin` started the current generation (else the counter wrapped)
+        self.warned_unbegun = False
+        self.previous_timestep = None  # host timestep of the latest forward of this generation, when readable
+        self.timestep_index = list(inspect.signature(transformer.forward).parameters).index("timestep")
         self.slots = [None] * len(self.units)
         self.bodies = UNIT_BODIES  # each unit kind's computation, torch.compile'd by `compile`
         self._compiled_codes = []
@@ -137,6 +145,7 @@ class CacheEngine:
                              f"got {num_steps}")
         self.timesteps = timesteps
         self.step = 0
+        self.begun, self.previous_timestep = True, None
 
     def compile(self, options: dict) -> None:
         """torch.compile each unit kind's body with `options` (default fullgraph=True, dynamic=False): one
@@ -175,6 +184,9 @@ class CacheEngine:
         self.last_input_shape = tuple(hidden.shape)
         if self.step == 0 and self.on_first_step is not None:
             self.on_first_step()
+        if self.mode == "inference":
+            self._check_generation(args[self.timestep_index] if len(args) > self.timestep_index
+                                   else kwargs.get("timestep"))
         if self.step == 0:
             self.modulation_active = self._compute_modulations(hidden, args, kwargs)
         if self.modulation_active:
@@ -188,8 +200,28 @@ class CacheEngine:
         following = self.step + 1
         if self.num_steps is not None and following == self.num_steps:
             self.timesteps = None  # the generation is complete; the next call starts another, as told
+            self.begun = False
             following = 0
         self.step = following
+
+    def _check_generation(self, timestep) -> None:
+        """Inference: warn once when a generation starts without `begin` (only the step count delimits it);
+        with a host timestep, raise when it rises within a generation or keeps falling across a wrap."""
+        t = _host_value(timestep)
+        previous, steps = self.previous_timestep, self.num_steps
+        if t is not None and previous is not None and (t > previous if self.step else t < previous):
+            got = str(self.step) if self.step else "more"
+            raise ValueError(f"num_inference_steps: expected {steps} (the cache schedule's steps), got {got} "
+                             f"(timestep {t:g} after {previous:g} at step {self.step}); pass the pipeline to "
+                             f"harmonica.enable or call harmonica.reset(transformer) before each generation")
+        self.previous_timestep = t
+        if self.step == 0 and not self.begun and not self.warned_unbegun:
+            self.warned_unbegun = True
+            warnings.warn(f"harmonica: a generation started that no sampler announced, so only the cache schedule's "
+                          f"{steps} steps delimit generations (a sampler with another step count runs the wrong "
+                          f"rows, undetected where timesteps are device tensors); pass the pipeline to "
+                          f"harmonica.enable, call harmonica.reset(transformer) before each generation or sample "
+                          f"with harmonica.samplers", stacklevel=2)
 
     def _compute_modulations(self, hidden, args, kwargs) -> bool:
         """At step 0: every step's DiT modulations, when this generation allows it (modulation.py)."""
@@ -237,6 +269,16 @@ class CacheEngine:
             raise RuntimeError(f"{name}: step {self.step} reuses a cache slot that no earlier step of this "
                                f"generation filled for hidden states {tuple(h.shape)} {h.dtype}")
         return slot
+
+
+def _host_value(timestep) -> float | None:
+    """The first value of a timestep argument that lives on the host (a number or CPU tensor), else None:
+    a device tensor is never read (no sync)."""
+    if isinstance(timestep, (int, float)):
+        return float(timestep)
+    if isinstance(timestep, torch.Tensor) and timestep.device.type == "cpu" and timestep.numel():
+        return float(timestep.reshape(-1)[0])
+    return None
 
 
 def _compute_ref(h, fresh, gate=None, *, cache=None):

@@ -163,17 +163,22 @@ def test_generations_restart_and_slots_are_reused(name):
 
 
 @contextlib.contextmanager
-def forbid_host_reads():
-    """Make every device-to-host read of a tensor value raise."""
+def forbid_host_reads(allowed=()):
+    """Make every read of a tensor value on the host raise, but of the tensors `allowed` (and their views)."""
     names = ["item", "tolist", "__bool__", "__int__", "__float__", "numpy"]
     saved = {n: getattr(torch.Tensor, n) for n in names}
+    allowed = {t.untyped_storage().data_ptr() for t in allowed}
 
-    def fail(self, *args, **kwargs):
-        raise AssertionError("a tensor value was read on the host inside the step loop")
+    def guarded(name):
+        def read(self, *args, **kwargs):
+            if self.untyped_storage().data_ptr() not in allowed:
+                raise AssertionError("a tensor value was read on the host inside the step loop")
+            return saved[name](self, *args, **kwargs)
+        return read
 
     try:
         for n in names:
-            setattr(torch.Tensor, n, fail)
+            setattr(torch.Tensor, n, guarded(n))
         yield
     finally:
         for n, f in saved.items():
@@ -182,10 +187,11 @@ def forbid_host_reads():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_step_loop_reads_no_tensor_value(name):
+    """None but the timestep argument, a host tensor here (a CUDA one is never read: the gpu tests)."""
     model = make_model(name)
     harmonica.enable(model, CacheSchedule.fora(STEPS, units_of(model), 2))
     inputs = [step_inputs(model, s) for s in range(STEPS)]
-    with forbid_host_reads(), torch.no_grad():
+    with forbid_host_reads([step["timestep"] for step in inputs]), torch.no_grad():
         for step in inputs:
             model(**step)
 
@@ -220,6 +226,38 @@ def test_pipeline_errors():
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     with pytest.raises(RuntimeError, match=r"pipe.scheduler: replaced after harmonica.enable"):
         pipe(class_labels=[1], num_inference_steps=5, output_type="latent")
+
+
+def pipeline_generation(pipe, steps: int) -> None:
+    """One generation of a tiny DiT/PixArt pipeline (its timesteps: CPU tensors on the CPU)."""
+    if type(pipe).__name__ == "DiTPipeline":
+        pipe(class_labels=[1], num_inference_steps=steps, output_type="latent")
+        return
+    embeds, mask = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0)), torch.ones(1, 8)
+    pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
+         negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=mask,
+         num_inference_steps=steps, height=64, width=64, use_resolution_binning=False, output_type="latent")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_bare_transformer_run_by_a_pipeline_with_other_steps(name):
+    """enable(pipe.transformer, ...) hooks no scheduler: a generation of more or fewer steps than the
+    schedule is caught from the host timesteps; generations told apart by the step count alone warn once."""
+    pipe = build_pipeline(name, random_weights=True)
+    harmonica.enable(pipe.transformer, CacheSchedule.fora(4, units_of(pipe.transformer), 2))
+    with pytest.raises(ValueError, match=r"^num_inference_steps: expected 4 \(the cache schedule's steps\), got more "
+                                         r"\(timestep \d+ after \d+ at step 0\); pass the pipeline to harmonica"):
+        pipeline_generation(pipe, 6)
+    harmonica.reset(pipe.transformer)
+    pipeline_generation(pipe, 3)
+    with pytest.raises(ValueError, match=r"^num_inference_steps: expected 4 .*, got 3 \(timestep \d+ after \d+ at "
+                                         r"step 3\)"):
+        pipeline_generation(pipe, 4)
+    harmonica.reset(pipe.transformer)
+    with pytest.warns(UserWarning, match=r"a generation started that no sampler announced") as record:
+        for _ in range(3):
+            pipeline_generation(pipe, 4)
+    assert len([w for w in record if "no sampler announced" in str(w.message)]) == 1
 
 
 def test_bad_arguments():
