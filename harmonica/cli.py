@@ -2,7 +2,6 @@
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .api import enable, step_runner, summary
 from .models import PRESETS, build_pipeline, build_transformer, move_pipeline, preset, random_prompt_embeds
-from .router import INFO_FILE, WEIGHTS_FILE, Router, RouterInfo, dit_ddim_timesteps
+from .router import Router, RouterInfo, dit_ddim_timesteps
 from .samplers import (
     DIT_SAMPLERS,
     DIT_TRAIN_STEPS,
@@ -128,54 +127,11 @@ def image_suffixes() -> set:
 
 
 def load_router(directory: str, option: str = "--router") -> Router:
-    """`Router.from_pretrained(directory)`, with every defect of its files (missing, unreadable, unknown or
-    mistyped router.json keys, no 2-D finite `logits` tensor) as one ValueError line naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    root = Path(directory)
-    info_path, weights_path = root / INFO_FILE, root / WEIGHTS_FILE
-
-    def bad(file, expected, got):
-        return ValueError(f"{option}: {file}: expected {expected}, got {got}")
-
-    for file in (info_path, weights_path):
-        if not file.is_file():
-            raise ValueError(f"{option}: expected a directory saved by Router.save_pretrained, with {file.name}; "
-                             f"got {directory} without it")
+    """`Router.from_pretrained(directory)`, its one-line errors (each naming the file) prefixed with `option`."""
     try:
-        info = json.loads(info_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad(info_path, "JSON", f"unreadable text ({error})") from None
-    if not isinstance(info, dict):
-        raise bad(info_path, "a JSON object", f"a {type(info).__name__}")
-    defaults = RouterInfo()
-    fields = {field.name: type(getattr(defaults, field.name)) for field in dataclasses.fields(RouterInfo)}
-    unknown = sorted(set(info) - set(fields) - {"format_version"})
-    if unknown:
-        raise bad(info_path, f"keys from {sorted(fields)} and format_version", f"unknown keys {unknown}")
-    for name, value in info.items():
-        kind = fields.get(name, int)  # format_version: int
-        if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool) != (kind is bool):
-            raise bad(info_path, f"{name} of type {kind.__name__}", repr(value)[:60])
-    if not 0 < info.get("tau", defaults.tau) < 1:
-        raise bad(info_path, "tau in (0, 1)", info["tau"])
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as error:
-        raise bad(weights_path, "a safetensors file", f"unreadable bytes ({error})") from None
-    logits = tensors.get("logits")
-    if logits is None:
-        raise bad(weights_path, "a 'logits' tensor", f"tensors {sorted(tensors)}")
-    if logits.dim() != 2 or not logits.is_floating_point() or logits.numel() == 0:
-        raise bad(weights_path, "float logits of shape (steps, units)",
-                  f"{logits.dtype} of shape {tuple(logits.shape)}")
-    if not torch.isfinite(logits).all():
-        raise bad(weights_path, "finite logits", f"{int((~torch.isfinite(logits)).sum())} NaN/inf values")
-    try:
-        return Router.from_pretrained(root)
+        return Router.from_pretrained(directory)
     except ValueError as error:
-        raise ValueError(f"{option}: {root}: {error}") from None
+        raise ValueError(f"{option}: {error}") from None
 
 
 @dataclasses.dataclass

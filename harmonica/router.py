@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .schedule import ROUTER_RULES, CacheSchedule
@@ -41,6 +42,36 @@ def load_tensors(path, option: str):
         raise ValueError(f"{option}: expected a file of tensors and plain containers, got {path} holding other "
                          f"objects ({detail.group(1) if detail else 'not loadable with weights_only'}); "
                          f"refused to load it") from None
+
+
+def _bad(path, expected, got) -> ValueError:
+    return ValueError(f"{path}: expected {expected}, got {got}")
+
+
+def _read_info(path) -> dict:
+    """The RouterInfo fields of a router.json (format_version checked and dropped); ValueError naming the file
+    when it is not a JSON object of known keys with the right types, a readable version and tau in (0, 1)."""
+    try:
+        info = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _bad(path, "JSON", f"unreadable text ({error})") from None
+    if not isinstance(info, dict):
+        raise _bad(path, "a JSON object", f"a {type(info).__name__}")
+    if info.get("format_version") not in READABLE_VERSIONS:
+        raise _bad(path, f"format_version in {READABLE_VERSIONS}", repr(info.get("format_version")))
+    defaults = RouterInfo()
+    kinds = {**{name: type(getattr(defaults, name)) for name in asdict(defaults)}, "format_version": int}
+    unknown = sorted(set(info) - set(kinds))
+    if unknown:
+        raise _bad(path, f"keys from {sorted(kinds)}", f"unknown keys {unknown}")
+    for name, value in info.items():
+        kind = kinds[name]
+        if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool) != (kind is bool):
+            raise _bad(path, f"{name} of type {kind.__name__}", repr(value)[:60])
+    if not 0 < info.get("tau", defaults.tau) < 1:
+        raise _bad(path, "tau in (0, 1)", info["tau"])
+    del info["format_version"]
+    return info
 
 
 def describe_differences(mine: dict, theirs: dict, owner: str) -> list:
@@ -146,7 +177,7 @@ class Router(torch.nn.Module):
         """Raise ValueError listing every way `other` (a model, sampler, timesteps) differs."""
         diffs = self.info.differences(other)
         if diffs:
-            raise ValueError("router: trained for something else:\n  " + "\n  ".join(diffs))
+            raise ValueError("router: trained for something else: " + "; ".join(diffs))
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
@@ -157,17 +188,32 @@ class Router(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory) -> "Router":
+        """The router `save_pretrained` wrote to `directory`. Every defect of its files (missing, unreadable,
+        unknown or mistyped router.json keys, tau outside (0, 1), no 2-D finite float `logits`) is one
+        ValueError line naming the file; a partial router (an interrupted training run) warns."""
         directory = Path(directory)
-        for name in (WEIGHTS_FILE, INFO_FILE):
-            if not (directory / name).is_file():
-                raise ValueError(f"directory: expected a router saved by Router.save_pretrained with {name}, "
-                                 f"got {directory} without it")
-        info = json.loads((directory / INFO_FILE).read_text())
-        version = info.pop("format_version", None)
-        if version not in READABLE_VERSIONS:
-            raise ValueError(f"{INFO_FILE}: expected format_version in {READABLE_VERSIONS}, got {version}")
-        logits = load_file(str(directory / WEIGHTS_FILE))["logits"]
-        router = cls(*logits.shape, info=RouterInfo(**info))
+        info_path, weights_path = directory / INFO_FILE, directory / WEIGHTS_FILE
+        for path in (info_path, weights_path):
+            if not path.is_file():
+                raise ValueError(f"{directory}: expected a directory saved by Router.save_pretrained, with "
+                                 f"{path.name}; got one without it")
+        info = _read_info(info_path)
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError) as error:
+            raise _bad(weights_path, "a safetensors file", f"unreadable bytes ({error})") from None
+        logits = tensors.get("logits")
+        if logits is None:
+            raise _bad(weights_path, "a 'logits' tensor", f"tensors {sorted(tensors)}")
+        if logits.dim() != 2 or not logits.is_floating_point() or logits.numel() == 0:
+            raise _bad(weights_path, "float logits of shape (steps, units)",
+                       f"{logits.dtype} of shape {tuple(logits.shape)}")
+        if not torch.isfinite(logits).all():
+            raise _bad(weights_path, "finite logits", f"{int((~torch.isfinite(logits)).sum())} NaN/inf values")
+        try:
+            router = cls(*logits.shape, info=RouterInfo(**info))
+        except ValueError as error:
+            raise ValueError(f"{info_path}: {error}") from None
         with torch.no_grad():
             router.logits.copy_(logits)
         if not router.info.complete:

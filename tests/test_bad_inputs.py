@@ -57,7 +57,8 @@ ROUTER_CASES = {
     "1d-logits": r"--router: \S+router.safetensors: expected float logits of shape \(steps, units\), got "
                  r"torch.float32 of shape \(40,\)",
     "nan-logits": r"--router: \S+router.safetensors: expected finite logits, got 40 NaN/inf values",
-    "no-json": r"--router: expected a directory saved by Router.save_pretrained, with router.json; got \S+ without it",
+    "no-json": r"--router: \S+router: expected a directory saved by Router.save_pretrained, with router.json; got one "
+               r"without it",
 }
 
 # command line (ROUTER: a good tiny-dit router, ten steps, dit-ddim) -> the one line on stderr

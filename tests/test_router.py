@@ -1,9 +1,11 @@
 """Router (save/load, compatibility errors, official imports) and the baseline schedules."""
 
 import argparse
+import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import harmonica
 from harmonica import CacheSchedule, Router, RouterInfo
@@ -55,10 +57,12 @@ def test_every_difference_is_listed(dit):
     with pytest.raises(ValueError) as error:
         router.check(RouterInfo.for_model(other, sampler="DDIMScheduler", timesteps=list(range(20, 0, -1))))
     message = str(error.value)
-    for expected in ("model_class: router has DiTTransformer2DModel, got PixArtTransformer2DModel",
-                     "config_hash: router has", "units: router has 4 units, got 6 units",
-                     "sampler: router has dit-ddim, got DDIMScheduler", "timesteps: router has [999, 888"):
-        assert expected in message
+    assert message.startswith("router: trained for something else: ") and "\n" not in message
+    diffs = message.removeprefix("router: trained for something else: ").split("; ")
+    assert [d.split(":")[0] for d in diffs] == ["model_class", "config_hash", "units", "sampler", "timesteps"]
+    assert diffs[0] == "model_class: router has DiTTransformer2DModel, got PixArtTransformer2DModel"
+    assert diffs[2:4] == ["units: router has 4 units, got 6 units", "sampler: router has dit-ddim, got DDIMScheduler"]
+    assert diffs[4].startswith("timesteps: router has [999, 888")
 
 
 def test_enable_checks_model_and_generation(dit):
@@ -76,7 +80,8 @@ def test_enable_checks_model_and_generation(dit):
 
 
 def test_missing_files_and_bad_sizes(tmp_path):
-    with pytest.raises(ValueError, match=r"directory: expected a router saved by Router.save_pretrained"):
+    with pytest.raises(ValueError, match=rf"^{tmp_path}: expected a directory saved by Router.save_pretrained, with "
+                                         r"router.json; got one without it$"):
         Router.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"info.units: expected 4 names \(one per unit\), got 2"):
         Router(3, 4, info=RouterInfo(units=["a", "b"]))
@@ -181,3 +186,38 @@ def test_schedule_validation_and_heat_map():
     text = str(CacheSchedule.fora(3, 4, 2))
     assert text.splitlines()[0] == "fora:2: 3 steps x 4 units, CUR 33.3% (█ compute, · reuse)"
     assert text.splitlines()[2] == "   1 ····    0"
+
+
+def saved_router(directory, dit, info=None, logits=None):
+    """A router saved to `directory`, then its router.json replaced by `info` and its logits by `logits`."""
+    Router(10, 4, info=info_for(dit)).save_pretrained(directory)
+    if info is not None:
+        (directory / "router.json").write_text(info if isinstance(info, str) else json.dumps(info))
+    if logits is not None:
+        save_file({"logits": logits}, str(directory / "router.safetensors"))
+    return directory
+
+
+def test_from_pretrained_names_the_file_of_each_defect(tmp_path, dit):
+    """The checks `harmonica sample --router` relies on (tests/test_bad_inputs.py) are the Python API's."""
+    good = json.loads((saved_router(tmp_path / "good", dit) / "router.json").read_text())
+    cases = {
+        "router.json": [
+            ("{", r"expected JSON, got unreadable text \(Expecting"),
+            ({**good, "format_version": 3}, r"expected format_version in \(1, 2\), got 3"),
+            ({**good, "temperature": 1}, r"expected keys from .*, got unknown keys \['temperature'\]"),
+            ({**good, "complete": 1}, r"expected complete of type bool, got 1"),
+            ({**good, "tau": 1.5}, r"expected tau in \(0, 1\), got 1.5"),
+            ({**good, "units": ["a"]}, r"info.units: expected 4 names \(one per unit\), got 1"),
+        ],
+        "router.safetensors": [
+            (torch.zeros(10, 4, dtype=torch.long), r"expected float logits of shape \(steps, units\), got torch.int64"),
+            (torch.full((10, 4), float("inf")), r"expected finite logits, got 40 NaN/inf values"),
+        ],
+    }
+    for file, defects in cases.items():
+        for k, (defect, message) in enumerate(defects):
+            directory = tmp_path / f"{file}-{k}"
+            saved_router(directory, dit, **({"info": defect} if file == "router.json" else {"logits": defect}))
+            with pytest.raises(ValueError, match=rf"^{directory / file}: {message}"):
+                Router.from_pretrained(directory)
