@@ -32,9 +32,6 @@ DIT_PIPELINE_SAMPLER = "pipeline"  # DiTPipeline with its own scheduler
 DIT_CLASS = 207
 DEFAULT_PROMPT = "A small cactus with a happy face in the Sahara desert."
 GUIDANCE = {"dit-ddim": 1.5, DIT_PIPELINE_SAMPLER: 4.0, "pixart": 4.5}
-# the training timesteps of every preset's diffusion and of every sampler's scheduler config: more
-# steps than this repeat timesteps (DiT DDIM) or diverge to NaN (PixArt's DPM-Solver++)
-TRAIN_TIMESTEPS = DIT_TRAIN_STEPS
 
 
 def _sampler_choices(spec) -> dict:
@@ -173,8 +170,9 @@ def plan_sample(args, spec) -> SamplePlan:
     sampler = args.sampler or trained or spec.sampler
     if sampler not in choices:
         raise ValueError(f"--sampler: expected one of {sorted(choices)} for {args.model}, got {sampler!r}")
-    if args.steps is not None and not 1 <= args.steps <= TRAIN_TIMESTEPS:
-        raise ValueError(f"--steps: expected 1 to {TRAIN_TIMESTEPS} (the model's training timesteps), got {args.steps}")
+    # every preset's diffusion has 1000 training timesteps: more steps would repeat timesteps (DiT DDIM)
+    if args.steps is not None and not 1 <= args.steps <= DIT_TRAIN_STEPS:
+        raise ValueError(f"--steps: expected 1 to {DIT_TRAIN_STEPS} (the model's training timesteps), got {args.steps}")
     if router is not None and args.steps is not None and args.steps != router.num_steps:
         raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
                          f"{args.steps}; leave --steps out")
