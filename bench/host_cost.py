@@ -41,20 +41,23 @@ def _calls(dtype=torch.float16) -> dict:
 
 def measure(calls: int = 2000, rounds: int = 5) -> list:
     """Rows {"call", "host_us" (the least over rounds of the mean per call: the work is fixed, so other load on
-    the machine only adds to it), "target_us"}."""
+    the machine only adds to it), "target_us", "direct_launches" (launches of the compiled kernel during the
+    timed calls: one per call when the kernel path and its direct launch were taken)}."""
     aot.check_environment()
     rows = []
-    with aot.stubbed_launches(90), torch.no_grad():  # as the engine and samplers call them
+    with aot.stubbed_launches(90) as (_, launches), torch.no_grad():  # as the engine and samplers call them
         for name, call in _calls().items():
             call()  # compiles
             call()
+            launches.clear()
             times = []
             for _ in range(rounds):
                 start = time.perf_counter()
                 for _ in range(calls):
                     call()
                 times.append((time.perf_counter() - start) / calls * 1e6)
-            rows.append({"call": name, "host_us": min(times), "target_us": TARGET_US})
+            rows.append({"call": name, "host_us": min(times), "target_us": TARGET_US,
+                         "direct_launches": sum(isinstance(launch, tuple) for launch in launches)})
     return rows
 
 

@@ -216,7 +216,7 @@ def stubbed_launches(arch: int):
             name = self.__name__
 
             def direct(*launch_args):  # grid x, y, z, stream, function, metadata, launch metadata, 2 hooks
-                launches.append((name, launch_args))  # as cheap as can be: host_cost times this path
+                launches.append((name, launch_args))  # a raw tuple, as cheap as can be: host_cost times this path
 
             kernel.module, kernel.function, kernel._run = "stub", None, direct  # as if loaded on a device
         return kernel

@@ -19,6 +19,8 @@ def test_every_public_call_is_measured_through_its_kernel_path(tmp_path):
     assert [r["call"].split(" ")[0] for r in rows] == [
         "gated_residual_compute", "gated_residual_compute", "gated_residual_reuse", "solver_step", "CacheCopyPlan"]
     assert all(0 < r["host_us"] < 10_000 and r["target_us"] == 15.0 for r in rows), rows
+    # every timed call reached its kernel's direct launch (not the torch reference, not the JIT)
+    assert [r["direct_launches"] for r in rows] == [50 * 3] * len(rows), rows
 
 
 def test_the_table_says_which_calls_meet_the_target():
