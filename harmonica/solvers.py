@@ -13,6 +13,11 @@ guidance included, is the fused op `harmonica.kernels.solver_step` (torch refere
 - DDIM with eta 0 (the original DiT sampler): c = 0.
 - diffusers' `DPMSolverMultistepScheduler` as PixArt uses it (DPM-Solver++, order <= 2, epsilon
   prediction): first order at step 0 and where diffusers lowers the final step, second order elsewhere.
+- diffusers' `FlowMatchEulerDiscreteScheduler` (FLUX.1, SD3/SD3.5, Wan 2.x, Qwen-Image), deterministic:
+  the model predicts the velocity v (in the slot of eps), x0 = x - sigma v and
+  x_next = x + (sigma_next - sigma) v = (sigma_next / sigma) x + (1 - sigma_next / sigma) x0, c = 0.
+  `set_flow_match_timesteps` sets the sigmas on the host once per generation as each pipeline does
+  (shift, or dynamic shifting with mu from the image sequence length).
 """
 
 import math
@@ -98,3 +103,95 @@ def _dpm_solver_row(sigmas: list, i: int, first_order: bool, solver_type: str) -
         return p, q, a, -e * (1 + 0.5 / r0), 0.5 * e / r0
     f = alpha_next * ((sigma_next / sigma - 1) / h + 1)  # heun: x_next = a x - e D0 + f D1
     return p, q, a, -e + f / r0, -f / r0
+
+
+# scheduler_config.json of each model's hub repository (transcribed; keys left out keep diffusers'
+# defaults): black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-large, Qwen/Qwen-Image.
+# Wan2.1-T2V-1.3B-Diffusers ships a UniPCMultistepScheduler; its flow-matching Euler form is the
+# FlowMatchEulerDiscreteScheduler with shift = flow_shift (3.0 at 480p, 5.0 at 720p, WanPipeline's docs).
+FLOW_MATCH_SCHEDULERS = {
+    "flux.1-dev": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+                   "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True},
+    "sd3.5-large": {"num_train_timesteps": 1000, "shift": 3.0},
+    "wan2.1": {"num_train_timesteps": 1000, "shift": 5.0},
+    "qwen-image": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 8192, "max_shift": 0.9,
+                   "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02, "use_dynamic_shifting": True,
+                   "time_shift_type": "exponential"},
+}
+FLOW_MATCH_CONFIG = {"stochastic_sampling": False, "invert_sigmas": False}
+# how each pipeline sets the timesteps: (passes sigmas linspace(1, 1/T, T), max_shift when the config has none,
+# computes mu only under dynamic shifting); diffusers 0.42 pipelines
+FLOW_MATCH_PIPELINES = {"FluxPipeline": (True, 1.15, False), "QwenImagePipeline": (True, 1.15, False),
+                        "StableDiffusion3Pipeline": (False, 1.16, True), "WanPipeline": None}
+
+
+def shift_mu(image_seq_len: int, config) -> float:
+    """The pipelines' `calculate_shift`: mu linear in the image tokens, base_shift at base_image_seq_len and
+    max_shift at max_image_seq_len (same operation order as diffusers, so the same float)."""
+    slope = (config["max_shift"] - config["base_shift"]) / (config["max_image_seq_len"] - config["base_image_seq_len"])
+    return image_seq_len * slope + (config["base_shift"] - slope * config["base_image_seq_len"])
+
+
+def set_flow_match_timesteps(scheduler, pipeline: str, num_steps: int, image_seq_len: int | None = None) -> None:
+    """`scheduler.set_timesteps` as the diffusers pipeline `pipeline` calls it for `num_steps` steps, on the
+    host; image_seq_len: the image tokens (FLUX and Qwen-Image: packed latent length; SD3: latent patches)."""
+    if pipeline not in FLOW_MATCH_PIPELINES:
+        raise ValueError(f"pipeline: expected one of {sorted(FLOW_MATCH_PIPELINES)}, got {pipeline!r}")
+    _check_flow_match(scheduler)
+    how = FLOW_MATCH_PIPELINES[pipeline]
+    if how is None:
+        scheduler.set_timesteps(num_steps)
+        return
+    custom_sigmas, max_shift, only_dynamic = how
+    config = scheduler.config
+    kwargs = {}
+    if config.use_dynamic_shifting or not only_dynamic:
+        if image_seq_len is None:
+            raise ValueError(f"image_seq_len: expected the image tokens ({pipeline} computes mu from them), got None")
+        defaults = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": max_shift}
+        kwargs["mu"] = shift_mu(image_seq_len, {key: config.get(key, value) for key, value in defaults.items()})
+    if custom_sigmas:
+        import numpy as np
+
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
+    else:
+        scheduler.set_timesteps(num_steps, **kwargs)
+
+
+def _check_flow_match(scheduler) -> None:
+    if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"scheduler: expected a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
+    for key, expected in FLOW_MATCH_CONFIG.items():
+        if scheduler.config.get(key, False) != expected:
+            raise ValueError(f"scheduler.config.{key}: expected {expected!r} for a coefficient table, "
+                             f"got {scheduler.config.get(key)!r}")
+
+
+def flow_match_euler_table(scheduler) -> StepTable:
+    """The steps a diffusers `FlowMatchEulerDiscreteScheduler` will take after its `set_timesteps` (from
+    step 0), as a table; the model output is the velocity. Stochastic sampling and inverted sigmas raise
+    a ValueError naming the setting."""
+    _check_flow_match(scheduler)
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("scheduler: call set_timesteps before building its table")
+    sigmas = scheduler.sigmas.tolist()  # the float32 values diffusers steps with
+    rows = []
+    for i in range(len(scheduler.timesteps)):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        if not 0 <= sigma_next <= sigma:
+            raise ValueError(f"scheduler.sigmas: expected a non-increasing schedule >= 0, got {sigma} then "
+                             f"{sigma_next} at step {i}")
+        a = sigma_next / sigma if sigma > 0 else 1.0  # sigma 0: dt = 0, x_next = x
+        rows.append((1.0, -sigma, a, 1.0 - a, 0.0))
+    return StepTable("flow-match-euler", tuple(rows))
+
+
+def scheduler_table(scheduler) -> StepTable:
+    """The table of a diffusers scheduler instance after its `set_timesteps`: DPM-Solver++ or flow-matching
+    Euler; any other scheduler raises a ValueError naming its class."""
+    builders = {"DPMSolverMultistepScheduler": dpm_solver_table,
+                "FlowMatchEulerDiscreteScheduler": flow_match_euler_table}
+    name = type(scheduler).__name__
+    if name not in builders:
+        raise ValueError(f"scheduler: expected one of {sorted(builders)} for a coefficient table, got {name}")
+    return builders[name](scheduler)

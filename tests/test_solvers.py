@@ -1,6 +1,8 @@
 """Sampler steps as coefficient tables (harmonica/solvers.py) and the loops that use them, against the
 samplers they replace."""
 
+import math
+
 import diffusers
 import pytest
 import torch
@@ -10,7 +12,13 @@ from harmonica import CacheSchedule
 from harmonica.kernels import solver_step
 from harmonica.models import TINY_PIXART, build_pipeline, random_prompt_embeds
 from harmonica.samplers import dit_alphas_cumprod, dit_ddim_table, pixart_sample, use_pixart_sampler
-from harmonica.solvers import dpm_solver_table
+from harmonica.solvers import (
+    FLOW_MATCH_SCHEDULERS,
+    dpm_solver_table,
+    flow_match_euler_table,
+    scheduler_table,
+    set_flow_match_timesteps,
+)
 from harmonica.units import cached_units
 
 DPM_SETTINGS = {"pixart": {}, "heun": {"solver_type": "heun"}, "order-1": {"solver_order": 1},
@@ -143,3 +151,125 @@ def test_pixart_sample_errors():
     use_pixart_sampler(pipe, "sa-solver")
     with pytest.raises(ValueError, match="expected a DPMSolverMultistepScheduler, got SASolverScheduler"):
         pixart_sample(pipe, **prompt, num_steps=2)
+
+
+# (scheduler config, pipeline, image tokens at the native size, CFG scale): FLUX.1-dev 1024^2 runs distilled
+# guidance (no CFG batch); Qwen-Image's true CFG rescales norms, which is no linear combination
+FLOW_MATCH_CASES = {"flux.1-dev": ("FluxPipeline", 4096, None), "sd3.5-large": ("StableDiffusion3Pipeline", 4096, 7.0),
+                    "wan2.1": ("WanPipeline", None, 5.0), "qwen-image": ("QwenImagePipeline", 6889, None)}
+LIPSCHITZ = 0.5  # of the test velocity in x
+
+
+def flow_match_scheduler(name: str, steps: int):
+    pipeline, tokens, _ = FLOW_MATCH_CASES[name]
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS[name])
+    set_flow_match_timesteps(scheduler, pipeline, steps, tokens)
+    return scheduler
+
+
+def velocity_trajectories(scheduler, table, scale, steps: int):
+    """(diffusers' step loop as the pipelines run it, the table through `solver_step`, the largest
+    |x| + max(1, scale) |model output| seen) over a whole generation. The velocity v(x) = 0.5 flip(x) + n_i
+    depends on x (n_i fresh N(0, 1) each step); with CFG the model output is the halves
+    (uncond, cond) = (v + n_i s / (s - 1), v + n_i), whose mix uncond + s (cond - uncond) is v."""
+    x = torch.randn(2, 4, 5, 3, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    noises = [torch.randn(x.shape, generator=gen) for _ in range(steps)]
+    coefficients = table.tensor("cpu")
+    guidance = {} if scale is None else {"guidance_scale": scale, "cond_first": False}
+
+    def model(i, x):  # (B or 2B, C, H, W)
+        v = LIPSCHITZ * x.flip(-1) + noises[i]
+        return v if scale is None else torch.cat([v + noises[i] * scale / (scale - 1), v + noises[i]])
+
+    scheduler.set_begin_index(0)
+    expected, actual, largest = x, x, 0.0
+    for i, t in enumerate(scheduler.timesteps):
+        out = model(i, expected)
+        largest = max(largest, expected.abs().max().item() + max(1, scale or 1) * out.abs().max().item())
+        if scale is not None:
+            uncond, cond = out.chunk(2)
+            out = uncond + scale * (cond - uncond)  # the pipelines' CFG
+        expected = scheduler.step(out, t, expected).prev_sample
+        actual = solver_step(actual, model(i, actual), coefficients[i], **guidance)[0]
+    return expected, actual, largest
+
+
+@pytest.mark.parametrize("steps", [8, 28])
+@pytest.mark.parametrize("name", FLOW_MATCH_CASES)
+def test_flow_match_table_follows_diffusers_over_a_whole_generation(name, steps):
+    scheduler = flow_match_scheduler(name, steps)
+    table = flow_match_euler_table(scheduler)
+    assert len(table.rows) == steps and not table.multistep
+    expected, actual, largest = velocity_trajectories(scheduler, table, FLOW_MATCH_CASES[name][2], steps)
+    # fp32 rounding: per step at most ~12 roundings of size u (|x| + s |out|) (diffusers: dt, dt v, the add, the CFG
+    # mix; the table: q, a, b to fp32, sigma v, x0, a x, b x0, the sum, the CFG mix), carried over later steps
+    # by at most prod(1 + 0.5 |dt|) <= exp(0.5 sum |dt|) = exp(0.5) (sigmas fall from <= 1 to 0)
+    bound = math.exp(LIPSCHITZ) * steps * 12 * 2.0 ** -24 * largest
+    error = (actual - expected).abs().max().item()
+    assert error <= bound, f"max error {error:.3g} > {bound:.3g}"
+
+
+def test_flow_match_table_at_a_zero_sigma_keeps_x():
+    """A schedule that reaches sigma 0 before its last step: dt = 0 there, x_next = x exactly."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    scheduler.set_timesteps(sigmas=[1.0, 0.5, 0.0])
+    table = flow_match_euler_table(scheduler)
+    assert table.rows == ((1.0, -1.0, 0.5, 0.5, 0.0), (1.0, -0.5, 0.0, 1.0, 0.0), (1.0, 0.0, 1.0, 0.0, 0.0))
+    expected, actual, _ = velocity_trajectories(scheduler, table, None, 3)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
+def test_flow_match_sigmas_are_the_pipelines():
+    """set_flow_match_timesteps against the pipelines' schedules written out in float64."""
+    steps = 28
+    t = torch.linspace(1, 1 / steps, steps, dtype=torch.float64)
+
+    def dynamic(mu):  # exponential time shift of the custom sigmas linspace(1, 1/T, T)
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+    def shifted(shift):  # SD3 / Wan: the shift applied to the training sigmas, then again to the linspace
+        def apply(s):
+            return shift * s / (1 + (shift - 1) * s)
+        lowest = apply(torch.tensor(1 / 1000, dtype=torch.float64))
+        return apply(torch.linspace(1, 0, steps, dtype=torch.float64) * (1 - lowest) + lowest)
+
+    qwen = dynamic(0.5 + 0.4 * (6889 - 256) / (8192 - 256))
+    qwen = 1 - (1 - qwen) * (1 - 0.02) / (1 - qwen[-1])  # stretched to end at shift_terminal 0.02
+    expected = {"flux.1-dev": dynamic(1.15), "sd3.5-large": shifted(3.0), "wan2.1": shifted(5.0), "qwen-image": qwen}
+    for name, sigmas in expected.items():
+        actual = flow_match_scheduler(name, steps).sigmas.double()
+        torch.testing.assert_close(actual, torch.cat([sigmas, sigmas.new_zeros(1)]), rtol=0, atol=1e-6, msg=name)
+    assert float(flow_match_scheduler("qwen-image", steps).sigmas[-2]) == pytest.approx(0.02, abs=1e-7)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stochastic_sampling": True}, "scheduler.config.stochastic_sampling: expected False"),
+    ({"invert_sigmas": True}, "scheduler.config.invert_sigmas: expected False"),
+])
+def test_flow_match_table_rejects_other_settings(change, message):
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**change)
+    scheduler.set_timesteps(8)
+    with pytest.raises(ValueError, match=message):
+        flow_match_euler_table(scheduler)
+    with pytest.raises(ValueError, match=message):
+        set_flow_match_timesteps(scheduler, "WanPipeline", 8)
+
+
+def test_flow_match_errors_and_dispatch():
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS["flux.1-dev"])
+    with pytest.raises(ValueError, match="call set_timesteps"):
+        flow_match_euler_table(scheduler)
+    with pytest.raises(ValueError, match=r"pipeline: expected one of \[.*'Flux.*\], got 'PixArtAlphaPipeline'"):
+        set_flow_match_timesteps(scheduler, "PixArtAlphaPipeline", 8, 4096)
+    with pytest.raises(ValueError, match="image_seq_len: expected the image tokens"):
+        set_flow_match_timesteps(scheduler, "FluxPipeline", 8)
+    with pytest.raises(ValueError, match="expected a FlowMatchEulerDiscreteScheduler, got DDIMScheduler"):
+        flow_match_euler_table(diffusers.DDIMScheduler())
+    set_flow_match_timesteps(scheduler, "FluxPipeline", 8, 4096)
+    assert scheduler_table(scheduler) == flow_match_euler_table(scheduler)
+    dpm = diffusers.DPMSolverMultistepScheduler()
+    dpm.set_timesteps(8)
+    assert scheduler_table(dpm) == dpm_solver_table(dpm)
+    with pytest.raises(ValueError, match=r"scheduler: expected one of .* for a coefficient table, got DDPMScheduler"):
+        scheduler_table(diffusers.DDPMScheduler())
