@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true",
                         help=f"run on a CPU even when the estimate (--plan) exceeds {CPU_CONFIRM_S // 60} min")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--suite", choices=("sampling", "digits"), default="sampling",
+                        help="digits: the digits-dit router protocol (bench/digits_protocol.py; ~30 min on 2 cores, "
+                        "--quick a smoke run); only --quick and --out apply to it")
 
 
 def command_line(args, prog: str) -> str:
@@ -84,6 +87,10 @@ def command_line(args, prog: str) -> str:
 
 
 def run(args, prog: str = "python -m harmonica.bench") -> int:
+    if args.suite == "digits":
+        from .digits_protocol import bench_main
+
+        return bench_main(args, prog)
     options = SuiteOptions(**{name: tuple(v) if isinstance(v, list) else v
                               for name, v in vars(args).items() if name in SUITE_OPTIONS and v is not None})
     parts = PARTS[args.part]

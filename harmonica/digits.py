@@ -4,11 +4,10 @@ The model is diffusers' `DiTTransformer2DModel` (6 blocks, hidden 64, 12 units) 
 pixel-space diffusion model (DiT's linear beta schedule, eps prediction, 10% label dropout for
 guidance) on scikit-learn's 1797 handwritten 8x8 digits, scaled to [-1, 1] (16 tokens). A small CNN
 trained on the same digits gives class accuracy and 64-d features for a Fréchet distance against
-the real digits' feature statistics. The three files in `harmonica/data/` are made by
-
-    pip install -e ".[proof]" && python -m harmonica.digits
-
-(scikit-learn is needed only for that); everything else runs from the committed files.
+the real digits' feature statistics. The real digits themselves are committed too
+(`digits_images.safetensors`: scikit-learn's `load_digits` data, uint8 pixel values 0..16, and the
+labels), for Learning-to-Cache's training, which needs real images. The model, classifier and statistics
+files are made by `python -m harmonica.digits`; everything runs from the committed files.
 """
 
 import time
@@ -23,6 +22,7 @@ from .samplers import dit_alphas_cumprod, dit_ddim_sample
 DATA = Path(__file__).resolve().parent / "data"
 MODEL_FILE, CLASSIFIER_FILE, STATS_FILE = "digits_dit.safetensors", "digits_classifier.safetensors", \
     "digits_stats.safetensors"
+IMAGES_FILE = "digits_images.safetensors"
 SIZE = 8
 NUM_CLASSES = 10
 DIT_CONFIG = {"num_attention_heads": 4, "attention_head_dim": 16, "in_channels": 1, "out_channels": 1,
@@ -110,15 +110,14 @@ def sample(model, noise, labels, num_steps: int, guidance: float = 1.5) -> torch
     return dit_ddim_sample(model, labels, num_steps=num_steps, guidance_scale=guidance, latents=noise)
 
 
-# ---- fitting the committed files (needs scikit-learn) ----
-
 def real_digits() -> tuple:
-    """(images (1797, 1, 8, 8) in [-1, 1], labels (1797,)) from scikit-learn."""
-    from sklearn.datasets import load_digits
+    """(images (1797, 1, 8, 8) float32 in [-1, 1], labels (1797,) int64): scikit-learn's digits, committed."""
+    data = load_file(str(DATA / IMAGES_FILE))
+    images = data["images"].float()[:, None] / 16.0  # pixel values 0 .. 16
+    return images * 2 - 1, data["labels"].long()
 
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # pixel values 0 .. 16
-    return images * 2 - 1, torch.tensor(data.target)
+
+# ---- fitting the committed model, classifier and statistics ----
 
 
 def _shifted(images, gen):
