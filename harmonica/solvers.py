@@ -17,12 +17,14 @@ guidance included, is the fused op `harmonica.kernels.solver_step` (torch refere
   the model predicts the velocity v (in the slot of eps), x0 = x - sigma v and
   x_next = x + (sigma_next - sigma) v = (sigma_next / sigma) x + (1 - sigma_next / sigma) x0, c = 0.
   `set_flow_match_timesteps` sets the sigmas on the host once per generation as each pipeline does
-  (shift, or dynamic shifting with mu from the image sequence length).
+  (shift, or dynamic shifting with mu from the image sequence length). The step is elementwise:
+  packed latents (B, L, C) (FLUX, Qwen-Image) and video latents (B, C, F, H, W) (Wan) step as 4-D views.
 """
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -151,8 +153,6 @@ def set_flow_match_timesteps(scheduler, pipeline: str, num_steps: int, image_seq
         defaults = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": max_shift}
         kwargs["mu"] = shift_mu(image_seq_len, {key: config.get(key, value) for key, value in defaults.items()})
     if custom_sigmas:
-        import numpy as np
-
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
     else:
         scheduler.set_timesteps(num_steps, **kwargs)
