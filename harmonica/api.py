@@ -3,6 +3,7 @@
 import warnings
 from dataclasses import dataclass
 
+from .adapters import block_lists, supported
 from .engine import CacheEngine
 from .graphs import GraphRunner
 from .router import Router, RouterInfo
@@ -24,9 +25,9 @@ class CacheState:
 
 def _parts(pipe_or_transformer):
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
-    if not hasattr(transformer, "transformer_blocks"):
-        raise ValueError(f"pipe_or_transformer: expected a diffusers DiT/PixArt pipeline or transformer, "
-                         f"got {type(pipe_or_transformer).__name__}")
+    if not (hasattr(transformer, "named_children") and block_lists(transformer)):
+        raise ValueError(f"pipe_or_transformer: expected a diffusers pipeline or transformer with blocks of "
+                         f"{', '.join(supported())}, got {type(pipe_or_transformer).__name__}")
     return transformer, getattr(pipe_or_transformer, "scheduler", None)
 
 

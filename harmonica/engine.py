@@ -1,22 +1,24 @@
-"""The cache engine: runs each `BasicTransformerBlock` with its units computed or reused.
+"""The cache engine: runs each block of a diffusers transformer with its units computed or reused.
 
-`CacheEngine(transformer, schedule)` replaces the `forward` of every block (restored by `remove`).
-The replacement is diffusers' block forward for the two norm types of DiT (`ada_norm_zero`) and
-PixArt (`ada_norm_single`), with each unit's residual update going through the fused ops:
+`CacheEngine(transformer, schedule)` replaces the `forward` of every block (restored by `remove`) by its
+block class's adapter's (harmonica/adapters): the block's forward unit by unit, each unit's residual
+update going through `run_unit` and the fused ops:
 - computed unit: `gated_residual_compute` (`h + gate * out`, slot <- out when a later step reads it);
-- reused unit: `gated_residual_reuse` (`h + gate * slot`, the current step's gate); its LayerNorm,
+- reused unit: `gated_residual_reuse` (`h + gate * slot`, the current step's gate); its norm,
   modulation and attention/MLP are skipped;
 - training: `gated_residual` with the router value r, slot <- blend where r > tau.
+A unit that feeds several residual streams (Flux's joint attention) does this once per stream, its slot
+holding one tensor per stream.
 The step index is a host counter advanced by a forward hook of the transformer and reset by
 `begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value. A
 generation that nothing began (the counter wrapped after the schedule's last step) warns once; where the
 timestep is a host value (a number or a CPU tensor), one that rises within a generation or keeps falling
 across a wrap is an error (the sampler's step count differs from the schedule's).
 
-Each unit's computation (its LayerNorm, shift/scale modulation and attention/MLP) is a function of the
-block, `UNIT_BODIES[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument, so all
-blocks of one shape share one compiled graph per unit kind, and the cache decisions (compute or reuse,
-slot writes, the fused residual ops) stay in eager Python: no compiled code sees the step or the row.
+Each unit's computation (its norm, shift/scale modulation and attention/MLP) is a function of the
+block, the adapter's `bodies[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument,
+so all blocks of one shape share one compiled graph per unit kind, and the cache decisions (compute or
+reuse, slot writes, the fused residual ops) stay in eager Python: no compiled code sees the step or the row.
 """
 
 import inspect
@@ -27,35 +29,17 @@ import torch
 from torch._C._dynamo.eval_frame import reset_code
 
 from . import kernels
+from .adapters import blocks_of
 from .modulation import ModulationTable
 from .profiling import nvtx as _nvtx
-from .units import UNIT_KINDS, cached_units
-
-SUPPORTED_NORMS = ("ada_norm_zero", "ada_norm_single")
-
-
-def _check_block(i: int, block) -> None:
-    problems = []
-    if block.norm_type not in SUPPORTED_NORMS:
-        problems.append(f"norm_type {block.norm_type!r} (supported: {SUPPORTED_NORMS})")
-    if block.pos_embed is not None:
-        problems.append("a positional embedding inside the block")
-    if block.only_cross_attention:
-        problems.append("only_cross_attention")
-    if block._chunk_size is not None:
-        problems.append("feed-forward chunking")
-    if getattr(block, "fuser", None) is not None:
-        problems.append("GLIGEN")
-    if problems:
-        raise ValueError(f"transformer_blocks[{i}]: expected a DiT or PixArt block, got one with "
-                         + ", ".join(problems))
+from .units import units_of
 
 
 class CacheEngine:
-    """Cached execution of one diffusers DiT/PixArt transformer.
+    """Cached execution of one diffusers transformer whose block classes have adapters.
 
     schedule: `CacheSchedule` of K = number of units (inference mode).
-    cross_attention: whether PixArt's `attn2` is a unit (else it always computes).
+    cross_attention: whether cross-attention (PixArt's `attn2`) is a unit (else it always computes).
     fused: the fused Triton ops (on CUDA); False runs their torch references (`<op>_ref`), the eager
     sequence diffusers would run, for comparisons.
     """
@@ -69,11 +53,16 @@ class CacheEngine:
             (_compute_ref, kernels.gated_residual_reuse_ref, _soft_ref))
         self.on_first_step = on_first_step  # called before each step-0 forward
         self.cross_attention = cross_attention
-        self.units = cached_units(transformer, cross_attention=cross_attention)
+        self.blocks = blocks_of(transformer)
+        for block in self.blocks:
+            block.adapter.check(block.label, block.module)
+        units = units_of(transformer, cross_attention=cross_attention)
+        self.units = [(unit.name, transformer.get_submodule(unit.modules[0])) for unit in units]
         self.unit_index = {name: k for k, (name, _) in enumerate(self.units)}
-        for i, block in enumerate(transformer.transformer_blocks):
-            _check_block(i, block)
-        self.shared_embedding = _shares_embedding(transformer.transformer_blocks)
+        self.adapters = {}  # adapter -> its blocks in execution order
+        for block in self.blocks:
+            self.adapters.setdefault(block.adapter, []).append(block.module)
+        self.shared_embedding = False  # DiT: whether block 0's embedding serves every block (adapters/basic.py)
         self.embedding = None  # DiT: the step's timestep/class embedding, computed by block 0 when shared
         self.timesteps = None  # host timesteps of the current generation, when its sampler told them
         self.modulation = ModulationTable()  # DiT: every step's adaLN modulations, per generation
@@ -89,16 +78,18 @@ class CacheEngine:
         self.previous_timestep = None  # host timestep of the latest forward of this generation, when readable
         self.timestep_index = list(inspect.signature(transformer.forward).parameters).index("timestep")
         self.slots = [None] * len(self.units)
-        self.bodies = UNIT_BODIES  # each unit kind's computation, torch.compile'd by `compile`
+        self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
         self._compiled_codes = []
         self.last_input_shape = None  # (B, C, H, W) of the latest forward
         if schedule is not None:
             self.set_schedule(schedule)
+        for adapter, blocks in self.adapters.items():
+            adapter.setup(self, blocks)
         self._originals = []
-        for i, block in enumerate(transformer.transformer_blocks):
-            index = {kind: self.unit_index.get(f"transformer_blocks.{i}.{kind}") for kind in UNIT_KINDS}
-            self._originals.append(vars(block).get("forward"))  # an instance's own forward; None: the class's
-            block.forward = types.MethodType(_make_block_forward(self, index, i), block)
+        for block in self.blocks:
+            index = {kind: self.unit_index.get(f"{block.name}.{kind}") for kind in block.adapter.kinds}
+            self._originals.append(vars(block.module).get("forward"))  # an instance's own forward; None: the class's
+            block.module.forward = types.MethodType(_block_forward(self, block, index), block.module)
         self._hooks = [transformer.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        transformer.register_forward_hook(self._after_forward, with_kwargs=True)]
 
@@ -152,22 +143,27 @@ class CacheEngine:
         compile per unit kind and input signature (shapes, dtypes, grad mode), whatever the steps or rows.
         More signatures than dynamo's recompile_limit raise (fullgraph never falls back to eager)."""
         options = {"fullgraph": True, "dynamic": False, **options}
-        bodies = {kind: _own_copy(body) for kind, body in UNIT_BODIES.items()}
-        self._compiled_codes = [body.__code__ for body in bodies.values()]
-        self.bodies = {kind: torch.compile(body, **options) for kind, body in bodies.items()}
+        bodies = {name: {kind: _own_copy(body) for kind, body in kinds.items()}
+                  for name, kinds in self._plain_bodies().items()}
+        self._compiled_codes = [body.__code__ for kinds in bodies.values() for body in kinds.values()]
+        self.bodies = {name: {kind: torch.compile(body, **options) for kind, body in kinds.items()}
+                       for name, kinds in bodies.items()}
+
+    def _plain_bodies(self) -> dict:
+        return {adapter.block_class: dict(adapter.bodies) for adapter in self.adapters}
 
     def remove(self) -> None:
         """Restore every block's forward, drop the hooks, the compiled bodies and free the slots."""
-        for block, own in zip(self.transformer.transformer_blocks, self._originals):
+        for block, own in zip(self.blocks, self._originals):
             if own is None:
-                del block.forward
+                del block.module.forward
             else:
-                block.forward = own
+                block.module.forward = own
         for hook in self._hooks:
             hook.remove()
         for code in self._compiled_codes:
             reset_code(code)
-        self.bodies, self._compiled_codes = UNIT_BODIES, []
+        self.bodies, self._compiled_codes = self._plain_bodies(), []
         self.slots = [None] * len(self.units)
         self.embedding = None
         self.modulation, self.modulation_active = ModulationTable(), False
@@ -175,7 +171,8 @@ class CacheEngine:
     # ---- memory ----
 
     def cache_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.slots if s is not None)
+        slots = [part for slot in self.slots for part in (slot if isinstance(slot, tuple) else (slot,))]
+        return sum(s.numel() * s.element_size() for s in slots if s is not None)
 
     # ---- step counter ----
 
@@ -224,48 +221,70 @@ class CacheEngine:
                           f"with harmonica.samplers", stacklevel=2)
 
     def _compute_modulations(self, hidden, args, kwargs) -> bool:
-        """At step 0: every step's DiT modulations, when this generation allows it (modulation.py)."""
-        labels = args[2] if len(args) > 2 else kwargs.get("class_labels")
-        if not (self.mode == "inference" and self.shared_embedding and isinstance(labels, torch.Tensor)
-                and self.timesteps is not None and len(self.timesteps) == self.num_steps):
+        """At step 0: every step's modulations, when this generation allows it and an adapter computes them
+        (DiT; modulation.py)."""
+        if not (self.mode == "inference" and self.timesteps is not None and len(self.timesteps) == self.num_steps):
             return False
-        self.modulation.compute(self.transformer.transformer_blocks, self.timesteps, labels, hidden.dtype)
-        return True
+        return any([adapter.precompute(self, blocks, hidden, args, kwargs)
+                    for adapter, blocks in self.adapters.items()])
 
     # ---- one unit ----
 
     def run_unit(self, k, compute, gate, h):
-        """Add unit k's (gated) output to h. compute: () -> fresh output (B, N, D). With NVTX on
-        (profiling/nvtx.py), inside a range named after the unit and whether it computes or reuses."""
+        """Add unit k's (gated) output to h (B, N, D); gate (B, D), (B, 1, D) or None. compute: () -> fresh
+        output (B, N, D). A unit feeding several residual streams passes tuples h and gate, one per stream,
+        and a compute that returns one output per stream; it returns one tensor per stream. k None: not a
+        cached unit (always computes). With NVTX on (profiling/nvtx.py), inside a range named after the unit
+        and whether it computes or reuses."""
         if _nvtx.ENABLED and k is not None:
             label = _nvtx.unit_label(self.units[k][0], self.mode != "inference" or self.row[k])
             return _nvtx.call_in_range(label, self._run_unit, k, compute, gate, h)
         return self._run_unit(k, compute, gate, h)
 
     def _run_unit(self, k, compute, gate, h):
-        if k is None or self.mode == "off":
-            return self._compute(h, compute(), gate)
-        if self.mode == "training":
-            fresh = compute()
-            if self.step == 0:
-                return self._compute(h, fresh, gate, cache=self._slot(k, fresh))
-            return self._soft(h, fresh, self._read_slot(k, h), self.gates[self.step, k], gate, tau=self.tau)
-        if self.row[k]:
-            fresh = compute()
-            slot = self._slot(k, fresh) if self.write_row[k] else None
-            return self._compute(h, fresh, gate, cache=slot)
-        return self._reuse(h, self._read_slot(k, h), gate)
+        reused = k is not None and self.mode == "inference" and not self.row[k]
+        if isinstance(h, tuple):
+            fresh = (None,) * len(h) if reused else compute()
+            return tuple(self._update(k, f, g, part, i) for i, (f, g, part) in enumerate(zip(fresh, gate, h)))
+        return self._update(k, None if reused else compute(), gate, h, None)
 
-    def _slot(self, k, like):
+    def _update(self, k, fresh, gate, h, part):
+        """One stream's residual update: h + gate * (fresh, or slot k's tensor `part` when fresh is None)."""
+        if fresh is None:
+            return self._reuse(h, self._read_slot(k, h, part), gate)
+        if k is None or self.mode == "off":
+            return self._compute(h, fresh, gate)
+        if self.mode == "training":
+            if self.step == 0:
+                return self._compute(h, fresh, gate, cache=self._slot(k, fresh, part))
+            return self._soft(h, fresh, self._read_slot(k, h, part), self.gates[self.step, k], gate, tau=self.tau)
+        slot = self._slot(k, fresh, part) if self.write_row[k] else None
+        return self._compute(h, fresh, gate, cache=slot)
+
+    def _stored(self, k, part):
+        """Slot k's tensor (part None) or its tensor for stream `part` (the slot a tuple), else None."""
         slot = self.slots[k]
+        if part is None or slot is None:
+            return slot if not isinstance(slot, tuple) else None
+        return slot[part] if isinstance(slot, tuple) and part < len(slot) else None
+
+    def _slot(self, k, like, part):
+        slot = self._stored(k, part)
         if slot is None or slot.shape != like.shape or slot.dtype != like.dtype or slot.device != like.device:
-            slot = self.slots[k] = torch.empty_like(like, memory_format=torch.contiguous_format)
+            slot = torch.empty_like(like, memory_format=torch.contiguous_format)
+            if part is None:
+                self.slots[k] = slot
+            else:
+                parts = list(self.slots[k]) if isinstance(self.slots[k], tuple) else []
+                parts += [None] * (part + 1 - len(parts))
+                parts[part] = slot
+                self.slots[k] = tuple(parts)
         return slot
 
-    def _read_slot(self, k, h):
-        slot = self.slots[k]
+    def _read_slot(self, k, h, part):
+        slot = self._stored(k, part)
         if slot is None or slot.shape != h.shape or slot.dtype != h.dtype or slot.device != h.device:
-            name = self.units[k][0]
+            name = self.units[k][0] + ("" if part is None else f" (stream {part})")
             raise RuntimeError(f"{name}: step {self.step} reuses a cache slot that no earlier step of this "
                                f"generation filled for hidden states {tuple(h.shape)} {h.dtype}")
         return slot
@@ -289,85 +308,14 @@ def _soft_ref(h, fresh, cache, r, gate=None, *, tau=None):
     return kernels.gated_residual_ref(h, fresh, cache, r, gate, tau)
 
 
-def _shares_embedding(blocks) -> bool:
-    """Whether every DiT block holds the same timestep/class embedder (diffusers copies the original
-    DiT's single embedder into each block): then one embedding per step serves all blocks. Checked once,
-    at enable."""
-    embedders = [block.norm1.emb for block in blocks if block.norm_type == "ada_norm_zero"]
-    if len(embedders) != len(blocks) or any(e is None for e in embedders):
-        return False
-    reference = dict(embedders[0].named_parameters())
-    return all(torch.equal(p, reference[name]) for e in embedders[1:] for name, p in e.named_parameters())
+def _block_forward(engine: CacheEngine, block, index: dict):
+    """The forward that replaces `block`'s: its adapter's, unit k of each kind from `index`."""
+    adapter, position = block.adapter, block.position
 
-
-def _make_block_forward(engine: CacheEngine, index: dict, block_index: int):
-    """diffusers' `BasicTransformerBlock.forward` for ada_norm_zero / ada_norm_single, unit by unit.
-    DiT: the step's modulations come from the per-generation table when it is active; else block 0
-    computes the step's shared embedding (blocks run in order in every forward, captured graphs
-    included, so no embedding outlives its step)."""
-    first = block_index == 0
-
-    def forward(block, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
-        kwargs = dict(cross_attention_kwargs or {})
-        if kwargs.get("scale") is not None:
-            warnings.warn("Passing `scale` to `cross_attention_kwargs` is deprecated. `scale` will be ignored.",
-                          stacklevel=2)
-        h = hidden_states
-        if block.norm_type == "ada_norm_zero":
-            norm1 = block.norm1
-            if engine.modulation_active:
-                emb = engine.modulation.step_buffer[block_index]
-            else:
-                if not engine.shared_embedding:
-                    emb = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype) if norm1.emb is not None else None
-                elif first:
-                    emb = engine.embedding = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype)
-                else:
-                    emb = engine.embedding
-                emb = norm1.linear(norm1.silu(emb))
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
-            shift_msa, scale_msa, shift_mlp, scale_mlp = (t[:, None] for t in (shift_msa, scale_msa, shift_mlp,
-                                                                                scale_mlp))
-        else:
-            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-                block.scale_shift_table[None] + timestep.reshape(h.shape[0], 6, -1)).chunk(6, dim=1)
-
-        bodies = engine.bodies
-        h = engine.run_unit(index["attn1"], lambda: bodies["attn1"](block, h, shift_msa, scale_msa, attention_mask,
-                                                                   kwargs), gate_msa, h)
-        if block.attn2 is not None:
-            h = engine.run_unit(index["attn2"], lambda: bodies["attn2"](block, h, encoder_hidden_states,
-                                                                       encoder_attention_mask, kwargs), None, h)
-        return engine.run_unit(index["ff"], lambda: bodies["ff"](block, h, shift_mlp, scale_mlp), gate_mlp, h)
+    def forward(module, *args, **kwargs):
+        return adapter.forward(engine, module, index, position, *args, **kwargs)
 
     return forward
-
-
-def self_attention(block, h, shift, scale, attention_mask, kwargs):
-    """Unit attn1 of `block`: self-attention over the LayerNorm of h (B, N, D) modulated by shift and
-    scale (B, 1, D). Returns (B, N, D)."""
-    norm = block.norm1.norm if block.norm_type == "ada_norm_zero" else block.norm1
-    return block.attn1(norm(h) * (1 + scale) + shift, encoder_hidden_states=None, attention_mask=attention_mask,
-                       **kwargs)
-
-
-def cross_attention(block, h, encoder_hidden_states, encoder_attention_mask, kwargs):
-    """Unit attn2 of `block`: h (B, N, D) (PixArt: as is, else its LayerNorm) attending to
-    encoder_hidden_states (B, M, D). Returns (B, N, D)."""
-    query = h if block.norm_type == "ada_norm_single" else block.norm2(h)
-    return block.attn2(query, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
-                       **kwargs)
-
-
-def feed_forward(block, h, shift, scale):
-    """Unit ff of `block`: the MLP of the LayerNorm of h (B, N, D) modulated by shift and scale (B, 1, D).
-    Returns (B, N, D)."""
-    norm = block.norm3 if block.norm_type == "ada_norm_zero" else block.norm2
-    return block.ff(norm(h) * (1 + scale) + shift)
-
-
-UNIT_BODIES = {"attn1": self_attention, "attn2": cross_attention, "ff": feed_forward}
 
 
 def _own_copy(fn):

@@ -1,30 +1,37 @@
-"""The cached units of a diffusers transformer (method.md section 1).
+"""The cached units of a diffusers transformer (method.md section 1), as its block adapters define them.
 
-Each `BasicTransformerBlock` has up to three units, in execution order: self-attention (`attn1`),
-cross-attention (`attn2`, PixArt) and feed-forward (`ff`). A unit's cache slot holds its raw
-output before the adaLN gate.
+Each block's adapter (harmonica/adapters) lists its units in execution order; a unit is named after its
+block and kind (`transformer_blocks.3.attn1`). DiT/PixArt's `BasicTransformerBlock` has self-attention
+`attn1`, cross-attention `attn2` (PixArt) and feed-forward `ff`. A unit's cache slot holds its raw
+output before the gate (one tensor per residual stream it feeds).
 """
 
-UNIT_KINDS = ("attn1", "attn2", "ff")
+from typing import NamedTuple
+
+from .adapters import ADAPTERS, Block, blocks_of
+
+UNIT_KINDS = ADAPTERS["BasicTransformerBlock"].kinds  # DiT/PixArt's, in execution order
+
+
+class Unit(NamedTuple):
+    name: str  # qualified, e.g. "transformer_blocks.3.attn1"
+    kind: str
+    block: Block
+    modules: tuple  # qualified names of the modules a reused unit skips; the first is the unit's module
+
+
+def units_of(transformer, *, cross_attention: bool = True) -> list:
+    """[Unit] of every block, block by block in execution order.
+
+    transformer: a diffusers model whose block classes have adapters (a ValueError names any other).
+    cross_attention: whether cross-attention is a unit (PixArt: 28 x 3 = 84 units, else 56).
+    """
+    return [Unit(f"{block.name}.{kind}", kind, block, tuple(f"{block.name}.{m}" for m in modules))
+            for block in blocks_of(transformer)
+            for kind, modules in block.adapter.units(block.module, cross_attention=cross_attention)]
 
 
 def cached_units(transformer, *, cross_attention: bool = True) -> list:
-    """[(qualified module name, module)] of every unit, block by block in execution order.
-
-    transformer: a diffusers model with `transformer_blocks` of `BasicTransformerBlock`.
-    cross_attention: whether `attn2` counts as a unit (PixArt: 28 x 3 = 84 units, else 56).
-    """
-    blocks = getattr(transformer, "transformer_blocks", None)
-    if blocks is None:
-        raise ValueError(f"transformer: expected a diffusers transformer with `transformer_blocks`, "
-                         f"got {type(transformer).__name__}")
-    kinds = UNIT_KINDS if cross_attention else ("attn1", "ff")
-    units = []
-    for i, block in enumerate(blocks):
-        if type(block).__name__ != "BasicTransformerBlock":
-            raise ValueError(f"transformer_blocks[{i}]: expected BasicTransformerBlock, got {type(block).__name__}")
-        for kind in kinds:
-            module = getattr(block, kind, None)
-            if module is not None:
-                units.append((f"transformer_blocks.{i}.{kind}", module))
-    return units
+    """[(qualified unit name, the unit's module)] in execution order (see `units_of`)."""
+    return [(unit.name, transformer.get_submodule(unit.modules[0]))
+            for unit in units_of(transformer, cross_attention=cross_attention)]

@@ -2,7 +2,7 @@
 
 Ranges (push/pop, default domain):
 - `step t` around each transformer forward (the engine's step hooks);
-- `transformer_blocks.i` around each block, and `<unit> compute` / `<unit> reuse` around each cached
+- the block's name (`transformer_blocks.i`) around each block, and `<unit> compute` / `<unit> reuse` around each cached
   unit (e.g. `transformer_blocks.3.attn1 reuse`), from `PipelineRanges` and the engine's `run_unit`;
 - `scheduler step` around the sampler's update and `vae decode` around the decode (`PipelineRanges`).
 
@@ -104,7 +104,7 @@ def _ranged(fn, label: str):
 
 
 class PipelineRanges:
-    """Block, scheduler-step and VAE-decode ranges of a diffusers DiT/PixArt pipeline (the step and unit
+    """Block, scheduler-step and VAE-decode ranges of a diffusers pipeline (the step and unit
     ranges come from the cache engine). Forward hooks on each transformer block; `pipe.scheduler.step`,
     `pipe.vae.decode` and the table samplers' update (`harmonica.samplers.solver_step`, eager steps only) wrapped.
     Each costs one flag test while NVTX is off. `remove()` (or leaving a `with` block) undoes it all.
@@ -114,11 +114,12 @@ class PipelineRanges:
 
     def __init__(self, pipe):
         from harmonica import samplers
+        from harmonica.adapters import blocks_of
 
         self._hooks = []
-        for i, block in enumerate(pipe.transformer.transformer_blocks):
-            self._hooks.append(block.register_forward_pre_hook(_open_block(f"transformer_blocks.{i}")))
-            self._hooks.append(block.register_forward_hook(_close_block))
+        for block in blocks_of(pipe.transformer):
+            self._hooks.append(block.module.register_forward_pre_hook(_open_block(block.name)))
+            self._hooks.append(block.module.register_forward_hook(_close_block))
         self._wrapped = []  # (object, attribute, its own value before or None)
         self._wrap(pipe.scheduler, "step", SCHEDULER_STEP)
         self._wrap(pipe.vae, "decode", VAE_DECODE)

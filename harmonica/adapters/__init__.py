@@ -1,0 +1,105 @@
+"""Block adapters: how the cache engine runs each diffusers block class unit by unit.
+
+A diffusers transformer holds its blocks in ModuleLists (`transformer_blocks`, Flux's
+`single_transformer_blocks`, Wan's `blocks`). Each block class has one `Adapter`, registered by class
+name, that says
+- which units a block has, in execution order, and which modules each one skips when reused (`units`);
+- how the block runs unit by unit (`forward`): each unit's residual update goes through
+  `engine.run_unit(k, compute, gate, h)`; a unit that feeds several residual streams (Flux's joint
+  attention) passes tuples `gate`, `h` and a `compute` that returns one output per stream;
+- each unit kind's computation as a function of the block (`bodies`), which `CacheEngine.compile`
+  torch.compiles (the block is an argument: all blocks of a shape share one graph per kind).
+Adding a model is one adapter module that calls `register` (imported below) plus its tests.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+
+class Adapter:
+    """One diffusers block class. Subclasses set `block_class`, `kinds`, `bodies` and write `forward`."""
+
+    block_class = ""  # the diffusers class name, e.g. "BasicTransformerBlock"
+    kinds = ()  # every unit kind the class can have, in execution order
+    bodies = {}  # kind -> compute function (block, ...) -> fresh output (B, N, D), or one per stream
+
+    def units(self, block, *, cross_attention: bool = True) -> list:
+        """[(kind, module names)] of `block`'s units in execution order. The module names (attributes of
+        the block) are the work a reused unit skips, for MAC accounting; the first is the unit's module.
+        Default: each kind is the module of that name, where the block has one."""
+        return [(kind, (kind,)) for kind in self.kinds if getattr(block, kind, None) is not None]
+
+    def check(self, name: str, block) -> None:
+        """Raise a ValueError naming `name` when this block's configuration is not supported."""
+
+    def setup(self, engine, blocks: list) -> None:
+        """Once at enable: model-level state for `blocks` (this class's blocks, in execution order)."""
+
+    def precompute(self, engine, blocks: list, hidden, args, kwargs) -> bool:
+        """At step 0 of an inference generation whose timesteps are known (`engine.timesteps`): fill
+        `engine.modulation` from the transformer's forward arguments; return whether the blocks read it."""
+        return False
+
+    def forward(self, engine, block, index: dict, position: int, *args, **kwargs):
+        """The block's forward unit by unit. index: kind -> unit number k (None: not a cached unit, it
+        always computes); position: the block's index in its ModuleList."""
+        raise NotImplementedError
+
+
+ADAPTERS = {}  # block class name -> Adapter
+
+
+def register(adapter: Adapter) -> Adapter:
+    """Register `adapter` for its block class (one adapter per class)."""
+    if adapter.block_class in ADAPTERS:
+        raise ValueError(f"adapter: expected one per block class, got a second for {adapter.block_class}")
+    ADAPTERS[adapter.block_class] = adapter
+    return adapter
+
+
+def supported() -> list:
+    """The block class names that have an adapter."""
+    return sorted(ADAPTERS)
+
+
+def adapter_for(block, name: str) -> Adapter:
+    """The adapter of `block` (at qualified name `name`), or a ValueError naming its class."""
+    adapter = ADAPTERS.get(type(block).__name__)
+    if adapter is None:
+        raise ValueError(f"{name}: expected a block of a supported class ({', '.join(supported())}), "
+                         f"got {type(block).__name__}")
+    return adapter
+
+
+def block_lists(transformer) -> list:
+    """[(attribute name, ModuleList)] of the transformer's block lists, in registration order (diffusers
+    registers them in execution order): its ModuleList children named `*blocks`."""
+    return [(name, child) for name, child in transformer.named_children()
+            if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks")]
+
+
+class Block(NamedTuple):
+    name: str  # qualified module name, e.g. "transformer_blocks.3"
+    label: str  # for messages, e.g. "transformer_blocks[3]"
+    position: int  # index in its ModuleList
+    module: torch.nn.Module
+    adapter: Adapter
+
+
+def blocks_of(transformer) -> list:
+    """[Block] of every block in execution order; a ValueError for a transformer without block lists or
+    a block of an unsupported class."""
+    lists = block_lists(transformer)
+    if not lists:
+        raise ValueError(f"transformer: expected a diffusers transformer with blocks (ModuleLists `*blocks`), "
+                         f"got {type(transformer).__name__}")
+    blocks = []
+    for list_name, modules in lists:
+        for i, block in enumerate(modules):
+            label = f"{list_name}[{i}]"
+            blocks.append(Block(f"{list_name}.{i}", label, i, block, adapter_for(block, label)))
+    return blocks
+
+
+from . import basic, flux  # noqa: E402,F401  (each registers its adapters)
