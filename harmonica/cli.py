@@ -297,7 +297,7 @@ def train(args) -> int:
                          beta=args.beta, tau=args.tau, refresh=args.refresh, guidance=args.guidance,
                          objective=args.objective, lambda_batch=args.lambda_batch, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
-                         target_cur=args.target_cur)
+                         target_cur=args.target_cur, optimizer=args.optimizer, loss=args.loss)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
@@ -341,7 +341,7 @@ def train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .training import OBJECTIVES, TrainConfig
+    from .training import LOSSES, OBJECTIVES, OPTIMIZERS, TrainConfig
 
     parser = argparse.ArgumentParser(prog="harmonica", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -373,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes,
                    help="also checkpoint when this many minutes passed since the last checkpoint")
     t.add_argument("--target-cur", type=float, help="adjust beta during training towards this CUR at tau")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
+                   help="per-step: one AdamW parameter per step's row, as the official code (shared: one (T, K))")
+    t.add_argument("--loss", choices=LOSSES, default=defaults.loss,
+                   help="combined: MSE of the guidance-combined output, as the official code (separate: CFG halves)")
     s = commands.add_parser("sample", help="generate one image")
     s.add_argument("--model", required=True, choices=sorted(PRESETS))
     source = s.add_mutually_exclusive_group()

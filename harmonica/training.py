@@ -2,9 +2,13 @@
 
 One iteration is one denoising step i >= 1 of the student's own trajectory: the frozen backbone
 without caching (teacher, no_grad) and with soft gating (student) see the same x_i; the loss is
-`lambda_i * mse(eps_T, eps_S) + beta * sum_k r[i, k]`; AdamW updates the router only, then the
-logits are clamped; x_{i+1} follows from the student's output. lambda (IEPO) is refreshed every
-`refresh` iterations on a fixed noise batch drawn from its own generator.
+`lambda_i * mse(eps_T, eps_S) + beta * sum_k r[i, k]`, eps being the output the sampler uses (the
+guidance-combined eps for both CFG halves, the unguided and variance channels raw; `loss="separate"`:
+the raw conditional and unconditional outputs); AdamW updates the router only, then the logits are
+clamped; x_{i+1} follows from the student's output. As in the official code, each step's row is its own
+parameter, so only row i moves at step i (`optimizer="shared"`: one (T, K) parameter whose zeroed
+gradients let Adam's momentum keep moving the other rows). lambda (IEPO) is refreshed every `refresh`
+iterations on a fixed noise batch drawn from its own generator.
 
 The trainer patches the transformer (a `CacheEngine`, frozen parameters, eval mode) only inside
 `run()` (or `attached()`), and restores it however that ends.
@@ -35,13 +39,17 @@ from tqdm.auto import tqdm
 
 from .engine import CacheEngine
 from .kernels import solver_step
-from .router import Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
+from .router import LOGIT_BOUND, Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
 from .samplers import dit_ddim_table, dit_guidance, dit_null_labels
 from .units import cached_units
 
 OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
-BETA_GAIN = 2.0  # --target-cur: after each trajectory, beta *= exp(gain * (target CUR - CUR at tau))
-CHECKPOINT_VERSION = 2  # 2 added the run record (model, units, sampler, timesteps, world size)
+OPTIMIZERS = ("per-step", "shared")  # the official one parameter per row, or one (T, K) parameter
+LOSSES = ("combined", "separate")  # the official MSE of the guidance-combined output, or of the raw halves
+BETA_GAIN = 2.0  # --target-cur: after each trajectory, beta *= exp(gain * (target CUR - CUR at tau)), anti-windup
+# in `_beta_error`
+CHECKPOINT_VERSION = 3  # 2 added the run record (model, units, sampler, timesteps, world size); 3 the optimizer
+# and loss settings (per-step rows: the optimizer state of a version 2 checkpoint is for one (T, K) parameter)
 RESUMABLE = ("iterations", "checkpoint_every", "checkpoint_minutes", "log_every")  # may change on --resume
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOG_FILE, ROUTER_DIR = "train_log.jsonl", "router"
@@ -66,16 +74,29 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0  # also checkpoint when this much time passed since the last one
     target_cur: float | None = None  # adjust beta towards this CUR at tau
     log_every: int = 1
+    optimizer: str = "per-step"  # or "shared" (see OPTIMIZERS)
+    loss: str = "combined"  # or "separate" (see LOSSES)
 
     def __post_init__(self):
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        for name, choices in (("objective", OBJECTIVES), ("optimizer", OPTIMIZERS), ("loss", LOSSES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}: expected one of {choices}, got {getattr(self, name)!r}")
         if self.num_steps < 2:
             raise ValueError(f"num_steps: expected >= 2 (step 0 only fills the cache), got {self.num_steps}")
         if self.target_cur is not None and not 0 < self.target_cur < 1:
             raise ValueError(f"target_cur: expected a value in (0, 1), got {self.target_cur}")
         if not self.checkpoint_minutes > 0:
             raise ValueError(f"checkpoint_minutes: expected > 0, got {self.checkpoint_minutes}")
+
+
+def guidance_combined(out: torch.Tensor, channels: int, scale: float, *, cond_first: bool) -> torch.Tensor:
+    """A CFG batch's output (2B, C_out, H, W) as the sampler uses it, in the same shape (the official
+    `forward_with_cfg`): the first `channels` channels `uncond + scale * (cond - uncond)` for both halves,
+    the other channels (unguided eps, learned variance) as they came."""
+    first, second = out[:, :channels].chunk(2)
+    cond, uncond = (first, second) if cond_first else (second, first)
+    eps = uncond + scale * (cond - uncond)
+    return torch.cat([torch.cat([eps, eps]), out[:, channels:]], dim=1)
 
 
 class DiTTask:
@@ -110,6 +131,13 @@ class DiTTask:
         if self.coefficients is None or self.coefficients.device != x.device:
             self.coefficients = self.table.tensor(x.device)
         return solver_step(x, out, self.coefficients[i], **dit_guidance(self.guidance, x.shape[1]))[0]
+
+    def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
+        """`out` as the sampler uses it: guidance on the first 3 eps channels (none at guidance <= 1)."""
+        guidance = dit_guidance(self.guidance, channels)
+        if not guidance:
+            return out
+        return guidance_combined(out, guidance["guided_channels"], self.guidance, cond_first=True)
 
 
 EMBEDDING_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_embeds", "negative_attention_mask")
@@ -179,9 +207,12 @@ class PixArtTask:
                 "timestep": torch.full((2 * batch,), self.timesteps[i], device=x.device)}
 
     def update(self, state, x, out, cond, i: int):
-        uncond, conditional = out[:, :x.shape[1]].chunk(2)
-        eps = uncond + self.guidance * (conditional - uncond)
+        eps = self.combined(out, x.shape[1])[:x.shape[0], :x.shape[1]]
         return state.step(eps, self.timesteps[i], x).prev_sample
+
+    def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
+        """`out` as the sampler uses it: [negative, positive] halves, guidance on every eps channel."""
+        return guidance_combined(out, channels, self.guidance, cond_first=False)
 
 
 def _rank_world():
@@ -264,7 +295,12 @@ class RouterTrainer:
         init = torch.Generator().manual_seed(config.seed)  # identical on every rank
         self.router = router or Router(config.num_steps, num_units, info=self.info, generator=init)
         self.router.to(self.device)
-        self.optimizer = torch.optim.AdamW([self.router.logits], lr=config.lr, weight_decay=0.0)
+        # per-step: rows 1 .. T-1 as their own parameters (`_trained_gates`, `_store_row`)
+        self.rows = None
+        if config.optimizer == "per-step":
+            self.rows = [torch.nn.Parameter(row.detach().clone()) for row in self.router.logits[1:]]
+        params = self.rows if self.rows is not None else [self.router.logits]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         self.noise_gen = torch.Generator().manual_seed(config.seed * 7919 + 1 + self.rank)
         lambda_gen = torch.Generator().manual_seed(config.seed * 7919 + 100003 + self.rank)
         self.lambda_noise = torch.randn(config.lambda_batch, *task.latent_shape, generator=lambda_gen)
@@ -392,6 +428,28 @@ class RouterTrainer:
 
     # ---- one iteration ----
 
+    def _trained_gates(self, i: int) -> tuple:
+        """The gate table (T, K) of step i and the parameter it trains: per-step, only row i is in the graph
+        (the other rows get no gradient, not a zero one); shared, the whole logits."""
+        if self.rows is None:
+            return self.router.gates(), self.router.logits
+        row, fixed = self.rows[i - 1], self.router.gates().detach()
+        with torch.no_grad():
+            row.copy_(self.router.logits[i])  # router.logits is the truth; the row is the optimizer's handle
+        return torch.cat([fixed[:i], torch.sigmoid(row)[None], fixed[i + 1:]]), row
+
+    @torch.no_grad()
+    def _store_row(self, i: int) -> None:
+        """After the optimizer step: per-step, row i into router.logits; then the clamp."""
+        if self.rows is not None:
+            self.router.logits[i] = self.rows[i - 1]
+        self.router.clamp_()
+
+    def _loss_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The model output the loss compares (fp32): as the sampler uses it ("combined"), or raw."""
+        out = out.float()
+        return self.task.combined(out, x.shape[1]) if self.config.loss == "combined" else out
+
     def train_step(self) -> dict | None:
         """One iteration; None when a stop signal interrupted its lambda refresh (nothing changed)."""
         cfg = self.config
@@ -402,25 +460,36 @@ class RouterTrainer:
         traj, i = self.trajectory, self.trajectory.step
         with torch.no_grad():
             teacher = self._forward(traj.x, traj.cond, i)
-        gates = self.router.gates()
+        gates, param = self._trained_gates(i)
         student = self._forward(traj.x, traj.cond, i, gates)
-        mse = torch.mean((teacher.float() - student.float()) ** 2)
+        mse = torch.mean((self._loss_output(teacher, traj.x) - self._loss_output(student, traj.x)) ** 2)
         l1 = gates[i].sum()
         loss = self.lam[i].item() * mse + self.beta * l1
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad(set_to_none=self.rows is not None)  # per-step: AdamW skips the other rows
         loss.backward()
-        _average(self.router.logits.grad)
+        _average(param.grad)
         self.optimizer.step()
-        self.router.clamp_()
+        self._store_row(i)
         traj.rows.append(gates[i].detach().cpu())
         with torch.no_grad():
             traj.x = self.task.update(traj.state, traj.x, student.detach(), traj.cond, i)
         traj.step += 1
         self.iteration += 1
         if cfg.target_cur is not None and traj.step == cfg.num_steps:
-            self.beta *= math.exp(BETA_GAIN * (cfg.target_cur - self.router.schedule(cfg.tau).cur))
+            self.beta *= math.exp(BETA_GAIN * self._beta_error(traj))
         return {"iteration": self.iteration, "step": i, "loss": loss.item(), "mse": mse.item(), "l1": l1.item(),
                 "lambda": self.lam[i].item(), "beta": self.beta}
+
+    def _beta_error(self, traj: Trajectory) -> float:
+        """After a trajectory: target CUR - CUR at tau, or 0 while the rows already head across the target
+        (anti-windup: the CUR lags beta by the many updates a logit needs to cross the threshold). The rows
+        head for the CUR of the units their update moved down (or kept at the lower bound)."""
+        cfg = self.config
+        error = cfg.target_cur - self.router.schedule(cfg.tau).cur
+        gates, logits = self.router.gates().detach()[1:].cpu(), self.router.logits.detach()[1:].cpu()
+        down = (gates < torch.stack(traj.rows)) | (logits == -LOGIT_BOUND)
+        heading = down.sum().item() / self.router.logits.numel()  # CUR's denominator: row 0 included
+        return 0.0 if (cfg.target_cur - heading) * error < 0 else error
 
     # ---- checkpoints ----
 
