@@ -2,9 +2,22 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from harmonica.cli import main
-from harmonica.digits import eval_batch, frechet_distance, load_digits_dit, psnr, quality, sample
+from harmonica.digits import (
+    DATA,
+    STATS_FILE,
+    eval_batch,
+    feature_stats,
+    frechet_distance,
+    load_classifier,
+    load_digits_dit,
+    psnr,
+    quality,
+    real_digits,
+    sample,
+)
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -48,3 +61,15 @@ def test_the_quality_report_stops_before_the_next_batch():
         is None
     assert len(asked) == 5 and not hasattr(model, "_harmonica")  # 3 uncached batches, 1 cached, then stopped
     assert digits_report(model, schedule, 4, count=6, batch=2).startswith("quality on 6 samples: uncached FD ")
+
+
+def test_the_committed_digits_are_the_ones_the_statistics_came_from():
+    images, labels = real_digits()
+    assert images.shape == (1797, 1, 8, 8) and images.min() == -1 and images.max() == 1
+    assert labels.bincount().tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    with torch.no_grad():
+        mean, cov = feature_stats(load_classifier().features(images))
+    stats = load_file(str(DATA / STATS_FILE))
+    # the statistics file was computed from scikit-learn's digits by the same classifier, in float64
+    assert torch.allclose(mean, stats["mean"], rtol=0, atol=1e-9)
+    assert torch.allclose(cov, stats["cov"], rtol=0, atol=1e-9)

@@ -1,0 +1,115 @@
+"""The digits-dit protocol (bench/digits_protocol.py): its statistics on known inputs, and one tiny run."""
+
+import json
+import math
+import statistics
+
+import pytest
+import torch
+
+import harmonica
+from harmonica import CacheSchedule
+from harmonica.bench import digits_protocol as protocol
+from harmonica.bench.table import update_benchmarks
+from harmonica.digits import load_digits_dit
+
+
+def test_sign_test_is_the_exact_two_sided_binomial():
+    assert protocol.sign_test(6, 0) == protocol.sign_test(0, 6) == pytest.approx(2 / 64)
+    assert protocol.sign_test(5, 1) == pytest.approx(2 * 7 / 64)
+    assert protocol.sign_test(9, 1) == pytest.approx(2 * 11 / 1024)
+    assert protocol.sign_test(3, 3) == protocol.sign_test(0, 0) == 1.0
+
+
+def test_interpolation_is_linear_in_cur_between_bracketing_points():
+    curve = [(0.6, 15.0), (0.2, 30.0), (0.4, 25.0)]  # any order
+    assert protocol.interpolate(curve, 0.45) == pytest.approx(22.5)
+    assert protocol.interpolate(curve, 0.5) == pytest.approx(20.0)
+    assert protocol.interpolate(curve, 0.4) == 25.0 and protocol.interpolate(curve, 0.6) == 15.0
+    assert protocol.interpolate(curve, 0.1) is None and protocol.interpolate(curve, 0.7) is None
+    with_inf = [(0.0, math.inf), (0.5, 20.0)]
+    assert protocol.interpolate(with_inf, 0.45) is None and protocol.interpolate(with_inf, 0.5) == 20.0
+
+
+def test_paired_differences_over_the_seeds_both_define():
+    first = {0: 3.0, 1: 5.0, 2: 1.0, 3: None, 4: math.inf}
+    second = {0: 1.0, 1: 1.0, 2: 2.0, 3: 0.0, 4: 9.0}
+    result = protocol.paired(first, second)
+    assert result["seeds"] == [0, 1, 2] and result["differences"] == [2.0, 4.0, -1.0]
+    assert result["mean"] == pytest.approx(5 / 3)
+    assert result["se"] == pytest.approx(statistics.stdev([2, 4, -1]) / math.sqrt(3))
+    assert (result["positive"], result["negative"], result["sign_test_p"]) == (2, 1, 1.0)
+
+
+def test_a_left_engine_is_caught():
+    model = load_digits_dit()
+    protocol.check_pristine(model)
+    harmonica.enable(model, CacheSchedule.fora(4, 12, 2))
+    with pytest.raises(RuntimeError, match="outlived"):
+        protocol.check_pristine(model)
+    harmonica.disable(model)
+    protocol.check_pristine(model)
+
+
+TINY = dict(seeds=2, workers=0, steps=4, iterations=4, batch=2, refresh=4, lambda_batch=2, samples=10, repeats=1,
+            taus=(1e-3, 0.1, 0.99), fora=(2,), delta_dit=((2, 2, 3),), fewer_steps=(2,), quick=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_results():
+    return protocol.run(protocol.ProtocolConfig(**TINY), "test")
+
+
+def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
+    results = tiny_results
+    baselines = {r["config"]: r for r in results["baselines"]}
+    uncached = baselines["no-cache"]
+    assert uncached["psnr"] == math.inf and uncached["agreement"] == 1.0 and uncached["cur"] == 0
+    # identical features: 0 up to the float64 eigendecomposition of a rank-deficient covariance (10 samples,
+    # 64 features), whose square root turns eps into sqrt(eps): tiny against any real difference
+    assert abs(uncached["fd_vs_uncached"]) < 1e-3 * baselines["fora:2"]["fd_vs_uncached"]
+    assert baselines["fora:2"]["cur"] == 0.5 and baselines["fewer-steps:2"]["theoretical_speedup"] == 2.0
+    assert baselines["fewer-steps:2"]["psnr"] < math.inf
+    assert results["reference"] == {"fingerprint": results["reference"]["fingerprint"],
+                                    "equal_to_second_fresh_load": True, "equal_in_every_worker": True}
+    routers = results["routers"]
+    assert sorted((r["objective"], r["seed"]) for r in routers) == sorted(
+        (o, s) for o in protocol.OBJECTIVES for s in range(2))
+    for r in routers:
+        curs = [row["cur"] for row in r["curve"]]
+        assert curs == sorted(curs) and len(set(curs)) == len(curs)  # distinct schedules, nested in tau
+        assert sorted(t for row in r["curve"] for t in row["taus"]) == sorted(TINY["taus"])
+        assert r["rule"] == ("l2c-alternating" if r["objective"] == "l2c" else "harmonica")
+        if r["objective"] == "l2c":
+            assert max(curs) <= 0.5
+        points = [(row["cur"], row["psnr"]) for row in r["curve"]]
+        assert r["metrics"]["psnr_at_cur_0.50"] == protocol.interpolate(points, 0.5)
+    assert len(results["paired"]) == 2 * len(protocol.COMPARED) == len(results["outcome"])
+    path = protocol.write_outputs(results, tmp_path, write_benchmarks=False, progress=lambda _: None)
+    assert json.loads(path.read_text())["eval_seed"] == protocol.EVAL_SEED
+    assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_section_replaces_its_markers_only(tiny_results):
+    section = protocol.digits_section(tiny_results, "bench/results/x-digits.json")
+    lines = section.splitlines()
+    assert lines[0] == protocol.BEGIN and lines[-1] == protocol.END and "--quick" in section
+    markdown = f"# B\n\n{protocol.BEGIN}\nold\n{protocol.END}\n\n## after\n"
+    updated = update_benchmarks(markdown, section)
+    assert updated == f"# B\n\n{section}\n\n## after\n"
+
+
+def test_references_must_agree_across_fresh_loads(monkeypatch):
+    draws = iter([torch.zeros(2), torch.ones(2)])
+    monkeypatch.setattr(protocol, "fresh_reference", lambda config: next(draws))
+    with pytest.raises(RuntimeError, match="two fresh loads"):
+        protocol.run(protocol.ProtocolConfig(**TINY), "test")
+
+
+def test_harmonica_bench_suite_digits_runs_the_protocol(monkeypatch):
+    from harmonica.cli import main
+
+    called = []
+    monkeypatch.setattr(protocol, "bench_main", lambda args, prog: called.append((args.quick, prog)) or 0)
+    assert main(["bench", "--suite", "digits", "--quick"]) == 0
+    assert called == [(True, "harmonica bench")]
