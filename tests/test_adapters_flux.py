@@ -16,9 +16,9 @@ def make_flux():
     model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
                                    num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
                                    axes_dims_rope=(2, 2, 4))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    with torch.no_grad():  # distinct values for every parameter (the image and text stream's weights differ)
+        for i, p in enumerate(model.parameters()):
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
     return model
 
 
