@@ -1,10 +1,23 @@
 """MAC accounting on the meta device against the published figures and its own invariants."""
 
+import diffusers
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from harmonica.bench.macs import count_macs, format_mac_table, mac_table
+from harmonica.bench.configs import FLOW_MODELS, FlowModel
+from harmonica.bench.macs import (
+    MACS_BEGIN,
+    MACS_END,
+    count_macs,
+    flow_mac_table,
+    format_flow_mac_table,
+    format_mac_table,
+    mac_table,
+    macs_section,
+    unit_modules,
+)
+from harmonica.bench.table import update_benchmarks
 
 
 def test_dit_xl2_256_matches_the_dit_paper():
@@ -72,3 +85,109 @@ def test_table_lists_every_preset():
     text = format_mac_table(rows)
     assert "| dit-xl-2-256 | 256 | 256 | 56 | 118.7 |" in text
     assert "| pixart-alpha-256 | 256 | 256 | 84 |" in text
+
+
+def test_flux_dev_1024_counts_37_19_tmacs():
+    """FLUX.1-dev at 1024^2 with 512 text tokens: every block alike, so one double and one single block
+    (the hub config otherwise) give the whole forward; each unit checked against its matmul count."""
+    config = {**FLOW_MODELS["flux.1-dev-1024"].config, "num_layers": 1, "num_single_layers": 1}
+    with torch.device("meta"):
+        model = diffusers.FluxTransformer2DModel(**config)
+    count = count_macs(model, 1024, caption_tokens=512)
+    assert count.names == ("transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
+                           "single_transformer_blocks.0.attn_mlp")
+    image, text, d = 4096, 512, 3072
+    tokens = image + text
+    joint_attention = 4 * tokens * d * d + 2 * tokens * tokens * d  # q, k, v, out projections; QK^T and PV
+    mlp = 2 * d * 4 * d  # per token
+    # single block: q, k, v, QK^T, PV, the MLP's up projection (d -> 4d), proj_out (5d -> d)
+    single = 3 * tokens * d * d + 2 * tokens * tokens * d + tokens * 4 * d * d + tokens * 5 * d * d
+    assert count.unit_macs == (joint_attention, image * mlp, text * mlp, single)
+    forward = count.always_macs + 19 * sum(count.unit_macs[:3]) + 38 * count.unit_macs[3]
+    assert forward / 1e12 == pytest.approx(37.19, rel=0.005)
+
+
+def joint_attention_macs(tokens, d, out_tokens):
+    """q, k, v of every token, the output projections of `out_tokens`, QK^T and PV."""
+    return 3 * tokens * d * d + out_tokens * d * d + 2 * tokens * tokens * d
+
+
+def test_sd3_units_are_its_sub_modules():
+    """A tiny SD3.5-style model (block 0 with dual attention, block 1 the last, without text MLP) at 64^2:
+    16 image tokens, 5 text tokens, width 16."""
+    with torch.device("meta"):
+        model = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
+            pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
+    count = count_macs(model, 64, caption_tokens=5)
+    n, t, d = 16, 5, 16
+    assert count.names == ("transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.0.ff",
+                           "transformer_blocks.0.ff_context", "transformer_blocks.1.attn", "transformer_blocks.1.ff")
+    assert count.unit_macs == (joint_attention_macs(n + t, d, n + t), joint_attention_macs(n, d, n), 8 * n * d * d,
+                               8 * t * d * d, joint_attention_macs(n + t, d, n), 8 * n * d * d)
+    assert count.always_macs > 0
+
+
+def test_wan_units_and_frames():
+    """A tiny Wan 2.1-style model on 5 frames of 32^2: 2 latent frames of 2 x 2 tokens, 6 text tokens."""
+    with torch.device("meta"):
+        model = diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+    count = count_macs(model, 32, caption_tokens=6, frames=5)
+    n, t, d = 8, 6, 16
+    assert count.names == tuple(f"blocks.{i}.{kind}" for i in range(2) for kind in ("attn1", "attn2", "ffn"))
+    cross = 2 * n * d * d + 2 * t * d * d + 2 * n * t * d  # q and out of the video, k and v of the text, QK^T, PV
+    assert count.unit_macs == (joint_attention_macs(n, d, n), cross, 2 * n * d * 32) * 2
+    with pytest.raises(ValueError, match="frames: expected 4 n \\+ 1 frames for a video model, got 6"):
+        count_macs(model, 32, frames=6)
+
+
+def test_qwen_image_units():
+    """A tiny Qwen-Image-style model at 64^2: 16 packed image tokens, 5 text tokens, width 16."""
+    with torch.device("meta"):
+        model = diffusers.QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+    count = count_macs(model, 64, caption_tokens=5)
+    n, t, d = 16, 5, 16
+    assert count.names == ("transformer_blocks.0.attn", "transformer_blocks.0.img_mlp", "transformer_blocks.0.txt_mlp")
+    assert count.unit_macs == (joint_attention_macs(n + t, d, n + t), 8 * n * d * d, 8 * t * d * d)
+    with pytest.raises(ValueError, match="height, width: expected multiples of 16 .*, got 72x72"):
+        count_macs(model, 72)
+
+
+def test_unsupported_blocks_and_sizes():
+    class Other(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+
+    with pytest.raises(ValueError, match=r"transformer_blocks\[0\]: expected a block of \[.*\], got Linear"):
+        unit_modules(Other())
+    with torch.device("meta"):
+        model = diffusers.FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                                 num_attention_heads=2, axes_dims_rope=(2, 2, 4))
+    with pytest.raises(ValueError, match="height: expected pixels for a FluxTransformer2DModel"):
+        count_macs(model)
+
+
+def test_flow_table_and_section(monkeypatch):
+    monkeypatch.setitem(FLOW_MODELS, "tiny-wan", FlowModel("WanTransformer3DModel", {
+        "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 4,
+        "text_dim": 16, "freq_dim": 16, "ffn_dim": 32, "num_layers": 2, "rope_max_seq_len": 32}, 32, 48, 6, "test",
+        frames=5))
+    rows = flow_mac_table(["tiny-wan"])
+    count = count_macs("tiny-wan")
+    assert rows[0]["image_tokens"] == 2 * 2 * 3 and rows[0]["units"] == 6
+    assert sum(rows[0]["kind_shares"].values()) * count.total / 1e9 + rows[0]["always_gmacs"] == pytest.approx(
+        count.total / 1e9)
+    text = format_flow_mac_table(rows)
+    assert f"| tiny-wan | 32x48x5 | 12 | 6 | 6 | {count.total / 1e12:.2f} | attn1 " in text
+    machine = {"date": "2026-11-30T12:00:00", "commit": "abc1234", "torch": "2.13", "diffusers": "0.42.1"}
+    section = macs_section(mac_table(["tiny-dit"]), rows, machine)
+    markdown = "# Benchmarks\n\nintro\n\n" + MACS_BEGIN + "\nold\n" + MACS_END + "\n\nafter\n"
+    updated = update_benchmarks(markdown, section)
+    assert updated == "# Benchmarks\n\nintro\n\n" + section + "\n\nafter\n"
+    assert "| tiny-dit | 64 | 16 | 4 |" in section and "| tiny-wan | 32x48x5 |" in section
