@@ -285,8 +285,9 @@ def macs_section(dit_rows, flow_rows, machine: dict) -> str:
         "  `WanTransformerBlock` (`attn1`, cross-attention `attn2`, `ffn`) and Qwen-Image's block (`attn`,",
         "  `img_mlp`, `txt_mlp`) count per sub-module until they have adapters (`PARTS`).",
         "- Always-run: embeddings, adaLN linears, norms, the final layer.",
-        "- Text tokens: FLUX.1 and Wan pad the T5 prompt to 512; SD3.5 has 77 CLIP + 256 T5 tokens; Qwen-Image at",
-        "  its cap of 512 (its pipeline does not pad: shorter prompts cost less). Wan: 81 frames are 21 latent frames.",
+        "- Text tokens: FLUX.1 (T5) and Wan (UMT5) pad the prompt to 512; SD3.5 has 77 CLIP + 256 T5 tokens;",
+        "  Qwen-Image at its cap of 512 (its pipeline does not pad: shorter prompts cost less). Wan: 81 frames are",
+        "  21 latent frames.",
         MACS_END,
     ])
 
