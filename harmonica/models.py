@@ -35,6 +35,8 @@ class ModelPreset:
     def is_pixart(self) -> bool:
         return self.class_name == "PixArtTransformer2DModel"
 
+    is_flow = False
+
 
 def _dit(sample_size, hub_id):
     return ModelPreset("DiTTransformer2DModel", {"sample_size": sample_size, "out_channels": 8}, sample_size * 8,
@@ -61,10 +63,67 @@ PRESETS = {
 REAL_MODELS = tuple(name for name in PRESETS if not name.startswith("tiny"))
 
 
-def preset(name: str) -> ModelPreset:
-    if name not in PRESETS:
-        raise ValueError(f"model: expected one of {sorted(PRESETS)}, got {name!r}")
-    return PRESETS[name]
+@dataclass(frozen=True)
+class FlowPreset:
+    """A flow-matching transformer (harmonica/flow.py): its diffusers class and config, the size it
+    generates (pixels; frames for video), the text tokens of one prompt, its scheduler config (a key of
+    `solvers.FLOW_MATCH_SCHEDULERS`), the hub repository and the sampler defaults of its pipeline."""
+
+    class_name: str
+    config: dict
+    height: int
+    width: int
+    text_tokens: int
+    scheduler: str
+    steps: int
+    guidance: float  # FLUX: the distilled guidance input; else the CFG scale (Qwen-Image: true_cfg_scale)
+    hub_id: str | None = None
+    frames: int | None = None
+
+    is_flow, is_pixart = True, False
+
+    @property
+    def size(self) -> dict:
+        return {"height": self.height, "width": self.width, "frames": self.frames, "scheduler": self.scheduler}
+
+
+def _flow(name, scheduler, steps, guidance):
+    from .bench.configs import FLOW_MODELS
+
+    m = FLOW_MODELS[name]
+    return FlowPreset(m.class_name, m.config, m.height, m.width, m.text_tokens, scheduler, steps, guidance,
+                      m.source, m.frames)
+
+
+TINY_FLUX = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8,
+             "num_attention_heads": 2, "joint_attention_dim": 32, "pooled_projection_dim": 16, "guidance_embeds": True,
+             "axes_dims_rope": (2, 2, 4)}
+TINY_SD3 = {"sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 2,
+            "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32, "caption_projection_dim": 16,
+            "pooled_projection_dim": 16, "pos_embed_max_size": 16}
+TINY_WAN = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+            "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "rope_max_seq_len": 32}
+TINY_QWEN = {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
+             "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 4, 4)}
+# (steps, guidance) of each pipeline's __call__ defaults
+FLOW_PRESETS = {
+    "flux.1-dev": _flow("flux.1-dev-1024", "flux.1-dev", 28, 3.5),
+    "sd3.5-large": _flow("sd3.5-large-1024", "sd3.5-large", 28, 7.0),
+    "wan2.1-1.3b": _flow("wan2.1-t2v-1.3b-480p", "wan2.1", 50, 5.0),
+    "qwen-image": _flow("qwen-image-1328", "qwen-image", 50, 4.0),
+    "tiny-flux": FlowPreset("FluxTransformer2DModel", TINY_FLUX, 64, 64, 8, "flux.1-dev", 28, 3.5),
+    "tiny-sd3": FlowPreset("SD3Transformer2DModel", TINY_SD3, 64, 64, 8, "sd3.5-large", 28, 7.0),
+    "tiny-sd35": FlowPreset("SD3Transformer2DModel", {**TINY_SD3, "dual_attention_layers": (0,), "qk_norm": "rms_norm"},
+                            64, 64, 8, "sd3.5-large", 28, 7.0),
+    "tiny-wan": FlowPreset("WanTransformer3DModel", TINY_WAN, 32, 32, 8, "wan2.1", 50, 5.0, frames=5),
+    "tiny-qwen-image": FlowPreset("QwenImageTransformer2DModel", TINY_QWEN, 64, 64, 8, "qwen-image", 50, 4.0),
+}
+
+
+def preset(name: str) -> ModelPreset | FlowPreset:
+    if name not in PRESETS and name not in FLOW_PRESETS:
+        raise ValueError(f"model: expected one of {sorted({*PRESETS, *FLOW_PRESETS})}, got {name!r}")
+    return PRESETS.get(name) or FLOW_PRESETS[name]
 
 
 def build_transformer(name: str, *, seed: int = 0):
@@ -76,6 +135,30 @@ def build_transformer(name: str, *, seed: int = 0):
     return getattr(diffusers, spec.class_name)(**spec.config).eval()
 
 
+def load_transformer(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0):
+    """A flow preset's transformer alone (no text encoders, no VAE): from the `transformer` folder of
+    `weights` (hub id or path; default the preset's hub id), or with `random_weights` from its config."""
+    import diffusers
+
+    spec = preset(name)
+    if random_weights:
+        return build_transformer(name, seed=seed)
+    model_class = getattr(diffusers, spec.class_name)
+    return _from_hub(name, weights or spec.hub_id, lambda source: model_class.from_pretrained(
+        source, subfolder="transformer")).eval()
+
+
+def _from_hub(name: str, source: str | None, load):
+    """`load(source)`, its failure a RuntimeError that suggests random weights."""
+    if source is None:
+        raise ValueError(f"weights: {name} has no published weights; use --random-weights")
+    try:
+        return load(source)
+    except (OSError, ValueError) as error:
+        raise RuntimeError(f"could not load the weights of {name} from {source!r} (no network or no local copy?): "
+                           f"{error}\nWithout weights, run with --random-weights.") from error
+
+
 def build_pipeline(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0):
     """The preset's diffusers pipeline: from `weights` (hub id or path; default the preset's hub id)
     or, with `random_weights`, from configs alone. A random PixArt pipeline has no text encoder:
@@ -85,14 +168,7 @@ def build_pipeline(name: str, *, weights: str | None = None, random_weights: boo
     spec = preset(name)
     pipeline_class = getattr(diffusers, spec.pipeline)
     if not random_weights:
-        source = weights or spec.hub_id
-        if source is None:
-            raise ValueError(f"weights: {name} has no published weights; use --random-weights")
-        try:
-            return pipeline_class.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise RuntimeError(f"could not load the weights of {name} from {source!r} (no network or no local copy?): "
-                               f"{error}\nWithout weights, run with --random-weights.") from error
+        return _from_hub(name, weights or spec.hub_id, pipeline_class.from_pretrained)
     transformer = build_transformer(name, seed=seed)
     vae = diffusers.AutoencoderKL(**spec.vae).eval()
     if spec.is_pixart:

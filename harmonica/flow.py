@@ -1,0 +1,361 @@
+"""Flow-matching transformers (FLUX.1, SD3/SD3.5, Wan 2.x, Qwen-Image) as sampling and training tasks.
+
+A `FlowTask` is one model family's denoising loop as its diffusers 0.42 pipeline runs it, with the
+pipeline's `FlowMatchEulerDiscreteScheduler` as a coefficient table (`solvers.py`), so that the step
+is the fused `solver_step`: the latent shape for a size, the prompt conditions, each step's transformer
+arguments, classifier-free guidance on the velocity and the step. It has the interface `RouterTrainer`
+drives (`latent_shape`, `conditions`, `begin`, `model_kwargs`, `update`, `combined`, `sampler`,
+`timesteps`), and `flow_sample` runs it through `SolverLoop` for inference.
+
+Families (the model input per step; CFG batches are [unconditional, conditional], guidance on every
+channel of the velocity, `v_u + s (v_c - v_u)`):
+- FLUX.1 (`FluxTransformer2DModel`): packed latents (B, h/2 w/2, 4C), T5 embeddings (B, L, D), pooled
+  CLIP (B, P), img_ids / txt_ids, timestep sigma (t / 1000) and the distilled guidance value as an input;
+  no unconditional half.
+- SD3 / SD3.5 (`SD3Transformer2DModel`): latents (B, C, h, w), joint embeddings and pooled, timestep t.
+- Wan 2.x (`WanTransformer3DModel`): video latents (B, C, F, h, w), T5 embeddings, timestep t. The
+  pipeline runs the two halves as two forwards; one CFG batch computes the same.
+- Qwen-Image (`QwenImageTransformer2DModel`): packed latents, embeddings with their mask, img_shapes,
+  timestep t / 1000; its true CFG rescales the guided velocity to the conditional one's norm per token,
+  which the task applies before a guidance-free `solver_step`.
+
+Prompt conditions come from a bank of embeddings: a file of the pipeline's `encode_prompt` outputs
+(`load_flow_embeddings`) or `random_flow_embeddings` for random weights. The solver steps latents of any
+rank as 4-D views: (B, L, C) as (B, 1, L, C), (B, C, F, h, w) as (B, C, F h, w).
+"""
+
+import math
+from types import SimpleNamespace
+
+import torch
+from tqdm.auto import tqdm
+
+from .api import begin_generation, step_runner
+from .kernels import solver_step
+from .samplers import SolverLoop
+from .solvers import FLOW_MATCH_SCHEDULERS, flow_match_euler_table, set_flow_match_timesteps
+
+VAE_FACTOR = 8  # pixels per latent pixel, every family
+WAN_FRAME_FACTOR = 4  # Wan's VAE: latent frames = (frames - 1) / 4 + 1
+SAMPLER = "FlowMatchEulerDiscreteScheduler"
+
+
+def as_4d(t: torch.Tensor) -> torch.Tensor:
+    """A view of latents or a transformer output that `solver_step` steps: (B, L, C) -> (B, 1, L, C),
+    (B, C, H, W) as it is, (B, C, F, H, W) -> (B, C, F H, W)."""
+    if t.dim() == 3:
+        return t.unsqueeze(1)
+    return t if t.dim() == 4 else t.flatten(2, 3)
+
+
+class FlowTask:
+    """One family's generation at one size and step count. Subclasses set the class attributes and
+    `_model_inputs`; `embeddings` is a bank of prompts (`EMBEDDING_KEYS` of the family, see
+    `load_flow_embeddings`), `guidance` the scale (FLUX: the distilled guidance input)."""
+
+    class_name = ""  # the diffusers transformer class
+    pipeline = ""  # the diffusers pipeline whose loop this is
+    packed = False  # FLUX and Qwen-Image: 2 x 2 latent patches packed into tokens of 4C channels
+    cfg = True  # whether guidance > 1 runs an unconditional half
+    text_dim = "joint_attention_dim"  # config key of the text embeddings' width
+    prompt_keys = ("prompt_embeds",)  # (P, L, D) first; the others (P, ...) per prompt
+    negative_keys = ("negative_prompt_embeds",)  # (1, ...) each, the unconditional prompt
+
+    def __init__(self, transformer, embeddings: dict, num_steps: int, guidance: float, *, height: int, width: int,
+                 frames: int | None = None, scheduler: str):
+        import diffusers
+
+        self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
+        self.height, self.width, self.frames = height, width, frames
+        self.latent_shape = self._latent_shape(transformer.config)
+        self.guided = self.cfg and guidance > 1
+        self.embeddings = self._check_embeddings(embeddings)
+        self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS[scheduler])
+        set_flow_match_timesteps(self.scheduler, self.pipeline, num_steps, self.image_seq_len)
+        self.table = flow_match_euler_table(self.scheduler)
+        self.sampler = SAMPLER
+        self.timesteps = [int(t) for t in self.scheduler.timesteps.tolist()]  # what a router records
+        self.solver_guidance = {"guidance_scale": guidance, "cond_first": False} if self.guided else {}
+        self._device_tensors = {}
+
+    # ---- shapes ----
+
+    def _latent_shape(self, cfg) -> tuple:
+        multiple = VAE_FACTOR * 2 if self.packed else VAE_FACTOR * _patch(cfg)
+        if self.height % multiple or self.width % multiple:
+            raise ValueError(f"height, width: expected multiples of {multiple} for {self.class_name}, got "
+                             f"{self.height}x{self.width}")
+        h, w = self.height // VAE_FACTOR, self.width // VAE_FACTOR
+        if self.packed:
+            return ((h // 2) * (w // 2), cfg.in_channels)
+        return (cfg.in_channels, h, w)
+
+    @property
+    def image_seq_len(self) -> int:
+        """The image tokens the pipeline computes its shift mu from."""
+        if self.packed:
+            return self.latent_shape[0]
+        patch = _patch(self.transformer.config)
+        return (self.latent_shape[-2] // patch) * (self.latent_shape[-1] // patch)
+
+    def unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the pipeline hands them to its VAE (before scaling): packed ones unpacked."""
+        return latents
+
+    # ---- conditions ----
+
+    def _check_embeddings(self, embeddings: dict) -> dict:
+        keys = self.prompt_keys + (self.negative_keys if self.guided else ())
+        missing = [key for key in keys if key not in embeddings]
+        if missing:
+            raise ValueError(f"embeddings: expected the keys {list(keys)} for {self.class_name}, missing {missing}")
+        width = self.transformer.config[self.text_dim]
+        for key in (self.prompt_keys[0],) + ((self.negative_keys[0],) if self.guided else ()):
+            shape = tuple(embeddings[key].shape)
+            if len(shape) != 3 or shape[2] != width:
+                raise ValueError(f"embeddings: expected {key} of shape (prompts, tokens, {width}) for "
+                                 f"{self.class_name}, got {shape}")
+        return {key: embeddings[key] for key in keys}
+
+    @property
+    def num_prompts(self) -> int:
+        return self.embeddings[self.prompt_keys[0]].shape[0]
+
+    def conditions(self, batch: int, generator: torch.Generator) -> dict:
+        """A random prompt of the bank per sample: {"prompt_index": (batch,)}."""
+        return {"prompt_index": torch.randint(0, self.num_prompts, (batch,), generator=generator)}
+
+    def _prompts(self, cond, device) -> dict:
+        """The bank's tensors of the batch's prompts (key -> (B, ...)), with the negative prompt's first when
+        guided (key -> (2B, ...)), on `device` (prompt tensors in the transformer's dtype)."""
+        index = cond["prompt_index"]
+        negatives = dict(zip(self.prompt_keys, self.negative_keys)) if self.guided else {}
+        prompts = {}
+        for key in self.prompt_keys:
+            value = self.embeddings[key][index]
+            if key in negatives:
+                value = torch.cat([self.embeddings[negatives[key]].expand(len(index), *value.shape[1:]), value])
+            prompts[key] = value.to(device=device, dtype=self.transformer.dtype if value.is_floating_point() else None)
+        return prompts
+
+    # ---- one step ----
+
+    def begin(self):
+        return None  # the table holds every step: no sampler state
+
+    def _on(self, name: str, device) -> torch.Tensor:
+        """The scheduler's timesteps or the table's coefficients on `device` (uploaded once)."""
+        if (name, device) not in self._device_tensors:
+            value = self.scheduler.timesteps if name == "timesteps" else self.table.tensor(device)
+            self._device_tensors[(name, device)] = value.to(device)
+        return self._device_tensors[(name, device)]
+
+    def model_kwargs(self, x, cond, i: int) -> dict:
+        """The transformer's keyword arguments at step i for the sample x (B, *latent_shape)."""
+        model_in = torch.cat([x, x]) if self.guided else x
+        t = self._on("timesteps", x.device)[i].expand(model_in.shape[0])
+        return {"hidden_states": model_in, "return_dict": True,
+                **self._model_inputs(model_in, t, self._prompts(cond, x.device))}
+
+    def _model_inputs(self, model_in, t, prompts: dict) -> dict:
+        raise NotImplementedError
+
+    def velocity(self, out: torch.Tensor) -> torch.Tensor:
+        """The model output as the solver steps it (4-D): the raw output, guided by `solver_step` when
+        `solver_guidance` says so."""
+        return as_4d(out)
+
+    def update(self, state, x, out, cond, i: int) -> torch.Tensor:
+        """x at step i + 1 from x (B, *latent_shape) and the transformer output `out` at step i."""
+        step = solver_step(as_4d(x), self.velocity(out), self._on("coefficients", x.device)[i], **self.solver_guidance)
+        return step[0].view(x.shape)
+
+    def combined(self, out: torch.Tensor, channels=None) -> torch.Tensor:
+        """The velocity the sampler steps with (B, ...): guidance applied (the training loss compares it)."""
+        v = self.velocity(out)
+        if not self.solver_guidance:
+            return v
+        uncond, cond = v.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+
+class FluxTask(FlowTask):
+    class_name, pipeline, packed, cfg = "FluxTransformer2DModel", "FluxPipeline", True, False
+    prompt_keys, negative_keys = ("prompt_embeds", "pooled_prompt_embeds"), ()
+
+    def _model_inputs(self, model_in, t, prompts):
+        import diffusers
+
+        device, dtype = model_in.device, self.transformer.dtype
+        embeds = prompts["prompt_embeds"]
+        ids = diffusers.FluxPipeline._prepare_latent_image_ids(
+            model_in.shape[0], self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2, device, dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], self.guidance, device=device, dtype=torch.float32).expand(model_in.shape[0])
+        return {"timestep": t.to(dtype) / 1000, "guidance": guidance, "encoder_hidden_states": embeds,
+                "pooled_projections": prompts["pooled_prompt_embeds"], "img_ids": ids,
+                "txt_ids": torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)}
+
+    def unpack(self, latents):
+        import diffusers
+
+        return diffusers.FluxPipeline._unpack_latents(latents, self.height, self.width, VAE_FACTOR)
+
+
+class SD3Task(FlowTask):
+    class_name, pipeline = "SD3Transformer2DModel", "StableDiffusion3Pipeline"
+    prompt_keys = ("prompt_embeds", "pooled_prompt_embeds")
+    negative_keys = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+
+    def _model_inputs(self, model_in, t, prompts):
+        return {"timestep": t, "encoder_hidden_states": prompts["prompt_embeds"],
+                "pooled_projections": prompts["pooled_prompt_embeds"]}
+
+
+class WanTask(FlowTask):
+    class_name, pipeline, text_dim = "WanTransformer3DModel", "WanPipeline", "text_dim"
+
+    def _latent_shape(self, cfg):
+        if self.frames is None or self.frames < 1 or (self.frames - 1) % WAN_FRAME_FACTOR:
+            raise ValueError(f"frames: expected 4 n + 1 frames for {self.class_name}, got {self.frames}")
+        channels, h, w = super()._latent_shape(cfg)
+        return (channels, (self.frames - 1) // WAN_FRAME_FACTOR + 1, h, w)
+
+    @property
+    def image_seq_len(self):
+        return None  # WanPipeline sets the timesteps without mu
+
+    def _model_inputs(self, model_in, t, prompts):
+        return {"timestep": t, "encoder_hidden_states": prompts["prompt_embeds"]}
+
+
+class QwenImageTask(FlowTask):
+    class_name, pipeline, packed = "QwenImageTransformer2DModel", "QwenImagePipeline", True
+    prompt_keys = ("prompt_embeds", "prompt_embeds_mask")
+    negative_keys = ("negative_prompt_embeds", "negative_prompt_embeds_mask")
+
+    def __init__(self, transformer, embeddings, *args, **kwargs):
+        super().__init__(transformer, _pad_qwen(embeddings), *args, **kwargs)
+        self.solver_guidance = {}  # the norm-rescaled true CFG is applied in `velocity`
+
+    def _model_inputs(self, model_in, t, prompts):
+        side = (self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2)
+        return {"timestep": t.to(self.transformer.dtype) / 1000, "encoder_hidden_states": prompts["prompt_embeds"],
+                "encoder_hidden_states_mask": prompts["prompt_embeds_mask"],
+                "img_shapes": [[(1, *side)]] * model_in.shape[0]}
+
+    def velocity(self, out):
+        """QwenImagePipeline's true CFG: v = v_u + s (v_c - v_u), rescaled to |v_c| over channels per token."""
+        if not self.guided:
+            return as_4d(out)
+        uncond, cond = out.chunk(2)
+        v = uncond + self.guidance * (cond - uncond)
+        return as_4d(v * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(v, dim=-1, keepdim=True)))
+
+    def unpack(self, latents):
+        import diffusers
+
+        return diffusers.QwenImagePipeline._unpack_latents(latents, self.height, self.width, VAE_FACTOR)
+
+
+def _pad_qwen(embeddings: dict) -> dict:
+    """Prompt and negative embeddings padded to one length (zeros, mask 0), so that both halves of a CFG
+    batch fit one tensor (Qwen-Image's encode_prompt trims each batch to its longest prompt)."""
+    pairs = [("prompt_embeds", "prompt_embeds_mask"), ("negative_prompt_embeds", "negative_prompt_embeds_mask")]
+    if not all(key in embeddings for pair in pairs for key in pair):
+        return embeddings
+    length = max(embeddings[key].shape[1] for key, _ in pairs)
+    padded = dict(embeddings)
+    for key, mask in pairs:
+        extra = length - embeddings[key].shape[1]
+        padded[key] = torch.nn.functional.pad(embeddings[key], (0, 0, 0, extra))
+        padded[mask] = torch.nn.functional.pad(embeddings[mask], (0, extra))
+    return padded
+
+
+FAMILIES = {task.class_name: task for task in (FluxTask, SD3Task, WanTask, QwenImageTask)}
+POOLED_DIM = "pooled_projection_dim"
+
+
+def flow_task(transformer, embeddings: dict, num_steps: int, guidance: float, **size) -> FlowTask:
+    """The task of the transformer's family; size: height, width (pixels), frames (Wan), scheduler (a key of
+    `solvers.FLOW_MATCH_SCHEDULERS`)."""
+    name = type(transformer).__name__
+    if name not in FAMILIES:
+        raise ValueError(f"transformer: expected one of {sorted(FAMILIES)}, got {name}")
+    return FAMILIES[name](transformer, embeddings, num_steps, guidance, **size)
+
+
+def random_flow_embeddings(transformer, count: int, tokens: int, generator: torch.Generator) -> dict:
+    """A bank of `count` N(0, 1) prompts of `tokens` tokens for a random-weights transformer, in the keys of
+    its family (the negative prompt: zeros; masks: ones)."""
+    task = FAMILIES[type(transformer).__name__]
+    cfg = transformer.config
+    bank = {}
+    for keys, rows in ((task.prompt_keys, count), (task.negative_keys, 1)):
+        for key in keys:
+            if key.endswith("mask"):
+                bank[key] = torch.ones(rows, tokens, dtype=torch.long)
+                continue
+            shape = (rows, cfg[POOLED_DIM]) if "pooled" in key else (rows, tokens, cfg[task.text_dim])
+            bank[key] = torch.randn(shape, generator=generator) if rows == count else torch.zeros(shape)
+    return bank
+
+
+def load_flow_embeddings(path) -> dict:
+    """A safetensors file of a pipeline's `encode_prompt` outputs, under the names it returns them: FLUX
+    prompt_embeds (P, L, D), pooled_prompt_embeds (P, D'); SD3 the same plus negative_prompt_embeds (1, L, D)
+    and negative_pooled_prompt_embeds (1, D'); Wan prompt_embeds and negative_prompt_embeds; Qwen-Image
+    prompt_embeds, prompt_embeds_mask (P, L) and the negative pair. The task checks the keys it needs."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"--prompt-embeddings: expected a safetensors file, got {path} ({error})") from None
+
+
+@torch.no_grad()
+def flow_sample(task: FlowTask, prompt_index: torch.Tensor, *, latents: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """One generation of `task` through `SolverLoop` (the fused solver step; caching as enabled on the
+    transformer); returns the final latents (B, *latent_shape), packed as the transformer sees them.
+
+    prompt_index: (B,) prompts of the task's bank; latents: the initial noise, else N(0, 1) from `generator`."""
+    transformer = task.transformer
+    device, dtype = transformer.device, transformer.dtype
+    if latents is None:
+        shape = (len(prompt_index), *task.latent_shape)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+    latents = latents.to(device, dtype)
+    if step_runner(transformer) is not None:
+        raise ValueError("scheduler_in_graph: expected off for a flow-matching model (its sampler step runs after "
+                         "the graph), got on")
+    cond = {"prompt_index": prompt_index}
+    begin_generation(transformer, task.sampler, task.timesteps)
+    with SolverLoop(transformer, task.table, as_4d(latents), task.solver_guidance) as loop:
+        for i in tqdm(range(task.num_steps), disable=not progress, desc=SAMPLER):
+            loop.begin_step(i)
+            out = transformer(**task.model_kwargs(loop.x.view(latents.shape), cond, i)).sample
+            loop.end_step(SimpleNamespace(sample=task.velocity(out)))
+    return loop.result().view(latents.shape)
+
+
+def cur_for_speedup(macs, speedup: float, num_steps: int) -> float:
+    """The CUR whose reused units, at the average unit's MACs, give the theoretical `speedup`:
+    total / (total - CUR x units) = speedup (per step), so CUR = (1 - 1 / speedup) total / units.
+    macs: a `MacCount` of the model. ValueError when step 0 (never reused) leaves it out of reach."""
+    units = sum(macs.unit_macs)
+    cur = (1 - 1 / speedup) * macs.total / units
+    most = (num_steps - 1) / num_steps
+    if not speedup > 1 or cur >= most:
+        reach = macs.total / (macs.total - most * units)
+        raise ValueError(f"--target-speedup: expected a speedup in (1, {math.floor(reach * 100) / 100}) for "
+                         f"{num_steps} steps of this model, got {speedup}")
+    return cur
+
+
+def _patch(cfg) -> int:
+    return cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
