@@ -1,4 +1,5 @@
-"""`harmonica sample`: one image from a DiT/PixArt model with a router, a baseline schedule or no cache."""
+"""`harmonica sample`: one image from a DiT/PixArt model (the latents of a flow-matching model) with a router, a
+baseline schedule or no cache; `harmonica train`: a router."""
 
 import argparse
 import dataclasses
@@ -13,7 +14,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import enable, step_runner, summary
-from .models import PRESETS, build_pipeline, build_transformer, move_pipeline, preset, random_prompt_embeds
+from .flow import cur_for_speedup
+from .models import (
+    FLOW_PRESETS,
+    PRESETS,
+    build_pipeline,
+    build_transformer,
+    load_transformer,
+    move_pipeline,
+    preset,
+    random_prompt_embeds,
+)
 from .router import Router, RouterInfo, dit_ddim_timesteps
 from .samplers import (
     DIT_SAMPLERS,
@@ -145,17 +156,14 @@ def plan_sample(args, spec) -> SamplePlan:
     transformer, no weights) and the router's files, before any model is built; ValueError naming the
     option to change."""
     check_out_file(args.out, "--out", image_suffixes(), "an image file name (.png, .jpg or another suffix PIL writes)")
-    if args.tau is not None and not args.router:
-        raise ValueError(f"--tau: expected only with --router (it thresholds the router's gates), got --tau "
-                         f"{args.tau} with {'--schedule ' + args.schedule if args.schedule else 'no router'}")
+    check_tau_and_guidance(args)
+    if args.prompt_embeddings is not None:
+        raise ValueError(f"--prompt-embeddings: expected only with a flow-matching model ({', '.join(FLOW_PRESETS)}), "
+                         f"got it with --model {args.model}")
     for option, value, family in (("--class-label", args.class_label, "DiT"), ("--prompt", args.prompt, "PixArt")):
         if value is not None and spec.is_pixart != (family == "PixArt"):
             raise ValueError(f"{option}: expected only with a {family} model, got {option} {value!r} with --model "
                              f"{args.model}")
-    if args.tau is not None and not 0 < args.tau < 1:
-        raise ValueError(f"--tau: expected a threshold in (0, 1), got {args.tau}")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise ValueError(f"--guidance: expected a finite scale >= 0, got {args.guidance}")
     with torch.device("meta"):
         transformer = build_transformer(args.model)
     if args.class_label is not None and not 0 <= args.class_label < transformer.config.num_embeds_ada_norm:
@@ -182,13 +190,29 @@ def plan_sample(args, spec) -> SamplePlan:
     if router is None:
         units = [name for name, _ in cached_units(transformer)]
         return SamplePlan(sampler, steps, parse_schedule(args.schedule or "no-cache", steps, units))
-    model = RouterInfo.for_model(transformer, timesteps=dit_ddim_timesteps(steps) if sampler == "dit-ddim" else [])
+    check_router_model(router, args, transformer, timesteps=dit_ddim_timesteps(steps) if sampler == "dit-ddim" else [])
+    return SamplePlan(sampler, steps, router)
+
+
+def check_router_model(router: Router, args, transformer, **fields) -> None:
+    """ValueError naming --router when the router was trained for another model (its class, units and, with
+    random weights, config; hub configs may differ from the preset's) or for other `fields` (RouterInfo's)."""
+    model = RouterInfo.for_model(transformer, **fields)
     diffs = router.info.differences(dataclasses.replace(model, config_hash=model.config_hash if args.random_weights
-                                                        else ""))  # hub configs may differ from the preset's
+                                                        else ""))
     if diffs:
         raise ValueError(f"--router: {args.router} was trained for something else than --model {args.model} "
                          f"({'; '.join(diffs)})")
-    return SamplePlan(sampler, steps, router)
+
+
+def check_tau_and_guidance(args) -> None:
+    if args.tau is not None and not args.router:
+        raise ValueError(f"--tau: expected only with --router (it thresholds the router's gates), got --tau "
+                         f"{args.tau} with {'--schedule ' + args.schedule if args.schedule else 'no router'}")
+    if args.tau is not None and not 0 < args.tau < 1:
+        raise ValueError(f"--tau: expected a threshold in (0, 1), got {args.tau}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance: expected a finite scale >= 0, got {args.guidance}")
 
 
 def _router_sampler(router: Router, spec, directory: str) -> str | None:
@@ -205,6 +229,9 @@ def _router_sampler(router: Router, spec, directory: str) -> str | None:
 
 def sample(args) -> int:
     spec = preset(args.model)
+    if spec.is_flow:
+        return sample_flow(args, spec)
+    args.out = args.out or "out.png"
     plan = plan_sample(args, spec)
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,7 +258,96 @@ def sample(args) -> int:
     return 0
 
 
+def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
+    """`plan_sample` for a flow-matching model: (prompt bank, steps, guidance, cache) with every option checked
+    against the model's config (a meta-device transformer), the prompt embeddings and the router, before any
+    weights load. The random prompt of random weights is drawn from `generator`."""
+    from .flow import SAMPLER, flow_task, load_flow_embeddings, random_flow_embeddings
+
+    check_out_file(args.out, "--out", {".safetensors"}, "a .safetensors file name (the final latents)")
+    check_tau_and_guidance(args)
+    if args.class_label is not None:
+        raise ValueError(f"--class-label: expected only with a DiT model, got --class-label {args.class_label} with "
+                         f"--model {args.model}")
+    if args.prompt is not None:
+        raise ValueError(f"--prompt: expected --prompt-embeddings for --model {args.model} (no text encoder runs "
+                         f"here), got --prompt {args.prompt!r}")
+    if args.sampler not in (None, SAMPLER):
+        raise ValueError(f"--sampler: expected {SAMPLER} (the pipeline's) for --model {args.model}, got "
+                         f"{args.sampler!r}")
+    if args.scheduler_in_graph:
+        raise ValueError(f"--scheduler-in-graph: expected off for --model {args.model} (its sampler step runs after "
+                         f"the graph), got on")
+    if args.steps is not None and not 1 <= args.steps <= DIT_TRAIN_STEPS:
+        raise ValueError(f"--steps: expected 1 to {DIT_TRAIN_STEPS} (the model's training timesteps), got {args.steps}")
+    router = load_router(args.router) if args.router else None
+    if router is not None and args.steps is not None and args.steps != router.num_steps:
+        raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
+                         f"{args.steps}; leave --steps out")
+    steps = args.steps or (router.num_steps if router else spec.steps)
+    guidance = spec.guidance if args.guidance is None else args.guidance
+    with torch.device("meta"):
+        transformer = build_transformer(args.model)
+    if args.prompt_embeddings:
+        bank = load_flow_embeddings(args.prompt_embeddings)
+    else:
+        if not args.random_weights:
+            raise ValueError(f"--prompt-embeddings: expected a file of the pipeline's prompt embeddings for the "
+                             f"weights of {args.model} (random ones only suit --random-weights), got none")
+        bank = random_flow_embeddings(transformer, 1, spec.text_tokens, generator)
+    try:
+        task = flow_task(transformer, bank, steps, guidance, **spec.size)
+    except ValueError as error:
+        raise ValueError(f"--prompt-embeddings: {error}") from None
+    if router is None:
+        units = [name for name, _ in cached_units(transformer)]
+        return bank, steps, guidance, parse_schedule(args.schedule or "no-cache", steps, units)
+    check_router_model(router, args, transformer, sampler=SAMPLER, timesteps=task.timesteps)
+    return bank, steps, guidance, router
+
+
+def sample_flow(args, spec) -> int:
+    """`harmonica sample` for a flow-matching model: the transformer alone, driven by `flow.flow_sample` on the
+    first prompt of the bank; the final latents (unpacked, as the pipeline hands them to its VAE) go to --out."""
+    from safetensors.torch import save_file
+
+    from .api import Summary
+    from .flow import SAMPLER, flow_sample, flow_task
+
+    args.out = args.out or "out.safetensors"
+    generator = torch.Generator().manual_seed(args.seed)
+    bank, steps, guidance, cache = plan_flow_sample(args, spec, generator)
+    transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights,
+                                   seed=args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" and not args.fp32 else torch.float32
+    move_pipeline(transformer, device, dtype)
+    task = flow_task(transformer, bank, steps, guidance, **spec.size)
+    engine = enable(transformer, cache, tau=args.tau, cuda_graphs=args.cuda_graphs, compile=args.compile)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        latents = flow_sample(task, torch.zeros(1, dtype=torch.long), generator=generator, progress=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    bad = int((~torch.isfinite(latents)).sum())
+    if bad:
+        raise RuntimeError(f"latents: expected finite values, got {bad} of {latents.numel()} NaN/inf (the sampling "
+                           "diverged; nothing was written)")
+    latents = task.unpack(latents).float().cpu().contiguous()
+    save_file({"latents": latents}, args.out)
+    schedule = engine.schedule
+    weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
+    print(f"model {args.model} ({weights}), sampler {SAMPLER}, {steps} steps, guidance {guidance}, seed {args.seed}, "
+          f"{device} {dtype}")
+    print(Summary(schedule.name, SAMPLER, steps, schedule.num_units, schedule.cur,
+                  schedule.theoretical_speedup(task.macs()), (spec.height, spec.width), engine.cache_bytes()))
+    print(f"measured {elapsed:.2f} s (whole generation); latents {tuple(latents.shape)} written to {args.out}")
+    return 0
+
+
 DIGITS = "digits-dit"  # the committed digits model (harmonica.digits), trainable, not a pipeline
+RANDOM_PROMPTS = 16  # the prompt bank of a random-weights flow model's training
 
 
 def digits_report(model, schedule, num_steps: int, count: int = 500, *, batch: int = 50,
@@ -293,8 +409,18 @@ def train(args) -> int:
     if spec.is_pixart and not args.embeds:
         raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "
                          f"(harmonica.training.save_prompt_embeddings writes one), got none")
+    if spec.is_flow and not (args.embeds or args.random_weights):
+        raise ValueError(f"--embeds: the weights of {args.model} train on precomputed prompt embeddings; expected a "
+                         f"file of the pipeline's encode_prompt outputs (random ones only suit --random-weights), got "
+                         f"none")
+    if spec.is_flow and args.sampler is not None:
+        raise ValueError(f"--sampler: expected none for {args.model} (it trains with its pipeline's "
+                         f"FlowMatchEulerDiscreteScheduler), got {args.sampler!r}")
+    if args.target_speedup is not None and not args.target_speedup > 1:
+        raise ValueError(f"--target-speedup: expected a theoretical speedup > 1, got {args.target_speedup}")
+    guidance = args.guidance if args.guidance is not None else (spec.guidance if spec.is_flow else TrainConfig.guidance)
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations, batch=args.batch, lr=args.lr,
-                         beta=args.beta, tau=args.tau, refresh=args.refresh, guidance=args.guidance,
+                         beta=args.beta, tau=args.tau, refresh=args.refresh, guidance=guidance,
                          objective=args.objective, lambda_batch=args.lambda_batch, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
                          target_cur=args.target_cur, optimizer=args.optimizer, loss=args.loss)
@@ -308,16 +434,28 @@ def train(args) -> int:
         from .digits import load_digits_dit
 
         transformer = load_digits_dit().to(device)
+    elif spec.is_flow:
+        transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights).to(device)
     else:
         pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
         transformer = pipe.transformer.to(device)
-    if spec.is_pixart:
+    if spec.is_flow:
+        from .flow import flow_task, load_flow_embeddings, random_flow_embeddings
+
+        bank = (load_flow_embeddings(args.embeds) if args.embeds else
+                random_flow_embeddings(transformer, RANDOM_PROMPTS, spec.text_tokens,
+                                       torch.Generator().manual_seed(config.seed)))
+        task = flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
+    elif spec.is_pixart:
         scheduler = use_pixart_sampler(pipe, args.sampler or spec.sampler)
         task = PixArtTask(transformer, scheduler, load_prompt_embeddings(args.embeds), config.num_steps,
                           config.guidance)
     else:
         task = DiTTask(transformer, config.num_steps, config.guidance)
     trainer = RouterTrainer(task, config, args.out)
+    if args.target_speedup is not None:  # the checkpoint records the CUR target it became
+        config.target_cur = cur_for_speedup(trainer.macs, args.target_speedup, config.num_steps)
+        print(f"target speedup {args.target_speedup}x: target CUR {config.target_cur:.1%} (at the average unit's MACs)")
     router = trainer.run(resume=args.resume, overwrite=args.overwrite)
     if trainer.rank == 0:
         schedule = router.schedule(config.tau)
@@ -347,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     t = commands.add_parser("train", help="train a router (SDT + IEPO); torchrun for several GPUs")
     defaults = TrainConfig()
-    t.add_argument("--model", required=True, choices=sorted(PRESETS) + [DIGITS])
+    t.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS) + [DIGITS])
     weights = t.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
     weights.add_argument("--random-weights", action="store_true", help="no download: random weights")
@@ -363,8 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--beta", type=float, default=defaults.beta, help="weight of the router L1 term")
     t.add_argument("--tau", type=float, default=defaults.tau)
     t.add_argument("--refresh", type=int, default=defaults.refresh, help="iterations between lambda refreshes")
-    t.add_argument("--guidance", type=float, default=defaults.guidance, help="1.5 is DiT's; PixArt uses 4.5")
-    t.add_argument("--embeds", help="PixArt: safetensors file of prompt embeddings (see save_prompt_embeddings)")
+    t.add_argument("--guidance", type=float, help=f"default {defaults.guidance} (DiT's; PixArt uses 4.5), or the flow "
+                   "pipeline's (FLUX 3.5 distilled, SD3 7, Wan 5, Qwen-Image true CFG 4)")
+    t.add_argument("--embeds", help="PixArt: safetensors file of prompt embeddings (see save_prompt_embeddings); flow "
+                   "models: their pipeline's encode_prompt outputs (see flow.load_flow_embeddings)")
     t.add_argument("--sampler", help="PixArt: dpm-solver++ (default), sa-solver or iddpm")
     t.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
     t.add_argument("--lambda-batch", type=int, default=defaults.lambda_batch)
@@ -372,13 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="iterations")
     t.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes,
                    help="also checkpoint when this many minutes passed since the last checkpoint")
-    t.add_argument("--target-cur", type=float, help="adjust beta during training towards this CUR at tau")
+    target = t.add_mutually_exclusive_group()
+    target.add_argument("--target-cur", type=float, help="adjust beta during training towards this CUR at tau")
+    target.add_argument("--target-speedup", type=float,
+                        help="--target-cur of this theoretical MAC speedup, at the average unit's MACs")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
                    help="per-step: one AdamW parameter per step's row, as the official code (shared: one (T, K))")
     t.add_argument("--loss", choices=LOSSES, default=defaults.loss,
                    help="combined: MSE of the guidance-combined output, as the official code (separate: CFG halves)")
     s = commands.add_parser("sample", help="generate one image")
-    s.add_argument("--model", required=True, choices=sorted(PRESETS))
+    s.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS))
     source = s.add_mutually_exclusive_group()
     source.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
     source.add_argument("--random-weights", action="store_true", help="no download: random weights from configs")
@@ -393,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-label", type=int, help=f"ImageNet class (DiT; default {DIT_CLASS})")
     s.add_argument("--prompt", help=f"PixArt prompt (default {DEFAULT_PROMPT!r})")
+    s.add_argument("--prompt-embeddings", help="flow models: safetensors file of the pipeline's encode_prompt outputs "
+                   "(the first prompt is sampled; default with --random-weights: a random prompt)")
     s.add_argument("--guidance", type=float,
                    help="classifier-free guidance, 0 or 1 for none (default: 1.5 dit-ddim, 4.0 pipeline, 4.5 PixArt)")
     s.add_argument("--fp32", action="store_true", help="fp32 on CUDA (default fp16; CPU always fp32)")
@@ -400,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler-in-graph", action="store_true",
                    help="with --cuda-graphs: the sampler step inside each graph (dit-ddim, dpm-solver++)")
     s.add_argument("--compile", action="store_true", help="torch.compile each unit kind once (all blocks share it)")
-    s.add_argument("--out", default="out.png", help="image file (.png, .jpg, ...) in an existing directory")
+    s.add_argument("--out", help="image file (.png, .jpg, ...; default out.png) in an existing directory; flow models: "
+                   ".safetensors file of the final latents (default out.safetensors)")
     from .bench.command import add_arguments as add_bench_arguments
 
     add_bench_arguments(commands.add_parser("bench", help="the benchmark suite: theoretical vs measured speedup, "

@@ -178,9 +178,10 @@ def build_pipeline(name: str, *, weights: str | None = None, random_weights: boo
 
 
 def move_pipeline(pipe, device, dtype: torch.dtype) -> None:
-    """`pipe.to(device, dtype)`, without the warning diffusers prints for every model cast to a dtype
-    ("should be kept in float32: []") when the model keeps no module in float32."""
-    keeps_fp32 = any(getattr(part, "_keep_in_fp32_modules", None) for part in pipe.components.values())
+    """`pipe.to(device, dtype)` (a pipeline or one model), without the warning diffusers prints for every model
+    cast to a dtype ("should be kept in float32: []") when the model keeps no module in float32."""
+    parts = pipe.components.values() if hasattr(pipe, "components") else [pipe]
+    keeps_fp32 = any(getattr(part, "_keep_in_fp32_modules", None) for part in parts)
     logger = logging.getLogger("diffusers.models.modeling_utils")
     level = logger.level
     if not keeps_fp32:
