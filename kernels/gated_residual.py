@@ -6,7 +6,8 @@ A unit (`attn1`, `attn2` or `ff` of a transformer block) adds its gated output t
 
 - h, fresh, cache: (B, N, D) residual stream, the unit's fresh output, the unit's cache slot.
 - g: the adaLN gate, (B, D) or (B, 1, D), broadcast over the N tokens of each batch row;
-  None where the unit has no gate (PixArt cross-attention).
+  None where the unit has no gate (PixArt cross-attention). In h's dtype, or float32 over a
+  low-precision h: the residual is then added in fp32, `(h.float() + g * value).to(h.dtype)` (Wan).
 - r: the unit's router value at this step, a 0-dim tensor, read only on the device.
 
 Three forms share one kernel:
@@ -201,19 +202,19 @@ def gated_residual_ref(h, fresh, cache, r, gate=None, tau=None):
     blended = cache + r * (fresh - cache)
     if tau is not None:
         cache.copy_(torch.where(r > tau, blended.detach(), cache))
-    return h + _apply_gate(blended, gate)
+    return (h + _apply_gate(blended, gate)).to(h.dtype)
 
 
 def gated_residual_compute_ref(h, fresh, gate=None, cache=None):
     """Torch definition of the compute form: `h + g * fresh`, and `cache <- fresh`."""
     if cache is not None:
         cache.copy_(fresh.detach())
-    return h + _apply_gate(fresh, gate)
+    return (h + _apply_gate(fresh, gate)).to(h.dtype)
 
 
 def gated_residual_reuse_ref(h, cache, gate=None):
     """Torch definition of the reuse form: `h + g * cache`."""
-    return h + _apply_gate(cache, gate)
+    return (h + _apply_gate(cache, gate)).to(h.dtype)
 
 
 def _plainly_valid(h, fresh, cache, gate, out) -> bool:
@@ -231,7 +232,7 @@ def _plainly_valid(h, fresh, cache, gate, out) -> bool:
         if gate is None:
             return True
         gate_shape = gate.shape
-        return (gate_shape[0] == shape[0] and gate_shape[-1] == shape[2] and gate.dtype == dtype
+        return (gate_shape[0] == shape[0] and gate_shape[-1] == shape[2] and gate.dtype in (dtype, torch.float32)
                 and (len(gate_shape) == 2 or (len(gate_shape) == 3 and gate_shape[1] == 1)) and gate.device == device)
     except (AttributeError, IndexError, TypeError):
         return False
@@ -254,8 +255,9 @@ def _check_unit(h, *, fresh=None, cache=None, gate=None, r=None, out=None, tau=N
         if tuple(gate.shape) not in ((B, D), (B, 1, D)):
             raise ValueError(f"gate: expected shape ({B}, {D}) or ({B}, 1, {D}) for h of shape {tuple(h.shape)}, "
                              f"got {tuple(gate.shape)}")
-        if gate.dtype != h.dtype:
-            raise ValueError(f"gate: expected dtype {h.dtype} (from h), got {gate.dtype}")
+        if gate.dtype not in (h.dtype, torch.float32):
+            also = "" if h.dtype == torch.float32 else " or torch.float32"
+            raise ValueError(f"gate: expected dtype {h.dtype} (from h){also}, got {gate.dtype}")
         check_device("gate", gate, "h", h)
     if r is not None:
         check_tensor("r", r)

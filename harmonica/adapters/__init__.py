@@ -102,4 +102,4 @@ def blocks_of(transformer) -> list:
     return blocks
 
 
-from . import basic, flux, qwen_image, sd3  # noqa: E402,F401  (each registers its adapters)
+from . import basic, flux, qwen_image, sd3, wan  # noqa: E402,F401  (each registers its adapters)

@@ -1,0 +1,167 @@
+"""Wan's block adapter on a tiny random WanTransformer3DModel (CPU; fp32, and bf16 for the fp32 residual)."""
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from graph_standin import StandInGraphs, runner_inputs
+
+import harmonica
+from harmonica import CacheSchedule
+from harmonica.kernels.gated_residual import COMPUTE, gated_residual_fwd
+from harmonica.units import cached_units
+
+B, M, STEPS = 2, 5, 4
+LATENT = (4, 3, 4, 4)  # channels, frames, height, width: 3 x 2 x 2 = 12 tokens at patch (1, 2, 2)
+UNITS = 2 * 3  # 2 blocks x (attn1, attn2, ffn)
+
+
+def make_wan(dtype=torch.float32):
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                  rope_max_seq_len=32)
+    with torch.no_grad():  # distinct values for every parameter (diffusers zero-initialises some)
+        for i, p in enumerate(model.parameters()):
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:  # as from_pretrained(torch_dtype=dtype)
+        keep = any(part in model._keep_in_fp32_modules for part in name.split("."))
+        t.data = t.data.to(torch.float32 if keep else dtype)
+    return model
+
+
+def step_inputs(step, batch=B, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(100 + step)
+    return dict(hidden_states=torch.randn(batch, *LATENT, generator=gen).to(dtype),
+                encoder_hidden_states=torch.randn(batch, M, 16, generator=gen).to(dtype),
+                timestep=torch.full((batch,), 900.0 - 200 * step))
+
+
+@torch.no_grad()
+def trajectory(model, steps=STEPS, inputs=step_inputs):
+    return [model(**inputs(s)).sample for s in range(steps)]
+
+
+def test_units_of_a_wan_transformer():
+    names = [name for name, _ in cached_units(make_wan())]
+    assert names == [f"blocks.{b}.{kind}" for b in range(2) for kind in ("attn1", "attn2", "ffn")]
+
+
+def test_no_cache_and_disable_are_bitwise_the_plain_model():
+    model = make_wan()
+    plain = trajectory(model)
+    harmonica.enable(model, CacheSchedule.no_cache(STEPS, UNITS))
+    harmonica.reset(model)
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
+    harmonica.disable(model)
+    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_bf16_residual_is_added_in_fp32_as_diffusers_does():
+    """bf16 model, fp32 modulation: the gated units add `(h.float() + out * gate).to(bf16)` (one rounding);
+    the CPU engine runs the fused ops' torch references, bitwise diffusers' block forward."""
+    model = make_wan(torch.bfloat16)
+
+    def inputs(step):
+        return step_inputs(step, dtype=torch.bfloat16)
+
+    plain = trajectory(model, inputs=inputs)
+    harmonica.enable(model, CacheSchedule.no_cache(STEPS, UNITS))
+    harmonica.reset(model)
+    cached = trajectory(model, inputs=inputs)
+    harmonica.disable(model)
+    assert plain[0].dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(cached, plain, strict=True))
+
+
+def test_the_kernel_adds_an_fp32_gate_in_fp32():
+    """The Triton kernel (the interpreter on CPU) given bf16 h, fresh and an fp32 gate (B, 1, D): the fp32
+    value `h + gate * fresh` rounded once to bf16 (the interpreter truncates, a GPU rounds to nearest and
+    may fuse the multiply-add: within one bf16 unit in the last place of the result)."""
+    gen = torch.Generator().manual_seed(0)
+    h, fresh = (torch.randn(2, 12, 16, generator=gen).to(torch.bfloat16) for _ in range(2))
+    gate = torch.randn(2, 1, 16, generator=gen)
+    slot, out = torch.full_like(fresh, float("nan")), torch.full_like(h, float("nan"))
+    exact = h.float() + fresh.float() * gate  # Wan: (h.float() + out * gate), gate fp32
+    gated_residual_fwd(h, fresh, slot, None, gate, out, mode=COMPUTE, write_cache=True)
+    assert out.dtype == torch.bfloat16 and torch.equal(slot, fresh)
+    truncated = (exact.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert torch.equal(out, truncated) or torch.equal(out, exact.to(torch.bfloat16)) or (
+        out.is_cuda and ((out.float() - exact).abs() <= exact.abs() * 2.0 ** -7).all())
+
+
+def test_fora_reuses_half_the_units_and_their_slots_hold_the_fresh_outputs():
+    """FORA:2 over 4 steps: CUR 50%; reused units do not run; each slot holds its unit's step-2 output,
+    which step 3 reuses."""
+    model = make_wan()
+    plain = trajectory(model)
+    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
+    assert schedule.cur == 0.5
+    engine = harmonica.enable(model, schedule)
+    harmonica.reset(model)
+    calls = torch.zeros(STEPS, UNITS, dtype=torch.bool)
+    fresh = {}  # unit -> its module's output at step 2
+
+    def record(k):
+        def hook(module, args, output):
+            calls[engine.step, k] = True
+            if engine.step == 2:
+                fresh[k] = output
+        return hook
+
+    hooks = [module.register_forward_hook(record(k)) for k, (_, module) in enumerate(cached_units(model))]
+    cached = trajectory(model)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(calls, schedule.table)
+    assert sorted(fresh) == list(range(UNITS))
+    assert all(torch.equal(engine.slots[k], fresh[k]) for k in range(UNITS))
+    harmonica.disable(model)
+    assert torch.equal(cached[2], plain[2]) and not torch.equal(cached[3], plain[3])
+
+
+def test_a_cfg_batch_keeps_its_halves_apart():
+    """FORA:2 on a batch of cond and uncond rows: each row's trajectory is the one it has alone (the slots,
+    gates and residual updates are per row). fp32 tolerance: rounding differences of batched matmuls only."""
+    model = make_wan()
+    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
+    harmonica.enable(model, schedule)
+    harmonica.reset(model)
+    batched = trajectory(model)
+    halves = []
+    for row in range(B):
+        harmonica.reset(model)
+        halves.append(trajectory(model, inputs=lambda s, row=row: {
+            k: v[row:row + 1] for k, v in step_inputs(s).items()}))
+    harmonica.disable(model)
+    for step, together in enumerate(batched):
+        alone = torch.cat([halves[row][step] for row in range(B)])
+        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_per_token_timesteps_are_refused():
+    model = make_wan()
+    harmonica.enable(model, CacheSchedule.no_cache(STEPS, UNITS))
+    harmonica.reset(model)
+    inputs = step_inputs(0)
+    inputs["timestep"] = torch.full((B, 12), 900.0)
+    with pytest.raises(ValueError, match=r"temb: expected shape \(B, 6, D\) .*got \(2, 12, 6, 16\)"):
+        with torch.no_grad():
+            model(**inputs)
+    harmonica.disable(model)
+
+
+def test_graph_replay_equals_the_eager_engine():
+    model = make_wan()
+    schedule = CacheSchedule.fora(STEPS + 1, UNITS, 2)
+    harmonica.enable(model, schedule)
+    harmonica.reset(model)
+    eager = trajectory(model, STEPS + 1)
+    harmonica.disable(model)
+    harmonica.enable(model, schedule, cuda_graphs=True)
+    runner = model._harmonica.graphs
+    runner.backend = StandInGraphs(lambda: runner_inputs(runner))
+    harmonica.reset(model)
+    replayed = trajectory(model, STEPS + 1)
+    harmonica.disable(model)
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
+    assert runner.captures == 3 and runner.replays == 2
