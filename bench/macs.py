@@ -2,9 +2,9 @@
 models of `configs.FLOW_MODELS` (FLUX.1, SD3.5, Wan 2.1, Qwen-Image).
 
 Counted by `torch.utils.flop_counter.FlopCounterMode` on the meta device: no weights, no compute,
-a second or two at any resolution. MACs = FLOPs / 2. A unit's MACs are those of the modules a reused
-unit skips (`harmonica.units`); everything else (patch embedding, timestep/text embeddings, adaLN,
-final layer) is the part that always runs.
+seconds at any resolution (4-9 s for each real flow model on 2 CPU cores). MACs = FLOPs / 2. A unit's
+MACs are those of the modules a reused unit skips (`harmonica.units`); everything else (patch embedding,
+timestep/text embeddings, adaLN, final layer) is the part that always runs.
 
 DiT-XL/2 at 256x256 counts 118.6 GMACs per image per forward, the DiT paper's "118.6 Gflops".
 
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harmonica.adapters import ADAPTERS, block_lists
 from harmonica.models import PRESETS, REAL_MODELS
+from harmonica.units import units_of
 
 from .configs import FLOW_MODELS
 
@@ -32,9 +32,6 @@ PATCH = 2  # latent pixels per token side (FLUX and Qwen-Image pack 2 x 2 latent
 DIT_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 FLOW_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel",
                 "QwenImageTransformer2DModel")
-# units of the block classes that have no adapter yet: the sub-modules that run separately (absent ones skipped)
-PARTS = {"JointTransformerBlock": ("attn", "attn2", "ff", "ff_context"),
-         "WanTransformerBlock": ("attn1", "attn2", "ffn"), "QwenImageTransformerBlock": ("attn", "img_mlp", "txt_mlp")}
 
 
 @dataclass(frozen=True)
@@ -122,24 +119,6 @@ def _example_inputs(model, batch: int, height: int, width: int, text_tokens: int
     return inputs
 
 
-def unit_modules(transformer, *, cross_attention: bool = True) -> list:
-    """[(unit name, qualified names of the modules it skips when reused)] in execution order: the units
-    of each block's adapter (`harmonica.adapters`), or for a block class without one its `PARTS`."""
-    units = []
-    for list_name, blocks in block_lists(transformer):
-        for i, block in enumerate(blocks):
-            prefix, class_name = f"{list_name}.{i}", type(block).__name__
-            if class_name in ADAPTERS:
-                parts = ADAPTERS[class_name].units(block, cross_attention=cross_attention)
-            elif class_name in PARTS:
-                parts = [(kind, (kind,)) for kind in PARTS[class_name] if getattr(block, kind, None) is not None]
-            else:
-                raise ValueError(f"{list_name}[{i}]: expected a block of {sorted({*ADAPTERS, *PARTS})}, "
-                                 f"got {class_name}")
-            units += [(f"{prefix}.{kind}", tuple(f"{prefix}.{m}" for m in modules)) for kind, modules in parts]
-    return units
-
-
 def _spec(model):
     """(class name, config, height, width, text tokens, frames) of a preset name or a model instance."""
     if isinstance(model, str):
@@ -178,9 +157,9 @@ def count_macs(model, height: int | None = None, width: int | None = None, *, ba
         meta_model(**inputs)
     flops = counter.get_flop_counts()
     per_module = {name: sum(ops.values()) / 2 / batch for name, ops in flops.items()}
-    units = unit_modules(meta_model, cross_attention=cross_attention)
-    names = tuple(name for name, _ in units)
-    unit_macs = tuple(sum(per_module.get(f"{class_name}.{module}", 0.0) for module in modules) for _, modules in units)
+    units = units_of(meta_model, cross_attention=cross_attention)
+    names = tuple(unit.name for unit in units)
+    unit_macs = tuple(sum(per_module.get(f"{class_name}.{module}", 0.0) for module in unit.modules) for unit in units)
     return MacCount(names=names, unit_macs=unit_macs, always_macs=per_module["Global"] - sum(unit_macs))
 
 
@@ -278,12 +257,11 @@ def macs_section(dit_rows, flow_rows, machine: dict) -> str:
         "",
         format_flow_mac_table(flow_rows),
         "",
-        "- Units: FLUX.1's double block has the joint attention `attn` (one unit for both streams), the image MLP",
-        "  `ff` and the text MLP `ff_context`; its single block is one unit `attn_mlp` (attention, MLP and",
-        "  `proj_out`), as the block adapters (`harmonica/adapters`) define them. SD3.5's `JointTransformerBlock`",
-        "  (`attn`, `attn2` where dual, `ff`, `ff_context`; the last block has no text MLP), Wan's",
-        "  `WanTransformerBlock` (`attn1`, cross-attention `attn2`, `ffn`) and Qwen-Image's block (`attn`,",
-        "  `img_mlp`, `txt_mlp`) count per sub-module until they have adapters (`PARTS`).",
+        "- Units, as the block adapters (`harmonica/adapters`) define them: FLUX.1's double block has the joint",
+        "  attention `attn` (one unit for both streams), the image MLP `ff` and the text MLP `ff_context`, its single",
+        "  block one unit `attn_mlp` (attention, MLP and `proj_out`); SD3.5's `attn` (joint), `attn2` (where dual),",
+        "  `ff`, `ff_context` (the last block has none); Wan's `attn1`, cross-attention `attn2`, `ffn`; Qwen-Image's",
+        "  `attn` (joint), `img_mlp`, `txt_mlp`.",
         "- Always-run: embeddings, adaLN linears, norms, the final layer.",
         "- Text tokens: FLUX.1 (T5) and Wan (UMT5) pad the prompt to 512; SD3.5 has 77 CLIP + 256 T5 tokens;",
         "  Qwen-Image at its cap of 512 (its pipeline does not pad: shorter prompts cost less). Wan: 81 frames are",
