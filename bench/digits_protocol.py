@@ -78,7 +78,7 @@ class ProtocolConfig:
     seeds: int = 6
     workers: int = 2
     steps: int = 10
-    iterations: int = 300
+    iterations: int = 600
     batch: int = 16
     lr: float = 0.1
     refresh: int = 100  # IEPO lambda refreshes (harmonica)
@@ -105,6 +105,10 @@ class ProtocolConfig:
 
 QUICK = {"seeds": 2, "iterations": 12, "batch": 4, "refresh": 6, "lambda_batch": 2, "samples": 50, "repeats": 1,
          "taus": default_taus(8), "quick": True}
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
 
 
 # ---- statistics ----
@@ -288,7 +292,7 @@ def jobs(config: ProtocolConfig, unit_names: list) -> list:
     return routers + baselines  # the longest first
 
 
-def run_jobs(config: ProtocolConfig, todo: list, progress=print) -> list:
+def run_jobs(config: ProtocolConfig, todo: list, progress=_print) -> list:
     """Every job's result, in `config.workers` spawned processes (0: in this one)."""
     start = time.perf_counter()
 
@@ -372,7 +376,7 @@ def outcome(comparisons: list) -> list:
     return lines
 
 
-def run(config: ProtocolConfig, command: str, progress=print) -> dict:
+def run(config: ProtocolConfig, command: str, progress=_print) -> dict:
     start = time.perf_counter()
     reference = fresh_reference(config)
     second = fresh_reference(config)
@@ -469,7 +473,7 @@ def digits_section(results: dict, json_path: str) -> str:
         "- FD real: Fréchet distance to the real digits in the classifier's features; FD vs uncached: to the "
         "uncached samples; accuracy: classified as the requested digit; agreement: same class as the uncached "
         f"sample. Measured CPU: median of {p['repeats']} samplings of the eval batch, one thread, against the "
-        "uncached sampling timed in the same process (two processes share the machine).",
+        f"uncached sampling timed in the same process ({p['workers']} worker processes share the machine).",
         "",
         "Per objective, mean ± standard error over the seeds where the value is defined and finite (n; an "
         "all-compute schedule has an infinite PSNR), metrics at tau = 0.1 unless named:",
@@ -527,7 +531,7 @@ def plot_pareto(results: dict, path) -> Path:
     return path
 
 
-def write_outputs(results: dict, out: Path, write_benchmarks: bool, progress=print) -> Path:
+def write_outputs(results: dict, out: Path, write_benchmarks: bool, progress=_print) -> Path:
     """The JSON (out: a .json file or a directory), the PNG beside it and optionally BENCHMARKS.md."""
     machine = results["machine"]
     path = out if out.suffix == ".json" else out / f"{machine['date'][:10]}-cpu-{machine['commit']}-digits.json"
