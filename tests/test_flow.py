@@ -1,0 +1,194 @@
+"""Flow-matching models (harmonica/flow.py) on tiny random transformers of each family: the loop against the
+diffusers pipeline's own, `harmonica sample` and `harmonica train` through cli.main, bad inputs."""
+
+import json
+import re
+
+import diffusers
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import harmonica
+from harmonica import cli
+from harmonica.bench.macs import MacCount
+from harmonica.flow import cur_for_speedup, flow_sample, flow_task, random_flow_embeddings
+from harmonica.models import FLOW_PRESETS, build_transformer
+from harmonica.router import Router
+from harmonica.schedule import CacheSchedule
+from harmonica.solvers import FLOW_MATCH_SCHEDULERS
+
+TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image")
+STEPS = 4
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def pipeline_latents(name, transformer, bank, noise):
+    """The final latents of the family's diffusers pipeline (no text encoders, no VAE) from `noise`, on prompt 1."""
+    spec = FLOW_PRESETS[name]
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS[spec.scheduler])
+    prompts = {key: value if key.startswith("negative") else value[1:2] for key, value in bank.items()}
+    common = dict(latents=noise, num_inference_steps=STEPS, height=spec.height, width=spec.width, output_type="latent")
+    encoders = dict(text_encoder=None, tokenizer=None)
+    if spec.class_name == "FluxTransformer2DModel":
+        pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=None, text_encoder_2=None, tokenizer_2=None,
+                                      transformer=transformer, **encoders)
+        return pipe(**prompts, guidance_scale=spec.guidance, **common).images
+    if spec.class_name == "SD3Transformer2DModel":
+        pipe = diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, **encoders,
+                                                  **{f"{part}_{i}": None for part in encoders for i in (2, 3)})
+        return pipe(**prompts, guidance_scale=spec.guidance, **common).images
+    if spec.class_name == "WanTransformer3DModel":
+        pipe = diffusers.WanPipeline(vae=None, scheduler=scheduler, transformer=transformer, **encoders)
+        return pipe(**prompts, guidance_scale=spec.guidance, num_frames=spec.frames, **common).frames
+    pipe = diffusers.QwenImagePipeline(scheduler=scheduler, vae=None, transformer=transformer, **encoders)
+    return pipe(**prompts, true_cfg_scale=spec.guidance, **common).images
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_loop_without_caching_is_the_pipelines(name):
+    """flow_sample, bare and with harmonica's no-cache schedule (the adapters' unit-by-unit blocks), against the
+    pipeline's loop (scheduler.step on the same transformer) from the same noise and prompt."""
+    spec = FLOW_PRESETS[name]
+    transformer = build_transformer(name)
+    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
+    noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
+    reference = pipeline_latents(name, transformer, bank, noise)
+    bare = flow_sample(task, torch.tensor([1]), latents=noise)
+    units = len(harmonica.units.cached_units(transformer))
+    harmonica.enable(transformer, CacheSchedule(torch.ones(STEPS, units, dtype=torch.bool), "no-cache"))
+    try:
+        enabled = flow_sample(task, torch.tensor([1]), latents=noise)
+    finally:
+        harmonica.disable(transformer)
+    # the pipeline steps x + (sigma_next - sigma) v, the table a x + b (x - sigma v): a few roundings of |x| per step
+    tolerance = 8 * STEPS * EPS32 * reference.abs().max().item()
+    for ours in (bare, enabled):
+        assert ours.shape == reference.shape
+        error = (ours - reference).abs().max().item()
+        assert error <= tolerance, f"{error:.3g} > {tolerance:.3g}"
+
+
+def run_cli(argv, capsys):
+    status = cli.main(argv)
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    return captured.out
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_sample_with_fora(name, tmp_path, capsys):
+    base = ["sample", "--model", name, "--random-weights", "--steps", str(STEPS)]
+    printed = run_cli(base + ["--schedule", "fora:2", "--out", str(tmp_path / "fora.safetensors")], capsys)
+    assert re.search(r"fora:2 \(FlowMatchEulerDiscreteScheduler\): 4 steps x \d+ units, CUR 50.0%", printed), printed
+    run_cli(base + ["--out", str(tmp_path / "plain.safetensors")], capsys)
+    fora, plain = (load_file(str(tmp_path / f"{n}.safetensors"))["latents"] for n in ("fora", "plain"))
+    spec = FLOW_PRESETS[name]
+    assert fora.shape[0] == 1 and fora.shape[-2:] == (spec.height // 8, spec.width // 8)  # unpacked
+    assert torch.isfinite(fora).all()
+    assert (fora - plain).abs().max() > 1e-3  # reused units change the sample
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_train_writes_a_router_that_samples(name, tmp_path, capsys):
+    out = tmp_path / "run"
+    run_cli(["train", "--model", name, "--random-weights", "--steps", str(STEPS), "--iterations", "3", "--batch", "2",
+             "--lambda-batch", "1", "--out", str(out)], capsys)
+    router = Router.from_pretrained(out / "router")
+    info = json.loads((out / "router" / "router.json").read_text())
+    assert info["model_class"] == FLOW_PRESETS[name].class_name
+    assert info["sampler"] == "FlowMatchEulerDiscreteScheduler" and len(info["timesteps"]) == STEPS
+    assert info["complete"] and info["iterations"] == 3
+    # caching at steps 1 and 3 whatever training did: the sample must follow the router's schedule
+    with torch.no_grad():
+        router.logits[1::2], router.logits[2] = -5.0, 5.0
+    router.save_pretrained(tmp_path / "edited")
+    again = Router.from_pretrained(tmp_path / "edited")
+    assert torch.equal(again.logits, router.logits) and again.info == router.info
+    printed = run_cli(["sample", "--model", name, "--random-weights", "--router", str(tmp_path / "edited"),
+                       "--out", str(tmp_path / "routed.safetensors")], capsys)
+    assert f"CUR {again.schedule().cur:.1%}" in printed and "CUR 50.0%" in printed
+
+
+def test_cur_for_speedup_on_known_macs():
+    macs = MacCount(names=("a", "b", "c", "d"), unit_macs=(1.0,) * 4, always_macs=4.0)
+    cur = cur_for_speedup(macs, 1.25, 5)  # (1 - 1/1.25) * 8 / 4
+    assert cur == pytest.approx(0.4)
+    table = torch.ones(5, 4, dtype=torch.bool)
+    table[1:3] = False  # 8 of 20 reused
+    schedule = CacheSchedule(table, "x")
+    assert schedule.cur == pytest.approx(cur) and schedule.theoretical_speedup(macs) == pytest.approx(1.25)
+    with pytest.raises(ValueError, match=r"--target-speedup: expected a speedup in \(1, 1.66\) for 5 steps"):
+        cur_for_speedup(macs, 1.7, 5)  # reusing every unit of steps 1-4 gives 40 / 24
+    with pytest.raises(ValueError, match="--target-speedup: expected a speedup in"):
+        cur_for_speedup(macs, 1.0, 5)
+
+
+def write_flux_router(directory):
+    """A trained-for-tiny-flux router (nominally) at 4 steps."""
+    from harmonica.router import RouterInfo
+
+    spec = FLOW_PRESETS["tiny-flux"]
+    with torch.device("meta"):
+        transformer = build_transformer("tiny-flux")
+    bank = random_flow_embeddings(transformer, 1, spec.text_tokens, torch.Generator().manual_seed(0))
+    task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
+    info = RouterInfo.for_model(transformer, sampler=task.sampler, timesteps=task.timesteps)
+    Router(STEPS, len(info.units), info=info).save_pretrained(directory)
+    return directory
+
+
+TINY_FLUX = ["sample", "--model", "tiny-flux", "--random-weights"]
+CASES = {
+    "router-of-another-model": (["sample", "--model", "tiny-sd3", "--random-weights", "--router", "ROUTER"],
+                                r"--router: \S+ was trained for something else than --model tiny-sd3 \(model_class: "
+                                r"router has FluxTransformer2DModel, got SD3Transformer2DModel;"),
+    "router-steps": (TINY_FLUX + ["--router", "ROUTER", "--steps", "8"],
+                     r"--steps: the router \S+ was trained for 4 steps, got --steps 8; leave --steps out"),
+    "image-out": (TINY_FLUX + ["--out", "TMP/x.png"],
+                  r"--out: expected a .safetensors file name \(the final latents\), got '\S+x.png'"),
+    "prompt": (TINY_FLUX + ["--prompt", "a cat"], r"--prompt: expected --prompt-embeddings for --model tiny-flux"),
+    "class-label": (TINY_FLUX + ["--class-label", "3"], r"--class-label: expected only with a DiT model"),
+    "sampler": (TINY_FLUX + ["--sampler", "dpm-solver++"], r"--sampler: expected FlowMatchEulerDiscreteScheduler"),
+    "graph-step": (TINY_FLUX + ["--cuda-graphs", "--scheduler-in-graph"], r"--scheduler-in-graph: expected off"),
+    "embeddings-keys": (TINY_FLUX + ["--prompt-embeddings", "EMBEDS"],
+                        r"--prompt-embeddings: embeddings: expected the keys \['prompt_embeds', "
+                        r"'pooled_prompt_embeds'\] for FluxTransformer2DModel, missing \['pooled_prompt_embeds'\]"),
+    "embeddings-width": (["sample", "--model", "tiny-wan", "--random-weights", "--prompt-embeddings", "EMBEDS"],
+                         r"embeddings: expected prompt_embeds of shape \(prompts, tokens, 32\) for "
+                         r"WanTransformer3DModel, got \(1, 3, 5\)"),
+    "hub-weights-random-prompt": (["sample", "--model", "tiny-flux"], r"--prompt-embeddings: expected a file of the "
+                                                                      r"pipeline's prompt embeddings"),
+    "train-sampler": (["train", "--model", "tiny-flux", "--random-weights", "--out", "TMP/run", "--sampler", "iddpm"],
+                      r"--sampler: expected none for tiny-flux"),
+    "train-speedup": (["train", "--model", "tiny-flux", "--random-weights", "--out", "TMP/run", "--target-speedup", "0.5"],
+                      r"--target-speedup: expected a theoretical speedup > 1, got 0.5"),
+    "train-no-embeds": (["train", "--model", "flux.1-dev", "--out", "TMP/run"], r"--embeds: the weights of flux.1-dev"),
+}
+
+
+@pytest.mark.parametrize("argv,message", list(CASES.values()), ids=list(CASES))
+def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the error")
+
+    monkeypatch.setattr(cli, "load_transformer", refuse)
+    save_file({"prompt_embeds": torch.zeros(1, 3, 5), "negative_prompt_embeds": torch.zeros(1, 3, 5)},
+              str(tmp_path / "embeds.safetensors"))
+    replace = {"ROUTER": str(write_flux_router(tmp_path / "router")), "EMBEDS": str(tmp_path / "embeds.safetensors")}
+    words = [replace.get(word, word.replace("TMP", str(tmp_path))) for word in argv]
+    assert cli.main(words) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harmonica: error: "), captured.err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_unknown_model_lists_the_flow_presets(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["sample", "--model", "flux-schnell"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid choice: 'flux-schnell'" in error
+    assert all(f"'{name}'" in error for name in FLOW_PRESETS)
