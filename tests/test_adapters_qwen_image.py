@@ -110,6 +110,29 @@ def test_cfg_batch_halves_equal_the_halves_run_alone():
     harmonica.disable(model)
 
 
+def test_fp16_block_clips_both_streams_as_diffusers_does():
+    """fp16 residual streams at +-6e4 plus MLP outputs scaled up overflow; diffusers clips both streams
+    to +-65504 at the block's end, and so does the adapter (bitwise, each stream's output)."""
+    model = make_qwen_image().half()
+    block = model.transformer_blocks[0]
+    with torch.no_grad():
+        block.img_mlp.net[2].weight.mul_(4000)
+        block.txt_mlp.net[2].weight.mul_(4000)
+    gen = torch.Generator().manual_seed(7)
+    inputs = dict(hidden_states=torch.randn(B, N, 16, generator=gen).sign().mul(6e4).half(),
+                  encoder_hidden_states=torch.randn(B, M, 16, generator=gen).sign().mul(6e4).half(),
+                  encoder_hidden_states_mask=MASK, temb=torch.randn(B, 16, generator=gen).half(),
+                  image_rotary_emb=model.pos_embed([[(1, 4, 4)]] * B, max_txt_seq_len=M, device=torch.device("cpu")))
+    with torch.no_grad():
+        plain = block(**inputs)
+    assert all((stream.abs() == 65504).any() for stream in plain), "no stream overflowed: the test checks nothing"
+    harmonica.enable(model, CacheSchedule.no_cache(STEPS, UNITS))
+    with torch.no_grad():
+        cached = block(**inputs)
+    harmonica.disable(model)
+    assert all(torch.equal(a, b) for a, b in zip(cached, plain, strict=True))
+
+
 def test_per_token_modulation_is_refused():
     with pytest.raises(ValueError, match=r"transformer_blocks\[0\]: expected a Qwen-Image block without "
                                          r"zero_cond_t .*, got zero_cond_t=True"):
