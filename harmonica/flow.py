@@ -102,6 +102,13 @@ class FlowTask:
         """Latents as the pipeline hands them to its VAE (before scaling): packed ones unpacked."""
         return latents
 
+    def macs(self):
+        """The `bench.macs.MacCount` of one forward at this size and prompt length."""
+        from .bench.macs import count_macs
+
+        tokens = self.embeddings[self.prompt_keys[0]].shape[1]
+        return count_macs(self.transformer, self.height, self.width, caption_tokens=tokens, frames=self.frames)
+
     # ---- conditions ----
 
     def _check_embeddings(self, embeddings: dict) -> dict:
