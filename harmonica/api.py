@@ -1,5 +1,6 @@
 """Public API: `enable`, `disable`, `reset`, `summary` on a diffusers pipeline or transformer."""
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     if scheduler is not None:
         set_timesteps = scheduler.set_timesteps
 
+        @functools.wraps(set_timesteps)  # keeps its signature: diffusers' retrieve_timesteps inspects it
         def set_timesteps_and_begin(*args, **kwargs):
             result = set_timesteps(*args, **kwargs)
             begin_generation(transformer, type(scheduler).__name__, scheduler.timesteps.tolist())
