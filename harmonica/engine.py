@@ -236,40 +236,40 @@ class CacheEngine:
         and a compute that returns one output per stream; it returns one tensor per stream. k None: not a
         cached unit (always computes). With NVTX on (profiling/nvtx.py), inside a range named after the unit
         and whether it computes or reuses."""
+        run = self._run_streams if isinstance(h, tuple) else self._run_unit
         if _nvtx.ENABLED and k is not None:
             label = _nvtx.unit_label(self.units[k][0], self.mode != "inference" or self.row[k])
-            return _nvtx.call_in_range(label, self._run_unit, k, compute, gate, h)
-        return self._run_unit(k, compute, gate, h)
+            return _nvtx.call_in_range(label, run, k, compute, gate, h)
+        return run(k, compute, gate, h)
 
-    def _run_unit(self, k, compute, gate, h):
+    def _run_streams(self, k, compute, gates, hs):
+        """run_unit for several streams: one computation, then each stream with its gate and slot part."""
         reused = k is not None and self.mode == "inference" and not self.row[k]
-        if isinstance(h, tuple):
-            fresh = (None,) * len(h) if reused else compute()
-            return tuple(self._update(k, f, g, part, i) for i, (f, g, part) in enumerate(zip(fresh, gate, h)))
-        return self._update(k, None if reused else compute(), gate, h, None)
+        fresh = None if reused else compute()
+        return tuple(self._run_unit(k, lambda i=i: fresh[i], gate, h, i) for i, (gate, h) in enumerate(zip(gates, hs)))
 
-    def _update(self, k, fresh, gate, h, part):
-        """One stream's residual update: h + gate * (fresh, or slot k's tensor `part` when fresh is None)."""
-        if fresh is None:
-            return self._reuse(h, self._read_slot(k, h, part), gate)
+    def _run_unit(self, k, compute, gate, h, part=None):
+        """One stream's residual update; part: the stream's index in a several-stream unit's slot."""
         if k is None or self.mode == "off":
-            return self._compute(h, fresh, gate)
+            return self._compute(h, compute(), gate)
         if self.mode == "training":
+            fresh = compute()
             if self.step == 0:
                 return self._compute(h, fresh, gate, cache=self._slot(k, fresh, part))
             return self._soft(h, fresh, self._read_slot(k, h, part), self.gates[self.step, k], gate, tau=self.tau)
-        slot = self._slot(k, fresh, part) if self.write_row[k] else None
-        return self._compute(h, fresh, gate, cache=slot)
+        if self.row[k]:
+            fresh = compute()
+            slot = self._slot(k, fresh, part) if self.write_row[k] else None
+            return self._compute(h, fresh, gate, cache=slot)
+        return self._reuse(h, self._read_slot(k, h, part), gate)
 
-    def _stored(self, k, part):
-        """Slot k's tensor (part None) or its tensor for stream `part` (the slot a tuple), else None."""
+    def _part(self, k, part):
+        """Slot k's tensor for stream `part` of a several-stream unit (its slot a tuple), else None."""
         slot = self.slots[k]
-        if part is None or slot is None:
-            return slot if not isinstance(slot, tuple) else None
         return slot[part] if isinstance(slot, tuple) and part < len(slot) else None
 
     def _slot(self, k, like, part):
-        slot = self._stored(k, part)
+        slot = self.slots[k] if part is None else self._part(k, part)
         if slot is None or slot.shape != like.shape or slot.dtype != like.dtype or slot.device != like.device:
             slot = torch.empty_like(like, memory_format=torch.contiguous_format)
             if part is None:
@@ -282,7 +282,7 @@ class CacheEngine:
         return slot
 
     def _read_slot(self, k, h, part):
-        slot = self._stored(k, part)
+        slot = self.slots[k] if part is None else self._part(k, part)
         if slot is None or slot.shape != h.shape or slot.dtype != h.dtype or slot.device != h.device:
             name = self.units[k][0] + ("" if part is None else f" (stream {part})")
             raise RuntimeError(f"{name}: step {self.step} reuses a cache slot that no earlier step of this "
