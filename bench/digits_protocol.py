@@ -312,6 +312,8 @@ def run_jobs(config: ProtocolConfig, todo: list, progress=_print) -> list:
         for i, result in enumerate(pool.imap_unordered(run_job, todo, chunksize=1)):
             results.append(result)
             report(i, result)
+        pool.close()
+        pool.join()
     return results
 
 
@@ -497,7 +499,8 @@ def digits_section(results: dict, json_path: str) -> str:
 
 def plot_pareto(results: dict, path) -> Path:
     """Quality (PSNR vs uncached) against theoretical and against measured CPU speedup: every router's tau
-    sweep (small points), its tau = 0.1 row (large) and the baselines."""
+    sweep (small points; their measured speedup from one timing each), its tau = 0.1 row (large, the median
+    of `repeats`) and the baselines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -511,8 +514,9 @@ def plot_pareto(results: dict, path) -> Path:
             routers = [r for r in results["routers"] if r["objective"] == objective]
             for i, r in enumerate(routers):
                 finite = [row for row in r["curve"] if math.isfinite(row["psnr"])]
-                ax.plot([row[key] for row in finite], [row["psnr"] for row in finite], ".-", lw=0.5, ms=3,
-                        alpha=0.35, color=colors[objective])
+                ax.plot([row[key] for row in finite], [row["psnr"] for row in finite],
+                        ".-" if key == "theoretical_speedup" else ".", lw=0.5, ms=3, alpha=0.35,
+                        color=colors[objective])  # measured: single timings, no curve through them
                 at_tau = next(row for row in r["curve"] if TAU in row["taus"])
                 ax.scatter(at_tau[key], at_tau["psnr"], s=30, color=colors[objective],
                            label=OBJECTIVE_NAMES[objective] if i == 0 else None, zorder=3)
