@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _helpers import DEVICE
 from diffusers import WanTransformer3DModel
 from graph_standin import StandInGraphs, runner_inputs
 
@@ -74,19 +75,22 @@ def test_bf16_residual_is_added_in_fp32_as_diffusers_does():
 
 
 def test_the_kernel_adds_an_fp32_gate_in_fp32():
-    """The Triton kernel (the interpreter on CPU) given bf16 h, fresh and an fp32 gate (B, 1, D): the fp32
-    value `h + gate * fresh` rounded once to bf16 (the interpreter truncates, a GPU rounds to nearest and
-    may fuse the multiply-add: within one bf16 unit in the last place of the result)."""
+    """The Triton kernel given bf16 h, fresh and an fp32 gate (B, 1, D): the fp32 value `h + gate * fresh`
+    rounded once to bf16. The CPU interpreter computes as torch and truncates: bitwise. A GPU fuses the
+    multiply-add (skipping the product's fp32 rounding) and rounds to nearest: within half a bf16 unit in
+    the last place of the result plus that rounding."""
     gen = torch.Generator().manual_seed(0)
-    h, fresh = (torch.randn(2, 12, 16, generator=gen).to(torch.bfloat16) for _ in range(2))
-    gate = torch.randn(2, 1, 16, generator=gen)
+    h, fresh = (torch.randn(2, 12, 16, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    gate = torch.randn(2, 1, 16, generator=gen).to(DEVICE)
     slot, out = torch.full_like(fresh, float("nan")), torch.full_like(h, float("nan"))
     exact = h.float() + fresh.float() * gate  # Wan: (h.float() + out * gate), gate fp32
     gated_residual_fwd(h, fresh, slot, None, gate, out, mode=COMPUTE, write_cache=True)
     assert out.dtype == torch.bfloat16 and torch.equal(slot, fresh)
-    truncated = (exact.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
-    assert torch.equal(out, truncated) or torch.equal(out, exact.to(torch.bfloat16)) or (
-        out.is_cuda and ((out.float() - exact).abs() <= exact.abs() * 2.0 ** -7).all())
+    if out.is_cuda:
+        bound = exact.abs() * 2.0 ** -8 + (fresh.float() * gate).abs() * 2.0 ** -23
+        assert ((out.float() - exact).abs() <= bound).all()
+    else:
+        assert torch.equal(out, (exact.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16))
 
 
 def test_fora_reuses_half_the_units_and_their_slots_hold_the_fresh_outputs():
@@ -121,7 +125,8 @@ def test_fora_reuses_half_the_units_and_their_slots_hold_the_fresh_outputs():
 
 def test_a_cfg_batch_keeps_its_halves_apart():
     """FORA:2 on a batch of cond and uncond rows: each row's trajectory is the one it has alone (the slots,
-    gates and residual updates are per row). fp32 tolerance: rounding differences of batched matmuls only."""
+    gates and residual updates are per row). Batched matmuls may round differently: one fp32 rounding per
+    term of the longest reduction (ffn_dim 32) of the output's scale."""
     model = make_wan()
     schedule = CacheSchedule.fora(STEPS, UNITS, 2)
     harmonica.enable(model, schedule)
@@ -135,7 +140,8 @@ def test_a_cfg_batch_keeps_its_halves_apart():
     harmonica.disable(model)
     for step, together in enumerate(batched):
         alone = torch.cat([halves[row][step] for row in range(B)])
-        torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+        bound = 32 * torch.finfo(torch.float32).eps * together.abs().max().item()
+        torch.testing.assert_close(together, alone, rtol=0, atol=bound)
 
 
 def test_per_token_timesteps_are_refused():
