@@ -236,3 +236,20 @@ def test_a_model_without_block_lists_is_refused():
 def test_a_block_class_takes_one_adapter(toy):
     with pytest.raises(ValueError, match=r"adapter: expected one per block class, got a second for ToyJointBlock"):
         register(ToyJointAdapter())
+
+
+def test_compile_takes_each_block_class_bodies_once_per_kind(toy):
+    """One compiled graph per unit kind of each block class (attn, ff, ff_context, proj), shared by the
+    blocks; the FORA generation stays bitwise the eager engine's; remove drops the compiled bodies."""
+    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
+    engine = harmonica.enable(toy, schedule)
+    harmonica.reset(toy)
+    eager = trajectory(toy)
+    graphs = []
+    engine = harmonica.enable(toy, schedule, compile={"backend": lambda gm, _: graphs.append(gm) or gm.forward})
+    harmonica.reset(toy)
+    compiled = trajectory(toy)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager, strict=True))
+    assert len(graphs) == 4 and set(engine.bodies) == {"ToyJointBlock", "ToySingleBlock"}
+    harmonica.disable(toy)
+    assert engine.bodies["ToyJointBlock"]["attn"] is ToyJointAdapter.bodies["attn"] and not engine._compiled_codes
