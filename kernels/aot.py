@@ -73,8 +73,12 @@ def _gated_residual_variants():
     for dtype_name, dtype in DTYPES.items():
         h = torch.empty(UNIT_SHAPE, dtype=dtype)
         r = torch.empty((), dtype=torch.float32)
+        # the gate: none, in h's dtype, or fp32 over a low-precision stream (Wan)
+        gates = {"nogate": None, "gate": dtype, **({"fp32gate": torch.float32} if dtype != torch.float32 else {})}
+        gates = {label: None if g is None else torch.empty(UNIT_SHAPE[0], UNIT_SHAPE[2], dtype=g)
+                 for label, g in gates.items()}
         for mode, form in forms:
-            for gate in (None, torch.empty(UNIT_SHAPE[0], UNIT_SHAPE[2], dtype=dtype)):
+            for gate_name, gate in gates.items():
                 for write in ((False,) if mode == op.REUSE else (False, True)):
                     def launch(mode=mode, gate=gate, write=write, h=h, r=r):
                         op.gated_residual_fwd(h, None if mode == op.REUSE else torch.empty_like(h),
@@ -82,23 +86,22 @@ def _gated_residual_variants():
                                               torch.empty_like(h), mode=mode, tau=0.1 if write else None,
                                               write_cache=write)
                     loads = 1 + (mode != op.REUSE) + (mode != op.COMPUTE)  # h, fresh, cache
-                    name = f"gated_residual_fwd-{form}-{'gate' if gate is not None else 'nogate'}-" \
-                           f"{'write' if write else 'nowrite'}-{dtype_name}"
+                    name = f"gated_residual_fwd-{form}-{gate_name}-{'write' if write else 'nowrite'}-{dtype_name}"
                     variants.append(Variant(name, launch, streams=loads + 1 + write,
                                             broadcasts=(gate is not None) + (mode == op.BLEND)))
-        for has_gate in (False, True):
+        for gate_name, gate in gates.items():
+            has_gate = gate is not None
             for need_fresh, need_r, need_gate in ((1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1),
                                                   (0, 1, 1), (1, 1, 1)):
                 if need_gate and not has_gate:
                     continue
-                gate = torch.empty(UNIT_SHAPE[0], UNIT_SHAPE[2], dtype=dtype) if has_gate else None
 
                 def launch(gate=gate, flags=(need_fresh, need_r, need_gate), h=h, r=r):
                     op.gated_residual_bwd(h, torch.empty_like(h), torch.empty_like(h), r, gate,
                                           need_fresh=bool(flags[0]), need_r=bool(flags[1]),
                                           need_gate=bool(flags[2]))
                 reads = need_r or need_gate
-                name = (f"gated_residual_bwd-{'gate' if has_gate else 'nogate'}-"
+                name = (f"gated_residual_bwd-{gate_name}-"
                         f"{'fresh' * need_fresh}{'r' * need_r}{'g' * need_gate}-{dtype_name}")
                 # dout, (fresh, cache), dfresh; broadcasts: r, gate, the dr / dg partial sums
                 variants.append(Variant(name, launch, streams=1 + 2 * reads + need_fresh,

@@ -6,12 +6,15 @@ from _helpers import DEVICE, DTYPES, assert_matches_reference, dtype_id, nan_lik
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harmonica.kernels import _triton
 from harmonica.kernels.gated_residual import (
     BLEND,
     COMPUTE,
     REUSE,
     GatedResidualFunction,
+    _launch_shape,
     gated_residual,
+    gated_residual_bwd,
     gated_residual_compute,
     gated_residual_compute_ref,
     gated_residual_fwd,
@@ -33,10 +36,11 @@ def make_gate(kind, B, D, dtype, gen):
     return gate.unsqueeze(1) if kind == "B1D" else gate
 
 
-def make_unit(shape, dtype, gate_kind, strided, seed=0):
+def make_unit(shape, dtype, gate_kind, strided, seed=0, gate_dtype=None):
+    """h, fresh, cache in `dtype`; the gate in `gate_dtype` (default: `dtype`)."""
     gen = torch.Generator().manual_seed(seed)
     h, fresh, cache = (randn(shape, dtype, gen=gen, strided=strided) for _ in range(3))
-    return h, fresh, cache, make_gate(gate_kind, shape[0], shape[2], dtype, gen)
+    return h, fresh, cache, make_gate(gate_kind, shape[0], shape[2], gate_dtype or dtype, gen)
 
 
 def f32(t):
@@ -229,11 +233,128 @@ def test_random_shapes(B, N, D, dtype, mode, gate_kind, strided, r_value):
     assert_matches_reference(out, gated_residual_ref(h, fresh, cache.clone(), r_eff, gate), expected, "out")
 
 
+# ---- an fp32 gate over a low-precision stream (Wan: the residual added in fp32) ----
+
+LOW_DTYPES = (torch.float16, torch.bfloat16)
+FP32_GATE_SHAPE = (3, 37, 75)  # odd N and D: partial tiles in both
+U32 = 2.0 ** -24  # unit roundoff of fp32
+
+
+def one_rounding(exact, dtype):
+    """How far one rounding of `exact` (fp64) to `dtype` may move it: half a unit in the last place
+    (round to nearest), a whole one for the interpreter's fp32 -> bf16 cast (it truncates)."""
+    info = torch.finfo(dtype)
+    ulp = info.eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(info.tiny))))
+    return ulp * (1.0 if DEVICE == "cpu" and dtype == torch.bfloat16 else 0.5)
+
+
+def assert_within(name, actual, exact, bound):
+    """|actual - exact| <= bound elementwise (NaN fails); reports count and place of the worst."""
+    err = (actual.double() - exact).abs()
+    bad = ~(err <= bound)
+    if bad.any():
+        worst = (err - bound).nan_to_num(float("inf")).argmax()
+        raise AssertionError(f"{name}: {int(bad.sum())} of {err.numel()} elements beyond the bound; worst at flat "
+                             f"index {int(worst)}: error {err.flatten()[worst].item():.3g} > "
+                             f"{bound.flatten()[worst].item():.3g}")
+
+
+def fp64(*tensors):
+    return [t.double() for t in tensors]
+
+
+def fp32_gate_unit(dtype, strided, seed):
+    """A (3, 37, 75) unit in `dtype` with an fp32 gate: (B, 1, D), or a strided chunk (B, D) when `strided`."""
+    return make_unit(FP32_GATE_SHAPE, dtype, "chunk" if strided else "B1D", strided, seed=seed,
+                     gate_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mode", [BLEND, COMPUTE, REUSE], ids=["blend", "compute", "reuse"])
+def test_fp32_gate_forward_kernel(mode, dtype, strided):
+    """`h + g * value` formed in fp32 from the fp32 gate and rounded once to h's dtype: within one rounding
+    of the exact (fp64) value plus four fp32 operations. A gate or a product g * value rounded to h's
+    dtype first is beyond it wherever h and g * value nearly cancel."""
+    h, fresh, cache, gate = fp32_gate_unit(dtype, strided, seed=5)
+    r = torch.tensor(0.3, device=DEVICE)  # > tau: the blend form writes the slot
+    slot = randn(FP32_GATE_SHAPE, dtype, gen=torch.Generator(), strided=strided).copy_(cache)
+    if mode == COMPUTE:
+        slot.fill_(float("nan"))
+    out = nan_like(h)
+    gated_residual_fwd(h, None if mode == REUSE else fresh, slot, r if mode == BLEND else None, gate, out,
+                       mode=mode, tau=0.1 if mode == BLEND else None, write_cache=mode != REUSE)
+
+    h64, fresh64, cache64, g64 = fp64(h, fresh, cache, gate.view(-1, 1, gate.shape[-1]))
+    blend = cache64 + 0.3 * (fresh64 - cache64)
+    value = {BLEND: blend, COMPUTE: fresh64, REUSE: cache64}[mode]
+    exact = h64 + g64 * value
+    assert out.dtype == dtype
+    assert_within("out", out, exact, one_rounding(exact, dtype) + 4 * U32 * (h64.abs() + (g64 * value).abs()))
+    if mode == BLEND:
+        assert_within("cache", slot, blend, one_rounding(blend, dtype) + 3 * U32 * (cache64.abs() + fresh64.abs()))
+    else:
+        assert torch.equal(slot, fresh if mode == COMPUTE else cache), "cache: not fresh (compute) or not kept (reuse)"
+
+
+def assert_fp32_gate_grads(dfresh, dr, dgate, dout, fresh, cache, r, gate):
+    """Gradients of the soft form with an fp32 gate: dfresh in fresh's dtype within one rounding, dr and
+    dgate in fp32 (r's and the gate's dtypes) within fp32 summation error. Each sum runs over a tile's
+    columns, then its rows, then the partial sums of the tiles: no partial sum passes through more
+    additions than those lengths together (plus the roundings forming each term)."""
+    assert (dfresh.dtype, dr.dtype, dgate.dtype) == (fresh.dtype, torch.float32, torch.float32)
+    assert dgate.shape == gate.shape
+    B, N, D = fresh.shape
+    (block_n, block_d), grid = _launch_shape(B, N, D)
+    dout64, fresh64, cache64, g64 = fp64(dout, fresh, cache, gate.view(B, 1, D))
+    r64, diff = r.double(), fresh64 - cache64
+    dvalue = dout64 * g64
+    exact = dvalue * r64
+    assert_within("dfresh", dfresh, exact, one_rounding(exact, fresh.dtype) + 2 * U32 * exact.abs())
+    terms = dvalue * diff
+    adds = block_d + block_n + grid[0] * grid[1] * B + 3
+    assert_within("dr", dr, terms.sum(), adds * U32 * terms.abs().sum())
+    terms = dout64 * (cache64 + r64 * diff)
+    adds = block_n + grid[0] + 4
+    assert_within("dgate", dgate.view(B, D), terms.sum(1), adds * U32 * terms.abs().sum(1))
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=dtype_id)
+def test_fp32_gate_backward_kernel(dtype, strided):
+    """The backward launcher with an fp32 gate over fp16/bf16 fresh, cache and dout (NaN-free by
+    construction: every gradient buffer is written by the kernel or the partial sums)."""
+    _, fresh, cache, gate = fp32_gate_unit(dtype, strided, seed=6)
+    r = torch.tensor(0.3, device=DEVICE)
+    dout = randn(FP32_GATE_SHAPE, dtype, gen=torch.Generator().manual_seed(7), strided=strided)
+    dfresh, dr, dgate = gated_residual_bwd(dout, fresh, cache, r, gate, need_fresh=True, need_r=True, need_gate=True)
+    assert_fp32_gate_grads(dfresh, dr, dgate, dout, fresh, cache, r, gate)
+
+
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=dtype_id)
+def test_public_soft_form_fp32_gate_gradients(dtype, monkeypatch):
+    """Autograd through the public soft op on its kernel path (on CPU: the interpreter, by the switch the
+    compile check uses) with an fp32 gate over a low-precision stream: dg in fp32, values against fp64."""
+    monkeypatch.setattr(_triton, "KERNELS_ON_CPU", True)
+    h, fresh, cache, gate = fp32_gate_unit(dtype, True, seed=8)
+    r = torch.tensor(0.3, device=DEVICE)
+    dout = randn(FP32_GATE_SHAPE, dtype, gen=torch.Generator().manual_seed(9))
+    leaves = [t.detach().clone().requires_grad_() for t in (h, fresh, r, gate)]
+    slot = cache.clone()
+    out = gated_residual(leaves[0], leaves[1], slot, leaves[2], leaves[3], tau=0.1)
+    assert type(out.grad_fn).__name__ == "GatedResidualFunctionBackward", "not the kernel path"
+    dh, dfresh, dr, dgate = torch.autograd.grad(out, leaves, dout)
+    assert dh.dtype == dtype and torch.equal(dh, dout)
+    assert_fp32_gate_grads(dfresh, dr, dgate, dout, fresh, cache, r, gate)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_cuda_graph_replay(dtype):
-    """Capture each form in a CUDA graph, poison the outputs, replay, compare with eager."""
-    h, fresh, cache, gate = make_unit((2, 4096, 1152), dtype, "B1D", False)
+@pytest.mark.parametrize("dtype,gate_dtype", [(d, d) for d in DTYPES] + [(d, torch.float32) for d in LOW_DTYPES],
+                         ids=lambda d: dtype_id(d))
+def test_cuda_graph_replay(dtype, gate_dtype):
+    """Capture each form in a CUDA graph, poison the outputs, replay, compare with eager. The gate in
+    h's dtype, or fp32 over fp16/bf16 (Wan)."""
+    h, fresh, cache, gate = make_unit((2, 4096, 1152), dtype, "B1D", False, gate_dtype=gate_dtype)
     r = torch.tensor(0.7, device=DEVICE)
     slots = [cache.clone() for _ in range(3)]
     outs = [torch.empty_like(h) for _ in range(3)]
