@@ -163,6 +163,24 @@ def count_macs(model, height: int | None = None, width: int | None = None, *, ba
     return MacCount(names=names, unit_macs=unit_macs, always_macs=per_module["Global"] - sum(unit_macs))
 
 
+def count_macs_for_input(model, hidden_shape: tuple, text_tokens: int | None = None, *,
+                         cross_attention: bool = True) -> tuple:
+    """(MacCount, where) at the size of a forward whose hidden_states had `hidden_shape`: (B, C, h, w)
+    latents, (B, C, f, h, w) video latents or (B, L, C) packed tokens (FLUX, Qwen-Image: 2 x 2 latents per
+    token; only L matters, so they are counted as one row of L tokens). where: "HxW px", "HxWxF px" or
+    "L tokens", for messages. text_tokens: encoder_hidden_states' tokens (None: the preset's default)."""
+    if len(hidden_shape) == 3:
+        tokens = hidden_shape[1]
+        side = VAE_FACTOR * PATCH
+        return count_macs(model, side, side * tokens, caption_tokens=text_tokens,
+                          cross_attention=cross_attention), f"{tokens} image tokens"
+    height, width = (size * VAE_FACTOR for size in hidden_shape[-2:])
+    frames = (hidden_shape[2] - 1) * WAN_FRAME_FACTOR + 1 if len(hidden_shape) == 5 else None
+    where = f"{height}x{width}" + (f"x{frames}" if frames else "")
+    return count_macs(model, height, width, caption_tokens=text_tokens, frames=frames,
+                      cross_attention=cross_attention), where
+
+
 def mac_table(presets=REAL_MODELS) -> list:
     """One row per DiT/PixArt preset at its native resolution: GMACs per image per forward and the unit shares."""
     rows = []

@@ -154,7 +154,7 @@ class Summary:
     units: int
     cur: float
     theoretical_speedup: float
-    resolution: tuple  # (height, width) in pixels the speedup was counted at
+    counted_at: str  # the size the speedup was counted at: "HxW" pixels (video "HxWxF"), or "L image tokens"
     cache_bytes: int  # slots allocated by the latest generation
     graphs: int | None = None  # captured CUDA graphs (None: cuda_graphs off)
     graph_pool_bytes: int = 0  # device memory the graphs' pool holds (its segments)
@@ -165,7 +165,7 @@ class Summary:
     def __str__(self) -> str:
         text = (f"{self.schedule} ({self.sampler or 'sampler not yet seen'}): {self.steps} steps x {self.units} units, "
                 f"CUR {self.cur:.1%}, theoretical speedup {self.theoretical_speedup:.2f}x at "
-                f"{self.resolution[0]}x{self.resolution[1]}, cache {_format_bytes(self.cache_bytes)}")
+                f"{self.counted_at}, cache {_format_bytes(self.cache_bytes)}")
         if self.graphs is not None:
             text += (f", {self.graphs} CUDA graphs (pool {_format_bytes(self.graph_pool_bytes)}, static buffers "
                      f"{_format_bytes(self.static_bytes)}, captured in {self.capture_seconds:.2f} s)")
@@ -183,19 +183,19 @@ def _format_bytes(size: int) -> str:
 def summary(pipe_or_transformer) -> Summary:
     """CUR, theoretical MAC speedup (at the latest generation's resolution, else the model's native
     one) and cache memory of an enabled pipeline or transformer."""
-    from .bench.macs import VAE_FACTOR, count_macs
+    from .bench.macs import count_macs, count_macs_for_input
 
     state = _state(pipe_or_transformer)
     engine = state.engine
     transformer = engine.transformer
     if engine.last_input_shape is not None:
-        height, width = (size * VAE_FACTOR for size in engine.last_input_shape[-2:])
+        macs, where = count_macs_for_input(transformer, engine.last_input_shape, engine.last_text_tokens,
+                                           cross_attention=engine.cross_attention)
     else:
-        height = width = transformer.config.sample_size * VAE_FACTOR
-    macs = count_macs(transformer, height, width, cross_attention=engine.cross_attention)
+        macs, where = count_macs(transformer, cross_attention=engine.cross_attention), "the native size"
     schedule = engine.schedule
     report = Summary(schedule.name, state.sampler, schedule.num_steps, schedule.num_units, schedule.cur,
-                     schedule.theoretical_speedup(macs), (height, width), engine.cache_bytes(),
+                     schedule.theoretical_speedup(macs), where, engine.cache_bytes(),
                      modulation_bytes=engine.modulation.nbytes())
     if state.graphs is not None:
         runner = state.graphs

@@ -80,7 +80,8 @@ class CacheEngine:
         self.slots = [None] * len(self.units)
         self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
         self._compiled_codes = []
-        self.last_input_shape = None  # (B, C, H, W) of the latest forward
+        self.last_input_shape = None  # hidden_states' shape in the latest forward: (B, C, H, W), (B, C, F, H, W), (B, L, C)
+        self.last_text_tokens = None  # encoder_hidden_states' tokens in the latest forward (None: no text)
         if schedule is not None:
             self.set_schedule(schedule)
         for adapter, blocks in self.adapters.items():
@@ -179,6 +180,8 @@ class CacheEngine:
     def _before_forward(self, module, args, kwargs):
         hidden = args[0] if args else kwargs.get("hidden_states")
         self.last_input_shape = tuple(hidden.shape)
+        text = kwargs.get("encoder_hidden_states")
+        self.last_text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else None
         if self.step == 0 and self.on_first_step is not None:
             self.on_first_step()
         if self.mode == "inference":

@@ -106,3 +106,21 @@ def test_graph_replay_equals_the_eager_engine():
     harmonica.disable(model)
     assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
     assert runner.captures == 3 and runner.replays == 2
+
+
+def test_summary_counts_the_packed_tokens_of_the_latest_forward():
+    """FLUX's hidden_states are packed tokens (B, L, C): the speedup is counted at L image tokens and the
+    forward's text tokens, not at the last two dimensions read as a latent image."""
+    from harmonica.bench.macs import count_macs
+
+    model = make_flux()
+    harmonica.enable(model, CacheSchedule.fora(STEPS, UNITS, 2))
+    harmonica.reset(model)
+    trajectory(model)
+    report = harmonica.summary(model)
+    harmonica.disable(model)
+    expected = CacheSchedule.fora(STEPS, UNITS, 2).theoretical_speedup(count_macs(model, 16, 16 * N, caption_tokens=M))
+    assert report.counted_at == f"{N} image tokens"
+    assert report.theoretical_speedup == expected
+    default_text = CacheSchedule.fora(STEPS, UNITS, 2).theoretical_speedup(count_macs(model, 16, 16 * N))
+    assert abs(default_text - expected) > 1e-3  # the forward's M text tokens count, not a default
