@@ -146,6 +146,7 @@ def gated_residual_bwd(dout, fresh, cache, r, gate, *, need_fresh: bool, need_r:
     """Gradients of the soft form for fresh, r and gate (None where not needed).
 
     dout, fresh, cache: (B, N, D); cache is the slot as it was before the forward wrote it.
+    dfresh in fresh's dtype; dr and dgate summed in fp32, returned in r's and the gate's dtypes.
     """
     require_triton("gated_residual")
     B, N, D = dout.shape
