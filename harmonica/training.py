@@ -30,7 +30,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .engine import CacheEngine
 from .kernels import solver_step
-from .router import LOGIT_BOUND, Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
+from .router import Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
 from .samplers import dit_ddim_table, dit_guidance, dit_null_labels
 from .units import cached_units
 
@@ -47,7 +47,7 @@ OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
 OPTIMIZERS = ("per-step", "shared")  # the official one parameter per row, or one (T, K) parameter
 LOSSES = ("combined", "separate")  # the official MSE of the guidance-combined output, or of the raw halves
 BETA_GAIN = 2.0  # --target-cur: after each trajectory, beta *= exp(gain * (target CUR - CUR at tau)), anti-windup
-# in `_beta_error`
+HOLD_GAIN = 0.1  # `_beta_error`: the share of the gain left while the rows head across the target
 CHECKPOINT_VERSION = 3  # 2 added the run record (model, units, sampler, timesteps, world size); 3 the optimizer
 # and loss settings (per-step rows: the optimizer state of a version 2 checkpoint is for one (T, K) parameter)
 RESUMABLE = ("iterations", "checkpoint_every", "checkpoint_minutes", "log_every")  # may change on --resume
@@ -260,6 +260,7 @@ class Trajectory:
     noise: torch.Tensor  # x at step 0
     cond: dict
     rows: list  # gate rows (K,) used at steps 1 .. step-1
+    down: list = field(default_factory=list)  # per step 1 .. step-1, (K,) bool: the gradient pushed it down
     x: torch.Tensor = None
     state: object = None  # the sampler's state
     step: int = 0
@@ -468,6 +469,7 @@ class RouterTrainer:
         self.optimizer.zero_grad(set_to_none=self.rows is not None)  # per-step: AdamW skips the other rows
         loss.backward()
         _average(param.grad)
+        traj.down.append((param.grad if self.rows is not None else param.grad[i]).cpu() > 0)
         self.optimizer.step()
         self._store_row(i)
         traj.rows.append(gates[i].detach().cpu())
@@ -481,15 +483,14 @@ class RouterTrainer:
                 "lambda": self.lam[i].item(), "beta": self.beta}
 
     def _beta_error(self, traj: Trajectory) -> float:
-        """After a trajectory: target CUR - CUR at tau, or 0 while the rows already head across the target
-        (anti-windup: the CUR lags beta by the many updates a logit needs to cross the threshold). The rows
-        head for the CUR of the units their update moved down (or kept at the lower bound)."""
+        """After a trajectory: target CUR - CUR at tau, times HOLD_GAIN while the rows already head across the
+        target (anti-windup: the CUR lags beta by the many updates a logit needs to cross the threshold, and
+        Adam's momentum lags the gradient). Where the rows head: the CUR of the units this trajectory's
+        gradients pushed down (the L1 term outweighing the MSE)."""
         cfg = self.config
         error = cfg.target_cur - self.router.schedule(cfg.tau).cur
-        gates, logits = self.router.gates().detach()[1:].cpu(), self.router.logits.detach()[1:].cpu()
-        down = (gates < torch.stack(traj.rows)) | (logits == -LOGIT_BOUND)
-        heading = down.sum().item() / self.router.logits.numel()  # CUR's denominator: row 0 included
-        return 0.0 if (cfg.target_cur - heading) * error < 0 else error
+        heading = torch.stack(traj.down).sum().item() / self.router.logits.numel()  # row 0 counts as computed
+        return error * HOLD_GAIN if (cfg.target_cur - heading) * error < 0 else error
 
     # ---- checkpoints ----
 
@@ -502,7 +503,8 @@ class RouterTrainer:
             "iteration": self.iteration, "logits": self.router.logits.detach().cpu(),
             "optimizer": self.optimizer.state_dict(), "lambda": self.lam, "beta": self.beta,
             "noise_gen": self.noise_gen.get_state(), "config": asdict(self.config),
-            "trajectory": None if traj is None else {"noise": traj.noise, "cond": traj.cond, "rows": traj.rows},
+            "trajectory": None if traj is None else {"noise": traj.noise, "cond": traj.cond, "rows": traj.rows,
+                                                     "down": traj.down},
             "version": CHECKPOINT_VERSION, "run": self._run_record(),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)

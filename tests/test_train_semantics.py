@@ -5,7 +5,7 @@ import pytest
 import torch
 from test_training import FAST, trainer
 
-from harmonica.training import PixArtTask, RouterTrainer, TrainConfig
+from harmonica.training import HOLD_GAIN, PixArtTask, RouterTrainer, TrainConfig
 
 
 def logits_per_iteration(run, iterations: int) -> list:
@@ -27,6 +27,7 @@ def test_per_step_rows_move_only_when_trained_and_shared_rows_keep_moving(tmp_pa
     history = logits_per_iteration(run, 3)
     assert [moved_rows(a, b) for a, b in zip(history, history[1:])] == [[1], [2], [3]]
     assert [run.optimizer.state[row]["step"].item() for row in run.rows] == [1, 1, 1]
+    assert torch.equal(run.trajectory.down[-1], run.rows[2].grad > 0)  # what the target-CUR controller reads
     with run.attached():
         run.train_step()  # a new trajectory: step 1 again
     assert [run.optimizer.state[row]["step"].item() for row in run.rows] == [2, 1, 1]
@@ -38,12 +39,6 @@ def test_per_step_rows_move_only_when_trained_and_shared_rows_keep_moving(tmp_pa
     # both start alike: the first iteration is the same step
     torch.testing.assert_close(logits_per_iteration(trainer(tmp_path / "a", beta=1e-2), 1)[1],
                                logits_per_iteration(trainer(tmp_path / "b", beta=1e-2, optimizer="shared"), 1)[1])
-
-
-def test_an_untrained_row_has_no_adam_state(tmp_path):
-    run = trainer(tmp_path, beta=1e-2)
-    logits_per_iteration(run, 1)
-    assert [len(run.optimizer.state[row]) for row in run.rows] == [3, 0, 0]  # step, exp_avg, exp_avg_sq
 
 
 def pixart_trainer(out_dir, **overrides):
@@ -105,17 +100,19 @@ def test_defaults_are_the_official_semantics_and_bad_options_are_named():
         TrainConfig(loss="mse")
 
 
-@pytest.mark.parametrize("before, after, error", [
-    (0.0, -1.0, 0.0),  # CUR 0 < 0.5, but every row moved down (heading for CUR 0.75): hold beta
-    (0.0, 1.0, 0.5),  # CUR 0, every row moved up: raise beta
-    (-5.0, -5.0, -0.25),  # CUR 0.75 > 0.5, the rows kept at the lower bound (pushed down): lower beta
-    (-5.0, -4.9, 0.0),  # CUR 0.75, every row moved up (heading for CUR 0): hold beta
-], ids=["heading-down", "heading-up", "at-the-bound", "heading-back"])
-def test_target_cur_holds_beta_while_the_rows_head_across_the_target(tmp_path, before, after, error):
+@pytest.mark.parametrize("logit, down, error", [
+    (0.0, 4, 0.5 * HOLD_GAIN),  # CUR 0 < 0.5, but the gradients push every unit down (CUR 0.75 ahead): hold
+    (0.0, 2, 0.5),  # CUR 0, half of each row pushed down (CUR 0.375 ahead): raise beta
+    (0.0, 0, 0.5),  # CUR 0, every unit pushed up: raise beta
+    (-5.0, 4, -0.25),  # CUR 0.75 > 0.5, every unit pushed down: lower beta
+    (-5.0, 0, -0.25 * HOLD_GAIN),  # CUR 0.75, every unit pushed up (CUR 0 ahead): hold
+], ids=["heading-down", "half-down", "up", "staying-down", "heading-up"])
+def test_target_cur_holds_beta_while_the_rows_head_across_the_target(tmp_path, logit, down, error):
     from harmonica.training import Trajectory
 
-    run = trainer(tmp_path, target_cur=0.5)  # 4 steps x 4 units; row 0 always computes
-    traj = Trajectory(None, {}, [torch.sigmoid(torch.full((4,), before))] * 3)
+    run = trainer(tmp_path, target_cur=0.5)  # 4 steps x 4 units; row 0 always computes; tau 0.1
+    pushed = torch.arange(4) < down
+    traj = Trajectory(None, {}, [torch.sigmoid(torch.full((4,), logit))] * 3, [pushed] * 3)
     with torch.no_grad():
-        run.router.logits[1:] = after
+        run.router.logits[1:] = logit
     assert run._beta_error(traj) == pytest.approx(error, abs=1e-12)
