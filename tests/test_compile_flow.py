@@ -1,0 +1,85 @@
+"""torch.compile of the flow-model adapters (FLUX.1, SD3.5, Wan, Qwen-Image; tiny random models, CPU, fp32)
+with a counting backend: each unit kind of each block class compiles once per input signature, whatever the
+step count and schedule rows; the compiled generation is bitwise the eager engine's. The fused residual ops
+run in the engine's eager Python, outside the compiled bodies (engine.py), as in test_compile.py."""
+
+import pytest
+import test_adapters_flux as flux
+import test_adapters_qwen_image as qwen
+import test_adapters_sd3 as sd3
+import test_adapters_wan as wan
+import torch
+from test_compile import CountingBackend, compiled_entries, many_rows
+from torch._dynamo.utils import counters
+
+import harmonica
+from harmonica import CacheSchedule
+
+# family -> (tiny model, step inputs, {(block class, unit kind): compiled graphs}, sorted outputs per graph).
+# SD3.5's three blocks are three variants (dual attention, joint, context_pre_only): their adaLN chunks
+# have other strides (9, 6 or 2 chunks of D), another input signature, so attn takes 3 graphs and ff 2.
+FAMILIES = {
+    "flux": (flux.make_flux, flux.step_inputs,
+             {("FluxTransformerBlock", "attn"): 1, ("FluxTransformerBlock", "ff"): 1,
+              ("FluxTransformerBlock", "ff_context"): 1, ("FluxSingleTransformerBlock", "attn_mlp"): 1},
+             [1, 1, 1, 2]),
+    "sd35": (lambda: sd3.make_sd3("sd35"), sd3.step_inputs,
+             {("JointTransformerBlock", "attn"): 3, ("JointTransformerBlock", "attn2"): 1,
+              ("JointTransformerBlock", "ff"): 2, ("JointTransformerBlock", "ff_context"): 1},
+             [1, 1, 1, 1, 1, 2, 2]),
+    "wan": (wan.make_wan, wan.step_inputs,
+            {("WanTransformerBlock", "attn1"): 1, ("WanTransformerBlock", "attn2"): 1,
+             ("WanTransformerBlock", "ffn"): 1},
+            [1, 1, 1]),
+    "qwen-image": (qwen.make_qwen_image, qwen.step_inputs,
+                   {("QwenImageTransformerBlock", "attn"): 1, ("QwenImageTransformerBlock", "img_mlp"): 1,
+                    ("QwenImageTransformerBlock", "txt_mlp"): 1},
+                   [1, 1, 2]),
+}
+
+
+@torch.no_grad()
+def generation(model, inputs, steps):
+    return [model(**inputs(s)).sample for s in range(steps)]
+
+
+def schedules(units):
+    """FORA:2 and all-distinct rows, at 4 and 6 steps."""
+    return [schedule for steps in (4, 6) for schedule in (CacheSchedule.fora(steps, units, 2), many_rows(steps, units))]
+
+
+def entries_per_kind(engine) -> dict:
+    """{(block class, unit kind): dynamo cache entries of its compiled body}."""
+    kinds = [(name, kind) for name, bodies in engine.bodies.items() for kind in bodies]
+    return {key: compiled_entries(code) for key, code in zip(kinds, engine._compiled_codes, strict=True)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiles_once_per_unit_kind_whatever_the_steps_and_rows(family):
+    """One enable runs FORA:2 and all-distinct rows at 4 and 6 steps: the graphs all come from the first
+    generation (one per unit kind of each block class and input signature), none after; every output is
+    bitwise the eager engine's under the same schedule; no graph break (fullgraph)."""
+    make, inputs, expected, outputs_per_graph = FAMILIES[family]
+    model = make()
+    units = len(harmonica.units.cached_units(model))
+    plan = schedules(units)
+    eager = []
+    for schedule in plan:
+        harmonica.enable(model, schedule)
+        eager.append(generation(model, inputs, schedule.num_steps))
+        harmonica.disable(model)
+    backend, counts = CountingBackend(), []
+    counters.clear()
+    engine = harmonica.enable(model, plan[0], compile={"backend": backend})
+    for schedule, reference in zip(plan, eager, strict=True):
+        engine.set_schedule(schedule)
+        outputs = generation(model, inputs, schedule.num_steps)
+        assert all(torch.equal(a, b) for a, b in zip(outputs, reference, strict=True))
+        counts.append(len(backend.graphs))
+    per_kind = entries_per_kind(engine)
+    harmonica.disable(model)
+    assert not counters["graph_break"]
+    assert counts == [sum(expected.values())] * len(plan)
+    assert per_kind == expected
+    # a joint attention (FLUX, SD3.5 blocks with a text stream, Qwen-Image) is one graph with both streams
+    assert sorted(len(gm.graph.output_node().args[0]) for gm in backend.graphs) == outputs_per_graph
