@@ -63,6 +63,9 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     the schedule's step count delimits them, which warns once. Driven by a sampler of another step count,
     it raises where the timesteps are host values (numbers, CPU tensors); device tensors are never read,
     so on a GPU that goes undetected: pass the pipeline (e.g. `enable(pipe, ...)`, not `pipe.transformer`).
+    A pipeline that runs classifier-free guidance as two passes (Wan, Qwen-Image: diffusers'
+    `cache_context("cond")`/`("uncond")`) gets one slot set and step counter per pass (not with
+    cuda_graphs); SD3.5's skip_guidance_layers is refused.
     """
     transformer, scheduler = _parts(pipe_or_transformer)
     if scheduler_in_graph and not cuda_graphs:
@@ -87,6 +90,7 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     if compile:
         engine.compile(compile if isinstance(compile, dict) else {})
     if cuda_graphs:  # an instance attribute: Module.__call__ and its hooks stay
+        engine.contexts_refused_by = "cuda_graphs=True"  # a graph replays one set of slots
         transformer.forward = state.graphs = GraphRunner(engine, transformer.forward,
                                                          scheduler_inside=scheduler_in_graph)
     setattr(transformer, ATTRIBUTE, state)

@@ -15,12 +15,19 @@ generation that nothing began (the counter wrapped after the schedule's last ste
 timestep is a host value (a number or a CPU tensor), one that rises within a generation or keeps falling
 across a wrap is an error (the sampler's step count differs from the schedule's).
 
+A pipeline that runs classifier-free guidance as two transformer calls per step (Wan, Qwen-Image) wraps
+each in diffusers' `transformer.cache_context("cond")` / `("uncond")`: the engine keeps one set of slots
+and one step counter (with its generation checks) per context name, a forward outside any context using
+the default set. All sets follow the same schedule rows; `begin` restarts them all. SD3.5's skip-layer
+guidance (a forward with `skip_layers`) is refused: it runs some steps only, with some blocks skipped.
+
 Each unit's computation (its norm, shift/scale modulation and attention/MLP) is a function of the
 block, the adapter's `bodies[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument,
 so all blocks of one shape share one compiled graph per unit kind, and the cache decisions (compute or
 reuse, slot writes, the fused residual ops) stay in eager Python: no compiled code sees the step or the row.
 """
 
+import contextlib
 import inspect
 import types
 import warnings
@@ -78,6 +85,10 @@ class CacheEngine:
         self.previous_timestep = None  # host timestep of the latest forward of this generation, when readable
         self.timestep_index = list(inspect.signature(transformer.forward).parameters).index("timestep")
         self.slots = [None] * len(self.units)
+        self.context = None  # the cache context whose counter and slots the attributes above hold (None: default)
+        self.entered_context = None  # the name of the `transformer.cache_context` the caller is inside
+        self.other_contexts = {}  # name -> (step, begun, previous_timestep, slots) of the contexts not current
+        self.contexts_refused_by = None  # e.g. "cuda_graphs=True": what allows one cache context only
         self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
         self._compiled_codes = []
         self.last_input_shape = None  # hidden_states' shape in the latest forward: (B, C, H, W), (B, C, F, H, W), (B, L, C)
@@ -91,6 +102,9 @@ class CacheEngine:
             index = {kind: self.unit_index.get(f"{block.name}.{kind}") for kind in block.adapter.kinds}
             self._originals.append(vars(block.module).get("forward"))  # an instance's own forward; None: the class's
             block.module.forward = types.MethodType(_block_forward(self, block, index), block.module)
+        self._own_cache_context = vars(transformer).get("cache_context")
+        if hasattr(transformer, "cache_context"):  # diffusers' CacheMixin
+            transformer.cache_context = self._cache_context(transformer.cache_context)
         self._hooks = [transformer.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        transformer.register_forward_hook(self._after_forward, with_kwargs=True)]
 
@@ -138,6 +152,8 @@ class CacheEngine:
         self.timesteps = timesteps
         self.step = 0
         self.begun, self.previous_timestep = True, None
+        self.other_contexts = {name: (0, True, None, slots)
+                               for name, (_, _, _, slots) in self.other_contexts.items()}
 
     def compile(self, options: dict) -> None:
         """torch.compile each unit kind's body with `options` (default fullgraph=True, dynamic=False): one
@@ -165,19 +181,63 @@ class CacheEngine:
         for code in self._compiled_codes:
             reset_code(code)
         self.bodies, self._compiled_codes = self._plain_bodies(), []
+        if "cache_context" in vars(self.transformer):
+            if self._own_cache_context is None:
+                del self.transformer.cache_context
+            else:
+                self.transformer.cache_context = self._own_cache_context
         self.slots = [None] * len(self.units)
+        self.context, self.entered_context, self.other_contexts = None, None, {}
         self.embedding = None
         self.modulation, self.modulation_active = ModulationTable(), False
 
     # ---- memory ----
 
     def cache_bytes(self) -> int:
-        slots = [part for slot in self.slots for part in (slot if isinstance(slot, tuple) else (slot,))]
+        """Bytes of the slots of every cache context."""
+        every = [self.slots, *(slots for _, _, _, slots in self.other_contexts.values())]
+        slots = [part for slots in every for slot in slots for part in (slot if isinstance(slot, tuple) else (slot,))]
         return sum(s.numel() * s.element_size() for s in slots if s is not None)
+
+    # ---- cache contexts ----
+
+    def _cache_context(self, enter):
+        """`transformer.cache_context` that also tells the engine the context's name."""
+        @contextlib.contextmanager
+        def cache_context(name, **kwargs):
+            outer, self.entered_context = self.entered_context, name
+            try:
+                with enter(name, **kwargs):
+                    yield
+            finally:
+                self.entered_context = outer
+        return cache_context
+
+    def _use_context(self, name) -> None:
+        """Make cache context `name`'s counter and slots the current ones (a new context starts at step 0 of
+        the current generation). Where one set is allowed (`contexts_refused_by`), every name shares it and a
+        second name is refused."""
+        if name == self.context:
+            return
+        if self.contexts_refused_by is not None:
+            if name is not None and self.context is not None:
+                raise ValueError(f"{self.contexts_refused_by}: expected one cache context (classifier-free "
+                                 f"guidance as one batch), got the pipeline's {self.context!r} and {name!r} "
+                                 f"passes; enable without it")
+            self.context = self.context if name is None else name
+            return
+        self.other_contexts[self.context] = (self._step, self.begun, self.previous_timestep, self.slots)
+        step, self.begun, self.previous_timestep, self.slots = self.other_contexts.pop(
+            name, (0, self.begun, None, [None] * len(self.units)))
+        self.context, self.step = name, step
 
     # ---- step counter ----
 
     def _before_forward(self, module, args, kwargs):
+        if self.mode != "off" and kwargs.get("skip_layers") is not None:
+            raise ValueError(f"skip_guidance_layers: expected None under harmonica (every block runs once per "
+                             f"step), got a transformer call with skip_layers={kwargs['skip_layers']}")
+        self._use_context(self.entered_context)
         hidden = args[0] if args else kwargs.get("hidden_states")
         self.last_input_shape = tuple(hidden.shape)
         text = kwargs.get("encoder_hidden_states")
@@ -226,6 +286,8 @@ class CacheEngine:
     def _compute_modulations(self, hidden, args, kwargs) -> bool:
         """At step 0: every step's modulations, when this generation allows it and an adapter computes them
         (DiT; modulation.py)."""
+        if self.context is not None:  # each context would overwrite the table with its own conditions
+            return False
         if not (self.mode == "inference" and self.timesteps is not None and len(self.timesteps) == self.num_steps):
             return False
         return any([adapter.precompute(self, blocks, hidden, args, kwargs)
