@@ -314,8 +314,8 @@ class RouterTrainer:
         self.progress = False  # progress bars (rank 0 of a run() with progress)
         from .bench.macs import VAE_FACTOR, count_macs
 
-        size = task.latent_shape[-1] * VAE_FACTOR
-        self.macs = count_macs(self.transformer, size, size)
+        size = task.latent_shape[-1] * VAE_FACTOR  # square DiT/PixArt latents; flow tasks count their own size
+        self.macs = task.macs() if hasattr(task, "macs") else count_macs(self.transformer, size, size)
 
     # ---- the patched transformer ----
 

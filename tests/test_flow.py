@@ -93,8 +93,18 @@ def test_sample_with_fora(name, tmp_path, capsys):
 @pytest.mark.parametrize("name", TINY)
 def test_train_writes_a_router_that_samples(name, tmp_path, capsys):
     out = tmp_path / "run"
-    run_cli(["train", "--model", name, "--random-weights", "--steps", str(STEPS), "--iterations", "3", "--batch", "2",
-             "--lambda-batch", "1", "--out", str(out)], capsys)
+    speedup = ["--target-speedup", "1.2"] if name == "tiny-flux" else []
+    printed = run_cli(["train", "--model", name, "--random-weights", "--steps", str(STEPS), "--iterations", "3",
+                       "--batch", "2", "--lambda-batch", "1", "--out", str(out), *speedup], capsys)
+    if speedup:  # the CUR target of 1.2x at the task's MACs (64x64, 8 text tokens)
+        with torch.device("meta"):
+            transformer = build_transformer(name)
+        spec = FLOW_PRESETS[name]
+        task = flow_task(transformer, random_flow_embeddings(transformer, 1, spec.text_tokens, torch.Generator()),
+                         STEPS, spec.guidance, **spec.size)
+        target = torch.load(out / "checkpoint-rank0.pt", weights_only=True)["config"]["target_cur"]
+        assert target == pytest.approx(cur_for_speedup(task.macs(), 1.2, STEPS), rel=1e-12)
+        assert f"target speedup 1.2x: target CUR {target:.1%}" in printed
     router = Router.from_pretrained(out / "router")
     info = json.loads((out / "router" / "router.json").read_text())
     assert info["model_class"] == FLOW_PRESETS[name].class_name
@@ -140,6 +150,7 @@ def write_flux_router(directory):
 
 
 TINY_FLUX = ["sample", "--model", "tiny-flux", "--random-weights"]
+TRAIN_FLUX = ["train", "--model", "tiny-flux", "--random-weights", "--out", "TMP/run"]
 CASES = {
     "router-of-another-model": (["sample", "--model", "tiny-sd3", "--random-weights", "--router", "ROUTER"],
                                 r"--router: \S+ was trained for something else than --model tiny-sd3 \(model_class: "
@@ -160,9 +171,8 @@ CASES = {
                          r"WanTransformer3DModel, got \(1, 3, 5\)"),
     "hub-weights-random-prompt": (["sample", "--model", "tiny-flux"], r"--prompt-embeddings: expected a file of the "
                                                                       r"pipeline's prompt embeddings"),
-    "train-sampler": (["train", "--model", "tiny-flux", "--random-weights", "--out", "TMP/run", "--sampler", "iddpm"],
-                      r"--sampler: expected none for tiny-flux"),
-    "train-speedup": (["train", "--model", "tiny-flux", "--random-weights", "--out", "TMP/run", "--target-speedup", "0.5"],
+    "train-sampler": (TRAIN_FLUX + ["--sampler", "iddpm"], r"--sampler: expected none for tiny-flux"),
+    "train-speedup": (TRAIN_FLUX + ["--target-speedup", "0.5"],
                       r"--target-speedup: expected a theoretical speedup > 1, got 0.5"),
     "train-no-embeds": (["train", "--model", "flux.1-dev", "--out", "TMP/run"], r"--embeds: the weights of flux.1-dev"),
 }
