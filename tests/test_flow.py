@@ -202,3 +202,23 @@ def test_unknown_model_lists_the_flow_presets(capsys):
     error = capsys.readouterr().err
     assert "invalid choice: 'flux-schnell'" in error
     assert all(f"'{name}'" in error for name in FLOW_PRESETS)
+
+
+def test_weights_from_a_pipeline_folder_and_prompt_file(tmp_path, capsys):
+    """--weights loads the `transformer` folder of a pipeline directory; --prompt-embeddings replaces the random
+    prompt: the same weights and prompt as --random-weights give the same latents."""
+    spec = FLOW_PRESETS["tiny-flux"]
+    transformer = build_transformer("tiny-flux", seed=0)  # what --random-weights --seed 0 builds
+    transformer.save_pretrained(tmp_path / "pipe" / "transformer")
+    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(5))
+    save_file(bank, str(tmp_path / "prompts.safetensors"))
+    base = ["sample", "--model", "tiny-flux", "--steps", str(STEPS), "--schedule", "fora:2",
+            "--prompt-embeddings", str(tmp_path / "prompts.safetensors")]
+    printed = run_cli(base + ["--weights", str(tmp_path / "pipe"), "--out", str(tmp_path / "hub.safetensors")], capsys)
+    assert f"model tiny-flux ({tmp_path / 'pipe'})" in printed
+    run_cli(base + ["--random-weights", "--out", str(tmp_path / "random.safetensors")], capsys)
+    hub, random = (load_file(str(tmp_path / f"{n}.safetensors"))["latents"] for n in ("hub", "random"))
+    assert torch.equal(hub, random)
+    run_cli(["sample", "--model", "tiny-flux", "--steps", str(STEPS), "--schedule", "fora:2", "--random-weights",
+             "--out", str(tmp_path / "random-prompt.safetensors")], capsys)
+    assert not torch.equal(load_file(str(tmp_path / "random-prompt.safetensors"))["latents"], random)
