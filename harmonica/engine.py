@@ -91,7 +91,8 @@ class CacheEngine:
         self.contexts_refused_by = None  # e.g. "cuda_graphs=True": what allows one cache context only
         self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
         self._compiled_codes = []
-        self.last_input_shape = None  # hidden_states' shape in the latest forward: (B, C, H, W), (B, C, F, H, W), (B, L, C)
+        # hidden_states' shape in the latest forward: (B, C, H, W), (B, C, F, H, W) or (B, L, C)
+        self.last_input_shape = None
         self.last_text_tokens = None  # encoder_hidden_states' tokens in the latest forward (None: no text)
         if schedule is not None:
             self.set_schedule(schedule)
