@@ -21,7 +21,7 @@ from .kernel_bench import default_cases, format_rows, measure, target_verdict
 from .machine import REPO, machine_info
 from .macs import format_mac_table, mac_table
 from .plan import format_plan, plan, total_seconds
-from .suite import MATRICES, SuiteOptions, run_suite
+from .suite import FLOW_MODELS, MATRICES, SuiteOptions, run_suite
 from .table import format_gap_table, format_skipped, format_suite_table, target_verdicts
 
 SUITE_OPTIONS = ("models", "resolutions", "configs", "modes", "steps", "repeat", "warmup", "quick", "full",
@@ -35,11 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cuda, cpu = MATRICES["cuda"], MATRICES["cpu"]
     parser.add_argument("--models", nargs="+", help="presets or families (dit-xl-2, pixart-alpha, pixart-sigma, "
                         f"tiny-dit, ...); default with CUDA: {' '.join(cuda.models)} (--full: every real model); "
-                        f"without: {' '.join(cpu.models)}")
+                        f"without: {' '.join(cpu.models)}; the tiny flow presets ({' '.join(FLOW_MODELS)}) "
+                        "on request only")
     parser.add_argument("--resolutions", nargs="+", type=int, help="pixels, e.g. 256 1024 (default: all)")
     parser.add_argument("--configs", nargs="+",
                         help="no-cache, fewer-steps[:T], fora:N, delta-dit[:b=B,n=N], harmonica[:cur=C], "
-                        "l2c[:cur=C], fbcache[:threshold], taylorseer[:interval], dbcache[:threshold] "
+                        "l2c[:cur=C], fbcache[:threshold], taylorseer[:interval], magcache[:threshold], "
+                        "dbcache[:threshold] "
                         f"(default with CUDA: {' '.join(cuda.configs)}; --full and without CUDA: "
                         f"{' '.join(cpu.configs)})")
     parser.add_argument("--modes", nargs="+", help=f"of {' '.join(MODES)} (default with CUDA: "

@@ -8,7 +8,8 @@ Names (`--configs`), parameters after the colon optional:
 - `harmonica[:cur=C]`, `l2c[:cur=C]`: the router's schedule with the HarmoniCa or the L2C rule
   (`--router`); without a router a *synthetic* one at CUR C (default 0.5 and 0.35), see
   `synthetic_schedule`.
-- `fbcache[:threshold]`, `taylorseer[:interval]`, `dbcache[:threshold]`: the peers (`peers.py`).
+- `fbcache[:threshold]`, `taylorseer[:interval]`, `magcache[:threshold]`, `dbcache[:threshold]`: the peers
+  (`peers.py`).
 - `skeleton` (added by the suite, not requested): step 0 computes, every later step reuses every
   unit; its time per step is the floor the gap attribution needs.
 
@@ -28,7 +29,7 @@ MODE_OPTIONS = {"eager": {"fused": False}, "fused": {}, "graphs": {"cuda_graphs"
                 "graphs-step": {"cuda_graphs": True, "scheduler_in_graph": True},
                 "compile": {"cuda_graphs": True, "compile": True}}
 MODES = tuple(MODE_OPTIONS)
-PEERS = ("fbcache", "taylorseer", "dbcache")
+PEERS = ("fbcache", "taylorseer", "magcache", "dbcache")
 LEARNED_RULES = {"harmonica": "harmonica", "l2c": "l2c-alternating"}
 DEFAULT_CUR = {"harmonica": 0.5, "l2c": 0.35}
 KINDS = ("no-cache", "fewer-steps", "fora", "delta-dit", *LEARNED_RULES, *PEERS)
@@ -109,7 +110,7 @@ def parse_config(spec: str) -> Config:
     try:
         if kind in ("fewer-steps", "taylorseer") and param and int(param) < 1:
             raise ValueError("expected an integer >= 1")
-        if kind in ("fbcache", "dbcache") and param and float(param) < 0:
+        if kind in ("fbcache", "magcache", "dbcache") and param and float(param) < 0:
             raise ValueError("expected a threshold >= 0")
         if kind in LEARNED_RULES and param and not param.startswith("cur="):
             raise ValueError("expected cur=C")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from harmonica.models import PRESETS, REAL_MODELS
+from harmonica.models import FLOW_PRESETS, PRESETS, REAL_MODELS
 from harmonica.units import units_of
 
 from .configs import FLOW_MODELS
@@ -122,8 +122,8 @@ def _example_inputs(model, batch: int, height: int, width: int, text_tokens: int
 def _spec(model):
     """(class name, config, height, width, text tokens, frames) of a preset name or a model instance."""
     if isinstance(model, str):
-        if model in FLOW_MODELS:
-            spec = FLOW_MODELS[model]
+        if model in FLOW_MODELS or model in FLOW_PRESETS:
+            spec = FLOW_MODELS.get(model) or FLOW_PRESETS[model]
             return spec.class_name, spec.config, spec.height, spec.width, spec.text_tokens, spec.frames
         if model not in PRESETS:
             raise ValueError(f"model: expected one of {sorted({*PRESETS, *FLOW_MODELS})}, got {model!r}")

@@ -10,17 +10,25 @@
   cache_config=DBCacheConfig(...))`, the optional `peers` extra): its defaults (F8B0, 8 warm-up
   steps, threshold 0.08) with Fn capped at the block count minus one.
 
-DiT and PixArt transformers do not mix in diffusers' `CacheMixin`, so there is no
-`transformer.enable_cache`; the hooks are applied by the public `apply_*` functions and each
-generation runs inside `CacheMixin.cache_context("cond")` (CFG is one batch), after
-`HookRegistry.reset_stateful_hooks()`. Each peer runs on a copy of the transformer (same weights),
-dropped after its row, so no hook or state leaks into later rows.
+- `magcache[:threshold]`: diffusers' MagCache (threshold default 0.06, its default), only through
+  `enable_cache`. Its magnitude ratios are checkpoint-dependent: one untimed generation in its calibration
+  mode (nothing skipped) measures them on this model, seed and step count, then the cache runs with them.
+
+Transformers that mix in diffusers' `CacheMixin` (FLUX, Wan, Qwen-Image) take the diffusers hooks through
+`transformer.enable_cache(config)` and drop them with `disable_cache()`; the others (DiT, PixArt, SD3) through
+the public `apply_*` functions, their hooks removed from the registries after the row. Each generation runs
+inside `CacheMixin.cache_context("cond")` (CFG is one batch), after `HookRegistry.reset_stateful_hooks()`.
+Each peer runs on a copy of the transformer (same weights); `Peer.close` removes its hooks and raises when
+a hook or patched forward is left (`leftovers`).
 """
 
+import ast
 import copy
 import importlib.util
+import io
 import os
-from contextlib import contextmanager
+import re
+from contextlib import contextmanager, redirect_stdout
 
 import torch
 
@@ -31,7 +39,7 @@ from .configs import Config
 FBCACHE_THRESHOLD = 0.2
 TAYLORSEER_INTERVAL = 2
 TAYLORSEER_WARMUP = 3
-UNIT_PATTERN = r"transformer_blocks\.\d+\.(attn1|attn2|ff)"
+MAGCACHE_THRESHOLD = 0.06
 
 
 class PeerUnavailable(Exception):
@@ -44,7 +52,7 @@ class Peer:
     description = ""
 
     def __init__(self, transformer):
-        self.transformer = copy.deepcopy(transformer)
+        self.source, self.transformer = transformer, copy.deepcopy(transformer)
         self.apply()
 
     def apply(self) -> None:
@@ -54,17 +62,62 @@ class Peer:
     def generation(self, num_steps: int):
         yield
 
+    def calibrate(self, generate) -> None:
+        """Runs before the timed generations; `generate()` makes one generation on `self.transformer`."""
+
+    def remove(self) -> None:
+        raise NotImplementedError
+
+    clean_removal = True  # whether `remove` leaves the copy without hooks
+
+    def close(self) -> None:
+        """Removes the peer's hooks; RuntimeError naming what is left on the original transformer (or, where
+        removal is clean, on the copy)."""
+        self.remove()
+        left = leftovers(self.source) + (leftovers(self.transformer) if self.clean_removal else [])
+        if left:
+            raise RuntimeError(f"{type(self).__name__}: hooks left after removal on {left[:3]}")
+
+
+def leftovers(model) -> list:
+    """Names of the modules that still carry a diffusers hook, a torch hook or an instance-level forward other
+    than the class's own (diffusers' registries restore the original as an instance attribute)."""
+    names = []
+    for name, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        patched = getattr(vars(module).get("forward", module.forward), "__func__", None) is not type(module).forward
+        if (registry is not None and registry.hooks) or patched or module._forward_hooks or module._forward_pre_hooks:
+            names.append(name or type(module).__name__)
+    return names
+
 
 class DiffusersHooks(Peer):
-    """A diffusers cache hook (First Block Cache, TaylorSeer) applied by its public `apply_*` function."""
+    """A diffusers cache hook (First Block Cache, TaylorSeer, MagCache): `transformer.enable_cache(config)` when
+    the transformer is a `CacheMixin`, else the hook's public `apply_*` function."""
 
     def __init__(self, transformer, apply_fn, cache_config):
         self.apply_fn, self.cache_config = apply_fn, cache_config
         self.description = repr(cache_config)
         super().__init__(transformer)
 
+    @property
+    def mixin(self) -> bool:
+        return hasattr(self.transformer, "enable_cache")
+
     def apply(self) -> None:
-        self.apply_fn(self.transformer, self.cache_config)
+        if self.mixin:
+            self.transformer.enable_cache(self.cache_config)
+        else:
+            self.apply_fn(self.transformer, self.cache_config)
+
+    def remove(self) -> None:
+        if self.mixin:
+            self.transformer.disable_cache()
+            return
+        for module in self.transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            for name in list(registry.hooks) if registry is not None else ():
+                registry.remove_hook(name, recurse=False)
 
     @contextmanager
     def generation(self, num_steps: int):
@@ -76,14 +129,41 @@ class DiffusersHooks(Peer):
             yield
 
 
+class MagCache(DiffusersHooks):
+    """diffusers' MagCache through `enable_cache`, its magnitude ratios calibrated on this model first."""
+
+    def __init__(self, transformer, threshold: float, num_steps: int):
+        from diffusers.hooks import MagCacheConfig
+
+        self.make_config = lambda **kw: MagCacheConfig(num_inference_steps=num_steps, **kw)
+        self.threshold = threshold
+        super().__init__(transformer, None, self.make_config(calibrate=True))
+
+    def calibrate(self, generate) -> None:
+        """One generation in calibration mode (its printout captured), then the cache with the ratios it measured."""
+        printed = io.StringIO()
+        with redirect_stdout(printed), self.generation(None):
+            generate()
+        lists = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
+        if not lists:
+            raise RuntimeError("MagCache: the calibration generation printed no magnitude ratios")
+        self.transformer.disable_cache()
+        self.cache_config = self.make_config(threshold=self.threshold, mag_ratios=ast.literal_eval(lists[-1]))
+        self.description = repr(self.cache_config).split(", mag_ratios")[0] + ", mag_ratios calibrated)"
+        self.apply()
+
+
 class CacheDiT(Peer):
-    """cache-dit's DBCache on the transformer alone; each generation refreshes its context."""
+    """cache-dit's DBCache on the transformer alone; each generation refreshes its context. cache-dit 1.5.3's
+    `disable_cache` leaves its patched forward on the copy (which is dropped after the row)."""
+
+    clean_removal = False
 
     def __init__(self, transformer, threshold: float | None):
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
         from cache_dit import DBCacheConfig
 
-        fields = {"Fn_compute_blocks": min(8, len(transformer.transformer_blocks) - 1)}
+        fields = {"Fn_compute_blocks": min(8, num_blocks(transformer) - 1)}
         if threshold is not None:
             fields["residual_diff_threshold"] = threshold
         self.make_config = lambda steps: DBCacheConfig(**fields, num_inference_steps=steps)
@@ -102,9 +182,15 @@ class CacheDiT(Peer):
         cache_dit.refresh_context(self.transformer, cache_config=self.make_config(num_steps))
         yield
 
+    def remove(self) -> None:
+        import cache_dit
 
-def make_peer(config: Config, transformer) -> Peer:
-    """The peer of `config` on a copy of `transformer`; PeerUnavailable with the reason when it cannot run."""
+        cache_dit.disable_cache(self.transformer)
+
+
+def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer:
+    """The peer of `config` on a copy of `transformer` for `num_steps`-step generations (needed by magcache);
+    PeerUnavailable with the reason when it cannot run."""
     if config.kind == "dbcache":
         if importlib.util.find_spec("cache_dit") is None:
             raise PeerUnavailable("cache-dit not installed (pip install -e '.[peers]')")
@@ -118,15 +204,34 @@ def make_peer(config: Config, transformer) -> Peer:
         )
     except ImportError as error:
         raise PeerUnavailable(f"this diffusers has no {config.kind} hook ({error})") from error
-    if len(transformer.transformer_blocks) < 2:
+    if num_blocks(transformer) < 2:
         raise PeerUnavailable(f"{config.kind} needs at least 2 transformer blocks")
+    if config.kind == "magcache":
+        if not hasattr(transformer, "enable_cache"):
+            raise PeerUnavailable(f"magcache runs through enable_cache; {type(transformer).__name__} is not a "
+                                  "diffusers CacheMixin")
+        if num_steps is None:
+            raise ValueError("num_steps: expected the step count for magcache, got None")
+        return MagCache(transformer, float(config.param) if config.param else MAGCACHE_THRESHOLD, num_steps)
     if config.kind == "fbcache":
         threshold = float(config.param) if config.param else FBCACHE_THRESHOLD
         return DiffusersHooks(transformer, apply_first_block_cache, FirstBlockCacheConfig(threshold=threshold))
     interval = int(config.param) if config.param else TAYLORSEER_INTERVAL
     return DiffusersHooks(transformer, apply_taylorseer_cache, TaylorSeerCacheConfig(
         cache_interval=interval, disable_cache_before_step=TAYLORSEER_WARMUP, max_order=1,
-        taylor_factors_dtype=transformer.dtype, cache_identifiers=[UNIT_PATTERN]))
+        taylor_factors_dtype=transformer.dtype, cache_identifiers=[unit_pattern(transformer)]))
+
+
+def num_blocks(transformer) -> int:
+    """Transformer blocks in the model's block lists (FLUX: its joint and single blocks together)."""
+    return sum(len(child) for name, child in transformer.named_children()
+               if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList))
+
+
+def unit_pattern(transformer) -> str:
+    """A `re.fullmatch` pattern of the transformer's cached units (TaylorSeer's default patterns match none of
+    DiT/PixArt's modules)."""
+    return "|".join(re.escape(name) for name, _ in cached_units(transformer))
 
 
 class UnitCounter:

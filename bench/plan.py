@@ -23,7 +23,7 @@ from harmonica.schedule import CacheSchedule
 
 from .kernel_bench import PROVIDERS, default_cases
 from .macs import VAE_FACTOR, count_macs
-from .suite import PlannedRow, SuiteOptions, plan_group
+from .suite import PlannedRow, SuiteOptions, plan_group, resolution
 
 CFG_BATCH = 2  # images per transformer forward: DiT (guidance 1.5) and PixArt (4.5) run guidance as a batch of 2
 H100_PEAK_FLOPS = 989e12  # H100 SXM, fp16/bf16 dense tensor-core peak (NVIDIA datasheet)
@@ -69,10 +69,13 @@ class PlanLine:
 
 @functools.cache
 def decode_macs(name: str) -> float:
-    """MACs of the preset's VAE decoding one image at its resolution (FlopCounterMode on the meta device)."""
+    """MACs of the preset's VAE decoding one image at its resolution (FlopCounterMode on the meta device);
+    0 for a flow preset (the suite runs its transformer alone)."""
     import diffusers
 
     spec = preset(name)
+    if spec.is_flow:
+        return 0.0
     with torch.device("meta"):
         vae = diffusers.AutoencoderKL(**spec.vae)
         side = spec.resolution // VAE_FACTOR
@@ -109,7 +112,7 @@ def plan(options: SuiteOptions, router=None) -> list:
     for name in options.model_names:
         macs, decode = _count_macs(name), decode_macs(name)
         for steps in options.steps_for(name):
-            lines += [PlanLine(name, preset(name).resolution, steps, row, row_seconds(row, macs, decode, options, cost))
+            lines += [PlanLine(name, resolution(name), steps, row, row_seconds(row, macs, decode, options, cost))
                       for row in plan_group(name, steps, options, router, macs=macs)]
     return lines
 

@@ -22,17 +22,26 @@ Which rows a run makes is decided before anything runs (`plan_group`, which `har
 prints too). Rows are flat dicts (one per model, resolution, steps, configuration, mode), `status` "ok" or
 "skipped" with the `reason`. Quality: PSNR / SSIM of the decoded image against the baseline image of
 the same seed (for fewer-steps: the baseline at the full step count).
+
+The tiny flow-matching presets (`FLOW_MODELS`: tiny-flux, tiny-sd3, tiny-sd35, tiny-wan, tiny-qwen-image, random
+weights, `--models` only) run `flow.flow_sample` (the pipeline's Euler loop through `SolverLoop`) on the
+transformer alone with one random prompt: no text encoder, no VAE (`FlowWorkload`); their quality is the
+PSNR of the final latents against the baseline's, at the baseline's peak-to-peak range (no SSIM).
 """
 
 import contextlib
 import inspect
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
 
 import harmonica
+from harmonica.flow import SAMPLER as FLOW_SAMPLER
+from harmonica.flow import as_4d, flow_sample, flow_task, random_flow_embeddings
 from harmonica.models import (
+    FLOW_PRESETS,
     PRESETS,
     REAL_MODELS,
     build_pipeline,
@@ -90,6 +99,9 @@ MATRICES = {
     "full": Matrix(REAL_MODELS, DEFAULT_CONFIGS, MODES, (10, 20, 50)),
     "cpu": Matrix(("tiny-dit", "tiny-pixart"), DEFAULT_CONFIGS, MODES, (20,)),
 }
+# the tiny flow presets: random weights, --models only; 20 steps as the tiny DiT/PixArt (--steps to change)
+FLOW_MODELS = tuple(name for name in FLOW_PRESETS if name.startswith("tiny-"))
+FLOW_STEPS = 20
 DIT_CLASS, DIT_GUIDANCE, PIXART_GUIDANCE = 207, 1.5, 4.5
 PROMPT = "A small cactus with a happy face in the Sahara desert."
 
@@ -149,6 +161,8 @@ class SuiteOptions:
     def steps_for(self, name: str) -> tuple:
         if self.steps is not None:
             return tuple(self.steps)
+        if name in FLOW_MODELS:
+            return (FLOW_STEPS,)
         spec = preset(name)
         native = default_steps(spec.sampler)
         if self.quick or spec.is_pixart or name not in REAL_MODELS:
@@ -162,14 +176,14 @@ def select_models(models, resolutions, defaults: tuple) -> list:
     explicit = models is not None
     names = []
     for name in (models if explicit else defaults):
-        if name not in PRESETS and name not in FAMILIES:
-            raise ValueError(f"--models: expected preset or family names from {sorted(PRESETS)} or "
-                             f"{sorted(FAMILIES)}, got {name!r}")
-        members = [name] if name in PRESETS else FAMILIES[name]
+        if name not in PRESETS and name not in FAMILIES and name not in FLOW_MODELS:
+            raise ValueError(f"--models: expected preset or family names from {sorted(PRESETS)}, "
+                             f"{sorted(FAMILIES)} or {list(FLOW_MODELS)}, got {name!r}")
+        members = [name] if name in PRESETS or name in FLOW_MODELS else FAMILIES[name]
         if resolutions:
-            taken = [m for m in members if PRESETS[m].resolution in resolutions]
+            taken = [m for m in members if resolution(m) in resolutions]
             if explicit and not taken:
-                raise ValueError(f"--resolutions: {name} takes {sorted(PRESETS[m].resolution for m in members)}, "
+                raise ValueError(f"--resolutions: {name} takes {sorted(resolution(m) for m in members)}, "
                                  f"got {list(resolutions)}")
             members = taken
         names += [m for m in members if m not in names]
@@ -178,11 +192,26 @@ def select_models(models, resolutions, defaults: tuple) -> list:
     return names
 
 
+def resolution(name: str) -> int:
+    """Pixels per side of a preset (a flow preset: its height)."""
+    spec = preset(name)
+    return spec.height if spec.is_flow else spec.resolution
+
+
+def model_macs(name: str, transformer=None):
+    """`count_macs` of a preset at its size (a flow preset: its height, width, frames and prompt tokens)."""
+    spec = preset(name)
+    if not spec.is_flow:
+        return count_macs(name)
+    return count_macs(transformer if transformer is not None else name, spec.height, spec.width,
+                      caption_tokens=spec.text_tokens, frames=spec.frames)
+
+
 class Workload:
     """One model's pipeline on the device and the three phases of a generation of one image."""
 
     def __init__(self, name: str, options: SuiteOptions):
-        self.name, self.spec = name, preset(name)
+        self.name, self.spec, self.resolution = name, preset(name), resolution(name)
         self.device = torch.device(options.device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.seed = options.seed
@@ -238,6 +267,9 @@ class Workload:
         vae = self.pipe.vae
         return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
+    def quality(self, images, reference) -> dict:
+        return {"psnr": psnr(images, reference), "ssim": ssim(images, reference)}
+
     def generate(self, num_steps: int, transformer, generation) -> tuple:
         """(images, {"text", "loop", "decode"} ms, bytes the loop left allocated beyond its output (CUDA
         only: caches, graph pools)) of one generation; `generation()` is entered around its loop."""
@@ -285,6 +317,61 @@ class Workload:
         for part, samples in times.items():
             result[part] = spread(samples)
         return result
+
+
+class FlowWorkload(Workload):
+    """A tiny flow preset: its transformer alone on the device (random weights), one random prompt of the
+    preset's text length, `flow_sample` as the loop (seed's noise, the preset's guidance); the "decode" is the
+    final latents unpacked to (1, C, H, W) (video: frames along H), not timed work."""
+
+    def __init__(self, name: str, options: SuiteOptions):
+        if options.real_weights:
+            raise ValueError(f"--real-weights: {name} runs with random weights only (no published weights)")
+        self.name, self.spec, self.resolution = name, preset(name), resolution(name)
+        self.device = torch.device(options.device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.seed = options.seed
+        transformer = build_transformer(name, seed=options.seed)
+        move_pipeline(transformer, self.device, self.dtype)
+        self.pipe = SimpleNamespace(transformer=transformer)
+        self.bank = random_flow_embeddings(transformer, 1, self.spec.text_tokens,
+                                           torch.Generator().manual_seed(options.seed))
+        self.tasks = {}
+        self.macs = model_macs(name, transformer)
+        self.has_text_encoder, self.prompt = False, None
+
+    sampler = FLOW_SAMPLER
+
+    def task(self, num_steps: int):
+        if num_steps not in self.tasks:
+            self.tasks[num_steps] = flow_task(self.pipe.transformer, self.bank, num_steps, self.spec.guidance,
+                                              **self.spec.size)
+        return self.tasks[num_steps]
+
+    def loop(self, prompt, num_steps: int, transformer):
+        task = self.task(num_steps)
+        task.transformer = transformer  # a peer's copy or the workload's transformer
+        try:
+            return flow_sample(task, torch.tensor([0]), generator=torch.Generator().manual_seed(self.seed))
+        finally:
+            task.transformer = self.pipe.transformer
+
+    def decode(self, latents):
+        return as_4d(next(iter(self.tasks.values())).unpack(latents)).float()
+
+    def quality(self, images, reference) -> dict:
+        return {"psnr": latent_psnr(images, reference), "ssim": None}
+
+
+def latent_psnr(latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR in dB of latents against the reference's, at the reference's peak-to-peak range."""
+    peak = (reference.max() - reference.min()).double()
+    mse = torch.mean((latents.double() - reference.double()) ** 2)
+    return float("inf") if mse == 0 else (10 * torch.log10(peak ** 2 / mse)).item()
+
+
+def make_workload(name: str, options: SuiteOptions) -> Workload:
+    return (FlowWorkload if name in FLOW_MODELS else Workload)(name, options)
 
 
 def _skip_reason(config: Config, mode: str, device: str, sampler: str) -> str | None:
@@ -341,8 +428,8 @@ def plan_group(name: str, num_steps: int, options: SuiteOptions, router: Router 
     if transformer is None:
         with torch.device("meta"):
             transformer = build_transformer(name)
-    macs = macs or count_macs(name)
-    sampler = preset(name).sampler
+    macs = macs or model_macs(name, transformer)
+    sampler = FLOW_SAMPLER if name in FLOW_MODELS else preset(name).sampler
     matched = matched_speedup(options.configs, transformer, macs, num_steps, router)
 
     def planned(config: Config, mode: str) -> PlannedRow:
@@ -384,7 +471,7 @@ class GroupRun:
 
     def row(self, config_name: str, mode: str, **fields) -> dict:
         spec = self.w.spec
-        row = {"model": self.w.name, "resolution": spec.resolution, "steps": self.steps, "sampler": self.w.sampler,
+        row = {"model": self.w.name, "resolution": self.w.resolution, "steps": self.steps, "sampler": self.w.sampler,
                "config": config_name, "mode": mode, "status": "ok", "reason": None, "synthetic": False,
                "peer_config": None, "device": self.options.device, "dtype": str(self.w.dtype).removeprefix("torch."),
                "weights": spec.hub_id if self.options.real_weights else "random", **fields}
@@ -411,7 +498,7 @@ class GroupRun:
             repeats=measurement["loop"]["n"], loop_speedup=loop_speedup,
             pipeline_speedup=base["pipeline"]["median"] / pipeline,
             efficiency=None if theoretical is None else loop_speedup / theoretical,
-            psnr=psnr(measurement["images"], self.reference), ssim=ssim(measurement["images"], self.reference),
+            **self.w.quality(measurement["images"], self.reference),
             retained_bytes=measurement["retained_bytes"], peak_bytes=measurement["peak_bytes"], **fields)
 
     def run(self) -> list:
@@ -458,17 +545,23 @@ class GroupRun:
 
     def run_peer(self, config: Config) -> None:
         try:
-            peer = make_peer(config, self.w.pipe.transformer)
+            peer = make_peer(config, self.w.pipe.transformer, self.steps)
         except PeerUnavailable as error:
             self.skip(config.name, "eager", str(error))
             return
+        except Exception as error:  # the peer does not take this model
+            self.skip(config.name, "eager", f"failed: {type(error).__name__}: {error}")
+            return
         try:
+            with torch.inference_mode():
+                peer.calibrate(lambda: self.w.loop(self.w.prompt, self.steps, peer.transformer))
             measurement = self.w.measure(self.steps, self.options.repeat, self.options.warmup, peer.transformer,
                                          lambda: peer.generation(self.steps), count_units=True)
         except Exception as error:
             self.skip(config.name, "eager", f"failed: {type(error).__name__}: {error}")
             return
         finally:
+            peer.close()
             del peer.transformer
         table = measurement["units_run"]
         try:  # the units that really ran, as a schedule: its CUR and MAC speedup
@@ -509,7 +602,7 @@ def run_suite(options: SuiteOptions, progress: bool = True, done=None) -> list:
     rows = []
     with tqdm(total=total, disable=not progress, desc="bench", unit="row") as bar:
         for name in options.model_names:
-            workload = Workload(name, options)
+            workload = make_workload(name, options)
             for num_steps in options.steps_for(name):
                 rows += GroupRun(workload, num_steps, options, router, bar).run()
             del workload

@@ -7,7 +7,7 @@ import torch
 from harmonica.bench import command
 from harmonica.bench.configs import parse_config
 from harmonica.bench.macs import count_macs
-from harmonica.bench.plan import COSTS, CostModel, plan, row_seconds, total_seconds
+from harmonica.bench.plan import COSTS, CostModel, decode_macs, plan, row_seconds, total_seconds
 from harmonica.bench.suite import PlannedRow, SuiteOptions, plan_group, run_suite
 from harmonica.schedule import CacheSchedule
 
@@ -100,3 +100,18 @@ def test_running_cuda_rows_without_cuda_is_an_error(capsys):
         pytest.skip("needs a machine without CUDA")
     assert command.main(["--device", "cuda", "--models", "tiny-dit"]) == 2
     assert "--device: cuda requested, but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_plan_of_a_flow_preset():
+    options = SuiteOptions(models=("tiny-flux",), configs=("fora:2", "magcache"), modes=("eager", "fused"), repeat=1,
+                           device="cpu")
+    lines = plan(options)
+    assert [(line.model, line.resolution, line.steps, line.row.config.name, line.row.mode) for line in lines] == [
+        ("tiny-flux", 64, 20, "no-cache", "eager"), ("tiny-flux", 64, 20, "fora:2", "eager"),
+        ("tiny-flux", 64, 20, "fora:2", "fused"), ("tiny-flux", 64, 20, "magcache", "eager"),
+        ("tiny-flux", 64, 20, "skeleton", "eager"), ("tiny-flux", 64, 20, "skeleton", "fused")]
+    assert decode_macs("tiny-flux") == 0  # the transformer alone: no VAE
+    macs = count_macs("tiny-flux")
+    assert [line.seconds for line in lines] == [row_seconds(line.row, macs, 0.0, options, COSTS["cpu"])
+                                                for line in lines]
+    assert lines[1].seconds < lines[0].seconds  # FORA:2 computes half the units

@@ -14,7 +14,7 @@ from harmonica.bench.gap import attribute_gap
 from harmonica.bench.macs import count_macs, mac_table
 from harmonica.bench.peers import UnitCounter, make_peer
 from harmonica.bench.quality import psnr, ssim
-from harmonica.bench.suite import MATRICES, SuiteOptions, _skip_reason, run_suite, select_models
+from harmonica.bench.suite import MATRICES, FlowWorkload, SuiteOptions, _skip_reason, run_suite, select_models
 from harmonica.bench.timing import spread
 from harmonica.cli import main as cli_main
 from harmonica.models import build_pipeline
@@ -395,3 +395,82 @@ def test_graph_and_compile_rows_on_cuda():
     assert rows[("fbcache", "eager")]["status"] == "ok"
     assert rows[("fora:2", "graphs")]["gap_launch_ms"] is None  # graph rows are the launch-free reference
     assert rows[("fora:2", "fused")]["gap_launch_ms"] is not None
+
+
+# ---- the tiny flow presets ----
+
+FLOW_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    return FlowWorkload("tiny-flux", SuiteOptions(models=("tiny-flux",), device="cpu"))
+
+
+@pytest.mark.parametrize("spec, mixin_hook", [("fbcache:1000", "fbc_leader_block_hook"),
+                                              ("taylorseer:2", "taylorseer_cache"),
+                                              ("magcache:1000", "mag_cache_leader_block_hook")])
+def test_flow_peer_runs_through_enable_cache_and_leaves_nothing(tiny_flux, spec, mixin_hook):
+    reference = tiny_flux.loop(None, FLOW_STEPS, tiny_flux.pipe.transformer)
+    peer = make_peer(parse_config(spec), tiny_flux.pipe.transformer, FLOW_STEPS)
+    try:
+        assert peer.transformer.is_cache_enabled and peer.mixin  # diffusers' CacheMixin.enable_cache
+        peer.calibrate(lambda: tiny_flux.loop(None, FLOW_STEPS, peer.transformer))
+        hooks = {name for module in peer.transformer.modules() if hasattr(module, "_diffusers_hook")
+                 for name in module._diffusers_hook.hooks}
+        assert mixin_hook in hooks and peers.leftovers(peer.transformer)
+        with UnitCounter(peer.transformer) as counter, peer.generation(FLOW_STEPS):
+            cached = tiny_flux.loop(None, FLOW_STEPS, peer.transformer)
+    finally:
+        peer.close()
+    assert not peer.transformer.is_cache_enabled and peers.leftovers(peer.transformer) == []
+    assert counter.table().shape[0] == FLOW_STEPS and not bool(counter.table().all())  # some unit was skipped
+    assert not torch.equal(cached, reference)
+    assert torch.equal(tiny_flux.loop(None, FLOW_STEPS, tiny_flux.pipe.transformer), reference)  # ran on a copy
+
+
+def test_magcache_calibrates_its_ratios(tiny_flux):
+    peer = make_peer(parse_config("magcache"), tiny_flux.pipe.transformer, FLOW_STEPS)
+    try:
+        assert peer.cache_config.calibrate
+        peer.calibrate(lambda: tiny_flux.loop(None, FLOW_STEPS, peer.transformer))
+    finally:
+        peer.close()
+    ratios = peer.cache_config.mag_ratios
+    assert not peer.cache_config.calibrate and ratios.shape == (FLOW_STEPS,) and ratios[0] == 1.0
+    assert peer.cache_config.threshold == peers.MAGCACHE_THRESHOLD and bool((ratios[1:] != 1.0).all())
+    with pytest.raises(peers.PeerUnavailable, match="magcache runs through enable_cache; DiTTransformer2DModel "
+                                                      "is not a diffusers CacheMixin"):
+        make_peer(parse_config("magcache"), build_pipeline("tiny-dit", random_weights=True).transformer, 10)
+
+
+def test_leftovers_names_a_patched_forward(tiny_dit):
+    assert peers.leftovers(tiny_dit) == []
+    block = tiny_dit.transformer_blocks[1]
+    block.forward = lambda *a, **k: None
+    try:
+        assert peers.leftovers(tiny_dit) == ["transformer_blocks.1"]
+    finally:
+        del block.forward
+    handle = tiny_dit.proj_out_1.register_forward_pre_hook(lambda *_: None)
+    assert peers.leftovers(tiny_dit) == ["proj_out_1"]
+    handle.remove()
+
+
+def test_quick_run_on_tiny_flux():
+    options = SuiteOptions(models=("tiny-flux",), configs=("no-cache", "fora:2", "harmonica", "magcache"),
+                           modes=("eager",), steps=(FLOW_STEPS,), repeat=1, device="cpu")
+    rows = {(r["config"], r["mode"]): r for r in run_suite(options, progress=False)}
+    assert list(rows) == [("no-cache", "eager"), ("fora:2", "eager"), ("harmonica", "eager"), ("magcache", "eager"),
+                          ("skeleton", "eager")]
+    assert all(r["status"] == "ok" and r["resolution"] == 64 and r["ssim"] is None for r in rows.values())
+    macs = count_macs("tiny-flux")
+    base, fora, mag = rows[("no-cache", "eager")], rows[("fora:2", "eager")], rows[("magcache", "eager")]
+    assert (base["cur"], base["psnr"]) == (0, math.inf)
+    assert fora["cur"] == 0.5
+    assert fora["theoretical_speedup"] == pytest.approx(CacheSchedule.fora(FLOW_STEPS, len(macs.names), 2)
+                                                        .theoretical_speedup(macs))
+    assert rows[("harmonica", "eager")]["schedule"] == "harmonica:synthetic,cur=0.5"
+    assert "mag_ratios calibrated" in mag["peer_config"]
+    for row in (fora, mag):
+        assert 0 < row["psnr"] < math.inf
