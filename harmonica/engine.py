@@ -287,8 +287,6 @@ class CacheEngine:
     def _compute_modulations(self, hidden, args, kwargs) -> bool:
         """At step 0: every step's modulations, when this generation allows it and an adapter computes them
         (DiT; modulation.py)."""
-        if self.context is not None:  # each context would overwrite the table with its own conditions
-            return False
         if not (self.mode == "inference" and self.timesteps is not None and len(self.timesteps) == self.num_steps):
             return False
         return any([adapter.precompute(self, blocks, hidden, args, kwargs)
