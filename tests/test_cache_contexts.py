@@ -1,12 +1,13 @@
 """Two cache sets for pipelines that run classifier-free guidance as two passes (diffusers' cache_context
-"cond" / "uncond": WanPipeline, QwenImagePipeline), on tiny random pipelines without text encoder or VAE
-(prompt embeddings passed, latent output; CPU, fp32)."""
+"cond" / "uncond": WanPipeline, QwenImagePipeline, FluxPipeline's true CFG), on tiny random pipelines
+without text encoders or VAE (prompt embeddings passed, latent output; CPU, fp32)."""
 
 import warnings
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, WanPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, QwenImagePipeline, WanPipeline
+from test_adapters_flux import make_flux
 from test_adapters_qwen_image import make_qwen_image
 from test_adapters_sd3 import make_sd3, num_units
 from test_adapters_sd3 import step_inputs as sd3_inputs
@@ -16,11 +17,13 @@ import harmonica
 from harmonica import CacheSchedule
 from harmonica.units import cached_units
 
-STEPS, UNITS, M = 4, 6, 5  # both tiny transformers: 2 blocks x 3 units
+STEPS, UNITS, M = 4, 6, 5  # UNITS: tiny Wan's 2 blocks x 3 units
 
 
 def make_pipe(kind):
     parts = dict(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler())
+    if kind == "flux":
+        return FluxPipeline(transformer=make_flux(), tokenizer_2=None, text_encoder_2=None, **parts)
     return (WanPipeline(transformer=make_wan(), **parts) if kind == "wan"
             else QwenImagePipeline(transformer=make_qwen_image(), **parts))
 
@@ -34,6 +37,11 @@ def generate(pipe, guided=True):
     if isinstance(pipe, WanPipeline):
         return pipe(negative_prompt_embeds=uncond, height=32, width=32, num_frames=5,
                     guidance_scale=5.0 if guided else 1.0, **common).frames
+    if isinstance(pipe, FluxPipeline):
+        pooled, negative_pooled = torch.randn(1, 16, generator=gen), torch.randn(1, 16, generator=gen)
+        return pipe(pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond,
+                    negative_pooled_prompt_embeds=negative_pooled, height=32, width=32,
+                    true_cfg_scale=4.0 if guided else 1.0, **common).images
     mask = torch.ones(1, M, dtype=torch.long)
     return pipe(prompt_embeds_mask=mask, negative_prompt_embeds=uncond, negative_prompt_embeds_mask=mask,
                 height=32, width=32, true_cfg_scale=4.0 if guided else 1.0, **common).images
@@ -44,16 +52,17 @@ def flat(slots) -> list:
     return [part for slot in slots for part in (slot if isinstance(slot, tuple) else (slot,))]
 
 
-@pytest.mark.parametrize("kind", ["wan", "qwen_image"])
+@pytest.mark.parametrize("kind", ["wan", "qwen_image", "flux"])
 def test_each_pass_equals_its_own_engine(kind):
     """FORA:2: every transformer call of the guided generation equals the same calls of its pass (cond or
     uncond) replayed on a fresh engine of its own; each pass runs the schedule's units at its own steps,
     with slots of its own; no warning; disable leaves nothing behind."""
     pipe = make_pipe(kind)
     model = pipe.transformer
-    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
+    units = len(cached_units(model))
+    schedule = CacheSchedule.fora(STEPS, units, 2)
     engine = harmonica.enable(pipe, schedule)
-    calls = {"cond": torch.zeros(STEPS, UNITS, dtype=torch.bool), "uncond": torch.zeros(STEPS, UNITS, dtype=torch.bool)}
+    calls = {"cond": torch.zeros(STEPS, units, dtype=torch.bool), "uncond": torch.zeros(STEPS, units, dtype=torch.bool)}
     forwards = []  # (context, kwargs, output) of every transformer call
 
     def record_unit(k):
@@ -75,7 +84,7 @@ def test_each_pass_equals_its_own_engine(kind):
     assert [context for context, _, _ in forwards] == ["cond", "uncond"] * STEPS
     assert torch.equal(calls["cond"], schedule.table) and torch.equal(calls["uncond"], schedule.table)
     cond_slots, uncond_slots = flat(engine.other_contexts["cond"][3]), flat(engine.slots)
-    assert len(cond_slots) == len(uncond_slots) >= UNITS
+    assert len(cond_slots) == len(uncond_slots) >= units
     assert {s.data_ptr() for s in cond_slots}.isdisjoint(s.data_ptr() for s in uncond_slots)
     both = engine.cache_bytes()
     harmonica.disable(pipe)
