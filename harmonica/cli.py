@@ -340,8 +340,9 @@ def sample_flow(args, spec) -> int:
     weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
     print(f"model {args.model} ({weights}), sampler {SAMPLER}, {steps} steps, guidance {guidance}, seed {args.seed}, "
           f"{device} {dtype}")
+    size = f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else "")
     print(Summary(schedule.name, SAMPLER, steps, schedule.num_units, schedule.cur,
-                  schedule.theoretical_speedup(task.macs()), (spec.height, spec.width), engine.cache_bytes()))
+                  schedule.theoretical_speedup(task.macs()), size, engine.cache_bytes()))
     print(f"measured {elapsed:.2f} s (whole generation); latents {tuple(latents.shape)} written to {args.out}")
     return 0
 
