@@ -214,6 +214,9 @@ def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer
             raise ValueError("num_steps: expected the step count for magcache, got None")
         return MagCache(transformer, float(config.param) if config.param else MAGCACHE_THRESHOLD, num_steps)
     if config.kind == "fbcache":
+        if type(transformer).__name__ == "SD3Transformer2DModel":  # diffusers 0.42: TypeError in its hook
+            raise PeerUnavailable("fbcache: diffusers' First Block Cache does not run SD3Transformer2DModel (not a "
+                                  "CacheMixin; its last block returns no text stream, which the hook subtracts)")
         threshold = float(config.param) if config.param else FBCACHE_THRESHOLD
         return DiffusersHooks(transformer, apply_first_block_cache, FirstBlockCacheConfig(threshold=threshold))
     interval = int(config.param) if config.param else TAYLORSEER_INTERVAL

@@ -474,3 +474,12 @@ def test_quick_run_on_tiny_flux():
     assert "mag_ratios calibrated" in mag["peer_config"]
     for row in (fora, mag):
         assert 0 < row["psnr"] < math.inf
+
+
+def test_fbcache_on_sd3_is_a_stated_skip():
+    """diffusers' First Block Cache raises a TypeError inside its hook on SD3 (the last block returns no text
+    stream): the row is skipped with the reason, not failed."""
+    from harmonica.models import build_transformer
+
+    with pytest.raises(peers.PeerUnavailable, match="does not run SD3Transformer2DModel"):
+        make_peer(parse_config("fbcache"), build_transformer("tiny-sd3"))
