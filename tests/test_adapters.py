@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+from _adapter_checks import assert_no_cache_is_plain
 from torch import nn
 
 import harmonica
@@ -122,8 +123,8 @@ def step_inputs(step):
 
 
 @torch.no_grad()
-def trajectory(model, unit_for_step=None):
-    return [model(**step_inputs(s), unit=None if unit_for_step is None else unit_for_step(s)) for s in range(STEPS)]
+def trajectory(model, steps=STEPS, unit_for_step=None):
+    return [model(**step_inputs(s), unit=None if unit_for_step is None else unit_for_step(s)) for s in range(steps)]
 
 
 def scheduled_reference(model, table):
@@ -139,7 +140,7 @@ def scheduled_reference(model, table):
                 cache[k] = compute()
             return cache[k]
         return unit
-    return trajectory(model, unit_for_step)
+    return trajectory(model, unit_for_step=unit_for_step)
 
 
 def test_unit_names_and_modules_follow_the_block_lists_in_order(toy):
@@ -151,13 +152,7 @@ def test_unit_names_and_modules_follow_the_block_lists_in_order(toy):
 
 
 def test_no_cache_and_disable_are_bitwise_the_plain_model(toy):
-    plain = trajectory(toy)
-    harmonica.enable(toy, CacheSchedule.no_cache(STEPS, UNITS))
-    harmonica.reset(toy)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(toy), plain, strict=True))
-    harmonica.disable(toy)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(toy), plain, strict=True))
-    assert not any("forward" in vars(m) for m in toy.modules())
+    assert_no_cache_is_plain(toy, trajectory, UNITS, STEPS)
 
 
 def test_a_joint_unit_reuses_both_streams_as_scheduled(toy):
@@ -209,7 +204,7 @@ def test_training_blends_each_stream_of_a_joint_unit(toy):
 
     soft = trajectory(toy)
     engine.remove()
-    reference = trajectory(toy, unit_for_step)
+    reference = trajectory(toy, unit_for_step=unit_for_step)
     assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(soft, reference, strict=True))
 
 

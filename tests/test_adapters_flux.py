@@ -1,8 +1,14 @@
 """Flux's block adapters on a tiny random FluxTransformer2DModel (CPU, fp32)."""
 
 import torch
+from _adapter_checks import (
+    assert_fora_reuses,
+    assert_graph_replay_equals_eager,
+    assert_no_cache_is_plain,
+    distinct_random_parameters,
+    trajectory,
+)
 from diffusers import FluxTransformer2DModel
-from graph_standin import StandInGraphs, runner_inputs
 
 import harmonica
 from harmonica import CacheSchedule
@@ -16,10 +22,7 @@ def make_flux():
     model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
                                    num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
                                    axes_dims_rope=(2, 2, 4))
-    with torch.no_grad():  # distinct values for every parameter (the image and text stream's weights differ)
-        for i, p in enumerate(model.parameters()):
-            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
-    return model
+    return distinct_random_parameters(model)
 
 
 def step_inputs(step):
@@ -31,9 +34,8 @@ def step_inputs(step):
                 img_ids=torch.stack([torch.zeros(N), rows.flatten(), cols.flatten()], dim=1), txt_ids=torch.zeros(M, 3))
 
 
-@torch.no_grad()
-def trajectory(model, steps=STEPS):
-    return [model(**step_inputs(s)).sample for s in range(steps)]
+def run(model, steps=STEPS):
+    return trajectory(model, steps, step_inputs)
 
 
 def test_units_of_a_flux_transformer():
@@ -43,69 +45,18 @@ def test_units_of_a_flux_transformer():
 
 
 def test_no_cache_and_disable_are_bitwise_the_plain_model():
-    model = make_flux()
-    plain = trajectory(model)
-    harmonica.enable(model, CacheSchedule.no_cache(STEPS, UNITS))
-    harmonica.reset(model)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
-    harmonica.disable(model)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_no_cache_is_plain(make_flux(), run, UNITS, STEPS)
 
 
 def test_fora_reuses_half_the_units_and_their_slots_hold_the_fresh_outputs():
-    """FORA:2 over 4 steps: CUR 50%; reused units do not run; each slot holds its unit's step-2 output
-    (the joint attention's: both streams), which step 3 reuses."""
+    """The joint attentions' slots hold both streams; a single block's unit output is its proj_out's."""
     model = make_flux()
-    plain = trajectory(model)
-    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
-    assert schedule.cur == 0.5
-    engine = harmonica.enable(model, schedule)
-    harmonica.reset(model)
-    calls = torch.zeros(STEPS, UNITS, dtype=torch.bool)
-    fresh = {}  # unit -> its module's output at step 2
-    single = {k: block for k, block in zip(range(6, 8), model.single_transformer_blocks)}
-
-    def record(k):
-        def hook(module, args, output):
-            calls[engine.step, k] = True
-            if engine.step == 2 and k not in single:
-                fresh[k] = output
-        return hook
-
-    hooks = [module.register_forward_hook(record(k)) for k, (_, module) in enumerate(cached_units(model))]
-    hooks += [block.proj_out.register_forward_hook(lambda m, a, out, k=k: fresh.__setitem__(k, out) if engine.step == 2
-                                                  else None) for k, block in single.items()]
-    cached = trajectory(model)
-    for hook in hooks:
-        hook.remove()
-    assert torch.equal(calls, schedule.table)
-    assert sorted(fresh) == list(range(UNITS))
-    for k in range(UNITS):
-        slot, expected = engine.slots[k], fresh[k]
-        if k % 3 == 0 and k < 6:  # joint attention: (image (B, N, D), text (B, M, D))
-            assert isinstance(slot, tuple) and all(torch.equal(s, e) for s, e in zip(slot, expected, strict=True))
-        else:
-            assert torch.equal(slot, expected)
-    assert torch.equal(cached[2], plain[2]) and not torch.equal(cached[3], plain[3])
-    harmonica.disable(model)
+    assert_fora_reuses(model, run, UNITS, joint={0, 3},
+                       taps={6 + b: block.proj_out for b, block in enumerate(model.single_transformer_blocks)})
 
 
 def test_graph_replay_equals_the_eager_engine():
-    model = make_flux()
-    schedule = CacheSchedule.fora(STEPS + 1, UNITS, 2)
-    harmonica.enable(model, schedule)
-    harmonica.reset(model)
-    eager = trajectory(model, STEPS + 1)
-    harmonica.disable(model)
-    harmonica.enable(model, schedule, cuda_graphs=True)
-    runner = model._harmonica.graphs
-    runner.backend = StandInGraphs(lambda: runner_inputs(runner))
-    harmonica.reset(model)
-    replayed = trajectory(model, STEPS + 1)
-    harmonica.disable(model)
-    assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
-    assert runner.captures == 3 and runner.replays == 2
+    assert_graph_replay_equals_eager(make_flux(), run, UNITS, STEPS + 1)
 
 
 def test_summary_counts_the_packed_tokens_of_the_latest_forward():
@@ -116,7 +67,7 @@ def test_summary_counts_the_packed_tokens_of_the_latest_forward():
     model = make_flux()
     harmonica.enable(model, CacheSchedule.fora(STEPS, UNITS, 2))
     harmonica.reset(model)
-    trajectory(model)
+    run(model)
     report = harmonica.summary(model)
     harmonica.disable(model)
     expected = CacheSchedule.fora(STEPS, UNITS, 2).theoretical_speedup(count_macs(model, 16, 16 * N, caption_tokens=M))

@@ -2,8 +2,15 @@
 
 import pytest
 import torch
+from _adapter_checks import (
+    assert_fora_reuses,
+    assert_graph_replay_equals_eager,
+    assert_no_cache_is_plain,
+    distinct_random_parameters,
+    fora_batch_and_rows_alone,
+    trajectory,
+)
 from diffusers import QwenImageTransformer2DModel
-from graph_standin import StandInGraphs, runner_inputs
 
 import harmonica
 from harmonica import CacheSchedule
@@ -19,10 +26,7 @@ def make_qwen_image(**config):
     model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                         axes_dims_rope=(2, 2, 4), **config)
-    with torch.no_grad():  # distinct values for every parameter (the image and text stream's weights differ)
-        for i, p in enumerate(model.parameters()):
-            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
-    return model
+    return distinct_random_parameters(model)
 
 
 def step_inputs(step, rows=slice(None), mask=MASK):
@@ -36,9 +40,8 @@ def step_inputs(step, rows=slice(None), mask=MASK):
                 timestep=torch.full((count,), 1.0 - 0.2 * step), img_shapes=[[(1, 4, 4)]] * count)
 
 
-@torch.no_grad()
-def trajectory(model, steps=STEPS, rows=slice(None), mask=MASK):
-    return [model(**step_inputs(s, rows, mask)).sample for s in range(steps)]
+def run(model, steps=STEPS, rows=slice(None), mask=MASK):
+    return trajectory(model, steps, lambda s: step_inputs(s, rows, mask))
 
 
 def test_units_of_a_qwen_image_transformer():
@@ -47,49 +50,12 @@ def test_units_of_a_qwen_image_transformer():
 
 
 def test_no_cache_and_disable_are_bitwise_the_plain_model():
-    model = make_qwen_image()
-    plain = trajectory(model)
-    harmonica.enable(model, CacheSchedule.no_cache(STEPS, UNITS))
-    harmonica.reset(model)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
-    harmonica.disable(model)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_no_cache_is_plain(make_qwen_image(), run, UNITS, STEPS)
 
 
 def test_fora_reuses_half_the_units_and_their_slots_hold_the_fresh_outputs():
-    """FORA:2 over 4 steps: CUR 50%; reused units do not run; each slot holds its unit's step-2 output
-    (the joint attention's: image and text), which step 3 reuses."""
-    model = make_qwen_image()
-    plain = trajectory(model)
-    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
-    assert schedule.cur == 0.5
-    engine = harmonica.enable(model, schedule)
-    harmonica.reset(model)
-    calls = torch.zeros(STEPS, UNITS, dtype=torch.bool)
-    fresh = {}  # unit -> its module's output at step 2
-
-    def record(k):
-        def hook(module, args, output):
-            calls[engine.step, k] = True
-            if engine.step == 2:
-                fresh[k] = output
-        return hook
-
-    hooks = [module.register_forward_hook(record(k)) for k, (_, module) in enumerate(cached_units(model))]
-    cached = trajectory(model)
-    for hook in hooks:
-        hook.remove()
-    assert torch.equal(calls, schedule.table)
-    assert sorted(fresh) == list(range(UNITS))
-    for k in range(UNITS):
-        slot, expected = engine.slots[k], fresh[k]
-        if k % 3 == 0:  # joint attention: (image (B, N, D), text (B, M, D))
-            assert isinstance(slot, tuple) and all(torch.equal(s, e) for s, e in zip(slot, expected, strict=True))
-        else:
-            assert torch.equal(slot, expected)
-    assert torch.equal(cached[2], plain[2]) and not torch.equal(cached[3], plain[3])
-    harmonica.disable(model)
+    """The joint attentions' slots hold both streams (image, text)."""
+    assert_fora_reuses(make_qwen_image(), run, UNITS, joint={0, 3})
 
 
 def test_cfg_batch_halves_equal_the_halves_run_alone():
@@ -97,17 +63,12 @@ def test_cfg_batch_halves_equal_the_halves_run_alone():
     the one it has run alone (its slots are the batch's rows, never mixed). Up to rounding: the CPU
     matmuls of 1 and 2 rows round differently (diffusers' own model too), within fp32 eps x the longest
     reduction (the MLPs' hidden width 4 x 16) x the output's magnitude."""
-    model = make_qwen_image()
-    harmonica.enable(model, CacheSchedule.fora(STEPS, UNITS, 2))
-    harmonica.reset(model)
-    batch = trajectory(model)
+    batch, alone = fora_batch_and_rows_alone(make_qwen_image(), lambda model, rows: run(model, rows=rows),
+                                             UNITS, STEPS, B)
     for row in range(B):
-        harmonica.reset(model)
-        alone = trajectory(model, rows=slice(row, row + 1))
-        for a, b in zip(batch, alone, strict=True):
+        for a, b in zip(batch, alone[row], strict=True):
             tolerance = torch.finfo(torch.float32).eps * 4 * 16 * b.abs().max().item()
             torch.testing.assert_close(a[row:row + 1], b, rtol=0, atol=tolerance)
-    harmonica.disable(model)
 
 
 def test_fp16_block_clips_both_streams_as_diffusers_does():
@@ -150,16 +111,5 @@ def test_graph_replay_equals_the_eager_engine():
     """Without text padding: with a mask, diffusers' model forward builds a tensor from host data each
     step (compute_text_seq_len_from_mask), which a capture refuses."""
     model = make_qwen_image()
-    schedule = CacheSchedule.fora(STEPS + 1, UNITS, 2)
-    harmonica.enable(model, schedule)
-    harmonica.reset(model)
-    eager = trajectory(model, STEPS + 1, mask=None)
-    harmonica.disable(model)
-    harmonica.enable(model, schedule, cuda_graphs=True)
-    runner = model._harmonica.graphs
-    runner.backend = StandInGraphs(lambda: runner_inputs(runner) + rope_tables(model))
-    harmonica.reset(model)
-    replayed = trajectory(model, STEPS + 1, mask=None)
-    harmonica.disable(model)
-    assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
-    assert runner.captures == 3 and runner.replays == 2
+    assert_graph_replay_equals_eager(model, lambda model, steps: run(model, steps, mask=None), UNITS, STEPS + 1,
+                                     graph_inputs=lambda: rope_tables(model))

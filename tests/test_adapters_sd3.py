@@ -4,8 +4,14 @@ blocks cover every path: dual attention (block 0), both streams (blocks 0, 1), t
 
 import pytest
 import torch
+from _adapter_checks import (
+    assert_fora_reuses,
+    assert_graph_replay_equals_eager,
+    assert_no_cache_is_plain,
+    distinct_random_parameters,
+    trajectory,
+)
 from diffusers import SD3Transformer2DModel
-from graph_standin import StandInGraphs, runner_inputs
 
 import harmonica
 from harmonica import CacheSchedule
@@ -24,10 +30,7 @@ def make_sd3(variant):
                                   num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                                   pooled_projection_dim=16, out_channels=4, pos_embed_max_size=SIZE,
                                   dual_attention_layers=VARIANTS[variant][0])
-    with torch.no_grad():  # distinct values for every parameter (the image and text stream's weights differ)
-        for i, p in enumerate(model.parameters()):
-            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
-    return model
+    return distinct_random_parameters(model)
 
 
 def num_units(variant):
@@ -42,9 +45,8 @@ def step_inputs(step, seed=100, batch=B):
                 timestep=torch.full((batch,), 1.0 - 0.2 * step))
 
 
-@torch.no_grad()
-def trajectory(model, steps=STEPS, inputs=step_inputs):
-    return [model(**inputs(s)).sample for s in range(steps)]
+def run(model, steps=STEPS, inputs=step_inputs):
+    return trajectory(model, steps, inputs)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -56,54 +58,15 @@ def test_units_of_an_sd3_transformer(variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_no_cache_and_disable_are_bitwise_the_plain_model(variant):
-    model = make_sd3(variant)
-    plain = trajectory(model)
-    harmonica.enable(model, CacheSchedule.no_cache(STEPS, num_units(variant)))
-    harmonica.reset(model)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
-    harmonica.disable(model)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_no_cache_is_plain(make_sd3(variant), run, num_units(variant), STEPS)
 
 
 def test_fora_reuses_half_the_units_and_their_slots_hold_the_fresh_outputs(variant="sd35"):
-    """FORA:2 over 4 steps: CUR 50%; reused units do not run; each slot holds its unit's step-2 output
-    (the joint attention's: both streams, but the image's alone in the last block), which step 3 reuses."""
+    """The joint attentions' slots hold both streams, but the last block's the image's alone (the text
+    output it discards is not kept)."""
     model = make_sd3(variant)
-    plain = trajectory(model)
-    K = num_units(variant)
-    schedule = CacheSchedule.fora(STEPS, K, 2)
-    assert schedule.cur == 0.5
-    engine = harmonica.enable(model, schedule)
-    harmonica.reset(model)
-    calls = torch.zeros(STEPS, K, dtype=torch.bool)
-    fresh = {}  # unit -> its module's output at step 2
-
-    def record(k):
-        def hook(module, args, output):
-            calls[engine.step, k] = True
-            if engine.step == 2:
-                fresh[k] = output
-        return hook
-
-    units = cached_units(model)
-    hooks = [module.register_forward_hook(record(k)) for k, (_, module) in enumerate(units)]
-    cached = trajectory(model)
-    for hook in hooks:
-        hook.remove()
-    assert torch.equal(calls, schedule.table)
-    assert sorted(fresh) == list(range(K))
-    last = f"transformer_blocks.{len(model.transformer_blocks) - 1}.attn"
-    for k, (name, _) in enumerate(units):
-        slot, expected = engine.slots[k], fresh[k]
-        if name.endswith(".attn") and name != last:  # (image (B, N, D), text (B, M, D))
-            assert isinstance(slot, tuple) and all(torch.equal(s, e) for s, e in zip(slot, expected, strict=True))
-        elif name == last:  # the text output the last block discards is not kept
-            assert torch.equal(slot, expected[0])
-        else:
-            assert torch.equal(slot, expected)
-    assert torch.equal(cached[2], plain[2]) and not torch.equal(cached[3], plain[3])
-    harmonica.disable(model)
+    attn = [k for k, (name, _) in enumerate(cached_units(model)) if name.endswith(".attn")]
+    assert_fora_reuses(model, run, num_units(variant), joint=attn[:-1], image_only=attn[-1:])
 
 
 def test_a_cfg_batch_keeps_its_halves_apart(variant="sd35"):
@@ -123,7 +86,7 @@ def test_a_cfg_batch_keeps_its_halves_apart(variant="sd35"):
     for seeds in ((100, 200), (100, 100), (200, 200)):
         harmonica.enable(model, schedule)
         harmonica.reset(model)
-        results.append(trajectory(model, inputs=batch(*seeds)))
+        results.append(run(model, inputs=batch(*seeds)))
         harmonica.disable(model)
     for both, cond, uncond in zip(*results, strict=True):
         assert torch.equal(both[0], cond[0]) and torch.equal(both[1], uncond[1])
@@ -131,20 +94,7 @@ def test_a_cfg_batch_keeps_its_halves_apart(variant="sd35"):
 
 
 def test_graph_replay_equals_the_eager_engine():
-    model = make_sd3("sd35")
-    schedule = CacheSchedule.fora(STEPS + 1, num_units("sd35"), 2)
-    harmonica.enable(model, schedule)
-    harmonica.reset(model)
-    eager = trajectory(model, STEPS + 1)
-    harmonica.disable(model)
-    harmonica.enable(model, schedule, cuda_graphs=True)
-    runner = model._harmonica.graphs
-    runner.backend = StandInGraphs(lambda: runner_inputs(runner))
-    harmonica.reset(model)
-    replayed = trajectory(model, STEPS + 1)
-    harmonica.disable(model)
-    assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
-    assert runner.captures == 3 and runner.replays == 2
+    assert_graph_replay_equals_eager(make_sd3("sd35"), run, num_units("sd35"), STEPS + 1)
 
 
 def test_feed_forward_chunking_is_refused():

@@ -2,9 +2,16 @@
 
 import pytest
 import torch
+from _adapter_checks import (
+    assert_fora_reuses,
+    assert_graph_replay_equals_eager,
+    assert_no_cache_is_plain,
+    distinct_random_parameters,
+    fora_batch_and_rows_alone,
+    trajectory,
+)
 from _helpers import DEVICE
 from diffusers import WanTransformer3DModel
-from graph_standin import StandInGraphs, runner_inputs
 
 import harmonica
 from harmonica import CacheSchedule
@@ -20,9 +27,7 @@ def make_wan(dtype=torch.float32):
     model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
                                   out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
                                   rope_max_seq_len=32)
-    with torch.no_grad():  # distinct values for every parameter (diffusers zero-initialises some)
-        for i, p in enumerate(model.parameters()):
-            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(i))
+    distinct_random_parameters(model)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:  # as from_pretrained(torch_dtype=dtype)
         keep = any(part in model._keep_in_fp32_modules for part in name.split("."))
         t.data = t.data.to(torch.float32 if keep else dtype)
@@ -36,9 +41,8 @@ def step_inputs(step, batch=B, dtype=torch.float32):
                 timestep=torch.full((batch,), 900.0 - 200 * step))
 
 
-@torch.no_grad()
-def trajectory(model, steps=STEPS, inputs=step_inputs):
-    return [model(**inputs(s)).sample for s in range(steps)]
+def run(model, steps=STEPS, inputs=step_inputs):
+    return trajectory(model, steps, inputs)
 
 
 def test_units_of_a_wan_transformer():
@@ -47,14 +51,7 @@ def test_units_of_a_wan_transformer():
 
 
 def test_no_cache_and_disable_are_bitwise_the_plain_model():
-    model = make_wan()
-    plain = trajectory(model)
-    harmonica.enable(model, CacheSchedule.no_cache(STEPS, UNITS))
-    harmonica.reset(model)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
-    harmonica.disable(model)
-    assert all(torch.equal(a, b) for a, b in zip(trajectory(model), plain, strict=True))
-    assert not any("forward" in vars(m) for m in model.modules())
+    assert_no_cache_is_plain(make_wan(), run, UNITS, STEPS)
 
 
 def test_bf16_residual_is_added_in_fp32_as_diffusers_does():
@@ -65,10 +62,10 @@ def test_bf16_residual_is_added_in_fp32_as_diffusers_does():
     def inputs(step):
         return step_inputs(step, dtype=torch.bfloat16)
 
-    plain = trajectory(model, inputs=inputs)
+    plain = run(model, inputs=inputs)
     harmonica.enable(model, CacheSchedule.no_cache(STEPS, UNITS))
     harmonica.reset(model)
-    cached = trajectory(model, inputs=inputs)
+    cached = run(model, inputs=inputs)
     harmonica.disable(model)
     assert plain[0].dtype == torch.bfloat16
     assert all(torch.equal(a, b) for a, b in zip(cached, plain, strict=True))
@@ -94,50 +91,15 @@ def test_the_kernel_adds_an_fp32_gate_in_fp32():
 
 
 def test_fora_reuses_half_the_units_and_their_slots_hold_the_fresh_outputs():
-    """FORA:2 over 4 steps: CUR 50%; reused units do not run; each slot holds its unit's step-2 output,
-    which step 3 reuses."""
-    model = make_wan()
-    plain = trajectory(model)
-    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
-    assert schedule.cur == 0.5
-    engine = harmonica.enable(model, schedule)
-    harmonica.reset(model)
-    calls = torch.zeros(STEPS, UNITS, dtype=torch.bool)
-    fresh = {}  # unit -> its module's output at step 2
-
-    def record(k):
-        def hook(module, args, output):
-            calls[engine.step, k] = True
-            if engine.step == 2:
-                fresh[k] = output
-        return hook
-
-    hooks = [module.register_forward_hook(record(k)) for k, (_, module) in enumerate(cached_units(model))]
-    cached = trajectory(model)
-    for hook in hooks:
-        hook.remove()
-    assert torch.equal(calls, schedule.table)
-    assert sorted(fresh) == list(range(UNITS))
-    assert all(torch.equal(engine.slots[k], fresh[k]) for k in range(UNITS))
-    harmonica.disable(model)
-    assert torch.equal(cached[2], plain[2]) and not torch.equal(cached[3], plain[3])
+    assert_fora_reuses(make_wan(), run, UNITS)
 
 
 def test_a_cfg_batch_keeps_its_halves_apart():
     """FORA:2 on a batch of cond and uncond rows: each row's trajectory is the one it has alone (the slots,
     gates and residual updates are per row). Batched matmuls may round differently: one fp32 rounding per
     term of the longest reduction (ffn_dim 32) of the output's scale."""
-    model = make_wan()
-    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
-    harmonica.enable(model, schedule)
-    harmonica.reset(model)
-    batched = trajectory(model)
-    halves = []
-    for row in range(B):
-        harmonica.reset(model)
-        halves.append(trajectory(model, inputs=lambda s, row=row: {
-            k: v[row:row + 1] for k, v in step_inputs(s).items()}))
-    harmonica.disable(model)
+    batched, halves = fora_batch_and_rows_alone(make_wan(), lambda model, rows: run(model, inputs=lambda s: {
+        k: v[rows] for k, v in step_inputs(s).items()}), UNITS, STEPS, B)
     for step, together in enumerate(batched):
         alone = torch.cat([halves[row][step] for row in range(B)])
         bound = 32 * torch.finfo(torch.float32).eps * together.abs().max().item()
@@ -157,17 +119,4 @@ def test_per_token_timesteps_are_refused():
 
 
 def test_graph_replay_equals_the_eager_engine():
-    model = make_wan()
-    schedule = CacheSchedule.fora(STEPS + 1, UNITS, 2)
-    harmonica.enable(model, schedule)
-    harmonica.reset(model)
-    eager = trajectory(model, STEPS + 1)
-    harmonica.disable(model)
-    harmonica.enable(model, schedule, cuda_graphs=True)
-    runner = model._harmonica.graphs
-    runner.backend = StandInGraphs(lambda: runner_inputs(runner))
-    harmonica.reset(model)
-    replayed = trajectory(model, STEPS + 1)
-    harmonica.disable(model)
-    assert all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
-    assert runner.captures == 3 and runner.replays == 2
+    assert_graph_replay_equals_eager(make_wan(), run, UNITS, STEPS + 1)
