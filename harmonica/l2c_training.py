@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import CacheEngine
 from .kernels import solver_step
 from .router import LOGIT_BOUND, Router, RouterInfo, dit_ddim_timesteps
 from .samplers import dit_alphas_cumprod, dit_ddim_table
+from .training import engine_attached
 from .units import cached_units
 
 BETA_GAIN = 2.0  # target_cur: after each pass over the routed steps, beta *= exp(gain * (target - CUR))
@@ -99,20 +99,11 @@ class L2CTrainer:
     @contextlib.contextmanager
     def attached(self):
         """The transformer frozen, in eval mode and run by a CacheEngine; restored on exit."""
-        modules = list(self.transformer.modules())
-        modes, grads = [m.training for m in modules], [p.requires_grad for p in self.transformer.parameters()]
-        self.transformer.eval().requires_grad_(False)
-        try:
-            self.engine = CacheEngine(self.transformer)
-            yield self
-        finally:
-            if self.engine is not None:
-                self.engine.remove()
+        with engine_attached(self.transformer) as self.engine:
+            try:
+                yield self
+            finally:
                 self.engine = None
-            for module, mode in zip(modules, modes):
-                module.training = mode
-            for parameter, grad in zip(self.transformer.parameters(), grads):
-                parameter.requires_grad_(grad)
 
     def _forward(self, x, labels, i: int, gates=None, *, fill: bool = False):
         """Output (B, C', H, W) at step i: full compute (gates None; with `fill`, the slots filled) or soft

@@ -215,6 +215,26 @@ class PixArtTask:
         return guidance_combined(out, channels, self.guidance, cond_first=False)
 
 
+@contextlib.contextmanager
+def engine_attached(transformer):
+    """A training `CacheEngine` on `transformer`, frozen and in eval mode; on exit, however it comes, the
+    engine is removed and every parameter's requires_grad and module's mode restored."""
+    modules = list(transformer.modules())
+    modes, grads = [m.training for m in modules], [p.requires_grad for p in transformer.parameters()]
+    transformer.eval().requires_grad_(False)
+    engine = None
+    try:
+        engine = CacheEngine(transformer)
+        yield engine
+    finally:
+        if engine is not None:
+            engine.remove()
+        for module, mode in zip(modules, modes):
+            module.training = mode
+        for parameter, grad in zip(transformer.parameters(), grads):
+            parameter.requires_grad_(grad)
+
+
 def _rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -324,22 +344,13 @@ class RouterTrainer:
         """The transformer frozen, in eval mode and run by this trainer's CacheEngine; on exit, however it
         comes, the engine is removed and every parameter's requires_grad and module's mode restored.
         A trajectory in progress is replayed on entry (its cache slots went with the previous engine)."""
-        modules = list(self.transformer.modules())
-        modes, grads = [m.training for m in modules], [p.requires_grad for p in self.transformer.parameters()]
-        self.transformer.eval().requires_grad_(False)
-        try:
-            self.engine = CacheEngine(self.transformer)
-            if self.trajectory is not None:
-                self._start(self.trajectory)
-            yield self
-        finally:
-            if self.engine is not None:
-                self.engine.remove()
+        with engine_attached(self.transformer) as self.engine:
+            try:
+                if self.trajectory is not None:
+                    self._start(self.trajectory)
+                yield self
+            finally:
                 self.engine = None
-            for module, mode in zip(modules, modes):
-                module.training = mode
-            for parameter, grad in zip(self.transformer.parameters(), grads):
-                parameter.requires_grad_(grad)
 
     # ---- forwards ----
 
