@@ -1,5 +1,6 @@
 """The digits-dit protocol (bench/digits_protocol.py): its statistics on known inputs, and one tiny run."""
 
+import importlib.util
 import json
 import math
 import statistics
@@ -87,7 +88,8 @@ def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
     assert len(results["paired"]) == 2 * len(protocol.COMPARED) == len(results["outcome"])
     path = protocol.write_outputs(results, tmp_path, write_benchmarks=False, progress=lambda _: None)
     assert json.loads(path.read_text())["eval_seed"] == protocol.EVAL_SEED
-    assert path.with_suffix(".png").stat().st_size > 0
+    drawn = importlib.util.find_spec("matplotlib") is not None  # the bench extra; `make test` installs only test
+    assert path.with_suffix(".png").is_file() == drawn and (not drawn or path.with_suffix(".png").stat().st_size > 0)
 
 
 def test_the_section_replaces_its_markers_only(tiny_results):
