@@ -16,7 +16,7 @@ between the bracketing points) at CUR 0.45 and 0.50, and the metrics at tau = 0.
 objectives: the per-seed difference (HarmoniCa minus the other), mean +- standard error and the
 two-sided exact sign test. Baselines on the same axes: FORA, Δ-DiT, fewer DDIM steps. Measured CPU
 speedup: median of `--repeats` timed samplings of the eval batch (one thread) against the uncached one
-timed in the same process. The uncached reference comes from a freshly loaded model and must equal a
+timed again in the same job just before. The uncached reference comes from a freshly loaded model and must equal a
 second fresh load (and every worker's own). Jobs run in `--workers` spawned processes, one thread each.
 Writes bench/results/<date>-cpu-<commit>-digits.json, the Pareto PNG beside it and (unless --quick or
 --no-write) the `bench-digits` section of BENCHMARKS.md.
@@ -216,6 +216,12 @@ class Evaluator:
                 "fd_vs_uncached": frechet_distance(*feature_stats(features), *self.reference_stats),
                 "agreement": (prediction == self.reference_prediction).float().mean().item()}
 
+    def retime_base(self) -> float:
+        """Time the uncached sampling again (median of `repeats`): each job's speedups divide by a baseline
+        timed next to them, not at the worker's start, which other load may have slowed."""
+        self.base_seconds = self.timed(None, self.config.steps)[1]
+        return self.base_seconds
+
     def sweep(self, router) -> list:
         """One row per distinct schedule of `router` over the taus (its `taus`), CUR ascending; the row of
         TAU is timed `repeats` times, the others once."""
@@ -266,17 +272,19 @@ def run_job(job: tuple) -> dict:
     reference fingerprint and uncached seconds."""
     evaluator = _EVALUATOR
     start = time.perf_counter()
-    result = {"reference": fingerprint(evaluator.reference), "base_seconds": evaluator.base_seconds}
+    result = {"reference": fingerprint(evaluator.reference)}
     if job[0] == "router":
         _, objective, seed = job
         router = train(evaluator, objective, seed)
         trained = time.perf_counter()
         result.update(kind="router", objective=objective, seed=seed, train_seconds=trained - start,
-                      logits=router.logits.detach().tolist(), rule=router.info.rule, curve=evaluator.sweep(router))
+                      logits=router.logits.detach().tolist(), rule=router.info.rule,
+                      base_seconds=evaluator.retime_base(), curve=evaluator.sweep(router))
         result["eval_seconds"] = time.perf_counter() - trained
     else:
         _, name, steps, schedule = job
-        result.update(kind="baseline", config=name, **evaluator.row(schedule, steps))
+        result.update(kind="baseline", config=name, base_seconds=evaluator.retime_base(),
+                      **evaluator.row(schedule, steps))
     return result
 
 
@@ -400,8 +408,8 @@ def run(config: ProtocolConfig, command: str, progress=_print) -> dict:
     return {"command": command, "machine": machine_info(), "protocol": asdict(config), "eval_seed": EVAL_SEED,
             "reference": {"fingerprint": fingerprint(reference), "equal_to_second_fresh_load": True,
                           "equal_in_every_worker": True},
-            "routers": routers, "baselines": baselines, "summary": summary, "paired": comparisons,
-            "outcome": outcome(comparisons), "wall_seconds": time.perf_counter() - start}
+            "base_timing": "per-job", "routers": routers, "baselines": baselines, "summary": summary,
+            "paired": comparisons, "outcome": outcome(comparisons), "wall_seconds": time.perf_counter() - start}
 
 
 # ---- report ----
@@ -451,6 +459,10 @@ def format_baselines(rows: list) -> str:
                    "accuracy", "agreement"], lines)
 
 
+BASE_TIMING = {"per-job": "again in the same job just before",  # since 2026-11-30 (commit after 1fd7322)
+               None: "once at each worker's start"}
+
+
 def digits_section(results: dict, json_path: str) -> str:
     """The BENCHMARKS.md section of one protocol results file, markers included."""
     p, machine = results["protocol"], results["machine"]
@@ -475,7 +487,8 @@ def digits_section(results: dict, json_path: str) -> str:
         "- FD real: Fréchet distance to the real digits in the classifier's features; FD vs uncached: to the "
         "uncached samples; accuracy: classified as the requested digit; agreement: same class as the uncached "
         f"sample. Measured CPU: median of {p['repeats']} samplings of the eval batch, one thread, against the "
-        f"uncached sampling timed in the same process ({p['workers']} worker processes share the machine).",
+        f"uncached sampling timed {BASE_TIMING.get(results.get('base_timing'), BASE_TIMING[None])} "
+        f"({p['workers']} worker processes share the machine).",
         "",
         "Per objective, mean ± standard error over the seeds where the value is defined and finite (n; an "
         "all-compute schedule has an infinite PSNR), metrics at tau = 0.1 unless named:",

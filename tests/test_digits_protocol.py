@@ -115,3 +115,29 @@ def test_harmonica_bench_suite_digits_runs_the_protocol(monkeypatch):
     monkeypatch.setattr(protocol, "bench_main", lambda args, prog: called.append((args.quick, prog)) or 0)
     assert main(["bench", "--suite", "digits", "--quick"]) == 0
     assert called == [(True, "harmonica bench")]
+
+
+def test_each_job_times_its_uncached_baseline_just_before_its_rows(monkeypatch):
+    """A baseline job's speedup divides by an uncached timing taken in the job, not the one the worker took
+    at its start (the committed 1fd7322 run did that: its no-cache row read 5.64x)."""
+    calls = []
+
+    class Clocked:  # an Evaluator whose uncached sampling took 10 s at the worker's start and 2 s now
+        config = protocol.ProtocolConfig(quick=True)
+        reference = torch.zeros(1)
+        base_seconds = 10.0
+
+        def timed(self, schedule, steps, repeats=None):
+            calls.append(schedule)
+            return None, 2.0
+
+        retime_base = protocol.Evaluator.retime_base
+
+        def row(self, schedule, steps, repeats=None):
+            calls.append(("row", schedule))
+            return {"measured_speedup": self.base_seconds / 2.0}
+
+    monkeypatch.setattr(protocol, "_EVALUATOR", Clocked())
+    result = protocol.run_job(("baseline", "no-cache", 10, None))
+    assert calls == [None, ("row", None)]  # the uncached timing first, then the row's own
+    assert result["base_seconds"] == 2.0 and result["measured_speedup"] == 1.0
