@@ -1,5 +1,6 @@
 """`harmonica sample`: one image from a DiT/PixArt model (the latents of a flow-matching model) with a router, a
-baseline schedule or no cache; `harmonica train`: a router."""
+baseline schedule or no cache; `harmonica train`: a router; `harmonica embed`: the prompt embeddings that
+training and flow-model sampling read."""
 
 import argparse
 import dataclasses
@@ -20,6 +21,7 @@ from .models import (
     PRESETS,
     build_pipeline,
     build_transformer,
+    load_text_encoders,
     load_transformer,
     move_pipeline,
     preset,
@@ -409,7 +411,7 @@ def train(args) -> int:
     spec = preset("tiny-dit" if args.model == DIGITS else args.model)
     if spec.is_pixart and not args.embeds:
         raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "
-                         f"(harmonica.training.save_prompt_embeddings writes one), got none")
+                         f"(harmonica embed writes one), got none")
     if spec.is_flow and not (args.embeds or args.random_weights):
         raise ValueError(f"--embeds: the weights of {args.model} train on precomputed prompt embeddings; expected a "
                          f"file of the pipeline's encode_prompt outputs (random ones only suit --random-weights), got "
@@ -479,6 +481,33 @@ def train(args) -> int:
     return 0
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def embed(args) -> int:
+    """`harmonica embed`: the pipeline's text encoders (no transformer, no VAE) encode the prompts of a text
+    file (one per line) and the negative prompt into a safetensors file (see harmonica/prompts.py)."""
+    from .prompts import save_prompt_embeddings
+
+    out = check_out_file(args.out, "--out", {".safetensors"}, "a .safetensors file name (the prompt embeddings)")
+    try:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise ValueError(f"--prompts: expected a text file of prompts, one per line, got {args.prompts} "
+                         f"({error.strerror})") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts: expected at least one non-empty line in {args.prompts}, got none")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    pipe = load_text_encoders(args.model, weights=args.weights, dtype=dtype).to(device)
+    tensors = save_prompt_embeddings(pipe, prompts, out, args.negative_prompt, args.max_sequence_length)
+    shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in tensors.items())
+    print(f"{len(prompts)} prompts of {args.prompts} encoded by {type(pipe).__name__} "
+          f"({args.weights or preset(args.model).hub_id}): {shapes}\nsaved {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .training import LOSSES, OBJECTIVES, OPTIMIZERS, TrainConfig
 
@@ -504,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--refresh", type=int, default=defaults.refresh, help="iterations between lambda refreshes")
     t.add_argument("--guidance", type=float, help=f"default {defaults.guidance} (DiT's; PixArt uses 4.5), or the flow "
                    "pipeline's (FLUX 3.5 distilled, SD3 7, Wan 5, Qwen-Image true CFG 4)")
-    t.add_argument("--embeds", help="PixArt: safetensors file of prompt embeddings (see save_prompt_embeddings); flow "
-                   "models: their pipeline's encode_prompt outputs (see flow.load_flow_embeddings)")
+    t.add_argument("--embeds", help="PixArt and flow models: safetensors file of prompt embeddings (harmonica embed "
+                   "writes one)")
     t.add_argument("--sampler", help="PixArt: dpm-solver++ (default), sa-solver or iddpm")
     t.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
     t.add_argument("--lambda-batch", type=int, default=defaults.lambda_batch)
@@ -538,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class-label", type=int, help=f"ImageNet class (DiT; default {DIT_CLASS})")
     s.add_argument("--prompt", help=f"PixArt prompt (default {DEFAULT_PROMPT!r})")
     s.add_argument("--prompt-embeddings", help="flow models: safetensors file of the pipeline's encode_prompt outputs "
-                   "(the first prompt is sampled; default with --random-weights: a random prompt)")
+                   "(harmonica embed writes one; the first prompt is sampled; default with --random-weights: a random "
+                   "prompt)")
     s.add_argument("--guidance", type=float,
                    help="classifier-free guidance, 0 or 1 for none (default: 1.5 dit-ddim, 4.0 pipeline, 4.5 PixArt)")
     s.add_argument("--fp32", action="store_true", help="fp32 on CUDA (default fp16; CPU always fp32)")
@@ -548,6 +578,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true", help="torch.compile each unit kind once (all blocks share it)")
     s.add_argument("--out", help="image file (.png, .jpg, ...; default out.png) in an existing directory; flow models: "
                    ".safetensors file of the final latents (default out.safetensors)")
+    e = commands.add_parser("embed", help="prompt embeddings from the pipeline's text encoders, for train --embeds "
+                            "and sample --prompt-embeddings")
+    e.add_argument("--model", required=True, choices=sorted(name for name in PRESETS if preset(name).is_pixart)
+                   + sorted(FLOW_PRESETS))
+    e.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
+    e.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    e.add_argument("--negative-prompt", help='the unconditional prompt (default ""; FLUX.1: none)')
+    e.add_argument("--max-sequence-length", type=int, help="text tokens (default: the pipeline's)")
+    e.add_argument("--device", help="default cuda when available")
+    e.add_argument("--dtype", choices=sorted(DTYPES), help="text encoders' dtype (default bf16 on CUDA, else fp32)")
+    e.add_argument("--out", required=True, help=".safetensors file")
     from .bench.command import add_arguments as add_bench_arguments
 
     add_bench_arguments(commands.add_parser("bench", help="the benchmark suite: theoretical vs measured speedup, "
@@ -573,7 +614,8 @@ def profile(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"sample": sample, "train": train, "bench": bench, "profile": profile}[args.command](args)
+        return {"sample": sample, "train": train, "embed": embed, "bench": bench,
+                "profile": profile}[args.command](args)
     except (ValueError, RuntimeError) as error:
         print(f"harmonica: error: {error}", file=sys.stderr)
         return 2

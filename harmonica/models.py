@@ -86,6 +86,13 @@ class FlowPreset:
     def size(self) -> dict:
         return {"height": self.height, "width": self.width, "frames": self.frames, "scheduler": self.scheduler}
 
+    @property
+    def pipeline(self) -> str:
+        """The diffusers pipeline class of the family."""
+        from .flow import FAMILIES
+
+        return FAMILIES[self.class_name].pipeline
+
 
 def _flow(name, scheduler, steps, guidance):
     from .bench.configs import FLOW_MODELS
@@ -148,15 +155,32 @@ def load_transformer(name: str, *, weights: str | None = None, random_weights: b
         source, subfolder="transformer")).eval()
 
 
-def _from_hub(name: str, source: str | None, load):
-    """`load(source)`, its failure a RuntimeError that suggests random weights."""
+def load_text_encoders(name: str, *, weights: str | None = None, dtype: torch.dtype = torch.float32):
+    """A PixArt or flow preset's pipeline with its tokenizers and text encoders only (no transformer, no VAE),
+    from `weights` (hub id or path; default the preset's hub id)."""
+    import diffusers
+
+    spec = preset(name)
+    if not (spec.is_pixart or spec.is_flow):
+        raise ValueError(f"model: expected a text-conditional model (PixArt or a flow model), got {name} (class-"
+                         f"conditional: no text encoder)")
+    pipeline_class = getattr(diffusers, spec.pipeline)
+    return _from_hub(name, weights or spec.hub_id, lambda source: pipeline_class.from_pretrained(
+        source, transformer=None, vae=None, dtype=dtype), hint="")
+
+
+RANDOM_HINT = "\nWithout weights, run with --random-weights."
+
+
+def _from_hub(name: str, source: str | None, load, hint: str = RANDOM_HINT):
+    """`load(source)`, its failure a RuntimeError ending with `hint` (default: suggest random weights)."""
     if source is None:
         raise ValueError(f"weights: {name} has no published weights; use --random-weights")
     try:
         return load(source)
     except (OSError, ValueError) as error:
         raise RuntimeError(f"could not load the weights of {name} from {source!r} (no network or no local copy?): "
-                           f"{error}\nWithout weights, run with --random-weights.") from error
+                           f"{error}{hint}") from error
 
 
 def build_pipeline(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0):

@@ -156,18 +156,6 @@ def load_prompt_embeddings(path) -> dict:
     return tensors
 
 
-def save_prompt_embeddings(pipe, prompts: list, path) -> None:
-    """Encode `prompts` (and the empty prompt) with a PixArt pipeline's T5 once, for training."""
-    from safetensors.torch import save_file
-
-    with torch.no_grad():
-        embeds, mask, negative, negative_mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=True,
-                                                                   negative_prompt="", num_images_per_prompt=1)
-    save_file({"prompt_embeds": embeds.cpu().contiguous(), "prompt_attention_mask": mask.cpu().contiguous(),
-               "negative_embeds": negative[:1].cpu().contiguous(),
-               "negative_attention_mask": negative_mask[:1].cpu().contiguous()}, str(path))
-
-
 class PixArtTask:
     """Text-conditional PixArt sampled by a diffusers scheduler, as the PixArt pipelines run it:
     [negative, positive] CFG batch, guidance on the eps channels, learned sigma dropped."""

@@ -231,6 +231,31 @@ def test_benchmarks_section_is_regenerated_between_the_markers(tmp_path):
         table.update_benchmarks(table.BEGIN + "\nno end", "\n".join([table.BEGIN, "section", table.END]))
 
 
+def test_flow_rows_get_their_own_section_and_leave_the_dit_pixart_one(tmp_path):
+    """A results file of flow presets rewrites only the bench-suite-flow section (SSIM '-': latents have none);
+    a file with both kinds writes each kind's rows into its own section."""
+    machine = {"date": "2026-11-22T05:00:00+00:00", "commit": "abc1234", "cpu": "x86_64", "torch": "2.13.0",
+               "triton": "3.9.0", "diffusers": "0.42.1"}
+    flow_rows = [{**row, "model": "tiny-flux", **({"ssim": None} if "ssim" in row else {})} for row in ROWS]
+    md = tmp_path / "BENCHMARKS.md"
+    kept = f"# B\n\n{table.BEGIN}\nthe DiT/PixArt rows\n{table.END}\n"
+    md.write_text(kept)
+    for name, rows in (("flow", flow_rows), ("both", ROWS + flow_rows)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"command": "python -m harmonica.bench", "args": {"warmup": 1},
+                                                           "machine_before": machine, "suite": rows}))
+    assert table.main([str(tmp_path / "flow.json"), "--write", "--benchmarks", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith(kept) and text.rstrip().endswith(table.FLOW_END)
+    flow = text[text.index(table.FLOW_BEGIN):]
+    assert "| tiny-flux | 64 | 20 | harmonica* | fused | 50.0% | 1.68x | 1.25x | 1.20x | 0.74 | 31.4 | - |" in flow
+    assert "tiny-dit" not in flow and "final latents" in flow
+    assert table.main([str(tmp_path / "both.json"), "--write", "--benchmarks", str(md)]) == 0
+    text = md.read_text()
+    dit, flow = text[text.index(table.BEGIN):text.index(table.END)], text[text.index(table.FLOW_BEGIN):]
+    assert SUITE_TABLE in dit and "tiny-flux" not in dit
+    assert "tiny-dit" not in flow and "| tiny-flux | 64 | 20 | no-cache | eager |" in flow
+
+
 def test_table_prints_the_sections_and_writes_the_file_only_with_write(tmp_path, capsys):
     machine = {"date": "2026-11-22T05:00:00+00:00", "commit": "abc1234", "cpu": "x86_64", "torch": "2.13.0",
                "triton": "3.9.0", "diffusers": "0.42.1"}

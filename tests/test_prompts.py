@@ -1,0 +1,193 @@
+"""Prompt embeddings from a pipeline's own text encoders (harmonica/prompts.py, `harmonica embed`), on tiny random
+text encoders with character-level tokenizers (no download): the written file drives our loop (flow models) or
+the pipeline (PixArt) to what the pipeline computes from the prompt strings themselves."""
+
+import diffusers
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from harmonica import cli
+from harmonica.flow import flow_sample, flow_task, load_flow_embeddings
+from harmonica.models import FLOW_PRESETS, PRESETS, build_transformer
+from harmonica.prompts import encode_prompts, save_prompt_embeddings
+from harmonica.solvers import FLOW_MATCH_SCHEDULERS
+from harmonica.training import load_prompt_embeddings
+
+PROMPTS = ["a red cube", "two cats on a sofa, watercolor", "x"]
+NEGATIVE = "blurry"
+TOKENS = 16  # max_sequence_length: short, for speed (Qwen-Image: its default, past its ~150-character template)
+STEPS = 2
+EPS32 = torch.finfo(torch.float32).eps
+FLOW = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image")
+
+
+def byte_characters() -> list:
+    """The 256 characters byte-level BPE writes bytes as (printable ones as themselves, the rest shifted)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    return [chr(b) for b in kept] + [chr(256 + i) for i in range(len(shifted))]
+
+
+def clip(hidden: int, projection: bool = False):
+    """A CLIP text encoder (with projection: SD3's) and a character-level CLIPTokenizer."""
+    chars = byte_characters()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(chars)},
+             **{c + "</w>": 2 + len(chars) + i for i, c in enumerate(chars)}}
+    tokenizer = transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                         projection_dim=hidden // 2, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model_class = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return model_class(config).eval(), tokenizer
+
+
+def t5(width: int, model_class=transformers.T5EncoderModel):
+    """A T5 (or UMT5) encoder and a character-level T5Tokenizer."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [(c, -3.0) for c in byte_characters()]
+    tokenizer = transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
+    config_class = transformers.UMT5Config if model_class is transformers.UMT5EncoderModel else transformers.T5Config
+    config = config_class(vocab_size=len(pieces), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=2,
+                          relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return model_class(config).eval(), tokenizer
+
+
+def qwen(width: int):
+    """A Qwen2.5-VL (text part used) and a character-level Qwen2Tokenizer."""
+    vocab = {"<|endoftext|>": 0, **{c: 1 + i for i, c in enumerate(byte_characters())}}
+    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[])
+    config = transformers.Qwen2_5_VLConfig(
+        text_config={"hidden_size": width, "intermediate_size": width, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(vocab),
+                     "bos_token_id": 0, "eos_token_id": 0,
+                     "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default"}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+                       "out_hidden_size": width}, vocab_size=len(vocab))
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer
+
+
+def pipeline(name: str, transformer=None):
+    """The preset's pipeline with tiny text encoders (seeded), `transformer` (may be None) and no VAE."""
+    torch.manual_seed(0)
+    if name == "tiny-pixart":
+        encoder, tokenizer = t5(PRESETS[name].config["caption_channels"])
+        return diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None,
+                                             transformer=transformer, scheduler=diffusers.DPMSolverMultistepScheduler())
+    spec = FLOW_PRESETS[name]
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS[spec.scheduler])
+    parts = {"transformer": transformer, "scheduler": scheduler, "vae": None}
+    if spec.pipeline == "FluxPipeline":
+        (clip_l, clip_tokenizer), (t5_xxl, t5_tokenizer) = clip(spec.config["pooled_projection_dim"]), t5(32)
+        return diffusers.FluxPipeline(text_encoder=clip_l, tokenizer=clip_tokenizer, text_encoder_2=t5_xxl,
+                                      tokenizer_2=t5_tokenizer, **parts)
+    if spec.pipeline == "StableDiffusion3Pipeline":  # pooled: 8 + 8 projected; embeddings: 16 + 16 CLIP, T5 32
+        (clip_l, tok_l), (clip_g, tok_g), (t5_xxl, tok_t5) = clip(16, True), clip(16, True), t5(32)
+        return diffusers.StableDiffusion3Pipeline(text_encoder=clip_l, tokenizer=tok_l, text_encoder_2=clip_g,
+                                                  tokenizer_2=tok_g, text_encoder_3=t5_xxl, tokenizer_3=tok_t5,
+                                                  **parts)
+    if spec.pipeline == "WanPipeline":
+        encoder, tokenizer = t5(spec.config["text_dim"], transformers.UMT5EncoderModel)
+        return diffusers.WanPipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
+    encoder, tokenizer = qwen(spec.config["joint_attention_dim"])
+    return diffusers.QwenImagePipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
+
+
+def tokens(name: str) -> int | None:
+    return None if FLOW_PRESETS[name].pipeline == "QwenImagePipeline" else TOKENS
+
+
+def pipeline_from_strings(name, pipe, noise, prompt: str):
+    """The pipeline's final latents from `noise` for the prompt string itself (and NEGATIVE under CFG)."""
+    spec = FLOW_PRESETS[name]
+    common = dict(latents=noise, num_inference_steps=STEPS, height=spec.height, width=spec.width,
+                  output_type="latent", **({"max_sequence_length": tokens(name)} if tokens(name) else {}))
+    if spec.pipeline == "FluxPipeline":
+        return pipe(prompt=prompt, guidance_scale=spec.guidance, **common).images
+    if spec.pipeline == "WanPipeline":
+        return pipe(prompt=prompt, negative_prompt=NEGATIVE, guidance_scale=spec.guidance, num_frames=spec.frames,
+                    **common).frames
+    if spec.pipeline == "QwenImagePipeline":
+        return pipe(prompt=prompt, negative_prompt=NEGATIVE, true_cfg_scale=spec.guidance, **common).images
+    return pipe(prompt=prompt, negative_prompt=NEGATIVE, guidance_scale=spec.guidance, **common).images
+
+
+@pytest.mark.parametrize("name", FLOW)
+def test_saved_embeddings_sample_what_the_pipeline_samples_from_the_strings(name, tmp_path):
+    """strings -> `save_prompt_embeddings` -> file -> `load_flow_embeddings` -> our loop, against the pipeline run on
+    the strings: equal within the loop's rounding (test_flow's bound) for a middle prompt of the bank."""
+    spec = FLOW_PRESETS[name]
+    transformer = build_transformer(name)
+    pipe = pipeline(name, transformer)
+    negative = None if spec.pipeline == "FluxPipeline" else NEGATIVE
+    written = save_prompt_embeddings(pipe, PROMPTS, tmp_path / "prompts.safetensors", negative, tokens(name))
+    bank = load_flow_embeddings(tmp_path / "prompts.safetensors")
+    assert bank.keys() == written.keys() and all(torch.equal(bank[k], written[k]) for k in bank)
+    assert all(value.shape[0] == (1 if key.startswith("negative") else len(PROMPTS)) for key, value in bank.items())
+    assert not torch.equal(bank["prompt_embeds"][0], bank["prompt_embeds"][1])  # the tokenizer tells prompts apart
+    task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
+    noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
+    reference = pipeline_from_strings(name, pipe, noise, PROMPTS[1])
+    ours = flow_sample(task, torch.tensor([1]), latents=noise)
+    tolerance = 8 * STEPS * EPS32 * reference.abs().max().item()
+    error = (ours - reference).abs().max().item()
+    assert error <= tolerance, f"{error:.3g} > {tolerance:.3g}"
+    other = flow_sample(task, torch.tensor([0]), latents=noise)
+    assert (other - reference).abs().max().item() > 100 * tolerance  # another prompt is far: the check can fail
+
+
+def test_pixart_embeddings_drive_the_pipeline_as_the_strings_do(tmp_path):
+    """PixArt's file (the keys `load_prompt_embeddings` reads) given to the pipeline as embeddings equals the
+    pipeline on the prompt string and the negative prompt."""
+    transformer = build_transformer("tiny-pixart")
+    pipe = pipeline("tiny-pixart", transformer)
+    save_prompt_embeddings(pipe, PROMPTS, tmp_path / "prompts.safetensors", NEGATIVE, TOKENS)
+    bank = load_prompt_embeddings(tmp_path / "prompts.safetensors")
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    common = dict(latents=noise, num_inference_steps=STEPS, height=64, width=64, output_type="latent",
+                  max_sequence_length=TOKENS, use_resolution_binning=False)
+    reference = pipe(prompt=PROMPTS[1], negative_prompt=NEGATIVE, clean_caption=False, **common).images
+    ours = pipe(prompt_embeds=bank["prompt_embeds"][1:2], prompt_attention_mask=bank["prompt_attention_mask"][1:2],
+                negative_prompt=None, negative_prompt_embeds=bank["negative_embeds"],
+                negative_prompt_attention_mask=bank["negative_attention_mask"], **common).images
+    tolerance = 8 * STEPS * EPS32 * reference.abs().max().item()
+    assert (ours - reference).abs().max().item() <= tolerance
+    swapped = pipe(prompt_embeds=bank["negative_embeds"], prompt_attention_mask=bank["negative_attention_mask"],
+                   negative_prompt=None, negative_prompt_embeds=bank["prompt_embeds"][1:2],
+                   negative_prompt_attention_mask=bank["prompt_attention_mask"][1:2], **common).images
+    assert (swapped - reference).abs().max().item() > 100 * tolerance
+
+
+def test_bad_input_is_a_clear_error():
+    pipe = pipeline("tiny-flux")
+    with pytest.raises(ValueError, match=r"negative_prompt: expected none for FluxPipeline .*got 'blurry'"):
+        encode_prompts(pipe, PROMPTS, NEGATIVE)
+    with pytest.raises(ValueError, match=r"prompts: expected a non-empty list of strings, got 'a red cube'"):
+        encode_prompts(pipe, PROMPTS[0])
+    with pytest.raises(ValueError, match=r"pipe: expected one of \[.*'WanPipeline'\], got DiTPipeline"):
+        encode_prompts(diffusers.DiTPipeline(transformer=None, vae=None, scheduler=diffusers.DDIMScheduler()), PROMPTS)
+
+
+def test_embed_command_writes_what_encode_prompts_returns(tmp_path, capsys):
+    """`harmonica embed` on a saved pipeline folder (text encoders only) writes the pipeline's embeddings; bad
+    arguments are one line before any loading."""
+    pipe = pipeline("tiny-sd3")
+    pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
+    argv = ["embed", "--model", "tiny-sd3", "--weights", str(tmp_path / "pipe"), "--prompts",
+            str(tmp_path / "prompts.txt"), "--negative-prompt", NEGATIVE, "--max-sequence-length", str(TOKENS),
+            "--out", str(tmp_path / "e.safetensors")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert "3 prompts" in capsys.readouterr().out
+    written, expected = load_file(str(tmp_path / "e.safetensors")), encode_prompts(pipe, PROMPTS, NEGATIVE, TOKENS)
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for change, message in (({"--prompts": str(tmp_path / "empty.txt")}, "--prompts: expected at least one"),
+                            ({"--prompts": str(tmp_path / "none.txt")}, "--prompts: expected a text file"),
+                            ({"--out": str(tmp_path / "e.pt")}, "--out: expected a .safetensors file name"),
+                            ({"--weights": str(tmp_path / "missing")}, "could not load the weights of tiny-sd3")):
+        bad = list(argv)
+        for option, value in change.items():
+            bad[bad.index(option) + 1] = value
+        assert cli.main(bad) == 2
+        assert message in capsys.readouterr().err
