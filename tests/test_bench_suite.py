@@ -241,8 +241,9 @@ def test_flow_rows_get_their_own_section_and_leave_the_dit_pixart_one(tmp_path):
     kept = f"# B\n\n{table.BEGIN}\nthe DiT/PixArt rows\n{table.END}\n"
     md.write_text(kept)
     for name, rows in (("flow", flow_rows), ("both", ROWS + flow_rows)):
-        (tmp_path / f"{name}.json").write_text(json.dumps({"command": "python -m harmonica.bench", "args": {"warmup": 1},
-                                                           "machine_before": machine, "suite": rows}))
+        results = {"command": "python -m harmonica.bench", "args": {"warmup": 1}, "machine_before": machine,
+                   "suite": rows}
+        (tmp_path / f"{name}.json").write_text(json.dumps(results))
     assert table.main([str(tmp_path / "flow.json"), "--write", "--benchmarks", str(md)]) == 0
     text = md.read_text()
     assert text.startswith(kept) and text.rstrip().endswith(table.FLOW_END)
