@@ -101,10 +101,14 @@ class CacheSchedule:
                   cached_blocks: int | None = None) -> "CacheSchedule":
         """Δ-DiT: at steps t % interval != 0, steps before `boundary` reuse the rear `cached_blocks`
         blocks (the outline is settled by the front), later steps reuse the front ones (the details
-        come from the rear). Other units and steps compute. Default: half of the blocks.
+        come from the rear). Other units and steps compute. Default: half of the blocks. `unit_names`
+        (`<list>.<i>.<kind>`) in execution order: front and rear count blocks in that order across
+        block lists (FLUX: its dual-stream blocks, then its single-stream ones).
         """
-        blocks = [int(name.split(".")[1]) for name in unit_names]
-        depth = max(blocks) + 1
+        block_names = [name.rsplit(".", 1)[0] for name in unit_names]
+        position = {name: n for n, name in enumerate(dict.fromkeys(block_names))}
+        blocks = [position[name] for name in block_names]
+        depth = len(position)
         cached = depth // 2 if cached_blocks is None else cached_blocks
         if not 0 <= boundary <= num_steps or interval < 1 or not 0 <= cached <= depth:
             raise ValueError(f"boundary, interval, cached_blocks: expected 0 <= boundary <= {num_steps}, "

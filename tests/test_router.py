@@ -148,6 +148,15 @@ def test_delta_dit_reuses_rear_blocks_early_and_front_blocks_late():
     assert table[2].all() and table[4].all()
 
 
+def test_delta_dit_counts_blocks_across_block_lists_in_execution_order():
+    """FLUX: 2 dual-stream blocks (3 units each) then 2 single-stream blocks; the front half is the dual ones."""
+    names = ([f"transformer_blocks.{b}.{k}" for b in range(2) for k in ("attn", "ff", "ff_context")]
+             + [f"single_transformer_blocks.{b}.attn_mlp" for b in range(2)])
+    table = CacheSchedule.delta_dit(names, 6, boundary=3, interval=2).table
+    assert table[1].tolist() == [True] * 6 + [False] * 2  # early: the single-stream (rear) blocks reused
+    assert table[5].tolist() == [False] * 6 + [True] * 2  # late: the dual-stream (front) blocks reused
+
+
 def test_l2c_rule_caps_cur_at_half():
     router = Router(20, 8)
     with torch.no_grad():
