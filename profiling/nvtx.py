@@ -104,9 +104,10 @@ def _ranged(fn, label: str):
 
 
 class PipelineRanges:
-    """Block, scheduler-step and VAE-decode ranges of a diffusers pipeline (the step and unit
-    ranges come from the cache engine). Forward hooks on each transformer block; `pipe.scheduler.step`,
-    `pipe.vae.decode` and the table samplers' update (`harmonica.samplers.solver_step`, eager steps only) wrapped.
+    """Block, scheduler-step and VAE-decode ranges of a diffusers pipeline, or block and sampler-step
+    ranges of a transformer alone (flow models' `flow_sample`); the step and unit ranges come from the
+    cache engine. Forward hooks on each transformer block; `pipe.scheduler.step`, `pipe.vae.decode` and
+    the table samplers' update (`harmonica.samplers.solver_step`, eager steps only) wrapped.
     Each costs one flag test while NVTX is off. `remove()` (or leaving a `with` block) undoes it all.
 
     Set the pipeline's scheduler before (a later `use_pixart_sampler` replaces the wrapped one).
@@ -117,12 +118,13 @@ class PipelineRanges:
         from harmonica.adapters import blocks_of
 
         self._hooks = []
-        for block in blocks_of(pipe.transformer):
+        for block in blocks_of(getattr(pipe, "transformer", pipe)):  # a pipeline, or a transformer alone
             self._hooks.append(block.module.register_forward_pre_hook(_open_block(block.name)))
             self._hooks.append(block.module.register_forward_hook(_close_block))
         self._wrapped = []  # (object, attribute, its own value before or None)
-        self._wrap(pipe.scheduler, "step", SCHEDULER_STEP)
-        self._wrap(pipe.vae, "decode", VAE_DECODE)
+        for part, method, label in (("scheduler", "step", SCHEDULER_STEP), ("vae", "decode", VAE_DECODE)):
+            if getattr(pipe, part, None) is not None:
+                self._wrap(getattr(pipe, part), method, label)
         self._wrap(samplers, "solver_step", SCHEDULER_STEP)
 
     def _wrap(self, owner, name: str, label: str) -> None:

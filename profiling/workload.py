@@ -5,7 +5,9 @@ cudaProfilerStart and cudaProfilerStop (what `nsys profile -c cudaProfilerApi` a
     HARMONICA_NVTX=1 python -m harmonica.profiling.workload --model dit-xl-2-256 --config fora:2 --steps 20
 
 `harmonica profile nsys|ncu` runs it in a subprocess with the same options. On the CPU it runs the
-same way without the profiler calls (the tests use the tiny presets).
+same way without the profiler calls (the tests use the tiny presets). A flow-matching preset (FLUX.1,
+SD3/SD3.5, Wan, Qwen-Image) runs `flow.flow_sample` on its transformer alone (bf16 on CUDA), with the first
+prompt of `--prompt-embeddings` or a random one: no text encoder, no VAE.
 """
 
 import argparse
@@ -17,7 +19,7 @@ import torch
 from harmonica.api import enable, summary
 from harmonica.bench.configs import MODE_OPTIONS
 from harmonica.cli import generate, parse_schedule
-from harmonica.models import PRESETS, build_pipeline, move_pipeline, preset
+from harmonica.models import FLOW_PRESETS, PRESETS, build_pipeline, load_transformer, move_pipeline, preset
 from harmonica.router import Router
 from harmonica.samplers import default_steps, use_pixart_sampler
 from harmonica.units import cached_units
@@ -26,7 +28,7 @@ from . import nvtx
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS))
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
     weights.add_argument("--random-weights", action="store_true", help="no download: random weights from configs")
@@ -42,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed generations first (Triton autotuning, graph capture, compilation)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-embeddings", help="flow models: safetensors file of prompt embeddings (harmonica "
+                        "embed writes one; its first prompt is used; default: a random prompt)")
     parser.set_defaults(prompt="a photo of a cat", guidance=None, class_label=207)  # what cli.generate reads
 
 
@@ -54,27 +58,53 @@ def workload_argv(args) -> list:
         argv.append("--random-weights")
     argv += ["--router", args.router] if args.router else ["--config", args.config]
     argv += ["--mode", args.mode, "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    argv += ["--prompt-embeddings", args.prompt_embeddings] if args.prompt_embeddings else []
     return argv + (["--steps", str(args.steps)] if args.steps else [])
+
+
+def _pipeline_generation(args, spec, device):
+    """(pipeline, steps, one generation) of a DiT/PixArt preset, caching enabled."""
+    steps = args.steps or default_steps(spec.sampler)
+    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
+    move_pipeline(pipe, device, torch.float16 if device == "cuda" else torch.float32)
+    if spec.is_pixart:
+        use_pixart_sampler(pipe, spec.sampler)  # before enable, which hooks the scheduler
+    enable(pipe, _cache(args, steps, pipe.transformer), **MODE_OPTIONS[args.mode])
+    return pipe, steps, lambda: generate(pipe, args, spec, spec.sampler, steps,
+                                         torch.Generator().manual_seed(args.seed))
+
+
+def _flow_generation(args, spec, device):
+    """(transformer, steps, one generation) of a flow-matching preset, caching enabled."""
+    from harmonica.flow import flow_sample, flow_task, load_flow_embeddings, random_flow_embeddings
+
+    steps = args.steps or spec.steps
+    transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights,
+                                   seed=args.seed)
+    move_pipeline(transformer, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    bank = (load_flow_embeddings(args.prompt_embeddings) if args.prompt_embeddings else
+            random_flow_embeddings(transformer, 1, spec.text_tokens, torch.Generator().manual_seed(args.seed)))
+    task = flow_task(transformer, bank, steps, spec.guidance, **spec.size)
+    enable(transformer, _cache(args, steps, transformer), **MODE_OPTIONS[args.mode])
+    first = torch.zeros(1, dtype=torch.long)
+    return transformer, steps, lambda: flow_sample(task, first, generator=torch.Generator().manual_seed(args.seed))
+
+
+def _cache(args, steps: int, transformer):
+    """The `--router`, else the `--config` schedule over the transformer's units."""
+    if args.router:
+        return Router.from_pretrained(args.router)
+    return parse_schedule(args.config, steps, [name for name, _ in cached_units(transformer)])
 
 
 def run(args) -> float:
     """Build, warm up and time one generation; returns its seconds (decode included)."""
     spec = preset(args.model)
-    steps = args.steps or default_steps(spec.sampler)
-    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
+    if args.prompt_embeddings and not spec.is_flow:
+        raise ValueError(f"--prompt-embeddings: expected only with a flow model, got {args.model}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    move_pipeline(pipe, device, torch.float16 if device == "cuda" else torch.float32)
-    if spec.is_pixart:
-        use_pixart_sampler(pipe, spec.sampler)  # before enable, which hooks the scheduler
-    if args.router:
-        cache = Router.from_pretrained(args.router)
-    else:
-        cache = parse_schedule(args.config, steps, [name for name, _ in cached_units(pipe.transformer)])
-    enable(pipe, cache, **MODE_OPTIONS[args.mode])
-
-    def generation():
-        return generate(pipe, args, spec, spec.sampler, steps, torch.Generator().manual_seed(args.seed))
-
+    build = _flow_generation if spec.is_flow else _pipeline_generation
+    pipe, steps, generation = build(args, spec, device)
     profiled = device == "cuda"
     with nvtx.PipelineRanges(pipe), torch.inference_mode():
         for _ in range(args.warmup):
@@ -93,7 +123,8 @@ def run(args) -> float:
         elapsed = time.perf_counter() - start
     print(f"model {args.model}, mode {args.mode}, {steps} steps, {device}")
     print(summary(pipe))
-    print(f"timed generation: {elapsed * 1e3:.1f} ms after {args.warmup} warm-up (decode included)")
+    print(f"timed generation: {elapsed * 1e3:.1f} ms after {args.warmup} warm-up "
+          f"({'latents only' if spec.is_flow else 'decode included'})")
     return elapsed
 
 

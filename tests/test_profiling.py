@@ -72,6 +72,25 @@ def test_workload_ranges_follow_the_schedule(ranges, capsys, model, kinds, print
     assert printed in out and "timed generation:" in out and "after 0 warm-up" in out
 
 
+def test_flow_workload_ranges_follow_the_schedule(ranges, capsys):
+    """A flow preset: its transformer alone, both FLUX block lists ranged, the solver step ranged, no VAE."""
+    assert workload.main(["--model", "tiny-flux", "--random-weights", "--config", "fora:2", "--steps", "2",
+                          "--warmup", "0"]) == 0
+    blocks = {"transformer_blocks.0": ("attn", "ff", "ff_context"), "single_transformer_blocks.0": ("attn_mlp",)}
+
+    def step(i, path):
+        return (f"step {i}", [(block, [(f"{block}.{kind} {path}", []) for kind in kinds])
+                              for block, kinds in blocks.items()])
+
+    assert tree(ranges) == [("generation", [step(0, "compute"), ("scheduler step", []), step(1, "reuse"),
+                                            ("scheduler step", [])])]
+    out = capsys.readouterr().out
+    assert "fora:2 (FlowMatchEulerDiscreteScheduler): 2 steps x 4 units, CUR 50.0%" in out
+    assert "(latents only)" in out
+    with pytest.raises(ValueError, match="--prompt-embeddings: expected only with a flow model, got tiny-dit"):
+        workload.main(["--model", "tiny-dit", "--random-weights", "--prompt-embeddings", "p.safetensors"])
+
+
 def test_nothing_is_pushed_when_off(ranges, monkeypatch):
     monkeypatch.setattr(nvtx, "ENABLED", False)
     workload.main(["--model", "tiny-dit", "--random-weights", "--config", "fora:2", "--steps", "2", "--warmup", "0"])
@@ -133,15 +152,17 @@ def test_ncu_command_lines_from_the_cli():
     assert (profile_out, imported_out) == (None, Path("/results/run/ncu_raw.csv"))
 
 
-def test_workload_command_line_parses_back_to_the_same_options():
-    args = build_parser().parse_args(["profile", "nsys", "--model", "tiny-pixart", "--router", "runs/r", "--warmup",
-                                      "3", "--seed", "7"])
+@pytest.mark.parametrize("options", [["--model", "tiny-pixart", "--router", "runs/r"],
+                                     ["--model", "tiny-wan", "--prompt-embeddings", "p.safetensors"]])
+def test_workload_command_line_parses_back_to_the_same_options(options):
+    args = build_parser().parse_args(["profile", "nsys", *options, "--warmup", "3", "--seed", "7"])
     argv = workload.workload_argv(args)
     assert argv[:3] == [sys.executable, "-m", "harmonica.profiling.workload"]
     parser = argparse.ArgumentParser()
     workload.add_arguments(parser)
     again = parser.parse_args(argv[3:])
-    for option in ("model", "weights", "random_weights", "config", "router", "mode", "steps", "warmup", "seed"):
+    for option in ("model", "weights", "random_weights", "config", "router", "mode", "steps", "warmup", "seed",
+                   "prompt_embeddings"):
         assert getattr(again, option) == getattr(args, option), option
 
 
