@@ -222,3 +222,18 @@ def test_weights_from_a_pipeline_folder_and_prompt_file(tmp_path, capsys):
     run_cli(["sample", "--model", "tiny-flux", "--steps", str(STEPS), "--schedule", "fora:2", "--random-weights",
              "--out", str(tmp_path / "random-prompt.safetensors")], capsys)
     assert not torch.equal(load_file(str(tmp_path / "random-prompt.safetensors"))["latents"], random)
+
+
+def test_train_resumes_exactly(tmp_path, capsys):
+    """A flow training stopped after 3 of 6 iterations and resumed writes the router of an uninterrupted run
+    (the prompt bank, noise and lambda state come back from the checkpoint)."""
+    base = ["train", "--model", "tiny-qwen-image", "--random-weights", "--steps", str(STEPS), "--batch", "2",
+            "--lambda-batch", "1", "--refresh", "2"]
+    run_cli(base + ["--iterations", "6", "--out", str(tmp_path / "straight")], capsys)
+    run_cli(base + ["--iterations", "3", "--out", str(tmp_path / "split")], capsys)
+    run_cli(base + ["--iterations", "6", "--out", str(tmp_path / "split"), "--resume"], capsys)
+    straight, resumed = (Router.from_pretrained(tmp_path / name / "router") for name in ("straight", "split"))
+    assert torch.equal(straight.logits, resumed.logits)
+    info = json.loads((tmp_path / "split" / "router" / "router.json").read_text())
+    assert info["iterations"] == 6 and info["complete"]
+    assert len((tmp_path / "split" / "train_log.jsonl").read_text().splitlines()) == 6
