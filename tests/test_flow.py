@@ -2,11 +2,14 @@
 diffusers pipeline's own, `harmonica sample` and `harmonica train` through cli.main, bad inputs."""
 
 import json
+import os
 import re
+import socket
 
 import diffusers
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import harmonica
@@ -237,3 +240,27 @@ def test_train_resumes_exactly(tmp_path, capsys):
     info = json.loads((tmp_path / "split" / "router" / "router.json").read_text())
     assert info["iterations"] == 6 and info["complete"]
     assert len((tmp_path / "split" / "train_log.jsonl").read_text().splitlines()) == 6
+
+
+def _torchrun_rank(rank, world, port, argv):
+    """One rank of `harmonica train` as torchrun starts it (the environment it sets)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    assert cli.main(argv) == 0
+
+
+def test_train_under_torchrun_combines_the_ranks(tmp_path, capsys):
+    """Two ranks of a flow training (gloo, as torchrun would run `harmonica train`) end with the same router,
+    which differs from one rank's: the ranks' gradients and lambda were averaged."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["train", "--model", "tiny-wan", "--random-weights", "--steps", str(STEPS), "--batch", "2",
+            "--lambda-batch", "1", "--refresh", "2", "--iterations", "4"]
+    mp.spawn(_torchrun_rank, args=(2, port, argv + ["--out", str(tmp_path / "ddp")]), nprocs=2)
+    ranks = [torch.load(tmp_path / "ddp" / f"checkpoint-rank{r}.pt", weights_only=True)["logits"] for r in (0, 1)]
+    assert torch.equal(ranks[0], ranks[1])
+    assert torch.equal(Router.from_pretrained(tmp_path / "ddp" / "router").logits, ranks[0])
+    run_cli(argv + ["--out", str(tmp_path / "single")], capsys)
+    single = Router.from_pretrained(tmp_path / "single" / "router").logits
+    assert not torch.equal(single, ranks[0]), "the ranks' gradients were not combined"
