@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cuda, cpu = MATRICES["cuda"], MATRICES["cpu"]
     parser.add_argument("--models", nargs="+", help="presets or families (dit-xl-2, pixart-alpha, pixart-sigma, "
                         f"tiny-dit, ...); default with CUDA: {' '.join(cuda.models)} (--full: every real model); "
-                        f"without: {' '.join(cpu.models)}; the tiny flow presets ({' '.join(FLOW_MODELS)}) "
+                        f"without: {' '.join(cpu.models)}; the flow presets ({' '.join(FLOW_MODELS)}) "
                         "on request only")
     parser.add_argument("--resolutions", nargs="+", type=int, help="pixels, e.g. 256 1024 (default: all)")
     parser.add_argument("--configs", nargs="+",

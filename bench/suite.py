@@ -23,10 +23,12 @@ prints too). Rows are flat dicts (one per model, resolution, steps, configuratio
 "skipped" with the `reason`. Quality: PSNR / SSIM of the decoded image against the baseline image of
 the same seed (for fewer-steps: the baseline at the full step count).
 
-The tiny flow-matching presets (`FLOW_MODELS`: tiny-flux, tiny-sd3, tiny-sd35, tiny-wan, tiny-qwen-image, random
-weights, `--models` only) run `flow.flow_sample` (the pipeline's Euler loop through `SolverLoop`) on the
-transformer alone with one random prompt: no text encoder, no VAE (`FlowWorkload`); their quality is the
-PSNR of the final latents against the baseline's, at the baseline's peak-to-peak range (no SSIM).
+The flow-matching presets (`FLOW_MODELS`: tiny-flux, tiny-sd3, tiny-sd35, tiny-wan, tiny-qwen-image, and the
+real flux.1-dev, sd3.5-large, wan2.1-1.3b, qwen-image; `--models` only) run `flow.flow_sample` (the pipeline's
+Euler loop through `SolverLoop`) on the transformer alone with one random prompt: no text encoder, no VAE
+(`FlowWorkload`; random weights, or with `--real-weights` the hub transformer of a real preset; bf16 on CUDA);
+their quality is the PSNR of the final latents against the baseline's, at the baseline's peak-to-peak range
+(no SSIM). The tiny ones run 20 steps, the real ones their pipeline's default.
 """
 
 import contextlib
@@ -46,6 +48,7 @@ from harmonica.models import (
     REAL_MODELS,
     build_pipeline,
     build_transformer,
+    load_transformer,
     move_pipeline,
     preset,
     random_prompt_embeds,
@@ -99,8 +102,9 @@ MATRICES = {
     "full": Matrix(REAL_MODELS, DEFAULT_CONFIGS, MODES, (10, 20, 50)),
     "cpu": Matrix(("tiny-dit", "tiny-pixart"), DEFAULT_CONFIGS, MODES, (20,)),
 }
-# the tiny flow presets: random weights, --models only; 20 steps as the tiny DiT/PixArt (--steps to change)
-FLOW_MODELS = tuple(name for name in FLOW_PRESETS if name.startswith("tiny-"))
+# the flow presets, --models only; the tiny ones at 20 steps as the tiny DiT/PixArt, the real ones at their
+# pipeline's default (--steps to change)
+FLOW_MODELS = tuple(FLOW_PRESETS)
 FLOW_STEPS = 20
 DIT_CLASS, DIT_GUIDANCE, PIXART_GUIDANCE = 207, 1.5, 4.5
 PROMPT = "A small cactus with a happy face in the Sahara desert."
@@ -162,7 +166,7 @@ class SuiteOptions:
         if self.steps is not None:
             return tuple(self.steps)
         if name in FLOW_MODELS:
-            return (FLOW_STEPS,)
+            return (FLOW_STEPS if name.startswith("tiny-") else FLOW_PRESETS[name].steps,)
         spec = preset(name)
         native = default_steps(spec.sampler)
         if self.quick or spec.is_pixart or name not in REAL_MODELS:
@@ -320,18 +324,19 @@ class Workload:
 
 
 class FlowWorkload(Workload):
-    """A tiny flow preset: its transformer alone on the device (random weights), one random prompt of the
-    preset's text length, `flow_sample` as the loop (seed's noise, the preset's guidance); the "decode" is the
-    final latents unpacked to (1, C, H, W) (video: frames along H), not timed work."""
+    """A flow preset: its transformer alone on the device (random weights, or the hub's with `real_weights`;
+    bf16 on CUDA), one random prompt of the preset's text length, `flow_sample` as the loop (seed's noise, the
+    preset's guidance); the "decode" is the final latents unpacked to (1, C, H, W) (video: frames along H),
+    not timed work."""
 
     def __init__(self, name: str, options: SuiteOptions):
-        if options.real_weights:
-            raise ValueError(f"--real-weights: {name} runs with random weights only (no published weights)")
         self.name, self.spec, self.resolution = name, preset(name), resolution(name)
+        if options.real_weights and self.spec.hub_id is None:
+            raise ValueError(f"--real-weights: {name} runs with random weights only (no published weights)")
         self.device = torch.device(options.device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.seed = options.seed
-        transformer = build_transformer(name, seed=options.seed)
+        transformer = load_transformer(name, random_weights=not options.real_weights, seed=options.seed)
         move_pipeline(transformer, self.device, self.dtype)
         self.pipe = SimpleNamespace(transformer=transformer)
         self.bank = random_flow_embeddings(transformer, 1, self.spec.text_tokens,

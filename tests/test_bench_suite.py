@@ -502,6 +502,30 @@ def test_quick_run_on_tiny_flux():
         assert 0 < row["psnr"] < math.inf
 
 
+def test_real_flow_presets_run_their_pipeline_steps_and_load_hub_transformers(monkeypatch):
+    """flux.1-dev etc. are bench models: their pipeline's default steps (the tiny ones 20), random weights by
+    default, the hub transformer with --real-weights (a tiny preset has none: a clear error)."""
+    from harmonica.bench import suite
+    from harmonica.models import FLOW_PRESETS, build_transformer
+
+    options = SuiteOptions(models=("flux.1-dev", "tiny-wan"), device="cpu")
+    assert options.model_names == ["flux.1-dev", "tiny-wan"]
+    assert (options.steps_for("flux.1-dev"), options.steps_for("tiny-wan")) == ((28,), (20,))
+    loads = []
+
+    def load(name, *, random_weights, seed):  # the tiny transformer of the family stands in for the real one
+        loads.append((name, random_weights))
+        return build_transformer("tiny-flux", seed=seed)
+
+    monkeypatch.setattr(suite, "load_transformer", load)
+    real = FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu", real_weights=True))
+    FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu"))
+    assert loads == [("flux.1-dev", False), ("flux.1-dev", True)]
+    assert real.spec.hub_id == FLOW_PRESETS["flux.1-dev"].hub_id is not None
+    with pytest.raises(ValueError, match="--real-weights: tiny-wan runs with random weights only"):
+        FlowWorkload("tiny-wan", SuiteOptions(models=("tiny-wan",), device="cpu", real_weights=True))
+
+
 def test_fbcache_on_sd3_is_a_stated_skip():
     """diffusers' First Block Cache raises a TypeError inside its hook on SD3 (the last block returns no text
     stream): the row is skipped with the reason, not failed."""
