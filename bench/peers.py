@@ -8,7 +8,9 @@
   `interval`-th step (default 2), Taylor-extrapolated outputs in between.
 - `dbcache[:threshold]`: cache-dit's DBCache (`cache_dit.enable_cache(transformer,
   cache_config=DBCacheConfig(...))`, the optional `peers` extra): its defaults (F8B0, 8 warm-up
-  steps, threshold 0.08) with Fn capped at the block count minus one.
+  steps, threshold 0.08) with Fn capped at the block count minus one. SD3/SD3.5, which cache-dit serves
+  only through its StableDiffusion3 pipeline adapter, take that adapter's blocks and forward pattern on
+  the transformer alone (`CACHE_DIT_BLOCKS`).
 
 - `magcache[:threshold]`: diffusers' MagCache (threshold default 0.06, its default), only through
   `enable_cache`. Its magnitude ratios are checkpoint-dependent: one untimed generation in its calibration
@@ -153,6 +155,11 @@ class MagCache(DiffusersHooks):
         self.apply()
 
 
+# transformer class -> (blocks, forward pattern) of cache-dit's own pipeline adapter, for classes it does not
+# take alone (cache-dit 1.5.3's "StableDiffusion3" adapter: transformer_blocks, Pattern_1)
+CACHE_DIT_BLOCKS = {"SD3Transformer2DModel": ("transformer_blocks", "Pattern_1")}
+
+
 class CacheDiT(Peer):
     """cache-dit's DBCache on the transformer alone; each generation refreshes its context. cache-dit 1.5.3's
     `disable_cache` leaves its patched forward on the copy (which is dropped after the row)."""
@@ -173,7 +180,13 @@ class CacheDiT(Peer):
     def apply(self) -> None:
         import cache_dit
 
-        cache_dit.enable_cache(self.transformer, cache_config=self.make_config(None))
+        target = self.transformer
+        if type(target).__name__ in CACHE_DIT_BLOCKS:
+            blocks, pattern = CACHE_DIT_BLOCKS[type(target).__name__]
+            target = cache_dit.BlockAdapter(transformer=target, blocks=getattr(target, blocks),
+                                            forward_pattern=getattr(cache_dit.ForwardPattern, pattern),
+                                            check_forward_pattern=True)
+        cache_dit.enable_cache(target, cache_config=self.make_config(None))
 
     @contextmanager
     def generation(self, num_steps: int):

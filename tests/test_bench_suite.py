@@ -1,6 +1,7 @@
 """The sampling suite on CPU: options and their errors, synthetic schedules, quality metrics, gap
 arithmetic, tables from a fixed JSON, the peers' unit counting, and a quick end-to-end run."""
 
+import importlib.util
 import json
 import math
 
@@ -453,6 +454,25 @@ def test_flow_peer_runs_through_enable_cache_and_leaves_nothing(tiny_flux, spec,
     assert counter.table().shape[0] == FLOW_STEPS and not bool(counter.table().all())  # some unit was skipped
     assert not torch.equal(cached, reference)
     assert torch.equal(tiny_flux.loop(None, FLOW_STEPS, tiny_flux.pipe.transformer), reference)  # ran on a copy
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit (the peers extra) not installed")
+def test_dbcache_runs_sd3_through_cache_dits_own_block_pattern():
+    """cache-dit takes SD3 only through its pipeline adapter: the transformer alone gets that adapter's blocks
+    and pattern; past DBCache's 8 warm-up steps, at a threshold nothing stays under, later steps skip blocks."""
+    steps = 12
+    workload = FlowWorkload("tiny-sd35", SuiteOptions(models=("tiny-sd35",), device="cpu"))
+    reference = workload.loop(None, steps, workload.pipe.transformer)
+    peer = make_peer(parse_config("dbcache:10"), workload.pipe.transformer, steps)
+    try:
+        with UnitCounter(peer.transformer) as counter, peer.generation(steps):
+            cached = workload.loop(None, steps, peer.transformer)
+    finally:
+        peer.close()
+    computed = counter.table()
+    assert computed.shape[0] == steps and computed[:8].all() and not computed[8:].all()
+    assert not torch.equal(cached, reference)
+    assert torch.equal(workload.loop(None, steps, workload.pipe.transformer), reference)  # ran on a copy
 
 
 def test_magcache_calibrates_its_ratios(tiny_flux):
