@@ -23,6 +23,7 @@ from .models import (
     build_transformer,
     load_text_encoders,
     load_transformer,
+    load_vae,
     move_pipeline,
     preset,
     random_prompt_embeds,
@@ -126,6 +127,22 @@ def check_out_dir(directory: Path, option: str) -> Path:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"{option}: expected a writable directory, got {directory} (not writable)")
     return directory
+
+
+VIDEO_SUFFIXES = {".safetensors", ".gif", ".webp"}
+FRAME_MS = 62  # 16 frames per second, Wan's
+
+
+def save_decoded(decoded: torch.Tensor, path: str) -> None:
+    """A flow model's decoded output (1, 3, H, W) or video (1, 3, F, H, W), values in [-1, 1], as an image
+    file or an animated GIF/WebP (one frame per video frame)."""
+    frames = decoded[0].float().cpu()
+    frames = frames.unsqueeze(1) if frames.dim() == 3 else frames  # (3, F, H, W)
+    pictures = [_to_pil((frame.permute(1, 2, 0).numpy() / 2 + 0.5).clip(0, 1)) for frame in frames.unbind(1)]
+    if len(pictures) == 1:
+        pictures[0].save(path)
+    else:
+        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=FRAME_MS, loop=0)
 
 
 def image_suffixes() -> set:
@@ -266,7 +283,14 @@ def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
     weights load. The random prompt of random weights is drawn from `generator`."""
     from .flow import SAMPLER, flow_task, load_flow_embeddings, random_flow_embeddings
 
-    check_out_file(args.out, "--out", {".safetensors"}, "a .safetensors file name (the final latents)")
+    if spec.frames:  # video: its frames as an animation
+        check_out_file(args.out, "--out", VIDEO_SUFFIXES, "a .safetensors (the final latents), .gif or .webp file name")
+    else:
+        check_out_file(args.out, "--out", {".safetensors"} | image_suffixes(),
+                       "a .safetensors file name (the final latents) or an image file name (.png, .jpg, ...)")
+    if args.random_weights and Path(args.out).suffix.lower() != ".safetensors" and spec.vae is None:
+        raise ValueError(f"--out: {args.model} has no random VAE to decode with (decoding needs its weights); "
+                         f"expected a .safetensors file name (the final latents), got {args.out!r}")
     check_tau_and_guidance(args)
     if args.class_label is not None:
         raise ValueError(f"--class-label: expected only with a DiT model, got --class-label {args.class_label} with "
@@ -336,8 +360,13 @@ def sample_flow(args, spec) -> int:
     if bad:
         raise RuntimeError(f"latents: expected finite values, got {bad} of {latents.numel()} NaN/inf (the sampling "
                            "diverged; nothing was written)")
-    latents = task.unpack(latents).float().cpu().contiguous()
-    save_file({"latents": latents}, args.out)
+    if Path(args.out).suffix.lower() == ".safetensors":
+        save_file({"latents": task.unpack(latents).float().cpu().contiguous()}, args.out)
+    else:
+        vae = load_vae(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
+        move_pipeline(vae, device, dtype)
+        with torch.inference_mode():
+            save_decoded(task.decode(vae, latents), args.out)
     schedule = engine.schedule
     weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
     print(f"model {args.model} ({weights}), sampler {SAMPLER}, {steps} steps, guidance {guidance}, seed {args.seed}, "
@@ -345,7 +374,8 @@ def sample_flow(args, spec) -> int:
     size = f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else "")
     print(Summary(schedule.name, SAMPLER, steps, schedule.num_units, schedule.cur,
                   schedule.theoretical_speedup(task.macs()), size, engine.cache_bytes()))
-    print(f"measured {elapsed:.2f} s (whole generation); latents {tuple(latents.shape)} written to {args.out}")
+    print(f"measured {elapsed:.2f} s (whole generation, decode not included); latents {tuple(latents.shape)}, "
+          f"{'latents' if args.out.endswith('.safetensors') else 'decoded'} written to {args.out}")
     return 0
 
 
@@ -577,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --cuda-graphs: the sampler step inside each graph (dit-ddim, dpm-solver++)")
     s.add_argument("--compile", action="store_true", help="torch.compile each unit kind once (all blocks share it)")
     s.add_argument("--out", help="image file (.png, .jpg, ...; default out.png) in an existing directory; flow models: "
-                   ".safetensors file of the final latents (default out.safetensors)")
+                   ".safetensors file of the final latents (default out.safetensors), or an image file decoded by "
+                   "the model's VAE (Wan: .gif or .webp)")
     e = commands.add_parser("embed", help="prompt embeddings from the pipeline's text encoders, for train --embeds "
                             "and sample --prompt-embeddings")
     e.add_argument("--model", required=True, choices=sorted(name for name in PRESETS if preset(name).is_pixart)

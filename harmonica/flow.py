@@ -102,6 +102,15 @@ class FlowTask:
         """Latents as the pipeline hands them to its VAE (before scaling): packed ones unpacked."""
         return latents
 
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's decode of final latents (B, *latent_shape): images (B, 3, H, W) in [-1, 1] (Wan: videos
+        (B, 3, F, H, W)), in the VAE's dtype."""
+        return vae.decode(self._vae_latents(vae, self.unpack(latents).to(vae.device, vae.dtype)), return_dict=False)[0]
+
+    def _vae_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """FLUX and SD3: the pipelines' scaling and shift (a VAE without a shift: none)."""
+        return latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+
     def macs(self):
         """The `bench.macs.MacCount` of one forward at this size and prompt length."""
         from .bench.macs import count_macs
@@ -236,6 +245,9 @@ class WanTask(FlowTask):
     def _model_inputs(self, model_in, t, prompts):
         return {"timestep": t, "encoder_hidden_states": prompts["prompt_embeds"]}
 
+    def _vae_latents(self, vae, latents):
+        return _denormalized(vae, latents)
+
 
 class QwenImageTask(FlowTask):
     class_name, pipeline, packed = "QwenImageTransformer2DModel", "QwenImagePipeline", True
@@ -264,6 +276,20 @@ class QwenImageTask(FlowTask):
         import diffusers
 
         return diffusers.QwenImagePipeline._unpack_latents(latents, self.height, self.width, VAE_FACTOR)
+
+    def _vae_latents(self, vae, latents):
+        return _denormalized(vae, latents)
+
+    def decode(self, vae, latents):
+        return super().decode(vae, latents)[:, :, 0]  # its VAE decodes one frame
+
+
+def _denormalized(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Wan's and Qwen-Image's pipelines: latents (B, z, F, h, w) back from the VAE's per-channel normalisation."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    return latents * std + mean
 
 
 def _pad_qwen(embeddings: dict) -> dict:

@@ -79,6 +79,7 @@ class FlowPreset:
     guidance: float  # FLUX: the distilled guidance input; else the CFG scale (Qwen-Image: true_cfg_scale)
     hub_id: str | None = None
     frames: int | None = None
+    vae: dict | None = None  # config of a random VAE (the tiny presets; the real ones load theirs)
 
     is_flow, is_pixart = True, False
 
@@ -112,18 +113,27 @@ TINY_WAN = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_d
             "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "rope_max_seq_len": 32}
 TINY_QWEN = {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
              "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 4, 4)}
+# random VAEs of the tiny presets: 8x like the real ones, with the real ones' latent scaling or normalisation
+TINY_KL = {**TINY_VAE, "use_quant_conv": False, "use_post_quant_conv": False}
+TINY_FLUX_VAE = {**TINY_KL, "latent_channels": 4, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+TINY_SD3_VAE = {**TINY_KL, "latent_channels": 4, "scaling_factor": 1.5305, "shift_factor": 0.0609}
+TINY_WAN_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+                "latents_mean": [-0.76, -0.71, -0.91, 0.11], "latents_std": [2.82, 1.45, 2.33, 2.66]}
+VAE_CLASSES = {"FluxTransformer2DModel": "AutoencoderKL", "SD3Transformer2DModel": "AutoencoderKL",
+               "WanTransformer3DModel": "AutoencoderKLWan", "QwenImageTransformer2DModel": "AutoencoderKLQwenImage"}
 # (steps, guidance) of each pipeline's __call__ defaults
 FLOW_PRESETS = {
     "flux.1-dev": _flow("flux.1-dev-1024", "flux.1-dev", 28, 3.5),
     "sd3.5-large": _flow("sd3.5-large-1024", "sd3.5-large", 28, 7.0),
     "wan2.1-1.3b": _flow("wan2.1-t2v-1.3b-480p", "wan2.1", 50, 5.0),
     "qwen-image": _flow("qwen-image-1328", "qwen-image", 50, 4.0),
-    "tiny-flux": FlowPreset("FluxTransformer2DModel", TINY_FLUX, 64, 64, 8, "flux.1-dev", 28, 3.5),
-    "tiny-sd3": FlowPreset("SD3Transformer2DModel", TINY_SD3, 64, 64, 8, "sd3.5-large", 28, 7.0),
+    "tiny-flux": FlowPreset("FluxTransformer2DModel", TINY_FLUX, 64, 64, 8, "flux.1-dev", 28, 3.5, vae=TINY_FLUX_VAE),
+    "tiny-sd3": FlowPreset("SD3Transformer2DModel", TINY_SD3, 64, 64, 8, "sd3.5-large", 28, 7.0, vae=TINY_SD3_VAE),
     "tiny-sd35": FlowPreset("SD3Transformer2DModel", {**TINY_SD3, "dual_attention_layers": (0,), "qk_norm": "rms_norm"},
-                            64, 64, 8, "sd3.5-large", 28, 7.0),
-    "tiny-wan": FlowPreset("WanTransformer3DModel", TINY_WAN, 32, 32, 8, "wan2.1", 50, 5.0, frames=5),
-    "tiny-qwen-image": FlowPreset("QwenImageTransformer2DModel", TINY_QWEN, 64, 64, 8, "qwen-image", 50, 4.0),
+                            64, 64, 8, "sd3.5-large", 28, 7.0, vae=TINY_SD3_VAE),
+    "tiny-wan": FlowPreset("WanTransformer3DModel", TINY_WAN, 32, 32, 8, "wan2.1", 50, 5.0, frames=5, vae=TINY_WAN_VAE),
+    "tiny-qwen-image": FlowPreset("QwenImageTransformer2DModel", TINY_QWEN, 64, 64, 8, "qwen-image", 50, 4.0,
+                                  vae=TINY_WAN_VAE),
 }
 
 
@@ -153,6 +163,23 @@ def load_transformer(name: str, *, weights: str | None = None, random_weights: b
     model_class = getattr(diffusers, spec.class_name)
     return _from_hub(name, weights or spec.hub_id, lambda source: model_class.from_pretrained(
         source, subfolder="transformer")).eval()
+
+
+def load_vae(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0):
+    """A flow preset's VAE: the `vae` folder of `weights` (hub id or path; default the preset's hub id), or
+    with `random_weights` a random one from the preset's config (tiny presets only)."""
+    import diffusers
+
+    spec = preset(name)
+    vae_class = getattr(diffusers, VAE_CLASSES[spec.class_name])
+    if random_weights:
+        if spec.vae is None:
+            raise ValueError(f"--random-weights: {name} has no random VAE (decoding needs its weights); write the "
+                             f"latents instead (--out x.safetensors)")
+        torch.manual_seed(seed)
+        return vae_class(**spec.vae).eval()
+    return _from_hub(name, weights or spec.hub_id, lambda source: vae_class.from_pretrained(
+        source, subfolder="vae")).eval()
 
 
 def load_text_encoders(name: str, *, weights: str | None = None, dtype: torch.dtype = torch.float32):

@@ -7,6 +7,7 @@ import re
 import socket
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -16,7 +17,7 @@ import harmonica
 from harmonica import cli
 from harmonica.bench.macs import MacCount
 from harmonica.flow import cur_for_speedup, flow_sample, flow_task, random_flow_embeddings
-from harmonica.models import FLOW_PRESETS, build_transformer
+from harmonica.models import FLOW_PRESETS, build_transformer, load_vae
 from harmonica.router import Router
 from harmonica.schedule import CacheSchedule
 from harmonica.solvers import FLOW_MATCH_SCHEDULERS
@@ -26,25 +27,27 @@ STEPS = 4
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def pipeline_latents(name, transformer, bank, noise):
-    """The final latents of the family's diffusers pipeline (no text encoders, no VAE) from `noise`, on prompt 1."""
+def pipeline_latents(name, transformer, bank, noise, vae=None):
+    """The final latents of the family's diffusers pipeline (no text encoders, no VAE) from `noise`, on prompt 1;
+    with `vae`, its decoded output as numpy in [0, 1] (images (1, H, W, 3), Wan frames (1, F, H, W, 3))."""
     spec = FLOW_PRESETS[name]
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS[spec.scheduler])
     prompts = {key: value if key.startswith("negative") else value[1:2] for key, value in bank.items()}
-    common = dict(latents=noise, num_inference_steps=STEPS, height=spec.height, width=spec.width, output_type="latent")
+    common = dict(latents=noise, num_inference_steps=STEPS, height=spec.height, width=spec.width,
+                  output_type="latent" if vae is None else "np")
     encoders = dict(text_encoder=None, tokenizer=None)
     if spec.class_name == "FluxTransformer2DModel":
-        pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=None, text_encoder_2=None, tokenizer_2=None,
+        pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder_2=None, tokenizer_2=None,
                                       transformer=transformer, **encoders)
         return pipe(**prompts, guidance_scale=spec.guidance, **common).images
     if spec.class_name == "SD3Transformer2DModel":
-        pipe = diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, **encoders,
+        pipe = diffusers.StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, **encoders,
                                                   **{f"{part}_{i}": None for part in encoders for i in (2, 3)})
         return pipe(**prompts, guidance_scale=spec.guidance, **common).images
     if spec.class_name == "WanTransformer3DModel":
-        pipe = diffusers.WanPipeline(vae=None, scheduler=scheduler, transformer=transformer, **encoders)
+        pipe = diffusers.WanPipeline(vae=vae, scheduler=scheduler, transformer=transformer, **encoders)
         return pipe(**prompts, guidance_scale=spec.guidance, num_frames=spec.frames, **common).frames
-    pipe = diffusers.QwenImagePipeline(scheduler=scheduler, vae=None, transformer=transformer, **encoders)
+    pipe = diffusers.QwenImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
     return pipe(**prompts, true_cfg_scale=spec.guidance, **common).images
 
 
@@ -71,6 +74,37 @@ def test_loop_without_caching_is_the_pipelines(name):
         assert ours.shape == reference.shape
         error = (ours - reference).abs().max().item()
         assert error <= tolerance, f"{error:.3g} > {tolerance:.3g}"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_decode_is_the_pipelines(name):
+    """task.decode of our final latents against the pipeline's own decode (its random VAE, same noise and prompt):
+    within the loop's rounding carried through the VAE; a wrong latent scaling is far."""
+    spec = FLOW_PRESETS[name]
+    transformer, vae = build_transformer(name), load_vae(name, random_weights=True)
+    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
+    noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
+    reference = torch.from_numpy(pipeline_latents(name, transformer, bank, noise, vae))
+    with torch.no_grad():
+        latents = flow_sample(task, torch.tensor([1]), latents=noise)
+        decoded = task.decode(vae, latents)
+    assert decoded.shape[:2] == (1, 3) and decoded.shape[-2:] == (spec.height, spec.width)
+    if decoded.dim() == 5:  # Wan: (B, 3, F, H, W) -> (B, F, H, W, 3), every frame
+        assert decoded.shape[2] == spec.frames
+        ours = decoded.permute(0, 2, 3, 4, 1)
+    else:
+        ours = decoded.permute(0, 2, 3, 1)
+    ours = (ours / 2 + 0.5).clamp(0, 1)
+    assert ours.shape == reference.shape
+    error = (ours - reference).abs().max().item()
+    # the loop's own bound (test_loop_without_caching_is_the_pipelines), x16 for the decoder's gain, halved by x / 2
+    tolerance = 8 * 8 * STEPS * EPS32 * latents.abs().max().item()
+    assert error <= tolerance, f"{error:.3g} > {tolerance:.3g}"
+    task._vae_latents = lambda vae, latents: latents  # the latents as the VAE's own, unscaled: far
+    with torch.no_grad():
+        unscaled = task.decode(vae, flow_sample(task, torch.tensor([1]), latents=noise))
+    assert unscaled.shape == decoded.shape and (unscaled - decoded).abs().max() > 100 * tolerance
 
 
 def run_cli(argv, capsys):
@@ -160,8 +194,9 @@ CASES = {
                                 r"router has FluxTransformer2DModel, got SD3Transformer2DModel;"),
     "router-steps": (TINY_FLUX + ["--router", "ROUTER", "--steps", "8"],
                      r"--steps: the router \S+ was trained for 4 steps, got --steps 8; leave --steps out"),
-    "image-out": (TINY_FLUX + ["--out", "TMP/x.png"],
-                  r"--out: expected a .safetensors file name \(the final latents\), got '\S+x.png'"),
+    "bad-out": (TINY_FLUX + ["--out", "TMP/x.latents"],
+                r"--out: expected a .safetensors file name \(the final latents\) or an image file name \(.png, .jpg, "
+                r"...\), got '\S+x.latents'"),
     "prompt": (TINY_FLUX + ["--prompt", "a cat"], r"--prompt: expected --prompt-embeddings for --model tiny-flux"),
     "class-label": (TINY_FLUX + ["--class-label", "3"], r"--class-label: expected only with a DiT model"),
     "sampler": (TINY_FLUX + ["--sampler", "dpm-solver++"], r"--sampler: expected FlowMatchEulerDiscreteScheduler"),
@@ -264,3 +299,40 @@ def test_train_under_torchrun_combines_the_ranks(tmp_path, capsys):
     run_cli(argv + ["--out", str(tmp_path / "single")], capsys)
     single = Router.from_pretrained(tmp_path / "single" / "router").logits
     assert not torch.equal(single, ranks[0]), "the ranks' gradients were not combined"
+
+
+@pytest.mark.parametrize("name,out,size", [("tiny-flux", "x.png", (64, 64)), ("tiny-wan", "x.gif", (32, 32))])
+def test_sample_decodes_to_an_image_or_an_animation(name, out, size, tmp_path, capsys):
+    """--out with an image (video: .gif) suffix decodes the final latents through the preset's VAE: the file holds
+    the decoded pixels of the same latents the .safetensors run writes (Wan: one frame per video frame)."""
+    from PIL import Image, ImageSequence
+
+    base = ["sample", "--model", name, "--random-weights", "--steps", str(STEPS), "--schedule", "fora:2"]
+    printed = run_cli(base + ["--out", str(tmp_path / out)], capsys)
+    assert f"decoded written to {tmp_path / out}" in printed
+    run_cli(base + ["--out", str(tmp_path / "x.safetensors")], capsys)
+    spec = FLOW_PRESETS[name]
+    latents = load_file(str(tmp_path / "x.safetensors"))["latents"]
+    task = flow_task(build_transformer(name), random_flow_embeddings(build_transformer(name), 1, spec.text_tokens,
+                                                                      torch.Generator()), STEPS, spec.guidance,
+                     **spec.size)
+    task.unpack = lambda x: x  # the file holds unpacked latents already
+    with torch.no_grad():
+        decoded = task.decode(load_vae(name, random_weights=True), latents)
+    expected = (decoded[0].float() / 2 + 0.5).clamp(0, 1).mul(255).round()
+    expected = expected.unsqueeze(1) if expected.dim() == 3 else expected  # (3, F, H, W)
+    with Image.open(tmp_path / out) as image:
+        frames = [torch.from_numpy(np.array(frame.convert("RGB"))).permute(2, 0, 1).float()
+                  for frame in ImageSequence.Iterator(image)]
+    assert len(frames) == expected.shape[1] == (spec.frames or 1) and frames[0].shape[1:] == size
+    if out.endswith(".png"):  # lossless: the pixels themselves
+        assert (frames[0] - expected[:, 0]).abs().max() <= 1
+    else:  # GIF: a 256-colour palette per frame
+        assert all((frame - expected[:, i]).abs().mean() < 16 for i, frame in enumerate(frames))
+
+
+def test_decoding_a_real_preset_needs_its_weights(tmp_path, capsys):
+    assert cli.main(["sample", "--model", "flux.1-dev", "--random-weights", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--out: flux.1-dev has no random VAE to decode with" in capsys.readouterr().err
+    assert cli.main(["sample", "--model", "tiny-wan", "--random-weights", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--out: expected a .safetensors (the final latents), .gif or .webp file name" in capsys.readouterr().err
