@@ -526,7 +526,7 @@ def test_real_flow_presets_run_their_pipeline_steps_and_load_hub_transformers(mo
     """flux.1-dev etc. are bench models: their pipeline's default steps (the tiny ones 20), random weights by
     default, the hub transformer with --real-weights (a tiny preset has none: a clear error)."""
     from harmonica.bench import suite
-    from harmonica.models import FLOW_PRESETS, build_transformer
+    from harmonica.models import build_transformer
 
     options = SuiteOptions(models=("flux.1-dev", "tiny-wan"), device="cpu")
     assert options.model_names == ["flux.1-dev", "tiny-wan"]
@@ -538,10 +538,10 @@ def test_real_flow_presets_run_their_pipeline_steps_and_load_hub_transformers(mo
         return build_transformer("tiny-flux", seed=seed)
 
     monkeypatch.setattr(suite, "load_transformer", load)
-    real = FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu", real_weights=True))
-    FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu"))
+    FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu", real_weights=True))
+    random = FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu"))
     assert loads == [("flux.1-dev", False), ("flux.1-dev", True)]
-    assert real.spec.hub_id == FLOW_PRESETS["flux.1-dev"].hub_id is not None
+    assert random.task(28).num_steps == 28 and random.task(28).image_seq_len == 4096  # the 1024² FLUX task
     with pytest.raises(ValueError, match="--real-weights: tiny-wan runs with random weights only"):
         FlowWorkload("tiny-wan", SuiteOptions(models=("tiny-wan",), device="cpu", real_weights=True))
 
