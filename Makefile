@@ -12,7 +12,7 @@ CONSTRAINTS := constraints-py$(PYTHON_VERSION).txt
 PIN := $(if $(wildcard $(CONSTRAINTS)),-c $(CONSTRAINTS),)
 LATEST := .venv-latest
 
-.PHONY: test bench test-latest constraints gpu-check gpu-check-plan clean
+.PHONY: test bench test-latest constraints gpu-kit gpu-check gpu-check-tables gpu-check-plan clean
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -36,44 +36,29 @@ constraints:
 	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm $(CONSTRAINTS).freeze
 	@echo "wrote $(CONSTRAINTS)"
 
-# The first hour on a lent H100/H200: every stage runs under a wall-clock timeout (seconds; -k: SIGKILL 15 s
-# after SIGTERM) and even when an earlier one failed; logs, results JSONs and stages.txt (each stage's exit
-# status and seconds) land in GPU_CHECK_DIR; the exit status is non-zero when any stage failed.
-# Estimate (bench/plan.py, H100): suite 244 s, kernel stage 54 s; the test stages are bounded by their
-# timeouts; every stage at its timeout: 560 s (+15 s grace each), under the device's 10 min per command.
-# `make gpu-check-plan` prints the suite's rows and estimate on any machine.
-GPU_CHECK_DIR ?= bench/results/gpu-check-$(GPU_CHECK_STAMP)
-GPU_CHECK_STAMP := $(shell date -u +%Y-%m-%d)-$(shell git rev-parse --short HEAD 2>/dev/null)
-GPU_CHECK_SUITE := --models dit-xl-2-256 pixart-alpha-1024 --steps 20 --configs no-cache fora:2 harmonica \
-	--modes eager fused graphs graphs-step compile --repeat 3 --max-compiled-graphs 2
-AOT_TIMEOUT ?= 60
-GPU_TESTS_TIMEOUT ?= 100
-KERNELS_TIMEOUT ?= 80
-SUITE_TIMEOUT ?= 300
-TABLES_TIMEOUT ?= 20
+# The first hour on a lent GPU (gpu/check.sh, README: Benchmarks). Here, with network: `make gpu-kit` downloads
+# the wheels the device image lacks (CPython 3.12, manylinux x86-64) into $(GPU_KIT), which the device tool
+# carries; `make gpu-check-plan` prints the two device commands, their stages and budget, and the suite's rows.
+# There, `bash gpu/check.sh 1` and `bash gpu/check.sh 2` set up offline on the image's own python3 and run.
+# `make gpu-check` runs both parts on this machine's GPU with GPU_PY; `make gpu-check-tables` writes the
+# BENCHMARKS.md tables of their JSONs (fetched from the device into GPU_CHECK_DIR).
+GPU_PY ?= python3
+GPU_KIT := .gpu-kit
+GPU_CHECK_DIR ?= bench/results/gpu-check-$(shell date -u +%Y-%m-%d)-$(shell git rev-parse --short HEAD 2>/dev/null)
+GPU_CHECK := PY=$(GPU_PY) GPU_KIT=$(GPU_KIT) GPU_CHECK_DIR=$(GPU_CHECK_DIR) bash gpu/check.sh
 
-# $(call gpu_stage,name,timeout,command): output shown and kept in GPU_CHECK_DIR/name.log
-define gpu_stage
-	@echo "== $(1) (timeout $(2) s)"; start=$$(date +%s); \
-	timeout -k 15 $(2) $(3) 2>&1 | tee $(GPU_CHECK_DIR)/$(1).log; rc=$${PIPESTATUS[0]}; \
-	echo "$(1) exit=$$rc seconds=$$(( $$(date +%s) - start ))" | tee -a $(GPU_CHECK_DIR)/stages.txt
-endef
+gpu-kit: $(STAMP)
+	$(PY) gpu/kit.py --dest $(GPU_KIT) $(if $(PIN),--constraints $(CONSTRAINTS))
 
-gpu-check: SHELL := /bin/bash
-gpu-check: $(STAMP)
-	@mkdir -p $(GPU_CHECK_DIR) && rm -f $(GPU_CHECK_DIR)/stages.txt
-	$(call gpu_stage,aot-compile,$(AOT_TIMEOUT),$(PY) -m pytest tests/test_aot_compile.py -q)
-	$(call gpu_stage,gpu-tests,$(GPU_TESTS_TIMEOUT),$(PY) -m pytest -m gpu -q)
-	$(call gpu_stage,kernels,$(KERNELS_TIMEOUT),$(PY) -m harmonica.bench --part kernels --out $(GPU_CHECK_DIR)/kernels.json)
-	$(call gpu_stage,suite,$(SUITE_TIMEOUT),$(PY) -m harmonica.bench --part suite $(GPU_CHECK_SUITE) --no-progress \
-		--out $(GPU_CHECK_DIR)/suite.json)
-	$(call gpu_stage,tables,$(TABLES_TIMEOUT),$(PY) -m harmonica.bench.table --write $(GPU_CHECK_DIR)/kernels.json \
-		$(GPU_CHECK_DIR)/suite.json)
-	@awk '$$2 != "exit=0" {failed = 1; print "FAILED: " $$0} END {exit failed}' $(GPU_CHECK_DIR)/stages.txt \
-		&& echo "gpu-check: every stage passed; results in $(GPU_CHECK_DIR)"
+gpu-check:
+	$(GPU_CHECK) 1; one=$$?; $(GPU_CHECK) 2 && [ $$one = 0 ]
+
+gpu-check-tables: $(STAMP)
+	$(PY) -m harmonica.bench.table --write $(GPU_CHECK_DIR)/kernels.json $(GPU_CHECK_DIR)/suite.json
 
 gpu-check-plan: $(STAMP)
-	$(PY) -m harmonica.bench --plan --device cuda --part suite $(GPU_CHECK_SUITE)
+	@bash gpu/check.sh plan
+	$(PY) -m harmonica.bench --plan --device cuda --part suite $$(bash gpu/check.sh suite-args)
 
 # Reuse a CUDA build of torch already on the system (its pinned triton comes with it);
 # otherwise install the CPU build of torch 2.13.0.

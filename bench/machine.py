@@ -1,6 +1,7 @@
 """The machine a measurement ran on: versions, commit and, with CUDA, the GPU's state from NVML."""
 
 import datetime
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -12,6 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
+    """The short commit of the clone, or $HARMONICA_COMMIT where set (the device tool's copy of the tree has no
+    .git: gpu/check.sh's commands pass it)."""
+    if os.environ.get("HARMONICA_COMMIT"):
+        return os.environ["HARMONICA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()

@@ -99,3 +99,9 @@ def test_machine_info_records_the_gpu_with_cuda(cuda_device, monkeypatch):
     info = machine.machine_info()
     assert (info["gpu"], info["nvml_error"]) == ("NVIDIA H100 80GB HBM3", "nvmlInit: Unknown Error")
     assert {"date", "commit", "torch", "triton", "diffusers"} <= set(info)
+
+
+def test_the_commit_comes_from_harmonica_commit_where_set(monkeypatch):
+    """The device tool's copy of the tree has no .git: gpu/check.sh's commands pass the commit."""
+    monkeypatch.setenv("HARMONICA_COMMIT", "abc1234")
+    assert machine.git_commit() == "abc1234"
