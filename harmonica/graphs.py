@@ -108,39 +108,50 @@ def pool_segment_bytes(segments, pool) -> int:
 
 
 class CudaGraphBackend:
-    """torch.cuda graphs sharing one memory pool; warm-up and capture on one side stream."""
+    """torch.cuda graphs of one device, sharing one memory pool; warm-up and capture on one side stream of that
+    device. The device is current during the warm-up, capture and replay, whatever device is current when the
+    runner is called (`pipe.to("cuda:1")` with device 0 current): the side stream, the streams it orders
+    against and the pool are that device's. cuda: the torch.cuda module (tests pass a stand-in)."""
 
-    def __init__(self):
-        self.stream = torch.cuda.Stream()
+    def __init__(self, device, cuda=torch.cuda):
+        self.cuda = cuda
+        device = torch.device(device)
+        self.device = torch.device("cuda", cuda.current_device() if device.index is None else device.index)
+        with cuda.device(self.device):
+            self.stream = cuda.Stream()
         self.new_pool()
 
     def new_pool(self) -> None:
         """The graphs captured from now on share a fresh pool."""
-        self.pool = torch.cuda.graph_pool_handle()
+        with self.cuda.device(self.device):
+            self.pool = self.cuda.graph_pool_handle()
 
     def warm_up(self, fn):
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            result = fn()
-        torch.cuda.current_stream().wait_stream(self.stream)
+        cuda = self.cuda
+        with cuda.device(self.device):
+            self.stream.wait_stream(cuda.current_stream())
+            with cuda.stream(self.stream):
+                result = fn()
+            cuda.current_stream().wait_stream(self.stream)
         return result
 
     def capture(self, fn):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            output = fn()
+        with self.cuda.device(self.device):
+            graph = self.cuda.CUDAGraph()
+            with self.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                output = fn()
         return graph, output
 
-    @staticmethod
-    def replay(captured):
+    def replay(self, captured):
         graph, output = captured
-        graph.replay()
+        with self.cuda.device(self.device):
+            graph.replay()
         return output
 
     def pool_bytes(self) -> int:
         """Device memory the graphs' pool holds: its segments, so neither the other pools (warm-up, cuBLAS
         workspaces, caches) nor `empty_cache` (it cannot free segments the graphs hold) change it."""
-        return pool_segment_bytes(torch.cuda.memory_snapshot(), self.pool)
+        return pool_segment_bytes(self.cuda.memory_snapshot(), self.pool)
 
 
 class GraphRunner:
@@ -218,10 +229,10 @@ class GraphRunner:
         engine = self.engine
         if engine.mode != "inference":
             return self._run(args, kwargs)
-        if not self._on_cuda(args, kwargs) and self.backend is None:
+        if not self._on_cuda(args, kwargs) and (self.backend is None or isinstance(self.backend, CudaGraphBackend)):
             _warn_cpu_once()
             return self._run(args, kwargs)
-        backend = self.backend = self.backend or CudaGraphBackend()
+        backend = self._backend_for(self._device(args, kwargs))
         signature = input_signature(args, kwargs)
         if (signature != self.signature or engine.schedule is not self.schedule
                 or self.epilogue_key != self.captured_epilogue_key):
@@ -247,10 +258,27 @@ class GraphRunner:
         output = backend.replay(self.graphs[key])
         return output if self.epilogue is not None else _clone_output(output)
 
+    def _backend_for(self, device: torch.device):
+        """The graph backend of `device`: a new `CudaGraphBackend` for another device (the input signature then
+        differs, so the other device's graphs are dropped); a backend the caller set is kept."""
+        if self.backend is None or (isinstance(self.backend, CudaGraphBackend) and self.backend.device != device):
+            self.backend = CudaGraphBackend(device)
+        return self.backend
+
     @staticmethod
-    def _on_cuda(args, kwargs) -> bool:
-        hidden = args[0] if args else kwargs.get("hidden_states")
+    def _hidden(args, kwargs):
+        return args[0] if args else kwargs.get("hidden_states")
+
+    def _on_cuda(self, args, kwargs) -> bool:
+        hidden = self._hidden(args, kwargs)
         return isinstance(hidden, torch.Tensor) and hidden.is_cuda
+
+    def _device(self, args, kwargs) -> torch.device:
+        """The device of the forward's hidden states, with its index (the graphs' device)."""
+        device = self._hidden(args, kwargs).device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
 
 def _clone_output(output):

@@ -169,19 +169,24 @@ def variants() -> list:
 # ---- compiling without a GPU ----
 
 class _StandInDriver:
-    """What the JIT asks of a driver before a launch, answered for a GPU that is not there. The device
-    index is the architecture, so each architecture keeps its own compiled kernels."""
+    """What the JIT and the launchers ask of a driver before a launch, answered for a GPU that is not there.
+    The device index is the architecture, so each architecture keeps its own compiled kernels; it can be
+    set, as the launchers' device guard does."""
 
     def __init__(self, arch: int):
         from triton.backends.compiler import GPUTarget
 
         self.target = GPUTarget("cuda", arch, 32)
+        self.device = arch
 
     def get_current_target(self):
         return self.target
 
     def get_current_device(self):
-        return self.target.arch
+        return self.device
+
+    def set_current_device(self, device: int) -> None:
+        self.device = device
 
     def get_current_stream(self, device=None):
         return 0
