@@ -8,16 +8,18 @@ import torch
 
 
 def timed(fn, *args, device: torch.device):
-    """(fn(*args), milliseconds). On CUDA: synchronise, record events around fn, synchronise again."""
+    """(fn(*args), milliseconds). On CUDA: synchronise, record events around fn on the current stream of
+    `device` (whatever device is current), synchronise again."""
     if device.type != "cuda":
         start = time.perf_counter()
         result = fn(*args)
         return result, (time.perf_counter() - start) * 1e3
     torch.cuda.synchronize(device)
+    stream = torch.cuda.current_stream(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    start.record(stream)
     result = fn(*args)
-    end.record()
+    end.record(stream)
     end.synchronize()
     return result, start.elapsed_time(end)
 

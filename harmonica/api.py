@@ -41,6 +41,13 @@ def _state(pipe_or_transformer) -> CacheState:
     return state
 
 
+def _inductor_graphs(options: dict) -> bool:
+    """Whether torch.compile arguments make inductor capture CUDA graphs itself (modes reduce-overhead and
+    max-autotune, or its triton.cudagraphs option)."""
+    return (options.get("mode") in ("reduce-overhead", "max-autotune")
+            or bool((options.get("options") or {}).get("triton.cudagraphs")))
+
+
 def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
            cross_attention: bool = True, cuda_graphs: bool = False, scheduler_in_graph: bool = False,
            fused: bool = True, compile: bool | dict = False) -> CacheEngine:
@@ -57,7 +64,8 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     fused: the fused Triton ops on CUDA; False runs their torch references (the eager baseline).
     compile: `torch.compile` each unit kind's computation (LayerNorm, shift/scale, attention/MLP) with
     fullgraph=True, shared by all blocks: one compile per unit kind and input shape, whatever the steps or
-    schedule rows (the cache decisions run eagerly); a dict is passed to torch.compile (backend, mode).
+    schedule rows (the cache decisions run eagerly); a dict is passed to torch.compile (backend, mode); with
+    cuda_graphs, a mode or option under which inductor makes CUDA graphs itself (reduce-overhead) is refused.
     A pipeline's `scheduler.set_timesteps` starts each generation. A bare transformer has no scheduler to
     hook: `reset`, `samplers.dit_ddim_sample` or `samplers.pixart_sample` start its generations; else only
     the schedule's step count delimits them, which warns once. Driven by a sampler of another step count,
@@ -70,6 +78,9 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     transformer, scheduler = _parts(pipe_or_transformer)
     if scheduler_in_graph and not cuda_graphs:
         raise ValueError("scheduler_in_graph: expected together with cuda_graphs=True, got cuda_graphs=False")
+    if cuda_graphs and isinstance(compile, dict) and _inductor_graphs(compile):
+        raise ValueError(f"compile: {compile} makes CUDA graphs of its own, which cannot be captured inside those of "
+                         "cuda_graphs=True; use mode 'default' or 'max-autotune-no-cudagraphs', or drop cuda_graphs")
     if getattr(transformer, ATTRIBUTE, None) is not None:
         disable(transformer)
     router = router_or_schedule if isinstance(router_or_schedule, Router) else None

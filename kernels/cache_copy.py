@@ -153,10 +153,13 @@ class CacheCopyPlan:
         self._rows = [(_rows_view(f"srcs[{i}]", s), _rows_view(f"dsts[{i}]", d))
                       for i, (s, d) in enumerate(zip(srcs, dsts))]
         self._groups = None
+        if srcs and kernel_path(srcs[0]):  # the metadata goes to the device now: a first call may be captured
+            self.groups  # noqa: B018 - builds them
 
     @property
     def groups(self) -> list:
-        """Pairs grouped by (src dtype, dst dtype), empty pairs left out; built on first use."""
+        """Pairs grouped by (src dtype, dst dtype), empty pairs left out, with their metadata on the device;
+        built with the plan where it takes the kernel path, else on first use."""
         if self._groups is None:
             by_dtypes = defaultdict(list)
             for s, d in self._rows:

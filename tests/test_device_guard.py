@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,3 +196,30 @@ def test_cuda_a_model_on_the_second_device_runs_there_with_the_first_current():
         assert b.device == torch.device("cuda", 1) and torch.equal(a, b)
     for a, b in zip(reference * 2, graphed):
         assert b.device == torch.device("cuda", 1) and torch.equal(a, b)
+
+
+def test_bench_timing_records_its_events_on_the_measured_devices_stream(monkeypatch):
+    from harmonica.bench import timing
+
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self, stream=None):  # torch: None is the current device's current stream
+            log.append(("record", stream))
+
+        def synchronize(self):
+            log.append(("synchronize",))
+
+        def elapsed_time(self, other):
+            return 2.5
+
+    cuda = SimpleNamespace(Event=Event, synchronize=lambda device: log.append(("synchronize", device)),
+                           current_stream=lambda device=None: f"stream of {device}")
+    monkeypatch.setattr(timing, "torch", SimpleNamespace(cuda=cuda))
+    device = torch.device("cuda", 1)
+    assert timing.timed(lambda x: log.append(("fn", x)) or "out", 7, device=device) == ("out", 2.5)
+    assert log == [("synchronize", device), ("record", f"stream of {device}"), ("fn", 7),
+                   ("record", f"stream of {device}"), ("synchronize",)]
