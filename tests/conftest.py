@@ -1,13 +1,20 @@
 """Test configuration. Without CUDA the Triton kernels run on the CPU interpreter, which must be
 switched on before any kernel module is imported (so here, before the test modules load)."""
 
+import getpass
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+# Inductor's CPU code cache ignores the vector ISA ATen runs with (ATEN_CPU_CAPABILITY): a precompiled
+# header cached under AVX-512 breaks a later build under `default`. One cache per capability.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{torch.backends.cpu.get_cpu_capability()}"))
 
 from hypothesis import settings  # noqa: E402
 
