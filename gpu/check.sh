@@ -16,11 +16,11 @@ GPU_KIT=${GPU_KIT:-.gpu-kit}
 GPU_CHECK_DIR=${GPU_CHECK_DIR:-bench/results/gpu-check-$(date -u +%F)-$(git rev-parse --short HEAD 2>/dev/null)}
 GRACE=5
 export PY GPU_KIT
-SETUP_TIMEOUT=${SETUP_TIMEOUT:-45}
-AOT_TIMEOUT=${AOT_TIMEOUT:-40}
-GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-140}
-KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-75}
-SUITE_TIMEOUT=${SUITE_TIMEOUT:-265}
+SETUP_TIMEOUT=${SETUP_TIMEOUT:-40}
+AOT_TIMEOUT=${AOT_TIMEOUT:-30}
+GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-185}
+KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-65}
+SUITE_TIMEOUT=${SUITE_TIMEOUT:-260}
 # device tool limits (its README): 600 s a command; this plan: each part <= 540 s, both <= 660 s (11 min)
 PART_LIMIT=540
 TOTAL_LIMIT=660
@@ -61,7 +61,7 @@ stages() {
     case $1 in
         1) echo "setup-1 $SETUP_TIMEOUT bash gpu/check.sh setup"
            echo "aot-compile $AOT_TIMEOUT $PY -m pytest tests/test_aot_compile.py -q -p no:cacheprovider"
-           echo "gpu-tests $GPU_TESTS_TIMEOUT $PY -m pytest -m gpu -q -p no:cacheprovider"
+           echo "gpu-tests $GPU_TESTS_TIMEOUT $PY -m pytest -m gpu -v -p no:cacheprovider --durations=20"
            echo "kernels $KERNELS_TIMEOUT $PY -m harmonica.bench --part kernels --out $GPU_CHECK_DIR/kernels.json" ;;
         2) echo "setup-2 $SETUP_TIMEOUT bash gpu/check.sh setup"
            echo "suite $SUITE_TIMEOUT $PY -m harmonica.bench --part suite" $SUITE \
@@ -97,7 +97,7 @@ plan() {
         echo
         echo "part $part: worst case $(worst $part) s (limit $PART_LIMIT s); device run:"
         echo "  run(command='PYTHONUNBUFFERED=1 HARMONICA_COMMIT=$commit GPU_CHECK_DIR=\$OUT bash gpu/check.sh $part'," \
-             "carry=['.gpu-kit'], timeout_s=$(($(worst $part) + 10)))"
+             "carry=['.gpu-kit'], timeout_s=$(($(worst $part) + 5)))"
         while read -r name limit command; do
             printf '  %-12s %4s s  %s\n' "$name" "$limit" "$command"
         done < <(stages "$part")

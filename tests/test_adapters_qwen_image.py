@@ -14,6 +14,7 @@ from diffusers import QwenImageTransformer2DModel
 
 import harmonica
 from harmonica import CacheSchedule
+from harmonica.adapters import qwen_image as qwen_adapter
 from harmonica.engine import CacheEngine
 from harmonica.units import cached_units
 
@@ -107,9 +108,26 @@ def rope_tables(model) -> list:
     return [*rope._get_device_freqs(cpu), rope._compute_video_freqs(1, 4, 4, 0, cpu)]
 
 
-def test_graph_replay_equals_the_eager_engine():
-    """Without text padding: with a mask, diffusers' model forward builds a tensor from host data each
-    step (compute_text_seq_len_from_mask), which a capture refuses."""
+@pytest.mark.parametrize("mask", [MASK, None], ids=["text-padding", "no-padding"])
+def test_graph_replay_equals_the_eager_engine(mask):
+    """With text padding too: diffusers' model forward derives the text lengths from the mask with a fallback
+    copied from the host (compute_text_seq_len_from_mask), which a capture refuses; the adapter's setup gives
+    the forward a version without the copy (red before)."""
     model = make_qwen_image()
-    assert_graph_replay_equals_eager(model, lambda model, steps: run(model, steps, mask=None), UNITS, STEPS + 1,
+    assert_graph_replay_equals_eager(model, lambda model, steps: run(model, steps, mask=mask), UNITS, STEPS + 1,
                                      graph_inputs=lambda: rope_tables(model))
+
+
+@pytest.mark.parametrize("rows", [[[True, True, False]], [[False, False, False]], [[True, False, True]],
+                                  [[True, True, True], [False, True, False]]])
+def test_text_lengths_are_diffusers(rows):
+    """harmonica's text lengths equal diffusers' compute_text_seq_len_from_mask (the original function)."""
+    from diffusers.models.transformers import transformer_qwenimage as module
+
+    original = qwen_adapter.REPLACED.get(module.__name__, module.compute_text_seq_len_from_mask)
+    assert original is not qwen_adapter.text_lengths
+    mask = torch.tensor(rows)
+    text = torch.zeros(*mask.shape, 4)
+    ours, theirs = qwen_adapter.text_lengths(text, mask.int()), original(text, mask.int())
+    assert ours[0] == theirs[0] and torch.equal(ours[1], theirs[1]) and torch.equal(ours[2], theirs[2])
+    assert qwen_adapter.text_lengths(text, None) == original(text, None)

@@ -54,7 +54,7 @@ def test_every_stage_runs_and_failures_are_collected(tmp_path):
     assert "gpu-check part 2: every stage passed" in done.stdout
     calls = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("-m ")]
     assert calls[:2] == ["-m pytest tests/test_aot_compile.py -q -p no:cacheprovider",
-                         "-m pytest -m gpu -q -p no:cacheprovider"]
+                         "-m pytest -m gpu -v -p no:cacheprovider --durations=20"]
     assert calls[2] == f"-m harmonica.bench --part kernels --out {out}/kernels.json"
     assert calls[3].startswith("-m harmonica.bench --part suite --models dit-xl-2-256 pixart-alpha-1024 --steps 20 "
                                "--configs no-cache fora:2 harmonica --modes eager fused graphs graphs-step compile")

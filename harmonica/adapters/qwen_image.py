@@ -6,7 +6,16 @@ MLP `img_mlp` and the text MLP `txt_mlp`. The modulations `img_mod`, `txt_mod` (
 gate for each unit) always run; a unit's body is its LayerNorm, modulation and attention/MLP. Blocks
 built with `zero_cond_t` (per-token image modulations, `modulate_index`) are not supported: their
 gates are (B, N, D), which the fused residual ops do not take.
+
+The transformer's forward (diffusers') derives per-prompt text lengths from the text mask with a fallback it
+copies from the host (`torch.as_tensor(length, device=...)`: a synchronous host-to-device copy, which a CUDA
+graph capture refuses); `setup` gives the transformer's module a `compute_text_seq_len_from_mask` that makes
+it on the device instead, with the same results.
 """
+
+import sys
+
+import torch
 
 from . import Adapter, register
 from .flux import _clip_fp16, _modulate
@@ -31,6 +40,24 @@ def text_mlp(block, c, shift, scale):
     return block.txt_mlp(_modulate(block.txt_norm2, c, shift, scale))
 
 
+REPLACED = {}  # module name -> the compute_text_seq_len_from_mask `setup` replaced there
+
+
+def text_lengths(encoder_hidden_states, encoder_hidden_states_mask):
+    """(M, per-prompt lengths (B,) long, mask (B, M) bool) of text tokens (B, M, D) and their mask (B, M) or
+    None: a prompt's length is its last unmasked token's position + 1, M for a prompt with none. As diffusers'
+    `compute_text_seq_len_from_mask`, without a host-to-device copy (CUDA-graph safe)."""
+    batch, length = encoder_hidden_states.shape[:2]
+    mask = encoder_hidden_states_mask
+    if mask is None:
+        return length, None, None
+    if tuple(mask.shape[:2]) != (batch, length):
+        raise ValueError(f"encoder_hidden_states_mask: expected shape ({batch}, {length}), got {tuple(mask.shape)}")
+    mask = mask.to(torch.bool)
+    last = (mask * torch.arange(1, length + 1, device=mask.device)).amax(dim=1)
+    return length, torch.where(last > 0, last, torch.full_like(last, length)), mask
+
+
 def _modulations(mod, temb):
     """The two units' (shift, scale, gate) of one stream, each (B, D), from temb (B, D)."""
     first, second = mod(temb).chunk(2, dim=-1)
@@ -41,6 +68,13 @@ class QwenImageBlockAdapter(Adapter):
     block_class = "QwenImageTransformerBlock"
     kinds = ("attn", "img_mlp", "txt_mlp")
     bodies = {"attn": joint_attention, "img_mlp": image_mlp, "txt_mlp": text_mlp}
+
+    def setup(self, engine, blocks: list) -> None:
+        module = sys.modules[type(engine.transformer).__module__]
+        original = getattr(module, "compute_text_seq_len_from_mask", text_lengths)
+        if original is not text_lengths:  # the forward looks it up there at each call
+            REPLACED[module.__name__] = original
+            module.compute_text_seq_len_from_mask = text_lengths
 
     def check(self, name: str, block) -> None:
         if block.zero_cond_t:
