@@ -1,28 +1,34 @@
-"""A CPU stand-in for CUDA graphs that refuses what a real capture forbids.
+"""A CPU stand-in for CUDA graphs that refuses what a real capture forbids and replays as a GPU does.
 
-It keeps a graph's semantics (capture records the call and one output buffer and changes no memory;
-replay re-runs the call and overwrites that buffer in place) and checks every aten op of a capture or
-replay (a TorchDispatchMode) and every fused-op launch (the launchers `*_fwd` and the references
-`*_ref` of `harmonica.kernels`, patched only while the stand-in runs). It raises `CaptureViolation` on:
+A capture runs the call once under the rules, records every aten op it ran with its arguments and outputs,
+puts back every input it wrote (a capture runs nothing) and poisons its output. A replay does not run the
+Python again: it re-executes the recorded ops with their captured arguments, writing each op's result into
+the tensor the capture allocated for it, so it repeats the captured work whatever the host state is now: a
+view chosen on the host (`table[step]`) replays the capture's row, a host float the capture's value. It checks
+every aten op of a capture (a TorchDispatchMode) and every fused-op launch (the launchers `*_fwd` and the
+references `*_ref` of `harmonica.kernels`, patched only while the stand-in captures). It raises
+`CaptureViolation` on:
 
 - a host sync: an op that reads a device value on the host (`.item()`, `bool`/`if` on a tensor,
-  `torch.equal`, `nonzero`, boolean-mask indexing, `tolist`, `numpy`);
-- a host-to-device copy: a tensor built from host data (`torch.tensor`, `as_tensor`, `from_numpy`),
-  or a read of any tensor that is neither a graph input (`inputs()`: for the runner its static inputs,
-  the transformer's parameters and buffers, the cache slots, the sampler buffers, DiT's modulation
-  step buffer) nor allocated by the capture itself;
-- memory outside the graph's pool: a replay that reads memory the capture neither read nor allocated
-  (a buffer reallocated since), or that allocates other memory than the capture did;
-- a replay that runs other ops than the capture (a real replay repeats the captured work whatever
-  the host state is now);
+  `torch.equal`, `nonzero`, boolean-mask indexing, `tolist`, `numpy`, `.cpu()`, `.to("cpu")`) and the host
+  calls that are no aten ops (`torch.cuda.synchronize`, event and stream `synchronize`/`query`);
+- a host-to-device copy: a tensor built from host data (`torch.tensor`, `as_tensor`, `from_numpy`), a read of
+  a tensor the caller marks as host memory (`host()`: on a GPU, a CPU input copied in), or a read of any
+  tensor that is neither a graph input (`inputs()`: for the runner its static inputs, the transformer's
+  parameters and buffers, the cache slots, the sampler buffers, DiT's modulation step buffer) nor
+  allocated by the capture itself;
+- memory outside the graph's pool: a replay while memory the capture read is no graph input any more (a
+  buffer reallocated since: a GPU replay reads the old address);
 - a kernel variant first launched in a capture: a fused-op launch whose signature (function, tensor
   dtypes, shapes, strides and 16-byte alignment, flags) no warm-up ran (on a GPU, a Triton compile
   and module load inside the capture).
+
+Not modelled: pool reuse across graphs, inductor's own Triton kernels (a compiled body's ops are seen as the
+aten ops its graph runs), and the capture mode (global: other threads' CUDA calls).
 """
 
 import contextlib
 import importlib
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -118,11 +124,12 @@ class _Rules(TorchDispatchMode):
     """The rules over the aten ops of one capture or replay. inputs: the storages the run may read besides
     its own allocations (`_storages`); reads, allocations (alike) and trace record what it did."""
 
-    def __init__(self, phase: str, inputs: dict):
+    def __init__(self, phase: str, inputs: dict, host: dict | None = None):
         super().__init__()
-        self.phase, self.inputs = phase, inputs
+        self.phase, self.inputs, self.host = phase, inputs, host or {}
         self.reads, self.allocations = {}, {}
         self.trace = []  # (op, ((bytes, dtype) of each new allocation)) per op
+        self.ops = []  # (func, args, kwargs, out) per op, as run: what a replay re-executes
 
     def refuse(self, what: str):
         raise CaptureViolation(f"{self.phase}: {what}")
@@ -136,6 +143,8 @@ class _Rules(TorchDispatchMode):
             self.refuse(f"host-to-device copy ({func}: a tensor built from host data)")
         for t in tensors:
             address = _address(t)
+            if _alive(self.host, address):
+                self.refuse(f"host-to-device copy ({func} reads a {tuple(t.shape)} {t.dtype} tensor in host memory)")
             if address and not _alive(self.allocations, address):
                 if not _alive(self.inputs, address):
                     self.refuse(f"{func} reads a {tuple(t.shape)} {t.dtype} tensor that is neither a graph input nor "
@@ -150,6 +159,7 @@ class _Rules(TorchDispatchMode):
                 self.allocations.update(_storages([t]))
                 new.append((t.untyped_storage().nbytes(), t.dtype))
         self.trace.append((str(func), tuple(new)))
+        self.ops.append((func, args, kwargs, out))
         return out
 
 
@@ -158,7 +168,19 @@ def _checked(rules: _Rules, on_launch):
     def refusal(name):
         return lambda *args, **kwargs: rules.refuse(f"host sync (Tensor.{name}: copies a device tensor to the host)")
 
-    host_reads = [(torch.Tensor, name, refusal(name)) for name in ("tolist", "numpy")]
+    def to(tensor, *args, **kwargs):
+        if "cpu" in args or kwargs.get("device") == "cpu":
+            rules.refuse("host sync (Tensor.to('cpu'): copies a device tensor to the host)")
+        return to_device(tensor, *args, **kwargs)
+
+    def host_call(name):
+        return lambda *args, **kwargs: rules.refuse(f"host sync ({name}: waits for the device on the host)")
+
+    to_device = torch.Tensor.to
+    host_reads = [(torch.Tensor, name, refusal(name)) for name in ("tolist", "numpy", "cpu")]
+    host_reads += [(torch.Tensor, "to", to), (torch.cuda, "synchronize", host_call("torch.cuda.synchronize"))]
+    host_reads += [(cls, name, host_call(f"{cls.__name__}.{name}")) for cls in (torch.cuda.Event, torch.cuda.Stream)
+                   for name in ("synchronize", "query")]
     with _launches(on_launch), _patched(host_reads), rules:
         yield
 
@@ -179,14 +201,15 @@ class Captured:
 
 
 class StandInGraphs:
-    """Graph backend without CUDA that enforces the capture rules (module docstring).
+    """Graph backend without CUDA that enforces the capture rules and replays as a GPU (module docstring).
 
-    inputs: () -> the tensors a graph may read (read when a capture starts). The pool: the bytes each
-    capture allocated since the last `new_pool` (no reuse modelled), what `pool_bytes` reports.
+    inputs: () -> the tensors a graph may read (read when a capture starts and at each replay); host: () ->
+    tensors in host memory (a capture may not read them). The pool: the bytes each capture allocated since the
+    last `new_pool` (no reuse modelled), what `pool_bytes` reports.
     """
 
-    def __init__(self, inputs):
-        self.inputs = inputs
+    def __init__(self, inputs, host=list):
+        self.inputs, self.host = inputs, host
         self.variants = set()  # fused-op launches the warm-ups ran
         self.new_pool()
 
@@ -206,11 +229,11 @@ class StandInGraphs:
                                    f"the capture on a GPU): {launched}")
 
     def capture(self, fn) -> Captured:
-        """Run `fn` under the rules, then put back every input as it was (a capture runs nothing) and
-        poison the output (a captured output holds nothing until a replay)."""
+        """Run `fn` under the rules, recording its ops, then put back every input as it was (a capture runs
+        nothing) and poison the output (a captured output holds nothing until a replay)."""
         inputs = _tensors(self.inputs())
         saved = [t.clone() for t in inputs]
-        rules = _Rules("capture", _storages(inputs))
+        rules = _Rules("capture", _storages(inputs), _storages(_tensors(self.host())))
         with _checked(rules, self._first_launch):
             output = fn()
         for t, value in zip(inputs, saved):
@@ -221,19 +244,20 @@ class StandInGraphs:
         return Captured(fn, output, rules)
 
     def replay(self, captured: Captured):
-        """Re-run the captured call under the rules, on what the capture read or allocated only, check that
-        it repeats the capture, and write its result into the captured output."""
+        """Re-execute the captured ops with their captured arguments (the Python is not run), each op's result
+        written into the tensor the capture allocated for it; refuses while memory the capture read is no
+        graph input any more. Returns the captured output."""
         capture = captured.rules
-        rules = _Rules("replay", {**capture.allocations, **capture.reads})
-        with _checked(rules, self._first_launch):
-            output = captured.fn()
-        for what, part in (("allocates other memory than the capture (outside the graph's pool)", _allocations),
-                           ("runs other ops than the capture", _ops)):
-            for i, (was, now) in enumerate(itertools.zip_longest(part(capture.trace), part(rules.trace))):
-                if was != now:
-                    rules.refuse(f"{what}: #{i} was {was}, is {now}")
-        for dst, src in zip(_tensors(captured.output), _tensors(output)):
-            dst.copy_(src)
+        inputs = _storages(_tensors(self.inputs()))
+        for address, ref in capture.reads.items():
+            if not (_alive(inputs, address) and inputs[address].cdata == ref.cdata):
+                raise CaptureViolation("replay: reads memory that is no graph input any more (reallocated since the "
+                                       "capture: outside the graph's pool, a GPU replay reads the old address)")
+        for func, args, kwargs, out in capture.ops:
+            result = func(*args, **kwargs)
+            for was, now in zip(_tensors(out), _tensors(result)):
+                if _address(was) != _address(now):  # a new tensor: into the capture's; in place and views: there
+                    was.copy_(now)
         return captured.output
 
 

@@ -306,15 +306,16 @@ def test_the_stand_in_refuses_host_data_and_tensors_that_are_no_graph_input():
 
 
 def test_the_stand_in_refuses_memory_outside_the_graphs_pool():
-    x, state = torch.arange(6.0), {"buffer": torch.ones(6), "rows": 6}
+    x, state = torch.arange(6.0), {"buffer": torch.ones(6)}
     backend = StandInGraphs(lambda: [x, state["buffer"]])
     step = lambda: x + state["buffer"]  # noqa: E731
     captured = backend.capture(step)
-    state["buffer"] = torch.ones(6)  # reallocated after the capture: the graph still reads the old one
-    with pytest.raises(CaptureViolation, match="^replay: aten.add.Tensor reads a .* neither a graph input"):
+    assert torch.equal(backend.replay(captured), x + 1)
+    state["buffer"] = torch.full((6,), 5.0)  # reallocated after the capture: the graph still reads the old one
+    with pytest.raises(CaptureViolation, match="^replay: reads memory that is no graph input any more"):
         backend.replay(captured)
 
-    def scratch():  # allocated on first use: by the warm-up, then again by a replay after a drop
+    def scratch():  # allocated on first use: by the warm-up, then again after a drop
         if "scratch" not in state:
             state["scratch"] = torch.empty(6)
         return torch.mul(x, 2, out=state["scratch"])
@@ -324,22 +325,76 @@ def test_the_stand_in_refuses_memory_outside_the_graphs_pool():
     captured = backend.capture(scratch)
     assert torch.equal(backend.replay(captured), 2 * x)
     del state["scratch"]
-    with pytest.raises(CaptureViolation, match=r"^replay: allocates other memory than the capture \(outside"):
+    scratch()
+    with pytest.raises(CaptureViolation, match="^replay: reads memory that is no graph input any more"):
         backend.replay(captured)
 
-    rows = lambda: x[:state["rows"]] * 2  # noqa: E731
-    captured = StandInGraphs(lambda: [x]).capture(rows)
-    state["rows"] = 3  # host state: a real replay still computes 6 rows
-    with pytest.raises(CaptureViolation, match="^replay: allocates other memory"):
-        StandInGraphs(lambda: [x]).replay(captured)
+
+def test_the_stand_in_replays_the_captured_work_whatever_the_host_state():
+    """A GPU replays what was captured: the rows, branch, view and host numbers of the capture, not those the
+    Python would pick now (the old stand-in re-ran the Python and gave the host's answer)."""
+    x, table = torch.arange(6.0), torch.arange(12.0).view(4, 3)
+    host = {"rows": 6, "flag": True, "step": 1, "scale": 2.0}
+    cases = {  # step: (capture-time result, what re-running the Python now would give)
+        "rows": lambda: x[:host["rows"]] * 2,
+        "branch": lambda: x * 2 if host["flag"] else x + 2,
+        "view": lambda: table[host["step"]] * 1,
+        "float": lambda: x * host["scale"],
+    }
+    backend = StandInGraphs(lambda: [x, table])
+    captured = {name: backend.capture(step) for name, step in cases.items()}
+    host.update(rows=3, flag=False, step=2, scale=3.0)
+    assert torch.equal(backend.replay(captured["rows"]), 2 * x)
+    assert torch.equal(backend.replay(captured["branch"]), 2 * x)
+    assert torch.equal(backend.replay(captured["view"]), table[1])
+    assert torch.equal(backend.replay(captured["float"]), 2 * x)
+    x.add_(1)  # inputs are read at replay time
+    assert torch.equal(backend.replay(captured["float"]), 2 * x)
 
 
-def test_the_stand_in_refuses_a_replay_that_runs_other_ops():
-    x, flag = torch.arange(6.0), [True]
-    captured = StandInGraphs(lambda: [x]).capture(lambda: x * 2 if flag[0] else x + 2)
-    flag[0] = False
-    with pytest.raises(CaptureViolation, match="^replay: runs other ops than the capture: #0 was aten.mul"):
-        StandInGraphs(lambda: [x]).replay(captured)
+DEVICE_TO_HOST = {
+    "cpu": lambda x: x.cpu() + 1,
+    "to-cpu": lambda x: x.to("cpu") + 1,
+    "synchronize": lambda x: torch.cuda.synchronize() or x + 1,
+    "event-query": lambda x: torch.cuda.Event.query(None) or x + 1,
+    "stream-synchronize": lambda x: torch.cuda.Stream.synchronize(None) or x + 1,
+}
+
+
+@pytest.mark.parametrize("name", DEVICE_TO_HOST)
+def test_the_stand_in_refuses_device_to_host_copies_and_host_waits(name):
+    x = torch.arange(6.0)
+    with pytest.raises(CaptureViolation, match="^capture: host sync"):
+        StandInGraphs(lambda: [x]).capture(lambda: DEVICE_TO_HOST[name](x))
+
+
+def test_the_stand_in_refuses_a_read_of_host_memory():
+    """On a GPU a CPU input (a timestep passed as a CPU tensor, say) is host memory: reading it in a capture is a
+    host-to-device copy, and a CPU op on it runs at capture time only."""
+    x, on_host = torch.arange(6.0), torch.ones(6)
+    backend = StandInGraphs(lambda: [x, on_host], host=lambda: [on_host])
+    with pytest.raises(CaptureViolation, match=r"^capture: host-to-device copy \(aten.add.Tensor reads .* host memory"):
+        backend.capture(lambda: x + on_host.to(x.device))
+
+
+def test_a_host_chosen_modulation_row_fails_the_graph_tests(monkeypatch):
+    """Mutation: DiT's modulation table read as `table[step]` chosen on the host (instead of copied into its
+    step buffer) gives the eager engine's result when the Python re-runs, the capture's row on a GPU: the graph
+    test must fail."""
+    from harmonica import modulation
+
+    def host_view(self, step):
+        self.step_buffer = self.modulations[step]  # a view: its row is fixed at capture
+
+    monkeypatch.setattr(modulation.ModulationTable, "load", host_view)
+    model = make_model("tiny-dit")
+    schedule = CacheSchedule.fora(4, units_of(model), 2)
+    inputs = dit_inputs("cpu")
+    harmonica.enable(model, schedule)
+    eager = dit_generation(model, inputs, guidance=1.0, steps=4)
+    enable_with_stand_in(model, schedule)
+    graphed_outputs = dit_generation(model, inputs, guidance=1.0, steps=4)
+    assert not all(torch.equal(a, b) for a, b in zip(eager, graphed_outputs))
 
 
 def test_the_stand_in_refuses_a_kernel_variant_the_warm_up_did_not_run():
