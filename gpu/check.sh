@@ -16,6 +16,8 @@ GPU_KIT=${GPU_KIT:-.gpu-kit}
 GPU_CHECK_DIR=${GPU_CHECK_DIR:-bench/results/gpu-check-$(date -u +%F)-$(git rev-parse --short HEAD 2>/dev/null)}
 GRACE=5
 export PY GPU_KIT
+# nothing is fetched: random weights, no hub access (the lent machine has no network, where a lookup would hang)
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 SETUP_TIMEOUT=${SETUP_TIMEOUT:-40}
 AOT_TIMEOUT=${AOT_TIMEOUT:-30}
 GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-185}
