@@ -273,9 +273,12 @@ class GraphRunner:
         hidden = self._hidden(args, kwargs)
         return isinstance(hidden, torch.Tensor) and hidden.is_cuda
 
-    def _device(self, args, kwargs) -> torch.device:
-        """The device of the forward's hidden states, with its index (the graphs' device)."""
-        device = self._hidden(args, kwargs).device
+    def _device(self, args, kwargs) -> torch.device | None:
+        """The device of the forward's hidden states, with its index (the graphs' device); None without them."""
+        hidden = self._hidden(args, kwargs)
+        if not isinstance(hidden, torch.Tensor):
+            return None
+        device = hidden.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return device
