@@ -44,6 +44,13 @@ def assert_matches_reference(actual, lowp, ref32, name: str) -> None:
                              f"(max error {err.nan_to_num(float('inf')).max().item():.3g}); first at {where}")
 
 
+def rounding_bound(reference: torch.Tensor, terms: int) -> float:
+    """How far two evaluations of `reference` may differ when they differ only in rounding (other BLAS kernels,
+    reduction orders or fused operations): eps x terms x max |reference|, terms counting the roundings along
+    the way (the longest reduction, times the steps or units that carry its error on)."""
+    return torch.finfo(reference.dtype).eps * terms * reference.abs().max().item()
+
+
 def make_model(name):
     """A tiny DiT/PixArt transformer whose every parameter is random (diffusers zero-initialises some)."""
     model = build_transformer(name)

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 from _adapter_checks import assert_no_cache_is_plain
+from _helpers import rounding_bound
 from torch import nn
 
 import harmonica
@@ -205,7 +206,9 @@ def test_training_blends_each_stream_of_a_joint_unit(toy):
     soft = trajectory(toy)
     engine.remove()
     reference = trajectory(toy, unit_for_step=unit_for_step)
-    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(soft, reference, strict=True))
+    # the engine's fused ops may form the blend otherwise: a rounding per term of width D in each of the units
+    for a, b in zip(soft, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=rounding_bound(b, D * UNITS))
 
 
 def test_an_unsupported_block_class_is_named_with_the_supported_ones(toy):

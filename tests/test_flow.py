@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _helpers import rounding_bound
 from safetensors.torch import load_file, save_file
 
 import harmonica
@@ -24,7 +25,6 @@ from harmonica.solvers import FLOW_MATCH_SCHEDULERS
 
 TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image")
 STEPS = 4
-EPS32 = torch.finfo(torch.float32).eps
 
 
 def pipeline_latents(name, transformer, bank, noise, vae=None):
@@ -69,7 +69,7 @@ def test_loop_without_caching_is_the_pipelines(name):
     finally:
         harmonica.disable(transformer)
     # the pipeline steps x + (sigma_next - sigma) v, the table a x + b (x - sigma v): a few roundings of |x| per step
-    tolerance = 8 * STEPS * EPS32 * reference.abs().max().item()
+    tolerance = rounding_bound(reference, 8 * STEPS)
     for ours in (bare, enabled):
         assert ours.shape == reference.shape
         error = (ours - reference).abs().max().item()
@@ -99,7 +99,7 @@ def test_decode_is_the_pipelines(name):
     assert ours.shape == reference.shape
     error = (ours - reference).abs().max().item()
     # the loop's own bound (test_loop_without_caching_is_the_pipelines), x16 for the decoder's gain, halved by x / 2
-    tolerance = 8 * 8 * STEPS * EPS32 * latents.abs().max().item()
+    tolerance = rounding_bound(latents, 8 * 8 * STEPS)
     assert error <= tolerance, f"{error:.3g} > {tolerance:.3g}"
     task._vae_latents = lambda vae, latents: latents  # the latents as the VAE's own, unscaled: far
     with torch.no_grad():
@@ -131,7 +131,8 @@ def test_sample_with_fora(name, tmp_path, capsys):
 def test_train_writes_a_router_that_samples(name, tmp_path, capsys):
     out = tmp_path / "run"
     speedup = ["--target-speedup", "1.2"] if name == "tiny-flux" else []
-    printed = run_cli(["train", "--model", name, "--random-weights", "--steps", str(STEPS), "--iterations", "3",
+    printed = run_cli(["train", "--model", name, "--random-weights", "--objective", "iepo", "--steps", str(STEPS),
+                       "--iterations", "3",
                        "--batch", "2", "--lambda-batch", "1", "--out", str(out), *speedup], capsys)
     if speedup:  # the CUR target of 1.2x at the task's MACs (64x64, 8 text tokens)
         with torch.device("meta"):
@@ -244,7 +245,7 @@ def test_unknown_model_lists_the_flow_presets(capsys):
 
 def test_weights_from_a_pipeline_folder_and_prompt_file(tmp_path, capsys):
     """--weights loads the `transformer` folder of a pipeline directory; --prompt-embeddings replaces the random
-    prompt: the same weights and prompt as --random-weights give the same latents."""
+    prompt: the same weights and prompt as --random-weights give the same latents, up to rounding."""
     spec = FLOW_PRESETS["tiny-flux"]
     transformer = build_transformer("tiny-flux", seed=0)  # what --random-weights --seed 0 builds
     transformer.save_pretrained(tmp_path / "pipe" / "transformer")
@@ -256,16 +257,21 @@ def test_weights_from_a_pipeline_folder_and_prompt_file(tmp_path, capsys):
     assert f"model tiny-flux ({tmp_path / 'pipe'})" in printed
     run_cli(base + ["--random-weights", "--out", str(tmp_path / "random.safetensors")], capsys)
     hub, random = (load_file(str(tmp_path / f"{n}.safetensors"))["latents"] for n in ("hub", "random"))
-    assert torch.equal(hub, random)
+    # the weights read from the folder sit at other addresses (16- not 64-byte aligned), where MKL may take other
+    # kernels: a rounding per term of the longest reduction (the timestep embedding's 256 channels) per step
+    tolerance = rounding_bound(random, 256 * STEPS)
+    assert (hub - random).abs().max().item() <= tolerance
     run_cli(["sample", "--model", "tiny-flux", "--steps", str(STEPS), "--schedule", "fora:2", "--random-weights",
              "--out", str(tmp_path / "random-prompt.safetensors")], capsys)
-    assert not torch.equal(load_file(str(tmp_path / "random-prompt.safetensors"))["latents"], random)
+    other = load_file(str(tmp_path / "random-prompt.safetensors"))["latents"]
+    assert (other - random).abs().max().item() > 100 * tolerance  # another prompt is far: the check can fail
 
 
 def test_train_resumes_exactly(tmp_path, capsys):
     """A flow training stopped after 3 of 6 iterations and resumed writes the router of an uninterrupted run
     (the prompt bank, noise and lambda state come back from the checkpoint)."""
-    base = ["train", "--model", "tiny-qwen-image", "--random-weights", "--steps", str(STEPS), "--batch", "2",
+    base = ["train", "--model", "tiny-qwen-image", "--random-weights", "--objective", "iepo", "--steps", str(STEPS),
+            "--batch", "2",
             "--lambda-batch", "1", "--refresh", "2"]
     run_cli(base + ["--iterations", "6", "--out", str(tmp_path / "straight")], capsys)
     run_cli(base + ["--iterations", "3", "--out", str(tmp_path / "split")], capsys)
@@ -290,7 +296,8 @@ def test_train_under_torchrun_combines_the_ranks(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = ["train", "--model", "tiny-wan", "--random-weights", "--steps", str(STEPS), "--batch", "2",
+    argv = ["train", "--model", "tiny-wan", "--random-weights", "--objective", "iepo", "--steps", str(STEPS),
+            "--batch", "2",
             "--lambda-batch", "1", "--refresh", "2", "--iterations", "4"]
     mp.spawn(_torchrun_rank, args=(2, port, argv + ["--out", str(tmp_path / "ddp")]), nprocs=2)
     ranks = [torch.load(tmp_path / "ddp" / f"checkpoint-rank{r}.pt", weights_only=True)["logits"] for r in (0, 1)]
