@@ -23,6 +23,7 @@ Writes bench/results/<date>-cpu-<commit>-digits.json, the Pareto PNG beside it a
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -242,6 +243,19 @@ class Evaluator:
 _EVALUATOR = None
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Every sample of the protocol is computed on one thread, in the workers and in this process: the
+    uncached samples are compared bitwise across processes, and another thread count may sum in
+    another order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _init_worker(config: dict) -> None:
     global _EVALUATOR
     torch.set_num_threads(1)
@@ -310,10 +324,11 @@ def run_jobs(config: ProtocolConfig, todo: list, progress=_print) -> list:
 
     results = []
     if config.workers == 0:
-        _init_worker(asdict(config))
-        for i, job in enumerate(todo):
-            results.append(run_job(job))
-            report(i, results[-1])
+        with one_thread():
+            _init_worker(asdict(config))
+            for i, job in enumerate(todo):
+                results.append(run_job(job))
+                report(i, results[-1])
         return results
     context = multiprocessing.get_context("spawn")
     with context.Pool(config.workers, initializer=_init_worker, initargs=(asdict(config),)) as pool:
@@ -388,8 +403,9 @@ def outcome(comparisons: list) -> list:
 
 def run(config: ProtocolConfig, command: str, progress=_print) -> dict:
     start = time.perf_counter()
-    reference = fresh_reference(config)
-    second = fresh_reference(config)
+    with one_thread():
+        reference = fresh_reference(config)
+        second = fresh_reference(config)
     if not torch.equal(reference, second):
         raise RuntimeError("digits protocol: two fresh loads of digits-dit gave different uncached samples")
     unit_names = [name for name, _ in cached_units(load_digits_dit())]

@@ -58,7 +58,10 @@ TINY = dict(seeds=2, workers=0, steps=4, iterations=4, batch=2, refresh=4, lambd
 
 @pytest.fixture(scope="module")
 def tiny_results():
-    return protocol.run(protocol.ProtocolConfig(**TINY), "test")
+    threads = torch.get_num_threads()
+    results = protocol.run(protocol.ProtocolConfig(**TINY), "test")
+    assert torch.get_num_threads() == threads  # the in-process workers' single thread ends with them
+    return results
 
 
 def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
@@ -99,6 +102,20 @@ def test_the_section_replaces_its_markers_only(tiny_results):
     markdown = f"# B\n\n{protocol.BEGIN}\nold\n{protocol.END}\n\n## after\n"
     updated = update_benchmarks(markdown, section)
     assert updated == f"# B\n\n{section}\n\n## after\n"
+
+
+def test_the_references_are_sampled_on_the_workers_single_thread(monkeypatch):
+    # the workers sample on one thread and their references are compared bitwise with this one's
+    threads = []
+
+    def reference(config):
+        threads.append(torch.get_num_threads())
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(protocol, "fresh_reference", reference)
+    with pytest.raises(RuntimeError, match="stop here"):
+        protocol.run(protocol.ProtocolConfig(**TINY), "test")
+    assert threads == [1]
 
 
 def test_references_must_agree_across_fresh_loads(monkeypatch):
