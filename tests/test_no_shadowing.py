@@ -49,7 +49,8 @@ def test_an_installed_kernels_package_wins_over_the_clone_root(installed_kernels
 
 def test_harmonica_kernels_imported_first_leaves_the_installed_package_alone(installed_kernels):
     out = run_from_root("import sys, harmonica.kernels, kernels; print(kernels.CUDAProperties, "
-                        "harmonica.kernels.__name__, 'kernels.solver_step' in sys.modules)", pythonpath=installed_kernels)
+                        "harmonica.kernels.__name__, 'kernels.solver_step' in sys.modules)",
+                        pythonpath=installed_kernels)
     assert out == "installed harmonica.kernels False"
 
 
