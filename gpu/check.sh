@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The first GPU hour (make gpu-check), as two parts that each fit one command of the device tool:
-#   bash gpu/check.sh 1       set-up, compile checks, GPU tests, kernel micro-benchmark
+#   bash gpu/check.sh 1       set-up, compile checks, GPU tests (the flow families' apart), kernel micro-benchmark
 #   bash gpu/check.sh 2       set-up (skipped when already done), the short sampling suite
 #   bash gpu/check.sh setup   the set-up alone;   bash gpu/check.sh plan   the budget, runs nothing
 # Set-up, offline, on the image's own interpreter ($PY, default python3: on the lent image a venv holding
@@ -18,9 +18,10 @@ GRACE=5
 export PY GPU_KIT
 # nothing is fetched: random weights, no hub access (the lent machine has no network, where a lookup would hang)
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
-SETUP_TIMEOUT=${SETUP_TIMEOUT:-40}
-AOT_TIMEOUT=${AOT_TIMEOUT:-30}
-GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-185}
+SETUP_TIMEOUT=${SETUP_TIMEOUT:-35}
+AOT_TIMEOUT=${AOT_TIMEOUT:-25}
+GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-110}
+FLOW_TESTS_TIMEOUT=${FLOW_TESTS_TIMEOUT:-85}
 KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-65}
 SUITE_TIMEOUT=${SUITE_TIMEOUT:-260}
 # device tool limits (its README): 600 s a command; this plan: each part <= 540 s, both <= 660 s (11 min)
@@ -63,7 +64,10 @@ stages() {
     case $1 in
         1) echo "setup-1 $SETUP_TIMEOUT bash gpu/check.sh setup"
            echo "aot-compile $AOT_TIMEOUT $PY -m pytest tests/test_aot_compile.py -q -p no:cacheprovider"
-           echo "gpu-tests $GPU_TESTS_TIMEOUT $PY -m pytest -m gpu -v -p no:cacheprovider --durations=20"
+           echo "gpu-tests $GPU_TESTS_TIMEOUT $PY -m pytest -m gpu -v -p no:cacheprovider --durations=20" \
+                "--ignore=tests/test_flow_graphs.py"
+           echo "gpu-flow-tests $FLOW_TESTS_TIMEOUT $PY -m pytest -m gpu -v -p no:cacheprovider --durations=10" \
+                "tests/test_flow_graphs.py"
            echo "kernels $KERNELS_TIMEOUT $PY -m harmonica.bench --part kernels --out $GPU_CHECK_DIR/kernels.json" ;;
         2) echo "setup-2 $SETUP_TIMEOUT bash gpu/check.sh setup"
            echo "suite $SUITE_TIMEOUT $PY -m harmonica.bench --part suite" $SUITE \
@@ -105,7 +109,8 @@ plan() {
         done < <(stages "$part")
     done
     echo
-    echo "result files: part 1: setup-1.log aot-compile.log gpu-tests.log kernels.log kernels.json stages-1.txt (6);"
+    echo "result files: part 1: setup-1.log aot-compile.log gpu-tests.log gpu-flow-tests.log kernels.log kernels.json"
+    echo "  stages-1.txt (7);"
     echo "  part 2: setup-2.log suite.log suite.json suite.png stages-2.txt (5); each part <= 8 (the device tool's limit)"
     echo "both parts: worst case $((one + two)) s (limit $TOTAL_LIMIT s)"
     [ "$one" -le $PART_LIMIT ] && [ "$two" -le $PART_LIMIT ] && [ $((one + two)) -le $TOTAL_LIMIT ] \

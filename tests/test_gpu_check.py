@@ -47,20 +47,21 @@ def test_every_stage_runs_and_failures_are_collected(tmp_path):
     done = run_make(tmp_path, FAILING, "KERNELS_TIMEOUT=1")
     out = tmp_path / "out"
     assert stages(out, 1) == [["setup-1", "exit=0"], ["aot-compile", "exit=4"], ["gpu-tests", "exit=0"],
-                              ["kernels", "exit=124"]]
+                              ["gpu-flow-tests", "exit=0"], ["kernels", "exit=124"]]
     assert stages(out, 2) == [["setup-2", "exit=0"], ["suite", "exit=0"]]
     assert done.returncode != 0
     assert "FAILED: aot-compile exit=4" in done.stdout and "FAILED: kernels exit=124" in done.stdout
     assert "gpu-check part 2: every stage passed" in done.stdout
     calls = [c for c in (tmp_path / "calls.txt").read_text().splitlines() if c.startswith("-m ")]
-    assert calls[:2] == ["-m pytest tests/test_aot_compile.py -q -p no:cacheprovider",
-                         "-m pytest -m gpu -v -p no:cacheprovider --durations=20"]
-    assert calls[2] == f"-m harmonica.bench --part kernels --out {out}/kernels.json"
-    assert calls[3].startswith("-m harmonica.bench --part suite --models dit-xl-2-256 pixart-alpha-1024 --steps 20 "
+    assert calls[:3] == ["-m pytest tests/test_aot_compile.py -q -p no:cacheprovider",
+                         "-m pytest -m gpu -v -p no:cacheprovider --durations=20 --ignore=tests/test_flow_graphs.py",
+                         "-m pytest -m gpu -v -p no:cacheprovider --durations=10 tests/test_flow_graphs.py"]
+    assert calls[3] == f"-m harmonica.bench --part kernels --out {out}/kernels.json"
+    assert calls[4].startswith("-m harmonica.bench --part suite --models dit-xl-2-256 pixart-alpha-1024 --steps 20 "
                                "--configs no-cache fora:2 harmonica --modes eager fused graphs graphs-step compile")
-    assert calls[3].endswith(f"--out {out}/suite.json")
-    assert sorted(p.name for p in out.glob("*.log")) == ["aot-compile.log", "gpu-tests.log", "kernels.log",
-                                                         "setup-1.log", "setup-2.log", "suite.log"]
+    assert calls[4].endswith(f"--out {out}/suite.json")
+    assert sorted(p.name for p in out.glob("*.log")) == ["aot-compile.log", "gpu-flow-tests.log", "gpu-tests.log",
+                                                         "kernels.log", "setup-1.log", "setup-2.log", "suite.log"]
 
 
 def test_each_part_passes_and_returns_at_most_8_files(tmp_path):

@@ -18,7 +18,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 REPO = Path(__file__).resolve().parent.parent
 KIT = REPO / ".gpu-kit"
-PROJECT_FILES = ["setup.py", "harmonica", "kernels", "bench", "profiling", "gpu"]
+PROJECT_FILES = ["setup.py", "pytest.ini", "harmonica", "kernels", "bench", "profiling", "gpu", "tests"]
 
 
 def image_names() -> set[str]:
@@ -88,9 +88,10 @@ def test_setup_installs_offline_on_the_simulated_image(kit, image, tmp_path):
     before = run([python, "-c", "import torch, triton, pytest\nimport diffusers"], tmp_path, env)
     assert "No module named 'diffusers'" in before.stderr  # the image as described: torch, no diffusers
     for name in PROJECT_FILES:  # a copy: the set-up writes its egg-info beside setup.py
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, tmp_path / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if
-                                               (REPO / name).is_dir() else {}))
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, tmp_path / name)
     done = run(["bash", "gpu/check.sh", "setup"], tmp_path, {**env, "PY": str(python), "GPU_KIT": str(KIT)})
     assert done.returncode == 0, done.stdout + done.stderr
     diffusers = next(parse_wheel_filename(w.name)[1] for w in kit if w.name.startswith("diffusers-"))
@@ -103,3 +104,7 @@ def test_setup_installs_offline_on_the_simulated_image(kit, image, tmp_path):
     assert diffusers_file.startswith(f"{python.parent.parent}/")  # the kit, in the image's venv
     again = run(["bash", "gpu/check.sh", "setup"], tmp_path, {**env, "PY": str(python), "GPU_KIT": str(KIT)})
     assert again.returncode == 0 and "set-up: already done" in again.stdout
+    # the gpu-tests stage collects on the image (a module importing what the image lacks stops the whole run)
+    collected = run([python, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider"],
+                    tmp_path, env)
+    assert collected.returncode == 0 and re.search(r"\d+/\d+ tests collected", collected.stdout), collected.stdout
