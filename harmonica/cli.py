@@ -435,6 +435,7 @@ def train(args) -> int:
         check_run_dir,
         load_prompt_embeddings,
         stop_signals,
+        task_macs,
     )
 
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any model is loaded
@@ -451,10 +452,15 @@ def train(args) -> int:
                          f"FlowMatchEulerDiscreteScheduler), got {args.sampler!r}")
     if args.target_speedup is not None and not args.target_speedup > 1:
         raise ValueError(f"--target-speedup: expected a theoretical speedup > 1, got {args.target_speedup}")
+    if args.objective == SEARCH and args.resume:
+        raise ValueError("--resume: expected none with --objective search (it keeps no checkpoint; it takes minutes: "
+                         "run it again with --overwrite)")
     guidance = args.guidance if args.guidance is not None else (spec.guidance if spec.is_flow else TrainConfig.guidance)
-    config = TrainConfig(num_steps=args.steps, iterations=args.iterations, batch=args.batch, lr=args.lr,
+    config = TrainConfig(num_steps=args.steps, iterations=args.iterations,
+                         batch=args.batch or TrainConfig.batch, lr=args.lr,
                          beta=args.beta, tau=args.tau, refresh=args.refresh, guidance=guidance,
-                         objective=args.objective, lambda_batch=args.lambda_batch, seed=args.seed,
+                         objective=IEPO_NAMES.get(args.objective, args.objective) if args.objective != SEARCH else
+                         TrainConfig.objective, lambda_batch=args.lambda_batch, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
                          target_cur=args.target_cur, optimizer=args.optimizer, loss=args.loss)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -485,30 +491,102 @@ def train(args) -> int:
                           config.guidance)
     else:
         task = DiTTask(transformer, config.num_steps, config.guidance)
-    trainer = RouterTrainer(task, config, args.out)
+    macs = task_macs(task)
     if args.target_speedup is not None:  # the checkpoint records the CUR target it became
-        config.target_cur = cur_for_speedup(trainer.macs, args.target_speedup, config.num_steps)
+        config.target_cur = cur_for_speedup(macs, args.target_speedup, config.num_steps)
         print(f"target speedup {args.target_speedup}x: target CUR {config.target_cur:.1%} (at the average unit's MACs)")
-    router = trainer.run(resume=args.resume, overwrite=args.overwrite)
-    if trainer.rank == 0:
+    clip = DIGITS_RANGE if args.model == DIGITS else None
+    if args.objective == SEARCH:
+        router, rank, stop = _search(args, task, config, macs, clip)
+        partial = not router.info.complete
+        done = "searched"
+    else:
+        trainer = RouterTrainer(task, config, args.out)
+        router = trainer.run(resume=args.resume, overwrite=args.overwrite)
+        rank, stop = trainer.rank, trainer
+        partial = trainer.iteration < config.iterations
+        done = f"after {trainer.iteration} iterations"
+    if rank == 0:
         schedule = router.schedule(config.tau)
-        print(f"router after {trainer.iteration} iterations: {args.out}/router (sampler {trainer.task.sampler}, "
-              f"{config.num_steps} steps, tau {config.tau}), CUR {schedule.cur:.1%}, theoretical speedup "
-              f"{schedule.theoretical_speedup(trainer.macs):.2f}x")
-        if not router.info.complete:
+        print(f"router {done}: {args.out}/router (sampler {task.sampler}, {config.num_steps} steps, tau "
+              f"{config.tau}), CUR {schedule.cur:.1%}, theoretical speedup {schedule.theoretical_speedup(macs):.2f}x")
+        if partial and args.objective == SEARCH:
+            print("interrupted: the router is partial (the best schedule found so far); run the search again")
+        elif partial:
             print(f"interrupted: the router is partial ({trainer.iteration} of {config.iterations} iterations); "
                   f"the same command with --resume continues it")
-        elif args.model == DIGITS:
-            with stop_signals(trainer.request_stop):
-                report = digits_report(transformer, schedule, config.num_steps,
-                                       stopped=lambda: trainer.stop_signal is not None)
-            print(report or "interrupted: the quality report was skipped (the router is complete)")
+        else:
+            with stop_signals(stop.request_stop):
+                if args.model == DIGITS:
+                    report = digits_report(transformer, schedule, config.num_steps,
+                                           stopped=lambda: stop.stop_signal is not None)
+                    print(report or "interrupted: the quality report was skipped (the router is complete)")
+                if args.eval_batch and stop.stop_signal is None:
+                    print(closing_table(task, schedule.table, macs, args.eval_batch, config.seed, clip))
     if dist.is_initialized():
         dist.destroy_process_group()
     # stopped by a signal (on another rank, when not on this one)
-    if trainer.stop_signal is not None or trainer.iteration < config.iterations:
-        return 128 + int(trainer.stop_signal or signal.SIGTERM)
+    if stop.stop_signal is not None or partial:
+        return 128 + int(stop.stop_signal or signal.SIGTERM)
     return 0
+
+
+SEARCH = "search"  # the default objective (harmonica.search)
+IEPO_NAMES = {"iepo": "cumulative"}  # the paper's objective, as the official code computes lambda
+DIGITS_RANGE = (-1.0, 1.0)  # digits-dit samples pixels: its images are clipped to this range
+
+
+class _StopFlag:
+    """A SIGINT/SIGTERM handler that records the signal (`stop_signal`), as RouterTrainer.request_stop."""
+
+    def __init__(self):
+        self.stop_signal = None
+
+    def request_stop(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+
+def _search(args, task, config, macs, clip) -> tuple:
+    """--objective search: (router, rank, stop flag); the router saved under --out."""
+    from .search import SearchConfig, search_router
+    from .training import _any_rank, _rank_world, check_run_dir, stop_signals
+
+    found = check_run_dir(args.out, resume=False, overwrite=args.overwrite)
+    rank, _ = _rank_world()
+    if found and rank == 0:
+        import shutil
+
+        for name in found:
+            path = Path(args.out) / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    target = SearchConfig.target_cur if config.target_cur is None else config.target_cur
+    search = SearchConfig(num_steps=config.num_steps, target_cur=target, target_speedup=args.target_speedup,
+                          batch=args.batch or SearchConfig.batch, seed=config.seed, rounds=args.rounds,
+                          candidates=args.candidates, tau=config.tau, clip=clip)
+    stop = _StopFlag()
+    started = time.perf_counter()
+    with stop_signals(stop.request_stop):
+        device = next(task.transformer.parameters()).device
+        router, result = search_router(task, search, args.out, macs=macs, log=print if rank == 0 else None,
+                                       stopped=lambda: _any_rank([stop.stop_signal is not None], device)[0])
+    if rank == 0:
+        print(f"search: calibration error {result.start_loss:.4g} (equal-cost start) -> {result.loss:.4g}, "
+              f"{result.rollouts} schedules measured in {time.perf_counter() - started:.0f} s")
+    return router, rank, stop
+
+
+def closing_table(task, table, macs, count: int, seed: int, clip) -> str:
+    """The learned `table` against the static schedules of about its cost, on `count` held-out noises."""
+    from .search import calibration_batch, compare, table_text
+    from .training import engine_attached
+
+    noise, cond = calibration_batch(task, count, seed, rank=HELD_OUT_RANK)
+    with engine_attached(task.transformer) as engine:
+        rows = compare(task, engine, table, macs, noise, cond, clip=clip)
+    return table_text(rows, count)
+
+
+HELD_OUT_RANK = 1_000_003  # the held-out batch's generator: no training rank draws from it
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -556,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="start afresh in an --out that holds a run (its checkpoints, router and log removed)")
     t.add_argument("--steps", type=int, default=defaults.num_steps, help="denoising steps T")
     t.add_argument("--iterations", type=int, default=defaults.iterations)
-    t.add_argument("--batch", type=int, default=defaults.batch, help="noises per rank (CFG doubles it)")
+    t.add_argument("--batch", type=int, help=f"noises per rank (CFG doubles it; default {defaults.batch}, search: "
+                   "64 calibration noises)")
     t.add_argument("--lr", type=float, default=defaults.lr)
     t.add_argument("--beta", type=float, default=defaults.beta, help="weight of the router L1 term")
     t.add_argument("--tau", type=float, default=defaults.tau)
@@ -566,7 +645,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embeds", help="PixArt and flow models: safetensors file of prompt embeddings (harmonica embed "
                    "writes one)")
     t.add_argument("--sampler", help="PixArt: dpm-solver++ (default), sa-solver or iddpm")
-    t.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective)
+    t.add_argument("--objective", choices=(SEARCH, *IEPO_NAMES, *OBJECTIVES), default=SEARCH,
+                   help="search (default): a static schedule of the target CUR searched for the final-image error on "
+                   "calibration noises; iepo: the paper's SDT + IEPO (= cumulative, its official lambda); "
+                   "leave-one-out: IEPO's paper formula; l2c: lambda = 1")
+    t.add_argument("--rounds", type=int, default=8, help="search: at most this many rounds of sensitivities and swaps")
+    t.add_argument("--candidates", type=int, default=24, help="search: swaps measured per round")
+    t.add_argument("--eval-batch", type=int, default=64,
+                   help="held-out noises of the closing comparison with the static schedules (0: none)")
     t.add_argument("--lambda-batch", type=int, default=defaults.lambda_batch)
     t.add_argument("--seed", type=int, default=defaults.seed)
     t.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="iterations")

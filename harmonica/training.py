@@ -99,6 +99,17 @@ def guidance_combined(out: torch.Tensor, channels: int, scale: float, *, cond_fi
     return torch.cat([torch.cat([eps, eps]), out[:, channels:]], dim=1)
 
 
+def task_macs(task):
+    """The `MacCount` of one forward of the task's transformer (square DiT/PixArt latents; flow tasks count
+    their own size)."""
+    from .bench.macs import VAE_FACTOR, count_macs
+
+    if hasattr(task, "macs"):
+        return task.macs()
+    size = task.latent_shape[-1] * VAE_FACTOR
+    return count_macs(task.transformer, size, size)
+
+
 class DiTTask:
     """Class-conditional DiT sampled by the original DiT DDIM (guidance on 3 eps channels)."""
 
@@ -115,6 +126,10 @@ class DiTTask:
 
     def conditions(self, batch: int, generator: torch.Generator) -> dict:
         return {"class_labels": torch.randint(0, self.num_classes, (batch,), generator=generator)}
+
+    def with_steps(self, num_steps: int) -> "DiTTask":
+        """The same task sampled with another step count."""
+        return DiTTask(self.transformer, num_steps, self.guidance)
 
     def begin(self):
         return None  # DDIM keeps no state between steps
@@ -320,10 +335,7 @@ class RouterTrainer:
         self.trajectory = None
         self.stop_signal = None  # the SIGINT/SIGTERM that stopped the latest run()
         self.progress = False  # progress bars (rank 0 of a run() with progress)
-        from .bench.macs import VAE_FACTOR, count_macs
-
-        size = task.latent_shape[-1] * VAE_FACTOR  # square DiT/PixArt latents; flow tasks count their own size
-        self.macs = task.macs() if hasattr(task, "macs") else count_macs(self.transformer, size, size)
+        self.macs = task_macs(task)
 
     # ---- the patched transformer ----
 

@@ -43,8 +43,9 @@ def test_the_committed_model_draws_the_requested_digits():
 
 
 def test_train_on_digits_prints_cur_and_quality(tmp_path, capsys):
-    args = ["train", "--model", "digits-dit", "--steps", "4", "--iterations", "6", "--batch", "4",
-            "--lambda-batch", "4", "--refresh", "3", "--lr", "0.3", "--beta", "1e-3", "--out", str(tmp_path)]
+    args = ["train", "--model", "digits-dit", "--objective", "iepo", "--steps", "4", "--iterations", "6",
+            "--batch", "4", "--lambda-batch", "4", "--refresh", "3", "--lr", "0.3", "--beta", "1e-3",
+            "--out", str(tmp_path)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "router after 6 iterations" in printed and "CUR" in printed

@@ -79,8 +79,8 @@ def test_checkpoints_by_time_as_well_as_by_count(tmp_path):
 
 
 def train_args(out, *extra):
-    return ["train", "--model", "tiny-dit", "--random-weights", "--steps", "3", "--iterations", "2", "--batch", "1",
-            "--lambda-batch", "1", "--refresh", "2", "--out", str(out), *extra]
+    return ["train", "--model", "tiny-dit", "--random-weights", "--objective", "iepo", "--steps", "3", "--iterations",
+            "2", "--batch", "1", "--lambda-batch", "1", "--refresh", "2", "--out", str(out), *extra]
 
 
 def test_an_existing_run_needs_resume_or_overwrite(tmp_path, capsys):

@@ -169,7 +169,8 @@ def test_pixart_router_trains_on_embeddings_and_runs_in_the_pipeline(tmp_path):
     save_file({"prompt_embeds": torch.randn(3, 8, 32, generator=gen), "prompt_attention_mask": torch.ones(3, 8),
                "negative_embeds": torch.randn(1, 8, 32, generator=gen), "negative_attention_mask": torch.ones(1, 8)},
               str(tmp_path / "embeds.safetensors"))
-    args = ["train", "--model", "tiny-pixart", "--random-weights", "--embeds", str(tmp_path / "embeds.safetensors"),
+    args = ["train", "--model", "tiny-pixart", "--random-weights", "--objective", "iepo",
+            "--embeds", str(tmp_path / "embeds.safetensors"),
             "--steps", "5", "--iterations", "6", "--batch", "2", "--lambda-batch", "2", "--refresh", "4",
             "--guidance", "4.5", "--beta", "1e-3", "--out", str(tmp_path / "run")]
     assert main(args) == 0

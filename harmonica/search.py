@@ -1,0 +1,354 @@
+"""Schedule search: the default router objective, the final-image error of the deployed hard schedule.
+
+IEPO trains soft gates on a per-step proxy whose weights rank schedules unlike the final image
+(method.md 5b). This objective measures what users deploy instead: a static compute table S (T, K) is
+scored by `mse(x_0(S), x_0(no cache))`, the final samples of a fixed calibration batch sampled with S
+(the engine's inference mode, units really skipped) against the same noises sampled uncached. The cost is
+a hard constraint, never a penalty: every table holds exactly `budget` computed (step, unit) cells, row 0
+included (CUR = 1 - budget / (T K)), so there is no beta to tune and nothing to wind up.
+
+The search starts from the best equal-cost static schedule (`spread`: FORA's evenly spaced full rows at
+the budget) and improves it by swaps, one computed cell against one reused cell, so the cost never
+moves. Each round measures the sensitivity of every free cell (the loss change of flipping it alone, one
+rollout each), ranks the swaps by the sum of their two flips' sensitivities, and measures the best-ranked
+swaps in turn, keeping each one that lowers the measured loss (cells already moved this round are left
+for the next one). It stops after a round without improvement, after `rounds` rounds or at `max_rollouts`.
+The calibration loss therefore never rises above the starting schedule's. The result is written as a
+`Router` whose logits are +-LOGIT_BOUND, so its schedule at any tau in (0.007, 0.993) is the table.
+"""
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .router import LOGIT_BOUND, Router, RouterInfo
+from .schedule import CacheSchedule
+
+
+def budget_for_cur(cur: float, num_steps: int, num_units: int) -> int:
+    """Computed cells of a (T, K) table at `cur` (nearest count; row 0 computes: at least K, at most T K)."""
+    if not 0 <= cur < 1:
+        raise ValueError(f"cur: expected a value in [0, 1), got {cur}")
+    cells = num_steps * num_units
+    return min(cells, max(num_units, round((1 - cur) * cells)))
+
+
+def spread(num_steps: int, num_units: int, budget: int) -> torch.Tensor:
+    """(T, K) bool: `budget // K` full rows evenly spaced from row 0 (FORA:n where T / rows is n), the
+    `budget % K` cells left over at the front of the first row after the last full row that is free."""
+    rows = budget // num_units
+    if not 1 <= rows <= num_steps:
+        raise ValueError(f"budget: expected {num_units} to {num_steps * num_units} cells, got {budget}")
+    table = torch.zeros(num_steps, num_units, dtype=torch.bool)
+    full = sorted({(j * num_steps) // rows for j in range(rows)})
+    table[full] = True
+    extra = budget - rows * num_units
+    if extra:
+        free = next(t for t in range(num_steps) if t not in full)
+        table[free, :extra] = True
+    return table
+
+
+@dataclass
+class SearchResult:
+    table: torch.Tensor  # (T, K) bool, the best schedule found
+    loss: float  # its calibration loss
+    start_loss: float  # the starting schedule's
+    rollouts: int  # schedules measured
+    history: list  # calibration loss after each round
+
+
+def search_schedule(loss, start: torch.Tensor, *, unit_cost=None, cost_budget: float | None = None,
+                    rounds: int = 8, candidates: int = 24, max_rollouts: int | None = None, log=None,
+                    on_accept=None, stopped=None) -> SearchResult:
+    """Minimise `loss(table) -> float` over (T, K) bool tables with as many computed cells as `start`,
+    row 0 always computing, by sensitivity-ranked swaps (module docstring). `unit_cost` (K,): each unit's
+    cost (MACs); a swap is then only taken when the table's cost stays at most `cost_budget` (default:
+    `start`'s), so the result costs at most that in MACs as well as `start` in cells. `candidates`: swaps measured
+    per round; `max_rollouts`: stop once this many tables were measured; `log(str)`: progress lines;
+    `on_accept(table)`: called with the start and each accepted table (`Rollouts.set_base`);
+    `stopped()`: true ends the search before the next measurement (the best table so far is returned)."""
+    table = start.clone()
+    if not bool(table[0].all()):
+        raise ValueError("start: expected row 0 to compute every unit")
+    if on_accept is not None:
+        on_accept(table)
+    best = loss(table)
+    start_loss, rollouts, history = best, 1, []
+    free = [(t, k) for t in range(1, table.shape[0]) for k in range(table.shape[1])]
+    cost = torch.ones(table.shape[1], dtype=torch.float64) if unit_cost is None else \
+        torch.as_tensor(unit_cost, dtype=torch.float64)
+    budget = (table.double() @ cost).sum().item() if cost_budget is None else cost_budget
+    budget *= 1 + 1e-9
+
+    def affordable(a, r):
+        return (table.double() @ cost).sum().item() + cost[a[1]].item() - cost[r[1]].item() <= budget
+
+    def spent():
+        return (max_rollouts is not None and rollouts >= max_rollouts) or (stopped is not None and stopped())
+
+    for round_ in range(rounds):
+        if spent():
+            break
+        delta = {}
+        for cell in free:
+            if spent():
+                break
+            flipped = table.clone()
+            flipped[cell] = ~flipped[cell]
+            delta[cell] = loss(flipped) - best
+            rollouts += 1
+        adds = sorted((c for c in delta if not table[c]), key=delta.get)
+        removes = sorted((c for c in delta if table[c]), key=delta.get)
+        pairs = sorted(((a, r) for a in adds[:candidates] for r in removes[:candidates]),
+                       key=lambda p: delta[p[0]] + delta[p[1]])
+        moved, tried, improved = set(), 0, False
+        for a, r in pairs:
+            if tried >= candidates or spent():
+                break
+            if a in moved or r in moved or not affordable(a, r):
+                continue
+            trial = table.clone()
+            trial[a], trial[r] = True, False
+            value = loss(trial)
+            rollouts += 1
+            tried += 1
+            if value < best:
+                table, best, improved = trial, value, True
+                moved.update((a, r))
+                if on_accept is not None:
+                    on_accept(table)
+        history.append(best)
+        if log is not None:
+            log(f"round {round_ + 1}: calibration loss {best:.4g} ({rollouts} schedules measured)")
+        if not improved:
+            break
+    return SearchResult(table, best, start_loss, rollouts, history)
+
+
+def router_from_table(table: torch.Tensor, info) -> Router:
+    """A `Router` whose schedule at its tau is `table` (logits +-LOGIT_BOUND)."""
+    router = Router(table.shape[0], table.shape[1], info=info)
+    with torch.no_grad():
+        router.logits.copy_(torch.where(table, LOGIT_BOUND, -LOGIT_BOUND))
+    return router
+
+
+class Rollouts:
+    """Final samples of a fixed batch under static schedules, on a transformer attached to `engine`
+    (a training `CacheEngine`, which runs them in its inference mode: reused units are skipped).
+
+    task: a training task (`begin`, `model_kwargs`, `update`; DiTTask, PixArtTask, the flow tasks).
+    noise (B, *latent) and cond: the batch. clip: (low, high) the samples are clipped to before they
+    are compared (a pixel-space model's image range), or None (latents).
+    The states before every step of a base schedule are kept, so a table that first differs from it at
+    row d samples steps d .. T-1 only (`loss`). Slots of the base run are written at every computed unit,
+    so any row d can start from them."""
+
+    def __init__(self, task, engine, noise, cond, num_steps: int, *, clip=None, average=None):
+        self.task, self.engine, self.cond, self.num_steps, self.clip = task, engine, cond, num_steps, clip
+        self.average = average or (lambda value: value)  # across ranks (DDP)
+        self.device = next(task.transformer.parameters()).device
+        self.noise = noise.to(self.device, task.transformer.dtype)
+        self.reference = self._clipped(self.sample(None))
+        self.base, self.states = None, None
+
+    def _clipped(self, x):
+        x = x.float()
+        return x if self.clip is None else x.clamp(*self.clip)
+
+    @torch.no_grad()
+    def sample(self, table, *, start: int = 0, keep: bool = False) -> torch.Tensor:
+        """The final x of the batch under `table` (None: caching off), from the kept state before step
+        `start`; keep: record the state before every step (slots written at every computed unit)."""
+        engine, T = self.engine, self.num_steps
+        if table is None:
+            engine.mode = "off"
+        else:
+            schedule = CacheSchedule(table.clone(), "search")
+            if keep:  # every computed unit refreshes its slot, whatever the next row reuses
+                schedule.step_keys = [(row, row) for row, _ in schedule.step_keys]
+            engine.set_schedule(schedule)
+        if start:
+            x, slots, state = self.states[start]
+            engine.slots = [None if s is None else s.clone() for s in slots]
+            x, state = x.clone(), copy.deepcopy(state)
+        else:
+            x, state = self.noise, self.task.begin()
+        states = [None] * T
+        engine.begin()
+        for i in range(start, T):
+            if keep:
+                states[i] = (x.clone(), [None if s is None else s.clone() for s in engine.slots], copy.deepcopy(state))
+            engine.step = i
+            out = self.task.transformer(**self.task.model_kwargs(x, self.cond, i)).sample
+            x = self.task.update(state, x, out, self.cond, i)
+        if keep:
+            self.states = states
+        return x
+
+    def error(self, table) -> float:
+        """Mean squared error of the batch's final samples under `table` against the uncached ones
+        (averaged over ranks), sampled from the start."""
+        return self.average(torch.mean((self._clipped(self.sample(table)) - self.reference) ** 2).item())
+
+    def set_base(self, table) -> None:
+        self.sample(table, keep=True)
+        self.base = table.clone()
+
+    def loss(self, table) -> float:
+        """`error(table)`, sampling only the steps from the first row where `table` differs from the base."""
+        if self.base is None:
+            self.set_base(table)
+        differs = (table != self.base).any(1).nonzero()
+        start = int(differs[0]) if len(differs) else self.num_steps - 1
+        x = self.sample(table, start=start)
+        return self.average(torch.mean((self._clipped(x) - self.reference) ** 2).item())
+
+
+# ---- the `harmonica train` objective ----
+
+
+@dataclass
+class SearchConfig:
+    """`harmonica train --objective search`."""
+
+    num_steps: int = 10
+    target_cur: float = 0.5  # the cost: computed cells = (1 - CUR) T K, held exactly
+    target_speedup: float | None = None  # also hold the MACs to at most those of this theoretical speedup
+    batch: int = 64  # calibration noises per rank (classifier-free guidance doubles the model batch)
+    seed: int = 0
+    rounds: int = 8
+    candidates: int = 24  # swaps measured per round
+    tau: float = 0.1  # recorded in the router (its logits are +-5: the table at any tau in (0.007, 0.993))
+    clip: tuple | None = None  # (low, high) of a pixel-space model's images (digits-dit: (-1, 1)); None: latents
+
+
+def calibration_batch(task, count: int, seed: int, rank: int = 0) -> tuple:
+    """(noise (count, *latent), conditions) drawn from a generator of `seed` and `rank`."""
+    generator = torch.Generator().manual_seed(seed * 7919 + 1 + rank)
+    noise = torch.randn(count, *task.latent_shape, generator=generator)
+    return noise, task.conditions(count, generator)
+
+
+def search_router(task, config: SearchConfig, out_dir, *, macs=None, stopped=None, log=None):
+    """Search the schedule of `config.target_cur` for `task` on a calibration batch and save it as a router
+    to `out_dir/router` (marked partial when `stopped()` ended the search early). Returns (router, result).
+    macs: a `MacCount` when the cost is the theoretical speedup `config.target_speedup`: the cells are then
+    those of `config.target_cur` and the MACs at most the speedup's.
+    Under torchrun each rank draws its own calibration noises and the losses are averaged over ranks, so
+    every rank takes the same steps."""
+    from .training import ROUTER_DIR, _average, _rank_world, engine_attached
+
+    rank, _ = _rank_world()
+    transformer = task.transformer
+    device = next(transformer.parameters()).device
+    info = RouterInfo.for_model(transformer, sampler=task.sampler, timesteps=list(task.timesteps), tau=config.tau)
+    noise, cond = calibration_batch(task, config.batch, config.seed, rank)
+    with engine_attached(transformer) as engine:
+        num_units = len(engine.units)
+        budget = budget_for_cur(config.target_cur, config.num_steps, num_units)
+        calibration = Rollouts(task, engine, noise, cond, config.num_steps, clip=config.clip,
+                               average=lambda v: _average(torch.tensor(v, device=device)).item())
+        unit_cost = cost_budget = None
+        if config.target_speedup is not None:
+            unit_cost = macs.unit_macs
+            cost_budget = config.num_steps * (macs.total / config.target_speedup - macs.always_macs)
+        result = search_schedule(calibration.loss, spread(config.num_steps, num_units, budget), unit_cost=unit_cost,
+                                 cost_budget=cost_budget, rounds=config.rounds, candidates=config.candidates,
+                                 on_accept=calibration.set_base, stopped=stopped, log=log)
+    info.complete = not (stopped is not None and stopped())
+    router = router_from_table(result.table, info)
+    if rank == 0:
+        router.save_pretrained(Path(out_dir) / ROUTER_DIR)
+    return router, result
+
+
+# ---- the closing comparison ----
+
+
+def static_rivals(num_steps: int, unit_names: list, table: torch.Tensor) -> list:
+    """The static schedules a learned `table` is held against: the equal-cost `spread` (FORA:n where the
+    budget is whole rows), FORA:2 .. FORA:4, Δ-DiT (b = T/2, n = 2). Names unique, no duplicates."""
+    num_units = len(unit_names)
+    rivals = [CacheSchedule(spread(num_steps, num_units, int(table.sum())), "spread")]
+    rivals += [CacheSchedule.fora(num_steps, num_units, n) for n in range(2, 5) if n < num_steps]
+    rivals.append(CacheSchedule.delta_dit(unit_names, num_steps, num_steps // 2, 2))
+    unique = []
+    for schedule in rivals:
+        same = next((kept for kept in unique if kept == schedule), None)
+        if same is None:
+            unique.append(schedule)
+        elif same.name == "spread":
+            same.name = schedule.name  # the equal-cost spread is a FORA schedule
+    return unique
+
+
+@dataclass
+class Row:
+    name: str
+    cur: float
+    speedup: float  # theoretical (MACs)
+    mse: float  # final samples against the uncached ones
+    psnr: float  # dB, peak: the uncached samples' range (clip: its width)
+    learned: bool = False
+
+
+def compare(task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, fewer_steps=True,
+            name: str = "learned") -> list:
+    """Rows (`Row`) of the learned `table` and its static rivals of about its cost, each sampled on the
+    held-out batch (noise, cond) and measured against the uncached samples of the same noises; with
+    `fewer_steps` and a task with `with_steps(n)`, the uncached sampler with the fewer steps of about
+    the same cost (n = round(T (1 - CUR)), T / n theoretical speedup) too."""
+    num_steps = table.shape[0]
+    rollouts = Rollouts(task, engine, noise, cond, num_steps, clip=clip)
+    reference = rollouts.reference
+    peak = (clip[1] - clip[0]) if clip is not None else (reference.max() - reference.min()).item()
+
+    def row(label, x, cur, speedup, learned=False):
+        mse = torch.mean((x - reference) ** 2).item()
+        psnr = float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
+        return Row(label, cur, speedup, mse, psnr, learned)
+
+    learned = CacheSchedule(table.clone(), name)
+    rows = [row(name, rollouts._clipped(rollouts.sample(table)), learned.cur, learned.theoretical_speedup(macs), True)]
+    for schedule in static_rivals(num_steps, [n for n, _ in engine.units], table):
+        x = rollouts._clipped(rollouts.sample(schedule.table))
+        rows.append(row(schedule.name, x, schedule.cur, schedule.theoretical_speedup(macs)))
+    fewer = max(1, round(num_steps * (1 - learned.cur)))
+    if fewer_steps and hasattr(task, "with_steps") and fewer < num_steps:
+        short = Rollouts(task.with_steps(fewer), engine, noise, cond, fewer, clip=clip)
+        rows.append(row(f"{fewer} steps", short.reference, 1 - fewer / num_steps, num_steps / fewer))
+    return rows
+
+
+SAME_COST = 0.99  # a static schedule counts as costing at most the learned one's at >= 99% of its speedup
+
+
+def verdict(rows: list) -> str:
+    """One line: whether a static row that costs at most the learned row's (theoretical speedup at least
+    SAME_COST of it) has a lower error, naming the best such row."""
+    learned = next(r for r in rows if r.learned)
+    rivals = [r for r in rows if not r.learned and r.speedup >= SAME_COST * learned.speedup]
+    better = sorted((r for r in rivals if r.mse < learned.mse), key=lambda r: r.mse)
+    if better:
+        best = better[0]
+        return (f"a static schedule is better: {best.name} ({best.speedup:.2f}x, CUR {best.cur:.1%}) has "
+                f"{best.psnr - learned.psnr:+.2f} dB over {learned.name} ({learned.speedup:.2f}x); deploy it instead")
+    if not rivals:
+        return f"no static schedule here costs at most {learned.name}'s ({learned.speedup:.2f}x)"
+    best = min(rivals, key=lambda r: r.mse)
+    return (f"{learned.name} beats every static schedule of at most its cost: {learned.psnr - best.psnr:+.2f} dB "
+            f"over the best, {best.name}")
+
+
+def table_text(rows: list, count: int) -> str:
+    lines = [f"held-out comparison on {count} calibration noises, against the uncached samples:",
+             f"{'schedule':<24} {'CUR':>6} {'speedup':>8} {'MSE':>10} {'PSNR':>8}"]
+    for r in rows:
+        lines.append(f"{r.name + (' *' if r.learned else ''):<24} {r.cur:>6.1%} {r.speedup:>7.2f}x {r.mse:>10.3g} "
+                     f"{r.psnr:>6.2f} dB")
+    return "\n".join(lines + [verdict(rows)])
