@@ -108,6 +108,11 @@ def test_the_objective_is_the_deployed_schedules_final_error(digits):
         late = rollouts.base.clone()
         late[3, 0] = True
         assert rollouts.loss(late) == pytest.approx(rollouts.error(late), rel=1e-5)  # from step 3 on
+        dense = torch.ones(steps, 12, dtype=torch.bool)
+        rollouts.set_base(dense)
+        reuse = dense.clone()
+        reuse[2, 0] = False  # reads the slot step 1 wrote, though the base's step 2 did not need it
+        assert rollouts.loss(reuse) == pytest.approx(rollouts.error(reuse), rel=1e-5) and rollouts.error(reuse) > 0
         unclipped = Rollouts(task, engine, noise, {"class_labels": labels}, steps).error(table)
     assert unclipped > expected  # the samples leave [-1, 1]: the clipped error is the image's
 
