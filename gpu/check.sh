@@ -35,7 +35,8 @@ IMPORT_CHECK='import sys, diffusers, torch, triton, harmonica.kernels; print("py
  "cuda", torch.cuda.is_available())'
 
 setup() {
-    if "$PY" -c 'import importlib.metadata as m; m.version("harmonica-dit"); m.version("diffusers")' 2>/dev/null
+    # -I: not the working directory's egg-info, only what the interpreter has installed
+    if "$PY" -I -c 'import importlib.metadata as m; m.version("harmonica-dit"); m.version("diffusers")' 2>/dev/null
     then
         echo "set-up: already done"
     else

@@ -79,7 +79,7 @@ def test_each_part_passes_and_returns_at_most_8_files(tmp_path):
 
 
 def test_setup_without_the_kit_says_so(tmp_path):
-    python = fake_python(tmp_path, 'case "$*" in -c*) exit 1 ;; esac')  # nothing installed
+    python = fake_python(tmp_path, 'case "$*" in -I*|-c*) exit 1 ;; esac')  # nothing installed
     done = subprocess.run(["bash", "gpu/check.sh", "setup"], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "PY": str(python), "GPU_KIT": str(tmp_path / "kit")})
     assert done.returncode == 2 and "no wheels in" in done.stdout and "make gpu-kit" in done.stdout
