@@ -179,6 +179,8 @@ class CacheEngine:
                 block.module.forward = own
         for hook in self._hooks:
             hook.remove()
+        for adapter, blocks in self.adapters.items():
+            adapter.teardown(self, blocks)
         for code in self._compiled_codes:
             reset_code(code)
         self.bodies, self._compiled_codes = self._plain_bodies(), []

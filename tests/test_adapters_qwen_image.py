@@ -124,10 +124,24 @@ def test_text_lengths_are_diffusers(rows):
     """harmonica's text lengths equal diffusers' compute_text_seq_len_from_mask (the original function)."""
     from diffusers.models.transformers import transformer_qwenimage as module
 
-    original = qwen_adapter.REPLACED.get(module.__name__, module.compute_text_seq_len_from_mask)
+    original = module.compute_text_seq_len_from_mask  # no engine is enabled between tests
     assert original is not qwen_adapter.text_lengths
     mask = torch.tensor(rows)
     text = torch.zeros(*mask.shape, 4)
     ours, theirs = qwen_adapter.text_lengths(text, mask.int()), original(text, mask.int())
     assert ours[0] == theirs[0] and torch.equal(ours[1], theirs[1]) and torch.equal(ours[2], theirs[2])
     assert qwen_adapter.text_lengths(text, None) == original(text, None)
+
+
+def test_diffusers_text_lengths_are_back_once_the_last_engine_is_disabled():
+    from diffusers.models.transformers import transformer_qwenimage as module
+
+    original = module.compute_text_seq_len_from_mask
+    first, second = make_qwen_image(), make_qwen_image()
+    harmonica.enable(first, CacheSchedule.fora(STEPS, UNITS, 2))
+    harmonica.enable(second, CacheSchedule.fora(STEPS, UNITS, 2))
+    assert module.compute_text_seq_len_from_mask is qwen_adapter.text_lengths
+    harmonica.disable(first)
+    assert module.compute_text_seq_len_from_mask is qwen_adapter.text_lengths  # the second still runs
+    harmonica.disable(second)
+    assert module.compute_text_seq_len_from_mask is original

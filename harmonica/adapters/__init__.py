@@ -36,6 +36,9 @@ class Adapter:
     def setup(self, engine, blocks: list) -> None:
         """Once at enable: model-level state for `blocks` (this class's blocks, in execution order)."""
 
+    def teardown(self, engine, blocks: list) -> None:
+        """Once at disable: undo what `setup` changed outside the engine."""
+
     def precompute(self, engine, blocks: list, hidden, args, kwargs) -> bool:
         """At step 0 of an inference generation whose timesteps are known (`engine.timesteps`): fill
         `engine.modulation` from the transformer's forward arguments; return whether the blocks read it."""

@@ -9,8 +9,9 @@ gates are (B, N, D), which the fused residual ops do not take.
 
 The transformer's forward (diffusers') derives per-prompt text lengths from the text mask with a fallback it
 copies from the host (`torch.as_tensor(length, device=...)`: a synchronous host-to-device copy, which a CUDA
-graph capture refuses); `setup` gives the transformer's module a `compute_text_seq_len_from_mask` that makes
-it on the device instead, with the same results.
+graph capture refuses); while an engine is enabled on a Qwen-Image transformer (from `setup` to `teardown`),
+the transformer's module holds a `compute_text_seq_len_from_mask` that makes it on the device instead, with the
+same results; the last engine's `teardown` puts diffusers' back.
 """
 
 import sys
@@ -40,7 +41,7 @@ def text_mlp(block, c, shift, scale):
     return block.txt_mlp(_modulate(block.txt_norm2, c, shift, scale))
 
 
-REPLACED = {}  # module name -> the compute_text_seq_len_from_mask `setup` replaced there
+REPLACED = {}  # module name -> [diffusers' compute_text_seq_len_from_mask there, engines enabled]
 
 
 def text_lengths(encoder_hidden_states, encoder_hidden_states_mask):
@@ -71,10 +72,18 @@ class QwenImageBlockAdapter(Adapter):
 
     def setup(self, engine, blocks: list) -> None:
         module = sys.modules[type(engine.transformer).__module__]
-        original = getattr(module, "compute_text_seq_len_from_mask", text_lengths)
-        if original is not text_lengths:  # the forward looks it up there at each call
-            REPLACED[module.__name__] = original
+        if hasattr(module, "compute_text_seq_len_from_mask"):  # the forward looks it up there at each call
+            replaced = REPLACED.setdefault(module.__name__, [module.compute_text_seq_len_from_mask, 0])
+            replaced[1] += 1
             module.compute_text_seq_len_from_mask = text_lengths
+
+    def teardown(self, engine, blocks: list) -> None:
+        module = sys.modules[type(engine.transformer).__module__]
+        replaced = REPLACED.get(module.__name__)
+        if replaced is not None:
+            replaced[1] -= 1
+            if replaced[1] == 0:
+                module.compute_text_seq_len_from_mask = REPLACED.pop(module.__name__)[0]
 
     def check(self, name: str, block) -> None:
         if block.zero_cond_t:
