@@ -36,19 +36,19 @@ constraints:
 	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm $(CONSTRAINTS).freeze
 	@echo "wrote $(CONSTRAINTS)"
 
-# The first hour on a lent GPU (gpu/check.sh, README: Benchmarks). Here, with network: `make gpu-kit` downloads
+# The first hour on a lent GPU (bench/gpu/check.sh, README: Benchmarks). Here, with network: `make gpu-kit` downloads
 # the wheels the device image lacks (CPython 3.12, manylinux x86-64) into $(GPU_KIT), which the device tool
 # carries; `make gpu-check-plan` prints the two device commands, their stages and budget, and the suite's rows.
-# There, `bash gpu/check.sh 1` and `bash gpu/check.sh 2` set up offline on the image's own python3 and run.
+# There, `bash bench/gpu/check.sh 1` and `bash bench/gpu/check.sh 2` set up offline on the image's own python3 and run.
 # `make gpu-check` runs both parts on this machine's GPU with GPU_PY; `make gpu-check-tables` writes the
 # BENCHMARKS.md tables of their JSONs (fetched from the device into GPU_CHECK_DIR).
 GPU_PY ?= python3
 GPU_KIT := .gpu-kit
 GPU_CHECK_DIR ?= bench/results/gpu-check-$(shell date -u +%Y-%m-%d)-$(shell git rev-parse --short HEAD 2>/dev/null)
-GPU_CHECK := PY=$(GPU_PY) GPU_KIT=$(GPU_KIT) GPU_CHECK_DIR=$(GPU_CHECK_DIR) bash gpu/check.sh
+GPU_CHECK := PY=$(GPU_PY) GPU_KIT=$(GPU_KIT) GPU_CHECK_DIR=$(GPU_CHECK_DIR) bash bench/gpu/check.sh
 
 gpu-kit: $(STAMP)
-	$(PY) gpu/kit.py --dest $(GPU_KIT) $(if $(PIN),--constraints $(CONSTRAINTS))
+	$(PY) bench/gpu/kit.py --dest $(GPU_KIT) $(if $(PIN),--constraints $(CONSTRAINTS))
 
 gpu-check:
 	$(GPU_CHECK) 1; one=$$?; $(GPU_CHECK) 2 && [ $$one = 0 ]
@@ -57,8 +57,8 @@ gpu-check-tables: $(STAMP)
 	$(PY) -m harmonica.bench.table --write $(GPU_CHECK_DIR)/kernels.json $(GPU_CHECK_DIR)/suite.json
 
 gpu-check-plan: $(STAMP)
-	@bash gpu/check.sh plan
-	$(PY) -m harmonica.bench --plan --device cuda --part suite $$(bash gpu/check.sh suite-args)
+	@bash bench/gpu/check.sh plan
+	$(PY) -m harmonica.bench --plan --device cuda --part suite $$(bash bench/gpu/check.sh suite-args)
 
 # Reuse a CUDA build of torch already on the system (its pinned triton comes with it);
 # otherwise install the CPU build of torch 2.13.0.

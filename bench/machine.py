@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def git_commit() -> str:
     """The short commit of the clone, or $HARMONICA_COMMIT where set (the device tool's copy of the tree has no
-    .git: gpu/check.sh's commands pass it)."""
+    .git: bench/gpu/check.sh's commands pass it)."""
     if os.environ.get("HARMONICA_COMMIT"):
         return os.environ["HARMONICA_COMMIT"]
     try:

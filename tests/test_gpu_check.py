@@ -1,4 +1,4 @@
-"""`make gpu-check` (gpu/check.sh) with a fake interpreter: every stage runs after a failure or a timeout, each
+"""`make gpu-check` (bench/gpu/check.sh) with a fake interpreter: every stage runs after a failure or a timeout, each
 stage's exit status is recorded, a part fails at its end when one of its stages failed, each part returns at
 most 8 files, and the plan fits the device tool's limits."""
 
@@ -68,7 +68,7 @@ def test_each_part_passes_and_returns_at_most_8_files(tmp_path):
     python = fake_python(tmp_path, "exit 0")
     for part in (1, 2):
         out = tmp_path / f"out{part}"
-        done = subprocess.run(["bash", "gpu/check.sh", str(part)], cwd=REPO, capture_output=True, text=True,
+        done = subprocess.run(["bash", "bench/gpu/check.sh", str(part)], cwd=REPO, capture_output=True, text=True,
                               timeout=60, env={"PATH": "/usr/bin:/bin", "PY": str(python), "GPU_CHECK_DIR": str(out)})
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"gpu-check part {part}: every stage passed; results in {out}" in done.stdout
@@ -80,13 +80,13 @@ def test_each_part_passes_and_returns_at_most_8_files(tmp_path):
 
 def test_setup_without_the_kit_says_so(tmp_path):
     python = fake_python(tmp_path, 'case "$*" in -I*|-c*) exit 1 ;; esac')  # nothing installed
-    done = subprocess.run(["bash", "gpu/check.sh", "setup"], cwd=REPO, capture_output=True, text=True, timeout=60,
+    done = subprocess.run(["bash", "bench/gpu/check.sh", "setup"], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "PY": str(python), "GPU_KIT": str(tmp_path / "kit")})
     assert done.returncode == 2 and "no wheels in" in done.stdout and "make gpu-kit" in done.stdout
 
 
 def plan(**timeouts) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "gpu/check.sh", "plan"], cwd=REPO, capture_output=True, text=True, timeout=60,
+    return subprocess.run(["bash", "bench/gpu/check.sh", "plan"], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), **timeouts})
 
 
@@ -99,7 +99,7 @@ def test_the_plan_fits_the_device_limits():
     assert len(limits) == 2 and all(p < t <= PART_LIMIT for p, t in zip(parts, limits))
     assert sum(limits) <= TOTAL_LIMIT
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    command = f"HARMONICA_COMMIT={commit.stdout.strip()} GPU_CHECK_DIR=$OUT bash gpu/check.sh 1', carry=['.gpu-kit']"
+    command = f"HARMONICA_COMMIT={commit.stdout.strip()} GPU_CHECK_DIR=$OUT bash bench/gpu/check.sh 1', carry=['.gpu-kit']"
     assert command in done.stdout
     over = plan(SUITE_TIMEOUT="400")
     assert over.returncode == 1 and "OVER THE LIMITS" in over.stdout
@@ -107,5 +107,5 @@ def test_the_plan_fits_the_device_limits():
 
 def test_make_gpu_check_plan_prints_the_budget_and_the_suite():
     done = subprocess.run(["make", "-n", "-B", "gpu-check-plan"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert "bash gpu/check.sh plan" in done.stdout
-    assert "-m harmonica.bench --plan --device cuda --part suite $(bash gpu/check.sh suite-args)" in done.stdout
+    assert "bash bench/gpu/check.sh plan" in done.stdout
+    assert "-m harmonica.bench --plan --device cuda --part suite $(bash bench/gpu/check.sh suite-args)" in done.stdout

@@ -1,4 +1,4 @@
-"""gpu/kit.py (make gpu-kit): the closure of what the project needs and the lent image lacks, read from each
+"""bench/gpu/kit.py (make gpu-kit): the closure of what the project needs and the lent image lacks, read from each
 downloaded wheel's METADATA with the image's markers (CPython 3.12, Linux x86-64), pinned where the constraints
 pin; the image's packages are never replaced; stale wheels go. Downloads are stand-ins (no network)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("gpu_kit", REPO / "gpu" / "kit.py")
+spec = importlib.util.spec_from_file_location("gpu_kit", REPO / "bench" / "gpu" / "kit.py")
 kit = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(kit)
 

@@ -1,5 +1,5 @@
-"""gpu/check.sh's set-up on a simulated device image, offline: a venv whose site holds what the image holds
-(gpu/image-packages.txt: torch, triton, transformers, pytest, setuptools..., here the current environment's copies,
+"""bench/gpu/check.sh's set-up on a simulated device image, offline: a venv whose site holds what the image holds
+(bench/gpu/image-packages.txt: torch, triton, transformers, pytest, setuptools..., here the current environment's copies,
 linked, not installed) and not diffusers; the set-up installs the kit of `make gpu-kit` and the project with
 PIP_NO_INDEX=1. Skipped without a kit, or when a wheel of the CPython 3.12 kit cannot install on this Python."""
 
@@ -18,11 +18,11 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 REPO = Path(__file__).resolve().parent.parent
 KIT = REPO / ".gpu-kit"
-PROJECT_FILES = ["setup.py", "pytest.ini", "harmonica", "kernels", "bench", "profiling", "gpu", "tests"]
+PROJECT_FILES = ["setup.py", "pytest.ini", "harmonica", "kernels", "bench", "profiling", "tests"]
 
 
 def image_names() -> set[str]:
-    lines = (REPO / "gpu" / "image-packages.txt").read_text().splitlines()
+    lines = (REPO / "bench" / "gpu" / "image-packages.txt").read_text().splitlines()
     return {canonicalize_name(line.split("==")[0]) for line in lines if line and not line.startswith("#")}
 
 
@@ -92,7 +92,7 @@ def test_setup_installs_offline_on_the_simulated_image(kit, image, tmp_path):
             shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(REPO / name, tmp_path / name)
-    done = run(["bash", "gpu/check.sh", "setup"], tmp_path, {**env, "PY": str(python), "GPU_KIT": str(KIT)})
+    done = run(["bash", "bench/gpu/check.sh", "setup"], tmp_path, {**env, "PY": str(python), "GPU_KIT": str(KIT)})
     assert done.returncode == 0, done.stdout + done.stderr
     diffusers = next(parse_wheel_filename(w.name)[1] for w in kit if w.name.startswith("diffusers-"))
     assert re.search(rf"torch {re.escape(version('torch'))} .* diffusers {diffusers} ", done.stdout), done.stdout
@@ -102,7 +102,7 @@ def test_setup_installs_offline_on_the_simulated_image(kit, image, tmp_path):
     kernels, diffusers_file = where.stdout.split()
     assert kernels == str(tmp_path / "kernels" / "__init__.py")  # the project, editable
     assert diffusers_file.startswith(f"{python.parent.parent}/")  # the kit, in the image's venv
-    again = run(["bash", "gpu/check.sh", "setup"], tmp_path, {**env, "PY": str(python), "GPU_KIT": str(KIT)})
+    again = run(["bash", "bench/gpu/check.sh", "setup"], tmp_path, {**env, "PY": str(python), "GPU_KIT": str(KIT)})
     assert again.returncode == 0 and "set-up: already done" in again.stdout
     # the gpu-tests stage collects on the image (a module importing what the image lacks stops the whole run)
     collected = run([python, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider"],

@@ -102,6 +102,6 @@ def test_machine_info_records_the_gpu_with_cuda(cuda_device, monkeypatch):
 
 
 def test_the_commit_comes_from_harmonica_commit_where_set(monkeypatch):
-    """The device tool's copy of the tree has no .git: gpu/check.sh's commands pass the commit."""
+    """The device tool's copy of the tree has no .git: bench/gpu/check.sh's commands pass the commit."""
     monkeypatch.setenv("HARMONICA_COMMIT", "abc1234")
     assert machine.git_commit() == "abc1234"

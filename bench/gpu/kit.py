@@ -1,6 +1,6 @@
 """make gpu-kit: download the wheels the lent GPU image lacks, for its CPython 3.12 on manylinux x86-64.
 
-The image (gpu/image-packages.txt) has no network, so whatever the project needs and the image does not
+The image (bench/gpu/image-packages.txt) has no network, so whatever the project needs and the image does not
 hold travels with the device tool's `carry` as wheels. Starting from the project's requirements (install_requires
 and the `test` and `bench` extras), every requirement the image lacks is downloaded without its
 dependencies, then the same for the requirements in each downloaded wheel's METADATA (markers evaluated
@@ -9,7 +9,7 @@ newest that matches. A requirement the image holds at a known version that does 
 error: the image's own packages are not replaced. Wheels in the folder that are not part of the kit are
 removed (two versions of one package stop an offline install); kit.txt lists the kit.
 
-    python gpu/kit.py --dest .gpu-kit [--constraints constraints-py3.11.txt]
+    python bench/gpu/kit.py --dest .gpu-kit [--constraints constraints-py3.11.txt]
 """
 
 import argparse
@@ -27,7 +27,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 IMAGE_PACKAGES = Path(__file__).with_name("image-packages.txt")
 PROJECT = "harmonica-dit"
-EXTRAS = ("test", "bench")  # what gpu/check.sh runs: the tests and the bench
+EXTRAS = ("test", "bench")  # what bench/gpu/check.sh runs: the tests and the bench
 PYTHON = "3.12"
 ABI = "cp312"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The first GPU hour (make gpu-check), as two parts that each fit one command of the device tool:
-#   bash gpu/check.sh 1       set-up, compile checks, GPU tests (the flow families' apart), kernel micro-benchmark
-#   bash gpu/check.sh 2       set-up (skipped when already done), the short sampling suite
-#   bash gpu/check.sh setup   the set-up alone;   bash gpu/check.sh plan   the budget, runs nothing
+#   bash bench/gpu/check.sh 1       set-up, compile checks, GPU tests (the flow families' apart), kernel micro-benchmark
+#   bash bench/gpu/check.sh 2       set-up (skipped when already done), the short sampling suite
+#   bash bench/gpu/check.sh setup   the set-up alone;   bash bench/gpu/check.sh plan   the budget, runs nothing
 # Set-up, offline, on the image's own interpreter ($PY, default python3: on the lent image a venv holding
 # torch and triton, without diffusers): the wheels of $GPU_KIT (make gpu-kit) with --no-index --no-deps, then
 # the project, editable, with --no-build-isolation --use-pep517 (setuptools from the image), then an import check.
@@ -10,7 +10,7 @@
 # its output goes to $GPU_CHECK_DIR/<stage>.log and "<stage> exit=N seconds=S" to stages-<part>.txt. A part
 # exits non-zero when one of its stages failed.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-python3}
 GPU_KIT=${GPU_KIT:-.gpu-kit}
 GPU_CHECK_DIR=${GPU_CHECK_DIR:-bench/results/gpu-check-$(date -u +%F)-$(git rev-parse --short HEAD 2>/dev/null)}
@@ -63,14 +63,14 @@ stage() {
 # the stages of each part: name, timeout, command (word-split)
 stages() {
     case $1 in
-        1) echo "setup-1 $SETUP_TIMEOUT bash gpu/check.sh setup"
+        1) echo "setup-1 $SETUP_TIMEOUT bash bench/gpu/check.sh setup"
            echo "aot-compile $AOT_TIMEOUT $PY -m pytest tests/test_aot_compile.py -q -p no:cacheprovider"
            echo "gpu-tests $GPU_TESTS_TIMEOUT $PY -m pytest -m gpu -v -p no:cacheprovider --durations=20" \
                 "--ignore=tests/test_flow_graphs.py"
            echo "gpu-flow-tests $FLOW_TESTS_TIMEOUT $PY -m pytest -m gpu -v -p no:cacheprovider --durations=10" \
                 "tests/test_flow_graphs.py"
            echo "kernels $KERNELS_TIMEOUT $PY -m harmonica.bench --part kernels --out $GPU_CHECK_DIR/kernels.json" ;;
-        2) echo "setup-2 $SETUP_TIMEOUT bash gpu/check.sh setup"
+        2) echo "setup-2 $SETUP_TIMEOUT bash bench/gpu/check.sh setup"
            echo "suite $SUITE_TIMEOUT $PY -m harmonica.bench --part suite" $SUITE \
                 "--no-progress --out $GPU_CHECK_DIR/suite.json" ;;
     esac
@@ -103,7 +103,7 @@ plan() {
     for part in 1 2; do
         echo
         echo "part $part: worst case $(worst $part) s (limit $PART_LIMIT s); device run:"
-        echo "  run(command='PYTHONUNBUFFERED=1 HARMONICA_COMMIT=$commit GPU_CHECK_DIR=\$OUT bash gpu/check.sh $part'," \
+        echo "  run(command='PYTHONUNBUFFERED=1 HARMONICA_COMMIT=$commit GPU_CHECK_DIR=\$OUT bash bench/gpu/check.sh $part'," \
              "carry=['.gpu-kit'], timeout_s=$(($(worst $part) + 5)))"
         while read -r name limit command; do
             printf '  %-12s %4s s  %s\n' "$name" "$limit" "$command"
@@ -123,5 +123,5 @@ case ${1:-} in
     setup) setup ;;
     plan) plan ;;
     suite-args) echo $SUITE ;;
-    *) echo "usage: gpu/check.sh 1|2|setup|plan|suite-args"; exit 2 ;;
+    *) echo "usage: bench/gpu/check.sh 1|2|setup|plan|suite-args"; exit 2 ;;
 esac
