@@ -1,7 +1,8 @@
 """A CPU stand-in for CUDA graphs that refuses what a real capture forbids and replays as a GPU does.
 
 A capture runs the call once under the rules, records every aten op it ran with its arguments and outputs,
-puts back every input it wrote (a capture runs nothing) and poisons its output. A replay does not run the
+puts back every storage of an input as it was (a capture runs nothing: also the bytes of an input's storage
+outside the views declared as inputs) and poisons its output. A replay does not run the
 Python again: it re-executes the recorded ops with their captured arguments, writing each op's result into
 the tensor the capture allocated for it, so it repeats the captured work whatever the host state is now: a
 view chosen on the host (`table[step]`) replays the capture's row, a host float the capture's value. It checks
@@ -21,14 +22,30 @@ references `*_ref` of `harmonica.kernels`, patched only while the stand-in captu
   buffer reallocated since: a GPU replay reads the old address);
 - a kernel variant first launched in a capture: a fused-op launch whose signature (function, tensor
   dtypes, shapes, strides and 16-byte alignment, flags) no warm-up ran (on a GPU, a Triton compile
-  and module load inside the capture).
+  and module load inside the capture);
+- a refused call the code caught, or one made on another thread while the capture ran: the capture is
+  invalidated and its end raises (CUDA's global capture mode, torch.cuda.graph's default: another thread's
+  unsafe call errors there and the capture fails). The host calls patched here are refused on every thread;
+  the aten ops of other threads are not seen (a dispatch mode is per thread), so another thread's `.item()`
+  is not.
 
-Not modelled: pool reuse across graphs, inductor's own Triton kernels (a compiled body's ops are seen as the
-aten ops its graph runs), and the capture mode (global: other threads' CUDA calls).
+Pool reuse across graphs: the graphs captured since the last `new_pool` share one pool, as the runner's do.
+A later capture may take the memory an earlier capture's intermediates freed, so a replay overwrites the
+outputs of the graphs captured after it in its pool: they are poisoned (NaN, -1 for integers) at the end of
+the replay. The outputs of graphs captured before it stay (alive while it was captured, the allocator could
+not hand them out).
+
+Tracking is per storage, which is what a verdict needs: device memory is valid per allocation (any byte of
+a live input's storage may be read on a GPU) and reallocated per allocation. What a read sees (a row not
+refreshed between replays, a write after a read in one storage) is not tracked but executed: a replay
+re-runs the captured ops on the memory as it is, in capture order, as one stream does.
+
+Not modelled: inductor's own Triton kernels (a compiled body's ops are seen as the aten ops its graph runs).
 """
 
 import contextlib
 import importlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -128,10 +145,12 @@ class _Rules(TorchDispatchMode):
         super().__init__()
         self.phase, self.inputs, self.host = phase, inputs, host or {}
         self.reads, self.allocations = {}, {}
+        self.violations = []  # every refusal, caught or not (a refused call invalidates the capture)
         self.trace = []  # (op, ((bytes, dtype) of each new allocation)) per op
         self.ops = []  # (func, args, kwargs, out) per op, as run: what a replay re-executes
 
     def refuse(self, what: str):
+        self.violations.append(what)
         raise CaptureViolation(f"{self.phase}: {what}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -193,19 +212,28 @@ def _ops(trace) -> list:
     return [op for op, _ in trace]
 
 
-@dataclass
+@dataclass(eq=False)
 class Captured:
     fn: object
     output: object
     rules: _Rules
+    pool: list  # weak references to the graphs of its pool, in capture order
+
+
+def _poison(captured: Captured) -> None:
+    """Fill the output tensors the capture allocated (not the graph inputs it returns): NaN, -1 for integers."""
+    for t in _tensors(captured.output):
+        if _alive(captured.rules.allocations, _address(t)):
+            t.fill_(float("nan") if t.is_floating_point() else -1)
 
 
 class StandInGraphs:
     """Graph backend without CUDA that enforces the capture rules and replays as a GPU (module docstring).
 
     inputs: () -> the tensors a graph may read (read when a capture starts and at each replay); host: () ->
-    tensors in host memory (a capture may not read them). The pool: the bytes each capture allocated since the
-    last `new_pool` (no reuse modelled), what `pool_bytes` reports.
+    tensors in host memory (a capture may not read them). The pool: the graphs captured since the last
+    `new_pool` (a replay poisons the outputs of those captured after it) and the bytes their captures allocated
+    (no reuse counted), what `pool_bytes` reports.
     """
 
     def __init__(self, inputs, host=list):
@@ -214,7 +242,7 @@ class StandInGraphs:
         self.new_pool()
 
     def new_pool(self) -> None:
-        self.pool = 0
+        self.pool, self.graphs = 0, []
 
     def pool_bytes(self) -> int:
         return self.pool
@@ -229,23 +257,30 @@ class StandInGraphs:
                                    f"the capture on a GPU): {launched}")
 
     def capture(self, fn) -> Captured:
-        """Run `fn` under the rules, recording its ops, then put back every input as it was (a capture runs
-        nothing) and poison the output (a captured output holds nothing until a replay)."""
+        """Run `fn` under the rules, recording its ops, then put back the storage of every input as it was (a
+        capture runs nothing) and poison the output (a captured output holds nothing until a replay). Raises when
+        a refused call was caught or made on another thread (the capture is invalidated)."""
         inputs = _tensors(self.inputs())
-        saved = [t.clone() for t in inputs]
+        storages = {_address(t): t.untyped_storage() for t in inputs if _address(t)}
+        saved = {address: storage.clone() for address, storage in storages.items()}
         rules = _Rules("capture", _storages(inputs), _storages(_tensors(self.host())))
         with _checked(rules, self._first_launch):
             output = fn()
-        for t, value in zip(inputs, saved):
-            t.copy_(value)
-        for t in _tensors(output):
-            t.fill_(float("nan") if t.is_floating_point() else -1)
+        if rules.violations:
+            raise CaptureViolation(f"capture: invalidated by a refused call that was caught or made on another "
+                                   f"thread ({rules.violations[0]})")
+        for address, storage in storages.items():
+            storage.copy_(saved[address])
+        captured = Captured(fn, output, rules, self.graphs)
+        _poison(captured)
+        self.graphs.append(weakref.ref(captured))
         self.pool += sum(size for _, new in rules.trace for size, _ in new)
-        return Captured(fn, output, rules)
+        return captured
 
     def replay(self, captured: Captured):
         """Re-execute the captured ops with their captured arguments (the Python is not run), each op's result
-        written into the tensor the capture allocated for it; refuses while memory the capture read is no
+        written into the tensor the capture allocated for it, then poison the outputs of the graphs captured
+        after it in its pool (they may lie in its intermediates); refuses while memory the capture read is no
         graph input any more. Returns the captured output."""
         capture = captured.rules
         inputs = _storages(_tensors(self.inputs()))
@@ -258,6 +293,10 @@ class StandInGraphs:
             for was, now in zip(_tensors(out), _tensors(result)):
                 if _address(was) != _address(now):  # a new tensor: into the capture's; in place and views: there
                     was.copy_(now)
+        graphs = [ref() for ref in captured.pool]
+        for later in graphs[graphs.index(captured) + 1:]:
+            if later is not None:
+                _poison(later)
         return captured.output
 
 

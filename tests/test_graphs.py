@@ -2,6 +2,7 @@
 graph_standin.py, which keeps a graph's semantics and refuses what a capture forbids), and the real graphs
 on CUDA."""
 
+import threading
 import warnings
 
 import pytest
@@ -395,6 +396,99 @@ def test_a_host_chosen_modulation_row_fails_the_graph_tests(monkeypatch):
     enable_with_stand_in(model, schedule)
     graphed_outputs = dit_generation(model, inputs, guidance=1.0, steps=4)
     assert not all(torch.equal(a, b) for a, b in zip(eager, graphed_outputs))
+
+
+def test_the_stand_in_puts_back_the_whole_storage_of_an_input_a_capture_wrote():
+    """A graph input may be declared as a view (a row of a table): its whole storage is graph memory, so a capture
+    may write another row of it; a GPU capture runs nothing, so that row too must hold its old value (the old
+    stand-in put back only the declared view)."""
+    state = torch.zeros(2, 3)
+    backend = StandInGraphs(lambda: [state[0]])
+    captured = backend.capture(lambda: state[1].add_(1) * 2)
+    assert torch.equal(state, torch.zeros(2, 3)), "the capture's write outside the declared view stayed"
+    assert torch.equal(backend.replay(captured), torch.full((3,), 2.0)) and torch.equal(state[1], torch.ones(3))
+
+
+def test_a_replay_overwrites_the_outputs_of_the_graphs_captured_after_it_in_its_pool():
+    """One pool: the later capture may take memory the earlier one's intermediates freed, so replaying the earlier
+    graph overwrites the later graph's output; the earlier output, alive during the later capture, stays. Graphs
+    of another pool are untouched."""
+    x = torch.arange(4.0)
+    backend = StandInGraphs(lambda: [x])
+    first, second = backend.capture(lambda: (x * 3) - x), backend.capture(lambda: x + 1)
+    assert torch.equal(backend.replay(first), 2 * x) and torch.equal(backend.replay(second), x + 1)
+    assert torch.equal(first.output, 2 * x), "a later graph's replay overwrote an earlier graph's live output"
+    backend.replay(first)
+    assert second.output.isnan().all(), "the earlier graph's replay left the later graph's output intact"
+    backend.new_pool()
+    third = backend.capture(lambda: x - 1)
+    backend.replay(third)
+    backend.replay(first)
+    assert torch.equal(third.output, x - 1), "a graph of another pool was overwritten"
+
+
+@torch.no_grad()
+def read_one_step_late(model, steps):
+    """Each step's output, read only after the next step ran (as a multistep solver keeps the previous one)."""
+    outputs, previous = [], None
+    for s in range(steps):
+        current = model(**step_inputs(model, s)).sample
+        if previous is not None:
+            outputs.append(previous.clone())
+        previous = current
+    return outputs + [previous.clone()]
+
+
+def test_an_uncloned_output_read_after_another_graphs_replay_fails_the_graph_tests(monkeypatch):
+    """Mutation: the runner returns each graph's own output, not a copy. Read one step late, every output is read
+    before its own graph replays again, so the old stand-in gave the eager result; on a GPU the output of the graph
+    captured second lies in memory the first graph's replay reuses. With the copy the outputs are the eager ones."""
+    model = make_model("tiny-dit")
+    schedule = CacheSchedule.fora(6, units_of(model), 2)  # graphs A B A B A B
+    harmonica.enable(model, schedule)
+    eager = read_one_step_late(model, 6)
+    _, runner = enable_with_stand_in(model, schedule)
+    assert all(torch.equal(a, b) for a, b in zip(eager, read_one_step_late(model, 6)))
+    monkeypatch.setattr(graphs_module, "_clone_output", lambda output: output)
+    _, runner = enable_with_stand_in(model, schedule)
+    late = read_one_step_late(model, 6)
+    assert runner.replays == 4 and not all(torch.equal(a, b) for a, b in zip(eager, late))
+
+
+def test_a_refused_call_the_code_catches_invalidates_the_capture():
+    x = torch.arange(6.0)
+
+    def swallowed():  # a fallback that hides the host sync from the caller
+        try:
+            scale = x.sum().item()
+        except RuntimeError:
+            scale = 1.0
+        return x * scale
+
+    with pytest.raises(CaptureViolation, match=r"^capture: invalidated .*\(host sync \(aten._local_scalar_dense"):
+        StandInGraphs(lambda: [x]).capture(swallowed)
+
+
+def test_another_threads_host_call_fails_during_a_capture_and_invalidates_it():
+    """Global capture mode (torch.cuda.graph's default): an unsafe call on another thread while a capture runs
+    errors on that thread, and the capture fails."""
+    x, refused = torch.arange(6.0), []
+
+    def other_thread():
+        try:
+            torch.cuda.synchronize()
+        except CaptureViolation as error:
+            refused.append(error)
+
+    def step():
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        return x * 2
+
+    with pytest.raises(CaptureViolation, match=r"^capture: invalidated .*torch.cuda.synchronize"):
+        StandInGraphs(lambda: [x]).capture(step)
+    assert len(refused) == 1
 
 
 def test_the_stand_in_refuses_a_kernel_variant_the_warm_up_did_not_run():
