@@ -621,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="harmonica", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    t = commands.add_parser("train", help="train a router (SDT + IEPO); torchrun for several GPUs")
+    t = commands.add_parser("train", help="train a router (default: a schedule search; --objective iepo: SDT + "
+                            "IEPO); torchrun for several GPUs")
     defaults = TrainConfig()
     t.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS) + [DIGITS])
     weights = t.add_mutually_exclusive_group()

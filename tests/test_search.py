@@ -179,3 +179,20 @@ def test_train_searches_by_default_and_ends_with_the_comparison(tmp_path, capsys
     capsys.readouterr()
     assert main(argv[:-2] + ["--out", str(tmp_path), "--resume"]) == 2
     assert "--resume: expected none with --objective search" in capsys.readouterr().err
+
+
+def test_the_checks_sign_test():
+    from harmonica.bench.search_check import sign_test
+
+    assert sign_test(2, 2) == 0.25 and sign_test(0, 3) == 1.0 and sign_test(2, 3) == 0.5
+
+
+def test_a_stopped_search_saves_its_best_table_as_partial(digits, tmp_path):
+    asked = []
+    config = SearchConfig(num_steps=3, batch=2, clip=(-1, 1))
+    router, result = search_router(DiTTask(digits, 3, 1.5), config, tmp_path,
+                                   stopped=lambda: asked.append(1) or len(asked) > 3)
+    with pytest.warns(UserWarning, match="partial"):
+        loaded = Router.from_pretrained(tmp_path / "router")
+    assert not loaded.info.complete and torch.equal(loaded.schedule().table, result.table)
+    assert result.rollouts == 3 and torch.equal(result.table, spread(3, 12, 18))
