@@ -1,11 +1,11 @@
-"""The schedule search against FORA:2 on digits-dit at CUR 0.5, over calibration seeds (README, Training).
+"""The schedule search against FORA:2 on a digits model at CUR 0.5, over calibration seeds (README, Training).
 
 For each seed s: the search (`harmonica.search.search_schedule`, the `harmonica train` defaults) on the 64
 calibration noises `eval_batch(64, seed=100 + s)`, from FORA:2; then both schedules on the 200 held-out noises
 `eval_batch(200, seed=0)`: PSNR of the final images against the uncached ones, and on how many held-out noises
 the searched schedule's error is lower, with a one-sided sign test.
 
-    python -m harmonica.bench.search_check --steps 10 --seeds 0 1 2
+    python -m harmonica.bench.search_check [--model digits-dit|digits-flux] --steps 10 --seeds 0 1 2
 """
 
 import argparse
@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from harmonica.digits import eval_batch, load_digits_dit
+from harmonica.digits import DIGITS_MODELS, eval_batch
 from harmonica.schedule import CacheSchedule
 from harmonica.search import Rollouts, SearchConfig, budget_for_cur, search_schedule, spread
-from harmonica.training import DiTTask, engine_attached, task_macs
+from harmonica.training import engine_attached, task_macs
 
 CLIP = (-1.0, 1.0)
 
@@ -27,42 +27,44 @@ def sign_test(wins: int, count: int) -> float:
     return sum(math.comb(count, k) for k in range(wins, count + 1)) / 2 ** count
 
 
-def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200) -> dict:
-    model = load_digits_dit()
-    task = DiTTask(model, num_steps, 1.5)
+def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200, *, model: str = "digits-dit") -> dict:
+    digits = DIGITS_MODELS[model]()
+    task = digits.task(num_steps, digits.guidance)
     macs = task_macs(task)
     defaults = SearchConfig()
-    with engine_attached(model) as engine:
+    with engine_attached(digits.transformer) as engine:
         units = len(engine.units)
         noise, labels = eval_batch(calibration, seed=100 + seed)
         started = time.perf_counter()
-        rollouts = Rollouts(task, engine, noise, {"class_labels": labels}, num_steps, clip=CLIP)
+        rollouts = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=CLIP)
         start = spread(num_steps, units, budget_for_cur(0.5, num_steps, units))
         result = search_schedule(rollouts.loss, start, rounds=defaults.rounds, candidates=defaults.candidates,
                                  on_accept=rollouts.set_base)
         seconds = time.perf_counter() - started
         noise, labels = eval_batch(held_out, seed=0)
-        test = Rollouts(task, engine, noise, {"class_labels": labels}, num_steps, clip=CLIP)
+        test = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=CLIP)
         errors = {name: ((test._clipped(test.sample(table)) - test.reference) ** 2).flatten(1).mean(1)
                   for name, table in (("fora:2", start), ("searched", result.table))}
     psnr = {name: 10 * math.log10(4 / e.mean().item()) for name, e in errors.items()}
     wins = int((errors["searched"] < errors["fora:2"]).sum())
     speedup = {name: CacheSchedule(table.clone(), name).theoretical_speedup(macs)
                for name, table in (("fora:2", start), ("searched", result.table))}
-    return {"steps": num_steps, "seed": seed, "seconds": seconds, "schedules": result.rollouts,
+    return {"model": model, "steps": num_steps, "seed": seed, "seconds": seconds, "schedules": result.rollouts,
             "calibration": (result.start_loss, result.loss), "psnr": psnr, "wins": wins, "count": held_out,
             "p": sign_test(wins, held_out), "speedup": speedup}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(DIGITS_MODELS), default="digits-dit")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for seed in args.seeds:
-        r = check(args.steps, seed)
-        print(f"T={r['steps']} seed {r['seed']}: FORA:2 {r['psnr']['fora:2']:.2f} dB ({r['speedup']['fora:2']:.3f}x), "
+        r = check(args.steps, seed, model=args.model)
+        print(f"{r['model']} T={r['steps']} seed {r['seed']}: FORA:2 {r['psnr']['fora:2']:.2f} dB "
+              f"({r['speedup']['fora:2']:.3f}x), "
               f"searched {r['psnr']['searched']:.2f} dB ({r['speedup']['searched']:.3f}x), "
               f"{r['psnr']['searched'] - r['psnr']['fora:2']:+.2f} dB; better on {r['wins']}/{r['count']} held-out "
               f"noises (sign test p = {r['p']:.1e}); calibration MSE {r['calibration'][0]:.4g} -> "

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import enable, step_runner, summary
+from .digits import DIGITS_MODELS
 from .flow import cur_for_speedup
 from .models import (
     FLOW_PRESETS,
@@ -247,6 +248,8 @@ def _router_sampler(router: Router, spec, directory: str) -> str | None:
 
 
 def sample(args) -> int:
+    if args.model in DIGITS_MODELS:
+        return sample_digits(args)
     spec = preset(args.model)
     if spec.is_flow:
         return sample_flow(args, spec)
@@ -275,6 +278,73 @@ def sample(args) -> int:
     print(summary(pipe))
     print(f"measured {elapsed:.2f} s (whole generation, decode included); image written to {args.out}")
     return 0
+
+
+def sample_digits(args) -> int:
+    """`harmonica sample` for a committed digits model: one noise per class (--seed), sampled uncached and with the
+    cache, written as a PNG grid (`digits.comparison_grid`: the uncached digit above the cached one, the PSNR of
+    each pair; the caption gives the cache, CUR, theoretical speedup and PSNR over the ten)."""
+    from .api import disable
+    from .digits import NUM_CLASSES, comparison_grid, eval_batch, psnr
+    from .training import task_macs
+
+    args.out = args.out or "out.png"
+    check_out_file(args.out, "--out", {".png"}, "a .png file name (the grid of uncached and cached digits)")
+    check_tau_and_guidance(args)
+    refuse_for_digits(args, {"weights": "--weights", "random_weights": "--random-weights", "class_label":
+                             "--class-label", "prompt": "--prompt", "prompt_embeddings": "--prompt-embeddings",
+                             "sampler": "--sampler", "scheduler_in_graph": "--scheduler-in-graph"})
+    if args.steps is not None and not 2 <= args.steps <= DIT_TRAIN_STEPS:
+        raise ValueError(f"--steps: expected 2 to {DIT_TRAIN_STEPS}, got {args.steps}")
+    router = load_router(args.router) if args.router else None
+    if router is not None and args.steps is not None and args.steps != router.num_steps:
+        raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
+                         f"{args.steps}; leave --steps out")
+    model = DIGITS_MODELS[args.model]()
+    steps = args.steps or (router.num_steps if router else model.steps)
+    guidance = model.guidance if args.guidance is None else args.guidance
+    task = model.task(steps, guidance)
+    units = [name for name, _ in cached_units(model.transformer)]
+    if router is None:
+        cache = parse_schedule(args.schedule or "no-cache", steps, units)
+    else:
+        diffs = router.info.differences(RouterInfo.for_model(model.transformer, sampler=task.sampler,
+                                                             timesteps=list(task.timesteps)))
+        if diffs:
+            raise ValueError(f"--router: {args.router} was trained for something else than --model {args.model} "
+                             f"({'; '.join(diffs)})")
+        cache = router
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.transformer.to(device)
+    noise, labels = eval_batch(NUM_CLASSES, seed=args.seed)
+    with torch.inference_mode():
+        reference = model.sample(noise.to(device), labels.to(device), steps, guidance).cpu()
+        engine = enable(model.transformer, cache, tau=args.tau, cuda_graphs=args.cuda_graphs, compile=args.compile)
+        try:
+            cached = model.sample(noise.to(device), labels.to(device), steps, guidance).cpu()
+        finally:
+            disable(model.transformer)
+    schedule = engine.schedule
+    speedup = schedule.theoretical_speedup(task_macs(task))
+    pairs = [psnr(c[None], r[None]) for c, r in zip(cached, reference)]
+    caption = (f"{args.model}, {task.sampler} {steps} steps, seed {args.seed}: top uncached, bottom {schedule.name}; "
+               f"CUR {schedule.cur:.1%}, {speedup:.2f}x (MACs), PSNR {psnr(cached, reference):.2f} dB (under each "
+               f"class: its pair's)")
+    notes = [f"{label}: {value:.1f}" for label, value in zip(labels.tolist(), pairs)]
+    write_png(comparison_grid(reference, cached, notes, caption), args.out)
+    print(caption)
+    print(f"grid of the ten classes written to {args.out}")
+    return 0
+
+
+def write_png(image, path: str) -> None:
+    """A PIL image written whole or not at all (a temporary file beside `path`, renamed into place)."""
+    partial = Path(path).with_name(Path(path).name + ".partial")
+    try:
+        image.save(partial, format="PNG")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
@@ -379,17 +449,19 @@ def sample_flow(args, spec) -> int:
     return 0
 
 
-DIGITS = "digits-dit"  # the committed digits model (harmonica.digits), trainable, not a pipeline
 RANDOM_PROMPTS = 16  # the prompt bank of a random-weights flow model's training
+DIGITS_REPORT_SAMPLES = 500  # noises of the quality report that ends a digits model's training
 
 
-def digits_report(model, schedule, num_steps: int, count: int = 500, *, batch: int = 50,
-                  stopped=lambda: False) -> str | None:
-    """Quality of the digits model with `schedule` against its uncached samples of the same seeds, sampled
-    `batch` at a time; None when `stopped()` turns true before a batch."""
+def digits_report(model, schedule, num_steps: int, count: int = DIGITS_REPORT_SAMPLES, *, batch: int = 50,
+                  guidance=None, stopped=lambda: False) -> str | None:
+    """Quality of a digits model (`digits.DIGITS_MODELS`) with `schedule` against its uncached samples of the same
+    seeds, sampled `batch` at a time (guidance: the model's by default); None when `stopped()` turns true before
+    a batch."""
     from .api import disable
-    from .digits import eval_batch, psnr, quality, sample
+    from .digits import eval_batch, psnr, quality
 
+    guidance = model.guidance if guidance is None else guidance
     noise, labels = eval_batch(count)
     chunks = list(zip(noise.split(batch), labels.split(batch)))
     bar = tqdm(total=2 * len(chunks), desc="quality report", leave=False)
@@ -399,7 +471,7 @@ def digits_report(model, schedule, num_steps: int, count: int = 500, *, batch: i
         for chunk in chunks:
             if stopped():
                 return None
-            samples.append(sample(model, *chunk, num_steps))
+            samples.append(model.sample(*chunk, num_steps, guidance))
             bar.update(1)
         return torch.cat(samples)
 
@@ -407,17 +479,26 @@ def digits_report(model, schedule, num_steps: int, count: int = 500, *, batch: i
         reference = sample_all()
         if reference is None:
             return None
-        enable(model, schedule)
+        enable(model.transformer, schedule)
         try:
             cached = sample_all()
         finally:
-            disable(model)
+            disable(model.transformer)
     if cached is None:
         return None
     ref_q, q = quality(reference, labels), quality(cached, labels)
     return (f"quality on {count} samples: uncached FD {ref_q['fd']:.3f}, accuracy {ref_q['accuracy']:.1%}; "
             f"with the router FD {q['fd']:.3f}, accuracy {q['accuracy']:.1%}, "
             f"PSNR vs uncached {psnr(cached, reference):.1f} dB")
+
+
+def refuse_for_digits(args, options: dict) -> None:
+    """ValueError for the first of `options` (attribute -> option name) set on the command line: a committed
+    digits model has its own weights, classes and sampler."""
+    for attribute, option in options.items():
+        if getattr(args, attribute, None) not in (None, False):
+            raise ValueError(f"{option}: expected none with --model {args.model} (a committed digits model: its own "
+                             f"weights, classes and sampler), got {option} {getattr(args, attribute)!r}")
 
 
 def train(args) -> int:
@@ -427,6 +508,7 @@ def train(args) -> int:
 
     import torch.distributed as dist
 
+    from .digits import DIGITS_MODELS
     from .training import (
         DiTTask,
         PixArtTask,
@@ -439,7 +521,11 @@ def train(args) -> int:
     )
 
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any model is loaded
-    spec = preset("tiny-dit" if args.model == DIGITS else args.model)
+    digits = DIGITS_MODELS.get(args.model)
+    if digits is not None:
+        refuse_for_digits(args, {"weights": "--weights", "random_weights": "--random-weights", "embeds": "--embeds",
+                                 "sampler": "--sampler"})
+    spec = preset("tiny-dit" if digits is not None else args.model)  # (digits: past every check below)
     if spec.is_pixart and not args.embeds:
         raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "
                          f"(harmonica embed writes one), got none")
@@ -455,7 +541,8 @@ def train(args) -> int:
     if args.objective == SEARCH and args.resume:
         raise ValueError("--resume: expected none with --objective search (it keeps no checkpoint; it takes minutes: "
                          "run it again with --overwrite)")
-    guidance = args.guidance if args.guidance is not None else (spec.guidance if spec.is_flow else TrainConfig.guidance)
+    default_guidance = digits.guidance if digits else spec.guidance if spec.is_flow else TrainConfig.guidance
+    guidance = default_guidance if args.guidance is None else args.guidance
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations,
                          batch=args.batch or TrainConfig.batch, lr=args.lr,
                          beta=args.beta, tau=args.tau, refresh=args.refresh, guidance=guidance,
@@ -469,16 +556,17 @@ def train(args) -> int:
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
-    if args.model == DIGITS:
-        from .digits import load_digits_dit
-
-        transformer = load_digits_dit().to(device)
+    if digits is not None:
+        digits = digits()
+        transformer = digits.transformer.to(device)
     elif spec.is_flow:
         transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights).to(device)
     else:
         pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
         transformer = pipe.transformer.to(device)
-    if spec.is_flow:
+    if digits is not None:
+        task = digits.task(config.num_steps, config.guidance)
+    elif spec.is_flow:
         from .flow import flow_task, load_flow_embeddings, random_flow_embeddings
 
         bank = (load_flow_embeddings(args.embeds) if args.embeds else
@@ -495,7 +583,7 @@ def train(args) -> int:
     if args.target_speedup is not None:  # the checkpoint records the CUR target it became
         config.target_cur = cur_for_speedup(macs, args.target_speedup, config.num_steps)
         print(f"target speedup {args.target_speedup}x: target CUR {config.target_cur:.1%} (at the average unit's MACs)")
-    clip = DIGITS_RANGE if args.model == DIGITS else None
+    clip = DIGITS_RANGE if digits is not None else None
     if args.objective == SEARCH:
         router, rank, stop = _search(args, task, config, macs, clip)
         partial = not router.info.complete
@@ -517,8 +605,9 @@ def train(args) -> int:
                   f"the same command with --resume continues it")
         else:
             with stop_signals(stop.request_stop):
-                if args.model == DIGITS:
-                    report = digits_report(transformer, schedule, config.num_steps,
+                if digits is not None:
+                    report = digits_report(digits, schedule, config.num_steps, DIGITS_REPORT_SAMPLES,
+                                           guidance=config.guidance,
                                            stopped=lambda: stop.stop_signal is not None)
                     print(report or "interrupted: the quality report was skipped (the router is complete)")
                 if args.eval_batch and stop.stop_signal is None:
@@ -533,7 +622,7 @@ def train(args) -> int:
 
 SEARCH = "search"  # the default objective (harmonica.search)
 IEPO_NAMES = {"iepo": "cumulative"}  # the paper's objective, as the official code computes lambda
-DIGITS_RANGE = (-1.0, 1.0)  # digits-dit samples pixels: its images are clipped to this range
+DIGITS_RANGE = (-1.0, 1.0)  # the digits models sample pixels: their images are clipped to this range
 
 
 class _StopFlag:
@@ -624,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = commands.add_parser("train", help="train a router (default: a schedule search; --objective iepo: SDT + "
                             "IEPO); torchrun for several GPUs")
     defaults = TrainConfig()
-    t.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS) + [DIGITS])
+    t.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS) + sorted(DIGITS_MODELS))
     weights = t.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
     weights.add_argument("--random-weights", action="store_true", help="no download: random weights")
@@ -668,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", choices=LOSSES, default=defaults.loss,
                    help="combined: MSE of the guidance-combined output, as the official code (separate: CFG halves)")
     s = commands.add_parser("sample", help="generate one image")
-    s.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS))
+    s.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS) + sorted(DIGITS_MODELS))
     source = s.add_mutually_exclusive_group()
     source.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
     source.add_argument("--random-weights", action="store_true", help="no download: random weights from configs")

@@ -1,4 +1,5 @@
-"""digits-dit: a small class-conditional DiT that really learned something, for proving routers on CPU.
+"""digits-dit and digits-flux: small class-conditional transformers that really learned something, for
+proving routers on CPU.
 
 The model is diffusers' `DiTTransformer2DModel` (6 blocks, hidden 64, 12 units) trained as a
 pixel-space diffusion model (DiT's linear beta schedule, eps prediction, 10% label dropout for
@@ -6,8 +7,19 @@ guidance) on scikit-learn's 1797 handwritten 8x8 digits, scaled to [-1, 1] (16 t
 trained on the same digits gives class accuracy and 64-d features for a Fréchet distance against
 the real digits' feature statistics. The real digits themselves are committed too
 (`digits_images.safetensors`: scikit-learn's `load_digits` data, uint8 pixel values 0..16, and the
-labels), for Learning-to-Cache's training, which needs real images. The model, classifier and statistics
-files are made by `python -m harmonica.digits`; everything runs from the committed files.
+labels), for Learning-to-Cache's training, which needs real images.
+
+digits-flux is the flow-matching path FLUX/SD3/Wan/Qwen-Image users run: diffusers'
+`FluxTransformer2DModel` (2 double-stream and 4 single-stream blocks, hidden 64, 10 units) trained with
+rectified flow (x_s = (1 - s) x0 + s noise, velocity target noise - x0, s logit-normal) on the same
+digits, packed as FLUX packs latents (2 x 2 pixels per token: 16 tokens of 4 channels). It has no VAE:
+its latents are the images. The class is its prompt: a learned bank of 10 prompts (2 tokens of width 32
+and a pooled vector of 32 each), committed as a prompt-embeddings file in FluxPipeline's keys, so it
+runs through harmonica's FLUX task (`flow.FluxTask`) and its FlowMatchEuler sampler (FLUX.1-dev's
+scheduler config, 20 steps) like any FLUX model, without classifier-free guidance.
+
+The files are made by `python -m harmonica.digits [dit|flux]` (both by default; scikit-learn only
+refits the real digits file); everything runs from the committed files.
 """
 
 import time
@@ -25,8 +37,18 @@ MODEL_FILE, CLASSIFIER_FILE, STATS_FILE = "digits_dit.safetensors", "digits_clas
 IMAGES_FILE = "digits_images.safetensors"
 SIZE = 8
 NUM_CLASSES = 10
+FLUX_MODEL_FILE, FLUX_CLASSES_FILE = "digits_flux.safetensors", "digits_flux_classes.safetensors"
 DIT_CONFIG = {"num_attention_heads": 4, "attention_head_dim": 16, "in_channels": 1, "out_channels": 1,
               "num_layers": 6, "sample_size": SIZE, "patch_size": 2, "num_embeds_ada_norm": NUM_CLASSES}
+
+
+FLUX_CONFIG = {"patch_size": 1, "in_channels": 4, "num_layers": 2, "num_single_layers": 4, "attention_head_dim": 16,
+               "num_attention_heads": 4, "joint_attention_dim": 32, "pooled_projection_dim": 32,
+               "guidance_embeds": False, "axes_dims_rope": (4, 6, 6)}
+FLUX_CLASS_TOKENS = 2  # tokens of each class's prompt
+FLUX_STEPS = 20  # its default sampling steps
+FLUX_SCHEDULER = "flux.1-dev"  # a key of solvers.FLOW_MATCH_SCHEDULERS
+FLUX_PIXELS = SIZE * 8  # the size the FLUX task is given: its latents are 8x smaller, the 8x8 digit
 
 
 def build_digits_dit():
@@ -40,6 +62,106 @@ def load_digits_dit():
     model = build_digits_dit()
     model.load_state_dict(load_file(str(DATA / MODEL_FILE)))
     return model.eval()
+
+
+def build_digits_flux():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**FLUX_CONFIG)
+
+
+def load_digits_flux() -> tuple:
+    """(the committed digits-flux transformer (fp32, eval mode), its class prompts: {"prompt_embeds" (10, 2, 32),
+    "pooled_prompt_embeds" (10, 32)}, prompt i the class i)."""
+    model = build_digits_flux()
+    model.load_state_dict(load_file(str(DATA / FLUX_MODEL_FILE)))
+    return model.eval(), load_file(str(DATA / FLUX_CLASSES_FILE))
+
+
+def flux_task(model, classes: dict, num_steps: int = FLUX_STEPS):
+    """digits-flux's `flow.FluxTask` (FlowMatchEuler, FLUX.1-dev's scheduler): latents (B, 16, 4), prompt i the
+    class i."""
+    from .flow import FluxTask
+
+    return FluxTask(model, classes, num_steps, 1.0, height=FLUX_PIXELS, width=FLUX_PIXELS, scheduler=FLUX_SCHEDULER)
+
+
+def pack(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, 8, 8) -> (N, 16, 4): FLUX's packing of 2 x 2 patches (flow.FluxTask.unpack inverts it)."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._pack_latents(images, images.shape[0], 1, SIZE, SIZE)
+
+
+def sample_flux(model, classes: dict, noise, labels, num_steps: int = FLUX_STEPS) -> torch.Tensor:
+    """digits-flux's samples (N, 1, 8, 8) of `noise` (N, 1, 8, 8) and `labels` (N,), caching as enabled."""
+    from .flow import flow_sample
+
+    task = flux_task(model, classes, num_steps)
+    return task.unpack(flow_sample(task, labels, latents=pack(noise)))  # = DigitsFlux.images
+
+
+class DigitsDiT:
+    """digits-dit as the CLI, the search and the protocols drive it: its transformer, its training task (the
+    original DiT DDIM) and its samples. Images and latents are the same (N, 1, 8, 8) pixels."""
+
+    name, steps, guidance = "digits-dit", 10, 1.5
+
+    def __init__(self):
+        self.transformer = load_digits_dit()
+
+    def task(self, num_steps: int, guidance: float):
+        from .training import DiTTask
+
+        return DiTTask(self.transformer, num_steps, guidance)
+
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def conditions(self, labels: torch.Tensor) -> dict:
+        """The task's conditions (its `model_kwargs`' cond) of the classes `labels` (N,)."""
+        return {"class_labels": labels}
+
+    def sample(self, noise, labels, num_steps: int, guidance: float) -> torch.Tensor:
+        """Images (N, 1, 8, 8) of noise (N, 1, 8, 8) and labels (N,), caching as enabled on the transformer."""
+        return sample(self.transformer, noise, labels, num_steps, guidance)
+
+
+class DigitsFlux(DigitsDiT):
+    """digits-flux as the CLI, the search and the protocols drive it: its task is FLUX's (`flux_task`, no
+    guidance), its latents the images packed (N, 16, 4)."""
+
+    name, steps, guidance = "digits-flux", FLUX_STEPS, 1.0
+
+    def __init__(self):
+        self.transformer, self.classes = load_digits_flux()
+
+    def task(self, num_steps: int, guidance: float):
+        if guidance != 1.0:
+            raise ValueError(f"--guidance: expected 1 for digits-flux (it samples without guidance), got {guidance}")
+        return flux_task(self.transformer, self.classes, num_steps)
+
+    def latents(self, images):
+        return pack(images)
+
+    def conditions(self, labels):
+        return {"prompt_index": labels}
+
+    def images(self, latents):
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._unpack_latents(latents, FLUX_PIXELS, FLUX_PIXELS, FLUX_PIXELS // SIZE)
+
+    def sample(self, noise, labels, num_steps: int, guidance: float = 1.0) -> torch.Tensor:
+        self.task(num_steps, guidance)  # checks the guidance
+        return sample_flux(self.transformer, self.classes, noise.to(self.transformer.device),
+                           labels.to(self.transformer.device), num_steps)
+
+
+DIGITS_MODELS = {model.name: model for model in (DigitsDiT, DigitsFlux)}
 
 
 class DigitClassifier(torch.nn.Module):
@@ -117,6 +239,36 @@ def real_digits() -> tuple:
     return images * 2 - 1, data["labels"].long()
 
 
+GRID_SCALE, GRID_GAP, GRID_TEXT = 8, 4, 14  # pixels per digit pixel, between columns, per line of text
+
+
+def comparison_grid(top: torch.Tensor, bottom: torch.Tensor, notes: list, caption: str):
+    """A PIL image: the digits of `top` (N, 1, 8, 8) above those of `bottom` (same shape), values in [-1, 1]
+    (clipped), each pixel a GRID_SCALE square, `notes[i]` under column i and `caption` wrapped below."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    count = top.shape[0]
+    cell = SIZE * GRID_SCALE
+    width = count * (cell + GRID_GAP) + GRID_GAP
+    lines = textwrap.wrap(caption, max(20, width // 6))
+    height = 2 * cell + 3 * GRID_GAP + GRID_TEXT * (1 + len(lines)) + GRID_GAP
+    image = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(image)
+    for row, digits in enumerate((top, bottom)):
+        pixels = ((digits.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # white digit on black
+        for i in range(count):
+            tile = Image.fromarray(pixels[i, 0].numpy()).resize((cell, cell), Image.NEAREST)
+            image.paste(tile, (GRID_GAP + i * (cell + GRID_GAP), GRID_GAP + row * (cell + GRID_GAP)))
+    text_top = 2 * cell + 3 * GRID_GAP
+    for i, note in enumerate(notes):
+        draw.text((GRID_GAP + i * (cell + GRID_GAP), text_top), note, fill=0)
+    for j, line in enumerate(lines):
+        draw.text((GRID_GAP, text_top + GRID_TEXT * (j + 1)), line, fill=0)
+    return image
+
+
 # ---- fitting the committed model, classifier and statistics ----
 
 
@@ -170,22 +322,72 @@ def fit_dit(images, labels, *, iterations: int = 4000, batch: int = 256, seed: i
     return model.eval()
 
 
-def fit(out_dir=DATA) -> None:
-    """Train the classifier and the DiT on the real digits and write the three files."""
+def fit_flux(images, labels, *, iterations: int = 4000, batch: int = 128, seed: int = 0) -> tuple:
+    """digits-flux and its class prompts (`load_digits_flux`), trained with rectified flow."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_digits_flux().train()
+    text, pooled = FLUX_CONFIG["joint_attention_dim"], FLUX_CONFIG["pooled_projection_dim"]
+    classes = {"prompt_embeds": torch.nn.Parameter(torch.randn(NUM_CLASSES, FLUX_CLASS_TOKENS, text)),
+               "pooled_prompt_embeds": torch.nn.Parameter(torch.randn(NUM_CLASSES, pooled))}
+    task = flux_task(model, classes)
+    optimizer = torch.optim.AdamW([*model.parameters(), *classes.values()], lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations)
+    start = time.perf_counter()
+    for it in range(iterations):
+        index = torch.randint(0, len(images), (batch,), generator=gen)
+        x0 = pack(_shifted(images[index], gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        s = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal, as SD3 and FLUX train
+        xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
+        prompts = {key: value[labels[index]] for key, value in classes.items()}
+        velocity = model(hidden_states=xs, **task._model_inputs(xs, s * 1000, prompts)).sample
+        loss = F.mse_loss(velocity, noise - x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if it % 500 == 0 or it == iterations - 1:
+            print(f"flux: iteration {it}, loss {loss.item():.4f}, {time.perf_counter() - start:.0f} s")
+    return model.eval(), {key: value.detach().contiguous() for key, value in classes.items()}
+
+
+def _save(tensors: dict, path: Path) -> None:
+    """Written whole or not at all (a temporary file beside it, renamed into place)."""
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
+    partial.replace(path)
+
+
+def fit(models=("dit", "flux"), out_dir=DATA) -> None:
+    """Train the classifier (with "dit") and the models on the real digits and write their files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = real_digits()
-    classifier = fit_classifier(images, labels)
-    with torch.no_grad():
-        mean, cov = feature_stats(classifier.features(images))
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(out_dir / CLASSIFIER_FILE))
-    save_file({"mean": mean, "cov": cov}, str(out_dir / STATS_FILE))
-    model = fit_dit(images, labels)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / MODEL_FILE))
     noise, eval_labels = eval_batch(500)
-    result = quality(sample(model, noise, eval_labels, 20), eval_labels, classifier)
-    print(f"dit: DDIM-20 samples: FD {result['fd']:.2f}, accuracy {result['accuracy']:.1%}")
+    if "dit" in models:
+        classifier = fit_classifier(images, labels)
+        with torch.no_grad():
+            mean, cov = feature_stats(classifier.features(images))
+        _save(classifier.state_dict(), out_dir / CLASSIFIER_FILE)
+        _save({"mean": mean, "cov": cov}, out_dir / STATS_FILE)
+        model = fit_dit(images, labels)
+        _save(model.state_dict(), out_dir / MODEL_FILE)
+        result = quality(sample(model, noise, eval_labels, 20), eval_labels, classifier)
+        print(f"dit: DDIM-20 samples: FD {result['fd']:.2f}, accuracy {result['accuracy']:.1%}")
+    if "flux" in models:
+        model, classes = fit_flux(images, labels)
+        _save(model.state_dict(), out_dir / FLUX_MODEL_FILE)
+        _save(classes, out_dir / FLUX_CLASSES_FILE)
+        with torch.no_grad():
+            result = quality(sample_flux(model, classes, noise, eval_labels), eval_labels)
+        print(f"flux: FlowMatchEuler-{FLUX_STEPS} samples: FD {result['fd']:.2f}, accuracy {result['accuracy']:.1%}")
 
 
 if __name__ == "__main__":
-    fit()
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m harmonica.digits",
+                                     description="Refit the committed digits models.")
+    parser.add_argument("models", nargs="*", choices=("dit", "flux"), default=["dit", "flux"])
+    fit(parser.parse_args().models)

@@ -66,7 +66,7 @@ class FlowTask:
         import diffusers
 
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
-        self.height, self.width, self.frames = height, width, frames
+        self.height, self.width, self.frames, self.scheduler_name = height, width, frames, scheduler
         self.latent_shape = self._latent_shape(transformer.config)
         self.guided = self.cfg and guidance > 1
         self.embeddings = self._check_embeddings(embeddings)
@@ -77,6 +77,11 @@ class FlowTask:
         self.timesteps = [int(t) for t in self.scheduler.timesteps.tolist()]  # what a router records
         self.solver_guidance = {"guidance_scale": guidance, "cond_first": False} if self.guided else {}
         self._device_tensors = {}
+
+    def with_steps(self, num_steps: int) -> "FlowTask":
+        """The same task sampled with another step count."""
+        return type(self)(self.transformer, self.embeddings, num_steps, self.guidance, height=self.height,
+                          width=self.width, frames=self.frames, scheduler=self.scheduler_name)
 
     # ---- shapes ----
 

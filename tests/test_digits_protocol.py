@@ -53,7 +53,8 @@ def test_a_left_engine_is_caught():
 
 
 TINY = dict(seeds=2, workers=0, steps=4, iterations=4, batch=2, refresh=4, lambda_batch=2, samples=10, repeats=1,
-            taus=(1e-3, 0.1, 0.99), fora=(2,), delta_dit=((2, 2, 3),), fewer_steps=(2,), quick=True)
+            taus=(1e-3, 0.1, 0.99), fora=(2,), delta_dit=((2, 2, 3),), fewer_steps=(2,), search_batch=2,
+            search_rounds=1, search_candidates=2, quick=True)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,9 @@ def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
     routers = results["routers"]
     assert sorted((r["objective"], r["seed"]) for r in routers) == sorted(
         (o, s) for o in protocol.OBJECTIVES for s in range(2))
+    search = [r for r in routers if r["objective"] == "search"]
+    for r in search:  # logits +-5: the searched table at every tau in (0.007, 0.993), all-compute below
+        assert {t: row["cur"] for row in r["curve"] for t in row["taus"]} == {1e-3: 0.0, 0.1: 0.5, 0.99: 0.5}
     for r in routers:
         curs = [row["cur"] for row in r["curve"]]
         assert curs == sorted(curs) and len(set(curs)) == len(curs)  # distinct schedules, nested in tau
@@ -88,7 +92,11 @@ def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
             assert max(curs) <= 0.5
         points = [(row["cur"], row["psnr"]) for row in r["curve"]]
         assert r["metrics"]["psnr_at_cur_0.50"] == protocol.interpolate(points, 0.5)
-    assert len(results["paired"]) == 2 * len(protocol.COMPARED) == len(results["outcome"])
+    assert len(results["paired"]) == 3 * len(protocol.COMPARED) + 1 == len(results["outcome"])
+    static = results["paired"][-1]
+    best = max((b for b in results["baselines"] if b["cur"] >= 0.5), key=lambda b: b["psnr"])
+    assert static["second"] == f"best static ({best['config']})"
+    assert static["differences"] == [r["metrics"]["psnr_at_cur_0.50"] - best["psnr"] for r in search]
     path = protocol.write_outputs(results, tmp_path, write_benchmarks=False, progress=lambda _: None)
     assert json.loads(path.read_text())["eval_seed"] == protocol.EVAL_SEED
     drawn = importlib.util.find_spec("matplotlib") is not None  # the bench extra; `make test` installs only test
@@ -98,8 +106,10 @@ def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
 def test_the_section_replaces_its_markers_only(tiny_results):
     section = protocol.digits_section(tiny_results, "bench/results/x-digits.json")
     lines = section.splitlines()
-    assert lines[0] == protocol.BEGIN and lines[-1] == protocol.END and "--quick" in section
-    markdown = f"# B\n\n{protocol.BEGIN}\nold\n{protocol.END}\n\n## after\n"
+    begin, end = protocol.markers("digits-dit-t4")  # TINY: 4 steps
+    assert lines[0] == begin and lines[-1] == end and "--quick" in section
+    assert "T = 4" in lines[1] and "the search holds CUR 0.5 exactly" in section
+    markdown = f"# B\n\n{begin}\nold\n{end}\n\n## after\n"
     updated = update_benchmarks(markdown, section)
     assert updated == f"# B\n\n{section}\n\n## after\n"
 
