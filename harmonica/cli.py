@@ -538,6 +538,9 @@ def train(args) -> int:
                          f"FlowMatchEulerDiscreteScheduler), got {args.sampler!r}")
     if args.target_speedup is not None and not args.target_speedup > 1:
         raise ValueError(f"--target-speedup: expected a theoretical speedup > 1, got {args.target_speedup}")
+    if args.objective == SEARCH and args.init is not None:
+        raise ValueError(f"--init: expected none with --objective search (it starts from the FORA schedule of its "
+                         f"cost), got {args.init!r}")
     if args.objective == SEARCH and args.resume:
         raise ValueError("--resume: expected none with --objective search (it keeps no checkpoint; it takes minutes: "
                          "run it again with --overwrite)")
@@ -549,7 +552,8 @@ def train(args) -> int:
                          objective=IEPO_NAMES.get(args.objective, args.objective) if args.objective != SEARCH else
                          TrainConfig.objective, lambda_batch=args.lambda_batch, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
-                         target_cur=args.target_cur, optimizer=args.optimizer, loss=args.loss)
+                         target_cur=args.target_cur, optimizer=args.optimizer, loss=args.loss,
+                         init=args.init or TrainConfig.init)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
@@ -595,9 +599,10 @@ def train(args) -> int:
         partial = trainer.iteration < config.iterations
         done = f"after {trainer.iteration} iterations"
     if rank == 0:
-        schedule = router.schedule(config.tau)
+        schedule = router.schedule()  # at its tau (--target-cur: the one that meets it)
         print(f"router {done}: {args.out}/router (sampler {task.sampler}, {config.num_steps} steps, tau "
-              f"{config.tau}), CUR {schedule.cur:.1%}, theoretical speedup {schedule.theoretical_speedup(macs):.2f}x")
+              f"{router.info.tau:.4g}), CUR {schedule.cur:.1%}, theoretical speedup "
+              f"{schedule.theoretical_speedup(macs):.2f}x")
         if partial and args.objective == SEARCH:
             print("interrupted: the router is partial (the best schedule found so far); run the search again")
         elif partial:
@@ -749,9 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes,
                    help="also checkpoint when this many minutes passed since the last checkpoint")
     target = t.add_mutually_exclusive_group()
-    target.add_argument("--target-cur", type=float, help="adjust beta during training towards this CUR at tau")
+    target.add_argument("--target-cur", type=float, help="iepo: steer beta towards this CUR, and set the router's tau "
+                        "where it is met")
     target.add_argument("--target-speedup", type=float,
                         help="--target-cur of this theoretical MAC speedup, at the average unit's MACs")
+    t.add_argument("--init", help="iepo: the router's start, random (default, the official N(0, 1)), compute (every "
+                   "gate open) or fora:N")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
                    help="per-step: one AdamW parameter per step's row, as the official code (shared: one (T, K))")
     t.add_argument("--loss", choices=LOSSES, default=defaults.loss,

@@ -30,7 +30,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -39,17 +39,20 @@ from tqdm.auto import tqdm
 
 from .engine import CacheEngine
 from .kernels import solver_step
-from .router import Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
+from .router import LOGIT_BOUND, Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
 from .samplers import dit_ddim_table, dit_guidance, dit_null_labels
+from .schedule import CacheSchedule
 from .units import cached_units
 
 OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
 OPTIMIZERS = ("per-step", "shared")  # the official one parameter per row, or one (T, K) parameter
 LOSSES = ("combined", "separate")  # the official MSE of the guidance-combined output, or of the raw halves
-BETA_GAIN = 2.0  # --target-cur: after each trajectory, beta *= exp(gain * (target CUR - CUR at tau)), anti-windup
-HOLD_GAIN = 0.1  # `_beta_error`: the share of the gain left while the rows head across the target
-CHECKPOINT_VERSION = 3  # 2 added the run record (model, units, sampler, timesteps, world size); 3 the optimizer
-# and loss settings (per-step rows: the optimizer state of a version 2 checkpoint is for one (T, K) parameter)
+BETA_GAIN = 2.0  # --target-cur: after each trajectory, beta *= exp(gain * (target CUR - `soft_cur`))
+BETA_RANGE = 100.0  # --target-cur: beta stays within [beta / BETA_RANGE, beta * BETA_RANGE] of its start
+SOFT_CUR_TEMPERATURE = 1.0  # `soft_cur`: logits this far from logit(tau) count 27% / 73% reused
+CHECKPOINT_VERSION = 4  # 2 added the run record (model, units, sampler, timesteps, world size); 3 the optimizer
+# and loss settings (per-step rows: the optimizer state of a version 2 checkpoint is for one (T, K) parameter);
+# 4 the start (init) and the soft-CUR controller (a version 3 beta was steered by the hard CUR)
 RESUMABLE = ("iterations", "checkpoint_every", "checkpoint_minutes", "log_every")  # may change on --resume
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOG_FILE, ROUTER_DIR = "train_log.jsonl", "router"
@@ -76,6 +79,7 @@ class TrainConfig:
     log_every: int = 1
     optimizer: str = "per-step"  # or "shared" (see OPTIMIZERS)
     loss: str = "combined"  # or "separate" (see LOSSES)
+    init: str = "random"  # the router's start (see `initial_logits`): "random", "compute" or "fora:N"
 
     def __post_init__(self):
         for name, choices in (("objective", OBJECTIVES), ("optimizer", OPTIMIZERS), ("loss", LOSSES)):
@@ -87,6 +91,47 @@ class TrainConfig:
             raise ValueError(f"target_cur: expected a value in (0, 1), got {self.target_cur}")
         if not self.checkpoint_minutes > 0:
             raise ValueError(f"checkpoint_minutes: expected > 0, got {self.checkpoint_minutes}")
+        initial_logits(self.init, self.num_steps, 1)  # the name checked
+
+
+def soft_cur(logits: torch.Tensor, tau: float) -> float:
+    """The CUR at `tau` of logits (T, K) (the share of cells whose gate is at most tau; row 0 computes) as a
+    smooth function: each cell of rows 1 .. T-1 counts sigmoid((logit(tau) - logit) / SOFT_CUR_TEMPERATURE).
+    It moves as soon as a logit does, long before one crosses logit(tau): a controller steering beta by the
+    hard CUR sees nothing until then and winds up (beta x400 from an all-compute start, then CUR 0.78)."""
+    threshold = math.log(tau / (1 - tau))
+    reused = torch.sigmoid((threshold - logits[1:].double()) / SOFT_CUR_TEMPERATURE)
+    return reused.sum().item() / logits.numel()
+
+
+def calibrated_tau(gates: torch.Tensor, target_cur: float) -> float:
+    """The threshold whose schedule of gates (T, K) computes the cells nearest to (1 - target_cur) T K (the
+    largest gates of rows 1 .. T-1 besides row 0): midway between the last gate kept and the first left out.
+    Equal gates at the cut are left out together, so the CUR may then exceed the target."""
+    from .search import budget_for_cur
+
+    num_steps, num_units = gates.shape
+    free = gates[1:].flatten().double().sort(descending=True).values
+    kept = budget_for_cur(target_cur, num_steps, num_units) - num_units
+    above = free[kept - 1].item() if kept > 0 else 1.0
+    below = free[kept].item() if kept < len(free) else 0.0
+    return (above + below) / 2
+
+
+def initial_logits(init: str, num_steps: int, num_units: int, generator: torch.Generator | None = None):
+    """(T, K) starting logits of a router: "random" N(0, 1) (the official start), "compute" every gate open
+    (+LOGIT_BOUND) or "fora:N" FORA's table (+-LOGIT_BOUND); row 0 always +LOGIT_BOUND."""
+    if init == "random":
+        logits = torch.randn(num_steps, num_units, generator=generator)
+    elif init == "compute":
+        logits = torch.full((num_steps, num_units), LOGIT_BOUND)
+    elif init.startswith("fora:") and init[5:].isdigit() and int(init[5:]) >= 1:
+        table = CacheSchedule.fora(num_steps, num_units, int(init[5:])).table
+        logits = torch.where(table, LOGIT_BOUND, -LOGIT_BOUND)
+    else:
+        raise ValueError(f"init: expected random, compute or fora:N (N >= 1), got {init!r}")
+    logits[0] = LOGIT_BOUND
+    return logits
 
 
 def guidance_combined(out: torch.Tensor, channels: int, scale: float, *, cond_first: bool) -> torch.Tensor:
@@ -283,7 +328,6 @@ class Trajectory:
     noise: torch.Tensor  # x at step 0
     cond: dict
     rows: list  # gate rows (K,) used at steps 1 .. step-1
-    down: list = field(default_factory=list)  # per step 1 .. step-1, (K,) bool: the gradient pushed it down
     x: torch.Tensor = None
     state: object = None  # the sampler's state
     step: int = 0
@@ -316,8 +360,12 @@ class RouterTrainer:
         num_units = len(cached_units(self.transformer))
         self.info = RouterInfo.for_model(self.transformer, sampler=task.sampler, timesteps=list(task.timesteps),
                                          tau=config.tau)
-        init = torch.Generator().manual_seed(config.seed)  # identical on every rank
-        self.router = router or Router(config.num_steps, num_units, info=self.info, generator=init)
+        if router is None:
+            router = Router(config.num_steps, num_units, info=self.info)
+            with torch.no_grad():  # identical on every rank
+                router.logits.copy_(initial_logits(config.init, config.num_steps, num_units,
+                                                   torch.Generator().manual_seed(config.seed)))
+        self.router = router
         self.router.to(self.device)
         # per-step: rows 1 .. T-1 as their own parameters (`_trained_gates`, `_store_row`)
         self.rows = None
@@ -480,7 +528,6 @@ class RouterTrainer:
         self.optimizer.zero_grad(set_to_none=self.rows is not None)  # per-step: AdamW skips the other rows
         loss.backward()
         _average(param.grad)
-        traj.down.append((param.grad if self.rows is not None else param.grad[i]).cpu() > 0)
         self.optimizer.step()
         self._store_row(i)
         traj.rows.append(gates[i].detach().cpu())
@@ -489,19 +536,10 @@ class RouterTrainer:
         traj.step += 1
         self.iteration += 1
         if cfg.target_cur is not None and traj.step == cfg.num_steps:
-            self.beta *= math.exp(BETA_GAIN * self._beta_error(traj))
+            error = cfg.target_cur - soft_cur(self.router.logits.detach(), cfg.tau)
+            self.beta = min(max(self.beta * math.exp(BETA_GAIN * error), cfg.beta / BETA_RANGE), cfg.beta * BETA_RANGE)
         return {"iteration": self.iteration, "step": i, "loss": loss.item(), "mse": mse.item(), "l1": l1.item(),
                 "lambda": self.lam[i].item(), "beta": self.beta}
-
-    def _beta_error(self, traj: Trajectory) -> float:
-        """After a trajectory: target CUR - CUR at tau, times HOLD_GAIN while the rows already head across the
-        target (anti-windup: the CUR lags beta by the many updates a logit needs to cross the threshold, and
-        Adam's momentum lags the gradient). Where the rows head: the CUR of the units this trajectory's
-        gradients pushed down (the L1 term outweighing the MSE)."""
-        cfg = self.config
-        error = cfg.target_cur - self.router.schedule(cfg.tau).cur
-        heading = torch.stack(traj.down).sum().item() / self.router.logits.numel()  # row 0 counts as computed
-        return error * HOLD_GAIN if (cfg.target_cur - heading) * error < 0 else error
 
     # ---- checkpoints ----
 
@@ -514,8 +552,7 @@ class RouterTrainer:
             "iteration": self.iteration, "logits": self.router.logits.detach().cpu(),
             "optimizer": self.optimizer.state_dict(), "lambda": self.lam, "beta": self.beta,
             "noise_gen": self.noise_gen.get_state(), "config": asdict(self.config),
-            "trajectory": None if traj is None else {"noise": traj.noise, "cond": traj.cond, "rows": traj.rows,
-                                                     "down": traj.down},
+            "trajectory": None if traj is None else {"noise": traj.noise, "cond": traj.cond, "rows": traj.rows},
             "version": CHECKPOINT_VERSION, "run": self._run_record(),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -589,6 +626,8 @@ class RouterTrainer:
                 info = self.router.info
                 info.complete, info.iterations, info.planned_iterations = (
                     self.iteration >= cfg.iterations, self.iteration, cfg.iterations)
+                if cfg.target_cur is not None:
+                    info.tau = calibrated_tau(self.router.gates().detach(), cfg.target_cur)
                 self.router.save_pretrained(self.out_dir / ROUTER_DIR)
         return self.router
 

@@ -1,11 +1,24 @@
 """Router training follows the official code: one AdamW parameter per step's row (untrained rows do not
 move, their Adam state untouched) and the MSE of the guidance-combined output the sampler uses."""
 
+import math
+
 import pytest
 import torch
 from test_training import FAST, trainer
 
-from harmonica.training import HOLD_GAIN, PixArtTask, RouterTrainer, TrainConfig
+from harmonica import CacheSchedule, Router
+from harmonica.search import budget_for_cur
+from harmonica.training import (
+    BETA_GAIN,
+    BETA_RANGE,
+    PixArtTask,
+    RouterTrainer,
+    TrainConfig,
+    calibrated_tau,
+    initial_logits,
+    soft_cur,
+)
 
 
 def logits_per_iteration(run, iterations: int) -> list:
@@ -27,7 +40,6 @@ def test_per_step_rows_move_only_when_trained_and_shared_rows_keep_moving(tmp_pa
     history = logits_per_iteration(run, 3)
     assert [moved_rows(a, b) for a, b in zip(history, history[1:])] == [[1], [2], [3]]
     assert [run.optimizer.state[row]["step"].item() for row in run.rows] == [1, 1, 1]
-    assert torch.equal(run.trajectory.down[-1], run.rows[2].grad > 0)  # what the target-CUR controller reads
     with run.attached():
         run.train_step()  # a new trajectory: step 1 again
     assert [run.optimizer.state[row]["step"].item() for row in run.rows] == [2, 1, 1]
@@ -100,19 +112,62 @@ def test_defaults_are_the_official_semantics_and_bad_options_are_named():
         TrainConfig(loss="mse")
 
 
-@pytest.mark.parametrize("logit, down, error", [
-    (0.0, 4, 0.5 * HOLD_GAIN),  # CUR 0 < 0.5, but the gradients push every unit down (CUR 0.75 ahead): hold
-    (0.0, 2, 0.5),  # CUR 0, half of each row pushed down (CUR 0.375 ahead): raise beta
-    (0.0, 0, 0.5),  # CUR 0, every unit pushed up: raise beta
-    (-5.0, 4, -0.25),  # CUR 0.75 > 0.5, every unit pushed down: lower beta
-    (-5.0, 0, -0.25 * HOLD_GAIN),  # CUR 0.75, every unit pushed up (CUR 0 ahead): hold
-], ids=["heading-down", "half-down", "up", "staying-down", "heading-up"])
-def test_target_cur_holds_beta_while_the_rows_head_across_the_target(tmp_path, logit, down, error):
-    from harmonica.training import Trajectory
+def test_soft_cur_is_the_hard_cur_made_smooth():
+    T, K, tau = 4, 3, 0.1
+    at = torch.full((T, K), math.log(tau / (1 - tau)))  # every gate at tau: half reused each
+    assert soft_cur(at, tau) == pytest.approx(0.5 * (T - 1) / T)
+    far_below, far_above = at - 40, at + 40
+    assert soft_cur(far_below, tau) == pytest.approx((T - 1) / T)  # = the hard CUR of every gate below tau
+    assert CacheSchedule.from_gates(torch.sigmoid(far_below), tau).cur == pytest.approx((T - 1) / T)
+    assert soft_cur(far_above, tau) == pytest.approx(0.0, abs=1e-12)
+    nudged = at.clone()
+    nudged[2, 1] -= 0.5  # a logit moves, none crosses: the hard CUR stays, the soft one rises
+    assert soft_cur(nudged, tau) > soft_cur(at, tau)
 
-    run = trainer(tmp_path, target_cur=0.5)  # 4 steps x 4 units; row 0 always computes; tau 0.1
-    pushed = torch.arange(4) < down
-    traj = Trajectory(None, {}, [torch.sigmoid(torch.full((4,), logit))] * 3, [pushed] * 3)
+
+@pytest.mark.parametrize("logit, target", [(-5.0, 0.5), (5.0, 0.5), (-2.2, 0.3)], ids=["reused", "computed", "near"])
+def test_target_cur_steers_beta_by_the_soft_cur_within_its_range(tmp_path, logit, target):
+    run = trainer(tmp_path, target_cur=target, lr=0.0, beta=1e-4)  # lr 0: the logits stay; 4 steps x 4 units
     with torch.no_grad():
         run.router.logits[1:] = logit
-    assert run._beta_error(traj) == pytest.approx(error, abs=1e-12)
+    expected = 1e-4 * math.exp(BETA_GAIN * (target - soft_cur(run.router.logits.detach(), 0.1)))
+    with run.attached():
+        for _ in range(4):  # one trajectory: beta changes once, at its end
+            run.train_step()
+        assert run.beta == pytest.approx(expected, rel=1e-9)
+        for _ in range(4 * 40):
+            run.train_step()
+    bound = 1e-4 * BETA_RANGE if expected > 1e-4 else 1e-4 / BETA_RANGE
+    assert run.beta == pytest.approx(bound, rel=1e-9)  # 41 trajectories of the same error: at the bound, not past it
+
+
+def test_the_calibrated_tau_computes_the_target_cells():
+    gates = torch.rand(6, 5, generator=torch.Generator().manual_seed(0))
+    gates[0] = 1.0
+    for target in (0.1, 0.5, 0.7):
+        schedule = CacheSchedule.from_gates(gates, calibrated_tau(gates, target))
+        assert int(schedule.table.sum()) == budget_for_cur(target, 6, 5)
+        assert schedule.cur == pytest.approx(target, abs=0.5 / 30)  # the nearest cell count
+    tied = torch.full((3, 2), 0.5)
+    assert CacheSchedule.from_gates(tied, calibrated_tau(tied, 0.5)).cur == pytest.approx(4 / 6)  # left out together
+
+
+@pytest.mark.parametrize("init", ["random", "compute", "fora:2", "fora:3"])
+def test_target_cur_is_met_from_any_start(tmp_path, init):
+    run = trainer(tmp_path, target_cur=0.5, init=init, iterations=8)  # two trajectories: far from converged
+    start = run.router.logits.detach().clone()
+    assert torch.equal(start, initial_logits(init, 4, start.shape[1], torch.Generator().manual_seed(0)))
+    if init != "random":
+        table = (torch.ones_like(start, dtype=torch.bool) if init == "compute" else
+                 CacheSchedule.fora(4, start.shape[1], int(init[5:])).table)
+        assert CacheSchedule.from_gates(torch.sigmoid(start), 0.1).table.equal(table)
+    router = run.run(progress=False)
+    assert router.schedule().cur == pytest.approx(0.5)  # at the router's own (calibrated) tau
+    saved = Router.from_pretrained(tmp_path / "router")
+    assert saved.info.tau == router.info.tau and saved.schedule().cur == pytest.approx(0.5)
+    assert 1e-4 / BETA_RANGE <= run.beta <= 1e-4 * BETA_RANGE
+
+
+def test_a_bad_start_is_named():
+    with pytest.raises(ValueError, match=r"^init: expected random, compute or fora:N \(N >= 1\), got 'fora:0'$"):
+        TrainConfig(init="fora:0")
