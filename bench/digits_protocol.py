@@ -21,7 +21,9 @@ agreement with the uncached samples' classes. Reported per router: PSNR interpol
 between the bracketing points) at CUR 0.45 and 0.50, and the metrics at tau = 0.1; per pair (the first
 objective minus each other one, and minus the best static baseline of CUR >= 0.5): the per-seed difference,
 mean +- standard error and the two-sided exact sign test. Baselines on the same axes: FORA, Δ-DiT (boundary
-T/2), fewer sampler steps. Measured CPU
+T/2), fewer sampler steps, and the training-free peers that run here (`--peers`: diffusers' First Block
+Cache, TaylorSeer and MagCache hooks, bench/peers.py, on a copy of the model; their CUR and theoretical
+speedup from the units that really ran, counted per step). Measured CPU
 speedup: median of `--repeats` timed samplings of the eval batch (one thread) against the uncached one
 timed again in the same job just before. The uncached reference comes from a freshly loaded model and must equal a
 second fresh load (and every worker's own). Jobs run in `--workers` spawned processes, one thread each.
@@ -31,6 +33,7 @@ Writes bench/results/<date>-cpu-<commit>-digits.json, the Pareto PNG beside it a
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -61,7 +64,9 @@ from harmonica.search import SearchConfig, search_router
 from harmonica.training import RouterTrainer, TrainConfig, task_macs
 from harmonica.units import cached_units
 
+from .configs import parse_config
 from .machine import REPO, machine_info
+from .peers import PeerUnavailable, UnitCounter, make_peer
 from .table import update_benchmarks
 
 EVAL_SEED = 1_000_003  # the eval noises' generator; training generators are seeded from seeds 0 .. seeds-1
@@ -113,6 +118,7 @@ class ProtocolConfig:
     fora: tuple = (2, 3)
     delta_dit: tuple | None = None  # (boundary, interval, cached blocks); None: T/2, 2 and 3, 4, 5 of the 6 blocks
     fewer_steps: tuple | None = None  # None: 50, 60, 70 and 80% of the steps
+    peers: tuple = ("fbcache:0.1", "fbcache:0.2", "taylorseer:2", "magcache")  # bench/peers.py names
     quick: bool = False
 
     def __post_init__(self):
@@ -132,6 +138,9 @@ class ProtocolConfig:
             raise ValueError(f"taus: expected them to include {TAU}, got {self.taus}")
         if self.delta_dit is None:
             self.delta_dit = tuple((self.steps // 2, 2, blocks) for blocks in (3, 4, 5))
+        for name in self.peers:
+            if not parse_config(name).is_peer:
+                raise ValueError(f"peers: expected peer names (fbcache, taylorseer, magcache, dbcache), got {name!r}")
         if self.fewer_steps is None:
             self.fewer_steps = tuple(sorted({max(1, round(share * self.steps)) for share in (0.5, 0.6, 0.7, 0.8)}))
 
@@ -242,7 +251,34 @@ class Evaluator:
     def row(self, schedule, steps: int, repeats: int | None = None) -> dict:
         """The metrics of sampling with `schedule` over `steps` (None: uncached)."""
         samples, seconds = self.timed(schedule, steps, repeats)
-        full = schedule or CacheSchedule.no_cache(steps, len(self.unit_names))
+        return self.metrics(samples, seconds, schedule or CacheSchedule.no_cache(steps, len(self.unit_names)), steps)
+
+    def peer_row(self, name: str) -> dict:
+        """The metrics of a peer (bench/peers.py) on a copy of the model; its schedule: the units that ran."""
+        peer = make_peer(parse_config(name), self.model, self.config.steps)
+        on_copy = copy.copy(self.digits)
+        on_copy.transformer = peer.transformer
+        times = []
+        try:
+            def generate():
+                with peer.generation(self.config.steps):
+                    return on_copy.sample(self.noise, self.labels, self.config.steps, self.guidance)
+
+            peer.calibrate(generate)
+            for _ in range(self.config.repeats):
+                with UnitCounter(peer.transformer) as counter:
+                    start = time.perf_counter()
+                    samples = generate()
+                    times.append(time.perf_counter() - start)
+        finally:
+            peer.close()
+        check_pristine(self.model)
+        ran = CacheSchedule(counter.table(), name)
+        return self.metrics(samples, statistics.median(times), ran, self.config.steps)
+
+    def metrics(self, samples, seconds: float, schedule, steps: int) -> dict:
+        """The row of `samples` of the eval batch, sampled in `seconds` over `steps` with `schedule`."""
+        full = schedule
         x = samples.float().clamp(-1, 1)
         with torch.no_grad():
             features = self.classifier.features(x)
@@ -339,6 +375,12 @@ def run_job(job: tuple) -> dict:
                       logits=router.logits.detach().tolist(), rule=router.info.rule,
                       base_seconds=evaluator.retime_base(), curve=evaluator.sweep(router))
         result["eval_seconds"] = time.perf_counter() - trained
+    elif job[0] == "peer":
+        try:
+            result.update(kind="baseline", config=job[1], peer=True, base_seconds=evaluator.retime_base(),
+                          **evaluator.peer_row(job[1]))
+        except PeerUnavailable as error:
+            result.update(kind="skipped", config=job[1], reason=str(error))
     else:
         _, name, steps, schedule = job
         result.update(kind="baseline", config=name, base_seconds=evaluator.retime_base(),
@@ -355,7 +397,7 @@ def jobs(config: ProtocolConfig, unit_names: list) -> list:
         schedule = CacheSchedule.delta_dit(unit_names, T, b, n, blocks)
         baselines.append(("baseline", f"{schedule.name},blocks={blocks}", T, schedule))
     baselines += [("baseline", f"fewer-steps:{s}", s, None) for s in config.fewer_steps]
-    return routers + baselines  # the longest first
+    return routers + baselines + [("peer", name) for name in config.peers]  # the longest first
 
 
 def run_jobs(config: ProtocolConfig, todo: list, progress=_print) -> list:
@@ -363,7 +405,8 @@ def run_jobs(config: ProtocolConfig, todo: list, progress=_print) -> list:
     start = time.perf_counter()
 
     def report(i, result):
-        what = (f"{result['objective']} seed {result['seed']}" if result["kind"] == "router" else result["config"])
+        what = (f"{result['objective']} seed {result['seed']}" if result["kind"] == "router" else
+                result["config"] + (f" skipped: {result['reason']}" if result["kind"] == "skipped" else ""))
         progress(f"[{time.perf_counter() - start:6.0f} s] {i + 1}/{len(todo)} {what}")
 
     results = []
@@ -410,8 +453,10 @@ COMPARED = ("psnr_at_cur_0.45", "psnr_at_cur_0.50", "psnr_at_tau")
 
 
 def best_static(baselines: list, cur: float = 0.5) -> dict | None:
-    """The baseline row of the highest PSNR among those whose CUR is at least `cur` (as cheap or cheaper)."""
-    rows = [r for r in baselines if r["cur"] >= cur - 1e-9 and r["psnr"] is not None and math.isfinite(r["psnr"])]
+    """The static baseline row (not a peer) of the highest PSNR among those whose CUR is at least `cur` (as
+    cheap or cheaper)."""
+    rows = [r for r in baselines if r["cur"] >= cur - 1e-9 and r["psnr"] is not None and math.isfinite(r["psnr"])
+            and not r.get("peer")]
     return max(rows, key=lambda r: r["psnr"], default=None)
 
 
@@ -476,13 +521,15 @@ def run(config: ProtocolConfig, command: str, progress=_print) -> dict:
     routers = sorted((r for r in results if r["kind"] == "router"), key=lambda r: (r["objective"], r["seed"]))
     for r in routers:
         r["metrics"] = router_metrics(r)
-    order = {job[1]: i for i, job in enumerate(todo) if job[0] == "baseline"}
+    order = {job[1]: i for i, job in enumerate(todo) if job[0] != "router"}
     baselines = sorted((r for r in results if r["kind"] == "baseline"), key=lambda r: order[r["config"]])
     summary, comparisons = summarize(routers, config.objectives, baselines)
     return {"command": command, "machine": machine_info(), "protocol": asdict(config), "eval_seed": EVAL_SEED,
             "reference": {"fingerprint": fingerprint(reference), "equal_to_second_fresh_load": True,
                           "equal_in_every_worker": True},
-            "base_timing": "per-job", "routers": routers, "baselines": baselines, "summary": summary,
+            "base_timing": "per-job", "routers": routers, "baselines": baselines,
+            "skipped": [{"config": r["config"], "reason": r["reason"]} for r in results if r["kind"] == "skipped"],
+            "summary": summary,
             "paired": comparisons, "outcome": outcome(comparisons), "wall_seconds": time.perf_counter() - start}
 
 
@@ -583,9 +630,10 @@ def digits_section(results: dict, json_path: str) -> str:
         "",
         format_paired(results["paired"]),
         "",
-        "Baselines (same eval batch, same reference):",
+        "Baselines (same eval batch, same reference; peers: CUR and theoretical speedup from the units that ran):",
         "",
         format_baselines(results["baselines"]),
+        *[f"- {r['config']}: not run ({r['reason']})" for r in results.get("skipped", [])],
         "",
         "Outcome:",
         "",

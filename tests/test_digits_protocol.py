@@ -54,7 +54,7 @@ def test_a_left_engine_is_caught():
 
 TINY = dict(seeds=2, workers=0, steps=4, iterations=4, batch=2, refresh=4, lambda_batch=2, samples=10, repeats=1,
             taus=(1e-3, 0.1, 0.99), fora=(2,), delta_dit=((2, 2, 3),), fewer_steps=(2,), search_batch=2,
-            search_rounds=1, search_candidates=2, quick=True)
+            search_rounds=1, search_candidates=2, peers=("taylorseer:2", "magcache"), quick=True)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,10 @@ def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
     assert abs(uncached["fd_vs_uncached"]) < 1e-3 * baselines["fora:2"]["fd_vs_uncached"]
     assert baselines["fora:2"]["cur"] == 0.5 and baselines["fewer-steps:2"]["theoretical_speedup"] == 2.0
     assert baselines["fewer-steps:2"]["psnr"] < math.inf
+    taylorseer = baselines["taylorseer:2"]  # full steps 0 .. 2, then every 2nd: step 3 predicted
+    assert taylorseer["peer"] and taylorseer["cur"] == pytest.approx(0.25) and taylorseer["psnr"] < math.inf
+    assert results["skipped"] == [{"config": "magcache", "reason": "magcache runs through enable_cache; "
+                                   "DiTTransformer2DModel is not a diffusers CacheMixin"}]
     assert results["reference"] == {"fingerprint": results["reference"]["fingerprint"],
                                     "equal_to_second_fresh_load": True, "equal_in_every_worker": True}
     routers = results["routers"]
