@@ -137,6 +137,12 @@ def router_from_table(table: torch.Tensor, info) -> Router:
     return router
 
 
+def copied_slots(slots: list) -> list:
+    """A copy of an engine's slots: None, a tensor, or a tuple of tensors (a unit feeding two streams)."""
+    return [tuple(t.clone() for t in slot) if isinstance(slot, tuple) else None if slot is None else slot.clone()
+            for slot in slots]
+
+
 class Rollouts:
     """Final samples of a fixed batch under static schedules, on a transformer attached to `engine`
     (a training `CacheEngine`, which runs them in its inference mode: reused units are skipped).
@@ -174,7 +180,7 @@ class Rollouts:
             engine.set_schedule(schedule)
         if start:
             x, slots, state = self.states[start]
-            engine.slots = [None if s is None else s.clone() for s in slots]
+            engine.slots = copied_slots(slots)
             x, state = x.clone(), copy.deepcopy(state)
         else:
             x, state = self.noise, self.task.begin()
@@ -182,7 +188,7 @@ class Rollouts:
         engine.begin()
         for i in range(start, T):
             if keep:
-                states[i] = (x.clone(), [None if s is None else s.clone() for s in engine.slots], copy.deepcopy(state))
+                states[i] = (x.clone(), copied_slots(engine.slots), copy.deepcopy(state))
             engine.step = i
             out = self.task.transformer(**self.task.model_kwargs(x, self.cond, i)).sample
             x = self.task.update(state, x, out, self.cond, i)

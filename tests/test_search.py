@@ -5,6 +5,7 @@ import torch
 
 import harmonica
 from harmonica.digits import eval_batch, load_digits_dit
+from harmonica.flow import flow_sample
 from harmonica.router import Router
 from harmonica.samplers import dit_ddim_sample
 from harmonica.schedule import CacheSchedule
@@ -20,6 +21,7 @@ from harmonica.search import (
     verdict,
 )
 from harmonica.training import DiTTask, engine_attached, task_macs
+from harmonica.units import cached_units
 
 
 def test_the_budget_and_its_evenly_spread_start():
@@ -196,3 +198,34 @@ def test_a_stopped_search_saves_its_best_table_as_partial(digits, tmp_path):
         loaded = Router.from_pretrained(tmp_path / "router")
     assert not loaded.info.complete and torch.equal(loaded.schedule().table, result.table)
     assert result.rollouts == 3 and torch.equal(result.table, spread(3, 12, 18))
+
+
+def test_rollouts_resume_a_flux_model_whose_joint_units_keep_two_tensors():
+    """digits-flux's joint attention slots hold (image, text) tuples: a rollout resumed from a kept state
+    equals the deployed schedule sampled from the start through harmonica.enable and flow_sample."""
+    from harmonica.digits import DigitsFlux
+
+    flux, steps = DigitsFlux(), 5
+    task = flux.task(steps, 1.0)
+    noise, labels = eval_batch(3, seed=5)
+    latents = flux.latents(noise)
+    units = len(cached_units(flux.transformer))
+    table = CacheSchedule.fora(steps, units, 2).table.clone()
+    table[3, 0] = True  # a joint unit computes at step 3 only in `table`
+    table[2, 1] = False
+
+    def deployed(schedule):
+        if schedule is not None:
+            harmonica.enable(flux.transformer, schedule)
+        try:
+            return flow_sample(task, labels, latents=latents.clone()).clamp(-1, 1)
+        finally:
+            if schedule is not None:
+                harmonica.disable(flux.transformer)
+
+    expected = torch.mean((deployed(CacheSchedule(table, "t")) - deployed(None)) ** 2).item()
+    with engine_attached(flux.transformer) as engine:
+        rollouts = Rollouts(task, engine, latents, flux.conditions(labels), steps, clip=(-1, 1))
+        rollouts.set_base(CacheSchedule.fora(steps, units, 2).table)
+        assert rollouts.loss(table) == pytest.approx(expected, rel=1e-5) and expected > 1e-6  # from step 2 on
+        assert rollouts.loss(table) == pytest.approx(rollouts.error(table), rel=1e-5)
