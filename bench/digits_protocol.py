@@ -51,6 +51,7 @@ import harmonica
 from harmonica import CacheSchedule
 from harmonica.digits import (
     DIGITS_MODELS,
+    class_comparison,
     eval_batch,
     feature_stats,
     frechet_distance,
@@ -609,7 +610,8 @@ def digits_section(results: dict, json_path: str) -> str:
         f"- Command: `{results['command']}`; {machine.get('cpu', 'cpu')}; date {machine['date'][:10]}; commit "
         f"{machine['commit']}; {versions}; wall {results['wall_seconds'] / 60:.1f} min"
         + (" (**--quick**: a smoke run, not the protocol)" if p["quick"] else ""),
-        f"- Raw: `{json_path}`; Pareto plot: `{png}`",
+        f"- Raw: `{json_path}`; Pareto plot: `{png}`; per objective, its seed-0 router's digits beside the uncached "
+        f"ones: `{png[:-4]}-grid-<objective>.png`",
         f"- {model} (harmonica/digits.py), {SAMPLERS[model]}, T = {p['steps']}. {p['seeds']} training seeds per "
         f"objective; {'; '.join(trained)}. Evaluation: {p['samples']} noises of seed "
         f"{results['eval_seed']} "
@@ -681,8 +683,24 @@ def plot_pareto(results: dict, path) -> Path:
     return path
 
 
+def write_grids(results: dict, path: Path) -> list:
+    """Beside the JSON `path`, one `class_comparison` PNG per objective: its seed-0 router's schedule at TAU on
+    one noise per class (eval_batch(10, 0)), the uncached digits above the cached ones."""
+    p = results["protocol"]
+    digits = DIGITS_MODELS[p.get("model", "digits-dit")]()
+    written = []
+    for r in (r for r in results["routers"] if r["seed"] == 0):
+        gates = torch.sigmoid(torch.tensor(r["logits"]))
+        schedule = CacheSchedule(CacheSchedule.from_gates(gates, TAU, r["rule"]).table, f"{r['objective']} seed 0")
+        image, _ = class_comparison(digits, schedule, p["steps"], digits.guidance)
+        written.append(path.with_name(f"{path.stem}-grid-{r['objective']}.png"))
+        image.save(written[-1])
+    return written
+
+
 def write_outputs(results: dict, out: Path, write_benchmarks: bool, progress=_print) -> Path:
-    """The JSON (out: a .json file or a directory), the PNG beside it and optionally BENCHMARKS.md."""
+    """The JSON (out: a .json file or a directory), the Pareto PNG and the grids beside it and optionally
+    BENCHMARKS.md."""
     machine = results["machine"]
     path = out if out.suffix == ".json" else out / f"{machine['date'][:10]}-cpu-{machine['commit']}-digits.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
@@ -691,6 +709,7 @@ def write_outputs(results: dict, out: Path, write_benchmarks: bool, progress=_pr
         progress(f"plot: {plot_pareto(results, path.with_suffix('.png'))}")
     except ImportError:
         progress("plot: not drawn, matplotlib is not installed (pip install -e '.[bench]')")
+    progress("grids: " + ", ".join(str(grid) for grid in write_grids(results, path)))
     shown = str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
     section = digits_section(results, shown)
     progress("\n" + section)
@@ -753,13 +772,15 @@ def main(argv=None, prog: str = "python -m harmonica.bench.digits_protocol") -> 
     parser.add_argument("--out", help="results .json file or directory (default bench/results/)")
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md alone")
     parser.add_argument("--section", help="print (--write: rewrite in BENCHMARKS.md) the section of this JSON")
-    parser.add_argument("--write", action="store_true", help="with --section: rewrite BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help="with --section: rewrite BENCHMARKS.md and the grids")
     args = parser.parse_args(argv)
     if args.section:
-        section = digits_section(json.loads(Path(args.section).read_text()), args.section)
+        results = json.loads(Path(args.section).read_text())
+        section = digits_section(results, args.section)
         if args.write:
             benchmarks = REPO / "BENCHMARKS.md"
             benchmarks.write_text(update_benchmarks(benchmarks.read_text(), section))
+            write_grids(results, Path(args.section))
         print(section)
         return 0
     config = config_from_args(args)

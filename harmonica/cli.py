@@ -284,9 +284,7 @@ def sample_digits(args) -> int:
     """`harmonica sample` for a committed digits model: one noise per class (--seed), sampled uncached and with the
     cache, written as a PNG grid (`digits.comparison_grid`: the uncached digit above the cached one, the PSNR of
     each pair; the caption gives the cache, CUR, theoretical speedup and PSNR over the ten)."""
-    from .api import disable
-    from .digits import NUM_CLASSES, comparison_grid, eval_batch, psnr
-    from .training import task_macs
+    from .digits import class_comparison
 
     args.out = args.out or "out.png"
     check_out_file(args.out, "--out", {".png"}, "a .png file name (the grid of uncached and cached digits)")
@@ -314,24 +312,10 @@ def sample_digits(args) -> int:
             raise ValueError(f"--router: {args.router} was trained for something else than --model {args.model} "
                              f"({'; '.join(diffs)})")
         cache = router
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.transformer.to(device)
-    noise, labels = eval_batch(NUM_CLASSES, seed=args.seed)
-    with torch.inference_mode():
-        reference = model.sample(noise.to(device), labels.to(device), steps, guidance).cpu()
-        engine = enable(model.transformer, cache, tau=args.tau, cuda_graphs=args.cuda_graphs, compile=args.compile)
-        try:
-            cached = model.sample(noise.to(device), labels.to(device), steps, guidance).cpu()
-        finally:
-            disable(model.transformer)
-    schedule = engine.schedule
-    speedup = schedule.theoretical_speedup(task_macs(task))
-    pairs = [psnr(c[None], r[None]) for c, r in zip(cached, reference)]
-    caption = (f"{args.model}, {task.sampler} {steps} steps, seed {args.seed}: top uncached, bottom {schedule.name}; "
-               f"CUR {schedule.cur:.1%}, {speedup:.2f}x (MACs), PSNR {psnr(cached, reference):.2f} dB (under each "
-               f"class: its pair's)")
-    notes = [f"{label}: {value:.1f}" for label, value in zip(labels.tolist(), pairs)]
-    write_png(comparison_grid(reference, cached, notes, caption), args.out)
+    model.transformer.to("cuda" if torch.cuda.is_available() else "cpu")
+    image, caption = class_comparison(model, cache, steps, guidance, args.seed, tau=args.tau,
+                                      cuda_graphs=args.cuda_graphs, compile=args.compile)
+    write_png(image, args.out)
     print(caption)
     print(f"grid of the ten classes written to {args.out}")
     return 0

@@ -269,6 +269,31 @@ def comparison_grid(top: torch.Tensor, bottom: torch.Tensor, notes: list, captio
     return image
 
 
+def class_comparison(model, cache, num_steps: int, guidance: float, seed: int = 0, **enable_options) -> tuple:
+    """(the `comparison_grid` PIL image, its caption) of a digits model (`DIGITS_MODELS`): one noise per class
+    (`eval_batch(10, seed)`) sampled uncached and with `cache` (a Router or CacheSchedule; `enable_options`
+    go to `harmonica.enable`), on the transformer's device."""
+    from .api import disable, enable
+    from .training import task_macs
+
+    device = model.transformer.device
+    noise, labels = eval_batch(NUM_CLASSES, seed=seed)
+    noise, labels = noise.to(device), labels.to(device)
+    with torch.inference_mode():
+        reference = model.sample(noise, labels, num_steps, guidance).cpu()
+        engine = enable(model.transformer, cache, **enable_options)
+        try:
+            cached = model.sample(noise, labels, num_steps, guidance).cpu()
+        finally:
+            disable(model.transformer)
+    schedule, task = engine.schedule, model.task(num_steps, guidance)
+    caption = (f"{model.name}, {task.sampler} {num_steps} steps, seed {seed}: top uncached, bottom {schedule.name}; "
+               f"CUR {schedule.cur:.1%}, {schedule.theoretical_speedup(task_macs(task)):.2f}x (MACs), PSNR "
+               f"{psnr(cached, reference):.2f} dB (under each class: its pair's)")
+    notes = [f"{label}: {psnr(c[None], r[None]):.1f}" for label, c, r in zip(labels.tolist(), cached, reference)]
+    return comparison_grid(reference, cached, notes, caption), caption
+
+
 # ---- fitting the committed model, classifier and statistics ----
 
 

@@ -7,12 +7,13 @@ import statistics
 
 import pytest
 import torch
+from PIL import Image
 
 import harmonica
 from harmonica import CacheSchedule
 from harmonica.bench import digits_protocol as protocol
 from harmonica.bench.table import update_benchmarks
-from harmonica.digits import load_digits_dit
+from harmonica.digits import GRID_GAP, GRID_SCALE, SIZE, load_digits_dit
 
 
 def test_sign_test_is_the_exact_two_sided_binomial():
@@ -103,6 +104,9 @@ def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
     assert static["differences"] == [r["metrics"]["psnr_at_cur_0.50"] - best["psnr"] for r in search]
     path = protocol.write_outputs(results, tmp_path, write_benchmarks=False, progress=lambda _: None)
     assert json.loads(path.read_text())["eval_seed"] == protocol.EVAL_SEED
+    for objective in protocol.OBJECTIVES:
+        grid = Image.open(path.with_name(f"{path.stem}-grid-{objective}.png"))
+        assert grid.size[0] == 10 * (SIZE * GRID_SCALE + GRID_GAP) + GRID_GAP  # one column per class
     drawn = importlib.util.find_spec("matplotlib") is not None  # the bench extra; `make test` installs only test
     assert path.with_suffix(".png").is_file() == drawn and (not drawn or path.with_suffix(".png").stat().st_size > 0)
 
