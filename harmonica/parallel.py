@@ -1,0 +1,261 @@
+"""Cached sampling under diffusers' context parallelism (`transformer.enable_parallelism(config=
+ContextParallelConfig(ulysses_degree=N | ring_degree=N))`, diffusers 0.42).
+
+diffusers shards the sequence at the module boundaries of the class's `_cp_plan` (FLUX, Wan and Qwen-Image
+have one; DiT, PixArt and SD3 have none) through its hook registry: the tokens are split at the
+transformer's or the first block's input and gathered after `proj_out`; each attention runs Ulysses (an
+all-to-all of q, k, v and the output) or ring (an all-gather of k and v). So each rank runs every block
+on its shard (B, N / P, D), and the engine's slots hold that rank's shard. A reused unit runs no
+attention, hence no collective: the saving is compute and communication at once.
+
+What this module adds around the engine:
+- `lifted_hooks(module)`: diffusers' hooks on a module (the plan's split hooks on Wan's `blocks.0` and
+  Qwen-Image's blocks) taken off while the engine swaps the module's forward and put back around the new
+  one, so `enable` and `enable_parallelism` compose in either order;
+- `check_supported` (a family without a cp plan is refused) and `check_same_schedule` (the schedule's hash
+  all-gathered over the context-parallel group; a rank that differs is named);
+- `communication(...)`: bytes each rank sends per unit when it computes, and per step always (the output
+  gather), counted on the meta device through diffusers' own attention dispatch;
+- `parse_context_parallel` / `init_context_parallel`: the CLI's `--context-parallel ulysses=N|ring=N`
+  under torchrun (gloo on a CPU, NCCL on GPUs).
+"""
+
+import contextlib
+import hashlib
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("ulysses", "ring")
+
+
+def context_parallel_config(transformer):
+    """diffusers' `ContextParallelConfig` of a transformer on which `enable_parallelism` ran, else None."""
+    config = getattr(transformer, "_parallel_config", None)
+    return getattr(config, "context_parallel_config", None)
+
+
+def describe(config) -> str:
+    """'ulysses=2', 'ring=4' or 'ulysses=2,ring=2' for a ContextParallelConfig."""
+    return ",".join(f"{kind}={getattr(config, kind + '_degree')}" for kind in KINDS
+                    if getattr(config, kind + "_degree") > 1)
+
+
+def check_supported(transformer) -> None:
+    """A ValueError when context parallelism is on for a transformer class without diffusers' cp plan."""
+    if context_parallel_config(transformer) is not None and getattr(type(transformer), "_cp_plan", None) is None:
+        raise ValueError(f"context parallelism: expected a transformer whose class has a diffusers cp plan "
+                         f"(FLUX, Wan, Qwen-Image), got {type(transformer).__name__}")
+
+
+@contextlib.contextmanager
+def lifted_hooks(module):
+    """Take diffusers' hooks (its `HookRegistry`) off `module` for the body of the `with`, then register them
+    again in their order: they wrap whatever forward the body left on the module."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hooks = list(registry.hooks.items()) if registry is not None else []
+    for name, _ in reversed(hooks):
+        registry.remove_hook(name, recurse=False)
+    try:
+        yield
+    finally:
+        for name, hook in hooks:
+            registry.register_hook(hook, name)
+
+
+def schedule_digest(engine) -> int:
+    """A 63-bit hash of what every rank must run alike: the unit names and the (T, K) compute table."""
+    digest = hashlib.sha256("\n".join(name for name, _ in engine.units).encode())
+    if engine.schedule is not None:
+        digest.update(engine.schedule.table.to(torch.uint8).cpu().numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def check_same_schedule(engine, config) -> None:
+    """All-gather the schedule's hash over the context-parallel group; a ValueError naming the first rank
+    whose schedule differs from the group's first rank's (raised on every rank alike)."""
+    import torch.distributed as dist
+
+    group = config._flattened_mesh.get_group()
+    device = next(engine.transformer.parameters()).device
+    mine = torch.tensor([schedule_digest(engine)], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    hashes = [int(h) for h in torch.cat(every).tolist()]
+    for i, value in enumerate(hashes):
+        if value != hashes[0]:
+            first, other = dist.get_global_rank(group, 0), dist.get_global_rank(group, i)
+            raise ValueError(f"router_or_schedule: expected the same cache schedule on every rank of the "
+                             f"context-parallel group, got rank {other}'s differing from rank {first}'s")
+
+
+# ---- communication accounting ----
+
+@dataclass(frozen=True)
+class Communication:
+    """Bytes one rank sends for one forward under context parallelism of degree `degree` (`kind`).
+
+    names: the units in execution order; unit_bytes: what each sends when it computes (0 when reused, and
+    for units without a context-parallel attention); always_bytes: sent at every step whatever the schedule
+    (the gather of the output after `proj_out`)."""
+
+    kind: str
+    degree: int
+    names: tuple
+    unit_bytes: tuple
+    always_bytes: float
+
+    def per_step(self, row) -> float:
+        """Bytes of one step whose compute row (K booleans) is `row`."""
+        return self.always_bytes + sum(b for b, computed in zip(self.unit_bytes, row) if computed)
+
+    def trajectory(self, schedule) -> float:
+        """Bytes of a whole generation under `schedule` (a CacheSchedule)."""
+        return sum(self.per_step(row) for row in schedule.table.tolist())
+
+
+def attention_bytes(kind: str, degree: int, query_shape: tuple, key_shape: tuple, element_size: int) -> float:
+    """Bytes one rank sends for one context-parallel attention over the whole sequence: query_shape
+    (B, S_q, H, D) and key_shape (B, S_kv, H, D) before sharding (each rank holds S / P of them).
+    Ulysses: an all-to-all each of q, k, v and the output, of which a rank keeps 1 / P of its shard;
+    ring (diffusers' allgather rotation): an all-gather of the rank's k and v shards to the P - 1 others."""
+    b, s_q, h, d = query_shape
+    s_kv = key_shape[1]
+    p = degree
+    if kind == "ulysses":
+        return (p - 1) / p / p * b * h * d * (2 * s_q + 2 * s_kv) * element_size
+    return (p - 1) / p * 2 * b * s_kv * h * d * element_size
+
+
+def gather_bytes(degree: int, shape: tuple, element_size: int) -> float:
+    """Bytes one rank sends in the all-gather of an output of `shape` (whole sequence) over P ranks."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    return (degree - 1) / degree * numel * element_size
+
+
+def communication(model, kind: str, degree: int, *, batch: int = 1, element_size: int = 2, height=None,
+                  width=None, text_tokens=None, frames=None) -> Communication:
+    """Per-unit and always-sent bytes per rank for one forward of `model` (a preset name or a transformer;
+    the size as in `bench.macs.count_macs`) on `batch` images, activations of `element_size` bytes.
+
+    Counted on the meta device: every attention processor is given a stand-in parallel config and diffusers'
+    own dispatch is run, so exactly the attentions that are context-parallel (not Wan's cross-attention)
+    report their q and k shapes; the output gathers are the cp plan's `ContextParallelOutput` modules."""
+    from diffusers.models import attention_dispatch
+    from diffusers.models._modeling_parallel import ContextParallelOutput
+
+    from .bench.macs import _example_inputs, _meta_transformer, _spec
+    from .units import units_of
+
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    class_name, config, default_height, default_width, tokens, default_frames = _spec(model)
+    meta = _meta_transformer(class_name, config)
+    plan = getattr(type(meta), "_cp_plan", None)
+    if plan is None:
+        raise ValueError(f"model: expected a transformer whose class has a diffusers cp plan (FLUX, Wan, "
+                         f"Qwen-Image), got {class_name}")
+    inputs = _example_inputs(meta, batch, height or default_height, width or default_width,
+                             tokens if text_tokens is None else text_tokens, frames or default_frames)
+    if "encoder_hidden_states_mask" in inspect.signature(meta.forward).parameters:  # as the pipeline passes it
+        text = inputs["encoder_hidden_states"]
+        inputs["encoder_hidden_states_mask"] = torch.ones(text.shape[:2], dtype=torch.bool, device="meta")
+    units = units_of(meta)
+    owner = {module: k for k, unit in enumerate(units) for module in unit.modules}
+    unit_bytes = [0.0] * len(units)
+    current = [None]
+    always = [0.0]
+    stand_in = object()  # any non-None parallel config sends the native backend down its templated cp path
+
+    def templated(query, key, value, attn_mask=None, *args, **kwargs):
+        sent = attention_bytes(kind, degree, tuple(query.shape), tuple(key.shape), element_size)
+        if kind == "ulysses" and attn_mask is not None:  # each rank's part of the mask, all-gathered
+            sent += gather_bytes(degree, tuple(attn_mask.shape), attn_mask.element_size())
+        if current[0] is None:
+            always[0] += sent
+        else:
+            unit_bytes[current[0]] += sent
+        return torch.empty_like(query)
+
+    handles = []
+    for name, module in meta.named_modules():
+        if name in owner:
+            k = owner[name]
+            handles.append(module.register_forward_pre_hook(lambda m, a, k=k: current.__setitem__(0, k)))
+            handles.append(module.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
+        processor = getattr(module, "processor", None)
+        if processor is not None and hasattr(processor, "_parallel_config"):
+            processor._parallel_config = stand_in
+    for name, entry in plan.items():
+        if isinstance(entry, ContextParallelOutput):
+            handles.append(meta.get_submodule(name).register_forward_hook(
+                lambda m, a, out: always.__setitem__(0, always[0] + gather_bytes(degree, out.shape, element_size))))
+    original = attention_dispatch._templated_context_parallel_attention
+    attention_dispatch._templated_context_parallel_attention = templated
+    try:
+        with torch.no_grad():
+            meta(**inputs)
+    finally:
+        attention_dispatch._templated_context_parallel_attention = original
+        for handle in handles:
+            handle.remove()
+    return Communication(kind, degree, tuple(unit.name for unit in units), tuple(unit_bytes), always[0])
+
+
+# ---- the command line ----
+
+def parse_context_parallel(text: str, option: str = "--context-parallel") -> tuple:
+    """(kind, degree) of 'ulysses=N' or 'ring=N', N >= 2; a ValueError naming `option` otherwise."""
+    kind, _, value = text.partition("=")
+    if kind not in KINDS or not value.isdigit() or int(value) < 2:
+        raise ValueError(f"{option}: expected ulysses=N or ring=N with N >= 2, got {text!r}")
+    return kind, int(value)
+
+
+def check_context_parallel(kind: str, degree: int, class_name: str, option: str = "--context-parallel") -> int:
+    """Before any work: the torchrun environment (WORLD_SIZE), a degree equal to the world size and a model
+    class with a cp plan. Returns the world size."""
+    import diffusers
+
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        raise ValueError(f"{option}: expected a run under torchrun (torchrun --nproc-per-node {degree} -m "
+                         f"harmonica ...), got no RANK/WORLD_SIZE in the environment")
+    world = int(os.environ["WORLD_SIZE"])
+    if degree != world:  # diffusers' mesh spans the world; data parallelism over the rest is not built
+        raise ValueError(f"{option}: expected the degree to equal the world size {world} (torchrun "
+                         f"--nproc-per-node), got {kind}={degree}")
+    if getattr(getattr(diffusers, class_name, None), "_cp_plan", None) is None:
+        raise ValueError(f"{option}: expected a model whose diffusers class has a cp plan (FLUX, Wan, Qwen-Image), "
+                         f"got {class_name}")
+    return world
+
+
+def cpu_device_count_shim() -> None:
+    """diffusers' `_resolve_parallel_config` places rank r on accelerator r % `torch.accelerator.device_count()`,
+    which is 0 without one (a ZeroDivisionError). On a machine without an accelerator, count the CPU as one
+    device. Only ever applied there (it changes nothing the CPU ranks compute)."""
+    if torch.accelerator.current_accelerator() is None and torch.accelerator.device_count() == 0:
+        torch.accelerator.device_count = lambda: 1
+
+
+def init_context_parallel(transformer, kind: str, degree: int) -> str:
+    """Under torchrun: the process group (NCCL on CUDA, else gloo; the rank's GPU made current) and
+    `transformer.enable_parallelism` with `kind`=`degree`. Returns the device the rank runs on."""
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    device = "cpu"
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    else:
+        cpu_device_count_shim()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device != "cpu" else "gloo")
+    transformer.to(device)
+    transformer.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": degree}))
+    return device

@@ -1,0 +1,274 @@
+"""Cached sampling under diffusers' context parallelism (harmonica/parallel.py) with 2 gloo ranks on the CPU.
+
+One spawn of 2 ranks runs every check and writes each rank's findings to a JSON file; the tests below read
+them. Per family with a cp plan (tiny FLUX, Wan, Qwen-Image) and per kind (Ulysses, ring), each rank:
+- samples the single-process cached generation (FORA:2 and a router at tau 0.5) before any parallelism;
+- enables diffusers' context parallelism (degree 2) and harmonica (FLUX: in both orders) and samples again;
+- counts every collective with the unit that issued it (a counting wrapper of torch.distributed and its
+  functional collectives, the unit read from `engine.run_unit`) and the bytes it sent, against
+  `parallel.communication`;
+- notes its slots' bytes, the summary line, refusals (a router that differs on rank 1, SD3 without a cp
+  plan, cuda_graphs and compile).
+
+Two stand-ins, both for what a CPU lacks: `torch.accelerator.device_count()` is 1 (`parallel.cpu_device_count_shim`,
+diffusers divides by it), and for ring the native backend's forward op also returns the log-sum-exp, which
+diffusers 0.42's ring needs and only its GPU backends (flash, cuDNN) give.
+"""
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from _helpers import rounding_bound
+
+WORLD = 2
+STEPS = 4
+FAMILIES = ("tiny-flux", "tiny-wan", "tiny-qwen-image")
+KINDS = ("ulysses", "ring")
+
+
+def _forward_op_with_lse(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """diffusers' native forward op (q, k, v (B, S, H, D) -> (B, S, H, D)) in plain torch, with the log-sum-exp
+    (B, S, H) when asked: what ring attention merges its passes with."""
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    lse = scores.logsumexp(-1)
+    out = ((scores - lse[..., None]).exp() @ v).permute(0, 2, 1, 3)
+    return (out, lse.permute(0, 2, 1)) if return_lse else out
+
+
+class CollectiveCounter:
+    """Wraps torch.distributed's and its functional collectives: each call logged as (unit, computed, op, bytes
+    this rank sent), unit None outside any unit. Undone by `remove`."""
+
+    def __init__(self, engine):
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+
+        self.log, self.current, self._undo = [], (None, None), []
+        p = dist.get_world_size()
+        sizes = {"all_to_all_single": lambda t, *a, **k: t.numel() * t.element_size() * (p - 1) / p,
+                 "all_gather_tensor": lambda t, *a, **k: t.numel() * t.element_size() * (p - 1),
+                 "permute_tensor": lambda t, *a, **k: t.numel() * t.element_size()}
+        for name, size in sizes.items():
+            self._wrap(funcol, name, size)
+        self._wrap(dist, "all_gather", lambda outputs, t, *a, **k: t.numel() * t.element_size() * (p - 1))
+        for name in ("all_to_all_single", "all_reduce", "broadcast", "reduce_scatter", "send",
+                     "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all"):
+            self._wrap(dist, name, lambda *a, **k: float("nan"))  # these are not expected inside a forward
+        run_unit = engine.run_unit
+
+        def counted_run_unit(k, *args):
+            self.current = (k, k is not None and bool(engine.row[k]))
+            try:
+                return run_unit(k, *args)
+            finally:
+                self.current = (None, None)
+
+        engine.run_unit = counted_run_unit
+        self._undo.append(lambda: delattr(engine, "run_unit"))
+
+    def _wrap(self, module, name, size):
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            self.log.append((*self.current, name, size(*args, **kwargs)))
+            return original(*args, **kwargs)
+
+        setattr(module, name, counted)
+        self._undo.append(lambda: setattr(module, name, original))
+
+    def remove(self):
+        for undo in reversed(self._undo):
+            undo()
+
+
+def _sample(task, noise):
+    from harmonica.flow import flow_sample
+
+    with torch.inference_mode():
+        return flow_sample(task, torch.tensor([1]), latents=noise)
+
+
+def _family(name, kind, rank):
+    """The checks of one family and kind on this rank; returns its findings."""
+    import diffusers
+    from diffusers import ContextParallelConfig
+
+    import harmonica
+    from harmonica import parallel
+    from harmonica.flow import flow_task, random_flow_embeddings
+    from harmonica.models import FLOW_PRESETS, build_transformer
+    from harmonica.router import Router, RouterInfo
+    from harmonica.schedule import CacheSchedule
+
+    spec = FLOW_PRESETS[name]
+    transformer = build_transformer(name)
+    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
+    noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
+    units = len(harmonica.units.cached_units(transformer))
+    info = RouterInfo.for_model(transformer, sampler=task.sampler, timesteps=task.timesteps, tau=0.5)
+    router = Router(STEPS, units, info=info, generator=torch.Generator().manual_seed(2))
+    caches = {"fora:2": CacheSchedule.fora(STEPS, units, 2), "router": router}
+    single, single_bytes = {}, {}
+    for label, cache in caches.items():
+        engine = harmonica.enable(transformer, cache)
+        single[label] = _sample(task, noise)
+        single_bytes[label] = engine.cache_bytes()
+        # the longest attention: a unit's slot holds its output per stream, a joint attention's the text's too
+        tokens = max(sum(part.shape[1] for part in (slot if isinstance(slot, tuple) else (slot,)))
+                     for slot in engine.slots if slot is not None)
+        harmonica.disable(transformer)
+    bare = _sample(task, noise)
+    found = {"reference_max": max(x.abs().max().item() for x in single.values()), "diff": {}, "cache_bytes": {},
+             "single_cache_bytes": single_bytes, "tokens": tokens, "text_tokens": spec.text_tokens,
+             "hidden": transformer.config.num_attention_heads * transformer.config.attention_head_dim}
+    if name == "tiny-flux" and kind == "ulysses":  # harmonica first, diffusers' parallelism after
+        harmonica.enable(transformer, caches["fora:2"])
+    transformer.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": WORLD}))
+    if name == "tiny-flux" and kind == "ulysses":
+        found["diff"]["fora:2 enabled first"] = (_sample(task, noise) - single["fora:2"]).abs().max().item()
+        harmonica.disable(transformer)
+    found["diff"]["no cache after disable"] = (_sample(task, noise) - bare).abs().max().item()
+    for label, cache in caches.items():
+        engine = harmonica.enable(transformer, cache)
+        counter = CollectiveCounter(engine)
+        try:
+            out = _sample(task, noise)
+        finally:
+            counter.remove()
+        found["diff"][label] = (out - single[label]).abs().max().item()
+        found["cache_bytes"][label] = engine.cache_bytes()
+        found.setdefault("collectives", {})[label] = counter.log
+        found.setdefault("rows", {})[label] = engine.schedule.table.tolist()
+        found.setdefault("summary", str(harmonica.summary(transformer)))
+        harmonica.disable(transformer)
+    found["outputs"] = out.flatten()[:8].tolist()  # the router's, for the ranks' agreement
+    communication = parallel.communication(name, kind, WORLD, batch=2 if task.guided else 1, element_size=4,
+                                           text_tokens=spec.text_tokens)
+    found["accounting"] = {"units": list(communication.unit_bytes), "always": communication.always_bytes}
+    other = Router(STEPS, units, info=info, generator=torch.Generator().manual_seed(2 + rank))
+    found["refusals"] = {}
+    for label, call in {"router on rank 1": lambda: harmonica.enable(transformer, other),
+                        "cuda_graphs": lambda: harmonica.enable(transformer, caches["fora:2"], cuda_graphs=True),
+                        "compile": lambda: harmonica.enable(transformer, caches["fora:2"], compile=True)}.items():
+        try:
+            call()
+            found["refusals"][label] = None
+        except ValueError as error:
+            found["refusals"][label] = str(error)
+        assert not hasattr(transformer, "_harmonica")  # a refused enable leaves nothing behind
+    if name == "tiny-flux" and kind == "ulysses":
+        sd3 = build_transformer("tiny-sd3")
+        with pytest.raises(ValueError):  # diffusers refuses it too, after recording the config
+            sd3.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD))
+        try:
+            harmonica.enable(sd3, CacheSchedule.fora(STEPS, len(harmonica.units.cached_units(sd3)), 2))
+        except ValueError as error:
+            found["refusals"]["sd3"] = str(error)
+        assert diffusers.__version__  # the version the findings are for
+    return found
+
+
+def _rank(rank, port, out):
+    import os
+
+    import torch.distributed as dist
+    from diffusers.models import attention_dispatch
+
+    from harmonica import parallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    parallel.cpu_device_count_shim()
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    findings = {}
+    try:
+        for kind in KINDS:
+            if kind == "ring":
+                attention_dispatch._native_attention_forward_op = _forward_op_with_lse
+            for name in FAMILIES:
+                findings[f"{name} {kind}"] = _family(name, kind, rank)
+    finally:
+        dist.destroy_process_group()
+    with open(out / f"rank{rank}.json", "w") as f:
+        json.dump(findings, f)
+
+
+@pytest.fixture(scope="module")
+def findings(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank, args=(port, out), nprocs=WORLD)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+CASES = [f"{name} {kind}" for kind in KINDS for name in FAMILIES]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cached_generation_equals_one_process(findings, case):
+    """FORA:2 and a router under context parallelism against the same schedule in one process: rounding only.
+    Sharding changes the order of the attention's reductions (ring merges partial softmaxes): eps x the
+    longest reduction (the joint sequence or the hidden width) x the steps x the output's scale."""
+    for found in findings:
+        f = found[case]
+        terms = max(f["tokens"], f["text_tokens"], f["hidden"]) * STEPS
+        bound = torch.finfo(torch.float32).eps * terms * f["reference_max"]
+        assert bound == rounding_bound(torch.tensor([f["reference_max"]]), terms)
+        for label, diff in f["diff"].items():
+            assert diff <= bound, f"{case} {label}: {diff:.3g} > {bound:.3g}"
+    assert findings[0][case]["outputs"] == findings[1][case]["outputs"]  # the gathered output, on both ranks
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_slots_hold_the_ranks_shard(findings, case):
+    for found in findings:
+        f = found[case]
+        for label, size in f["cache_bytes"].items():
+            assert size * WORLD == f["single_cache_bytes"][label] > 0
+    assert "on rank 0 (" in findings[0][case]["summary"] and "on rank 1 (" in findings[1][case]["summary"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_no_collective_inside_a_reused_unit(findings, case):
+    """Every collective, with the unit it ran in: none in a reused unit; a computed unit sends what
+    `parallel.communication` says; outside the units, the output gather of every step."""
+    for found in findings:
+        f = found[case]
+        units, always = f["accounting"]["units"], f["accounting"]["always"]
+        assert always > 0 and any(units)
+        for label, log in f["collectives"].items():
+            sent = {}
+            for k, computed, op, size in log:
+                assert computed is not False, f"{case} {label}: {op} inside reused unit {k}"
+                sent[k] = sent.get(k, 0) + size
+            rows = f["rows"][label]
+            reused = sum(not c for row in rows for c in row)
+            assert reused > 0
+            computed = [sum(row[k] for row in rows) for k in range(len(units))]
+            expected = {k: n * units[k] for k, n in enumerate(computed) if n * units[k]}
+            assert {k: sent[k] for k in sent if k is not None} == pytest.approx(expected)
+            assert sent[None] == pytest.approx(STEPS * always)
+
+
+def test_refusals(findings):
+    for rank, found in enumerate(findings):
+        for case in CASES:
+            refusals = found[case]["refusals"]
+            assert refusals["router on rank 1"] == (
+                "router_or_schedule: expected the same cache schedule on every rank of the context-parallel "
+                "group, got rank 1's differing from rank 0's")
+            assert refusals["cuda_graphs"].startswith("cuda_graphs=True: expected off under context parallelism (")
+            assert refusals["compile"].startswith("compile=True: expected off under context parallelism (")
+        assert found["tiny-flux ulysses"]["refusals"]["sd3"] == (
+            "context parallelism: expected a transformer whose class has a diffusers cp plan (FLUX, Wan, "
+            "Qwen-Image), got SD3Transformer2DModel")
