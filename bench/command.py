@@ -20,7 +20,7 @@ from .host_cost import measure as measure_host_cost
 from .kernel_bench import default_cases, format_rows, measure, target_verdict
 from .machine import REPO, machine_info
 from .macs import format_mac_table, mac_table
-from .plan import format_plan, plan, total_seconds
+from .plan import format_parallel_plan, format_plan, plan, total_seconds
 from .suite import FLOW_MODELS, MATRICES, SuiteOptions, run_suite
 from .table import format_gap_table, format_skipped, format_suite_table, target_verdicts
 
@@ -103,6 +103,9 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
     if args.plan:
         print(f"Plan of `{command_line(args, prog)}` on {options.device}\n")
         print(format_plan(lines, options, kernels=kernels, suite=suite))
+        cp = format_parallel_plan(lines, options)
+        if cp:
+            print(f"\n{cp}")
         return 0
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested, but torch sees no CUDA device (only --plan runs without one)")

@@ -14,8 +14,9 @@ What this module adds around the engine:
   one, so `enable` and `enable_parallelism` compose in either order;
 - `check_supported` (a family without a cp plan is refused) and `check_same_schedule` (the schedule's hash
   all-gathered over the context-parallel group; a rank that differs is named);
-- `communication(...)`: bytes each rank sends per unit when it computes, and per step always (the output
-  gather), counted on the meta device through diffusers' own attention dispatch;
+- `trace_attention(...).communication(kind, degree, element_size)`: bytes each rank sends per unit when it
+  computes, and per step always (the output gather), from shapes traced on the meta device through
+  diffusers' own attention dispatch;
 - `parse_context_parallel` / `init_context_parallel`: the CLI's `--context-parallel ulysses=N|ring=N`
   under torchrun (gloo on a CPU, NCCL on GPUs).
 """
@@ -137,22 +138,48 @@ def gather_bytes(degree: int, shape: tuple, element_size: int) -> float:
     return (degree - 1) / degree * numel * element_size
 
 
-def communication(model, kind: str, degree: int, *, batch: int = 1, element_size: int = 2, height=None,
-                  width=None, text_tokens=None, frames=None) -> Communication:
-    """Per-unit and always-sent bytes per rank for one forward of `model` (a preset name or a transformer;
-    the size as in `bench.macs.count_macs`) on `batch` images, activations of `element_size` bytes.
+@dataclass(frozen=True)
+class AttentionTrace:
+    """The context-parallel traffic of one forward before sharding: per unit, the (query, key, mask) shapes
+    of each context-parallel attention it runs (query and key (B, S, H, D), mask None or its shape); `always`,
+    the shapes of the outputs gathered after the cp plan's `ContextParallelOutput` modules (and of attentions
+    outside any unit)."""
 
-    Counted on the meta device: every attention processor is given a stand-in parallel config and diffusers'
-    own dispatch is run, so exactly the attentions that are context-parallel (not Wan's cross-attention)
-    report their q and k shapes; the output gathers are the cp plan's `ContextParallelOutput` modules."""
+    names: tuple
+    unit_calls: tuple  # per unit: ((query shape, key shape, mask shape or None), ...)
+    always_calls: tuple
+    gathers: tuple  # output shapes
+
+    def communication(self, kind: str, degree: int, element_size: int) -> Communication:
+        """Bytes per rank under `kind` of `degree`, activations of `element_size` bytes (masks: bool)."""
+        if kind not in KINDS or degree < 2:
+            raise ValueError(f"kind, degree: expected one of {', '.join(KINDS)} and >= 2, got {kind!r}, {degree}")
+
+        def sent(calls):
+            total = 0.0
+            for query, key, mask in calls:
+                total += attention_bytes(kind, degree, query, key, element_size)
+                if kind == "ulysses" and mask is not None:  # each rank's part of the mask, all-gathered
+                    total += gather_bytes(degree, mask, 1)
+            return total
+
+        always = sent(self.always_calls) + sum(gather_bytes(degree, shape, element_size) for shape in self.gathers)
+        return Communication(kind, degree, self.names, tuple(sent(calls) for calls in self.unit_calls), always)
+
+
+def trace_attention(model, *, batch: int = 1, height=None, width=None, text_tokens=None,
+                    frames=None) -> AttentionTrace:
+    """The `AttentionTrace` of one forward of `model` (a preset name or a transformer; the size as in
+    `bench.macs.count_macs`, with the text mask the pipeline passes where the forward takes one) on `batch`
+    images. Run on the meta device: every attention processor is given a stand-in parallel config and
+    diffusers' own dispatch runs, so exactly the attentions that are context-parallel (not Wan's
+    cross-attention) report their shapes; nothing is computed or communicated."""
     from diffusers.models import attention_dispatch
     from diffusers.models._modeling_parallel import ContextParallelOutput
 
     from .bench.macs import _example_inputs, _meta_transformer, _spec
     from .units import units_of
 
-    if kind not in KINDS:
-        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     class_name, config, default_height, default_width, tokens, default_frames = _spec(model)
     meta = _meta_transformer(class_name, config)
     plan = getattr(type(meta), "_cp_plan", None)
@@ -166,22 +193,16 @@ def communication(model, kind: str, degree: int, *, batch: int = 1, element_size
         inputs["encoder_hidden_states_mask"] = torch.ones(text.shape[:2], dtype=torch.bool, device="meta")
     units = units_of(meta)
     owner = {module: k for k, unit in enumerate(units) for module in unit.modules}
-    unit_bytes = [0.0] * len(units)
+    unit_calls, always_calls, gathers = [[] for _ in units], [], []
     current = [None]
-    always = [0.0]
-    stand_in = object()  # any non-None parallel config sends the native backend down its templated cp path
 
     def templated(query, key, value, attn_mask=None, *args, **kwargs):
-        sent = attention_bytes(kind, degree, tuple(query.shape), tuple(key.shape), element_size)
-        if kind == "ulysses" and attn_mask is not None:  # each rank's part of the mask, all-gathered
-            sent += gather_bytes(degree, tuple(attn_mask.shape), attn_mask.element_size())
-        if current[0] is None:
-            always[0] += sent
-        else:
-            unit_bytes[current[0]] += sent
+        call = (tuple(query.shape), tuple(key.shape), None if attn_mask is None else tuple(attn_mask.shape))
+        (always_calls if current[0] is None else unit_calls[current[0]]).append(call)
         return torch.empty_like(query)
 
     handles = []
+    stand_in = object()  # any parallel config sends the native backend down its templated cp path
     for name, module in meta.named_modules():
         if name in owner:
             k = owner[name]
@@ -193,7 +214,7 @@ def communication(model, kind: str, degree: int, *, batch: int = 1, element_size
     for name, entry in plan.items():
         if isinstance(entry, ContextParallelOutput):
             handles.append(meta.get_submodule(name).register_forward_hook(
-                lambda m, a, out: always.__setitem__(0, always[0] + gather_bytes(degree, out.shape, element_size))))
+                lambda m, a, out: gathers.append(tuple(out.shape))))
     original = attention_dispatch._templated_context_parallel_attention
     attention_dispatch._templated_context_parallel_attention = templated
     try:
@@ -203,7 +224,8 @@ def communication(model, kind: str, degree: int, *, batch: int = 1, element_size
         attention_dispatch._templated_context_parallel_attention = original
         for handle in handles:
             handle.remove()
-    return Communication(kind, degree, tuple(unit.name for unit in units), tuple(unit_bytes), always[0])
+    return AttentionTrace(tuple(unit.name for unit in units), tuple(tuple(c) for c in unit_calls),
+                          tuple(always_calls), tuple(gathers))
 
 
 # ---- the command line ----

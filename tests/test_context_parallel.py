@@ -6,7 +6,7 @@ them. Per family with a cp plan (tiny FLUX, Wan, Qwen-Image) and per kind (Ulyss
 - enables diffusers' context parallelism (degree 2) and harmonica (FLUX: in both orders) and samples again;
 - counts every collective with the unit that issued it (a counting wrapper of torch.distributed and its
   functional collectives, the unit read from `engine.run_unit`) and the bytes it sent, against
-  `parallel.communication`;
+  `parallel.trace_attention(...).communication`;
 - notes its slots' bytes, the summary line, refusals (a router that differs on rank 1, SD3 without a cp
   plan, cuda_graphs and compile).
 
@@ -150,8 +150,8 @@ def _family(name, kind, rank):
         found.setdefault("summary", str(harmonica.summary(transformer)))
         harmonica.disable(transformer)
     found["outputs"] = out.flatten()[:8].tolist()  # the router's, for the ranks' agreement
-    communication = parallel.communication(name, kind, WORLD, batch=2 if task.guided else 1, element_size=4,
-                                           text_tokens=spec.text_tokens)
+    communication = parallel.trace_attention(name, batch=2 if task.guided else 1, text_tokens=spec.text_tokens
+                                             ).communication(kind, WORLD, element_size=4)
     found["accounting"] = {"units": list(communication.unit_bytes), "always": communication.always_bytes}
     other = Router(STEPS, units, info=info, generator=torch.Generator().manual_seed(2 + rank))
     found["refusals"] = {}
@@ -241,7 +241,7 @@ def test_slots_hold_the_ranks_shard(findings, case):
 @pytest.mark.parametrize("case", CASES)
 def test_no_collective_inside_a_reused_unit(findings, case):
     """Every collective, with the unit it ran in: none in a reused unit; a computed unit sends what
-    `parallel.communication` says; outside the units, the output gather of every step."""
+    `parallel.trace_attention(...).communication` says; outside the units, the output gather of every step."""
     for found in findings:
         f = found[case]
         units, always = f["accounting"]["units"], f["accounting"]["always"]
@@ -272,3 +272,41 @@ def test_refusals(findings):
         assert found["tiny-flux ulysses"]["refusals"]["sd3"] == (
             "context parallelism: expected a transformer whose class has a diffusers cp plan (FLUX, Wan, "
             "Qwen-Image), got SD3Transformer2DModel")
+
+
+def test_accounting_scales_with_the_degree():
+    """Per rank, Ulysses sends (P - 1) / P^2 of the four whole q, k, v, output tensors, ring (P - 1) / P of the
+    whole k and v: the same trace at 2 and 8 ranks in those ratios; a reused unit's bytes are not in a step's."""
+    from harmonica import parallel
+    from harmonica.schedule import CacheSchedule
+
+    trace = parallel.trace_attention("tiny-wan", batch=2)
+    for kind, factor in (("ulysses", lambda p: (p - 1) / p / p), ("ring", lambda p: (p - 1) / p)):
+        two, eight = (trace.communication(kind, p, 2) for p in (2, 8))
+        assert two.names == eight.names and len(two.names) == 6
+        assert [b > 0 for b in two.unit_bytes] == [True, False, False] * 2  # attn1 only: attn2 and ffn run locally
+        assert eight.unit_bytes == pytest.approx([b * factor(8) / factor(2) for b in two.unit_bytes])
+        fora = CacheSchedule.fora(4, 6, 2)
+        assert two.trajectory(fora) == pytest.approx(4 * two.always_bytes + 2 * sum(two.unit_bytes))
+
+
+def test_plan_rows_for_2_4_8_gpus(capsys):
+    from harmonica import cli, parallel
+    from harmonica.schedule import CacheSchedule
+
+    assert cli.main(["bench", "--plan", "--models", "tiny-wan", "tiny-sd3", "--configs", "no-cache", "fora:2",
+                     "--modes", "fused", "--steps", "4"]) == 0
+    out = capsys.readouterr().out.split("Context parallelism")[1]  # the table after the suite's plan
+    rows = [r for r in (line.split(" | ") for line in out.splitlines())
+            if r[0] == "| tiny-wan" and r[2] in ("no-cache", "fora:2")]
+    assert "| tiny-sd3 |" not in out  # no cp plan
+    assert [(r[2], r[3], r[4]) for r in rows] == [(config, str(p), kind) for config in ("no-cache", "fora:2")
+                                                  for kind in ("ulysses", "ring") for p in (2, 4, 8)]
+    trace = parallel.trace_attention("tiny-wan", batch=2)
+    for r in rows:  # FORA:2 at 4 steps: the output gathered at every step, the units' traffic at 2 of them
+        sent = trace.communication(r[4], int(r[3]), 4)  # fp32 on a CPU
+        always, units = 4 * sent.always_bytes, 4 * sum(sent.unit_bytes)
+        ratio = 1 if r[2] == "no-cache" else (always + units / 2) / (always + units)
+        assert (float(r[6]), r[7]) == (pytest.approx(sent.trajectory(CacheSchedule.fora(4, 6, 2)) / 1e9 if
+                                                     r[2] == "fora:2" else (always + units) / 1e9, rel=1e-3),
+                                       f"{ratio:.0%} |")
