@@ -17,8 +17,8 @@ What this module adds around the engine:
 - `trace_attention(...).communication(kind, degree, element_size)`: bytes each rank sends per unit when it
   computes, and per step always (the output gather), from shapes traced on the meta device through
   diffusers' own attention dispatch;
-- `parse_context_parallel` / `init_context_parallel`: the CLI's `--context-parallel ulysses=N|ring=N`
-  under torchrun (gloo on a CPU, NCCL on GPUs).
+- `check_command` / `init_context_parallel`: the CLI's `--context-parallel ulysses=N|ring=N` under torchrun
+  (gloo on a CPU, NCCL on GPUs).
 """
 
 import contextlib
@@ -230,30 +230,60 @@ def trace_attention(model, *, batch: int = 1, height=None, width=None, text_toke
 
 # ---- the command line ----
 
-def parse_context_parallel(text: str, option: str = "--context-parallel") -> tuple:
-    """(kind, degree) of 'ulysses=N' or 'ring=N', N >= 2; a ValueError naming `option` otherwise."""
-    kind, _, value = text.partition("=")
-    if kind not in KINDS or not value.isdigit() or int(value) < 2:
-        raise ValueError(f"{option}: expected ulysses=N or ring=N with N >= 2, got {text!r}")
-    return kind, int(value)
+OPTION = "--context-parallel"
 
 
-def check_context_parallel(kind: str, degree: int, class_name: str, option: str = "--context-parallel") -> int:
-    """Before any work: the torchrun environment (WORLD_SIZE), a degree equal to the world size and a model
-    class with a cp plan. Returns the world size."""
+def check_command(args, class_name: str):
+    """`harmonica sample --context-parallel`, before any work: (kind, degree), or None without the option.
+    Refused, each with one line: a value other than ulysses=N / ring=N (N >= 2), no torchrun environment, a
+    degree other than the world size (diffusers' mesh spans the world), a model class without a cp plan,
+    ring without CUDA (diffusers 0.42's ring needs an attention backend that returns the log-sum-exp: flash
+    or cuDNN, GPU only), --cuda-graphs or --compile (not built under context parallelism)."""
     import diffusers
 
+    text = getattr(args, "context_parallel", None)
+    if text is None:
+        return None
+    kind, _, value = text.partition("=")
+    if kind not in KINDS or not value.isdigit() or int(value) < 2:
+        raise ValueError(f"{OPTION}: expected ulysses=N or ring=N with N >= 2, got {text!r}")
+    degree = int(value)
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        raise ValueError(f"{option}: expected a run under torchrun (torchrun --nproc-per-node {degree} -m "
-                         f"harmonica ...), got no RANK/WORLD_SIZE in the environment")
+        raise ValueError(f"{OPTION}: expected a run under torchrun (torchrun --nproc-per-node {degree} -m harmonica "
+                         f"...), got no RANK and WORLD_SIZE in the environment")
     world = int(os.environ["WORLD_SIZE"])
-    if degree != world:  # diffusers' mesh spans the world; data parallelism over the rest is not built
-        raise ValueError(f"{option}: expected the degree to equal the world size {world} (torchrun "
-                         f"--nproc-per-node), got {kind}={degree}")
+    if degree != world:
+        raise ValueError(f"{OPTION}: expected the degree to equal the world size {world} (torchrun "
+                         f"--nproc-per-node), got {text}")
     if getattr(getattr(diffusers, class_name, None), "_cp_plan", None) is None:
-        raise ValueError(f"{option}: expected a model whose diffusers class has a cp plan (FLUX, Wan, Qwen-Image), "
-                         f"got {class_name}")
-    return world
+        raise ValueError(f"{OPTION}: expected a model whose diffusers class has a cp plan (FLUX, Wan, Qwen-Image), "
+                         f"got --model {args.model} ({class_name})")
+    if kind == "ring" and not torch.cuda.is_available():
+        raise ValueError(f"{OPTION}: expected ulysses=N without CUDA (diffusers' ring attention needs a flash or "
+                         f"cuDNN backend), got {text}")
+    for option in ("cuda_graphs", "compile"):
+        if getattr(args, option, False):
+            raise ValueError(f"--{option.replace('_', '-')}: expected off with {OPTION} (not built yet), got on")
+    return kind, degree
+
+
+def summary_line(model: str, transformer, schedule, batch: int, element_size: int, cache_bytes: int) -> str:
+    """What one rank holds and sends in a generation of `schedule` on the preset `model` (its size)."""
+    from .api import _format_bytes
+    from .schedule import CacheSchedule
+
+    config = context_parallel_config(transformer)
+    kind = "ulysses" if config.ulysses_degree > 1 else "ring"
+    sent = trace_attention(model, batch=batch).communication(kind, config._world_size, element_size)
+    every = CacheSchedule.no_cache(schedule.num_steps, schedule.num_units)
+    return (f"context parallelism {describe(config)}: rank {config._rank} of {config._world_size}, cache "
+            f"{_format_bytes(cache_bytes)} per rank, {_format_bytes(sent.trajectory(schedule))} sent per rank per "
+            f"generation (no cache: {_format_bytes(sent.trajectory(every))}; from the shapes, not measured)")
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 without)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def cpu_device_count_shim() -> None:

@@ -176,6 +176,27 @@ def _family(name, kind, rank):
     return found
 
 
+def _command_line(rank, out):
+    """`harmonica sample --context-parallel` as torchrun runs it (its environment; the process group exists):
+    tiny Wan, FORA:2; and a degree other than the world size. Returns {label: (exit status, stderr)}."""
+    import contextlib
+    import io
+    import os
+
+    from harmonica import cli
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    results = {}
+    for label, value in (("sample", "ulysses=2"), ("degree", "ulysses=4")):
+        errors = io.StringIO()
+        with contextlib.redirect_stderr(errors):
+            status = cli.main([*CLI_SAMPLE, "--context-parallel", value, "--out", str(out / f"cp{rank}.safetensors")])
+        results[label] = (status, errors.getvalue().strip().splitlines()[-1:])
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        del os.environ[name]
+    return results
+
+
 def _rank(rank, port, out):
     import os
 
@@ -190,6 +211,7 @@ def _rank(rank, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     findings = {}
     try:
+        findings["cli"] = _command_line(rank, out)
         for kind in KINDS:
             if kind == "ring":
                 attention_dispatch._native_attention_forward_op = _forward_op_with_lse
@@ -202,16 +224,23 @@ def _rank(rank, port, out):
 
 
 @pytest.fixture(scope="module")
-def findings(tmp_path_factory):
+def spawned(tmp_path_factory):
+    """The 2 ranks' findings and the folder they wrote to."""
     out = tmp_path_factory.mktemp("cp")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_rank, args=(port, out), nprocs=WORLD)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)], out
+
+
+@pytest.fixture(scope="module")
+def findings(spawned):
+    return spawned[0]
 
 
 CASES = [f"{name} {kind}" for kind in KINDS for name in FAMILIES]
+CLI_SAMPLE = ["sample", "--model", "tiny-wan", "--random-weights", "--schedule", "fora:2", "--steps", str(STEPS)]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -310,3 +339,60 @@ def test_plan_rows_for_2_4_8_gpus(capsys):
         assert (float(r[6]), r[7]) == (pytest.approx(sent.trajectory(CacheSchedule.fora(4, 6, 2)) / 1e9 if
                                                      r[2] == "fora:2" else (always + units) / 1e9, rel=1e-3),
                                        f"{ratio:.0%} |")
+
+
+def test_sample_command_under_torchrun(spawned, tmp_path, capsys):
+    """The latents rank 0 wrote equal those of the same command in one process (rounding bound as above:
+    tiny Wan's 8 video tokens, hidden 24, 4 steps); the other rank wrote nothing; a degree other than the
+    world size is refused on every rank."""
+    from safetensors.torch import load_file
+
+    from harmonica import cli
+
+    findings, out = spawned
+    for rank, found in enumerate(findings):
+        assert found["cli"]["sample"][0] == 0
+        assert found["cli"]["degree"] == [2, ["harmonica: error: --context-parallel: expected the degree to equal the "
+                                              "world size 2 (torchrun --nproc-per-node), got ulysses=4"]]
+    assert cli.main([*CLI_SAMPLE, "--out", str(tmp_path / "one.safetensors")]) == 0
+    assert not (out / "cp1.safetensors").exists()
+    one, cp = (load_file(path)["latents"] for path in (tmp_path / "one.safetensors", out / "cp0.safetensors"))
+    bound = rounding_bound(one, 24 * STEPS)
+    assert (cp - one).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--context-parallel", "ulysses=1"], "--context-parallel: expected ulysses=N or ring=N with N >= 2, got 'ulysses=1'"),
+    (["--context-parallel", "tensor=2"], "--context-parallel: expected ulysses=N or ring=N with N >= 2, got 'tensor=2'"),
+    (["--context-parallel", "ulysses=2"], "--context-parallel: expected a run under torchrun (torchrun --nproc-per-node "
+                                          "2 -m harmonica ...), got no RANK and WORLD_SIZE in the environment"),
+], ids=["degree-1", "kind", "no-torchrun"])
+def test_sample_option_refused(argv, message, capsys, tmp_path):
+    from harmonica import cli
+
+    assert cli.main([*CLI_SAMPLE, *argv, "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"harmonica: error: {message}"
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("model, argv, message", [
+    ("tiny-sd3", ["--context-parallel", "ulysses=2"], "--context-parallel: expected a model whose diffusers class has "
+                                                      "a cp plan (FLUX, Wan, Qwen-Image), got --model tiny-sd3 "
+                                                      "(SD3Transformer2DModel)"),
+    ("tiny-dit", ["--context-parallel", "ulysses=2"], "--context-parallel: expected a model whose diffusers class has "
+                                                      "a cp plan (FLUX, Wan, Qwen-Image), got --model tiny-dit "
+                                                      "(DiTTransformer2DModel)"),
+    ("tiny-wan", ["--context-parallel", "ring=2"], "--context-parallel: expected ulysses=N without CUDA (diffusers' "
+                                                   "ring attention needs a flash or cuDNN backend), got ring=2"),
+    ("tiny-wan", ["--context-parallel", "ulysses=2", "--compile"], "--compile: expected off with --context-parallel "
+                                                                   "(not built yet), got on"),
+], ids=["sd3", "dit", "ring-cpu", "compile"])
+def test_sample_option_refused_under_torchrun_env(model, argv, message, capsys, tmp_path, monkeypatch):
+    from harmonica import cli
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    command = ["sample", "--model", model, "--random-weights", "--steps", str(STEPS), *argv,
+               "--out", str(tmp_path / ("x.png" if model == "tiny-dit" else "x.safetensors"))]
+    assert cli.main(command) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"harmonica: error: {message}"
