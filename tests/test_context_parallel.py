@@ -290,7 +290,7 @@ def test_no_collective_inside_a_reused_unit(findings, case):
 
 
 def test_refusals(findings):
-    for rank, found in enumerate(findings):
+    for found in findings:
         for case in CASES:
             refusals = found[case]["refusals"]
             assert refusals["router on rank 1"] == (
@@ -350,7 +350,7 @@ def test_sample_command_under_torchrun(spawned, tmp_path, capsys):
     from harmonica import cli
 
     findings, out = spawned
-    for rank, found in enumerate(findings):
+    for found in findings:
         assert found["cli"]["sample"][0] == 0
         assert found["cli"]["degree"] == [2, ["harmonica: error: --context-parallel: expected the degree to equal the "
                                               "world size 2 (torchrun --nproc-per-node), got ulysses=4"]]
@@ -361,16 +361,18 @@ def test_sample_command_under_torchrun(spawned, tmp_path, capsys):
     assert (cp - one).abs().max().item() <= bound
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--context-parallel", "ulysses=1"], "--context-parallel: expected ulysses=N or ring=N with N >= 2, got 'ulysses=1'"),
-    (["--context-parallel", "tensor=2"], "--context-parallel: expected ulysses=N or ring=N with N >= 2, got 'tensor=2'"),
-    (["--context-parallel", "ulysses=2"], "--context-parallel: expected a run under torchrun (torchrun --nproc-per-node "
-                                          "2 -m harmonica ...), got no RANK and WORLD_SIZE in the environment"),
+@pytest.mark.parametrize("value, message", [
+    ("ulysses=1", "--context-parallel: expected ulysses=N or ring=N with N >= 2, got 'ulysses=1'"),
+    ("tensor=2", "--context-parallel: expected ulysses=N or ring=N with N >= 2, got 'tensor=2'"),
+    ("ulysses=2", "--context-parallel: expected a run under torchrun (torchrun --nproc-per-node 2 -m harmonica ...), "
+                  "got no RANK and WORLD_SIZE in the environment"),
 ], ids=["degree-1", "kind", "no-torchrun"])
-def test_sample_option_refused(argv, message, capsys, tmp_path):
+def test_sample_option_refused(value, message, capsys, tmp_path, monkeypatch):
     from harmonica import cli
 
-    assert cli.main([*CLI_SAMPLE, *argv, "--out", str(tmp_path / "x.safetensors")]) == 2
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main([*CLI_SAMPLE, "--context-parallel", value, "--out", str(tmp_path / "x.safetensors")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"harmonica: error: {message}"
     assert not (tmp_path / "x.safetensors").exists()
 
