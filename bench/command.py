@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from harmonica import parallel
 from harmonica.cli import check_out_dir, check_out_file, load_router
 
 from .configs import MODES
@@ -25,7 +26,7 @@ from .suite import FLOW_MODELS, MATRICES, SuiteOptions, run_suite
 from .table import format_gap_table, format_skipped, format_suite_table, target_verdicts
 
 SUITE_OPTIONS = ("models", "resolutions", "configs", "modes", "steps", "repeat", "warmup", "quick", "full",
-                 "max_compiled_graphs", "router", "real_weights", "seed", "device")
+                 "max_compiled_graphs", "router", "real_weights", "seed", "device", "context_parallel")
 PARTS = {"all": ("kernels", "suite"), "kernels": ("kernels",), "suite": ("suite",)}
 CPU_CONFIRM_S = 300  # a CPU run estimated longer than this needs --yes
 
@@ -65,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", help="router directory for harmonica/l2c rows (default: synthetic schedules)")
     parser.add_argument("--real-weights", action="store_true", help="the presets' hub weights (downloads)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--context-parallel", metavar="ulysses=N|ring=N",
+                        help="under torchrun, N = the world size: the flow models with diffusers' context parallelism "
+                             "(rank 0 writes; peers and graph modes skipped)")
     parser.add_argument("--out", help="results .json file, or a directory for <date>-<device>-<commit>.json "
                         "(default: bench/results/)")
     parser.add_argument("--yes", action="store_true",
@@ -109,6 +113,9 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
         return 0
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested, but torch sees no CUDA device (only --plan runs without one)")
+    if parallel.rank():  # the other ranks run the suite's collectives with rank 0, which reports and writes
+        run_suite(options, progress=False)
+        return 0
     estimate = total_seconds(lines, options, kernels, suite)
     if options.device == "cpu" and estimate > CPU_CONFIRM_S and not args.yes:
         raise ValueError(f"--yes: this run is estimated at {estimate / 60:.0f} min on the CPU (over "

@@ -249,7 +249,7 @@ def _router_sampler(router: Router, spec, directory: str) -> str | None:
 
 def sample(args) -> int:
     spec = preset(args.model)
-    context_parallel = parallel.check_command(args, spec.class_name)
+    context_parallel = parallel.check_sample(args, spec.class_name)
     if spec.is_flow:
         return sample_flow(args, spec, context_parallel)
     args.out = args.out or "out.png"

@@ -17,7 +17,7 @@ What this module adds around the engine:
 - `trace_attention(...).communication(kind, degree, element_size)`: bytes each rank sends per unit when it
   computes, and per step always (the output gather), from shapes traced on the meta device through
   diffusers' own attention dispatch;
-- `check_command` / `init_context_parallel`: the CLI's `--context-parallel ulysses=N|ring=N` under torchrun
+- `check_option` / `init_context_parallel`: the CLI's `--context-parallel ulysses=N|ring=N` under torchrun
   (gloo on a CPU, NCCL on GPUs).
 """
 
@@ -233,15 +233,14 @@ def trace_attention(model, *, batch: int = 1, height=None, width=None, text_toke
 OPTION = "--context-parallel"
 
 
-def check_command(args, class_name: str):
-    """`harmonica sample --context-parallel`, before any work: (kind, degree), or None without the option.
-    Refused, each with one line: a value other than ulysses=N / ring=N (N >= 2), no torchrun environment, a
-    degree other than the world size (diffusers' mesh spans the world), a model class without a cp plan,
-    ring without CUDA (diffusers 0.42's ring needs an attention backend that returns the log-sum-exp: flash
-    or cuDNN, GPU only), --cuda-graphs or --compile (not built under context parallelism)."""
+def check_option(text: str | None, models: dict) -> tuple | None:
+    """`--context-parallel` before any work: (kind, degree), or None without it. models: {preset name: diffusers
+    class name} of what will run. Refused, each with one line: a value other than ulysses=N / ring=N (N >= 2),
+    no torchrun environment, a degree other than the world size (diffusers' mesh spans the world), a model
+    class without a cp plan, ring without CUDA (diffusers 0.42's ring needs an attention backend that returns
+    the log-sum-exp: flash or cuDNN, GPU only)."""
     import diffusers
 
-    text = getattr(args, "context_parallel", None)
     if text is None:
         return None
     kind, _, value = text.partition("=")
@@ -255,16 +254,23 @@ def check_command(args, class_name: str):
     if degree != world:
         raise ValueError(f"{OPTION}: expected the degree to equal the world size {world} (torchrun "
                          f"--nproc-per-node), got {text}")
-    if getattr(getattr(diffusers, class_name, None), "_cp_plan", None) is None:
-        raise ValueError(f"{OPTION}: expected a model whose diffusers class has a cp plan (FLUX, Wan, Qwen-Image), "
-                         f"got --model {args.model} ({class_name})")
+    for name, class_name in models.items():
+        if getattr(getattr(diffusers, class_name, None), "_cp_plan", None) is None:
+            raise ValueError(f"{OPTION}: expected models whose diffusers class has a cp plan (FLUX, Wan, Qwen-Image), "
+                             f"got {name} ({class_name})")
     if kind == "ring" and not torch.cuda.is_available():
         raise ValueError(f"{OPTION}: expected ulysses=N without CUDA (diffusers' ring attention needs a flash or "
                          f"cuDNN backend), got {text}")
-    for option in ("cuda_graphs", "compile"):
-        if getattr(args, option, False):
-            raise ValueError(f"--{option.replace('_', '-')}: expected off with {OPTION} (not built yet), got on")
     return kind, degree
+
+
+def check_sample(args, class_name: str) -> tuple | None:
+    """`check_option` for `harmonica sample`, and --cuda-graphs and --compile refused with it (not built)."""
+    found = check_option(args.context_parallel, {args.model: class_name})
+    for option in ("cuda_graphs", "compile"):
+        if found and getattr(args, option):
+            raise ValueError(f"--{option.replace('_', '-')}: expected off with {OPTION} (not built yet), got on")
+    return found
 
 
 def summary_line(model: str, transformer, schedule, batch: int, element_size: int, cache_bytes: int) -> str:

@@ -192,6 +192,9 @@ def _command_line(rank, out):
         with contextlib.redirect_stderr(errors):
             status = cli.main([*CLI_SAMPLE, "--context-parallel", value, "--out", str(out / f"cp{rank}.safetensors")])
         results[label] = (status, errors.getvalue().strip().splitlines()[-1:])
+    with contextlib.redirect_stdout(io.StringIO()):
+        results["bench"] = (cli.main([*CLI_BENCH, "--context-parallel", "ulysses=2", "--out",
+                                      str(out / f"bench{rank}.json")]), [])
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         del os.environ[name]
     return results
@@ -240,6 +243,8 @@ def findings(spawned):
 
 
 CASES = [f"{name} {kind}" for kind in KINDS for name in FAMILIES]
+CLI_BENCH = ["bench", "--models", "tiny-wan", "--configs", "no-cache", "fora:2", "--modes", "fused", "--steps",
+             str(STEPS), "--repeat", "1", "--part", "suite", "--no-progress"]
 CLI_SAMPLE = ["sample", "--model", "tiny-wan", "--random-weights", "--schedule", "fora:2", "--steps", str(STEPS)]
 
 
@@ -378,11 +383,11 @@ def test_sample_option_refused(value, message, capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("model, argv, message", [
-    ("tiny-sd3", ["--context-parallel", "ulysses=2"], "--context-parallel: expected a model whose diffusers class has "
-                                                      "a cp plan (FLUX, Wan, Qwen-Image), got --model tiny-sd3 "
+    ("tiny-sd3", ["--context-parallel", "ulysses=2"], "--context-parallel: expected models whose diffusers class has "
+                                                      "a cp plan (FLUX, Wan, Qwen-Image), got tiny-sd3 "
                                                       "(SD3Transformer2DModel)"),
-    ("tiny-dit", ["--context-parallel", "ulysses=2"], "--context-parallel: expected a model whose diffusers class has "
-                                                      "a cp plan (FLUX, Wan, Qwen-Image), got --model tiny-dit "
+    ("tiny-dit", ["--context-parallel", "ulysses=2"], "--context-parallel: expected models whose diffusers class has "
+                                                      "a cp plan (FLUX, Wan, Qwen-Image), got tiny-dit "
                                                       "(DiTTransformer2DModel)"),
     ("tiny-wan", ["--context-parallel", "ring=2"], "--context-parallel: expected ulysses=N without CUDA (diffusers' "
                                                    "ring attention needs a flash or cuDNN backend), got ring=2"),
@@ -398,3 +403,17 @@ def test_sample_option_refused_under_torchrun_env(model, argv, message, capsys, 
                "--out", str(tmp_path / ("x.png" if model == "tiny-dit" else "x.safetensors"))]
     assert cli.main(command) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"harmonica: error: {message}"
+
+
+def test_bench_command_under_torchrun(spawned):
+    """`harmonica bench --context-parallel ulysses=2` on tiny Wan under the ranks: rank 0 writes the rows (the
+    option recorded), rank 1 none; no-cache equals its eager baseline exactly under context parallelism too."""
+    findings, out = spawned
+    assert [found["cli"]["bench"][0] for found in findings] == [0, 0]
+    assert not (out / "bench1.json").exists()
+    results = json.loads((out / "bench0.json").read_text())
+    assert results["args"]["context_parallel"] == "ulysses=2"
+    rows = {(row["config"], row["mode"]): row for row in results["suite"]}
+    assert set(rows) == {("no-cache", "eager"), ("no-cache", "fused"), ("fora:2", "fused"), ("skeleton", "fused")}
+    assert rows["no-cache", "fused"]["psnr"] == float("inf")
+    assert 20 < rows["fora:2", "fused"]["psnr"] < float("inf") and rows["fora:2", "fused"]["cur"] == 0.5
