@@ -99,7 +99,7 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused,
                          on_first_step=(lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None)
     state = CacheState(engine, router, scheduler)
-    engine.parallel_refused_by = ("cuda_graphs=True" if cuda_graphs else "compile=True" if compile else None)
+    engine.parallel_refused_by = "cuda_graphs=True" if cuda_graphs else None
     try:
         engine.check_ranks()
     except ValueError:

@@ -89,7 +89,7 @@ class CacheEngine:
         self.entered_context = None  # the name of the `transformer.cache_context` the caller is inside
         self.other_contexts = {}  # name -> (step, begun, previous_timestep, slots) of the contexts not current
         self.contexts_refused_by = None  # e.g. "cuda_graphs=True": what allows one cache context only
-        self.parallel_refused_by = None  # e.g. "compile=True": what context parallelism is refused with
+        self.parallel_refused_by = None  # e.g. "cuda_graphs=True": what context parallelism is refused with
         self.ranks_checked = False  # whether the schedule was checked equal on every context-parallel rank
         self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
         self._compiled_codes = []

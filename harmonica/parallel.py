@@ -265,11 +265,10 @@ def check_option(text: str | None, models: dict) -> tuple | None:
 
 
 def check_sample(args, class_name: str) -> tuple | None:
-    """`check_option` for `harmonica sample`, and --cuda-graphs and --compile refused with it (not built)."""
+    """`check_option` for `harmonica sample`, and --cuda-graphs refused with it (not built)."""
     found = check_option(args.context_parallel, {args.model: class_name})
-    for option in ("cuda_graphs", "compile"):
-        if found and getattr(args, option):
-            raise ValueError(f"--{option.replace('_', '-')}: expected off with {OPTION} (not built yet), got on")
+    if found and args.cuda_graphs:
+        raise ValueError(f"--cuda-graphs: expected off with {OPTION} (not built yet), got on")
     return found
 
 

@@ -22,6 +22,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from _helpers import rounding_bound
+from test_compile import CountingBackend
+from test_compile_flow import entries_per_kind
 
 WORLD = 2
 STEPS = 4
@@ -150,14 +152,19 @@ def _family(name, kind, rank):
         found.setdefault("summary", str(harmonica.summary(transformer)))
         harmonica.disable(transformer)
     found["outputs"] = out.flatten()[:8].tolist()  # the router's, for the ranks' agreement
+    if kind == "ulysses":  # the unit bodies compiled (counting backend: the traced ops, bitwise the eager ones)
+        backend = CountingBackend()
+        engine = harmonica.enable(transformer, caches["fora:2"], compile={"backend": backend})
+        found["diff"]["fora:2 compiled"] = (_sample(task, noise) - single["fora:2"]).abs().max().item()
+        found["compiled"] = {kind: n for (_, kind), n in entries_per_kind(engine).items()}
+        harmonica.disable(transformer)
     communication = parallel.trace_attention(name, batch=2 if task.guided else 1, text_tokens=spec.text_tokens
                                              ).communication(kind, WORLD, element_size=4)
     found["accounting"] = {"units": list(communication.unit_bytes), "always": communication.always_bytes}
     other = Router(STEPS, units, info=info, generator=torch.Generator().manual_seed(2 + rank))
     found["refusals"] = {}
     for label, call in {"router on rank 1": lambda: harmonica.enable(transformer, other),
-                        "cuda_graphs": lambda: harmonica.enable(transformer, caches["fora:2"], cuda_graphs=True),
-                        "compile": lambda: harmonica.enable(transformer, caches["fora:2"], compile=True)}.items():
+                        "cuda_graphs": lambda: harmonica.enable(transformer, caches["fora:2"], cuda_graphs=True)}.items():
         try:
             call()
             found["refusals"][label] = None
@@ -302,7 +309,6 @@ def test_refusals(findings):
                 "router_or_schedule: expected the same cache schedule on every rank of the context-parallel "
                 "group, got rank 1's differing from rank 0's")
             assert refusals["cuda_graphs"].startswith("cuda_graphs=True: expected off under context parallelism (")
-            assert refusals["compile"].startswith("compile=True: expected off under context parallelism (")
         assert found["tiny-flux ulysses"]["refusals"]["sd3"] == (
             "context parallelism: expected a transformer whose class has a diffusers cp plan (FLUX, Wan, "
             "Qwen-Image), got SD3Transformer2DModel")
@@ -391,9 +397,9 @@ def test_sample_option_refused(value, message, capsys, tmp_path, monkeypatch):
                                                       "(DiTTransformer2DModel)"),
     ("tiny-wan", ["--context-parallel", "ring=2"], "--context-parallel: expected ulysses=N without CUDA (diffusers' "
                                                    "ring attention needs a flash or cuDNN backend), got ring=2"),
-    ("tiny-wan", ["--context-parallel", "ulysses=2", "--compile"], "--compile: expected off with --context-parallel "
-                                                                   "(not built yet), got on"),
-], ids=["sd3", "dit", "ring-cpu", "compile"])
+    ("tiny-wan", ["--context-parallel", "ulysses=2", "--cuda-graphs"], "--cuda-graphs: expected off with "
+                                                                       "--context-parallel (not built yet), got on"),
+], ids=["sd3", "dit", "ring-cpu", "graphs"])
 def test_sample_option_refused_under_torchrun_env(model, argv, message, capsys, tmp_path, monkeypatch):
     from harmonica import cli
 
@@ -417,3 +423,16 @@ def test_bench_command_under_torchrun(spawned):
     assert set(rows) == {("no-cache", "eager"), ("no-cache", "fused"), ("fora:2", "fused"), ("skeleton", "fused")}
     assert rows["no-cache", "fused"]["psnr"] == float("inf")
     assert 20 < rows["fora:2", "fused"]["psnr"] < float("inf") and rows["fora:2", "fused"]["cur"] == 0.5
+
+
+def test_compiled_units_under_context_parallelism(findings):
+    """compile=True under Ulysses: the compiled generation is within the bound of the one-process one (checked
+    with the others above); one graph per unit kind as in one process, but for the first block's attention of
+    Wan and Qwen-Image: diffusers' split hands it a strided view of the CFG batch (a second input signature)."""
+    expected = {"tiny-flux": {"attn": 1, "ff": 1, "ff_context": 1, "attn_mlp": 1},
+                "tiny-wan": {"attn1": 2, "attn2": 1, "ffn": 1},
+                "tiny-qwen-image": {"attn": 2, "img_mlp": 1, "txt_mlp": 1}}
+    for found in findings:
+        for name, counts in expected.items():
+            assert found[f"{name} ulysses"]["compiled"] == counts
+            assert "fora:2 compiled" in found[f"{name} ulysses"]["diff"]
