@@ -163,8 +163,9 @@ def _family(name, kind, rank):
     found["accounting"] = {"units": list(communication.unit_bytes), "always": communication.always_bytes}
     other = Router(STEPS, units, info=info, generator=torch.Generator().manual_seed(2 + rank))
     found["refusals"] = {}
-    for label, call in {"router on rank 1": lambda: harmonica.enable(transformer, other),
-                        "cuda_graphs": lambda: harmonica.enable(transformer, caches["fora:2"], cuda_graphs=True)}.items():
+    calls = {"router on rank 1": lambda: harmonica.enable(transformer, other),
+             "cuda_graphs": lambda: harmonica.enable(transformer, caches["fora:2"], cuda_graphs=True)}
+    for label, call in calls.items():
         try:
             call()
             found["refusals"][label] = None
