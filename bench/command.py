@@ -113,13 +113,13 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
         return 0
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested, but torch sees no CUDA device (only --plan runs without one)")
-    if parallel.rank():  # the other ranks run the suite's collectives with rank 0, which reports and writes
-        run_suite(options, progress=False)
-        return 0
     estimate = total_seconds(lines, options, kernels, suite)
     if options.device == "cpu" and estimate > CPU_CONFIRM_S and not args.yes:
         raise ValueError(f"--yes: this run is estimated at {estimate / 60:.0f} min on the CPU (over "
                          f"{CPU_CONFIRM_S // 60} min; --plan lists its rows); expected --yes to run it, got none")
+    if parallel.rank():  # the other ranks run the suite's collectives with rank 0, which reports and writes
+        run_suite(options, progress=False)
+        return 0
     before = machine_info()
     results = {"command": command_line(args, prog), "args": {k: getattr(args, k) for k in SUITE_OPTIONS},
                "machine_before": before, "macs": mac_table(), "kernels": [], "suite": []}

@@ -75,6 +75,9 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     A pipeline that runs classifier-free guidance as two passes (Wan, Qwen-Image: diffusers'
     `cache_context("cond")`/`("uncond")`) gets one slot set and step counter per pass (not with
     cuda_graphs); SD3.5's skip_guidance_layers is refused.
+    Under diffusers' context parallelism (`transformer.enable_parallelism`, before or after this call; FLUX, Wan,
+    Qwen-Image) each rank's slots hold its shard of the tokens, and the schedule is checked equal on every rank of
+    the group (see parallel.py); cuda_graphs is refused there.
     """
     transformer, scheduler = _parts(pipe_or_transformer)
     if scheduler_in_graph and not cuda_graphs:
