@@ -79,7 +79,7 @@ def check_same_schedule(engine, config) -> None:
     whose schedule differs from the group's first rank's (raised on every rank alike)."""
     import torch.distributed as dist
 
-    group = config._flattened_mesh.get_group()
+    group = config._flattened_mesh.get_group()  # diffusers' ring x ulysses mesh as one group (set by its setup)
     device = next(engine.transformer.parameters()).device
     mine = torch.tensor([schedule_digest(engine)], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
