@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from harmonica import parallel
 from harmonica.cli import check_out_dir, check_out_file, load_router
 
 from .configs import MODES
@@ -20,12 +21,12 @@ from .host_cost import measure as measure_host_cost
 from .kernel_bench import default_cases, format_rows, measure, target_verdict
 from .machine import REPO, machine_info
 from .macs import format_mac_table, mac_table
-from .plan import format_plan, plan, total_seconds
+from .plan import format_parallel_plan, format_plan, plan, total_seconds
 from .suite import FLOW_MODELS, MATRICES, SuiteOptions, run_suite
 from .table import format_gap_table, format_skipped, format_suite_table, target_verdicts
 
 SUITE_OPTIONS = ("models", "resolutions", "configs", "modes", "steps", "repeat", "warmup", "quick", "full",
-                 "max_compiled_graphs", "router", "real_weights", "seed", "device")
+                 "max_compiled_graphs", "router", "real_weights", "seed", "device", "context_parallel")
 PARTS = {"all": ("kernels", "suite"), "kernels": ("kernels",), "suite": ("suite",)}
 CPU_CONFIRM_S = 300  # a CPU run estimated longer than this needs --yes
 
@@ -65,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", help="router directory for harmonica/l2c rows (default: synthetic schedules)")
     parser.add_argument("--real-weights", action="store_true", help="the presets' hub weights (downloads)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--context-parallel", metavar="ulysses=N|ring=N",
+                        help="under torchrun, N = the world size: the flow models with diffusers' context parallelism "
+                             "(rank 0 writes; peers and graph modes skipped)")
     parser.add_argument("--out", help="results .json file, or a directory for <date>-<device>-<commit>.json "
                         "(default: bench/results/)")
     parser.add_argument("--yes", action="store_true",
@@ -103,6 +107,9 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
     if args.plan:
         print(f"Plan of `{command_line(args, prog)}` on {options.device}\n")
         print(format_plan(lines, options, kernels=kernels, suite=suite))
+        cp = format_parallel_plan(lines, options)
+        if cp:
+            print(f"\n{cp}")
         return 0
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested, but torch sees no CUDA device (only --plan runs without one)")
@@ -110,6 +117,9 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
     if options.device == "cpu" and estimate > CPU_CONFIRM_S and not args.yes:
         raise ValueError(f"--yes: this run is estimated at {estimate / 60:.0f} min on the CPU (over "
                          f"{CPU_CONFIRM_S // 60} min; --plan lists its rows); expected --yes to run it, got none")
+    if parallel.rank():  # the other ranks run the suite's collectives with rank 0, which reports and writes
+        run_suite(options, progress=False)
+        return 0
     before = machine_info()
     results = {"command": command_line(args, prog), "args": {k: getattr(args, k) for k in SUITE_OPTIONS},
                "machine_before": before, "macs": mac_table(), "kernels": [], "suite": []}

@@ -10,6 +10,10 @@ constants of a `CostModel`; no constant comes from a measurement:
   graph; a peer row counts as no-cache (its CUR is known only once it ran);
 - a model: `build_s`; a command: `start_s` (imports, the MAC table) and, with CUDA, `timing_s` per timing of
   the kernel micro-benchmark.
+
+For the flow models whose diffusers class has a cp plan (FLUX, Wan, Qwen-Image), `format_parallel_plan` adds
+what each rank would do under context parallelism on 2, 4 and 8 GPUs (Ulysses and ring): the transformer MACs
+per rank (the tokens split evenly) and the bytes it sends (`harmonica.parallel`: a reused unit sends none).
 """
 
 import functools
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harmonica import parallel
 from harmonica.models import preset
 from harmonica.schedule import CacheSchedule
 
@@ -145,3 +150,53 @@ def format_plan(lines: list, options: SuiteOptions, kernels: bool, suite: bool =
     seconds = total_seconds(lines, options, kernels, suite)
     parts.append(f"Estimated duration: {seconds:.0f} s ({seconds / 60:.1f} min). Nothing was run.")
     return "\n".join(parts)
+
+
+DEGREES = (2, 4, 8)  # GPUs of the context-parallel rows
+
+
+@functools.cache
+def _trace(name: str, batch: int):
+    return parallel.trace_attention(name, batch=batch)
+
+
+def _flow_batch(name: str) -> int | None:
+    """Images per forward of a flow preset whose class has a cp plan (2 with a CFG half), else None."""
+    import diffusers
+
+    from harmonica.flow import FAMILIES
+
+    spec = preset(name)
+    if not spec.is_flow or getattr(diffusers, spec.class_name)._cp_plan is None:
+        return None
+    return 2 if FAMILIES[spec.class_name].cfg and spec.guidance > 1 else 1
+
+
+def format_parallel_plan(lines: list, options: SuiteOptions) -> str:
+    """Per planned flow row with a cp plan (once per model, steps and config): for 2, 4 and 8 ranks under
+    Ulysses and ring, the transformer's GMACs and the GB each rank sends per generation (bf16 activations on
+    CUDA, fp32 on a CPU), and the bytes against the no-cache generation's. Empty without such rows."""
+    element_size = 2 if options.device == "cuda" else 4
+    header = "| model | steps | config | GPUs | cp | GMACs per rank | GB sent per rank | of no-cache |"
+    table, seen = [header, "|" + "---|" * (header.count("|") - 1)], set()
+    for line in lines:
+        key = (line.model, line.row.row_steps, line.row.config.name)
+        batch = _flow_batch(line.model)
+        if line.row.reason or batch is None or key in seen:
+            continue
+        seen.add(key)
+        macs = _count_macs(line.model)
+        steps = line.row.row_steps
+        schedule = line.row.table or CacheSchedule.no_cache(steps, len(macs.names))
+        generation_macs = batch * steps * macs.total / schedule.theoretical_speedup(macs)
+        for kind in parallel.KINDS:
+            for degree in DEGREES:
+                sent = _trace(line.model, batch).communication(kind, degree, element_size)
+                ratio = sent.trajectory(schedule) / sent.trajectory(CacheSchedule.no_cache(steps, len(macs.names)))
+                table.append(f"| {line.model} | {steps} | {line.row.config.name} | {degree} | {kind} | "
+                             f"{generation_macs / degree / 1e9:.4g} | {sent.trajectory(schedule) / 1e9:.4g} | "
+                             f"{ratio:.0%} |")
+    if len(table) == 2:
+        return ""
+    return "\n".join(["Context parallelism (diffusers' enable_parallelism; per rank, per generation; not measured):",
+                      "", *table])

@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 import harmonica
+from harmonica import parallel
 from harmonica.flow import SAMPLER as FLOW_SAMPLER
 from harmonica.flow import as_4d, flow_sample, flow_task, random_flow_embeddings
 from harmonica.models import (
@@ -142,6 +143,7 @@ class SuiteOptions:
     real_weights: bool = False
     seed: int = 0
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    context_parallel: str | None = None  # under torchrun: "ulysses=N" or "ring=N" (harmonica/parallel.py)
 
     def __post_init__(self):
         self.matrix = MATRICES["cpu" if self.device != "cuda" else "full" if self.full else "cuda"]
@@ -161,6 +163,8 @@ class SuiteOptions:
         if self.max_compiled_graphs is not None and self.max_compiled_graphs < 1:
             raise ValueError(f"--max-compiled-graphs: expected an integer >= 1, got {self.max_compiled_graphs}")
         self.model_names = select_models(self.models, self.resolutions, self.matrix.models)
+        self.parallel = parallel.check_option(self.context_parallel,
+                                              {name: preset(name).class_name for name in self.model_names})
 
     def steps_for(self, name: str) -> tuple:
         if self.steps is not None:
@@ -337,6 +341,8 @@ class FlowWorkload(Workload):
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.seed = options.seed
         transformer = load_transformer(name, random_weights=not options.real_weights, seed=options.seed)
+        if options.parallel:  # the rank's device, diffusers' context parallelism on the transformer
+            self.device = torch.device(parallel.init_context_parallel(transformer, *options.parallel))
         move_pipeline(transformer, self.device, self.dtype)
         self.pipe = SimpleNamespace(transformer=transformer)
         self.bank = random_flow_embeddings(transformer, 1, self.spec.text_tokens,
@@ -379,9 +385,11 @@ def make_workload(name: str, options: SuiteOptions) -> Workload:
     return (FlowWorkload if name in FLOW_MODELS else Workload)(name, options)
 
 
-def _skip_reason(config: Config, mode: str, device: str, sampler: str) -> str | None:
+def _skip_reason(config: Config, mode: str, device: str, sampler: str, parallel=None) -> str | None:
     if mode in ("graphs", "graphs-step", "compile") and device != "cuda":
         return "needs CUDA"
+    if mode in ("graphs", "graphs-step", "compile") and parallel:  # compile rows capture graphs too
+        return "not built under context parallelism"
     if mode == "graphs-step" and sampler not in TABLE_SAMPLERS:
         return f"the {sampler} step cannot run inside a graph (table samplers: {', '.join(TABLE_SAMPLERS)})"
     if mode == "compile" and "compile" not in inspect.signature(harmonica.enable).parameters:
@@ -440,8 +448,9 @@ def plan_group(name: str, num_steps: int, options: SuiteOptions, router: Router 
     def planned(config: Config, mode: str) -> PlannedRow:
         row_steps = fewer_steps(config, num_steps, matched) if config.kind == "fewer-steps" else num_steps
         if config.is_peer:
-            return PlannedRow(config, mode, row_steps)
-        reason = _skip_reason(config, mode, options.device, sampler)
+            return PlannedRow(config, mode, row_steps,
+                              reason="not under context parallelism" if options.parallel else None)
+        reason = _skip_reason(config, mode, options.device, sampler, options.parallel)
         if reason:
             return PlannedRow(config, mode, row_steps, reason=reason)
         try:

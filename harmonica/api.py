@@ -4,6 +4,7 @@ import functools
 import warnings
 from dataclasses import dataclass
 
+from . import parallel
 from .adapters import block_lists, supported
 from .engine import CacheEngine
 from .graphs import GraphRunner
@@ -74,6 +75,9 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     A pipeline that runs classifier-free guidance as two passes (Wan, Qwen-Image: diffusers'
     `cache_context("cond")`/`("uncond")`) gets one slot set and step counter per pass (not with
     cuda_graphs); SD3.5's skip_guidance_layers is refused.
+    Under diffusers' context parallelism (`transformer.enable_parallelism`, before or after this call; FLUX, Wan,
+    Qwen-Image) each rank's slots hold its shard of the tokens, and the schedule is checked equal on every rank of
+    the group (see parallel.py); cuda_graphs is refused there.
     """
     transformer, scheduler = _parts(pipe_or_transformer)
     if scheduler_in_graph and not cuda_graphs:
@@ -98,12 +102,19 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused,
                          on_first_step=(lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None)
     state = CacheState(engine, router, scheduler)
+    engine.parallel_refused_by = "cuda_graphs=True" if cuda_graphs else None
+    try:
+        engine.check_ranks()
+    except ValueError:
+        engine.remove()
+        raise
     if compile:
         engine.compile(compile if isinstance(compile, dict) else {})
     if cuda_graphs:  # an instance attribute: Module.__call__ and its hooks stay
         engine.contexts_refused_by = "cuda_graphs=True"  # a graph replays one set of slots
-        transformer.forward = state.graphs = GraphRunner(engine, transformer.forward,
-                                                         scheduler_inside=scheduler_in_graph)
+        with parallel.lifted_hooks(transformer):  # diffusers' hooks stay outermost
+            transformer.forward = state.graphs = GraphRunner(engine, transformer.forward,
+                                                             scheduler_inside=scheduler_in_graph)
     setattr(transformer, ATTRIBUTE, state)
     if scheduler is not None:
         set_timesteps = scheduler.set_timesteps
@@ -153,8 +164,9 @@ def disable(pipe_or_transformer) -> None:
     """Undo `enable`: original block forwards, no hooks, no compiled code, slots freed."""
     state = _state(pipe_or_transformer)
     state.engine.remove()
-    if "forward" in vars(state.engine.transformer):  # the graph runner
-        del state.engine.transformer.forward  # back to the class's forward
+    if state.graphs is not None:
+        with parallel.lifted_hooks(state.engine.transformer):  # diffusers' hooks (context parallelism) stay
+            del state.engine.transformer.forward  # the graph runner; back to the forward it wrapped
     if state.scheduler is not None:
         del state.scheduler.set_timesteps  # the instance attribute set by enable
     transformer, _ = _parts(pipe_or_transformer)
@@ -176,11 +188,14 @@ class Summary:
     static_bytes: int = 0  # static input buffers of the graphs and the sampler state they update
     capture_seconds: float = 0.0  # total time spent capturing
     modulation_bytes: int = 0  # DiT: the per-generation modulation table and its step buffer
+    context_parallel: str = ""  # e.g. "ulysses=2": cache_bytes are this rank's slots (its shard of the tokens)
+    rank: int = 0
 
     def __str__(self) -> str:
+        where = f" on rank {self.rank} ({self.context_parallel})" if self.context_parallel else ""
         text = (f"{self.schedule} ({self.sampler or 'sampler not yet seen'}): {self.steps} steps x {self.units} units, "
                 f"CUR {self.cur:.1%}, theoretical speedup {self.theoretical_speedup:.2f}x at "
-                f"{self.counted_at}, cache {_format_bytes(self.cache_bytes)}")
+                f"{self.counted_at}, cache {_format_bytes(self.cache_bytes)}{where}")
         if self.graphs is not None:
             text += (f", {self.graphs} CUDA graphs (pool {_format_bytes(self.graph_pool_bytes)}, static buffers "
                      f"{_format_bytes(self.static_bytes)}, captured in {self.capture_seconds:.2f} s)")
@@ -212,6 +227,9 @@ def summary(pipe_or_transformer) -> Summary:
     report = Summary(schedule.name, state.sampler, schedule.num_steps, schedule.num_units, schedule.cur,
                      schedule.theoretical_speedup(macs), where, engine.cache_bytes(),
                      modulation_bytes=engine.modulation.nbytes())
+    config = parallel.context_parallel_config(transformer)
+    if config is not None:
+        report.context_parallel, report.rank = parallel.describe(config), config._rank
     if state.graphs is not None:
         runner = state.graphs
         report.graphs, report.graph_pool_bytes = len(runner.graphs), runner.pool_bytes

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import parallel
 from .api import enable, step_runner, summary
 from .digits import DIGITS_MODELS
 from .flow import cur_for_speedup
@@ -251,8 +252,9 @@ def sample(args) -> int:
     if args.model in DIGITS_MODELS:
         return sample_digits(args)
     spec = preset(args.model)
+    context_parallel = parallel.check_sample(args, spec.class_name)
     if spec.is_flow:
-        return sample_flow(args, spec)
+        return sample_flow(args, spec, context_parallel)
     args.out = args.out or "out.png"
     plan = plan_sample(args, spec)
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
@@ -386,9 +388,10 @@ def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
     return bank, steps, guidance, router
 
 
-def sample_flow(args, spec) -> int:
+def sample_flow(args, spec, context_parallel=None) -> int:
     """`harmonica sample` for a flow-matching model: the transformer alone, driven by `flow.flow_sample` on the
-    first prompt of the bank; the final latents (unpacked, as the pipeline hands them to its VAE) go to --out."""
+    first prompt of the bank; the final latents (unpacked, as the pipeline hands them to its VAE) go to --out.
+    context_parallel: (kind, degree) under torchrun (parallel.py); rank 0 writes and prints."""
     from safetensors.torch import save_file
 
     from .api import Summary
@@ -399,21 +402,24 @@ def sample_flow(args, spec) -> int:
     bank, steps, guidance, cache = plan_flow_sample(args, spec, generator)
     transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights,
                                    seed=args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" and not args.fp32 else torch.float32
+    device = (parallel.init_context_parallel(transformer, *context_parallel) if context_parallel else
+              "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") and not args.fp32 else torch.float32
     move_pipeline(transformer, device, dtype)
     task = flow_task(transformer, bank, steps, guidance, **spec.size)
     engine = enable(transformer, cache, tau=args.tau, cuda_graphs=args.cuda_graphs, compile=args.compile)
     start = time.perf_counter()
     with torch.inference_mode():
         latents = flow_sample(task, torch.zeros(1, dtype=torch.long), generator=generator, progress=True)
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     bad = int((~torch.isfinite(latents)).sum())
     if bad:
         raise RuntimeError(f"latents: expected finite values, got {bad} of {latents.numel()} NaN/inf (the sampling "
                            "diverged; nothing was written)")
+    if parallel.rank():  # every rank holds the gathered latents; rank 0 writes and reports
+        return 0
     if Path(args.out).suffix.lower() == ".safetensors":
         save_file({"latents": task.unpack(latents).float().cpu().contiguous()}, args.out)
     else:
@@ -428,6 +434,9 @@ def sample_flow(args, spec) -> int:
     size = f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else "")
     print(Summary(schedule.name, SAMPLER, steps, schedule.num_units, schedule.cur,
                   schedule.theoretical_speedup(task.macs()), size, engine.cache_bytes()))
+    if context_parallel:
+        print(parallel.summary_line(args.model, transformer, schedule, 2 if task.guided else 1, dtype.itemsize,
+                                    engine.cache_bytes()))
     print(f"measured {elapsed:.2f} s (whole generation, decode not included); latents {tuple(latents.shape)}, "
           f"{'latents' if args.out.endswith('.safetensors') else 'decoded'} written to {args.out}")
     return 0
@@ -774,6 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler-in-graph", action="store_true",
                    help="with --cuda-graphs: the sampler step inside each graph (dit-ddim, dpm-solver++)")
     s.add_argument("--compile", action="store_true", help="torch.compile each unit kind once (all blocks share it)")
+    s.add_argument("--context-parallel", metavar="ulysses=N|ring=N", help="under torchrun, N = the world size: "
+                   "diffusers' context parallelism (FLUX, Wan, Qwen-Image)")
     s.add_argument("--out", help="image file (.png, .jpg, ...; default out.png) in an existing directory; flow models: "
                    ".safetensors file of the final latents (default out.safetensors), or an image file decoded by "
                    "the model's VAE (Wan: .gif or .webp)")

@@ -35,7 +35,7 @@ import warnings
 import torch
 from torch._C._dynamo.eval_frame import reset_code
 
-from . import kernels
+from . import kernels, parallel
 from .adapters import blocks_of
 from .modulation import ModulationTable
 from .profiling import nvtx as _nvtx
@@ -89,6 +89,8 @@ class CacheEngine:
         self.entered_context = None  # the name of the `transformer.cache_context` the caller is inside
         self.other_contexts = {}  # name -> (step, begun, previous_timestep, slots) of the contexts not current
         self.contexts_refused_by = None  # e.g. "cuda_graphs=True": what allows one cache context only
+        self.parallel_refused_by = None  # e.g. "cuda_graphs=True": what context parallelism is refused with
+        self.ranks_checked = False  # whether the schedule was checked equal on every context-parallel rank
         self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
         self._compiled_codes = []
         # hidden_states' shape in the latest forward: (B, C, H, W), (B, C, F, H, W) or (B, L, C)
@@ -101,8 +103,9 @@ class CacheEngine:
         self._originals = []
         for block in self.blocks:
             index = {kind: self.unit_index.get(f"{block.name}.{kind}") for kind in block.adapter.kinds}
-            self._originals.append(vars(block.module).get("forward"))  # an instance's own forward; None: the class's
-            block.module.forward = types.MethodType(_block_forward(self, block, index), block.module)
+            with parallel.lifted_hooks(block.module):  # diffusers' hooks (a cp plan's splits) wrap the new forward
+                self._originals.append(vars(block.module).get("forward"))  # an instance's own; None: the class's
+                block.module.forward = types.MethodType(_block_forward(self, block, index), block.module)
         self._own_cache_context = vars(transformer).get("cache_context")
         if hasattr(transformer, "cache_context"):  # diffusers' CacheMixin
             transformer.cache_context = self._cache_context(transformer.cache_context)
@@ -117,6 +120,7 @@ class CacheEngine:
                              f"got {schedule.num_units}")
         self.schedule = schedule
         self.mode = "inference"
+        self.ranks_checked = False
         self.begin()
 
     def set_training(self, gates: torch.Tensor, tau: float) -> None:
@@ -173,10 +177,11 @@ class CacheEngine:
     def remove(self) -> None:
         """Restore every block's forward, drop the hooks, the compiled bodies and free the slots."""
         for block, own in zip(self.blocks, self._originals):
-            if own is None:
-                del block.module.forward
-            else:
-                block.module.forward = own
+            with parallel.lifted_hooks(block.module):
+                if own is None:
+                    del block.module.forward
+                else:
+                    block.module.forward = own
         for hook in self._hooks:
             hook.remove()
         for adapter, blocks in self.adapters.items():
@@ -234,9 +239,26 @@ class CacheEngine:
             name, (0, self.begun, None, [None] * len(self.units)))
         self.context, self.step = name, step
 
+    # ---- context parallelism ----
+
+    def check_ranks(self) -> None:
+        """Under diffusers' context parallelism (enabled before or after the engine), once per schedule: the
+        family has a cp plan, nothing refused with it is on, every rank of the group runs the same schedule
+        (parallel.py). A no-op without context parallelism."""
+        config = parallel.context_parallel_config(self.transformer)
+        if self.ranks_checked or config is None:
+            return
+        parallel.check_supported(self.transformer)
+        if self.parallel_refused_by is not None:
+            raise ValueError(f"{self.parallel_refused_by}: expected off under context parallelism "
+                             f"({parallel.describe(config)}; not built yet), got on")
+        parallel.check_same_schedule(self, config)
+        self.ranks_checked = True
+
     # ---- step counter ----
 
     def _before_forward(self, module, args, kwargs):
+        self.check_ranks()
         if self.mode != "off" and kwargs.get("skip_layers") is not None:
             raise ValueError(f"skip_guidance_layers: expected None under harmonica (every block runs once per "
                              f"step), got a transformer call with skip_layers={kwargs['skip_layers']}")

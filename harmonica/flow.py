@@ -376,7 +376,8 @@ def flow_sample(task: FlowTask, prompt_index: torch.Tensor, *, latents: torch.Te
     with SolverLoop(transformer, task.table, as_4d(latents), task.solver_guidance) as loop:
         for i in tqdm(range(task.num_steps), disable=not progress, desc=SAMPLER):
             loop.begin_step(i)
-            out = transformer(**task.model_kwargs(loop.x.view(latents.shape), cond, i)).sample
+            # a tuple, as the pipelines ask: diffusers' context-parallel hooks pass only tensors through
+            out = transformer(**{**task.model_kwargs(loop.x.view(latents.shape), cond, i), "return_dict": False})[0]
             loop.end_step(SimpleNamespace(sample=task.velocity(out)))
     return loop.result().view(latents.shape)
 
