@@ -4,7 +4,6 @@ training and flow-model sampling read."""
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .api import enable, step_runner, summary
+from .files import RunLock, WriteError, file_bytes, write_file
 from .flow import cur_for_speedup
 from .models import (
     FLOW_PRESETS,
@@ -28,15 +28,17 @@ from .models import (
     preset,
     random_prompt_embeds,
 )
+from .options import check_options, given_options
 from .router import Router, RouterInfo, dit_ddim_timesteps
 from .samplers import (
     DIT_SAMPLERS,
-    DIT_TRAIN_STEPS,
     PIXART_PROMPT_KEYS,
     PIXART_SAMPLERS,
     TABLE_SAMPLERS,
+    check_steps,
     dit_ddim_sample,
     pixart_sample,
+    step_ranges_text,
     use_pixart_sampler,
 )
 from .schedule import parse_schedule  # profiling.workload imports it from here too
@@ -139,10 +141,17 @@ def save_decoded(decoded: torch.Tensor, path: str) -> None:
     frames = decoded[0].float().cpu()
     frames = frames.unsqueeze(1) if frames.dim() == 3 else frames  # (3, F, H, W)
     pictures = [_to_pil((frame.permute(1, 2, 0).numpy() / 2 + 0.5).clip(0, 1)) for frame in frames.unbind(1)]
-    if len(pictures) == 1:
-        pictures[0].save(path)
-    else:
-        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=FRAME_MS, loop=0)
+    write_images(pictures, path)
+
+
+def write_images(pictures: list, path) -> None:
+    """One PIL image, or an animation of several, written whole to `path` (its suffix gives the format)."""
+    from PIL import Image
+
+    image_format = Image.registered_extensions()[Path(path).suffix.lower()]
+    animation = {} if len(pictures) == 1 else {"save_all": True, "append_images": pictures[1:],
+                                                "duration": FRAME_MS, "loop": 0}
+    write_file(path, file_bytes(lambda f: pictures[0].save(f, format=image_format, **animation)))
 
 
 def image_suffixes() -> set:
@@ -175,14 +184,7 @@ def plan_sample(args, spec) -> SamplePlan:
     transformer, no weights) and the router's files, before any model is built; ValueError naming the
     option to change."""
     check_out_file(args.out, "--out", image_suffixes(), "an image file name (.png, .jpg or another suffix PIL writes)")
-    check_tau_and_guidance(args)
-    if args.prompt_embeddings is not None:
-        raise ValueError(f"--prompt-embeddings: expected only with a flow-matching model ({', '.join(FLOW_PRESETS)}), "
-                         f"got it with --model {args.model}")
-    for option, value, family in (("--class-label", args.class_label, "DiT"), ("--prompt", args.prompt, "PixArt")):
-        if value is not None and spec.is_pixart != (family == "PixArt"):
-            raise ValueError(f"{option}: expected only with a {family} model, got {option} {value!r} with --model "
-                             f"{args.model}")
+    check_tau(args)
     with torch.device("meta"):
         transformer = build_transformer(args.model)
     if args.class_label is not None and not 0 <= args.class_label < transformer.config.num_embeds_ada_norm:
@@ -197,9 +199,8 @@ def plan_sample(args, spec) -> SamplePlan:
     sampler = args.sampler or trained or spec.sampler
     if sampler not in choices:
         raise ValueError(f"--sampler: expected one of {sorted(choices)} for {args.model}, got {sampler!r}")
-    # every preset's diffusion has 1000 training timesteps: more steps would repeat timesteps (DiT DDIM)
-    if args.steps is not None and not 1 <= args.steps <= DIT_TRAIN_STEPS:
-        raise ValueError(f"--steps: expected 1 to {DIT_TRAIN_STEPS} (the model's training timesteps), got {args.steps}")
+    if args.steps is not None:
+        check_steps(sampler, args.steps)
     if router is not None and args.steps is not None and args.steps != router.num_steps:
         raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
                          f"{args.steps}; leave --steps out")
@@ -224,14 +225,11 @@ def check_router_model(router: Router, args, transformer, **fields) -> None:
                          f"({'; '.join(diffs)})")
 
 
-def check_tau_and_guidance(args) -> None:
+def check_tau(args) -> None:
+    """--tau needs --router (its range: harmonica.options)."""
     if args.tau is not None and not args.router:
         raise ValueError(f"--tau: expected only with --router (it thresholds the router's gates), got --tau "
                          f"{args.tau} with {'--schedule ' + args.schedule if args.schedule else 'no router'}")
-    if args.tau is not None and not 0 < args.tau < 1:
-        raise ValueError(f"--tau: expected a threshold in (0, 1), got {args.tau}")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise ValueError(f"--guidance: expected a finite scale >= 0, got {args.guidance}")
 
 
 def _router_sampler(router: Router, spec, directory: str) -> str | None:
@@ -268,7 +266,7 @@ def sample(args) -> int:
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    image.save(args.out)
+    write_images([image], args.out)
     weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
     print(f"model {args.model} ({weights}), sampler {plan.sampler}, {plan.steps} steps, seed {args.seed}, "
           f"{device} {dtype}")
@@ -291,21 +289,15 @@ def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
     if args.random_weights and Path(args.out).suffix.lower() != ".safetensors" and spec.vae is None:
         raise ValueError(f"--out: {args.model} has no random VAE to decode with (decoding needs its weights); "
                          f"expected a .safetensors file name (the final latents), got {args.out!r}")
-    check_tau_and_guidance(args)
-    if args.class_label is not None:
-        raise ValueError(f"--class-label: expected only with a DiT model, got --class-label {args.class_label} with "
-                         f"--model {args.model}")
-    if args.prompt is not None:
-        raise ValueError(f"--prompt: expected --prompt-embeddings for --model {args.model} (no text encoder runs "
-                         f"here), got --prompt {args.prompt!r}")
+    check_tau(args)
     if args.sampler not in (None, SAMPLER):
         raise ValueError(f"--sampler: expected {SAMPLER} (the pipeline's) for --model {args.model}, got "
                          f"{args.sampler!r}")
     if args.scheduler_in_graph:
         raise ValueError(f"--scheduler-in-graph: expected off for --model {args.model} (its sampler step runs after "
                          f"the graph), got on")
-    if args.steps is not None and not 1 <= args.steps <= DIT_TRAIN_STEPS:
-        raise ValueError(f"--steps: expected 1 to {DIT_TRAIN_STEPS} (the model's training timesteps), got {args.steps}")
+    if args.steps is not None:
+        check_steps(SAMPLER, args.steps)
     router = load_router(args.router) if args.router else None
     if router is not None and args.steps is not None and args.steps != router.num_steps:
         raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
@@ -335,7 +327,7 @@ def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
 def sample_flow(args, spec) -> int:
     """`harmonica sample` for a flow-matching model: the transformer alone, driven by `flow.flow_sample` on the
     first prompt of the bank; the final latents (unpacked, as the pipeline hands them to its VAE) go to --out."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .api import Summary
     from .flow import SAMPLER, flow_sample, flow_task
@@ -361,7 +353,7 @@ def sample_flow(args, spec) -> int:
         raise RuntimeError(f"latents: expected finite values, got {bad} of {latents.numel()} NaN/inf (the sampling "
                            "diverged; nothing was written)")
     if Path(args.out).suffix.lower() == ".safetensors":
-        save_file({"latents": task.unpack(latents).float().cpu().contiguous()}, args.out)
+        write_file(args.out, save({"latents": task.unpack(latents).float().cpu().contiguous()}))
     else:
         vae = load_vae(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
         move_pipeline(vae, device, torch.float32)  # the pipelines keep Wan's VAE in fp32; cheap next to the loop
@@ -421,8 +413,17 @@ def digits_report(model, schedule, num_steps: int, count: int = 500, *, batch: i
 
 
 def train(args) -> int:
-    """Exit status 0, or 128 + the signal number when a SIGINT/SIGTERM stopped the run (partial router)."""
-    import os
+    """Exit status 0, or 128 + the signal number when a SIGINT/SIGTERM stopped the run (partial router). The run
+    directory is held (`files.RunLock`, by rank 0 under torchrun) from before its files are looked at until the
+    command ends: a second run on it fails at once."""
+    import contextlib
+
+    held = RunLock(args.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with held:
+        return _train(args)
+
+
+def _train(args) -> int:
     import signal
 
     import torch.distributed as dist
@@ -433,7 +434,6 @@ def train(args) -> int:
         RouterTrainer,
         TrainConfig,
         check_run_dir,
-        load_prompt_embeddings,
         stop_signals,
         task_macs,
     )
@@ -447,14 +447,6 @@ def train(args) -> int:
         raise ValueError(f"--embeds: the weights of {args.model} train on precomputed prompt embeddings; expected a "
                          f"file of the pipeline's encode_prompt outputs (random ones only suit --random-weights), got "
                          f"none")
-    if spec.is_flow and args.sampler is not None:
-        raise ValueError(f"--sampler: expected none for {args.model} (it trains with its pipeline's "
-                         f"FlowMatchEulerDiscreteScheduler), got {args.sampler!r}")
-    if args.target_speedup is not None and not args.target_speedup > 1:
-        raise ValueError(f"--target-speedup: expected a theoretical speedup > 1, got {args.target_speedup}")
-    if args.objective == SEARCH and args.resume:
-        raise ValueError("--resume: expected none with --objective search (it keeps no checkpoint; it takes minutes: "
-                         "run it again with --overwrite)")
     guidance = args.guidance if args.guidance is not None else (spec.guidance if spec.is_flow else TrainConfig.guidance)
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations,
                          batch=args.batch or TrainConfig.batch, lr=args.lr,
@@ -463,6 +455,7 @@ def train(args) -> int:
                          TrainConfig.objective, lambda_batch=args.lambda_batch, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
                          target_cur=args.target_cur, optimizer=args.optimizer, loss=args.loss)
+    embeddings = check_train_embeddings(args, spec, config) if args.embeds else None  # before any weights load
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
@@ -479,16 +472,15 @@ def train(args) -> int:
         pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
         transformer = pipe.transformer.to(device)
     if spec.is_flow:
-        from .flow import flow_task, load_flow_embeddings, random_flow_embeddings
+        from .flow import flow_task, random_flow_embeddings
 
-        bank = (load_flow_embeddings(args.embeds) if args.embeds else
+        bank = (embeddings if embeddings is not None else
                 random_flow_embeddings(transformer, RANDOM_PROMPTS, spec.text_tokens,
                                        torch.Generator().manual_seed(config.seed)))
         task = flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
     elif spec.is_pixart:
         scheduler = use_pixart_sampler(pipe, args.sampler or spec.sampler)
-        task = PixArtTask(transformer, scheduler, load_prompt_embeddings(args.embeds), config.num_steps,
-                          config.guidance)
+        task = PixArtTask(transformer, scheduler, embeddings, config.num_steps, config.guidance)
     else:
         task = DiTTask(transformer, config.num_steps, config.guidance)
     macs = task_macs(task)
@@ -529,6 +521,24 @@ def train(args) -> int:
     if stop.stop_signal is not None or partial:
         return 128 + int(stop.stop_signal or signal.SIGTERM)
     return 0
+
+
+def check_train_embeddings(args, spec, config) -> dict:
+    """The --embeds file, checked against the model's config (a meta-device transformer: no weights): its
+    tensors (`prompts.read_embeddings`), keys and widths. ValueError naming --embeds and the file."""
+    from .flow import flow_task, load_flow_embeddings
+    from .training import load_prompt_embeddings
+
+    with torch.device("meta"):
+        transformer = build_transformer(args.model)
+    if spec.is_pixart:
+        return load_prompt_embeddings(args.embeds, transformer.config.caption_channels)
+    bank = load_flow_embeddings(args.embeds, "--embeds")
+    try:
+        flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
+    except ValueError as error:
+        raise ValueError(f"--embeds: {args.embeds}: {error}") from None
+    return bank
 
 
 SEARCH = "search"  # the default objective (harmonica.search)
@@ -603,6 +613,9 @@ def embed(args) -> int:
     except OSError as error:
         raise ValueError(f"--prompts: expected a text file of prompts, one per line, got {args.prompts} "
                          f"({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--prompts: expected a UTF-8 text file, got {args.prompts} (byte "
+                         f"0x{error.object[error.start]:02x} at offset {error.start} is not UTF-8)") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts: expected at least one non-empty line in {args.prompts}, got none")
@@ -679,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tau", type=float, help="router threshold in (0, 1) (default: the router's training tau)")
     s.add_argument("--sampler", help="dit-ddim or pipeline (DiT); dpm-solver++, sa-solver or iddpm (PixArt) "
                    "(default: the router's, else the model's)")
-    s.add_argument("--steps", type=int, help="denoising steps, 1 to 1000 (default: the router's, else the sampler's)")
+    s.add_argument("--steps", type=int, help=f"denoising steps, {step_ranges_text()} (default: the router's, else the "
+                   "sampler's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-label", type=int, help=f"ImageNet class (DiT; default {DIT_CLASS})")
     s.add_argument("--prompt", help=f"PixArt prompt (default {DEFAULT_PROMPT!r})")
@@ -730,10 +744,22 @@ def profile(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Exit status 0; 2 with one line on stderr for any error (a refused option or file, a failed write, a
+    diverged computation); 128 + N when signal N stopped a training (see train)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        check_options(args.command, args, given_options(build_parser(), argv))
         return {"sample": sample, "train": train, "embed": embed, "bench": bench,
                 "profile": profile}[args.command](args)
-    except (ValueError, RuntimeError) as error:
-        print(f"harmonica: error: {error}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"harmonica: error: {one_line(error)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: Exception) -> str:
+    """The error's message; an OSError's as `path: cause`."""
+    if isinstance(error, OSError) and not isinstance(error, WriteError):
+        where = error.filename if error.filename is not None else "file system"
+        return f"{where}: {error.strerror or error}"
+    return str(error)
