@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .files import write_file
 from .samplers import dit_alphas_cumprod, dit_ddim_sample
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -178,10 +179,10 @@ def fit(out_dir=DATA) -> None:
     classifier = fit_classifier(images, labels)
     with torch.no_grad():
         mean, cov = feature_stats(classifier.features(images))
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(out_dir / CLASSIFIER_FILE))
-    save_file({"mean": mean, "cov": cov}, str(out_dir / STATS_FILE))
+    write_file(out_dir / CLASSIFIER_FILE, save({k: v.contiguous() for k, v in classifier.state_dict().items()}))
+    write_file(out_dir / STATS_FILE, save({"mean": mean, "cov": cov}))
     model = fit_dit(images, labels)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / MODEL_FILE))
+    write_file(out_dir / MODEL_FILE, save({k: v.contiguous() for k, v in model.state_dict().items()}))
     noise, eval_labels = eval_batch(500)
     result = quality(sample(model, noise, eval_labels, 20), eval_labels, classifier)
     print(f"dit: DDIM-20 samples: FD {result['fd']:.2f}, accuracy {result['accuracy']:.1%}")

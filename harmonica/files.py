@@ -39,9 +39,33 @@ def _write_all(fd: int, data: bytes) -> None:
 def write_file(path, data) -> Path:
     """Write `data` (bytes, or str as UTF-8) to `path` whole: a temporary file beside it, fsync, rename.
     WriteError (an OSError) naming `path` when that fails; the previous file, if any, is left as it was."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode()
+    return write_files({path: data})[0]
+
+
+def write_files(contents: dict) -> list:
+    """`write_file` for several files ({path: data}) that belong together (a router's weights and info): every
+    temporary file is written and flushed before the first rename, so a full disk changes none of them."""
+    staged = []
+    try:
+        for path, data in contents.items():
+            path = Path(path)
+            staged.append((path, _staged(path, data.encode() if isinstance(data, str) else data)))
+        for path, tmp in staged:
+            try:
+                os.replace(tmp, path)
+            except OSError as error:
+                raise WriteError(error.errno, error.strerror, str(path)) from None
+    finally:
+        for _, tmp in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    for directory in {path.parent for path, _ in staged}:
+        _fsync_dir(directory)
+    return [path for path, _ in staged]
+
+
+def _staged(path: Path, data: bytes) -> str:
+    """A temporary file beside `path` holding `data`, flushed to disk, with the mode open() would give."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as error:
@@ -52,14 +76,12 @@ def write_file(path, data) -> Path:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0o600 -> what open() would have given
-        os.replace(tmp, path)
+        os.chmod(tmp, 0o666 & ~_umask())
     except OSError as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise WriteError(error.errno, error.strerror or str(error), str(path)) from None
-    _fsync_dir(path.parent)
-    return path
+    return tmp
 
 
 def file_bytes(write) -> bytes:
@@ -72,9 +94,10 @@ def file_bytes(write) -> bytes:
 
 def append_line(path, line: str) -> None:
     """Append `line` + newline to `path` (created if missing) in one write; on failure the file is cut back
-    to its previous length and WriteError names it."""
+    to its previous length (removed if this call created it) and WriteError names it."""
     path = Path(path)
     data = (line + "\n").encode()
+    existed = path.exists()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     except OSError as error:
@@ -85,6 +108,8 @@ def append_line(path, line: str) -> None:
             _write_all(fd, data)
         except OSError as error:
             os.ftruncate(fd, size)
+            if not existed:
+                os.unlink(path)
             raise WriteError(error.errno, error.strerror, str(path)) from None
     finally:
         os.close(fd)

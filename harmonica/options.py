@@ -128,7 +128,7 @@ RULES = {
     "bench": {
         "models": Rule(str, only=SAMPLING_ONLY), "resolutions": count(1, only=SAMPLING_ONLY),
         "configs": Rule(str, only=SAMPLING_ONLY), "modes": Rule(str, only=SAMPLING_ONLY),
-        "steps": count(2, high=TRAIN_TIMESTEPS), "repeat": count(1, only=SAMPLING_ONLY),
+        "steps": count(2, high=TRAIN_TIMESTEPS, only=SAMPLING_ONLY), "repeat": count(1, only=SAMPLING_ONLY),
         "warmup": count(1, only=SAMPLING_ONLY), "quick": FLAG, "full": Rule(only=SAMPLING_ONLY),
         "max_compiled_graphs": count(1, only=SAMPLING_ONLY), "part": Rule(only=SAMPLING_ONLY), "plan": FLAG,
         "device": Rule(only=SAMPLING_ONLY), "router": Rule(str, only=SAMPLING_ONLY),

@@ -14,6 +14,8 @@ Per pipeline (P prompts, L tokens):
   its longest prompt and returns no mask when every token counts: the mask is then all ones).
 """
 
+from pathlib import Path
+
 import torch
 
 
@@ -99,11 +101,13 @@ def read_embeddings(path, option: str) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    expected = f"{option}: expected a safetensors file of prompt embeddings, got {path}"
+    if not Path(path).is_file():
+        raise ValueError(f"{expected} ({'a directory' if Path(path).is_dir() else 'no such file'})")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as error:
-        cause = getattr(error, "strerror", None) or str(error)
-        raise ValueError(f"{option}: expected a safetensors file of prompt embeddings, got {path} ({cause})") from None
+        raise ValueError(f"{expected} ({getattr(error, 'strerror', None) or error})") from None
     for name, value in tensors.items():
         if value.dim() == 0 or value.shape[0] == 0:
             raise ValueError(f"{option}: expected at least one prompt in {name} of {path}, got shape "

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .files import write_file
+from .files import write_files
 from .schedule import ROUTER_RULES, CacheSchedule
 from .units import cached_units
 
@@ -200,12 +200,12 @@ class Router(torch.nn.Module):
             raise ValueError("router: trained for something else: " + "; ".join(diffs))
 
     def save_pretrained(self, directory) -> None:
-        """`directory`/router.safetensors and router.json, each written whole (`files.write_file`)."""
+        """`directory`/router.safetensors and router.json, written whole together (`files.write_files`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_file(directory / WEIGHTS_FILE, save({"logits": self.logits.detach().cpu().contiguous()}))
         info = {"format_version": FORMAT_VERSION, **asdict(self.info)}
-        write_file(directory / INFO_FILE, json.dumps(info, indent=1) + "\n")
+        write_files({directory / WEIGHTS_FILE: save({"logits": self.logits.detach().cpu().contiguous()}),
+                     directory / INFO_FILE: json.dumps(info, indent=1) + "\n"})
 
     @classmethod
     def from_pretrained(cls, directory) -> "Router":
