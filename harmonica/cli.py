@@ -433,12 +433,15 @@ def _train(args) -> int:
         PixArtTask,
         RouterTrainer,
         TrainConfig,
+        check_resumable,
         check_run_dir,
         stop_signals,
         task_macs,
     )
 
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any model is loaded
+    if args.resume:
+        check_resumable(args.out)
     spec = preset("tiny-dit" if args.model == DIGITS else args.model)
     if spec.is_pixart and not args.embeds:
         raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "

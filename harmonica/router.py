@@ -40,7 +40,7 @@ def load_tensors(path, option: str):
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        detail = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global| Please use|$)", str(error),
+        detail = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed global| Please use|$)", str(error),
                            re.MULTILINE)
         if detail is None:  # not the weights_only refusal: bytes that do not unpickle
             raise _unreadable(path, option, error) from None

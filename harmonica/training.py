@@ -318,6 +318,53 @@ def check_run_dir(out_dir, *, resume: bool, overwrite: bool) -> list:
     return found
 
 
+def read_checkpoint(path) -> dict:
+    """The state a checkpoint holds, checked to be one: loadable (`load_tensors`), of CHECKPOINT_VERSION, with
+    every key and dicts of settings. One ValueError line naming --resume and the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--resume: expected a checkpoint at {path}, found none")
+    state = load_tensors(path, "--resume")
+    version = state.get("version") if isinstance(state, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"--resume: expected a checkpoint of version {CHECKPOINT_VERSION} at {path}, "
+                         f"got version {version}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"--resume: expected a checkpoint with the keys {list(CHECKPOINT_KEYS)} at {path}, "
+                         f"missing {missing}")
+    if not (isinstance(state["run"], dict) and isinstance(state["config"], dict)):
+        raise ValueError(f"--resume: expected dicts of run settings in {path}, got "
+                         f"{type(state['run']).__name__}, {type(state['config']).__name__}")
+    return state
+
+
+def check_resumable(out_dir) -> None:
+    """Before any model is built: rank 0's checkpoint in `out_dir` reads (`read_checkpoint`) and so does its
+    log (`read_log`)."""
+    read_checkpoint(Path(out_dir) / "checkpoint-rank0.pt")
+    read_log(Path(out_dir) / LOG_FILE)
+
+
+def read_log(path) -> list:
+    """[(iteration, line bytes)] of a train_log.jsonl ([] when there is none); ValueError naming it for a line
+    that is not a JSON record with an integer iteration."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            iteration = json.loads(line)["iteration"]
+        except (ValueError, TypeError, KeyError):
+            iteration = None
+        if not isinstance(iteration, int):
+            raise ValueError(f"--resume: expected a JSON record with an iteration on each line of {path}, "
+                             f"got line {number}: {line[:40]!r}")
+        records.append((iteration, line))
+    return records
+
+
 class RouterTrainer:
     """SDT + IEPO for one transformer and task; `run()` trains, checkpoints and saves the router."""
 
@@ -547,22 +594,8 @@ class RouterTrainer:
     def load_checkpoint(self) -> None:
         """Restore the state of `checkpoint_path()`; the trajectory is replayed when attached."""
         path = self.checkpoint_path()
-        if not path.is_file():
-            raise ValueError(f"--resume: expected a checkpoint at {path}, found none")
-        state = load_tensors(path, "--resume")
-        version = state.get("version") if isinstance(state, dict) else None
-        if version != CHECKPOINT_VERSION:
-            raise ValueError(f"--resume: expected a checkpoint of version {CHECKPOINT_VERSION} at {path}, "
-                             f"got version {version}")
-        missing = [key for key in CHECKPOINT_KEYS if key not in state]
-        if missing:
-            raise ValueError(f"--resume: expected a checkpoint with the keys {list(CHECKPOINT_KEYS)} at {path}, "
-                             f"missing {missing}")
-        try:
-            saved = {k: v for k, v in {**state["run"], **state["config"]}.items() if k not in RESUMABLE}
-        except (TypeError, AttributeError):
-            raise ValueError(f"--resume: expected dicts of run settings in {path}, got "
-                             f"{type(state['run']).__name__}, {type(state['config']).__name__}") from None
+        state = read_checkpoint(path)
+        saved = {k: v for k, v in {**state["run"], **state["config"]}.items() if k not in RESUMABLE}
         diffs = describe_differences(saved, {**self._run_record(), **asdict(self.config)}, "checkpoint")
         if diffs:
             raise ValueError(f"--resume: {path} was trained with other settings: " + "; ".join(diffs))
@@ -652,15 +685,7 @@ class RouterTrainer:
         """Rank 0: drop the log records after the current iteration (all of them on a fresh start)."""
         path = self.out_dir / LOG_FILE
         if self.rank == 0 and path.is_file():
-            kept = []
-            for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-                try:
-                    iteration = json.loads(line)["iteration"]
-                except (ValueError, TypeError, KeyError):
-                    raise ValueError(f"--resume: expected a JSON record with an iteration on each line of {path}, "
-                                     f"got line {number}: {line[:40]!r}") from None
-                if iteration <= self.iteration:
-                    kept.append(line + b"\n")
+            kept = [line + b"\n" for iteration, line in read_log(path) if iteration <= self.iteration]
             write_file(path, b"".join(kept))
 
     def request_stop(self, signum, frame) -> None:
