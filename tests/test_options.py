@@ -82,6 +82,8 @@ CASES = {
     "bench-resolutions-0": (["bench", "--resolutions", "256", "0"], r"--resolutions: expected an integer >= 1, got 0"),
     "profile-launch-count-0": (["profile", "ncu", "--model", "tiny-dit", "--launch-count", "0"],
                                r"--launch-count: expected an integer >= 1, got 0"),
+    "profile-dpm-solver-1-step": (["profile", "nsys", "--model", "tiny-pixart", "--steps", "1"],
+                                  r"--steps: expected 2 to 1000 for the sampler dpm-solver\+\+, got 1"),
     "profile-warmup-negative": (PROFILE + ["--warmup", "-1"], r"--warmup: expected an integer >= 0, got -1"),
     # class 2: an empty value is an error, never the default
     **{f"empty-{option}": (argv + [f"--{option}", ""], rf"--{option}: expected a non-empty value, got ''")
