@@ -1,10 +1,10 @@
 """Files written whole, and run directories held by one process at a time.
 
-Every file harmonica writes goes through `write_file` (or `append_line` for the training log): the bytes go
-to a temporary file in the destination's directory, are flushed to disk (fsync) and renamed over the
-destination (`os.replace`, atomic on POSIX), so a reader sees the old file or the new one, never a part of
-it. A failed write (a full disk, an I/O error) removes the temporary file and raises `WriteError`: one
-line naming the destination and the cause.
+Every file harmonica writes goes through `write_file` (`write_files` for files that belong together,
+`append_line` for the training log): the bytes go to a temporary file in the destination's directory, are
+flushed to disk (fsync) and renamed over the destination (`os.replace`, atomic on POSIX), so a reader sees
+the old file or the new one, never a part of it. A failed write (a full disk, an I/O error) removes the
+temporary file and raises `WriteError`: one line naming the destination and the cause.
 
 `RunLock` is an exclusive `fcntl.flock` on `<run dir>/.harmonica.lock`, which records the holder's pid and
 host. The kernel drops a flock when its process ends however it ends, so a lock file left by a crash is

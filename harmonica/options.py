@@ -140,11 +140,14 @@ RULES = {
 SUBCOMMANDS = ("command", "tool")  # the subparsers' own dests
 
 
+DIGITS_MODELS = ("digits-dit",)  # committed weights (harmonica.digits), not a hub pipeline
+
+
 def model_kind(name: str) -> str:
     """"dit", "pixart", "flow" or "digits" for a --model name."""
     from .models import preset
 
-    if name.startswith("digits-"):
+    if name in DIGITS_MODELS:
         return "digits"
     spec = preset(name)
     return "flow" if spec.is_flow else "pixart" if spec.is_pixart else "dit"
