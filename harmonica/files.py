@@ -137,24 +137,26 @@ def _fsync_dir(directory: Path) -> None:
 class RunLock:
     """`with RunLock(directory, option):` holds `directory` (created if missing) for this process alone.
     ValueError naming `option`, the directory and the holder's pid and host when another process holds it.
-    On exit the lock file is removed, and the directory too when this lock created it and it is empty."""
+    On exit the lock file is removed, and the directories this lock created too when they are empty."""
 
     def __init__(self, directory, option: str = "--out"):
         self.directory, self.option = Path(directory), option
         self.path = self.directory / LOCK_FILE
         self.fd = None
-        self.created = False
+        self.created = []  # the directories this lock made, deepest first
 
     def __enter__(self) -> "RunLock":
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"{self.option}: expected a directory, got {self.directory} (a file)")
         if not self.directory.is_dir():
+            missing = [self.directory, *self.directory.parents]
+            self.created = missing[:next(i for i, d in enumerate(missing) if d.exists())]
             try:
                 self.directory.mkdir(parents=True)
             except OSError as error:
+                self._remove_directory()
                 raise ValueError(f"{self.option}: expected a directory it can create, got {self.directory} "
                                  f"({error.strerror})") from None
-            self.created = True
         while True:  # until the locked file is the one at self.path (a releasing holder unlinks it)
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -197,6 +199,8 @@ class RunLock:
         self._remove_directory()
 
     def _remove_directory(self) -> None:
-        if self.created:
-            with contextlib.suppress(OSError):
-                self.directory.rmdir()  # only when empty
+        for directory in self.created:
+            try:
+                directory.rmdir()  # only when empty
+            except OSError:
+                return

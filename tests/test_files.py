@@ -287,8 +287,8 @@ def test_a_second_training_on_a_held_directory_fails_at_once(tmp_path):
 
 
 def test_a_lock_on_a_new_directory_leaves_nothing(tmp_path):
-    with RunLock(tmp_path / "new"):
-        assert os.listdir(tmp_path / "new") == [LOCK_FILE]
+    with RunLock(tmp_path / "new" / "run"):
+        assert os.listdir(tmp_path / "new" / "run") == [LOCK_FILE]
     assert os.listdir(tmp_path) == []
     with pytest.raises(ValueError, match=r"^--out: expected a directory, got \S+ \(a file\)"):
         (tmp_path / "file").write_text("")
