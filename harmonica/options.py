@@ -18,7 +18,12 @@ from .router import TAU_RANGE  # `harmonica.api.enable` and `Router` say the sam
 SEED_MAX = 2**32 - 1  # numpy's and every generator's range
 TRAIN_TIMESTEPS = 1000  # every preset's diffusion has 1000 training timesteps
 MODEL_KINDS = {"dit": "DiT", "pixart": "PixArt", "flow": "flow-matching", "digits": "digits-dit"}
-SDT = "sdt"  # train objectives other than the search: SDT (iepo, leave-one-out, l2c)
+# train --objective -> what it uses: the search; SDT with IEPO's lambda (refreshed by rollouts); SDT with lambda 1
+OBJECTIVE_KINDS = {"search": "search", "iepo": "lambda", "cumulative": "lambda", "leave-one-out": "lambda",
+                   "l2c": "l2c"}
+OBJECTIVE_PHRASES = {("lambda", "l2c"): "an SDT --objective (iepo, cumulative, leave-one-out, l2c)",
+                     ("lambda",): "an --objective with IEPO's lambda (iepo, cumulative, leave-one-out)",
+                     ("search",): "--objective search"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,8 @@ TAU = number(low=0, high=1, open_low=True, open_high=True, expected=TAU_RANGE)
 GUIDANCE = number(low=0, expected="a finite scale >= 0")
 STEPS = count(1, high=TRAIN_TIMESTEPS, expected=f"1 to {TRAIN_TIMESTEPS} (the model's training timesteps)")
 FLOW_ONLY = {"model": ("flow",)}
-SDT_ONLY = {"objective": (SDT,)}
+SDT_ONLY = {"objective": ("lambda", "l2c")}
+LAMBDA_ONLY = {"objective": ("lambda",)}
 SEARCH_ONLY = {"objective": ("search",)}
 SAMPLING_ONLY = {"suite": ("sampling",)}
 
@@ -110,11 +116,11 @@ RULES = {
         "steps": count(2, high=TRAIN_TIMESTEPS, expected=f"2 to {TRAIN_TIMESTEPS} (step 0 only fills the cache; the "
                        f"model has {TRAIN_TIMESTEPS} training timesteps)"),
         "iterations": count(1, only=SDT_ONLY), "batch": count(1), "lr": number(low=0, open_low=True, only=SDT_ONLY),
-        "beta": number(low=0, only=SDT_ONLY), "tau": TAU, "refresh": count(1, only=SDT_ONLY), "guidance": GUIDANCE,
+        "beta": number(low=0, only=SDT_ONLY), "tau": TAU, "refresh": count(1, only=LAMBDA_ONLY), "guidance": GUIDANCE,
         "embeds": Rule(str, only={"model": ("pixart", "flow")}),
         "sampler": Rule(str, choices=("dpm-solver++", "sa-solver", "iddpm"), only={"model": ("pixart",)}),
         "objective": FLAG, "rounds": count(1, only=SEARCH_ONLY), "candidates": count(1, only=SEARCH_ONLY),
-        "eval_batch": count(0), "lambda_batch": count(1, only=SDT_ONLY), "seed": SEED,
+        "eval_batch": count(0), "lambda_batch": count(1, only=LAMBDA_ONLY), "seed": SEED,
         "checkpoint_every": count(1, only=SDT_ONLY),
         "checkpoint_minutes": number(low=0, open_low=True, only=SDT_ONLY),
         "target_cur": number(low=0, high=1, open_low=True, open_high=True),
@@ -159,7 +165,7 @@ def context(command: str, args) -> dict:
     if getattr(args, "model", None):
         found["model"] = (model_kind(args.model), f"--model {args.model}")
     if command == "train":
-        found["objective"] = ("search" if args.objective == "search" else SDT, f"--objective {args.objective}")
+        found["objective"] = (OBJECTIVE_KINDS[args.objective], f"--objective {args.objective}")
     if command == "bench":
         found["suite"] = (args.suite, f"--suite {args.suite}")
     return found
@@ -169,8 +175,7 @@ def _applies_to(key: str, values: tuple) -> str:
     if key == "model":
         return f"a {' or '.join(MODEL_KINDS[v] for v in values)} model"
     if key == "objective":
-        return ("an SDT --objective (iepo, cumulative, leave-one-out, l2c)" if values == (SDT,)
-                else "--objective search")
+        return OBJECTIVE_PHRASES[values]
     return " or ".join(f"--{key} {v}" for v in values)
 
 

@@ -67,6 +67,9 @@ CASES = {
     "train-sdt-option-with-search": (SEARCH + ["--lr", "0.1"], r"--lr: " + SDT_ONLY + r", got --lr 0.1 with "
                                                                                       r"--objective search"),
     "train-abbreviated-option": (SEARCH + ["--iter", "5"], r"--iterations: " + SDT_ONLY),
+    "train-lambda-option-with-l2c": (IEPO[:4] + ["--objective", "l2c", "--out", "RUN", "--refresh", "5"],
+                                     r"--refresh: expected only with an --objective with IEPO's lambda \(iepo, "
+                                     r"cumulative, leave-one-out\), got --refresh 5 with --objective l2c"),
     "train-search-option-with-iepo": (IEPO + ["--rounds", "2"], r"--rounds: expected only with --objective search, "
                                                                 r"got --rounds 2 with --objective iepo"),
     "sample-seed-huge": (DIT + ["--seed", str(10**20)], r"--seed: expected an integer in \[0, 4294967295\], got "
