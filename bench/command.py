@@ -14,6 +14,7 @@ import torch
 
 from harmonica import parallel
 from harmonica.cli import check_out_dir, check_out_file, load_router
+from harmonica.files import write_file
 
 from .configs import MODES
 from .host_cost import format_host_cost
@@ -75,8 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run on a CPU even when the estimate (--plan) exceeds {CPU_CONFIRM_S // 60} min")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--suite", choices=("sampling", "digits"), default="sampling",
-                        help="digits: the digits-dit router protocol (bench/digits_protocol.py; ~30 min on 2 cores, "
-                        "--quick a smoke run); only --quick and --out apply to it")
+                        help="digits: the digits-dit router protocol (bench/digits_protocol.py; ~25 min on 2 cores: "
+                        "needs --yes; --quick a smoke run); only --quick, --out, --plan and --yes apply to it (the "
+                        "others are refused); BENCHMARKS.md is left alone")
 
 
 def command_line(args, prog: str) -> str:
@@ -93,14 +95,14 @@ def command_line(args, prog: str) -> str:
 
 
 def run(args, prog: str = "python -m harmonica.bench") -> int:
+    """Either suite, planned first: --plan prints the plan and runs nothing; a CPU run estimated over
+    CPU_CONFIRM_S needs --yes. The options were checked (harmonica.options) before."""
+    out = _out_target(args.out)
     if args.suite == "digits":
-        from .digits_protocol import bench_main
-
-        return bench_main(args, prog)
+        return _run_digits(args, prog, out)
     options = SuiteOptions(**{name: tuple(v) if isinstance(v, list) else v
                               for name, v in vars(args).items() if name in SUITE_OPTIONS and v is not None})
     parts = PARTS[args.part]
-    out = _out_target(args.out)
     router = load_router(options.router) if options.router else None
     lines = plan(options, router) if "suite" in parts else []
     kernels, suite = "kernels" in parts, "suite" in parts
@@ -114,9 +116,8 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
     if options.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested, but torch sees no CUDA device (only --plan runs without one)")
     estimate = total_seconds(lines, options, kernels, suite)
-    if options.device == "cpu" and estimate > CPU_CONFIRM_S and not args.yes:
-        raise ValueError(f"--yes: this run is estimated at {estimate / 60:.0f} min on the CPU (over "
-                         f"{CPU_CONFIRM_S // 60} min; --plan lists its rows); expected --yes to run it, got none")
+    if options.device == "cpu":
+        check_confirmed(estimate, args.yes, "rows")
     if parallel.rank():  # the other ranks run the suite's collectives with rank 0, which reports and writes
         run_suite(options, progress=False)
         return 0
@@ -131,7 +132,7 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
 
     def save(rows):
         results["suite"] = rows
-        path.write_text(json.dumps(results, indent=1) + "\n")
+        write_file(path, json.dumps(results, indent=1) + "\n")
 
     print("MACs per image per transformer forward (FlopCounterMode on the meta device)\n")
     print(format_mac_table(results["macs"]))
@@ -172,6 +173,26 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
     return 0
 
 
+def check_confirmed(estimate: float, yes: bool, what: str) -> None:
+    """ValueError naming --yes when a CPU run estimated at `estimate` seconds exceeds CPU_CONFIRM_S without it."""
+    if estimate > CPU_CONFIRM_S and not yes:
+        raise ValueError(f"--yes: this run is estimated at {estimate / 60:.0f} min on the CPU (over "
+                         f"{CPU_CONFIRM_S // 60} min; --plan lists its {what}); expected --yes to run it, got none")
+
+
+def _run_digits(args, prog: str, out: Path) -> int:
+    """--suite digits: the digits-dit protocol (bench/digits_protocol.py; --quick: its smoke run)."""
+    from . import digits_protocol as protocol
+
+    config = protocol.ProtocolConfig(**(protocol.QUICK if args.quick else {}))
+    estimate = protocol.estimate_seconds(config)
+    if args.plan:
+        print(f"Plan of `{command_line(args, prog)}` on cpu\n\n{protocol.format_plan(config, estimate)}")
+        return 0
+    check_confirmed(estimate, args.yes, "jobs")
+    return protocol.bench_main(config, command_line(args, prog), out)
+
+
 def _out_target(out: str | None) -> Path:
     """--out checked before any work: an existing writable directory (default bench/results) or a .json file
     in one."""
@@ -195,11 +216,19 @@ def _host_cost() -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harmonica.bench", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+    from harmonica.cli import one_line
+    from harmonica.options import check_options, given_options
+
+    def parser():
+        made = argparse.ArgumentParser(prog="python -m harmonica.bench", description=__doc__)
+        add_arguments(made)
+        return made
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
     try:
+        check_options("bench", args, given_options(parser(), argv))
         return run(args)
-    except ValueError as error:
-        print(f"harmonica bench: error: {error}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"harmonica bench: error: {one_line(error)}", file=sys.stderr)
         return 2

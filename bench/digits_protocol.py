@@ -38,9 +38,11 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,9 +62,10 @@ from harmonica.digits import (
     quality,
     real_digits,
 )
+from harmonica.files import file_bytes, write_file
 from harmonica.l2c_training import L2CConfig, L2CTrainer
 from harmonica.search import SearchConfig, search_router
-from harmonica.training import RouterTrainer, TrainConfig, task_macs
+from harmonica.training import RouterTrainer, TrainConfig, stop_signals, task_macs
 from harmonica.units import cached_units
 
 from .configs import parse_config
@@ -70,6 +73,7 @@ from .machine import REPO, machine_info
 from .peers import PeerUnavailable, UnitCounter, make_peer
 from .table import update_benchmarks
 
+PARENT_POLL_S = 0.5  # how often a worker checks that the protocol's process is alive
 EVAL_SEED = 1_000_003  # the eval noises' generator; training generators are seeded from seeds 0 .. seeds-1
 OBJECTIVES = ("search", "harmonica", "sdt-lambda1", "l2c")
 OBJECTIVE_NAMES = {"search": "schedule search (harmonica train's default)",
@@ -333,8 +337,22 @@ def one_thread():
 
 def _init_worker(config: dict) -> None:
     global _EVALUATOR
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(1)
     _EVALUATOR = Evaluator(ProtocolConfig(**config))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker's watch: it ends within a second of the protocol's process, however that one ended (SIGKILL
+    included), instead of computing on with no one to read its results."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
+def _exit_on_signal(signum, frame) -> None:
+    """SIGINT/SIGTERM in the protocol's process: leave through the worker pool's exit, which terminates them."""
+    raise SystemExit(128 + signum)
 
 
 def train(evaluator: Evaluator, objective: str, seed: int):
@@ -419,7 +437,8 @@ def run_jobs(config: ProtocolConfig, todo: list, progress=_print) -> list:
                 report(i, results[-1])
         return results
     context = multiprocessing.get_context("spawn")
-    with context.Pool(config.workers, initializer=_init_worker, initargs=(asdict(config),)) as pool:
+    with stop_signals(_exit_on_signal), context.Pool(config.workers, initializer=_init_worker,
+                                                     initargs=(asdict(config),)) as pool:
         for i, result in enumerate(pool.imap_unordered(run_job, todo, chunksize=1)):
             results.append(result)
             report(i, result)
@@ -678,7 +697,7 @@ def plot_pareto(results: dict, path) -> Path:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    write_file(path, file_bytes(lambda f: fig.savefig(f, format="png", dpi=110)))
     plt.close(fig)
     return path
 
@@ -693,8 +712,8 @@ def write_grids(results: dict, path: Path) -> list:
         gates = torch.sigmoid(torch.tensor(r["logits"]))
         schedule = CacheSchedule(CacheSchedule.from_gates(gates, TAU, r["rule"]).table, f"{r['objective']} seed 0")
         image, _ = class_comparison(digits, schedule, p["steps"], digits.guidance)
-        written.append(path.with_name(f"{path.stem}-grid-{r['objective']}.png"))
-        image.save(written[-1])
+        written.append(write_file(path.with_name(f"{path.stem}-grid-{r['objective']}.png"),
+                                  file_bytes(lambda f, picture=image: picture.save(f, format="PNG"))))
     return written
 
 
@@ -703,7 +722,7 @@ def write_outputs(results: dict, out: Path, write_benchmarks: bool, progress=_pr
     BENCHMARKS.md."""
     machine = results["machine"]
     path = out if out.suffix == ".json" else out / f"{machine['date'][:10]}-cpu-{machine['commit']}-digits.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_file(path, json.dumps(results, indent=1) + "\n")
     progress(f"raw results: {path}")
     try:
         progress(f"plot: {plot_pareto(results, path.with_suffix('.png'))}")
@@ -715,7 +734,7 @@ def write_outputs(results: dict, out: Path, write_benchmarks: bool, progress=_pr
     progress("\n" + section)
     if write_benchmarks:
         benchmarks = REPO / "BENCHMARKS.md"
-        benchmarks.write_text(update_benchmarks(benchmarks.read_text(), section))
+        write_file(benchmarks, update_benchmarks(benchmarks.read_text(), section))
         progress(f"{benchmarks}: bench-digits section regenerated")
     return path
 
@@ -753,16 +772,43 @@ def config_from_args(args) -> ProtocolConfig:
 def run_and_write(config: ProtocolConfig, command: str, out: str | None, no_write: bool = False) -> int:
     """Run the protocol, write its outputs (BENCHMARKS.md unless quick or `no_write`), print the outcome."""
     results = run(config, command)
-    write_outputs(results, Path(out) if out else REPO / "bench" / "results",
-                  write_benchmarks=not (config.quick or no_write))
+    path = write_outputs(results, Path(out) if out else REPO / "bench" / "results",
+                         write_benchmarks=not (config.quick or no_write))
+    if no_write and not config.quick:
+        print(f"BENCHMARKS.md section: python -m harmonica.bench.digits_protocol --section {path} --write")
     print("\n".join(results["outcome"]))
     return 0
 
 
-def bench_main(args, prog: str) -> int:
-    """`harmonica bench --suite digits [--quick] [--out]`: the protocol's defaults (QUICK with --quick)."""
-    config = ProtocolConfig(**(QUICK if args.quick else {}))
-    return run_and_write(config, f"{prog} --suite digits" + (" --quick" if args.quick else ""), args.out)
+def bench_main(config: ProtocolConfig, command: str, out: Path) -> int:
+    """`harmonica bench --suite digits [--quick] [--out]` once planned and confirmed: the protocol, its JSON and
+    plot under `out` (a directory or a .json file); BENCHMARKS.md is left alone (its section: --section)."""
+    return run_and_write(config, command, out, no_write=True)
+
+
+# seconds per sample and step of digits-dit on one thread, per training sample and iteration (lambda refreshes
+# included) and to start the workers, from the protocol run bench/results/2026-11-30-cpu-ed0543b-digits.json
+# (2-core CPU: 500-sample uncached sampling 8 s at T = 10; 600 iterations of batch 16 about 60 s)
+SAMPLE_STEP_S, TRAIN_SAMPLE_S, START_S = 1.6e-3, 6.25e-3, 10.0
+
+
+def estimate_seconds(config: ProtocolConfig) -> float:
+    """The protocol's wall time on a 2-core CPU, roughly (`harmonica bench --plan`, the --yes guard)."""
+    base = config.samples * config.steps * SAMPLE_STEP_S  # one uncached sampling of the eval batch
+    router = (config.iterations * config.batch * TRAIN_SAMPLE_S * config.steps / 10
+              + base * (2 * config.repeats + len(config.taus) / 3))  # train, re-time, sweep
+    baselines = 1 + len(config.fora) + len(config.delta_dit) + len(config.fewer_steps)
+    work = len(OBJECTIVES) * config.seeds * router + baselines * 2 * config.repeats * base
+    return START_S + 2 * base + work / max(config.workers, 1)
+
+
+def format_plan(config: ProtocolConfig, estimate: float) -> str:
+    baselines = 1 + len(config.fora) + len(config.delta_dit) + len(config.fewer_steps)
+    return (f"digits-dit protocol{' (--quick: a smoke run)' if config.quick else ''}: {len(OBJECTIVES)} objectives "
+            f"({', '.join(OBJECTIVES)}) x {config.seeds} seeds = {len(OBJECTIVES) * config.seeds} router trainings "
+            f"({config.iterations} iterations, batch {config.batch}, T = {config.steps}) and {baselines} baselines, "
+            f"each evaluated on {config.samples} samples ({len(config.taus)} taus per router), in {config.workers} "
+            f"worker processes\nestimated {estimate / 60:.1f} min on a 2-core CPU (from the 2026-11-30 run)")
 
 
 def main(argv=None, prog: str = "python -m harmonica.bench.digits_protocol") -> int:
@@ -779,7 +825,7 @@ def main(argv=None, prog: str = "python -m harmonica.bench.digits_protocol") -> 
         section = digits_section(results, args.section)
         if args.write:
             benchmarks = REPO / "BENCHMARKS.md"
-            benchmarks.write_text(update_benchmarks(benchmarks.read_text(), section))
+            write_file(benchmarks, update_benchmarks(benchmarks.read_text(), section))
             write_grids(results, Path(args.section))
         print(section)
         return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from harmonica.files import write_file
 from harmonica.models import FLOW_PRESETS, PRESETS, REAL_MODELS
 from harmonica.units import units_of
 
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
         print(section)
         return 0
     path = Path(args.benchmarks)
-    path.write_text(update_benchmarks(path.read_text(), section))
+    write_file(path, update_benchmarks(path.read_text(), section))
     print(f"{path}: MAC section regenerated")
     return 0
 

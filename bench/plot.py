@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from harmonica.files import file_bytes, write_file
+
 from .configs import SKELETON
 
 MODE_MARKERS = {"eager": "o", "fused": "s", "graphs": "^", "graphs-step": "v", "compile": "D"}
@@ -67,7 +69,7 @@ def plot_speedups(rows, path) -> Path:
     right.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    write_file(path, file_bytes(lambda f: fig.savefig(f, format="png", dpi=110)))
     plt.close(fig)
     return path
 

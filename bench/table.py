@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from harmonica.files import write_file
 from harmonica.models import FLOW_PRESETS
 
 from .host_cost import format_host_cost
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
         if args.write:
             print(f"{path}: {' and '.join(found)} section regenerated from {name}")
     if args.write:
-        path.write_text(markdown)
+        write_file(path, markdown)
     return 0
 
 

@@ -8,7 +8,7 @@ from . import parallel
 from .adapters import block_lists, supported
 from .engine import CacheEngine
 from .graphs import GraphRunner
-from .router import Router, RouterInfo
+from .router import Router, RouterInfo, check_tau
 from .schedule import CacheSchedule
 
 ATTRIBUTE = "_harmonica"
@@ -56,7 +56,8 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
 
     router_or_schedule: a trained `Router` (checked against the model, and at each generation against
     the sampler and timesteps) or a `CacheSchedule`.
-    tau: router threshold; default the router's training tau (method.md: they should match).
+    tau: router threshold in (0, 1) (else ValueError, as the command line's --tau); default the router's
+    training tau (method.md: they should match; another one warns).
     cross_attention: whether PixArt's cross-attention is a unit of its own.
     cuda_graphs: run each distinct schedule row as one captured CUDA graph (see `graphs.py`); on the
     CPU it does nothing and says so once. Opt-in until it has been validated on a GPU.
@@ -85,9 +86,14 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     if cuda_graphs and isinstance(compile, dict) and _inductor_graphs(compile):
         raise ValueError(f"compile: {compile} makes CUDA graphs of its own, which cannot be captured inside those of "
                          "cuda_graphs=True; use mode 'default' or 'max-autotune-no-cudagraphs', or drop cuda_graphs")
+    router = router_or_schedule if isinstance(router_or_schedule, Router) else None
+    if tau is not None:
+        check_tau(tau)
+        if router is None:
+            raise ValueError(f"tau: expected only with a Router (it thresholds the router's gates), got tau={tau} "
+                             f"with a {type(router_or_schedule).__name__}")
     if getattr(transformer, ATTRIBUTE, None) is not None:
         disable(transformer)
-    router = router_or_schedule if isinstance(router_or_schedule, Router) else None
     if router is not None:
         router.check(RouterInfo.for_model(transformer, cross_attention=cross_attention))
         if tau is not None and tau != router.info.tau:

@@ -4,7 +4,6 @@ training and flow-model sampling read."""
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 from . import parallel
 from .api import enable, step_runner, summary
 from .digits import DIGITS_MODELS
+from .files import RunLock, WriteError, file_bytes, write_file
 from .flow import cur_for_speedup
 from .models import (
     FLOW_PRESETS,
@@ -30,15 +30,17 @@ from .models import (
     preset,
     random_prompt_embeds,
 )
+from .options import check_options, given_options
 from .router import Router, RouterInfo, dit_ddim_timesteps
 from .samplers import (
     DIT_SAMPLERS,
-    DIT_TRAIN_STEPS,
     PIXART_PROMPT_KEYS,
     PIXART_SAMPLERS,
     TABLE_SAMPLERS,
+    check_steps,
     dit_ddim_sample,
     pixart_sample,
+    step_ranges_text,
     use_pixart_sampler,
 )
 from .schedule import parse_schedule  # profiling.workload imports it from here too
@@ -141,10 +143,17 @@ def save_decoded(decoded: torch.Tensor, path: str) -> None:
     frames = decoded[0].float().cpu()
     frames = frames.unsqueeze(1) if frames.dim() == 3 else frames  # (3, F, H, W)
     pictures = [_to_pil((frame.permute(1, 2, 0).numpy() / 2 + 0.5).clip(0, 1)) for frame in frames.unbind(1)]
-    if len(pictures) == 1:
-        pictures[0].save(path)
-    else:
-        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=FRAME_MS, loop=0)
+    write_images(pictures, path)
+
+
+def write_images(pictures: list, path) -> None:
+    """One PIL image, or an animation of several, written whole to `path` (its suffix gives the format)."""
+    from PIL import Image
+
+    image_format = Image.registered_extensions()[Path(path).suffix.lower()]
+    animation = {} if len(pictures) == 1 else {"save_all": True, "append_images": pictures[1:],
+                                                "duration": FRAME_MS, "loop": 0}
+    write_file(path, file_bytes(lambda f: pictures[0].save(f, format=image_format, **animation)))
 
 
 def image_suffixes() -> set:
@@ -177,14 +186,7 @@ def plan_sample(args, spec) -> SamplePlan:
     transformer, no weights) and the router's files, before any model is built; ValueError naming the
     option to change."""
     check_out_file(args.out, "--out", image_suffixes(), "an image file name (.png, .jpg or another suffix PIL writes)")
-    check_tau_and_guidance(args)
-    if args.prompt_embeddings is not None:
-        raise ValueError(f"--prompt-embeddings: expected only with a flow-matching model ({', '.join(FLOW_PRESETS)}), "
-                         f"got it with --model {args.model}")
-    for option, value, family in (("--class-label", args.class_label, "DiT"), ("--prompt", args.prompt, "PixArt")):
-        if value is not None and spec.is_pixart != (family == "PixArt"):
-            raise ValueError(f"{option}: expected only with a {family} model, got {option} {value!r} with --model "
-                             f"{args.model}")
+    check_tau(args)
     with torch.device("meta"):
         transformer = build_transformer(args.model)
     if args.class_label is not None and not 0 <= args.class_label < transformer.config.num_embeds_ada_norm:
@@ -199,9 +201,8 @@ def plan_sample(args, spec) -> SamplePlan:
     sampler = args.sampler or trained or spec.sampler
     if sampler not in choices:
         raise ValueError(f"--sampler: expected one of {sorted(choices)} for {args.model}, got {sampler!r}")
-    # every preset's diffusion has 1000 training timesteps: more steps would repeat timesteps (DiT DDIM)
-    if args.steps is not None and not 1 <= args.steps <= DIT_TRAIN_STEPS:
-        raise ValueError(f"--steps: expected 1 to {DIT_TRAIN_STEPS} (the model's training timesteps), got {args.steps}")
+    if args.steps is not None:
+        check_steps(sampler, args.steps)
     if router is not None and args.steps is not None and args.steps != router.num_steps:
         raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
                          f"{args.steps}; leave --steps out")
@@ -226,14 +227,11 @@ def check_router_model(router: Router, args, transformer, **fields) -> None:
                          f"({'; '.join(diffs)})")
 
 
-def check_tau_and_guidance(args) -> None:
+def check_tau(args) -> None:
+    """--tau needs --router (its range: harmonica.options)."""
     if args.tau is not None and not args.router:
         raise ValueError(f"--tau: expected only with --router (it thresholds the router's gates), got --tau "
                          f"{args.tau} with {'--schedule ' + args.schedule if args.schedule else 'no router'}")
-    if args.tau is not None and not 0 < args.tau < 1:
-        raise ValueError(f"--tau: expected a threshold in (0, 1), got {args.tau}")
-    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise ValueError(f"--guidance: expected a finite scale >= 0, got {args.guidance}")
 
 
 def _router_sampler(router: Router, spec, directory: str) -> str | None:
@@ -273,7 +271,7 @@ def sample(args) -> int:
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    image.save(args.out)
+    write_images([image], args.out)
     weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
     print(f"model {args.model} ({weights}), sampler {plan.sampler}, {plan.steps} steps, seed {args.seed}, "
           f"{device} {dtype}")
@@ -290,12 +288,7 @@ def sample_digits(args) -> int:
 
     args.out = args.out or "out.png"
     check_out_file(args.out, "--out", {".png"}, "a .png file name (the grid of uncached and cached digits)")
-    check_tau_and_guidance(args)
-    refuse_for_digits(args, {"weights": "--weights", "random_weights": "--random-weights", "class_label":
-                             "--class-label", "prompt": "--prompt", "prompt_embeddings": "--prompt-embeddings",
-                             "sampler": "--sampler", "scheduler_in_graph": "--scheduler-in-graph"})
-    if args.steps is not None and not 2 <= args.steps <= DIT_TRAIN_STEPS:
-        raise ValueError(f"--steps: expected 2 to {DIT_TRAIN_STEPS}, got {args.steps}")
+    check_tau(args)
     router = load_router(args.router) if args.router else None
     if router is not None and args.steps is not None and args.steps != router.num_steps:
         raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
@@ -317,20 +310,10 @@ def sample_digits(args) -> int:
     model.transformer.to("cuda" if torch.cuda.is_available() else "cpu")
     image, caption = class_comparison(model, cache, steps, guidance, args.seed, tau=args.tau,
                                       cuda_graphs=args.cuda_graphs, compile=args.compile)
-    write_png(image, args.out)
+    write_images([image], args.out)
     print(caption)
     print(f"grid of the ten classes written to {args.out}")
     return 0
-
-
-def write_png(image, path: str) -> None:
-    """A PIL image written whole or not at all (a temporary file beside `path`, renamed into place)."""
-    partial = Path(path).with_name(Path(path).name + ".partial")
-    try:
-        image.save(partial, format="PNG")
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
@@ -347,21 +330,15 @@ def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
     if args.random_weights and Path(args.out).suffix.lower() != ".safetensors" and spec.vae is None:
         raise ValueError(f"--out: {args.model} has no random VAE to decode with (decoding needs its weights); "
                          f"expected a .safetensors file name (the final latents), got {args.out!r}")
-    check_tau_and_guidance(args)
-    if args.class_label is not None:
-        raise ValueError(f"--class-label: expected only with a DiT model, got --class-label {args.class_label} with "
-                         f"--model {args.model}")
-    if args.prompt is not None:
-        raise ValueError(f"--prompt: expected --prompt-embeddings for --model {args.model} (no text encoder runs "
-                         f"here), got --prompt {args.prompt!r}")
+    check_tau(args)
     if args.sampler not in (None, SAMPLER):
         raise ValueError(f"--sampler: expected {SAMPLER} (the pipeline's) for --model {args.model}, got "
                          f"{args.sampler!r}")
     if args.scheduler_in_graph:
         raise ValueError(f"--scheduler-in-graph: expected off for --model {args.model} (its sampler step runs after "
                          f"the graph), got on")
-    if args.steps is not None and not 1 <= args.steps <= DIT_TRAIN_STEPS:
-        raise ValueError(f"--steps: expected 1 to {DIT_TRAIN_STEPS} (the model's training timesteps), got {args.steps}")
+    if args.steps is not None:
+        check_steps(SAMPLER, args.steps)
     router = load_router(args.router) if args.router else None
     if router is not None and args.steps is not None and args.steps != router.num_steps:
         raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
@@ -392,7 +369,7 @@ def sample_flow(args, spec, context_parallel=None) -> int:
     """`harmonica sample` for a flow-matching model: the transformer alone, driven by `flow.flow_sample` on the
     first prompt of the bank; the final latents (unpacked, as the pipeline hands them to its VAE) go to --out.
     context_parallel: (kind, degree) under torchrun (parallel.py); rank 0 writes and prints."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .api import Summary
     from .flow import SAMPLER, flow_sample, flow_task
@@ -421,7 +398,7 @@ def sample_flow(args, spec, context_parallel=None) -> int:
     if parallel.rank():  # every rank holds the gathered latents; rank 0 writes and reports
         return 0
     if Path(args.out).suffix.lower() == ".safetensors":
-        save_file({"latents": task.unpack(latents).float().cpu().contiguous()}, args.out)
+        write_file(args.out, save({"latents": task.unpack(latents).float().cpu().contiguous()}))
     else:
         vae = load_vae(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
         move_pipeline(vae, device, torch.float32)  # the pipelines keep Wan's VAE in fp32; cheap next to the loop
@@ -485,18 +462,18 @@ def digits_report(model, schedule, num_steps: int, count: int = DIGITS_REPORT_SA
             f"PSNR vs uncached {psnr(cached, reference):.1f} dB")
 
 
-def refuse_for_digits(args, options: dict) -> None:
-    """ValueError for the first of `options` (attribute -> option name) set on the command line: a committed
-    digits model has its own weights, classes and sampler."""
-    for attribute, option in options.items():
-        if getattr(args, attribute, None) not in (None, False):
-            raise ValueError(f"{option}: expected none with --model {args.model} (a committed digits model: its own "
-                             f"weights, classes and sampler), got {option} {getattr(args, attribute)!r}")
-
-
 def train(args) -> int:
-    """Exit status 0, or 128 + the signal number when a SIGINT/SIGTERM stopped the run (partial router)."""
-    import os
+    """Exit status 0, or 128 + the signal number when a SIGINT/SIGTERM stopped the run (partial router). The run
+    directory is held (`files.RunLock`, by rank 0 under torchrun) from before its files are looked at until the
+    command ends: a second run on it fails at once."""
+    import contextlib
+
+    held = RunLock(args.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with held:
+        return _train(args)
+
+
+def _train(args) -> int:
     import signal
 
     import torch.distributed as dist
@@ -507,17 +484,16 @@ def train(args) -> int:
         PixArtTask,
         RouterTrainer,
         TrainConfig,
+        check_resumable,
         check_run_dir,
-        load_prompt_embeddings,
         stop_signals,
         task_macs,
     )
 
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any model is loaded
+    if args.resume:
+        check_resumable(args.out)
     digits = DIGITS_MODELS.get(args.model)
-    if digits is not None:
-        refuse_for_digits(args, {"weights": "--weights", "random_weights": "--random-weights", "embeds": "--embeds",
-                                 "sampler": "--sampler"})
     spec = preset("tiny-dit" if digits is not None else args.model)  # (digits: past every check below)
     if spec.is_pixart and not args.embeds:
         raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "
@@ -526,17 +502,6 @@ def train(args) -> int:
         raise ValueError(f"--embeds: the weights of {args.model} train on precomputed prompt embeddings; expected a "
                          f"file of the pipeline's encode_prompt outputs (random ones only suit --random-weights), got "
                          f"none")
-    if spec.is_flow and args.sampler is not None:
-        raise ValueError(f"--sampler: expected none for {args.model} (it trains with its pipeline's "
-                         f"FlowMatchEulerDiscreteScheduler), got {args.sampler!r}")
-    if args.target_speedup is not None and not args.target_speedup > 1:
-        raise ValueError(f"--target-speedup: expected a theoretical speedup > 1, got {args.target_speedup}")
-    if args.objective == SEARCH and args.init is not None:
-        raise ValueError(f"--init: expected none with --objective search (it starts from the FORA schedule of its "
-                         f"cost), got {args.init!r}")
-    if args.objective == SEARCH and args.resume:
-        raise ValueError("--resume: expected none with --objective search (it keeps no checkpoint; it takes minutes: "
-                         "run it again with --overwrite)")
     default_guidance = digits.guidance if digits else spec.guidance if spec.is_flow else TrainConfig.guidance
     guidance = default_guidance if args.guidance is None else args.guidance
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations,
@@ -547,6 +512,7 @@ def train(args) -> int:
                          checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
                          target_cur=args.target_cur, optimizer=args.optimizer, loss=args.loss,
                          init=args.init or TrainConfig.init)
+    embeddings = check_train_embeddings(args, spec, config) if args.embeds else None  # before any weights load
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
@@ -564,16 +530,15 @@ def train(args) -> int:
     if digits is not None:
         task = digits.task(config.num_steps, config.guidance)
     elif spec.is_flow:
-        from .flow import flow_task, load_flow_embeddings, random_flow_embeddings
+        from .flow import flow_task, random_flow_embeddings
 
-        bank = (load_flow_embeddings(args.embeds) if args.embeds else
+        bank = (embeddings if embeddings is not None else
                 random_flow_embeddings(transformer, RANDOM_PROMPTS, spec.text_tokens,
                                        torch.Generator().manual_seed(config.seed)))
         task = flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
     elif spec.is_pixart:
         scheduler = use_pixart_sampler(pipe, args.sampler or spec.sampler)
-        task = PixArtTask(transformer, scheduler, load_prompt_embeddings(args.embeds), config.num_steps,
-                          config.guidance)
+        task = PixArtTask(transformer, scheduler, embeddings, config.num_steps, config.guidance)
     else:
         task = DiTTask(transformer, config.num_steps, config.guidance)
     macs = task_macs(task)
@@ -616,6 +581,24 @@ def train(args) -> int:
     if stop.stop_signal is not None or partial:
         return 128 + int(stop.stop_signal or signal.SIGTERM)
     return 0
+
+
+def check_train_embeddings(args, spec, config) -> dict:
+    """The --embeds file, checked against the model's config (a meta-device transformer: no weights): its
+    tensors (`prompts.read_embeddings`), keys and widths. ValueError naming --embeds and the file."""
+    from .flow import flow_task, load_flow_embeddings
+    from .training import load_prompt_embeddings
+
+    with torch.device("meta"):
+        transformer = build_transformer(args.model)
+    if spec.is_pixart:
+        return load_prompt_embeddings(args.embeds, transformer.config.caption_channels)
+    bank = load_flow_embeddings(args.embeds, "--embeds")
+    try:
+        flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
+    except ValueError as error:
+        raise ValueError(f"--embeds: {args.embeds}: {error}") from None
+    return bank
 
 
 SEARCH = "search"  # the default objective (harmonica.search)
@@ -690,6 +673,9 @@ def embed(args) -> int:
     except OSError as error:
         raise ValueError(f"--prompts: expected a text file of prompts, one per line, got {args.prompts} "
                          f"({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--prompts: expected a UTF-8 text file, got {args.prompts} (byte "
+                         f"0x{error.object[error.start]:02x} at offset {error.start} is not UTF-8)") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts: expected at least one non-empty line in {args.prompts}, got none")
@@ -769,7 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tau", type=float, help="router threshold in (0, 1) (default: the router's training tau)")
     s.add_argument("--sampler", help="dit-ddim or pipeline (DiT); dpm-solver++, sa-solver or iddpm (PixArt) "
                    "(default: the router's, else the model's)")
-    s.add_argument("--steps", type=int, help="denoising steps, 1 to 1000 (default: the router's, else the sampler's)")
+    s.add_argument("--steps", type=int, help=f"denoising steps, {step_ranges_text()} (default: the router's, else the "
+                   "sampler's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-label", type=int, help=f"ImageNet class (DiT; default {DIT_CLASS})")
     s.add_argument("--prompt", help=f"PixArt prompt (default {DEFAULT_PROMPT!r})")
@@ -822,10 +809,22 @@ def profile(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Exit status 0; 2 with one line on stderr for any error (a refused option or file, a failed write, a
+    diverged computation); 128 + N when signal N stopped a training (see train)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        check_options(args.command, args, given_options(build_parser(), argv))
         return {"sample": sample, "train": train, "embed": embed, "bench": bench,
                 "profile": profile}[args.command](args)
-    except (ValueError, RuntimeError) as error:
-        print(f"harmonica: error: {error}", file=sys.stderr)
+    except (ValueError, RuntimeError, OSError) as error:
+        print(f"harmonica: error: {one_line(error)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: Exception) -> str:
+    """The error's message; an OSError's as `path: cause`."""
+    if isinstance(error, OSError) and not isinstance(error, WriteError):
+        where = error.filename if error.filename is not None else "file system"
+        return f"{where}: {error.strerror or error}"
+    return str(error)

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .files import write_file
 from .samplers import dit_alphas_cumprod, dit_ddim_sample
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -378,10 +379,8 @@ def fit_flux(images, labels, *, iterations: int = 4000, batch: int = 128, seed: 
 
 
 def _save(tensors: dict, path: Path) -> None:
-    """Written whole or not at all (a temporary file beside it, renamed into place)."""
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
-    partial.replace(path)
+    """A safetensors file written whole (`files.write_file`)."""
+    write_file(path, save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def fit(models=("dit", "flux"), out_dir=DATA) -> None:

@@ -341,18 +341,15 @@ def random_flow_embeddings(transformer, count: int, tokens: int, generator: torc
     return bank
 
 
-def load_flow_embeddings(path) -> dict:
+def load_flow_embeddings(path, option: str = "--prompt-embeddings") -> dict:
     """A safetensors file of a pipeline's `encode_prompt` outputs, under the names it returns them: FLUX
     prompt_embeds (P, L, D), pooled_prompt_embeds (P, D'); SD3 the same plus negative_prompt_embeds (1, L, D)
     and negative_pooled_prompt_embeds (1, D'); Wan prompt_embeds and negative_prompt_embeds; Qwen-Image
-    prompt_embeds, prompt_embeds_mask (P, L) and the negative pair. The task checks the keys it needs."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    prompt_embeds, prompt_embeds_mask (P, L) and the negative pair. Values checked as `prompts.read_embeddings`
+    does (errors name `option` and the file); the task checks the keys and widths it needs."""
+    from .prompts import read_embeddings
 
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"--prompt-embeddings: expected a safetensors file, got {path} ({error})") from None
+    return read_embeddings(path, option)
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@ Per pipeline (P prompts, L tokens):
   its longest prompt and returns no mask when every token counts: the mask is then all ones).
 """
 
+from pathlib import Path
+
 import torch
 
 
@@ -82,9 +84,40 @@ def encode_prompts(pipe, prompts: list, negative_prompt: str | None = None,
 
 def save_prompt_embeddings(pipe, prompts: list, path, negative_prompt: str | None = None,
                            max_sequence_length: int | None = None) -> dict:
-    """`encode_prompts` written to the safetensors file `path`; returns the tensors."""
-    from safetensors.torch import save_file
+    """`encode_prompts` written whole to the safetensors file `path`; returns the tensors."""
+    from safetensors.torch import save
+
+    from .files import write_file
 
     tensors = encode_prompts(pipe, prompts, negative_prompt, max_sequence_length)
-    save_file(tensors, str(path))
+    write_file(path, save(tensors))
     return tensors
+
+
+def read_embeddings(path, option: str) -> dict:
+    """{name: tensor} of a safetensors file of prompt embeddings, checked: every tensor holds at least one
+    prompt, embeddings (every name without "mask") are floating point and finite. One ValueError line naming
+    `option` and the file otherwise (missing, unreadable, empty, wrong dtype, NaN/inf)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    expected = f"{option}: expected a safetensors file of prompt embeddings, got {path}"
+    if not Path(path).is_file():
+        raise ValueError(f"{expected} ({'a directory' if Path(path).is_dir() else 'no such file'})")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{expected} ({getattr(error, 'strerror', None) or error})") from None
+    for name, value in tensors.items():
+        if value.dim() == 0 or value.shape[0] == 0:
+            raise ValueError(f"{option}: expected at least one prompt in {name} of {path}, got shape "
+                             f"{tuple(value.shape)}")
+        if "mask" in name:
+            continue
+        if not value.is_floating_point():
+            raise ValueError(f"{option}: expected floating-point {name} in {path}, got {value.dtype}")
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise ValueError(f"{option}: expected finite {name} in {path}, got {bad} NaN/inf values")
+    return tensors
+

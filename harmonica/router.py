@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .files import write_files
 from .schedule import ROUTER_RULES, CacheSchedule
 from .units import cached_units
 
@@ -28,20 +29,39 @@ INFO_FILE = "router.json"
 FORMAT_VERSION = 2  # 2 added the training progress (complete, iterations, planned_iterations)
 READABLE_VERSIONS = (1, 2)
 SAFE_GLOBALS = [argparse.Namespace]  # the `args` of the official checkpoints
+TAU_RANGE = "a threshold in (0, 1)"  # the command line says the same (harmonica.options)
 
 
 def load_tensors(path, option: str):
     """`torch.load` with `weights_only=True`: tensors, containers and SAFE_GLOBALS only, so a crafted
-    pickle cannot run code. A file holding anything else is a ValueError naming `option`."""
+    pickle cannot run code. A file holding anything else, and one that is missing, empty, truncated or not a
+    torch.save file, is one ValueError line naming `option` and the file."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        detail = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global| Please use|$)", str(error),
+        detail = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed global| Please use|$)", str(error),
                            re.MULTILINE)
+        if detail is None:  # not the weights_only refusal: bytes that do not unpickle
+            raise _unreadable(path, option, error) from None
         raise ValueError(f"{option}: expected a file of tensors and plain containers, got {path} holding other "
-                         f"objects ({detail.group(1) if detail else 'not loadable with weights_only'}); "
-                         f"refused to load it") from None
+                         f"objects ({detail.group(1)}); refused to load it") from None
+    except (EOFError, RuntimeError, ValueError, OSError, IndexError, KeyError) as error:
+        raise _unreadable(path, option, error) from None
+
+
+def _unreadable(path, option: str, error: Exception) -> ValueError:
+    size = Path(path).stat().st_size if Path(path).is_file() else None
+    cause = ("an empty file" if size == 0 else getattr(error, "strerror", None)
+             or (str(error).splitlines() or [type(error).__name__])[0][:120])
+    return ValueError(f"{option}: expected a file written by torch.save, got {path} ({cause})")
+
+
+def check_tau(tau, name: str = "tau") -> float:
+    """`tau` when it is a threshold in (0, 1) (NaN is not); ValueError naming `name` otherwise."""
+    if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and 0 < tau < 1):
+        raise ValueError(f"{name}: expected {TAU_RANGE}, got {tau!r}")
+    return float(tau)
 
 
 def _bad(path, expected, got) -> ValueError:
@@ -180,11 +200,12 @@ class Router(torch.nn.Module):
             raise ValueError("router: trained for something else: " + "; ".join(diffs))
 
     def save_pretrained(self, directory) -> None:
+        """`directory`/router.safetensors and router.json, written whole together (`files.write_files`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"logits": self.logits.detach().cpu().contiguous()}, str(directory / WEIGHTS_FILE))
         info = {"format_version": FORMAT_VERSION, **asdict(self.info)}
-        (directory / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        write_files({directory / WEIGHTS_FILE: save({"logits": self.logits.detach().cpu().contiguous()}),
+                     directory / INFO_FILE: json.dumps(info, indent=1) + "\n"})
 
     @classmethod
     def from_pretrained(cls, directory) -> "Router":
@@ -235,6 +256,8 @@ class Router(torch.nn.Module):
         whose last row (the noisiest timestep) is exactly +5, else "l2c-alternating" (Learning-to-Cache).
         sampler, timesteps: what it was trained with; default the original DiT DDIM.
         tau: default the file's threshold, else 0.1.
+        Every defect of the file (unreadable, empty, truncated, NaN/inf logits, a threshold outside (0, 1)) is
+        one ValueError naming it.
         """
         checkpoint = load_tensors(path, "path")
         if not isinstance(checkpoint, dict) or "routers" not in checkpoint:
@@ -242,10 +265,19 @@ class Router(torch.nn.Module):
             raise ValueError(f"path: expected a checkpoint dict with a 'routers' state dict, got "
                              f"{type(checkpoint).__name__} with keys {keys}")
         state = checkpoint["routers"]
-        rows = sorted((int(key.split(".")[0]), value) for key, value in state.items() if key.endswith(".prob"))
+        if not isinstance(state, dict):
+            raise ValueError(f"path: expected a state dict as the routers of {path}, got {type(state).__name__}")
+        rows = sorted((int(key.split(".")[0]), value) for key, value in state.items()
+                      if isinstance(key, str) and key.endswith(".prob") and key.split(".")[0].isdigit())
         if not rows or [i for i, _ in rows] != list(range(len(rows))):
             raise ValueError(f"path: expected routers entries '0.prob' .. '<T-1>.prob', got {sorted(state)[:5]}")
+        if not all(torch.is_tensor(value) and value.dim() == 1 for _, value in rows):
+            raise ValueError(f"path: expected 1-D tensors as the routers entries of {path}, got "
+                             f"{[type(value).__name__ for _, value in rows][:3]}")
         ascending = torch.stack([value.float() for _, value in rows])
+        if not torch.isfinite(ascending).all():
+            raise ValueError(f"path: expected finite logits in {path}, got {int((~torch.isfinite(ascending)).sum())} "
+                             f"NaN/inf values")
         harmonica_file = bool(torch.all(ascending[-1] == LOGIT_BOUND))
         rule = rule or ("harmonica" if harmonica_file else "l2c-alternating")
         info = RouterInfo.for_model(transformer, cross_attention=False, sampler=sampler, rule=rule)
@@ -254,7 +286,12 @@ class Router(torch.nn.Module):
                              f"got {ascending.shape[1]}")
         num_steps = ascending.shape[0]
         official_tau = getattr(checkpoint.get("args"), "ste_threshold", None)
-        info.tau = tau if tau is not None else (official_tau if official_tau is not None else 0.1)
+        if tau is not None:
+            info.tau = check_tau(tau)
+        elif official_tau is not None:
+            info.tau = check_tau(official_tau, f"path: {path} args.ste_threshold")
+        else:
+            info.tau = 0.1
         info.timesteps = timesteps or (dit_ddim_timesteps(num_steps) if sampler == "dit-ddim" else [])
         router = cls(num_steps, ascending.shape[1], info=info)
         with torch.no_grad():

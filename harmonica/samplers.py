@@ -30,6 +30,26 @@ PIXART_PROMPT_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt
                       "negative_prompt_attention_mask")
 DIT_GUIDED_CHANNELS = 3
 DIT_TRAIN_STEPS = 1000
+# each sampler's step range: from its fewest (DPM-Solver++ and SA-Solver are multistep: their first update
+# reads a second timestep) to the 1000 training timesteps; samplers not listed take 1
+MIN_STEPS = {"dpm-solver++": 2, "sa-solver": 2}
+
+
+def step_range(sampler: str) -> tuple:
+    """(fewest, most) denoising steps `sampler` can take."""
+    return MIN_STEPS.get(sampler, 1), DIT_TRAIN_STEPS
+
+
+def step_ranges_text() -> str:
+    """The step ranges for --help: '1 to 1000; dpm-solver++, sa-solver: 2 to 1000'."""
+    return f"1 to {DIT_TRAIN_STEPS}; " + ", ".join(MIN_STEPS) + f": {min(MIN_STEPS.values())} to {DIT_TRAIN_STEPS}"
+
+
+def check_steps(sampler: str, steps: int, option: str = "--steps") -> None:
+    """ValueError naming `option` when `sampler` cannot take `steps` steps."""
+    low, high = step_range(sampler)
+    if not low <= steps <= high:
+        raise ValueError(f"{option}: expected {low} to {high} for the sampler {sampler}, got {steps}")
 
 
 def default_steps(sampler: str) -> int:

@@ -266,6 +266,10 @@ def search_router(task, config: SearchConfig, out_dir, *, macs=None, stopped=Non
         result = search_schedule(calibration.loss, spread(config.num_steps, num_units, budget), unit_cost=unit_cost,
                                  cost_budget=cost_budget, rounds=config.rounds, candidates=config.candidates,
                                  on_accept=calibration.set_base, stopped=stopped, log=log)
+    if not (math.isfinite(result.loss) and math.isfinite(result.start_loss)):
+        raise RuntimeError(f"search: expected a finite calibration error, got {result.start_loss} (equal-cost start) "
+                           f"and {result.loss}: the model's outputs or the prompt embeddings are not finite; no router "
+                           "saved")
     info.complete = not (stopped is not None and stopped())
     router = router_from_table(result.table, info)
     if rank == 0:

@@ -25,7 +25,6 @@ the ranks agree after every iteration on whether to checkpoint or stop.
 import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import threading
@@ -38,6 +37,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .engine import CacheEngine
+from .files import append_line, file_bytes, write_file
 from .kernels import solver_step
 from .router import LOGIT_BOUND, Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
 from .samplers import dit_ddim_table, dit_guidance, dit_null_labels
@@ -53,6 +53,7 @@ SOFT_CUR_TEMPERATURE = 1.0  # `soft_cur`: logits this far from logit(tau) count 
 CHECKPOINT_VERSION = 4  # 2 added the run record (model, units, sampler, timesteps, world size); 3 the optimizer
 # and loss settings (per-step rows: the optimizer state of a version 2 checkpoint is for one (T, K) parameter);
 # 4 the start (init) and the soft-CUR controller (a version 3 beta was steered by the hard CUR)
+CHECKPOINT_KEYS = ("iteration", "logits", "optimizer", "lambda", "beta", "noise_gen", "config", "trajectory", "run")
 RESUMABLE = ("iterations", "checkpoint_every", "checkpoint_minutes", "log_every")  # may change on --resume
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOG_FILE, ROUTER_DIR = "train_log.jsonl", "router"
@@ -203,16 +204,27 @@ class DiTTask:
 EMBEDDING_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_embeds", "negative_attention_mask")
 
 
-def load_prompt_embeddings(path) -> dict:
+def load_prompt_embeddings(path, caption_channels: int | None = None, option: str = "--embeds") -> dict:
     """A safetensors file of precomputed T5 prompt embeddings for PixArt training:
     prompt_embeds (P, L, C), prompt_attention_mask (P, L), negative_embeds (1, L, C) and
-    negative_attention_mask (1, L) (the empty prompt, PixArt's unconditional input)."""
-    from safetensors.torch import load_file
+    negative_attention_mask (1, L) (the empty prompt, PixArt's unconditional input); C the transformer's
+    `caption_channels` when given. One ValueError line naming `option` and the file for any defect."""
+    from .prompts import read_embeddings
 
-    tensors = load_file(str(path))
+    tensors = read_embeddings(path, option)
     missing = [k for k in EMBEDDING_KEYS if k not in tensors]
     if missing:
-        raise ValueError(f"embeddings: expected the keys {EMBEDDING_KEYS} in {path}, missing {missing}")
+        raise ValueError(f"{option}: expected the keys {EMBEDDING_KEYS} in {path}, missing {missing}")
+    embeds = tensors["prompt_embeds"]
+    width = caption_channels or embeds.shape[-1]
+    prompts, tokens = embeds.shape[:2] if embeds.dim() == 3 else (-1, -1)  # -1: no shape matches
+    shapes = {"prompt_embeds": ((prompts, tokens, width), f"(prompts, tokens, {width})"),
+              "prompt_attention_mask": ((prompts, tokens), "(prompts, tokens)"),
+              "negative_embeds": ((1, tokens, width), f"(1, tokens, {width})"),
+              "negative_attention_mask": ((1, tokens), "(1, tokens)")}
+    for name, (shape, text) in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{option}: expected {name} of shape {text} in {path}, got {tuple(tensors[name].shape)}")
     return tensors
 
 
@@ -334,17 +346,67 @@ class Trajectory:
 
 
 def check_run_dir(out_dir, *, resume: bool, overwrite: bool) -> list:
-    """The names of the training run's files in `out_dir` (checkpoints, router); an error when there
+    """The names of the training run's files in `out_dir` (checkpoints, router, log); an error when there
     are some and neither `resume` nor `overwrite` says what to do with them."""
     if resume and overwrite:
         raise ValueError("--resume, --overwrite: expected at most one of them, got both")
     out_dir = Path(out_dir)
-    found = [path.name for path in sorted(out_dir.glob("checkpoint-rank*.pt")) + [out_dir / ROUTER_DIR]
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out: expected a directory for the run, got {out_dir} (a file)")
+    found = [path.name for path in sorted(out_dir.glob("checkpoint-rank*.pt")) + [out_dir / ROUTER_DIR,
+                                                                                  out_dir / LOG_FILE]
              if path.exists()]
     if found and not resume and not overwrite:
         raise ValueError(f"--out: expected a directory without a training run, got {out_dir} holding "
                          f"{', '.join(found)}; pass --resume to continue it or --overwrite to start afresh")
     return found
+
+
+def read_checkpoint(path) -> dict:
+    """The state a checkpoint holds, checked to be one: loadable (`load_tensors`), of CHECKPOINT_VERSION, with
+    every key and dicts of settings. One ValueError line naming --resume and the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--resume: expected a checkpoint at {path}, found none")
+    state = load_tensors(path, "--resume")
+    version = state.get("version") if isinstance(state, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"--resume: expected a checkpoint of version {CHECKPOINT_VERSION} at {path}, "
+                         f"got version {version}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"--resume: expected a checkpoint with the keys {list(CHECKPOINT_KEYS)} at {path}, "
+                         f"missing {missing}")
+    if not (isinstance(state["run"], dict) and isinstance(state["config"], dict)):
+        raise ValueError(f"--resume: expected dicts of run settings in {path}, got "
+                         f"{type(state['run']).__name__}, {type(state['config']).__name__}")
+    return state
+
+
+def check_resumable(out_dir) -> None:
+    """Before any model is built: rank 0's checkpoint in `out_dir` reads (`read_checkpoint`) and so does its
+    log (`read_log`)."""
+    read_checkpoint(Path(out_dir) / "checkpoint-rank0.pt")
+    read_log(Path(out_dir) / LOG_FILE)
+
+
+def read_log(path) -> list:
+    """[(iteration, line bytes)] of a train_log.jsonl ([] when there is none); ValueError naming it for a line
+    that is not a JSON record with an integer iteration."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            iteration = json.loads(line)["iteration"]
+        except (ValueError, TypeError, KeyError):
+            iteration = None
+        if not isinstance(iteration, int):
+            raise ValueError(f"--resume: expected a JSON record with an iteration on each line of {path}, "
+                             f"got line {number}: {line[:40]!r}")
+        records.append((iteration, line))
+    return records
 
 
 class RouterTrainer:
@@ -525,6 +587,10 @@ class RouterTrainer:
         mse = torch.mean((self._loss_output(teacher, traj.x) - self._loss_output(student, traj.x)) ** 2)
         l1 = gates[i].sum()
         loss = self.lam[i].item() * mse + self.beta * l1
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"training: expected a finite loss, got {loss.item()} at iteration {self.iteration + 1} "
+                               f"(mse {mse.item()}, lambda {self.lam[i].item()}, beta {self.beta}): the model's "
+                               "outputs, the prompt embeddings or the settings diverge; stopped, nothing more saved")
         self.optimizer.zero_grad(set_to_none=self.rows is not None)  # per-step: AdamW skips the other rows
         loss.backward()
         _average(param.grad)
@@ -556,10 +622,7 @@ class RouterTrainer:
             "version": CHECKPOINT_VERSION, "run": self._run_record(),
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_path()
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: an interrupted write leaves the previous checkpoint intact
+        write_file(self.checkpoint_path(), file_bytes(lambda f: torch.save(state, f)))  # whole, or the previous stays
 
     def _run_record(self) -> dict:
         """What a checkpoint must be resumed with besides the settings."""
@@ -568,24 +631,28 @@ class RouterTrainer:
     def load_checkpoint(self) -> None:
         """Restore the state of `checkpoint_path()`; the trajectory is replayed when attached."""
         path = self.checkpoint_path()
-        if not path.is_file():
-            raise ValueError(f"--resume: expected a checkpoint at {path}, found none")
-        state = load_tensors(path, "--resume")
-        version = state.get("version") if isinstance(state, dict) else None
-        if version != CHECKPOINT_VERSION:
-            raise ValueError(f"--resume: expected a checkpoint of version {CHECKPOINT_VERSION} at {path}, "
-                             f"got version {version}")
+        state = read_checkpoint(path)
         saved = {k: v for k, v in {**state["run"], **state["config"]}.items() if k not in RESUMABLE}
         diffs = describe_differences(saved, {**self._run_record(), **asdict(self.config)}, "checkpoint")
         if diffs:
             raise ValueError(f"--resume: {path} was trained with other settings: " + "; ".join(diffs))
+        try:
+            self._restore(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"--resume: expected a checkpoint of this run's state at {path}, got one that does not "
+                             f"load ({type(error).__name__}: {detail})") from None
+
+    def _restore(self, state: dict) -> None:
         with torch.no_grad():
             self.router.logits.copy_(state["logits"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.iteration, self.lam, self.beta = state["iteration"], state["lambda"], state["beta"]
+        self.iteration, self.lam, self.beta = int(state["iteration"]), state["lambda"], float(state["beta"])
         self.noise_gen.set_state(state["noise_gen"])
         saved_traj = state["trajectory"]
         self.trajectory = None if saved_traj is None else Trajectory(**saved_traj)
+        if self.trajectory is not None and len(self.trajectory.rows) >= self.config.num_steps:
+            raise ValueError(f"trajectory of {len(self.trajectory.rows)} rows for {self.config.num_steps} steps")
 
     # ---- the loop ----
 
@@ -639,8 +706,7 @@ class RouterTrainer:
             bar.set_postfix(loss=f"{record['loss']:.3g}", mse=f"{record['mse']:.3g}",
                             cur=f"{record['cur']:.1%}", speedup=f"{record['speedup']:.2f}x")
             if self.rank == 0:
-                with (self.out_dir / LOG_FILE).open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_line(self.out_dir / LOG_FILE, json.dumps(record))
         bar.update(1)
 
     def _prepare_out_dir(self, resume: bool, overwrite: bool) -> None:
@@ -658,8 +724,8 @@ class RouterTrainer:
         """Rank 0: drop the log records after the current iteration (all of them on a fresh start)."""
         path = self.out_dir / LOG_FILE
         if self.rank == 0 and path.is_file():
-            lines = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= self.iteration]
-            path.write_text("".join(line + "\n" for line in lines))
+            kept = [line + b"\n" for iteration, line in read_log(path) if iteration <= self.iteration]
+            write_file(path, b"".join(kept))
 
     def request_stop(self, signum, frame) -> None:
         """The SIGINT/SIGTERM handler: run() ends after the current iteration or lambda-refresh rollout and

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from harmonica.files import write_file
+
 ARCHS = (80, 90)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # DiT-XL/2 at 256² with CFG: 256 tokens of hidden 1152; PixArt at 1024²: 4096 tokens
@@ -299,7 +301,7 @@ def compile_variants(archs=ARCHS, names=None, ptx_dir: Path | None = None) -> di
                                                      for j, d in zip(launches[:half], launches[half:]))}
             if ptx_dir is not None:
                 ptx_dir.mkdir(parents=True, exist_ok=True)
-                (ptx_dir / f"{variant.name}-sm{arch}.ptx").write_text(ptx)
+                write_file(ptx_dir / f"{variant.name}-sm{arch}.ptx", ptx)
     return report
 
 
@@ -323,7 +325,7 @@ def main(argv=None) -> int:
         print(f"{name:55s} " + " | ".join(cells))
     print(f"{len(report)} variants x {len(args.arch)} architectures, {len(failed)} failed")
     if args.json:
-        args.json.write_text(json.dumps({"variants": report, "stand_in_leftovers": stand_in_leftovers()}, indent=1))
+        write_file(args.json, json.dumps({"variants": report, "stand_in_leftovers": stand_in_leftovers()}, indent=1))
     return 1 if failed else 0
 
 

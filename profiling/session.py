@@ -3,7 +3,6 @@ Nsight Systems or Nsight Compute with NVTX on; the reports, `command.txt` (every
 and the parsed summary (`summary.md`, `summary.json`) in one results folder.
 """
 
-import contextlib
 import datetime
 import json
 import os
@@ -15,6 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from harmonica.bench.machine import REPO, machine_info
+from harmonica.files import write_file
+from harmonica.models import preset
+from harmonica.samplers import check_steps
 
 from . import ncu, nsys
 from .workload import add_arguments, workload_argv
@@ -79,11 +81,13 @@ def command_lines(steps: list) -> str:
 
 
 def _execute(argv: list, stdout: Path | None, out: Path) -> None:
-    with open(stdout, "w") if stdout else contextlib.nullcontext() as sink:
-        result = subprocess.run(argv, env={**os.environ, **NVTX_ENV}, stdout=sink)
+    """Run `argv`; its standard output written whole to `stdout` (None: the terminal's)."""
+    result = subprocess.run(argv, env={**os.environ, **NVTX_ENV}, stdout=subprocess.PIPE if stdout else None)
     if result.returncode != 0:
         raise RuntimeError(f"`{argv[0]} {argv[1]}` exited with status {result.returncode} (command lines in "
                            f"{out / 'command.txt'})")
+    if stdout:
+        write_file(stdout, result.stdout)
 
 
 def summarize(args, report: Path) -> tuple:
@@ -99,12 +103,14 @@ def summarize(args, report: Path) -> tuple:
 
 
 def run(args) -> int:
+    if args.steps is not None and not preset(args.model).is_flow:  # the workload's sampler: the preset's
+        check_steps(preset(args.model).sampler, args.steps)
     require(args.tool)
     out = results_dir(args)
     out.mkdir(parents=True, exist_ok=True)
     report = out / args.tool
     steps = commands(args, report)
-    (out / "command.txt").write_text(command_lines(steps))
+    write_file(out / "command.txt", command_lines(steps))
     for argv, stdout in steps:
         _execute(argv, stdout, out)
     machine = machine_info()
@@ -112,8 +118,8 @@ def run(args) -> int:
     title = (f"# {args.tool}: {args.model}, {'router ' + args.router if args.router else args.config}, "
              f"mode {args.mode}\n\n{machine.get('gpu', 'no GPU')}, commit {machine['commit']}, {machine['date']}; "
              f"commands in command.txt\n\n")
-    (out / "summary.md").write_text(title + table)
-    (out / "summary.json").write_text(json.dumps({"machine": machine, "args": vars(args), **data}, indent=1) + "\n")
+    write_file(out / "summary.md", title + table)
+    write_file(out / "summary.json", json.dumps({"machine": machine, "args": vars(args), **data}, indent=1) + "\n")
     print(title + table)
     print(f"reports and summary: {out}")
     return 0

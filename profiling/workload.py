@@ -21,7 +21,7 @@ from harmonica.bench.configs import MODE_OPTIONS
 from harmonica.cli import generate, parse_schedule
 from harmonica.models import FLOW_PRESETS, PRESETS, build_pipeline, load_transformer, move_pipeline, preset
 from harmonica.router import Router
-from harmonica.samplers import default_steps, use_pixart_sampler
+from harmonica.samplers import check_steps, default_steps, use_pixart_sampler
 from harmonica.units import cached_units
 
 from . import nvtx
@@ -102,6 +102,8 @@ def run(args) -> float:
     spec = preset(args.model)
     if args.prompt_embeddings and not spec.is_flow:
         raise ValueError(f"--prompt-embeddings: expected only with a flow model, got {args.model}")
+    if args.steps is not None and not spec.is_flow:
+        check_steps(spec.sampler, args.steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     build = _flow_generation if spec.is_flow else _pipeline_generation
     pipe, steps, generation = build(args, spec, device)

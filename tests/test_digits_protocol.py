@@ -147,9 +147,10 @@ def test_harmonica_bench_suite_digits_runs_the_protocol(monkeypatch):
     from harmonica.cli import main
 
     called = []
-    monkeypatch.setattr(protocol, "bench_main", lambda args, prog: called.append((args.quick, prog)) or 0)
+    monkeypatch.setattr(protocol, "bench_main",
+                        lambda config, command, out: called.append((config.quick, command)) or 0)
     assert main(["bench", "--suite", "digits", "--quick"]) == 0
-    assert called == [(True, "harmonica bench")]
+    assert called == [(True, "harmonica bench --quick --suite digits")]
 
 
 def test_each_job_times_its_uncached_baseline_just_before_its_rows(monkeypatch):

@@ -198,7 +198,8 @@ CASES = {
     "bad-out": (TINY_FLUX + ["--out", "TMP/x.latents"],
                 r"--out: expected a .safetensors file name \(the final latents\) or an image file name \(.png, .jpg, "
                 r"...\), got '\S+x.latents'"),
-    "prompt": (TINY_FLUX + ["--prompt", "a cat"], r"--prompt: expected --prompt-embeddings for --model tiny-flux"),
+    "prompt": (TINY_FLUX + ["--prompt", "a cat"], r"--prompt: expected only with a PixArt model, got --prompt 'a cat' "
+                                                  r"with --model tiny-flux"),
     "class-label": (TINY_FLUX + ["--class-label", "3"], r"--class-label: expected only with a DiT model"),
     "sampler": (TINY_FLUX + ["--sampler", "dpm-solver++"], r"--sampler: expected FlowMatchEulerDiscreteScheduler"),
     "graph-step": (TINY_FLUX + ["--cuda-graphs", "--scheduler-in-graph"], r"--scheduler-in-graph: expected off"),
@@ -210,7 +211,8 @@ CASES = {
                          r"WanTransformer3DModel, got \(1, 3, 5\)"),
     "hub-weights-random-prompt": (["sample", "--model", "tiny-flux"], r"--prompt-embeddings: expected a file of the "
                                                                       r"pipeline's prompt embeddings"),
-    "train-sampler": (TRAIN_FLUX + ["--sampler", "iddpm"], r"--sampler: expected none for tiny-flux"),
+    "train-sampler": (TRAIN_FLUX + ["--sampler", "iddpm"], r"--sampler: expected only with a PixArt model, got "
+                                                           r"--sampler 'iddpm' with --model tiny-flux"),
     "train-speedup": (TRAIN_FLUX + ["--target-speedup", "0.5"],
                       r"--target-speedup: expected a theoretical speedup > 1, got 0.5"),
     "train-no-embeds": (["train", "--model", "flux.1-dev", "--out", "TMP/run"], r"--embeds: the weights of flux.1-dev"),

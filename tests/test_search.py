@@ -180,7 +180,8 @@ def test_train_searches_by_default_and_ends_with_the_comparison(tmp_path, capsys
     assert main(argv + ["--overwrite"]) == 0 and Router.from_pretrained(tmp_path / "router") is not None
     capsys.readouterr()
     assert main(argv[:-2] + ["--out", str(tmp_path), "--resume"]) == 2
-    assert "--resume: expected none with --objective search" in capsys.readouterr().err
+    assert ("--resume: expected only with an SDT --objective (iepo, cumulative, leave-one-out, l2c), got --resume "
+            "with --objective search") in capsys.readouterr().err
 
 
 def test_the_checks_sign_test():

@@ -91,7 +91,8 @@ def test_an_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert main(train_args(tmp_path)) == 2
     err = capsys.readouterr().err
     assert err == (f"harmonica: error: --out: expected a directory without a training run, got {tmp_path} holding "
-                   f"checkpoint-rank0.pt, router; pass --resume to continue it or --overwrite to start afresh\n")
+                   f"checkpoint-rank0.pt, router, train_log.jsonl; pass --resume to continue it or --overwrite to "
+                   f"start afresh\n")
     (tmp_path / "router" / "stale").write_text("")
     assert main(train_args(tmp_path, "--overwrite")) == 0
     assert [json.loads(line)["iteration"] for line in log.read_text().splitlines()] == [1, 2]

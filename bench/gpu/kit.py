@@ -25,6 +25,8 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+from harmonica.files import write_file
+
 IMAGE_PACKAGES = Path(__file__).with_name("image-packages.txt")
 PROJECT = "harmonica-dit"
 EXTRAS = ("test", "bench")  # what bench/gpu/check.sh runs: the tests and the bench
@@ -122,7 +124,7 @@ def build_kit(dest: Path, pins: dict[str, str], image: dict[str, str | None], do
         if wheel not in kit.values():
             wheel.unlink()
     wheels = sorted(kit.values())
-    (dest / "kit.txt").write_text("".join(f"{w.name} {w.stat().st_size}\n" for w in wheels))
+    write_file(dest / "kit.txt", "".join(f"{w.name} {w.stat().st_size}\n" for w in wheels))
     return wheels
 
 
