@@ -3,7 +3,9 @@
 For each seed s: the search (`harmonica.search.search_schedule`, the `harmonica train` defaults) on the 64
 calibration noises `eval_batch(64, seed=100 + s)`, from FORA:2; then both schedules on the 200 held-out noises
 `eval_batch(200, seed=0)`: PSNR of the final images against the uncached ones, and on how many held-out noises
-the searched schedule's error is lower, with a one-sided sign test.
+the searched schedule's error is lower, with a one-sided sign test. With --equal-macs the search also holds
+the MACs to at most FORA:2's (`search_schedule`'s unit_cost, as `harmonica train --target-speedup` does):
+at equal CUR a searched schedule may compute more of the costlier units.
 
     python -m harmonica.bench.search_check [--model digits-dit|digits-flux] --steps 10 --seeds 0 1 2
 """
@@ -27,7 +29,8 @@ def sign_test(wins: int, count: int) -> float:
     return sum(math.comb(count, k) for k in range(wins, count + 1)) / 2 ** count
 
 
-def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200, *, model: str = "digits-dit") -> dict:
+def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200, *, model: str = "digits-dit",
+          equal_macs: bool = False) -> dict:
     digits = DIGITS_MODELS[model]()
     task = digits.task(num_steps, digits.guidance)
     macs = task_macs(task)
@@ -39,7 +42,7 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
         rollouts = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=CLIP)
         start = spread(num_steps, units, budget_for_cur(0.5, num_steps, units))
         result = search_schedule(rollouts.loss, start, rounds=defaults.rounds, candidates=defaults.candidates,
-                                 on_accept=rollouts.set_base)
+                                 on_accept=rollouts.set_base, unit_cost=macs.unit_macs if equal_macs else None)
         seconds = time.perf_counter() - started
         noise, labels = eval_batch(held_out, seed=0)
         test = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=CLIP)
@@ -59,10 +62,11 @@ def main(argv=None) -> None:
     parser.add_argument("--model", choices=sorted(DIGITS_MODELS), default="digits-dit")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--equal-macs", action="store_true", help="also hold the MACs to at most FORA:2's")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for seed in args.seeds:
-        r = check(args.steps, seed, model=args.model)
+        r = check(args.steps, seed, model=args.model, equal_macs=args.equal_macs)
         print(f"{r['model']} T={r['steps']} seed {r['seed']}: FORA:2 {r['psnr']['fora:2']:.2f} dB "
               f"({r['speedup']['fora:2']:.3f}x), "
               f"searched {r['psnr']['searched']:.2f} dB ({r['speedup']['searched']:.3f}x), "
