@@ -622,12 +622,12 @@ class RouterTrainer:
             finally:
                 bar.close()
             self.save_checkpoint()
+            info = self.router.info  # on every rank (their routers are equal): the same schedule everywhere
+            info.complete, info.iterations, info.planned_iterations = (
+                self.iteration >= cfg.iterations, self.iteration, cfg.iterations)
+            if cfg.target_cur is not None:
+                info.tau = calibrated_tau(self.router.gates().detach(), cfg.target_cur)
             if self.rank == 0:
-                info = self.router.info
-                info.complete, info.iterations, info.planned_iterations = (
-                    self.iteration >= cfg.iterations, self.iteration, cfg.iterations)
-                if cfg.target_cur is not None:
-                    info.tau = calibrated_tau(self.router.gates().detach(), cfg.target_cur)
                 self.router.save_pretrained(self.out_dir / ROUTER_DIR)
         return self.router
 
