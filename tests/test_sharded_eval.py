@@ -17,14 +17,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harmonica import CacheSchedule, digits, parallel
+from harmonica.bench import digits_protocol
+from harmonica.bench.digits_protocol import ProtocolConfig
 from harmonica.cli import HELD_OUT_RANK, closing_table, digits_report, main
 from harmonica.digits import DigitsDiT
 from harmonica.search import calibration_batch, compare
 from harmonica.training import engine_attached, task_macs
 
+PROTOCOL = dict(objectives=("search", "harmonica"), seeds=1, workers=0, steps=2, iterations=2, batch=2, refresh=2,
+                lambda_batch=2, search_batch=2, search_rounds=1, search_candidates=1, samples=120, repeats=1,
+                taus=(0.01, 0.1), fora=(2,), delta_dit=(), fewer_steps=(1,), peers=())  # rows of 3 chunks (50, 50, 20)
 WORLD, STEPS, COUNT, CHUNK = 2, 4, 5, 2  # 3 chunks of the 5 noises: rank 0 samples two, rank 1 one
 TRAIN = ["train", "--model", "digits-dit", "--objective", "iepo", "--steps", "2", "--iterations", "2", "--batch", "2",
-         "--lambda-batch", "2", "--refresh", "2", "--target-cur", "0.5", "--eval-batch", "120"]  # the closing table: 3 chunks (50, 50, 20)
+         "--lambda-batch", "2", "--refresh", "2", "--target-cur", "0.5",
+         "--eval-batch", "120"]  # the closing table: 3 chunks (50, 50, 20)
 
 
 def _metric_inputs(run):
@@ -73,6 +79,7 @@ def _rank(rank, ports, out):
                                             stopped=lambda: asked.append(1) or (rank == 1 and len(asked) == 2))
         found["ran after stop"], found["asked"] = ran[2:], len(asked)
         found["report"], found["seen"], found["rows"], found["forwarded"] = _evaluations()
+        found["protocol"] = digits_protocol.run(ProtocolConfig(**PROTOCOL), "test", progress=lambda text: None)
     finally:
         dist.destroy_process_group()
     os.environ.update(MASTER_PORT=str(ports[1]), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
@@ -149,3 +156,30 @@ def test_train_under_torchrun_evaluates_on_every_rank_and_prints_once(ranks):
         report = digits_report(model, schedule, 2)
         table = closing_table(task, schedule.table, task_macs(task), 120, 0, (-1.0, 1.0))
     assert found[0]["printed"].splitlines()[1:] == [*report.splitlines(), *table.splitlines()]
+
+
+def _untimed(results):
+    """The protocol's results without what depends on the clock or the machine (timings, speedups measured)."""
+    if isinstance(results, dict):
+        return {key: _untimed(value) for key, value in results.items()
+                if not ("seconds" in key or "measured" in key or key in ("machine", "ranks"))}
+    if isinstance(results, list):
+        return [_untimed(value) for value in results]
+    return results
+
+
+def test_the_digits_protocol_under_torchrun_equals_one_process(ranks):
+    found, _ = ranks
+    with one_thread():
+        one = digits_protocol.run(ProtocolConfig(**PROTOCOL), "test", progress=lambda text: None)
+    assert one["ranks"] == 1 and [rank["protocol"]["ranks"] for rank in found] == [2, 2]
+    for rank in found:  # the routers (trained alike on every rank), every row's metrics, the summary, the pairs
+        assert _untimed(rank["protocol"]) == _untimed(one)
+    rows = [row for router in one["routers"] for row in router["curve"]] + one["baselines"]
+    assert len(rows) >= 4 and all(0 < row["fd"] < float("inf") for row in rows)
+
+
+def test_the_digits_protocol_under_torchrun_needs_workers_0(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--workers: expected 0 under torchrun .*, got 2"):
+        digits_protocol.run_and_write(ProtocolConfig(workers=2), "test", None)
