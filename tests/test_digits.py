@@ -55,12 +55,13 @@ def test_train_on_digits_prints_cur_and_quality(tmp_path, capsys):
 def test_the_quality_report_stops_before_the_next_batch():
     from harmonica import CacheSchedule
     from harmonica.cli import digits_report
+    from harmonica.digits import DigitsDiT
 
-    model, asked = load_digits_dit(), []
+    model, asked = DigitsDiT(), []
     schedule = CacheSchedule.fora(4, 12, 2)
     assert digits_report(model, schedule, 4, count=6, batch=2, stopped=lambda: asked.append(1) or len(asked) > 4) \
         is None
-    assert len(asked) == 5 and not hasattr(model, "_harmonica")  # 3 uncached batches, 1 cached, then stopped
+    assert len(asked) == 5 and not hasattr(model.transformer, "_harmonica")  # 3 uncached batches, 1 cached, stopped
     assert digits_report(model, schedule, 4, count=6, batch=2).startswith("quality on 6 samples: uncached FD ")
 
 
