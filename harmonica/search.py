@@ -327,8 +327,8 @@ def compare(task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, 
             every.append(Rollouts(task.with_steps(fewer), engine, noise[start:stop], part, fewer, clip=clip).reference)
         return torch.stack(every, 1)
 
-    every = sharded(samples, noise.shape[0], chunk).unbind(1)
-    reference = every[0]
+    finals = sharded(samples, noise.shape[0], chunk).unbind(1)  # S tensors (B, *latent)
+    reference = finals[0]
     peak = (clip[1] - clip[0]) if clip is not None else (reference.max() - reference.min()).item()
 
     def row(label, x, cur, speedup, learned=False):
@@ -336,10 +336,10 @@ def compare(task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, 
         psnr = float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
         return Row(label, cur, speedup, mse, psnr, learned)
 
-    rows = [row(name, every[1], learned.cur, learned.theoretical_speedup(macs), True)]
-    rows += [row(s.name, x, s.cur, s.theoretical_speedup(macs)) for s, x in zip(rivals, every[2:])]
+    rows = [row(name, finals[1], learned.cur, learned.theoretical_speedup(macs), True)]
+    rows += [row(s.name, x, s.cur, s.theoretical_speedup(macs)) for s, x in zip(rivals, finals[2:])]
     if fewer is not None:
-        rows.append(row(f"{fewer} steps", every[-1], 1 - fewer / num_steps, num_steps / fewer))
+        rows.append(row(f"{fewer} steps", finals[-1], 1 - fewer / num_steps, num_steps / fewer))
     return rows
 
 
