@@ -184,7 +184,8 @@ def _run_digits(args, prog: str, out: Path) -> int:
     """--suite digits: the digits-dit protocol (bench/digits_protocol.py; --quick: its smoke run)."""
     from . import digits_protocol as protocol
 
-    config = protocol.ProtocolConfig(**(protocol.QUICK if args.quick else {}))
+    under_torchrun = {"workers": 0} if protocol.torchrun_world() > 1 else {}  # the ranks share out the noises
+    config = protocol.ProtocolConfig(**(protocol.QUICK if args.quick else {}), **under_torchrun)
     estimate = protocol.estimate_seconds(config)
     if args.plan:
         print(f"Plan of `{command_line(args, prog)}` on cpu\n\n{protocol.format_plan(config, estimate)}")

@@ -27,6 +27,10 @@ speedup from the units that really ran, counted per step). Measured CPU
 speedup: median of `--repeats` timed samplings of the eval batch (one thread) against the uncached one
 timed again in the same job just before. The uncached reference comes from a freshly loaded model and must equal a
 second fresh load (and every worker's own). Jobs run in `--workers` spawned processes, one thread each.
+Under torchrun (`torchrun --nproc-per-node N -m harmonica.bench.digits_protocol --workers 0`, gloo) every rank
+runs every job, trains its routers as one process would (`training.alone`) and shares out each row's eval noises
+with the others, 50 at a time (`parallel.sharded`): the results equal one process's, timings aside (each rank
+times its share and the gather); the peers' rows sample the whole batch on every rank (their skips depend on it).
 Writes bench/results/<date>-cpu-<commit>-digits.json, the Pareto PNG beside it and (unless --quick or
 --no-write) the `bench-digits` section of BENCHMARKS.md.
 """
@@ -50,7 +54,7 @@ from pathlib import Path
 import torch
 
 import harmonica
-from harmonica import CacheSchedule
+from harmonica import CacheSchedule, parallel
 from harmonica.digits import (
     DIGITS_MODELS,
     class_comparison,
@@ -65,7 +69,7 @@ from harmonica.digits import (
 from harmonica.files import file_bytes, write_file
 from harmonica.l2c_training import L2CConfig, L2CTrainer
 from harmonica.search import SearchConfig, search_router
-from harmonica.training import RouterTrainer, TrainConfig, stop_signals, task_macs
+from harmonica.training import RouterTrainer, TrainConfig, _rank_world, alone, stop_signals, task_macs
 from harmonica.units import cached_units
 
 from .configs import parse_config
@@ -217,6 +221,13 @@ def check_pristine(model) -> None:
         raise RuntimeError("digits protocol: a cache engine outlived its use on the model")
 
 
+def eval_samples(digits, noise, labels, steps: int, guidance: float) -> torch.Tensor:
+    """The digits model's samples of the eval batch, `parallel.EVAL_CHUNK` noises at a time; under torchrun the
+    chunks are shared out over the ranks and every rank gets all the samples (`parallel.sharded`). On this CPU the
+    chunks equal the whole batch sampled at once bit for bit."""
+    return parallel.sharded(lambda a, b: digits.sample(noise[a:b], labels[a:b], steps, guidance), len(noise))
+
+
 def fingerprint(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -245,7 +256,7 @@ class Evaluator:
         try:
             for _ in range(repeats or self.config.repeats):
                 start = time.perf_counter()
-                samples = self.digits.sample(self.noise, self.labels, steps, self.guidance)
+                samples = eval_samples(self.digits, self.noise, self.labels, steps, self.guidance)
                 times.append(time.perf_counter() - start)
         finally:
             if schedule is not None:
@@ -388,7 +399,8 @@ def run_job(job: tuple) -> dict:
     result = {"reference": fingerprint(evaluator.reference)}
     if job[0] == "router":
         _, objective, seed = job
-        router = train(evaluator, objective, seed)
+        with alone():  # under torchrun: the one-process router on every rank, no collective
+            router = train(evaluator, objective, seed)
         trained = time.perf_counter()
         result.update(kind="router", objective=objective, seed=seed, train_seconds=trained - start,
                       logits=router.logits.detach().tolist(), rule=router.info.rule,
@@ -453,7 +465,7 @@ def fresh_reference(config: ProtocolConfig) -> torch.Tensor:
     """The uncached samples of the eval batch from a freshly loaded model."""
     digits = DIGITS_MODELS[config.model]()
     noise, labels = eval_batch(config.samples, seed=EVAL_SEED)
-    samples = digits.sample(noise, labels, config.steps, digits.guidance)
+    samples = eval_samples(digits, noise, labels, config.steps, digits.guidance)
     check_pristine(digits.transformer)
     return samples
 
@@ -547,7 +559,7 @@ def run(config: ProtocolConfig, command: str, progress=_print) -> dict:
     return {"command": command, "machine": machine_info(), "protocol": asdict(config), "eval_seed": EVAL_SEED,
             "reference": {"fingerprint": fingerprint(reference), "equal_to_second_fresh_load": True,
                           "equal_in_every_worker": True},
-            "base_timing": "per-job", "routers": routers, "baselines": baselines,
+            "base_timing": "per-job", "ranks": _rank_world()[1], "routers": routers, "baselines": baselines,
             "skipped": [{"config": r["config"], "reason": r["reason"]} for r in results if r["kind"] == "skipped"],
             "summary": summary,
             "paired": comparisons, "outcome": outcome(comparisons), "wall_seconds": time.perf_counter() - start}
@@ -769,9 +781,30 @@ def config_from_args(args) -> ProtocolConfig:
     return ProtocolConfig(**{**(QUICK if args.quick else {}), **overrides})  # T-relative baselines from the steps
 
 
+def torchrun_world() -> int:
+    """The world size torchrun set (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_and_write(config: ProtocolConfig, command: str, out: str | None, no_write: bool = False) -> int:
-    """Run the protocol, write its outputs (BENCHMARKS.md unless quick or `no_write`), print the outcome."""
-    results = run(config, command)
+    """Run the protocol, write its outputs (BENCHMARKS.md unless quick or `no_write`), print the outcome.
+    Under torchrun (gloo): every rank runs every job in its own process (`workers` 0), the eval noises of each
+    row shared out over the ranks; rank 0 writes and prints."""
+    import torch.distributed as dist
+
+    world = torchrun_world()
+    if world > 1 and config.workers:
+        raise ValueError(f"--workers: expected 0 under torchrun (the ranks share out every row's noises instead), "
+                         f"got {config.workers}")
+    if world > 1:
+        dist.init_process_group("gloo")
+    try:
+        results = run(config, command, _print if parallel.rank() == 0 else lambda text: None)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if parallel.rank():
+        return 0
     path = write_outputs(results, Path(out) if out else REPO / "bench" / "results",
                          write_benchmarks=not (config.quick or no_write))
     if no_write and not config.quick:
@@ -797,15 +830,16 @@ def estimate_seconds(config: ProtocolConfig) -> float:
     base = config.samples * config.steps * SAMPLE_STEP_S  # one uncached sampling of the eval batch
     router = (config.iterations * config.batch * TRAIN_SAMPLE_S * config.steps / 10
               + base * (2 * config.repeats + len(config.taus) / 3))  # train, re-time, sweep
-    baselines = 1 + len(config.fora) + len(config.delta_dit) + len(config.fewer_steps)
-    work = len(OBJECTIVES) * config.seeds * router + baselines * 2 * config.repeats * base
+    baselines = 1 + len(config.fora) + len(config.delta_dit) + len(config.fewer_steps) + len(config.peers)
+    work = len(config.objectives) * config.seeds * router + baselines * 2 * config.repeats * base
     return START_S + 2 * base + work / max(config.workers, 1)
 
 
 def format_plan(config: ProtocolConfig, estimate: float) -> str:
-    baselines = 1 + len(config.fora) + len(config.delta_dit) + len(config.fewer_steps)
-    return (f"digits-dit protocol{' (--quick: a smoke run)' if config.quick else ''}: {len(OBJECTIVES)} objectives "
-            f"({', '.join(OBJECTIVES)}) x {config.seeds} seeds = {len(OBJECTIVES) * config.seeds} router trainings "
+    baselines = 1 + len(config.fora) + len(config.delta_dit) + len(config.fewer_steps) + len(config.peers)
+    objectives = config.objectives
+    return (f"{config.model} protocol{' (--quick: a smoke run)' if config.quick else ''}: {len(objectives)} objectives "
+            f"({', '.join(objectives)}) x {config.seeds} seeds = {len(objectives) * config.seeds} router trainings "
             f"({config.iterations} iterations, batch {config.batch}, T = {config.steps}) and {baselines} baselines, "
             f"each evaluated on {config.samples} samples ({len(config.taus)} taus per router), in {config.workers} "
             f"worker processes\nestimated {estimate / 60:.1f} min on a 2-core CPU (from the 2026-11-30 run)")

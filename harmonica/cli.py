@@ -423,27 +423,22 @@ RANDOM_PROMPTS = 16  # the prompt bank of a random-weights flow model's training
 DIGITS_REPORT_SAMPLES = 500  # noises of the quality report that ends a digits model's training
 
 
-def digits_report(model, schedule, num_steps: int, count: int = DIGITS_REPORT_SAMPLES, *, batch: int = 50,
-                  guidance=None, stopped=lambda: False) -> str | None:
+def digits_report(model, schedule, num_steps: int, count: int = DIGITS_REPORT_SAMPLES, *,
+                  batch: int = parallel.EVAL_CHUNK, guidance=None, stopped=lambda: False) -> str | None:
     """Quality of a digits model (`digits.DIGITS_MODELS`) with `schedule` against its uncached samples of the same
     seeds, sampled `batch` at a time (guidance: the model's by default); None when `stopped()` turns true before
-    a batch."""
+    a batch. Under torchrun the batches are shared out over the ranks (`parallel.sharded`; every rank calls this
+    and gets the one-process report)."""
     from .api import disable
     from .digits import eval_batch, psnr, quality
 
     guidance = model.guidance if guidance is None else guidance
     noise, labels = eval_batch(count)
-    chunks = list(zip(noise.split(batch), labels.split(batch)))
-    bar = tqdm(total=2 * len(chunks), desc="quality report", leave=False)
+    bar = tqdm(total=2 * len(range(0, count, batch)), desc="quality report", leave=False, disable=parallel.rank() > 0)
 
     def sample_all():
-        samples = []
-        for chunk in chunks:
-            if stopped():
-                return None
-            samples.append(model.sample(*chunk, num_steps, guidance))
-            bar.update(1)
-        return torch.cat(samples)
+        return parallel.sharded(lambda a, b: model.sample(noise[a:b], labels[a:b], num_steps, guidance), count, batch,
+                                stopped=stopped, advance=bar.update)
 
     with bar:
         reference = sample_all()
@@ -484,6 +479,7 @@ def _train(args) -> int:
         PixArtTask,
         RouterTrainer,
         TrainConfig,
+        _any_rank,
         check_resumable,
         check_run_dir,
         stop_signals,
@@ -556,8 +552,8 @@ def _train(args) -> int:
         rank, stop = trainer.rank, trainer
         partial = trainer.iteration < config.iterations
         done = f"after {trainer.iteration} iterations"
+    schedule = router.schedule()  # at its tau (--target-cur: the one that meets it); the same on every rank
     if rank == 0:
-        schedule = router.schedule()  # at its tau (--target-cur: the one that meets it)
         print(f"router {done}: {args.out}/router (sampler {task.sampler}, {config.num_steps} steps, tau "
               f"{router.info.tau:.4g}), CUR {schedule.cur:.1%}, theoretical speedup "
               f"{schedule.theoretical_speedup(macs):.2f}x")
@@ -566,15 +562,17 @@ def _train(args) -> int:
         elif partial:
             print(f"interrupted: the router is partial ({trainer.iteration} of {config.iterations} iterations); "
                   f"the same command with --resume continues it")
-        else:
-            with stop_signals(stop.request_stop):
-                if digits is not None:
-                    report = digits_report(digits, schedule, config.num_steps, DIGITS_REPORT_SAMPLES,
-                                           guidance=config.guidance,
-                                           stopped=lambda: stop.stop_signal is not None)
+    if not partial:  # the closing evaluation, shared out over the ranks; rank 0 prints
+        with stop_signals(stop.request_stop):
+            if digits is not None:
+                report = digits_report(digits, schedule, config.num_steps, DIGITS_REPORT_SAMPLES,
+                                       guidance=config.guidance, stopped=lambda: stop.stop_signal is not None)
+                if rank == 0:
                     print(report or "interrupted: the quality report was skipped (the router is complete)")
-                if args.eval_batch and stop.stop_signal is None:
-                    print(closing_table(task, schedule.table, macs, args.eval_batch, config.seed, clip))
+            if args.eval_batch and not _any_rank([stop.stop_signal is not None], device)[0]:
+                table = closing_table(task, schedule.table, macs, args.eval_batch, config.seed, clip)
+                if rank == 0:
+                    print(table)
     if dist.is_initialized():
         dist.destroy_process_group()
     # stopped by a signal (on another rank, when not on this one)

@@ -19,6 +19,9 @@ What this module adds around the engine:
   diffusers' own attention dispatch;
 - `check_option` / `init_context_parallel`: the CLI's `--context-parallel ulysses=N|ring=N` under torchrun
   (gloo on a CPU, NCCL on GPUs).
+
+And evaluation sharded over ranks (data parallel): `sharded` runs chunks of a batch of noises on the ranks in
+turn and gathers the samples, in order, to every rank.
 """
 
 import contextlib
@@ -316,3 +319,41 @@ def init_context_parallel(transformer, kind: str, degree: int) -> str:
     transformer.to(device)
     transformer.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": degree}))
     return device
+
+
+# ---- evaluation sharded over ranks ----
+
+EVAL_CHUNK = 50  # noises sampled at once in an evaluation, whatever the world size
+
+
+def sharded(sample, count: int, chunk: int = EVAL_CHUNK, *, stopped=None, advance=None):
+    """The results of items 0 .. count - 1, `sample(start, stop)` -> tensor (stop - start, ...), concatenated
+    in item order on the CPU, on every rank; None when `stopped()` turned true.
+
+    The items are cut into chunks of `chunk` (boundaries independent of the world size); under torchrun chunk
+    j runs on rank j % world and the chunks are all-gathered at the end, so every chunk is computed with the
+    shapes it has in one process and the result equals one process's bit for bit (on one device kind and
+    thread count). One process: the chunks in turn, no collective. stopped(): asked before every round of
+    `world` chunks and agreed (true on any rank stops every rank), so the ranks stay in lockstep;
+    advance(n): called after each round with its n chunks (a progress bar)."""
+    import torch.distributed as dist
+
+    from .training import _any_rank, _rank_world
+
+    rank, world = _rank_world()
+    device = "cuda" if world > 1 and dist.get_backend() == "nccl" else "cpu"  # NCCL: the rank's current GPU
+    starts = list(range(0, count, chunk))
+    mine = []
+    for first in range(0, len(starts), world):
+        if stopped is not None and _any_rank([stopped()], device)[0]:
+            return None
+        if first + rank < len(starts):
+            start = starts[first + rank]
+            mine.append(sample(start, min(start + chunk, count)).cpu())
+        if advance is not None:
+            advance(min(world, len(starts) - first))
+    if world == 1:
+        return torch.cat(mine)
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return torch.cat([every[j % world][j // world] for j in range(len(starts))])

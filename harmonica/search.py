@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .parallel import EVAL_CHUNK, sharded
 from .router import LOGIT_BOUND, Router, RouterInfo
 from .schedule import CacheSchedule
 
@@ -308,14 +309,30 @@ class Row:
 
 
 def compare(task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, fewer_steps=True,
-            name: str = "learned") -> list:
+            name: str = "learned", chunk: int = EVAL_CHUNK) -> list:
     """Rows (`Row`) of the learned `table` and its static rivals of about its cost, each sampled on the
-    held-out batch (noise, cond) and measured against the uncached samples of the same noises; with
-    `fewer_steps` and a task with `with_steps(n)`, the uncached sampler with the fewer steps of about
-    the same cost (n = round(T (1 - CUR)), T / n theoretical speedup) too."""
+    held-out batch (noise (B, *latent), cond {key: (B,)}) and measured against the uncached samples of the same
+    noises; with `fewer_steps` and a task with `with_steps(n)`, the uncached sampler with the fewer steps of
+    about the same cost (n = round(T (1 - CUR)), T / n theoretical speedup) too. The batch is sampled `chunk`
+    noises at a time, shared out over the ranks under torchrun (`parallel.sharded`: every rank calls this and
+    gets the one-process rows)."""
     num_steps = table.shape[0]
-    rollouts = Rollouts(task, engine, noise, cond, num_steps, clip=clip)
-    reference = rollouts.reference
+    learned = CacheSchedule(table.clone(), name)
+    rivals = static_rivals(num_steps, [n for n, _ in engine.units], table)
+    fewer = max(1, round(num_steps * (1 - learned.cur)))
+    fewer = fewer if fewer_steps and hasattr(task, "with_steps") and fewer < num_steps else None
+
+    def samples(start, stop):
+        """(stop - start, S, *latent): the uncached, learned, rivals' and fewer steps' final samples."""
+        part = {key: value[start:stop] for key, value in cond.items()}
+        rollouts = Rollouts(task, engine, noise[start:stop], part, num_steps, clip=clip)
+        every = [rollouts.reference] + [rollouts._clipped(rollouts.sample(s.table)) for s in [learned, *rivals]]
+        if fewer is not None:
+            every.append(Rollouts(task.with_steps(fewer), engine, noise[start:stop], part, fewer, clip=clip).reference)
+        return torch.stack(every, 1)
+
+    finals = sharded(samples, noise.shape[0], chunk).unbind(1)  # S tensors (B, *latent)
+    reference = finals[0]
     peak = (clip[1] - clip[0]) if clip is not None else (reference.max() - reference.min()).item()
 
     def row(label, x, cur, speedup, learned=False):
@@ -323,15 +340,10 @@ def compare(task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, 
         psnr = float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
         return Row(label, cur, speedup, mse, psnr, learned)
 
-    learned = CacheSchedule(table.clone(), name)
-    rows = [row(name, rollouts._clipped(rollouts.sample(table)), learned.cur, learned.theoretical_speedup(macs), True)]
-    for schedule in static_rivals(num_steps, [n for n, _ in engine.units], table):
-        x = rollouts._clipped(rollouts.sample(schedule.table))
-        rows.append(row(schedule.name, x, schedule.cur, schedule.theoretical_speedup(macs)))
-    fewer = max(1, round(num_steps * (1 - learned.cur)))
-    if fewer_steps and hasattr(task, "with_steps") and fewer < num_steps:
-        short = Rollouts(task.with_steps(fewer), engine, noise, cond, fewer, clip=clip)
-        rows.append(row(f"{fewer} steps", short.reference, 1 - fewer / num_steps, num_steps / fewer))
+    rows = [row(name, finals[1], learned.cur, learned.theoretical_speedup(macs), True)]
+    rows += [row(s.name, x, s.cur, s.theoretical_speedup(macs)) for s, x in zip(rivals, finals[2:])]
+    if fewer is not None:
+        rows.append(row(f"{fewer} steps", finals[-1], 1 - fewer / num_steps, num_steps / fewer))
     return rows
 
 

@@ -295,10 +295,25 @@ def engine_attached(transformer):
             parameter.requires_grad_(grad)
 
 
+_ALONE = [False]  # set within `alone()`
+
+
 def _rank_world():
-    if dist.is_available() and dist.is_initialized():
+    if not _ALONE[0] and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def alone():
+    """Within: training (`RouterTrainer`, `search.search_router`) runs as in one process even under torchrun,
+    with no collective, so every rank trains the one-process router of its seed (the digits protocol's ranks
+    train so, then share out the evaluation)."""
+    before, _ALONE[0] = _ALONE[0], True
+    try:
+        yield
+    finally:
+        _ALONE[0] = before
 
 
 def _average(tensor: torch.Tensor) -> torch.Tensor:
@@ -689,12 +704,12 @@ class RouterTrainer:
             finally:
                 bar.close()
             self.save_checkpoint()
+            info = self.router.info  # on every rank (their routers are equal): the same schedule everywhere
+            info.complete, info.iterations, info.planned_iterations = (
+                self.iteration >= cfg.iterations, self.iteration, cfg.iterations)
+            if cfg.target_cur is not None:
+                info.tau = calibrated_tau(self.router.gates().detach(), cfg.target_cur)
             if self.rank == 0:
-                info = self.router.info
-                info.complete, info.iterations, info.planned_iterations = (
-                    self.iteration >= cfg.iterations, self.iteration, cfg.iterations)
-                if cfg.target_cur is not None:
-                    info.tau = calibrated_tau(self.router.gates().detach(), cfg.target_cur)
                 self.router.save_pretrained(self.out_dir / ROUTER_DIR)
         return self.router
 
