@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _faults import ENV, full_disk
+from _faults import ENV, damage_bytes, full_disk
 from PIL import Image
 
 from harmonica import cli
@@ -188,13 +188,9 @@ def test_the_real_command_on_a_full_disk(tmp_path):
 
 
 def damage(path: Path, case: str) -> None:
-    if case == "empty":
-        path.write_bytes(b"")
-    elif case == "truncated":
-        path.write_bytes(path.read_bytes()[:200])
-    elif case == "random-bytes":
-        path.write_bytes(os.urandom(2000))
-    elif case == "missing-key":
+    if damage_bytes(path, case):
+        return
+    if case == "missing-key":
         state = torch.load(path, weights_only=True)
         del state["optimizer"]
         torch.save(state, path)

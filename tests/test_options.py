@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from _faults import damage_bytes
 from safetensors.torch import save_file
 
 import harmonica
@@ -255,12 +256,7 @@ def official_file(path, case: str):
     elif case == "threshold-7":
         args.ste_threshold = 7.0
     torch.save({"routers": routers, "args": args}, path)
-    if case == "empty":
-        path.write_bytes(b"")
-    elif case == "truncated":
-        path.write_bytes(path.read_bytes()[:100])
-    elif case == "random-bytes":
-        path.write_bytes(os.urandom(300))
+    damage_bytes(path, case)
     return path
 
 
