@@ -121,6 +121,7 @@ class ProtocolConfig:
     search_batch: int = 64  # the search's calibration noises
     search_rounds: int = 8
     search_candidates: int = 24
+    search_macs: bool = True  # recorded: the search holds the MACs too (harmonica.search since 2026-12-03)
     samples: int = 500
     repeats: int = 3
     taus: tuple = field(default_factory=default_taus)
@@ -374,7 +375,7 @@ def train(evaluator: Evaluator, objective: str, seed: int):
         config = SearchConfig(num_steps=cfg.steps, target_cur=cfg.target_cur, batch=cfg.search_batch, seed=seed,
                               rounds=cfg.search_rounds, candidates=cfg.search_candidates, tau=TAU, clip=(-1.0, 1.0))
         with tempfile.TemporaryDirectory() as out:
-            router, _ = search_router(task, config, out)
+            router, _ = search_router(task, config, out, evaluator.macs)
     elif objective == "l2c":
         config = L2CConfig(num_steps=cfg.steps, iterations=cfg.iterations, batch=cfg.batch, lr=cfg.lr,
                            beta=cfg.l2c_beta, tau=TAU, seed=seed, target_cur=cfg.l2c_target_cur)
@@ -625,7 +626,8 @@ def digits_section(results: dict, json_path: str) -> str:
     versions = ", ".join(f"{k} {machine[k]}" for k in ("torch", "diffusers") if k in machine)
     trained = []
     if "search" in objectives:
-        trained.append(f"the search holds CUR {p['target_cur']} exactly ({p['search_batch']} calibration noises, at "
+        held = "exactly and at most FORA's MACs" if p.get("search_macs") else "exactly (not the MACs)"
+        trained.append(f"the search holds CUR {p['target_cur']} {held} ({p['search_batch']} calibration noises, at "
                        f"most {p['search_rounds']} rounds of {p['search_candidates']} swaps)")
     if {"harmonica", "sdt-lambda1"} & set(objectives):
         trained.append(f"SDT objectives: {p['iterations']} iterations (batch {p['batch']}, lr {p['lr']}), target CUR "

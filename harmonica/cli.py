@@ -635,7 +635,7 @@ def _search(args, task, config, macs, clip) -> tuple:
     started = time.perf_counter()
     with stop_signals(stop.request_stop):
         device = next(task.transformer.parameters()).device
-        router, result = search_router(task, search, args.out, macs=macs, log=print if rank == 0 else None,
+        router, result = search_router(task, search, args.out, macs, log=print if rank == 0 else None,
                                        stopped=lambda: _any_rank([stop.stop_signal is not None], device)[0])
     if rank == 0:
         print(f"search: calibration error {result.start_loss:.4g} (equal-cost start) -> {result.loss:.4g}, "

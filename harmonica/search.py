@@ -5,7 +5,8 @@ IEPO trains soft gates on a per-step proxy whose weights rank schedules unlike t
 scored by `mse(x_0(S), x_0(no cache))`, the final samples of a fixed calibration batch sampled with S
 (the engine's inference mode, units really skipped) against the same noises sampled uncached. The cost is
 a hard constraint, never a penalty: every table holds exactly `budget` computed (step, unit) cells, row 0
-included (CUR = 1 - budget / (T K)), so there is no beta to tune and nothing to wind up.
+included (CUR = 1 - budget / (T K)), and `search_router` also holds its MACs to at most the start's (units
+differ in cost), so there is no beta to tune and nothing to wind up.
 
 The search starts from the best equal-cost static schedule (`spread`: FORA's evenly spaced full rows at
 the budget) and improves it by swaps, one computed cell against one reused cell, so the cost never
@@ -241,11 +242,13 @@ def calibration_batch(task, count: int, seed: int, rank: int = 0) -> tuple:
     return noise, task.conditions(count, generator)
 
 
-def search_router(task, config: SearchConfig, out_dir, *, macs=None, stopped=None, log=None):
+def search_router(task, config: SearchConfig, out_dir, macs, *, stopped=None, log=None):
     """Search the schedule of `config.target_cur` for `task` on a calibration batch and save it as a router
     to `out_dir/router` (marked partial when `stopped()` ended the search early). Returns (router, result).
-    macs: a `MacCount` when the cost is the theoretical speedup `config.target_speedup`: the cells are then
-    those of `config.target_cur` and the MACs at most the speedup's.
+    macs: the task's `MacCount`. The cost is equal, in cells and in MACs: the cells are those of
+    `config.target_cur`, the MACs at most the equal-cost FORA schedule's (the start), or with
+    `config.target_speedup` at most that theoretical speedup's; so the searched schedule never buys its quality
+    with costlier units.
     Under torchrun each rank draws its own calibration noises and the losses are averaged over ranks, so
     every rank takes the same steps."""
     from .training import ROUTER_DIR, _average, _rank_world, engine_attached
@@ -260,13 +263,13 @@ def search_router(task, config: SearchConfig, out_dir, *, macs=None, stopped=Non
         budget = budget_for_cur(config.target_cur, config.num_steps, num_units)
         calibration = Rollouts(task, engine, noise, cond, config.num_steps, clip=config.clip,
                                average=lambda v: _average(torch.tensor(v, device=device)).item())
-        unit_cost = cost_budget = None
+        cost_budget = None  # the start's MACs
         if config.target_speedup is not None:
-            unit_cost = macs.unit_macs
             cost_budget = config.num_steps * (macs.total / config.target_speedup - macs.always_macs)
-        result = search_schedule(calibration.loss, spread(config.num_steps, num_units, budget), unit_cost=unit_cost,
-                                 cost_budget=cost_budget, rounds=config.rounds, candidates=config.candidates,
-                                 on_accept=calibration.set_base, stopped=stopped, log=log)
+        start = spread(config.num_steps, num_units, budget)
+        result = search_schedule(calibration.loss, start, unit_cost=macs.unit_macs, cost_budget=cost_budget,
+                                 rounds=config.rounds, candidates=config.candidates, on_accept=calibration.set_base,
+                                 stopped=stopped, log=log)
     if not (math.isfinite(result.loss) and math.isfinite(result.start_loss)):
         raise RuntimeError(f"search: expected a finite calibration error, got {result.start_loss} (equal-cost start) "
                            f"and {result.loss}: the model's outputs or the prompt embeddings are not finite; no router "

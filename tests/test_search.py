@@ -119,6 +119,17 @@ def test_the_objective_is_the_deployed_schedules_final_error(digits):
     assert unclipped > expected  # the samples leave [-1, 1]: the clipped error is the image's
 
 
+def test_the_default_search_holds_the_cells_and_the_macs_of_its_start(digits, tmp_path):
+    task = DiTTask(digits, 4, 1.5)
+    macs = task_macs(task)
+    config = SearchConfig(num_steps=4, target_cur=0.5, batch=4, rounds=2, candidates=10, clip=(-1, 1))
+    _, result = search_router(task, config, tmp_path, macs)
+    fora = CacheSchedule.fora(4, 12, 2)
+    searched = CacheSchedule(result.table, "searched")
+    assert searched.cur == 0.5 and not torch.equal(result.table, fora.table)  # it moved, at equal cells
+    assert searched.theoretical_speedup(macs) >= fora.theoretical_speedup(macs) * (1 - 1e-12)  # and no more MACs
+
+
 def test_search_router_writes_the_searched_schedule_within_the_cost(digits, tmp_path):
     task = DiTTask(digits, 4, 1.5)
     macs = task_macs(task)
@@ -193,7 +204,8 @@ def test_the_checks_sign_test():
 def test_a_stopped_search_saves_its_best_table_as_partial(digits, tmp_path):
     asked = []
     config = SearchConfig(num_steps=3, batch=2, clip=(-1, 1))
-    router, result = search_router(DiTTask(digits, 3, 1.5), config, tmp_path,
+    task = DiTTask(digits, 3, 1.5)
+    router, result = search_router(task, config, tmp_path, task_macs(task),
                                    stopped=lambda: asked.append(1) or len(asked) > 3)
     with pytest.warns(UserWarning, match="partial"):
         loaded = Router.from_pretrained(tmp_path / "router")
