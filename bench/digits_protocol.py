@@ -538,7 +538,7 @@ def outcome(comparisons: list) -> list:
 
 
 def run(config: ProtocolConfig, command: str, progress=_print) -> dict:
-    start = time.perf_counter()
+    start, machine = time.perf_counter(), machine_info()  # the commit that runs, not the one checked out at the end
     with one_thread():
         reference = fresh_reference(config)
         second = fresh_reference(config)
@@ -557,7 +557,7 @@ def run(config: ProtocolConfig, command: str, progress=_print) -> dict:
     order = {job[1]: i for i, job in enumerate(todo) if job[0] != "router"}
     baselines = sorted((r for r in results if r["kind"] == "baseline"), key=lambda r: order[r["config"]])
     summary, comparisons = summarize(routers, config.objectives, baselines)
-    return {"command": command, "machine": machine_info(), "protocol": asdict(config), "eval_seed": EVAL_SEED,
+    return {"command": command, "machine": machine, "protocol": asdict(config), "eval_seed": EVAL_SEED,
             "reference": {"fingerprint": fingerprint(reference), "equal_to_second_fresh_load": True,
                           "equal_in_every_worker": True},
             "base_timing": "per-job", "ranks": _rank_world()[1], "routers": routers, "baselines": baselines,
