@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from harmonica import CacheSchedule, digits, parallel
 from harmonica.bench import digits_protocol
+from harmonica.bench.digits_protocol import one_thread
 from harmonica.bench.digits_protocol import ProtocolConfig
 from harmonica.cli import HELD_OUT_RANK, closing_table, digits_report, main
 from harmonica.digits import DigitsDiT
@@ -102,16 +103,6 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
     mp.spawn(_rank, args=((_free_port(), _free_port()), out), nprocs=WORLD)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)], out / "run"
-
-
-@contextlib.contextmanager
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_chunks_run_round_robin_and_come_back_in_order(ranks):
