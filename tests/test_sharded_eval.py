@@ -18,8 +18,7 @@ import torch.multiprocessing as mp
 
 from harmonica import CacheSchedule, digits, parallel
 from harmonica.bench import digits_protocol
-from harmonica.bench.digits_protocol import one_thread
-from harmonica.bench.digits_protocol import ProtocolConfig
+from harmonica.bench.digits_protocol import ProtocolConfig, one_thread
 from harmonica.cli import HELD_OUT_RANK, closing_table, digits_report, main
 from harmonica.digits import DigitsDiT
 from harmonica.search import calibration_batch, compare
