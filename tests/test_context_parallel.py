@@ -2,7 +2,7 @@
 
 One spawn of 2 ranks runs every check and writes each rank's findings to a JSON file; the tests below read
 them. Per family with a cp plan (tiny FLUX, Wan, Qwen-Image) and per kind (Ulysses, ring), each rank:
-- samples the single-process cached generation (FORA:2 and a router at tau 0.5) before any parallelism;
+- samples the single-process cached generation (FORA:2 and a trained router) before any parallelism;
 - enables diffusers' context parallelism (degree 2) and harmonica (FLUX: in both orders) and samples again;
 - counts every collective with the unit that issued it (a counting wrapper of torch.distributed and its
   functional collectives, the unit read from `engine.run_unit`) and the bytes it sent, against
@@ -17,6 +17,7 @@ diffusers 0.42's ring needs and only its GPU backends (flash, cuDNN) give.
 
 import json
 import socket
+import tempfile
 
 import pytest
 import torch
@@ -108,6 +109,7 @@ def _family(name, kind, rank):
     from harmonica.models import FLOW_PRESETS, build_transformer
     from harmonica.router import Router, RouterInfo
     from harmonica.schedule import CacheSchedule
+    from harmonica.training import RouterTrainer, TrainConfig, alone
 
     spec = FLOW_PRESETS[name]
     transformer = build_transformer(name)
@@ -116,7 +118,10 @@ def _family(name, kind, rank):
     noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
     units = len(harmonica.units.cached_units(transformer))
     info = RouterInfo.for_model(transformer, sampler=task.sampler, timesteps=task.timesteps, tau=0.5)
-    router = Router(STEPS, units, info=info, generator=torch.Generator().manual_seed(2))
+    with tempfile.TemporaryDirectory() as out, alone():  # a trained router (SDT + IEPO, CUR 0.5), the same per rank
+        config = TrainConfig(num_steps=STEPS, iterations=6, batch=1, lambda_batch=1, refresh=3, lr=0.1, target_cur=0.5,
+                             guidance=spec.guidance)
+        router = RouterTrainer(task, config, out).run(progress=False)
     caches = {"fora:2": CacheSchedule.fora(STEPS, units, 2), "router": router}
     single, single_bytes = {}, {}
     for label, cache in caches.items():
@@ -288,6 +293,7 @@ def test_no_collective_inside_a_reused_unit(findings, case):
         f = found[case]
         units, always = f["accounting"]["units"], f["accounting"]["always"]
         assert always > 0 and any(units)
+        assert f["rows"]["router"] != f["rows"]["fora:2"]  # the trained router is a schedule of its own
         for label, log in f["collectives"].items():
             sent = {}
             for k, computed, op, size in log:
