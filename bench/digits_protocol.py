@@ -295,14 +295,13 @@ class Evaluator:
 
     def metrics(self, samples, seconds: float, schedule, steps: int) -> dict:
         """The row of `samples` of the eval batch, sampled in `seconds` over `steps` with `schedule`."""
-        full = schedule
         x = samples.float().clamp(-1, 1)
         with torch.no_grad():
             features = self.classifier.features(x)
             prediction = self.classifier.head(features).argmax(1)
         real = quality(samples, self.labels, self.classifier)
-        return {"steps": steps, "cur": full.cur,
-                "theoretical_speedup": self.config.steps / steps * full.theoretical_speedup(self.macs),
+        return {"steps": steps, "cur": schedule.cur,
+                "theoretical_speedup": self.config.steps / steps * schedule.theoretical_speedup(self.macs),
                 "seconds": seconds, "measured_speedup": self.base_seconds / seconds,
                 "psnr": psnr(samples, self.reference), "fd": real["fd"], "accuracy": real["accuracy"],
                 "fd_vs_uncached": frechet_distance(*feature_stats(features), *self.reference_stats),

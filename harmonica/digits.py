@@ -94,11 +94,11 @@ def pack(images: torch.Tensor) -> torch.Tensor:
     return FluxPipeline._pack_latents(images, images.shape[0], 1, SIZE, SIZE)
 
 
-def sample_flux(model, classes: dict, noise, labels, num_steps: int = FLUX_STEPS) -> torch.Tensor:
-    """digits-flux's samples (N, 1, 8, 8) of `noise` (N, 1, 8, 8) and `labels` (N,), caching as enabled."""
+def sample_flux(task, noise, labels) -> torch.Tensor:
+    """digits-flux's samples (N, 1, 8, 8) under its `flux_task` of `noise` (N, 1, 8, 8) and `labels` (N,), caching
+    as enabled on the transformer."""
     from .flow import flow_sample
 
-    task = flux_task(model, classes, num_steps)
     return task.unpack(flow_sample(task, labels, latents=pack(noise)))  # = DigitsFlux.images
 
 
@@ -157,9 +157,8 @@ class DigitsFlux(DigitsDiT):
         return FluxPipeline._unpack_latents(latents, FLUX_PIXELS, FLUX_PIXELS, FLUX_PIXELS // SIZE)
 
     def sample(self, noise, labels, num_steps: int, guidance: float = 1.0) -> torch.Tensor:
-        self.task(num_steps, guidance)  # checks the guidance
-        return sample_flux(self.transformer, self.classes, noise.to(self.transformer.device),
-                           labels.to(self.transformer.device), num_steps)
+        device = self.transformer.device
+        return sample_flux(self.task(num_steps, guidance), noise.to(device), labels.to(device))
 
 
 DIGITS_MODELS = {model.name: model for model in (DigitsDiT, DigitsFlux)}
@@ -404,7 +403,7 @@ def fit(models=("dit", "flux"), out_dir=DATA) -> None:
         _save(model.state_dict(), out_dir / FLUX_MODEL_FILE)
         _save(classes, out_dir / FLUX_CLASSES_FILE)
         with torch.no_grad():
-            result = quality(sample_flux(model, classes, noise, eval_labels), eval_labels)
+            result = quality(sample_flux(flux_task(model, classes), noise, eval_labels), eval_labels)
         print(f"flux: FlowMatchEuler-{FLUX_STEPS} samples: FD {result['fd']:.2f}, accuracy {result['accuracy']:.1%}")
 
 
