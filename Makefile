@@ -36,7 +36,7 @@ constraints:
 	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm $(CONSTRAINTS).freeze
 	@echo "wrote $(CONSTRAINTS)"
 
-# The first hour on a lent GPU (bench/gpu/check.sh, README: Benchmarks). Here, with network: `make gpu-kit` downloads
+# The first hour on a lent GPU (bench/gpu/check.sh, docs/benchmarks.md). Here, with network: `make gpu-kit` downloads
 # the wheels the device image lacks (CPython 3.12, manylinux x86-64) into $(GPU_KIT), which the device tool
 # carries; `make gpu-check-plan` prints the two device commands, their stages and budget, and the suite's rows.
 # There, `bash bench/gpu/check.sh 1` and `bash bench/gpu/check.sh 2` set up offline on the image's own python3 and run.

@@ -1,4 +1,4 @@
-"""The schedule search against FORA:2 on a digits model at CUR 0.5, over calibration seeds (README, Training).
+"""The schedule search against FORA:2 on a digits model at CUR 0.5, over calibration seeds (docs/training.md).
 
 For each seed s: the search (`harmonica.search.search_schedule`, the `harmonica train` defaults) on the 64
 calibration noises `eval_batch(64, seed=100 + s)`, from FORA:2; then both schedules on the 200 held-out noises
