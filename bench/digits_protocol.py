@@ -75,6 +75,7 @@ from harmonica.units import cached_units
 from .configs import parse_config
 from .machine import REPO, machine_info
 from .peers import PeerUnavailable, UnitCounter, make_peer
+from .quality import ssim
 from .table import update_benchmarks
 
 PARENT_POLL_S = 0.5  # how often a worker checks that the protocol's process is alive
@@ -303,7 +304,8 @@ class Evaluator:
         return {"steps": steps, "cur": schedule.cur,
                 "theoretical_speedup": self.config.steps / steps * schedule.theoretical_speedup(self.macs),
                 "seconds": seconds, "measured_speedup": self.base_seconds / seconds,
-                "psnr": psnr(samples, self.reference), "fd": real["fd"], "accuracy": real["accuracy"],
+                "psnr": psnr(samples, self.reference), "ssim": ssim(samples, self.reference),
+                "fd": real["fd"], "accuracy": real["accuracy"],
                 "fd_vs_uncached": frechet_distance(*feature_stats(features), *self.reference_stats),
                 "agreement": (prediction == self.reference_prediction).float().mean().item()}
 
@@ -476,7 +478,7 @@ def router_metrics(result: dict) -> dict:
     at_tau = next(r for r in curve if TAU in r["taus"])
     points = [(r["cur"], r["psnr"]) for r in curve]
     return {**{f"psnr_at_cur_{c:.2f}": interpolate(points, c) for c in CUR_POINTS},
-            **{f"{key}_at_tau": at_tau[key] for key in ("cur", "psnr", "fd", "fd_vs_uncached", "accuracy",
+            **{f"{key}_at_tau": at_tau[key] for key in ("cur", "psnr", "ssim", "fd", "fd_vs_uncached", "accuracy",
                                                          "agreement", "theoretical_speedup", "measured_speedup")},
             "train_seconds": result["train_seconds"]}
 
@@ -579,7 +581,8 @@ def _table(header: list, lines: list) -> str:
 
 
 SUMMARY_COLUMNS = (("psnr_at_cur_0.45", "PSNR @ CUR 0.45", ".2f"), ("psnr_at_cur_0.50", "PSNR @ CUR 0.50", ".2f"),
-                   ("psnr_at_tau", "PSNR @ tau 0.1", ".2f"), ("cur_at_tau", "CUR @ tau 0.1", ".3f"),
+                   ("psnr_at_tau", "PSNR @ tau 0.1", ".2f"), ("ssim_at_tau", "SSIM", ".4f"),
+                   ("cur_at_tau", "CUR @ tau 0.1", ".3f"),
                    ("fd_at_tau", "FD real", ".2f"), ("fd_vs_uncached_at_tau", "FD vs uncached", ".2f"),
                    ("accuracy_at_tau", "accuracy", ".3f"), ("agreement_at_tau", "agreement", ".3f"),
                    ("theoretical_speedup_at_tau", "theoretical", ".2f"),
@@ -593,8 +596,9 @@ def format_summary(summary: dict) -> str:
             return "n/a"
         return f"{_fmt(m['mean'], spec)} ± {_fmt(m['se'], spec)}" + (f" (n={m['n']})" if m["n"] else "")
 
-    lines = [[o] + [cell(summary[o][key], spec) for key, _, spec in SUMMARY_COLUMNS] for o in summary if summary[o]]
-    return _table(["objective"] + [name for _, name, _ in SUMMARY_COLUMNS], lines)
+    columns = [c for c in SUMMARY_COLUMNS if any(c[0] in summary[o] for o in summary)]  # older files: no SSIM
+    lines = [[o] + [cell(summary[o][key], spec) for key, _, spec in columns] for o in summary if summary[o]]
+    return _table(["objective"] + [name for _, name, _ in columns], lines)
 
 
 def format_paired(comparisons: list) -> str:
@@ -606,10 +610,10 @@ def format_paired(comparisons: list) -> str:
 
 def format_baselines(rows: list) -> str:
     lines = [[r["config"], str(r["steps"]), f"{r['cur']:.3f}", f"{r['theoretical_speedup']:.2f}x",
-              f"{r['measured_speedup']:.2f}x", _fmt(r["psnr"]), _fmt(r["fd"]), _fmt(r["fd_vs_uncached"]),
-              f"{r['accuracy']:.3f}", f"{r['agreement']:.3f}"] for r in rows]
-    return _table(["config", "steps", "CUR", "theoretical", "measured CPU", "PSNR dB", "FD real", "FD vs uncached",
-                   "accuracy", "agreement"], lines)
+              f"{r['measured_speedup']:.2f}x", _fmt(r["psnr"]), _fmt(r.get("ssim"), ".4f"), _fmt(r["fd"]),
+              _fmt(r["fd_vs_uncached"]), f"{r['accuracy']:.3f}", f"{r['agreement']:.3f}"] for r in rows]
+    return _table(["config", "steps", "CUR", "theoretical", "measured CPU", "PSNR dB", "SSIM", "FD real",
+                   "FD vs uncached", "accuracy", "agreement"], lines)
 
 
 BASE_TIMING = {"per-job": "again in the same job just before",  # since 2026-11-30 (commit after 1fd7322)
@@ -649,7 +653,8 @@ def digits_section(results: dict, json_path: str) -> str:
         f"{results['eval_seed']} "
         f"(disjoint from training), {len(p['taus'])} taus per router; PSNR interpolated linearly in CUR; "
         "the uncached reference from a fresh load, equal to a second fresh load and to every worker's.",
-        "- FD real: Fréchet distance to the real digits in the classifier's features; FD vs uncached: to the "
+        "- SSIM: against the uncached samples, one 8 x 8 Gaussian window per digit (bench/quality.py). "
+        "FD real: Fréchet distance to the real digits in the classifier's features; FD vs uncached: to the "
         "uncached samples; accuracy: classified as the requested digit; agreement: same class as the uncached "
         f"sample. Measured CPU: median of {p['repeats']} samplings of the eval batch, one thread, against the "
         f"uncached sampling timed {BASE_TIMING.get(results.get('base_timing'), BASE_TIMING[None])} "

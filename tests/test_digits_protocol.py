@@ -71,6 +71,7 @@ def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
     baselines = {r["config"]: r for r in results["baselines"]}
     uncached = baselines["no-cache"]
     assert uncached["psnr"] == math.inf and uncached["agreement"] == 1.0 and uncached["cur"] == 0
+    assert uncached["ssim"] == 1.0 and 0 < baselines["fora:2"]["ssim"] < 1  # SSIM of identical images: exactly 1
     # identical features: 0 up to the float64 eigendecomposition of a rank-deficient covariance (10 samples,
     # 64 features), whose square root turns eps into sqrt(eps): tiny against any real difference
     assert abs(uncached["fd_vs_uncached"]) < 1e-3 * baselines["fora:2"]["fd_vs_uncached"]
@@ -97,6 +98,7 @@ def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
             assert max(curs) <= 0.5
         points = [(row["cur"], row["psnr"]) for row in r["curve"]]
         assert r["metrics"]["psnr_at_cur_0.50"] == protocol.interpolate(points, 0.5)
+        assert r["metrics"]["ssim_at_tau"] == next(row["ssim"] for row in r["curve"] if 0.1 in row["taus"])
     assert len(results["paired"]) == 3 * len(protocol.COMPARED) + 1 == len(results["outcome"])
     static = results["paired"][-1]
     best = max((b for b in results["baselines"] if b["cur"] >= 0.5), key=lambda b: b["psnr"])
@@ -117,6 +119,8 @@ def test_the_section_replaces_its_markers_only(tiny_results):
     begin, end = protocol.markers("digits-dit-t4")  # TINY: 4 steps
     assert lines[0] == begin and lines[-1] == end and "--quick" in section
     assert "T = 4" in lines[1] and "the search holds CUR 0.5 exactly" in section
+    fora = next(r for r in tiny_results["baselines"] if r["config"] == "fora:2")
+    assert "| SSIM |" in section and f"| {fora['ssim']:.4f} |" in section  # the baselines' SSIM column
     markdown = f"# B\n\n{begin}\nold\n{end}\n\n## after\n"
     updated = update_benchmarks(markdown, section)
     assert updated == f"# B\n\n{section}\n\n## after\n"
