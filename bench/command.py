@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from harmonica import parallel
-from harmonica.cli import check_out_dir, check_out_file, load_router
-from harmonica.files import write_file
+from harmonica.files import check_out_dir, check_out_file, one_line, write_file
+from harmonica.options import check_options, given_options
+from harmonica.router import load_router
 
 from .configs import MODES
 from .host_cost import format_host_cost
@@ -217,9 +218,6 @@ def _host_cost() -> list:
 
 
 def main(argv=None) -> int:
-    from harmonica.cli import one_line
-    from harmonica.options import check_options, given_options
-
     def parser():
         made = argparse.ArgumentParser(prog="python -m harmonica.bench", description=__doc__)
         add_arguments(made)

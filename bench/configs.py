@@ -12,8 +12,6 @@ Names (`--configs`), parameters after the colon optional:
   (`peers.py`).
 - `skeleton` (added by the suite, not requested): step 0 computes, every later step reuses every
   unit; its time per step is the floor the gap attribution needs.
-
-`FLOW_MODELS`: the flow-matching transformers at their native sizes, for MAC accounting (`macs.py`).
 """
 
 from dataclasses import dataclass
@@ -36,48 +34,6 @@ KINDS = ("no-cache", "fewer-steps", "fora", "delta-dit", *LEARNED_RULES, *PEERS)
 DEFAULT_CONFIGS = ("no-cache", "fewer-steps", "fora:2", "fora:3", "delta-dit", "l2c", "harmonica", *PEERS)
 SKELETON = "skeleton"
 SYNTHETIC_SEED = 0
-
-
-@dataclass(frozen=True)
-class FlowModel:
-    """A flow-matching transformer at its native size: the diffusers class, its hub config, the pixels
-    (height, width, frames for video), the text tokens of one prompt and where the config comes from."""
-
-    class_name: str
-    config: dict
-    height: int
-    width: int
-    text_tokens: int
-    source: str
-    frames: int | None = None
-
-
-# transformer/config.json of each hub repository, transcribed (keys equal to diffusers' defaults left out)
-FLOW_MODELS = {
-    # FluxPipeline pads the T5 prompt to max_sequence_length 512
-    "flux.1-dev-1024": FlowModel("FluxTransformer2DModel", {
-        "attention_head_dim": 128, "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096,
-        "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38, "patch_size": 1,
-        "pooled_projection_dim": 768, "axes_dims_rope": (16, 56, 56)}, 1024, 1024, 512,
-        "black-forest-labs/FLUX.1-dev"),
-    # StableDiffusion3Pipeline: 77 CLIP tokens and the T5 prompt padded to max_sequence_length 256
-    "sd3.5-large-1024": FlowModel("SD3Transformer2DModel", {
-        "attention_head_dim": 64, "caption_projection_dim": 2432, "in_channels": 16, "joint_attention_dim": 4096,
-        "num_attention_heads": 38, "num_layers": 38, "out_channels": 16, "patch_size": 2,
-        "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "qk_norm": "rms_norm", "sample_size": 128},
-        1024, 1024, 77 + 256, "stabilityai/stable-diffusion-3.5-large"),
-    # WanPipeline pads the UMT5 prompt to max_sequence_length 512; 480p is 480 x 832
-    "wan2.1-t2v-1.3b-480p": FlowModel("WanTransformer3DModel", {
-        "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
-        "ffn_dim": 8960, "freq_dim": 256, "in_channels": 16, "num_attention_heads": 12, "num_layers": 30,
-        "out_channels": 16, "patch_size": (1, 2, 2), "qk_norm": "rms_norm_across_heads", "text_dim": 4096},
-        480, 832, 512, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", frames=81),
-    # QwenImagePipeline does not pad: 512 is its max_sequence_length, the most a prompt takes
-    "qwen-image-1328": FlowModel("QwenImageTransformer2DModel", {
-        "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56), "guidance_embeds": False, "in_channels": 64,
-        "joint_attention_dim": 3584, "num_attention_heads": 24, "num_layers": 60, "out_channels": 16,
-        "patch_size": 2}, 1328, 1328, 512, "Qwen/Qwen-Image"),
-}
 
 
 @dataclass(frozen=True)

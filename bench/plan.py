@@ -1,7 +1,7 @@
 """`harmonica bench --plan`: the rows a bench command would run (`suite.plan_group`, the rows the suite
 runs) and an estimate of its duration, without running anything.
 
-The estimate is arithmetic on MACs (`macs.py`; the VAE decode counted the same way) and on the assumed
+The estimate is arithmetic on MACs (`harmonica/macs.py`; the VAE decode counted the same way) and on the assumed
 constants of a `CostModel`; no constant comes from a measurement:
 - a generation: 2 FLOPs per MAC x (2 images per forward (classifier-free guidance) x the transformer MACs
   of the row's schedule over its steps + the VAE decode's MACs) at `flops`, plus `unit_host_s` per computed
@@ -23,11 +23,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from harmonica import parallel
+from harmonica.macs import VAE_FACTOR, count_macs
 from harmonica.models import preset
 from harmonica.schedule import CacheSchedule
 
 from .kernel_bench import PROVIDERS, default_cases
-from .macs import VAE_FACTOR, count_macs
 from .suite import PlannedRow, SuiteOptions, plan_group, resolution
 
 CFG_BATCH = 2  # images per transformer forward: DiT (guidance 1.5) and PixArt (4.5) run guidance as a batch of 2

@@ -43,6 +43,7 @@ import harmonica
 from harmonica import parallel
 from harmonica.flow import SAMPLER as FLOW_SAMPLER
 from harmonica.flow import as_4d, flow_sample, flow_task, random_flow_embeddings
+from harmonica.macs import count_macs
 from harmonica.models import (
     FLOW_PRESETS,
     PRESETS,
@@ -77,7 +78,6 @@ from .configs import (
     parse_config,
 )
 from .gap import attribute_gap
-from .macs import count_macs
 from .peers import PeerUnavailable, UnitCounter, make_peer
 from .quality import psnr, ssim
 from .timing import spread, timed

@@ -219,7 +219,7 @@ def _format_bytes(size: int) -> str:
 def summary(pipe_or_transformer) -> Summary:
     """CUR, theoretical MAC speedup (at the latest generation's resolution, else the model's native
     one) and cache memory of an enabled pipeline or transformer."""
-    from .bench.macs import count_macs, count_macs_for_input
+    from .macs import count_macs, count_macs_for_input
 
     state = _state(pipe_or_transformer)
     engine = state.engine

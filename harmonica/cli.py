@@ -9,15 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import parallel
-from .api import enable, step_runner, summary
+from .api import enable, summary
 from .digits import DIGITS_MODELS
-from .files import RunLock, WriteError, file_bytes, write_file
+from .files import RunLock, check_out_file, file_bytes, one_line, write_file
 from .flow import cur_for_speedup
+from .images import DEFAULT_PROMPT, DIT_CLASS, DIT_PIPELINE_SAMPLER, generate, to_pil
 from .models import (
     FLOW_PRESETS,
     PRESETS,
@@ -28,109 +28,23 @@ from .models import (
     load_vae,
     move_pipeline,
     preset,
-    random_prompt_embeds,
 )
 from .options import check_options, given_options
-from .router import Router, RouterInfo, dit_ddim_timesteps
+from .router import Router, RouterInfo, dit_ddim_timesteps, load_router
 from .samplers import (
     DIT_SAMPLERS,
-    PIXART_PROMPT_KEYS,
     PIXART_SAMPLERS,
     TABLE_SAMPLERS,
     check_steps,
-    dit_ddim_sample,
-    pixart_sample,
     step_ranges_text,
     use_pixart_sampler,
 )
-from .schedule import parse_schedule  # profiling.workload imports it from here too
+from .schedule import parse_schedule
 from .units import cached_units
-
-DIT_PIPELINE_SAMPLER = "pipeline"  # DiTPipeline with its own scheduler
-DIT_CLASS = 207
-DEFAULT_PROMPT = "A small cactus with a happy face in the Sahara desert."
-GUIDANCE = {"dit-ddim": 1.5, DIT_PIPELINE_SAMPLER: 4.0, "pixart": 4.5}
 
 
 def _sampler_choices(spec) -> dict:
     return PIXART_SAMPLERS if spec.is_pixart else {**DIT_SAMPLERS, DIT_PIPELINE_SAMPLER: (None, 20)}
-
-
-def generate(pipe, args, spec, sampler: str, steps: int, generator: torch.Generator):
-    """One PIL image of the preset's native resolution; RuntimeError when a pixel is not finite. With the
-    sampler step inside the CUDA graphs (`enable(..., scheduler_in_graph=True)`), PixArt runs
-    `pixart_sample` instead of the pipeline. args: prompt, class_label, guidance (None: the defaults)."""
-    device = pipe.transformer.device
-    guidance = default_guidance(spec, sampler) if args.guidance is None else args.guidance
-    if spec.is_pixart:
-        prompt = {"prompt": args.prompt or DEFAULT_PROMPT}
-        if args.random_weights:  # no text encoder: embeddings of a random prompt
-            embeds = random_prompt_embeds(args.model, 1, generator).to(device, pipe.transformer.dtype)
-            mask = torch.ones(embeds.shape[:2], device=device)
-            prompt = {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_prompt": None,
-                      "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
-        if step_runner(pipe.transformer) is not None:
-            if "prompt" in prompt:
-                prompt = dict(zip(PIXART_PROMPT_KEYS, pipe.encode_prompt(prompt["prompt"], device=device)))
-            prompt = {key: prompt[key] for key in PIXART_PROMPT_KEYS}
-            latents = pixart_sample(pipe, **prompt, num_steps=steps, guidance_scale=guidance,
-                                    generator=generator, height=spec.resolution, width=spec.resolution, progress=True)
-            return _decode(pipe, latents)
-        return _to_pil(pipe(**prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                            height=spec.resolution, width=spec.resolution,
-                            use_resolution_binning=not args.random_weights, output_type="np").images[0])
-    label = DIT_CLASS if args.class_label is None else args.class_label
-    if sampler == DIT_PIPELINE_SAMPLER:
-        return _to_pil(pipe(class_labels=[label], num_inference_steps=steps, guidance_scale=guidance,
-                            generator=generator, output_type="np").images[0])
-    latents = dit_ddim_sample(pipe.transformer, torch.tensor([label], device=device), num_steps=steps,
-                              guidance_scale=guidance, generator=generator, progress=True)
-    return _decode(pipe, latents)
-
-
-def default_guidance(spec, sampler: str) -> float:
-    return GUIDANCE["pixart" if spec.is_pixart else sampler]
-
-
-def _decode(pipe, latents: torch.Tensor):
-    """The PIL image of latents (1, C, h, w)."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-    return _to_pil(VaeImageProcessor().postprocess(images, output_type="np")[0])
-
-
-def _to_pil(image: np.ndarray):
-    """The PIL image of (H, W, C) values in [0, 1]; RuntimeError when any is NaN/inf (PIL would save black)."""
-    from diffusers.image_processor import VaeImageProcessor
-
-    bad = int((~np.isfinite(image)).sum())
-    if bad:
-        raise RuntimeError(f"image: expected finite pixel values, got {bad} of {image.size} NaN/inf (the sampling "
-                           "diverged; nothing was written)")
-    return VaeImageProcessor.numpy_to_pil(image[None])[0]
-
-
-def check_out_file(path: str, option: str, suffixes, what: str) -> Path:
-    """An output file, checked before any work: a name ending in one of `suffixes` (`what` says which) and
-    an existing, writable parent directory. ValueError naming `option` otherwise."""
-    out = Path(path)
-    if out.is_dir() or out.suffix.lower() not in suffixes:
-        raise ValueError(f"{option}: expected {what}, got {'the directory ' + path if out.is_dir() else repr(path)}")
-    check_out_dir(out.parent, option)
-    if out.exists() and not os.access(out, os.W_OK):
-        raise ValueError(f"{option}: expected a writable file, got {path} (read-only)")
-    return out
-
-
-def check_out_dir(directory: Path, option: str) -> Path:
-    """`directory` when it exists and is writable; ValueError naming `option` otherwise."""
-    if not directory.is_dir():
-        what = "not a directory" if directory.exists() else "does not exist"
-        raise ValueError(f"{option}: expected an existing directory, got {directory} ({what})")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ValueError(f"{option}: expected a writable directory, got {directory} (not writable)")
-    return directory
 
 
 VIDEO_SUFFIXES = {".safetensors", ".gif", ".webp"}
@@ -142,7 +56,7 @@ def save_decoded(decoded: torch.Tensor, path: str) -> None:
     file or an animated GIF/WebP (one frame per video frame)."""
     frames = decoded[0].float().cpu()
     frames = frames.unsqueeze(1) if frames.dim() == 3 else frames  # (3, F, H, W)
-    pictures = [_to_pil((frame.permute(1, 2, 0).numpy() / 2 + 0.5).clip(0, 1)) for frame in frames.unbind(1)]
+    pictures = [to_pil((frame.permute(1, 2, 0).numpy() / 2 + 0.5).clip(0, 1)) for frame in frames.unbind(1)]
     write_images(pictures, path)
 
 
@@ -162,14 +76,6 @@ def image_suffixes() -> set:
 
     Image.init()
     return {suffix for suffix, kind in Image.registered_extensions().items() if kind in Image.SAVE}
-
-
-def load_router(directory: str, option: str = "--router") -> Router:
-    """`Router.from_pretrained(directory)`, its one-line errors (each naming the file) prefixed with `option`."""
-    try:
-        return Router.from_pretrained(directory)
-    except ValueError as error:
-        raise ValueError(f"{option}: {error}") from None
 
 
 @dataclasses.dataclass
@@ -819,10 +725,3 @@ def main(argv=None) -> int:
         print(f"harmonica: error: {one_line(error)}", file=sys.stderr)
         return 2
 
-
-def one_line(error: Exception) -> str:
-    """The error's message; an OSError's as `path: cause`."""
-    if isinstance(error, OSError) and not isinstance(error, WriteError):
-        where = error.filename if error.filename is not None else "file system"
-        return f"{where}: {error.strerror or error}"
-    return str(error)

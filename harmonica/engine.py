@@ -35,10 +35,9 @@ import warnings
 import torch
 from torch._C._dynamo.eval_frame import reset_code
 
-from . import kernels, parallel
+from . import events, kernels, parallel
 from .adapters import blocks_of
 from .modulation import ModulationTable
-from .profiling import nvtx as _nvtx
 from .units import units_of
 
 
@@ -276,12 +275,12 @@ class CacheEngine:
             self.modulation_active = self._compute_modulations(hidden, args, kwargs)
         if self.modulation_active:
             self.modulation.load(self.step)
-        if _nvtx.ENABLED:
-            _nvtx.open_range(_nvtx.step_label(self.step))
+        if events.listener is not None:
+            events.listener.step_started(self.step)
 
     def _after_forward(self, module, args, kwargs, output):
-        if _nvtx.ENABLED:
-            _nvtx.close_range()
+        if events.listener is not None:
+            events.listener.step_finished()
         following = self.step + 1
         if self.num_steps is not None and following == self.num_steps:
             self.timesteps = None  # the generation is complete; the next call starts another, as told
@@ -322,12 +321,11 @@ class CacheEngine:
         """Add unit k's (gated) output to h (B, N, D); gate (B, D), (B, 1, D) or None. compute: () -> fresh
         output (B, N, D). A unit feeding several residual streams passes tuples h and gate, one per stream,
         and a compute that returns one output per stream; it returns one tensor per stream. k None: not a
-        cached unit (always computes). With NVTX on (profiling/nvtx.py), inside a range named after the unit
-        and whether it computes or reuses."""
+        cached unit (always computes). With a listener (events.py), through its `around_unit`."""
         run = self._run_streams if isinstance(h, tuple) else self._run_unit
-        if _nvtx.ENABLED and k is not None:
-            label = _nvtx.unit_label(self.units[k][0], self.mode != "inference" or self.row[k])
-            return _nvtx.call_in_range(label, run, k, compute, gate, h)
+        if events.listener is not None and k is not None:
+            computes = self.mode != "inference" or self.row[k]
+            return events.listener.around_unit(self.units[k][0], computes, run, k, compute, gate, h)
         return run(k, compute, gate, h)
 
     def _run_streams(self, k, compute, gates, hs):

@@ -6,6 +6,9 @@ flushed to disk (fsync) and renamed over the destination (`os.replace`, atomic o
 the old file or the new one, never a part of it. A failed write (a full disk, an I/O error) removes the
 temporary file and raises `WriteError`: one line naming the destination and the cause.
 
+`check_out_file` and `check_out_dir` check an output before any work; `one_line` is an error's message as the
+commands print it.
+
 `RunLock` is an exclusive `fcntl.flock` on `<run dir>/.harmonica.lock`, which records the holder's pid and
 host. The kernel drops a flock when its process ends however it ends, so a lock file left by a crash is
 stale and the next run takes it over; a second live run fails at once naming the holder.
@@ -204,3 +207,33 @@ class RunLock:
                 directory.rmdir()  # only when empty
             except OSError:
                 return
+
+
+def check_out_file(path: str, option: str, suffixes, what: str) -> Path:
+    """An output file, checked before any work: a name ending in one of `suffixes` (`what` says which) and
+    an existing, writable parent directory. ValueError naming `option` otherwise."""
+    out = Path(path)
+    if out.is_dir() or out.suffix.lower() not in suffixes:
+        raise ValueError(f"{option}: expected {what}, got {'the directory ' + path if out.is_dir() else repr(path)}")
+    check_out_dir(out.parent, option)
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{option}: expected a writable file, got {path} (read-only)")
+    return out
+
+
+def check_out_dir(directory: Path, option: str) -> Path:
+    """`directory` when it exists and is writable; ValueError naming `option` otherwise."""
+    if not directory.is_dir():
+        what = "not a directory" if directory.exists() else "does not exist"
+        raise ValueError(f"{option}: expected an existing directory, got {directory} ({what})")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{option}: expected a writable directory, got {directory} (not writable)")
+    return directory
+
+
+def one_line(error: Exception) -> str:
+    """The error's message; an OSError's as `path: cause`."""
+    if isinstance(error, OSError) and not isinstance(error, WriteError):
+        where = error.filename if error.filename is not None else "file system"
+        return f"{where}: {error.strerror or error}"
+    return str(error)

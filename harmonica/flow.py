@@ -117,8 +117,8 @@ class FlowTask:
         return latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
 
     def macs(self):
-        """The `bench.macs.MacCount` of one forward at this size and prompt length."""
-        from .bench.macs import count_macs
+        """The `macs.MacCount` of one forward at this size and prompt length."""
+        from .macs import count_macs
 
         tokens = self.embeddings[self.prompt_keys[0]].shape[1]
         return count_macs(self.transformer, self.height, self.width, caption_tokens=tokens, frames=self.frames)

@@ -173,14 +173,14 @@ class AttentionTrace:
 def trace_attention(model, *, batch: int = 1, height=None, width=None, text_tokens=None,
                     frames=None) -> AttentionTrace:
     """The `AttentionTrace` of one forward of `model` (a preset name or a transformer; the size as in
-    `bench.macs.count_macs`, with the text mask the pipeline passes where the forward takes one) on `batch`
+    `macs.count_macs`, with the text mask the pipeline passes where the forward takes one) on `batch`
     images. Run on the meta device: every attention processor is given a stand-in parallel config and
     diffusers' own dispatch runs, so exactly the attentions that are context-parallel (not Wan's
     cross-attention) report their shapes; nothing is computed or communicated."""
     from diffusers.models import attention_dispatch
     from diffusers.models._modeling_parallel import ContextParallelOutput
 
-    from .bench.macs import _example_inputs, _meta_transformer, _spec
+    from .macs import _example_inputs, _meta_transformer, _spec
     from .units import units_of
 
     class_name, config, default_height, default_width, tokens, default_frames = _spec(model)

@@ -298,3 +298,11 @@ class Router(torch.nn.Module):
             router.logits.copy_(ascending.flip(0))  # denoising order: the noisiest timestep first
             router.logits[0] = LOGIT_BOUND
         return router
+
+
+def load_router(directory: str, option: str = "--router") -> Router:
+    """`Router.from_pretrained(directory)`, its one-line errors (each naming the file) prefixed with `option`."""
+    try:
+        return Router.from_pretrained(directory)
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from None

@@ -148,7 +148,7 @@ def guidance_combined(out: torch.Tensor, channels: int, scale: float, *, cond_fi
 def task_macs(task):
     """The `MacCount` of one forward of the task's transformer (square DiT/PixArt latents; flow tasks count
     their own size)."""
-    from .bench.macs import VAE_FACTOR, count_macs
+    from .macs import VAE_FACTOR, count_macs
 
     if hasattr(task, "macs"):
         return task.macs()

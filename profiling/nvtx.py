@@ -1,14 +1,15 @@
 """NVTX ranges of a cached generation, for Nsight Systems / Nsight Compute (torch.cuda.nvtx).
 
 Ranges (push/pop, default domain):
-- `step t` around each transformer forward (the engine's step hooks);
-- the block's name (`transformer_blocks.i`) around each block, and `<unit> compute` / `<unit> reuse` around each cached
-  unit (e.g. `transformer_blocks.3.attn1 reuse`), from `PipelineRanges` and the engine's `run_unit`;
-- `scheduler step` around the sampler's update and `vae decode` around the decode (`PipelineRanges`).
+- `step t` around each transformer forward and `<unit> compute` / `<unit> reuse` around each cached unit
+  (e.g. `transformer_blocks.3.attn1 reuse`): `ENGINE_RANGES`, the engine's listener (`harmonica.events`)
+  while NVTX is on;
+- the block's name (`transformer_blocks.i`) around each block, `scheduler step` around the sampler's update and
+  `vae decode` around the decode (`PipelineRanges`).
 
-Off by default. On with `HARMONICA_NVTX=1` in the environment or `set_enabled(True)` (needs a CUDA
-build of torch; on a CPU build it warns and stays off). When off, the engine's only cost is one test
-of the module flag `ENABLED`: no label is formatted and nothing is called.
+Off by default. On with `HARMONICA_NVTX=1` in the environment when this module is imported, or with
+`set_enabled(True)` (needs a CUDA build of torch; on a CPU build it warns and stays off). When off, the
+engine has no listener: its only cost is one test per step and unit, no label is formatted, nothing is called.
 
 NVTX calls are host calls: a captured CUDA graph does not repeat them when it replays, and
 torch.compile would trace them away. So no range is opened while the current stream is capturing or
@@ -23,6 +24,8 @@ import warnings
 
 import torch
 
+from harmonica import events
+
 
 def _usable(on) -> bool:
     """`on`, unless this torch has no NVTX (a CPU build): then a warning, and the ranges stay off."""
@@ -33,7 +36,7 @@ def _usable(on) -> bool:
     return bool(on)
 
 
-ENABLED = _usable(os.environ.get("HARMONICA_NVTX", "0") not in ("", "0"))
+ENABLED = False  # set by set_enabled (on at import with HARMONICA_NVTX=1: the end of this module)
 
 SCHEDULER_STEP = "scheduler step"
 VAE_DECODE = "vae decode"
@@ -41,9 +44,11 @@ GENERATION = "generation"  # the timed generation of the profiling workload
 
 
 def set_enabled(on: bool) -> None:
-    """Switch every harmonica NVTX range on or off (the environment's HARMONICA_NVTX is the default)."""
+    """Switch every harmonica NVTX range on or off (the environment's HARMONICA_NVTX is the default): the flag
+    `PipelineRanges` tests, and `ENGINE_RANGES` as the engine's listener or none."""
     global ENABLED
     ENABLED = _usable(on)
+    events.listen(ENGINE_RANGES if ENABLED else None)
 
 
 def step_label(step: int) -> str:
@@ -80,6 +85,22 @@ def call_in_range(label: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         close_range()
+
+
+class EngineRanges:
+    """The engine's listener (`harmonica.events`) while NVTX is on: a range per step and per cached unit."""
+
+    def step_started(self, step: int) -> None:
+        open_range(step_label(step))
+
+    def step_finished(self) -> None:
+        close_range()
+
+    def around_unit(self, name: str, computes: bool, run, *args):
+        return call_in_range(unit_label(name, computes), run, *args)
+
+
+ENGINE_RANGES = EngineRanges()
 
 
 def _open_block(label: str):
@@ -146,3 +167,7 @@ class PipelineRanges:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+if os.environ.get("HARMONICA_NVTX", "0") not in ("", "0"):
+    set_enabled(True)

@@ -18,10 +18,11 @@ import torch
 
 from harmonica.api import enable, summary
 from harmonica.bench.configs import MODE_OPTIONS
-from harmonica.cli import generate, parse_schedule
+from harmonica.images import generate
 from harmonica.models import FLOW_PRESETS, PRESETS, build_pipeline, load_transformer, move_pipeline, preset
 from harmonica.router import Router
 from harmonica.samplers import check_steps, default_steps, use_pixart_sampler
+from harmonica.schedule import parse_schedule
 from harmonica.units import cached_units
 
 from . import nvtx
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-embeddings", help="flow models: safetensors file of prompt embeddings (harmonica "
                         "embed writes one; its first prompt is used; default: a random prompt)")
-    parser.set_defaults(prompt="a photo of a cat", guidance=None, class_label=207)  # what cli.generate reads
+    parser.set_defaults(prompt="a photo of a cat", guidance=None, class_label=207)  # what images.generate reads
 
 
 def workload_argv(args) -> list:

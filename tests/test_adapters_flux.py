@@ -62,7 +62,7 @@ def test_graph_replay_equals_the_eager_engine():
 def test_summary_counts_the_packed_tokens_of_the_latest_forward():
     """FLUX's hidden_states are packed tokens (B, L, C): the speedup is counted at L image tokens and the
     forward's text tokens, not at the last two dimensions read as a latent image."""
-    from harmonica.bench.macs import count_macs
+    from harmonica.macs import count_macs
 
     model = make_flux()
     harmonica.enable(model, CacheSchedule.fora(STEPS, UNITS, 2))

@@ -6,9 +6,9 @@ import torch
 
 from harmonica.bench import command
 from harmonica.bench.configs import parse_config
-from harmonica.bench.macs import count_macs
 from harmonica.bench.plan import COSTS, CostModel, decode_macs, plan, row_seconds, total_seconds
 from harmonica.bench.suite import PlannedRow, SuiteOptions, plan_group, run_suite
+from harmonica.macs import count_macs
 from harmonica.schedule import CacheSchedule
 
 

@@ -12,12 +12,13 @@ import harmonica
 from harmonica.bench import command, peers, table
 from harmonica.bench.configs import MODE_OPTIONS, parse_config, synthetic_schedule
 from harmonica.bench.gap import attribute_gap
-from harmonica.bench.macs import count_macs, mac_table
+from harmonica.bench.macs import mac_table
 from harmonica.bench.peers import UnitCounter, make_peer
 from harmonica.bench.quality import psnr, ssim
 from harmonica.bench.suite import MATRICES, FlowWorkload, SuiteOptions, _skip_reason, run_suite, select_models
 from harmonica.bench.timing import spread
 from harmonica.cli import main as cli_main
+from harmonica.macs import count_macs
 from harmonica.models import build_pipeline
 from harmonica.samplers import dit_ddim_sample
 from harmonica.schedule import CacheSchedule

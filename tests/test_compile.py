@@ -6,7 +6,7 @@ import pytest
 import torch
 from _helpers import make_model, step_inputs, units_of
 from test_graphs import eager_run, run
-from test_profiling import tree
+from test_profiling import record_ranges, tree
 from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.exc import FailOnRecompileLimitHit
 from torch._dynamo.utils import counters
@@ -14,7 +14,6 @@ from torch._dynamo.utils import counters
 import harmonica
 from harmonica import CacheSchedule
 from harmonica.graphs import graph_plan
-from harmonica.profiling import nvtx
 from harmonica.samplers import dit_ddim_sample
 
 KINDS = {"tiny-dit": ("attn1", "ff"), "tiny-pixart": ("attn1", "attn2", "ff")}
@@ -149,10 +148,7 @@ def test_compile_with_graph_runner_matches_eager():
 
 
 def test_compiled_units_keep_their_nvtx_ranges(monkeypatch):
-    events = []
-    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda label: events.append(("push", label)))
-    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: events.append(("pop",)))
-    monkeypatch.setattr(nvtx, "ENABLED", True)
+    events = record_ranges(monkeypatch)
     model = make_model("tiny-dit")
     harmonica.enable(model, CacheSchedule.fora(2, units_of(model), 2), compile={"backend": CountingBackend()})
     run(model, 2)

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import harmonica
 from harmonica import cli
-from harmonica.bench.macs import MacCount
 from harmonica.flow import cur_for_speedup, flow_sample, flow_task, random_flow_embeddings
+from harmonica.macs import MacCount
 from harmonica.models import FLOW_PRESETS, build_transformer, load_vae
 from harmonica.router import Router
 from harmonica.schedule import CacheSchedule

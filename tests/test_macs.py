@@ -5,11 +5,9 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from harmonica.bench.configs import FLOW_MODELS, FlowModel
 from harmonica.bench.macs import (
     MACS_BEGIN,
     MACS_END,
-    count_macs,
     flow_mac_table,
     format_flow_mac_table,
     format_mac_table,
@@ -17,6 +15,8 @@ from harmonica.bench.macs import (
     macs_section,
 )
 from harmonica.bench.table import update_benchmarks
+from harmonica.macs import count_macs
+from harmonica.models import FLOW_MODELS, FlowModel
 
 
 def test_dit_xl2_256_matches_the_dit_paper():

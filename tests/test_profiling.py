@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harmonica import samplers
+from harmonica import events, samplers
 from harmonica.cli import build_parser, main
 from harmonica.models import build_pipeline
 from harmonica.profiling import ncu, nsys, nvtx, session, workload
@@ -25,21 +25,31 @@ NSYS_REPORTS = {name: (FIXTURES / "nsys" / f"profile_{name}.csv").read_text() fo
 NCU_RAW = (FIXTURES / "ncu" / "ncu_raw.csv").read_text()
 
 
+def record_ranges(monkeypatch) -> list:
+    """NVTX on through `set_enabled` (as on a CUDA build of torch), pushes and pops recorded as ('push', label) /
+    ('pop',); the flag and the engine's listener are restored after the test."""
+    pushed = []
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda label: pushed.append(("push", label)))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: pushed.append(("pop",)))
+    if not hasattr(torch._C, "_nvtx"):  # a CPU build of torch: set_enabled would stay off
+        monkeypatch.setattr(torch._C, "_nvtx", object(), raising=False)
+    monkeypatch.setattr(nvtx, "ENABLED", nvtx.ENABLED)  # what set_enabled changes, put back at teardown
+    monkeypatch.setattr(events, "listener", events.listener)
+    nvtx.set_enabled(True)
+    assert events.listener is nvtx.ENGINE_RANGES
+    return pushed
+
+
 @pytest.fixture
 def ranges(monkeypatch):
-    """NVTX on, pushes and pops recorded as ('push', label) / ('pop',)."""
-    events = []
-    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda label: events.append(("push", label)))
-    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: events.append(("pop",)))
-    monkeypatch.setattr(nvtx, "ENABLED", True)
-    return events
+    return record_ranges(monkeypatch)
 
 
-def tree(events) -> list:
+def tree(recorded) -> list:
     """[(label, children)] of the recorded ranges; fails on a pop without a push or a range left open."""
     root = []
     stack = [root]
-    for event in events:
+    for event in recorded:
         if event[0] == "push":
             stack[-1].append((event[1], []))
             stack.append(stack[-1][-1][1])
@@ -91,8 +101,9 @@ def test_flow_workload_ranges_follow_the_schedule(ranges, capsys):
         workload.main(["--model", "tiny-dit", "--random-weights", "--prompt-embeddings", "p.safetensors"])
 
 
-def test_nothing_is_pushed_when_off(ranges, monkeypatch):
-    monkeypatch.setattr(nvtx, "ENABLED", False)
+def test_nothing_is_pushed_when_off(ranges):
+    nvtx.set_enabled(False)
+    assert events.listener is None
     workload.main(["--model", "tiny-dit", "--random-weights", "--config", "fora:2", "--steps", "2", "--warmup", "0"])
     assert ranges == []
 

@@ -173,7 +173,7 @@ def test_slot_writes_only_before_a_reuse():
 
 
 def test_theoretical_speedup_weights_units_by_macs():
-    from harmonica.bench.macs import count_macs
+    from harmonica.macs import count_macs
 
     macs = count_macs("dit-xl-2-256")
     names = macs.names

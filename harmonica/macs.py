@@ -1,0 +1,173 @@
+"""Multiply-accumulates per cached unit of a diffusers transformer: DiT, PixArt and the flow-matching
+models of `models.FLOW_MODELS` and `models.FLOW_PRESETS` (FLUX.1, SD3.5, Wan 2.1, Qwen-Image).
+
+Counted by `torch.utils.flop_counter.FlopCounterMode` on the meta device: no weights, no compute,
+seconds at any resolution (4-9 s for each real flow model on 2 CPU cores). MACs = FLOPs / 2. A unit's
+MACs are those of the modules a reused unit skips (`harmonica.units`); everything else (patch embedding,
+timestep/text embeddings, adaLN, final layer) is the part that always runs.
+
+DiT-XL/2 at 256x256 counts 118.6 GMACs per image per forward, the DiT paper's "118.6 Gflops".
+`summary`, the flow tasks and training count with it; `harmonica.bench.macs` makes the tables of BENCHMARKS.md.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import FLOW_MODELS, FLOW_PRESETS, PRESETS
+from .units import units_of
+
+VAE_FACTOR = 8  # pixels per latent pixel (the VAEs of every model here, spatially)
+WAN_FRAME_FACTOR = 4  # Wan's VAE: latent frames = (frames - 1) / 4 + 1
+PATCH = 2  # latent pixels per token side (FLUX and Qwen-Image pack 2 x 2 latents into one token)
+DIT_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+FLOW_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel",
+                "QwenImageTransformer2DModel")
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """MACs per image for one forward of a transformer at one resolution.
+
+    names: qualified unit names in execution order (`transformer_blocks.3.ff`), K of them.
+    unit_macs: MACs of each unit, aligned with `names`.
+    always_macs: MACs outside the units, spent at every step whatever the schedule.
+    """
+
+    names: tuple
+    unit_macs: tuple
+    always_macs: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.unit_macs) + self.always_macs
+
+    def by_kind(self) -> dict:
+        """{'attn1': MACs, 'attn2': ..., 'ff': ...} summed over blocks."""
+        sums = {}
+        for name, macs in zip(self.names, self.unit_macs):
+            kind = name.rsplit(".", 1)[1]
+            sums[kind] = sums.get(kind, 0.0) + macs
+        return sums
+
+
+def _diffusers_class(class_name: str):
+    import diffusers
+
+    if class_name not in DIT_CLASSES + FLOW_CLASSES:
+        raise ValueError(f"model: expected a transformer of {', '.join(DIT_CLASSES + FLOW_CLASSES)}, got {class_name}")
+    return getattr(diffusers, class_name)
+
+
+def _meta_transformer(class_name: str, config: dict):
+    with torch.device("meta"):
+        return _diffusers_class(class_name).from_config(config)
+
+
+def _latent_side(pixels: int, multiple: int, name: str, size: str) -> int:
+    if pixels % multiple:
+        raise ValueError(f"{name}: expected multiples of {multiple} (VAE factor x patch size), got {size}")
+    return pixels // VAE_FACTOR
+
+
+def _example_inputs(model, batch: int, height: int, width: int, text_tokens: int, frames: int | None) -> dict:
+    """Meta tensors of one forward of `model` on `batch` images (videos) of height x width pixels."""
+    cfg, name = model.config, type(model).__name__
+    patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
+    multiple = VAE_FACTOR * (PATCH if name in ("FluxTransformer2DModel", "QwenImageTransformer2DModel") else patch)
+    h, w = (_latent_side(p, multiple, "height, width", f"{height}x{width}") for p in (height, width))
+    meta = dict(device="meta")
+    text_dims = {"FluxTransformer2DModel": "joint_attention_dim", "SD3Transformer2DModel": "joint_attention_dim",
+                 "WanTransformer3DModel": "text_dim", "QwenImageTransformer2DModel": "joint_attention_dim",
+                 "PixArtTransformer2DModel": "caption_channels"}
+    text = torch.empty(batch, text_tokens, cfg[text_dims[name]], **meta) if name in text_dims else None
+    if name in ("FluxTransformer2DModel", "QwenImageTransformer2DModel"):  # packed latents (B, h/2 w/2, C)
+        inputs = dict(hidden_states=torch.empty(batch, (h // PATCH) * (w // PATCH), cfg.in_channels, **meta),
+                      encoder_hidden_states=text, timestep=torch.zeros(batch, **meta))
+        if name == "QwenImageTransformer2DModel":
+            return {**inputs, "img_shapes": [(1, h // PATCH, w // PATCH)] * batch}
+        ids = dict(img_ids=torch.zeros(inputs["hidden_states"].shape[1], 3, **meta),
+                   txt_ids=torch.zeros(text_tokens, 3, **meta), pooled_projections=torch.empty(
+                       batch, cfg.pooled_projection_dim, **meta))
+        return {**inputs, **ids, "guidance": torch.zeros(batch, **meta) if cfg.guidance_embeds else None}
+    if name == "WanTransformer3DModel":
+        if frames is None or (frames - 1) % WAN_FRAME_FACTOR:
+            raise ValueError(f"frames: expected 4 n + 1 frames for a video model, got {frames}")
+        latents = torch.empty(batch, cfg.in_channels, (frames - 1) // WAN_FRAME_FACTOR + 1, h, w, **meta)
+        return dict(hidden_states=latents, encoder_hidden_states=text, timestep=torch.zeros(batch, **meta))
+    inputs = dict(hidden_states=torch.empty(batch, cfg.in_channels, h, w, **meta))
+    if name == "SD3Transformer2DModel":
+        return {**inputs, "encoder_hidden_states": text, "timestep": torch.zeros(batch, **meta),
+                "pooled_projections": torch.empty(batch, cfg.pooled_projection_dim, **meta)}
+    inputs["timestep"] = torch.zeros(batch, dtype=torch.long, **meta)
+    if name == "DiTTransformer2DModel":
+        inputs["class_labels"] = torch.zeros(batch, dtype=torch.long, **meta)
+        return inputs
+    inputs["encoder_hidden_states"] = text
+    inputs["added_cond_kwargs"] = (
+        {"resolution": torch.empty(batch, 2, **meta), "aspect_ratio": torch.empty(batch, 1, **meta)}
+        if model.use_additional_conditions else {"resolution": None, "aspect_ratio": None})
+    return inputs
+
+
+def _spec(model):
+    """(class name, config, height, width, text tokens, frames) of a preset name or a model instance."""
+    if isinstance(model, str):
+        if model in FLOW_MODELS or model in FLOW_PRESETS:
+            spec = FLOW_MODELS.get(model) or FLOW_PRESETS[model]
+            return spec.class_name, spec.config, spec.height, spec.width, spec.text_tokens, spec.frames
+        if model not in PRESETS:
+            raise ValueError(f"model: expected one of {sorted({*PRESETS, *FLOW_MODELS})}, got {model!r}")
+        spec = PRESETS[model]
+        return spec.class_name, spec.config, spec.resolution, spec.resolution, spec.caption_tokens, None
+    sample_size = model.config.get("sample_size")
+    resolution = sample_size * VAE_FACTOR if isinstance(sample_size, int) else None
+    return type(model).__name__, dict(model.config), resolution, resolution, 120, None
+
+
+def count_macs(model, height: int | None = None, width: int | None = None, *, batch: int = 1,
+               caption_tokens: int | None = None, frames: int | None = None,
+               cross_attention: bool = True) -> MacCount:
+    """MACs per image (video) per forward, per unit and for the always-run rest.
+
+    model: a preset name (PRESETS, FLOW_PRESETS or FLOW_MODELS) or a diffusers transformer (only its config is used).
+    height, width: pixels (default: the preset's size, or the config's sample_size x 8).
+    caption_tokens: text tokens (default: the preset's, else 120); frames: a video model's (default the preset's).
+    cross_attention: whether PixArt's `attn2` is a unit of its own (else it counts as always-run).
+    """
+    class_name, config, default_height, default_width, tokens, default_frames = _spec(model)
+    height = height or default_height
+    width = width or (height if height != default_height else default_width)
+    if height is None:
+        raise ValueError(f"height: expected pixels for a {class_name} (its config has no sample_size), got None")
+    meta_model = _meta_transformer(class_name, config)
+    inputs = _example_inputs(meta_model, batch, height, width, tokens if caption_tokens is None else caption_tokens,
+                             frames or default_frames)
+    counter = FlopCounterMode(display=False, depth=None)
+    with counter, torch.no_grad():
+        meta_model(**inputs)
+    flops = counter.get_flop_counts()
+    per_module = {name: sum(ops.values()) / 2 / batch for name, ops in flops.items()}
+    units = units_of(meta_model, cross_attention=cross_attention)
+    names = tuple(unit.name for unit in units)
+    unit_macs = tuple(sum(per_module.get(f"{class_name}.{module}", 0.0) for module in unit.modules) for unit in units)
+    return MacCount(names=names, unit_macs=unit_macs, always_macs=per_module["Global"] - sum(unit_macs))
+
+
+def count_macs_for_input(model, hidden_shape: tuple, text_tokens: int | None = None, *,
+                         cross_attention: bool = True) -> tuple:
+    """(MacCount, where) at the size of a forward whose hidden_states had `hidden_shape`: (B, C, h, w)
+    latents, (B, C, f, h, w) video latents or (B, L, C) packed tokens (FLUX, Qwen-Image: 2 x 2 latents per
+    token; only L matters, so they are counted as one row of L tokens). where: "HxW px", "HxWxF px" or
+    "L tokens", for messages. text_tokens: encoder_hidden_states' tokens (None: the preset's default)."""
+    if len(hidden_shape) == 3:
+        tokens = hidden_shape[1]
+        side = VAE_FACTOR * PATCH
+        return count_macs(model, side, side * tokens, caption_tokens=text_tokens,
+                          cross_attention=cross_attention), f"{tokens} image tokens"
+    height, width = (size * VAE_FACTOR for size in hidden_shape[-2:])
+    frames = (hidden_shape[2] - 1) * WAN_FRAME_FACTOR + 1 if len(hidden_shape) == 5 else None
+    where = f"{height}x{width}" + (f"x{frames}" if frames else "")
+    return count_macs(model, height, width, caption_tokens=text_tokens, frames=frames,
+                      cross_attention=cross_attention), where
