@@ -30,6 +30,7 @@ from .models import (
     preset,
 )
 from .options import check_options, given_options
+from .profiling import nvtx  # noqa: F401  (HARMONICA_NVTX=1 switches its ranges on as it is imported)
 from .router import Router, RouterInfo, dit_ddim_timesteps, load_router
 from .samplers import (
     DIT_SAMPLERS,

@@ -171,3 +171,22 @@ class PipelineRanges:
 
 if os.environ.get("HARMONICA_NVTX", "0") not in ("", "0"):
     set_enabled(True)
+
+
+def main(argv=None) -> None:
+    """`python -m harmonica.profiling.nvtx SCRIPT [ARGS...]`: run SCRIPT as `__main__` (its sys.argv: SCRIPT,
+    ARGS) with the ranges on, without the script importing this module (core never imports it)."""
+    import runpy
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        raise SystemExit("usage: python -m harmonica.profiling.nvtx SCRIPT [ARGS...]")
+    from harmonica.profiling import nvtx  # the module's canonical copy, not this __main__ one
+    nvtx.set_enabled(True)
+    sys.argv = list(argv)
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

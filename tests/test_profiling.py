@@ -356,3 +356,25 @@ def test_nvtx_on_a_torch_without_it_warns_and_stays_off(monkeypatch):
     if cpu_build:  # this torch: the environment variable alone must not break anything
         result = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True)
         assert result.stdout.strip() == "False" and "no NVTX" in result.stderr
+
+
+def test_the_nvtx_runner_runs_a_script_with_the_ranges_on(monkeypatch, tmp_path):
+    # `python -m harmonica.profiling.nvtx SCRIPT ARGS`: the script runs as __main__ with its own argv and the
+    # engine's listener set, though it never imports harmonica.profiling
+    record_ranges(monkeypatch)
+    nvtx.set_enabled(False)
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    script, out = tmp_path / "user.py", tmp_path / "seen.json"
+    script.write_text("import json, sys\nfrom harmonica import events\n"
+                      "json.dump([__name__, sys.argv, type(events.listener).__name__], open(sys.argv[1], 'w'))\n")
+    nvtx.main([str(script), str(out), "--steps", "3"])
+    assert json.loads(out.read_text()) == ["__main__", [str(script), str(out), "--steps", "3"], "EngineRanges"]
+    assert events.listener is nvtx.ENGINE_RANGES
+    with pytest.raises(SystemExit, match="usage"):
+        nvtx.main([])
+
+
+def test_the_cli_loads_the_nvtx_ranges():
+    # HARMONICA_NVTX=1 harmonica ...: the CLI imports harmonica.profiling.nvtx, whose import reads the variable
+    import harmonica.cli as cli
+    assert cli.nvtx is nvtx
