@@ -195,7 +195,8 @@ def _family(name, kind, rank):
 
 def _command_line(rank, out):
     """`harmonica sample --context-parallel` as torchrun runs it (its environment; the process group exists):
-    tiny Wan, FORA:2; and a degree other than the world size. Returns {label: (exit status, stderr)}."""
+    tiny Wan, FORA:2, without and with --cuda-graphs (on a CPU it runs eagerly and says so); and a degree other
+    than the world size. Returns {label: (exit status, stderr)}."""
     import contextlib
     import io
     import os
@@ -204,10 +205,13 @@ def _command_line(rank, out):
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     results = {}
-    for label, value in (("sample", "ulysses=2"), ("degree", "ulysses=4")):
+    runs = (("sample", "ulysses=2", [], "cp"), ("graphs", "ulysses=2", ["--cuda-graphs"], "cp-graphs"),
+            ("degree", "ulysses=4", [], "cp"))
+    for label, value, options, stem in runs:
         errors = io.StringIO()
         with contextlib.redirect_stderr(errors):
-            status = cli.main([*CLI_SAMPLE, "--context-parallel", value, "--out", str(out / f"cp{rank}.safetensors")])
+            status = cli.main([*CLI_SAMPLE, "--context-parallel", value, *options, "--out",
+                               str(out / f"{stem}{rank}.safetensors")])
         results[label] = (status, errors.getvalue().strip().splitlines()[-1:])
     with contextlib.redirect_stdout(io.StringIO()):
         results["bench"] = (cli.main([*CLI_BENCH, "--context-parallel", "ulysses=2", "--out",
@@ -362,20 +366,22 @@ def test_plan_rows_for_2_4_8_gpus(capsys):
 
 def test_sample_command_under_torchrun(spawned, tmp_path, capsys):
     """The latents rank 0 wrote equal those of the same command in one process (rounding bound as above:
-    tiny Wan's 8 video tokens, hidden 24, 4 steps); the other rank wrote nothing; a degree other than the
-    world size is refused on every rank."""
+    tiny Wan's 8 video tokens, hidden 24, 4 steps); with --cuda-graphs (eager on a CPU) the same latents; the other
+    rank wrote nothing; a degree other than the world size is refused on every rank."""
     from safetensors.torch import load_file
 
     from harmonica import cli
 
     findings, out = spawned
     for found in findings:
-        assert found["cli"]["sample"][0] == 0
+        assert found["cli"]["sample"][0] == found["cli"]["graphs"][0] == 0
         assert found["cli"]["degree"] == [2, ["harmonica: error: --context-parallel: expected the degree to equal the "
                                               "world size 2 (torchrun --nproc-per-node), got ulysses=4"]]
     assert cli.main([*CLI_SAMPLE, "--out", str(tmp_path / "one.safetensors")]) == 0
-    assert not (out / "cp1.safetensors").exists()
-    one, cp = (load_file(path)["latents"] for path in (tmp_path / "one.safetensors", out / "cp0.safetensors"))
+    assert not (out / "cp1.safetensors").exists() and not (out / "cp-graphs1.safetensors").exists()
+    one, cp, graphs = (load_file(path)["latents"] for path in (tmp_path / "one.safetensors", out / "cp0.safetensors",
+                                                                out / "cp-graphs0.safetensors"))
+    assert torch.equal(graphs, cp)
     bound = rounding_bound(one, 24 * STEPS)
     assert (cp - one).abs().max().item() <= bound
 
