@@ -20,8 +20,10 @@ collectives its step issues inside them (NCCL captures them when every rank capt
 replays run in lockstep): a computed unit's all-to-all (Ulysses) or all-gather (ring), the output's gather; a
 reused unit issues none. The static schedule is the same on every rank (checked at `enable`), so the ranks
 capture and replay the same keys at the same steps. At each capture the collectives are logged
-(`CollectiveLog`: the unit, op, shapes and dtypes of each) and their digest compared over the group: a rank
-whose sequence differs is refused with one line before any replay.
+(`CollectiveLog`: the unit, op, shapes and dtypes of each) and a digest of their units and ops compared over the
+group (`parallel.check_same_collectives`): a rank whose sequence differs is refused with one line before any replay.
+diffusers hands on the gathered output without waiting for its all-gather; the runner waits for it inside the
+graph (`_waited`), as a capture must end with every stream it forked joined back.
 
 With `scheduler_in_graph`, a sampler that can (`samplers.dit_ddim_sample`, `samplers.pixart_sample`)
 sets an epilogue: its step (the fused `kernels.solver_step` with the step's coefficients from

@@ -110,9 +110,10 @@ def check_same_schedule(engine, config) -> None:
 
 def check_same_collectives(engine, calls: list, config) -> None:
     """At a CUDA graph capture (graphs.py): a ValueError, raised on every rank alike, naming the first rank whose
-    captured collectives `calls` ((unit, op, tensor shapes and dtypes) in order) differ from the group's first
-    rank's: its replays would pair other collectives, or other units' data, than the other ranks'."""
-    differing = _differing_rank(engine, config, _hash63(repr(calls).encode()))
+    captured collectives `calls` ((unit, op, tensor shapes and dtypes) in order) differ in unit or op from the group's
+    first rank's: its replays would pair other collectives, or other units' data, than the other ranks'. Shapes are
+    not compared: diffusers' "anything" modes (ulysses_anything, ring_anything) shard unevenly, so they may differ."""
+    differing = _differing_rank(engine, config, _hash63(repr([(unit, op) for unit, op, _ in calls]).encode()))
     if differing is not None:
         raise ValueError(f"cuda_graphs: expected the same collectives captured on every rank of the context-parallel "
                          f"group, got rank {differing[1]}'s differing from rank {differing[0]}'s (the graph of step "
