@@ -31,12 +31,13 @@ sets an epilogue: its step (the fused `kernels.solver_step` with the step's coef
 of eagerly after the replay.
 """
 
+import contextlib
 import time
 import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from . import parallel
 
@@ -275,13 +276,14 @@ class GraphRunner:
         return current
 
     def _run(self, args, kwargs):
-        output = _waited(self.forward(*args, **kwargs))
+        output = self.forward(*args, **kwargs)
         if self.epilogue is not None:
             self.epilogue(output)
         return output
 
     def _run_static(self):
-        return self._run(self.static.args, self.static.kwargs)
+        """The step on the static inputs (warm-up and capture), its collectives waited for."""
+        return _waited(self._run(self.static.args, self.static.kwargs))
 
     def _warm_up(self):
         """The step twice on the static inputs, the sampler buffers restored in between; returns the
@@ -327,12 +329,10 @@ class GraphRunner:
         """The step captured on `backend`; under context parallelism with its collectives logged and compared over
         the group (a ValueError on every rank when one rank's differ)."""
         config = parallel.context_parallel_config(self.engine.transformer)
+        log = CollectiveLog(self.engine) if config is not None else contextlib.nullcontext()
         start = time.perf_counter()
-        if config is None:
+        with log:
             captured = backend.capture(self._run_static)
-        else:
-            with CollectiveLog(self.engine) as log:
-                captured = backend.capture(self._run_static)
         self.capture_seconds += time.perf_counter() - start
         if config is not None:
             parallel.check_same_collectives(self.engine, log.calls, config)
@@ -371,7 +371,7 @@ def _waited(output):
     stream (a real capture that ends with it unjoined fails), and the graph's output is a plain tensor."""
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
-    return torch.utils._pytree.tree_map_only(AsyncCollectiveTensor, AsyncCollectiveTensor.wait, output)
+    return tree_map_only(AsyncCollectiveTensor, AsyncCollectiveTensor.wait, output)
 
 
 def _clone_output(output):
