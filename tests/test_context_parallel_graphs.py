@@ -156,6 +156,7 @@ def _family(name, kind, rank) -> dict:
     from diffusers import ContextParallelConfig
 
     import harmonica
+    from harmonica import CacheSchedule
     from harmonica.models import FLOW_PRESETS
     from harmonica.units import cached_units
 
@@ -188,6 +189,11 @@ def _family(name, kind, rank) -> dict:
         "outputs": runs[1].flatten()[:8].tolist(),
     })
     if name == "tiny-flux" and kind == "ulysses":
+        try:  # FORA:2 on rank 0, FORA:3 on rank 1
+            harmonica.enable(transformer, CacheSchedule.fora(STEPS, len(found["units"]), 2 + rank), cuda_graphs=True)
+            found["differing schedule"] = None
+        except ValueError as error:
+            found["differing schedule"] = str(error)
         found["differing collectives"] = _differing_collectives(transformer, task, noise, rank)
         for label, mutation in (("host sync", _host_sync_in_each_unit), ("output not waited", _output_not_waited)):
             found[label] = _capture_refusal(transformer, task, noise, schedule, mutation)
@@ -295,10 +301,14 @@ def test_a_reused_unit_captures_no_collective(findings, case):
             assert sorted(ops) == sorted(attentions)
 
 
-def test_a_rank_whose_collectives_differ_is_refused(findings):
-    """Rank 0 computes FLUX's joint attention where rank 1 computes its single block's: the same collectives of the
-    same shapes (gloo pairs them without complaint, and NCCL would), from other units: refused at the capture."""
+def test_a_rank_whose_schedule_or_collectives_differ_is_refused(findings):
+    """With cuda_graphs, a schedule that differs on rank 1 is refused at enable, as without. Past that check (patched
+    out): rank 0 computes FLUX's joint attention where rank 1 computes its single block's, the same collectives of
+    the same shapes (gloo pairs them without complaint, and NCCL would) from other units: refused at the capture."""
     for found in findings:
+        assert found["tiny-flux ulysses"]["differing schedule"] == (
+            "router_or_schedule: expected the same cache schedule on every rank of the context-parallel group, got "
+            "rank 1's differing from rank 0's")
         assert found["tiny-flux ulysses"]["differing collectives"] == (
             "cuda_graphs: expected the same collectives captured on every rank of the context-parallel group, got "
             "rank 1's differing from rank 0's (the graph of step 1)")
