@@ -44,13 +44,13 @@ def _sample(task, noise):
         return flow_sample(task, torch.tensor([1]), latents=noise)
 
 
-def _with_stand_in(transformer, task, schedule, **options):
+def _with_stand_in(transformer, task, schedule):
     """harmonica with cuda_graphs on the strict stand-in: (runner, stand-in)."""
     from graph_standin import StandInGraphs, runner_inputs
 
     import harmonica
 
-    harmonica.enable(transformer, schedule, cuda_graphs=True, **options)
+    harmonica.enable(transformer, schedule, cuda_graphs=True)
     runner = transformer._harmonica.graphs
     runner.backend = StandInGraphs(lambda: runner_inputs(runner) + cached_tables(transformer, task))
     return runner, runner.backend
