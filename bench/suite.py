@@ -388,8 +388,6 @@ def make_workload(name: str, options: SuiteOptions) -> Workload:
 def _skip_reason(config: Config, mode: str, device: str, sampler: str, parallel=None) -> str | None:
     if mode in ("graphs", "graphs-step", "compile") and device != "cuda":
         return "needs CUDA"
-    if mode in ("graphs", "graphs-step", "compile") and parallel:  # compile rows capture graphs too
-        return "not built under context parallelism"
     if mode == "graphs-step" and sampler not in TABLE_SAMPLERS:
         return f"the {sampler} step cannot run inside a graph (table samplers: {', '.join(TABLE_SAMPLERS)})"
     if mode == "compile" and "compile" not in inspect.signature(harmonica.enable).parameters:

@@ -78,7 +78,8 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     cuda_graphs); SD3.5's skip_guidance_layers is refused.
     Under diffusers' context parallelism (`transformer.enable_parallelism`, before or after this call; FLUX, Wan,
     Qwen-Image) each rank's slots hold its shard of the tokens, and the schedule is checked equal on every rank of
-    the group (see parallel.py); cuda_graphs is refused there.
+    the group (see parallel.py); with cuda_graphs each rank captures its graphs, the collectives of each checked
+    alike on every rank (graphs.py).
     """
     transformer, scheduler = _parts(pipe_or_transformer)
     if scheduler_in_graph and not cuda_graphs:
@@ -108,7 +109,6 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused,
                          on_first_step=(lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None)
     state = CacheState(engine, router, scheduler)
-    engine.parallel_refused_by = "cuda_graphs=True" if cuda_graphs else None
     try:
         engine.check_ranks()
     except ValueError:

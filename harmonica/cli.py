@@ -157,7 +157,7 @@ def sample(args) -> int:
     if args.model in DIGITS_MODELS:
         return sample_digits(args)
     spec = preset(args.model)
-    context_parallel = parallel.check_sample(args, spec.class_name)
+    context_parallel = parallel.check_option(args.context_parallel, {args.model: spec.class_name})
     if spec.is_flow:
         return sample_flow(args, spec, context_parallel)
     args.out = args.out or "out.png"

@@ -88,7 +88,6 @@ class CacheEngine:
         self.entered_context = None  # the name of the `transformer.cache_context` the caller is inside
         self.other_contexts = {}  # name -> (step, begun, previous_timestep, slots) of the contexts not current
         self.contexts_refused_by = None  # e.g. "cuda_graphs=True": what allows one cache context only
-        self.parallel_refused_by = None  # e.g. "cuda_graphs=True": what context parallelism is refused with
         self.ranks_checked = False  # whether the schedule was checked equal on every context-parallel rank
         self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
         self._compiled_codes = []
@@ -242,15 +241,12 @@ class CacheEngine:
 
     def check_ranks(self) -> None:
         """Under diffusers' context parallelism (enabled before or after the engine), once per schedule: the
-        family has a cp plan, nothing refused with it is on, every rank of the group runs the same schedule
-        (parallel.py). A no-op without context parallelism."""
+        family has a cp plan and every rank of the group runs the same schedule (parallel.py). A no-op without
+        context parallelism."""
         config = parallel.context_parallel_config(self.transformer)
         if self.ranks_checked or config is None:
             return
         parallel.check_supported(self.transformer)
-        if self.parallel_refused_by is not None:
-            raise ValueError(f"{self.parallel_refused_by}: expected off under context parallelism "
-                             f"({parallel.describe(config)}; not built yet), got on")
         parallel.check_same_schedule(self, config)
         self.ranks_checked = True
 

@@ -15,18 +15,34 @@ graph is captured on the same stream. A change of input shapes, dtypes or device
 (recapture). The graphs share one memory pool, a fresh one after each drop (a pool whose graphs are
 all gone cannot be captured into again); outputs are cloned before the next replay.
 
+Under diffusers' context parallelism (parallel.py) each rank captures its own graphs, on its shard, with the
+collectives its step issues inside them (NCCL captures them when every rank captures the same sequence and the
+replays run in lockstep): a computed unit's all-to-all (Ulysses) or all-gather (ring), the output's gather; a
+reused unit issues none. The static schedule is the same on every rank (checked at `enable`), so the ranks
+capture and replay the same keys at the same steps. At each capture the collectives are logged
+(`CollectiveLog`: the unit, op, shapes and dtypes of each) and a digest of their units and ops compared over the
+group (`parallel.check_same_collectives`): a rank whose sequence differs is refused with one line before any replay.
+diffusers hands on the gathered output without waiting for its all-gather; the runner waits for it inside the
+graph (`_waited`), as a capture must end with every stream it forked joined back.
+
 With `scheduler_in_graph`, a sampler that can (`samplers.dit_ddim_sample`, `samplers.pixart_sample`)
 sets an epilogue: its step (the fused `kernels.solver_step` with the step's coefficients from
 `solvers.py`, on buffers of fixed address) runs inside each graph right after the forward, instead
 of eagerly after the replay.
 """
 
+import contextlib
 import time
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map_only
+
+from . import parallel
 
 _WARNED_CPU = False
+COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")  # torch.distributed's ops
 
 
 def graph_plan(schedule) -> list:
@@ -99,6 +115,56 @@ class StaticInputs:
         visit(self.args)
         visit(self.kwargs)
         return total
+
+
+def is_collective(func) -> bool:
+    """Whether the dispatched op `func` is a torch.distributed collective (c10d's ops, the functional
+    collectives), not the wait for one's result or its wrapping."""
+    return func.namespace in COLLECTIVE_NAMESPACES and func._opname not in ("wait_tensor", "_wrap_tensor_autograd")
+
+
+class CollectiveLog(TorchDispatchMode):
+    """The collectives issued inside the `with`, in order: `calls`, each (the unit running it or None, the op,
+    the shapes and dtypes of its tensors). The unit is read from the engine's `run_unit`, wrapped for the
+    duration. Compiled code is logged as it runs: dynamo runs it under this mode, and compiles without it
+    (`ignore_compile_internals`)."""
+
+    def __init__(self, engine):
+        super().__init__()
+        self.engine, self.calls, self.unit = engine, [], None
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if is_collective(func):
+            tensors = tuple((tuple(t.shape), str(t.dtype)) for t in tree_leaves((args, kwargs))
+                            if isinstance(t, torch.Tensor))
+            self.calls.append((self.unit, str(func), tensors))
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        engine, run_unit = self.engine, self.engine.run_unit
+        self._own_run_unit = vars(engine).get("run_unit")  # an instance's own (a test's counter), else None
+
+        def logged_run_unit(k, *args):
+            self.unit = None if k is None else engine.units[k][0]
+            try:
+                return run_unit(k, *args)
+            finally:
+                self.unit = None
+
+        engine.run_unit = logged_run_unit
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._own_run_unit is None:
+            del self.engine.run_unit
+        else:
+            self.engine.run_unit = self._own_run_unit
+        return super().__exit__(*exc)
 
 
 def pool_segment_bytes(segments, pool) -> int:
@@ -176,10 +242,12 @@ class GraphRunner:
         self.scheduler_inside = scheduler_inside
         self.epilogue = self.epilogue_key = self.captured_epilogue_key = None
         self.buffers = {}  # the samplers' state buffers, by name
+        self.collectives = {}  # under context parallelism: each key's captured collectives (`CollectiveLog.calls`)
 
     def reset(self) -> None:
         """Drop every graph (the next call of each key recaptures)."""
         self.graphs, self.signature, self.schedule, self.static = {}, None, None, None
+        self.collectives = {}
         self.captured_epilogue_key = None
         self.pool_bytes = 0
         if self.backend is not None:
@@ -214,7 +282,8 @@ class GraphRunner:
         return output
 
     def _run_static(self):
-        return self._run(self.static.args, self.static.kwargs)
+        """The step on the static inputs (warm-up and capture), its collectives waited for."""
+        return _waited(self._run(self.static.args, self.static.kwargs))
 
     def _warm_up(self):
         """The step twice on the static inputs, the sampler buffers restored in between; returns the
@@ -248,15 +317,27 @@ class GraphRunner:
         self.static.copy_from(args, kwargs)
         if key not in self.graphs:
             result = backend.warm_up(self._warm_up)
-            start = time.perf_counter()
-            self.graphs[key] = backend.capture(self._run_static)
-            self.capture_seconds += time.perf_counter() - start
+            self.graphs[key] = self._capture(backend, key)
             self.pool_bytes = backend.pool_bytes()
             self.captures += 1
             return result
         self.replays += 1
         output = backend.replay(self.graphs[key])
         return output if self.epilogue is not None else _clone_output(output)
+
+    def _capture(self, backend, key):
+        """The step captured on `backend`; under context parallelism with its collectives logged and compared over
+        the group (a ValueError on every rank when one rank's differ)."""
+        config = parallel.context_parallel_config(self.engine.transformer)
+        log = CollectiveLog(self.engine) if config is not None else contextlib.nullcontext()
+        start = time.perf_counter()
+        with log:
+            captured = backend.capture(self._run_static)
+        self.capture_seconds += time.perf_counter() - start
+        if config is not None:
+            parallel.check_same_collectives(self.engine, log.calls, config)
+            self.collectives[key] = log.calls
+        return captured
 
     def _backend_for(self, device: torch.device):
         """The graph backend of `device`: a new `CudaGraphBackend` for another device (the input signature then
@@ -282,6 +363,15 @@ class GraphRunner:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         return device
+
+
+def _waited(output):
+    """`output` with each tensor a collective returned without waiting (an AsyncCollectiveTensor: diffusers' gather
+    of the output under context parallelism) waited for: inside a capture the graph then joins the collective's
+    stream (a real capture that ends with it unjoined fails), and the graph's output is a plain tensor."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return tree_map_only(AsyncCollectiveTensor, AsyncCollectiveTensor.wait, output)
 
 
 def _clone_output(output):

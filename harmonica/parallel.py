@@ -12,8 +12,9 @@ What this module adds around the engine:
 - `lifted_hooks(module)`: diffusers' hooks on a module (the plan's split hooks on Wan's `blocks.0` and
   Qwen-Image's blocks) taken off while the engine swaps the module's forward and put back around the new
   one, so `enable` and `enable_parallelism` compose in either order;
-- `check_supported` (a family without a cp plan is refused) and `check_same_schedule` (the schedule's hash
-  all-gathered over the context-parallel group; a rank that differs is named);
+- `check_supported` (a family without a cp plan is refused), `check_same_schedule` (the schedule's hash
+  all-gathered over the context-parallel group; a rank that differs is named) and `check_same_collectives` (the
+  same for the collectives each rank's CUDA graph captured, graphs.py: the graphs are captured per rank);
 - `trace_attention(...).communication(kind, degree, element_size)`: bytes each rank sends per unit when it
   computes, and per step always (the output gather), from shapes traced on the meta device through
   diffusers' own attention dispatch;
@@ -69,30 +70,54 @@ def lifted_hooks(module):
             registry.register_hook(hook, name)
 
 
+def _hash63(data: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
 def schedule_digest(engine) -> int:
     """A 63-bit hash of what every rank must run alike: the unit names and the (T, K) compute table."""
-    digest = hashlib.sha256("\n".join(name for name, _ in engine.units).encode())
+    data = "\n".join(name for name, _ in engine.units).encode()
     if engine.schedule is not None:
-        digest.update(engine.schedule.table.to(torch.uint8).cpu().numpy().tobytes())
-    return int.from_bytes(digest.digest()[:8], "little") >> 1
+        data += engine.schedule.table.to(torch.uint8).cpu().numpy().tobytes()
+    return _hash63(data)
 
 
-def check_same_schedule(engine, config) -> None:
-    """All-gather the schedule's hash over the context-parallel group; a ValueError naming the first rank
-    whose schedule differs from the group's first rank's (raised on every rank alike)."""
+def _differing_rank(engine, config, digest: int) -> tuple | None:
+    """All-gather `digest` over the context-parallel group: (the group's first rank, the first rank whose digest
+    differs from it), else None; the same answer on every rank."""
     import torch.distributed as dist
 
     group = config._flattened_mesh.get_group()  # diffusers' ring x ulysses mesh as one group (set by its setup)
     device = next(engine.transformer.parameters()).device
-    mine = torch.tensor([schedule_digest(engine)], dtype=torch.int64, device=device)
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     hashes = [int(h) for h in torch.cat(every).tolist()]
     for i, value in enumerate(hashes):
         if value != hashes[0]:
-            first, other = dist.get_global_rank(group, 0), dist.get_global_rank(group, i)
-            raise ValueError(f"router_or_schedule: expected the same cache schedule on every rank of the "
-                             f"context-parallel group, got rank {other}'s differing from rank {first}'s")
+            return dist.get_global_rank(group, 0), dist.get_global_rank(group, i)
+    return None
+
+
+def check_same_schedule(engine, config) -> None:
+    """A ValueError, raised on every rank alike, naming the first rank of the context-parallel group whose
+    schedule differs from the group's first rank's."""
+    differing = _differing_rank(engine, config, schedule_digest(engine))
+    if differing is not None:
+        raise ValueError(f"router_or_schedule: expected the same cache schedule on every rank of the "
+                         f"context-parallel group, got rank {differing[1]}'s differing from rank {differing[0]}'s")
+
+
+def check_same_collectives(engine, calls: list, config) -> None:
+    """At a CUDA graph capture (graphs.py): a ValueError, raised on every rank alike, naming the first rank whose
+    captured collectives `calls` ((unit, op, tensor shapes and dtypes) in order) differ in unit or op from the group's
+    first rank's: its replays would pair other collectives, or other units' data, than the other ranks'. Shapes are
+    not compared: diffusers' "anything" modes (ulysses_anything, ring_anything) shard unevenly, so they may differ."""
+    differing = _differing_rank(engine, config, _hash63(repr([(unit, op) for unit, op, _ in calls]).encode()))
+    if differing is not None:
+        raise ValueError(f"cuda_graphs: expected the same collectives captured on every rank of the context-parallel "
+                         f"group, got rank {differing[1]}'s differing from rank {differing[0]}'s (the graph of step "
+                         f"{engine.step})")
 
 
 # ---- communication accounting ----
@@ -265,14 +290,6 @@ def check_option(text: str | None, models: dict) -> tuple | None:
         raise ValueError(f"{OPTION}: expected ulysses=N without CUDA (diffusers' ring attention needs a flash or "
                          f"cuDNN backend), got {text}")
     return kind, degree
-
-
-def check_sample(args, class_name: str) -> tuple | None:
-    """`check_option` for `harmonica sample`, and --cuda-graphs refused with it (not built)."""
-    found = check_option(args.context_parallel, {args.model: class_name})
-    if found and args.cuda_graphs:
-        raise ValueError(f"--cuda-graphs: expected off with {OPTION} (not built yet), got on")
-    return found
 
 
 def summary_line(model: str, transformer, schedule, batch: int, element_size: int, cache_bytes: int) -> str:

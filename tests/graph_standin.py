@@ -23,6 +23,8 @@ references `*_ref` of `harmonica.kernels`, patched only while the stand-in captu
 - a kernel variant first launched in a capture: a fused-op launch whose signature (function, tensor
   dtypes, shapes, strides and 16-byte alignment, flags) no warm-up ran (on a GPU, a Triton compile
   and module load inside the capture);
+- a collective whose result the capture never waited for (on a GPU its stream is not joined back into the
+  captured one: the capture fails);
 - a refused call the code caught, or one made on another thread while the capture ran: the capture is
   invalidated and its end raises (CUDA's global capture mode, torch.cuda.graph's default: another thread's
   unsafe call errors there and the capture fails). The host calls patched here are refused on every thread;
@@ -40,6 +42,12 @@ a live input's storage may be read on a GPU) and reallocated per allocation. Wha
 refreshed between replays, a write after a read in one storage) is not tracked but executed: a replay
 re-runs the captured ops on the memory as it is, in capture order, as one stream does.
 
+Collectives (context parallelism on 2 gloo ranks): a capture may issue them, as NCCL allows when every rank
+captures the same sequence; they run then (each rank's capture meets the other's) and are recorded with the other
+ops. A replay re-issues them, in the captured order on the captured buffers, and waits for each before the next op
+(one stream's order); `issued` lists the collectives the replays issued. An AsyncCollectiveTensor (what a
+functional collective returns) is tracked as the tensor it wraps.
+
 Not modelled: inductor's own Triton kernels (a compiled body's ops are seen as the aten ops its graph runs).
 """
 
@@ -49,9 +57,12 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch._C._distributed_c10d import _get_work_registry_size
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
+
+from harmonica.graphs import is_collective
 
 aten = torch.ops.aten
 HOST_SYNCS = {aten._local_scalar_dense.default, aten.item.default, aten.equal.default, aten.is_nonzero.default,
@@ -67,7 +78,25 @@ class CaptureViolation(RuntimeError):
 
 
 def _tensors(value) -> list:
-    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+    """The plain tensors in `value`; a wrapper subclass (a collective's AsyncCollectiveTensor) gives those it wraps."""
+    found = []
+    for t in tree_leaves(value):
+        if is_traceable_wrapper_subclass(t):
+            found += _tensors([getattr(t, name) for name in t.__tensor_flatten__()[0]])
+        elif isinstance(t, torch.Tensor):
+            found.append(t)
+    return found
+
+
+def _completed(func, result):
+    """`result` of op `func` once complete: a collective's tensors waited on, its Work waited."""
+    if is_collective(func):
+        for leaf in tree_leaves(result):
+            if isinstance(leaf, torch.Tensor):
+                torch.ops._c10d_functional.wait_tensor(leaf)
+            elif hasattr(leaf, "wait"):
+                leaf.wait()
+    return result
 
 
 def _address(t: torch.Tensor) -> int:
@@ -239,6 +268,7 @@ class StandInGraphs:
     def __init__(self, inputs, host=list):
         self.inputs, self.host = inputs, host
         self.variants = set()  # fused-op launches the warm-ups ran
+        self.issued = []  # the collectives the replays issued, in order (op names)
         self.new_pool()
 
     def new_pool(self) -> None:
@@ -264,8 +294,12 @@ class StandInGraphs:
         storages = {_address(t): t.untyped_storage() for t in inputs if _address(t)}
         saved = {address: storage.clone() for address, storage in storages.items()}
         rules = _Rules("capture", _storages(inputs), _storages(_tensors(self.host())))
+        pending = _get_work_registry_size()  # collectives issued and not yet waited for
         with _checked(rules, self._first_launch):
             output = fn()
+        if _get_work_registry_size() > pending:
+            raise CaptureViolation("capture: a collective whose result the capture never waited for (on a GPU its "
+                                   "stream is not joined back into the captured one)")
         if rules.violations:
             raise CaptureViolation(f"capture: invalidated by a refused call that was caught or made on another "
                                    f"thread ({rules.violations[0]})")
@@ -289,7 +323,9 @@ class StandInGraphs:
                 raise CaptureViolation("replay: reads memory that is no graph input any more (reallocated since the "
                                        "capture: outside the graph's pool, a GPU replay reads the old address)")
         for func, args, kwargs, out in capture.ops:
-            result = func(*args, **kwargs)
+            result = _completed(func, func(*args, **kwargs))
+            if is_collective(func):
+                self.issued.append(str(func))
             for was, now in zip(_tensors(out), _tensors(result)):
                 if _address(was) != _address(now):  # a new tensor: into the capture's; in place and views: there
                     was.copy_(now)

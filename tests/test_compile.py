@@ -50,7 +50,7 @@ class ReplayingGraphs:
     @staticmethod
     def replay(captured):
         fn, output = captured
-        output.sample.copy_(fn().sample)
+        output[0].copy_(fn()[0])  # the sample: a diffusers output or a tuple (return_dict=False)
         return output
 
 

@@ -8,7 +8,7 @@ them. Per family with a cp plan (tiny FLUX, Wan, Qwen-Image) and per kind (Ulyss
   functional collectives, the unit read from `engine.run_unit`) and the bytes it sent, against
   `parallel.trace_attention(...).communication`;
 - notes its slots' bytes, the summary line, refusals (a router that differs on rank 1, SD3 without a cp
-  plan, cuda_graphs and compile).
+  plan). CUDA graphs and compile across steps under the ranks: test_context_parallel_graphs.py.
 
 Two stand-ins, both for what a CPU lacks: `torch.accelerator.device_count()` is 1 (`parallel.cpu_device_count_shim`,
 diffusers divides by it), and for ring the native backend's forward op also returns the log-sum-exp, which
@@ -91,6 +91,16 @@ class CollectiveCounter:
             undo()
 
 
+def sharding_terms(engine, text_tokens: int, steps: int) -> int:
+    """The roundings that sharding reorders in a generation (`rounding_bound`'s terms): the longest reduction (the
+    longest attention, from the engine's slots after a generation: a unit's slot holds its output per stream, a joint
+    attention's the text's too; the text; the hidden width) x the steps."""
+    tokens = max(sum(part.shape[1] for part in (slot if isinstance(slot, tuple) else (slot,)))
+                 for slot in engine.slots if slot is not None)
+    config = engine.transformer.config
+    return max(tokens, text_tokens, config.num_attention_heads * config.attention_head_dim) * steps
+
+
 def _sample(task, noise):
     from harmonica.flow import flow_sample
 
@@ -128,14 +138,11 @@ def _family(name, kind, rank):
         engine = harmonica.enable(transformer, cache)
         single[label] = _sample(task, noise)
         single_bytes[label] = engine.cache_bytes()
-        # the longest attention: a unit's slot holds its output per stream, a joint attention's the text's too
-        tokens = max(sum(part.shape[1] for part in (slot if isinstance(slot, tuple) else (slot,)))
-                     for slot in engine.slots if slot is not None)
+        terms = sharding_terms(engine, spec.text_tokens, STEPS)
         harmonica.disable(transformer)
     bare = _sample(task, noise)
     found = {"reference_max": max(x.abs().max().item() for x in single.values()), "diff": {}, "cache_bytes": {},
-             "single_cache_bytes": single_bytes, "tokens": tokens, "text_tokens": spec.text_tokens,
-             "hidden": transformer.config.num_attention_heads * transformer.config.attention_head_dim}
+             "single_cache_bytes": single_bytes, "terms": terms}
     if name == "tiny-flux" and kind == "ulysses":  # harmonica first, diffusers' parallelism after
         harmonica.enable(transformer, caches["fora:2"])
     transformer.enable_parallelism(config=ContextParallelConfig(**{f"{kind}_degree": WORLD}))
@@ -168,15 +175,12 @@ def _family(name, kind, rank):
     found["accounting"] = {"units": list(communication.unit_bytes), "always": communication.always_bytes}
     other = Router(STEPS, units, info=info, generator=torch.Generator().manual_seed(2 + rank))
     found["refusals"] = {}
-    calls = {"router on rank 1": lambda: harmonica.enable(transformer, other),
-             "cuda_graphs": lambda: harmonica.enable(transformer, caches["fora:2"], cuda_graphs=True)}
-    for label, call in calls.items():
-        try:
-            call()
-            found["refusals"][label] = None
-        except ValueError as error:
-            found["refusals"][label] = str(error)
-        assert not hasattr(transformer, "_harmonica")  # a refused enable leaves nothing behind
+    try:
+        harmonica.enable(transformer, other)
+        found["refusals"]["router on rank 1"] = None
+    except ValueError as error:
+        found["refusals"]["router on rank 1"] = str(error)
+    assert not hasattr(transformer, "_harmonica")  # a refused enable leaves nothing behind
     if name == "tiny-flux" and kind == "ulysses":
         sd3 = build_transformer("tiny-sd3")
         with pytest.raises(ValueError):  # diffusers refuses it too, after recording the config
@@ -191,7 +195,8 @@ def _family(name, kind, rank):
 
 def _command_line(rank, out):
     """`harmonica sample --context-parallel` as torchrun runs it (its environment; the process group exists):
-    tiny Wan, FORA:2; and a degree other than the world size. Returns {label: (exit status, stderr)}."""
+    tiny Wan, FORA:2, without and with --cuda-graphs (on a CPU it runs eagerly and says so); and a degree other
+    than the world size. Returns {label: (exit status, stderr)}."""
     import contextlib
     import io
     import os
@@ -200,10 +205,13 @@ def _command_line(rank, out):
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     results = {}
-    for label, value in (("sample", "ulysses=2"), ("degree", "ulysses=4")):
+    runs = (("sample", "ulysses=2", [], "cp"), ("graphs", "ulysses=2", ["--cuda-graphs"], "cp-graphs"),
+            ("degree", "ulysses=4", [], "cp"))
+    for label, value, options, stem in runs:
         errors = io.StringIO()
         with contextlib.redirect_stderr(errors):
-            status = cli.main([*CLI_SAMPLE, "--context-parallel", value, "--out", str(out / f"cp{rank}.safetensors")])
+            status = cli.main([*CLI_SAMPLE, "--context-parallel", value, *options, "--out",
+                               str(out / f"{stem}{rank}.safetensors")])
         results[label] = (status, errors.getvalue().strip().splitlines()[-1:])
     with contextlib.redirect_stdout(io.StringIO()):
         results["bench"] = (cli.main([*CLI_BENCH, "--context-parallel", "ulysses=2", "--out",
@@ -268,9 +276,7 @@ def test_cached_generation_equals_one_process(findings, case):
     longest reduction (the joint sequence or the hidden width) x the steps x the output's scale."""
     for found in findings:
         f = found[case]
-        terms = max(f["tokens"], f["text_tokens"], f["hidden"]) * STEPS
-        bound = torch.finfo(torch.float32).eps * terms * f["reference_max"]
-        assert bound == rounding_bound(torch.tensor([f["reference_max"]]), terms)
+        bound = rounding_bound(torch.tensor([f["reference_max"]]), f["terms"])
         for label, diff in f["diff"].items():
             assert diff <= bound, f"{case} {label}: {diff:.3g} > {bound:.3g}"
     assert findings[0][case]["outputs"] == findings[1][case]["outputs"]  # the gathered output, on both ranks
@@ -315,7 +321,6 @@ def test_refusals(findings):
             assert refusals["router on rank 1"] == (
                 "router_or_schedule: expected the same cache schedule on every rank of the context-parallel "
                 "group, got rank 1's differing from rank 0's")
-            assert refusals["cuda_graphs"].startswith("cuda_graphs=True: expected off under context parallelism (")
         assert found["tiny-flux ulysses"]["refusals"]["sd3"] == (
             "context parallelism: expected a transformer whose class has a diffusers cp plan (FLUX, Wan, "
             "Qwen-Image), got SD3Transformer2DModel")
@@ -361,20 +366,22 @@ def test_plan_rows_for_2_4_8_gpus(capsys):
 
 def test_sample_command_under_torchrun(spawned, tmp_path, capsys):
     """The latents rank 0 wrote equal those of the same command in one process (rounding bound as above:
-    tiny Wan's 8 video tokens, hidden 24, 4 steps); the other rank wrote nothing; a degree other than the
-    world size is refused on every rank."""
+    tiny Wan's 8 video tokens, hidden 24, 4 steps); with --cuda-graphs (eager on a CPU) the same latents; the other
+    rank wrote nothing; a degree other than the world size is refused on every rank."""
     from safetensors.torch import load_file
 
     from harmonica import cli
 
     findings, out = spawned
     for found in findings:
-        assert found["cli"]["sample"][0] == 0
+        assert found["cli"]["sample"][0] == found["cli"]["graphs"][0] == 0
         assert found["cli"]["degree"] == [2, ["harmonica: error: --context-parallel: expected the degree to equal the "
                                               "world size 2 (torchrun --nproc-per-node), got ulysses=4"]]
     assert cli.main([*CLI_SAMPLE, "--out", str(tmp_path / "one.safetensors")]) == 0
-    assert not (out / "cp1.safetensors").exists()
-    one, cp = (load_file(path)["latents"] for path in (tmp_path / "one.safetensors", out / "cp0.safetensors"))
+    assert not (out / "cp1.safetensors").exists() and not (out / "cp-graphs1.safetensors").exists()
+    one, cp, graphs = (load_file(path)["latents"] for path in (tmp_path / "one.safetensors", out / "cp0.safetensors",
+                                                                out / "cp-graphs0.safetensors"))
+    assert torch.equal(graphs, cp)
     bound = rounding_bound(one, 24 * STEPS)
     assert (cp - one).abs().max().item() <= bound
 
@@ -404,9 +411,7 @@ def test_sample_option_refused(value, message, capsys, tmp_path, monkeypatch):
                                                       "(DiTTransformer2DModel)"),
     ("tiny-wan", ["--context-parallel", "ring=2"], "--context-parallel: expected ulysses=N without CUDA (diffusers' "
                                                    "ring attention needs a flash or cuDNN backend), got ring=2"),
-    ("tiny-wan", ["--context-parallel", "ulysses=2", "--cuda-graphs"], "--cuda-graphs: expected off with "
-                                                                       "--context-parallel (not built yet), got on"),
-], ids=["sd3", "dit", "ring-cpu", "graphs"])
+], ids=["sd3", "dit", "ring-cpu"])
 def test_sample_option_refused_under_torchrun_env(model, argv, message, capsys, tmp_path, monkeypatch):
     from harmonica import cli
 
