@@ -90,6 +90,8 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     if cuda_graphs and isinstance(compile, dict) and _inductor_graphs(compile):
         raise ValueError(f"compile: {compile} makes CUDA graphs of its own, which cannot be captured inside those of "
                          "cuda_graphs=True; use mode 'default' or 'max-autotune-no-cudagraphs', or drop cuda_graphs")
+    if forecast is not None and forecast is not False and not isinstance(forecast, Forecast):
+        raise ValueError(f"forecast: expected a Forecast, None or False, got {type(forecast).__name__}")
     router = router_or_schedule if isinstance(router_or_schedule, Router) else None
     if tau is not None:
         check_tau(tau)
@@ -108,12 +110,10 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     else:
         raise ValueError(f"router_or_schedule: expected a Router or CacheSchedule, "
                          f"got {type(router_or_schedule).__name__}")
-    if forecast is None or forecast is True:
+    if forecast is None:
         forecast = router.forecast if router is not None else None
     elif forecast is False:
         forecast = None
-    elif not isinstance(forecast, Forecast):
-        raise ValueError(f"forecast: expected a Forecast, None or False, got {type(forecast).__name__}")
     if forecast is not None:
         source = "the router's forecast" if router is not None and forecast is router.forecast else "forecast"
         try:

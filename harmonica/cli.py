@@ -428,8 +428,8 @@ def digits_report(model, schedule, num_steps: int, count: int = DIGITS_REPORT_SA
                   forecast=None) -> str | None:
     """Quality of a digits model (`digits.DIGITS_MODELS`) with `schedule` (and `forecast`, a `Forecast` of it)
     against its uncached samples of the same seeds, sampled `batch` at a time (guidance: the model's by default);
-    None when `stopped()` turns true before a batch. Under torchrun the batches are shared out over the ranks (`parallel.sharded`; every rank calls this
-    and gets the one-process report)."""
+    None when `stopped()` turns true before a batch. Under torchrun the batches are shared out over the ranks
+    (`parallel.sharded`; every rank calls this and gets the one-process report)."""
     from .api import disable
     from .digits import eval_batch, psnr, quality
 

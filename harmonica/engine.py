@@ -159,6 +159,12 @@ class CacheEngine:
             self.row, self.write_row = self.schedule.step_keys[value]
             self.forecast_row = None if self.forecast_plan is None else self.forecast_plan.rows[value]
 
+    def graph_key(self) -> tuple:
+        """What the current step's forward depends on besides its inputs (graphs.py: steps with equal keys share a
+        captured graph): its schedule rows, whether DiT's modulation table is on, its forecast row (slots and
+        coefficients, host constants a capture bakes; None without a forecast)."""
+        return self.row, self.write_row, self.modulation_active, self.forecast_row
+
     @property
     def num_steps(self):
         if self.mode == "inference":

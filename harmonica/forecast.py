@@ -91,10 +91,14 @@ class ForecastPlan:
                 else:
                     pure = len(computed) < 2 or (not fit and forecast.a[t, k] == 1 and forecast.b[t, k] == 0)
                     reads[t] = (computed[-1], None if pure else computed[-2])
-            # the outputs read later alternate between the two slots: c1 and c2 of a reuse are consecutive
-            # among them, so they never share a slot, and nothing overwrites either before the reuse
-            read = sorted({s for pair in reads.values() for s in pair if s is not None})
-            position = {s: k + K * (n % 2) for n, s in enumerate(read)}
+            # an output read later goes to the slot the output read before it does not hold where a forecast still
+            # reads that one as its older output (c1 and c2 of a reuse are consecutive among the outputs read, and
+            # only c1 is computed between them), else to the first slot: no second slot without a forecast
+            olders = {older for _, older in reads.values() if older is not None}
+            position, previous = {}, None
+            for s in sorted({newest for newest, _ in reads.values()} | olders):
+                position[s] = 2 * k + K - position[previous] if previous in olders else k
+                previous = s
             for t in computed:
                 rows[t][k] = position.get(t)
             for t, (newest, older) in reads.items():

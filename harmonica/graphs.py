@@ -246,7 +246,7 @@ class GraphRunner:
             self.reset()
             self.signature, self.schedule, self.static = signature, engine.schedule, StaticInputs(args, kwargs)
             self.captured_epilogue_key = self.epilogue_key
-        key = engine.row, engine.write_row, engine.modulation_active, engine.forecast_row
+        key = engine.graph_key()
         self.static.copy_from(args, kwargs)
         if key not in self.graphs:
             result = backend.warm_up(self._warm_up)
