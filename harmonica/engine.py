@@ -392,7 +392,7 @@ class CacheEngine:
             return self._compute(h, fresh, gate, cache=None if entry is None else self._slot(entry, fresh, part))
         newest, older, a, b = entry
         newest = self._read_slot(newest, h, part)
-        if older is None:  # fewer than two computed outputs so far
+        if older is None:  # fewer than two computed outputs so far, or a = 1, b = 0
             return self._reuse(h, newest, gate)
         older = self._read_slot(older, h, part)
         if self.forecast_fit is not None:
