@@ -169,9 +169,9 @@ def digits():
 def test_the_fit_follows_the_deployed_trajectory_and_lowers_its_error(digits):
     """Fitting runs the cached trajectory with each cell's coefficients applied as soon as they are solved, so the
     fitting pass's final samples are bitwise those of sampling with the result; on the calibration batch the
-    forecast's error is clearly below pure reuse's (0.81 of it, measured)."""
+    forecast's error is clearly below pure reuse's (0.72 of it, measured)."""
     steps = 6
-    noise, labels = eval_batch(16, seed=101)
+    noise, labels = eval_batch(8, seed=101)
     task = DiTTask(digits, steps, 1.5)
     table = CacheSchedule.fora(steps, 12, 2).table
     with engine_attached(digits) as engine:
