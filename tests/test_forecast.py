@@ -201,7 +201,8 @@ def test_graphs_replay_the_forecast_with_each_steps_own_constants(monkeypatch):
         outputs = run(model, 7) + run(model, 7)
         same = all(torch.equal(a, b) for a, b in zip(eager * 2, outputs, strict=True))
         assert same != drop_forecast_row
-        captures = len(set(ForecastPlan(schedule, forecast).rows)) if not drop_forecast_row else 3
+        keys = set(zip(schedule.step_keys, ForecastPlan(schedule, forecast).rows))  # steps 0 and 4 share one
+        captures = len(keys) if not drop_forecast_row else 3
         assert runner.captures == captures and len(set(graph_plan(schedule))) == 3
         harmonica.disable(model)
 
