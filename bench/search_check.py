@@ -5,9 +5,12 @@ calibration noises `eval_batch(64, seed=100 + s)`, from FORA:2; then both schedu
 `eval_batch(200, seed=0)`: PSNR of the final images against the uncached ones, and on how many held-out noises
 the searched schedule's error is lower, with a one-sided sign test. With --equal-macs the search also holds
 the MACs to at most FORA:2's (`search_schedule`'s unit_cost, as `harmonica train --target-speedup` does):
-at equal CUR a searched schedule may compute more of the costlier units.
+at equal CUR a searched schedule may compute more of the costlier units. With --forecast each of the two
+schedules also gets its linear forecast (`harmonica.forecast.fit_forecast` on the same 64 calibration noises) and
+is measured with it too, paired against itself without it on the held-out noises (and its slot memory).
 
-    python -m harmonica.bench.search_check [--model digits-dit|digits-flux] --steps 10 --seeds 0 1 2
+    python -m harmonica.bench.search_check [--model digits-dit|digits-flux] --steps 10 --seeds 0 1 2 [--forecast]
+        [--rounds R]
 """
 
 import argparse
@@ -17,6 +20,7 @@ import time
 import torch
 
 from harmonica.digits import DIGITS_MODELS, eval_batch
+from harmonica.forecast import fit_forecast
 from harmonica.schedule import CacheSchedule
 from harmonica.search import Rollouts, SearchConfig, budget_for_cur, search_schedule, spread
 from harmonica.training import engine_attached, task_macs
@@ -30,7 +34,7 @@ def sign_test(wins: int, count: int) -> float:
 
 
 def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200, *, model: str = "digits-dit",
-          equal_macs: bool = False) -> dict:
+          equal_macs: bool = False, forecast: bool = False, rounds: int | None = None) -> dict:
     digits = DIGITS_MODELS[model]()
     task = digits.task(num_steps, digits.guidance)
     macs = task_macs(task)
@@ -41,20 +45,28 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
         started = time.perf_counter()
         rollouts = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=CLIP)
         start = spread(num_steps, units, budget_for_cur(0.5, num_steps, units))
-        result = search_schedule(rollouts.loss, start, rounds=defaults.rounds, candidates=defaults.candidates,
+        result = search_schedule(rollouts.loss, start, rounds=rounds or defaults.rounds, candidates=defaults.candidates,
                                  on_accept=rollouts.set_base, unit_cost=macs.unit_macs if equal_macs else None)
         seconds = time.perf_counter() - started
+        tables = {"fora:2": start, "searched": result.table}
+        forecasts = {name: fit_forecast(rollouts, table) for name, table in tables.items()} if forecast else {}
         noise, labels = eval_batch(held_out, seed=0)
         test = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=CLIP)
-        errors = {name: ((test._clipped(test.sample(table)) - test.reference) ** 2).flatten(1).mean(1)
-                  for name, table in (("fora:2", start), ("searched", result.table))}
+        errors, cache_bytes = {}, {}
+        for name, table in tables.items():
+            for label, fitted in ((name, None), *(((f"{name}+forecast", forecasts[name]),) if forecast else ())):
+                x = test.sample(table, forecast=fitted)
+                errors[label] = ((test._clipped(x) - test.reference) ** 2).flatten(1).mean(1)
+                cache_bytes[label] = engine.cache_bytes()
     psnr = {name: 10 * math.log10(4 / e.mean().item()) for name, e in errors.items()}
     wins = int((errors["searched"] < errors["fora:2"]).sum())
+    paired = {name: int((errors[f"{name}+forecast"] < errors[name]).sum()) for name in tables if forecast}
     speedup = {name: CacheSchedule(table.clone(), name).theoretical_speedup(macs)
                for name, table in (("fora:2", start), ("searched", result.table))}
     return {"model": model, "steps": num_steps, "seed": seed, "seconds": seconds, "schedules": result.rollouts,
             "calibration": (result.start_loss, result.loss), "psnr": psnr, "wins": wins, "count": held_out,
-            "p": sign_test(wins, held_out), "speedup": speedup}
+            "p": sign_test(wins, held_out), "speedup": speedup, "forecast_wins": paired,
+            "forecast_p": {name: sign_test(w, held_out) for name, w in paired.items()}, "cache_bytes": cache_bytes}
 
 
 def main(argv=None) -> None:
@@ -63,16 +75,26 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--equal-macs", action="store_true", help="also hold the MACs to at most FORA:2's")
+    parser.add_argument("--forecast", action="store_true", help="also each schedule with its fitted linear forecast")
+    parser.add_argument("--rounds", type=int, help=f"search rounds at most (default {SearchConfig.rounds}, train's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     for seed in args.seeds:
-        r = check(args.steps, seed, model=args.model, equal_macs=args.equal_macs)
+        r = check(args.steps, seed, model=args.model, equal_macs=args.equal_macs, forecast=args.forecast,
+                  rounds=args.rounds)
         print(f"{r['model']} T={r['steps']} seed {r['seed']}: FORA:2 {r['psnr']['fora:2']:.2f} dB "
               f"({r['speedup']['fora:2']:.3f}x), "
               f"searched {r['psnr']['searched']:.2f} dB ({r['speedup']['searched']:.3f}x), "
               f"{r['psnr']['searched'] - r['psnr']['fora:2']:+.2f} dB; better on {r['wins']}/{r['count']} held-out "
               f"noises (sign test p = {r['p']:.1e}); calibration MSE {r['calibration'][0]:.4g} -> "
               f"{r['calibration'][1]:.4g}, {r['schedules']} schedules in {r['seconds']:.0f} s", flush=True)
+        for name, wins in r["forecast_wins"].items():
+            with_forecast = f"{name}+forecast"
+            print(f"  {with_forecast}: {r['psnr'][with_forecast]:.2f} dB vs {r['psnr'][name]:.2f} dB, "
+                  f"{r['psnr'][with_forecast] - r['psnr'][name]:+.2f} dB; better on {wins}/{r['count']} held-out "
+                  f"noises (sign test p = {r['forecast_p'][name]:.1e}); slots "
+                  f"{r['cache_bytes'][with_forecast] / 2**20:.1f} MiB vs {r['cache_bytes'][name] / 2**20:.1f} MiB",
+                  flush=True)
 
 
 if __name__ == "__main__":

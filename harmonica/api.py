@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from . import parallel
 from .adapters import block_lists, supported
 from .engine import CacheEngine
+from .forecast import Forecast
 from .graphs import GraphRunner
 from .router import Router, RouterInfo, check_tau
 from .schedule import CacheSchedule
@@ -51,7 +52,7 @@ def _inductor_graphs(options: dict) -> bool:
 
 def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
            cross_attention: bool = True, cuda_graphs: bool = False, scheduler_in_graph: bool = False,
-           fused: bool = True, compile: bool | dict = False) -> CacheEngine:
+           fused: bool = True, compile: bool | dict = False, forecast: Forecast | bool | None = None) -> CacheEngine:
     """Cache the units of a DiT/PixArt pipeline (or bare transformer) with a router or schedule.
 
     router_or_schedule: a trained `Router` (checked against the model, and at each generation against
@@ -68,6 +69,9 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     fullgraph=True, shared by all blocks: one compile per unit kind and input shape, whatever the steps or
     schedule rows (the cache decisions run eagerly); a dict is passed to torch.compile (backend, mode); with
     cuda_graphs, a mode or option under which inductor makes CUDA graphs itself (reduce-overhead) is refused.
+    forecast: a reused unit adds `a * newest + b * older` of its last two computed outputs instead of the newest
+    (forecast.py; two slots per unit, the fused reuse still one kernel): None (default) applies the router's
+    forecast when it has one, False turns it off, a `Forecast` fitted along the schedule applies that one.
     A pipeline's `scheduler.set_timesteps` starts each generation. A bare transformer has no scheduler to
     hook: `reset`, `samplers.dit_ddim_sample` or `samplers.pixart_sample` start its generations; else only
     the schedule's step count delimits them, which warns once. Driven by a sampler of another step count,
@@ -87,6 +91,8 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     if cuda_graphs and isinstance(compile, dict) and _inductor_graphs(compile):
         raise ValueError(f"compile: {compile} makes CUDA graphs of its own, which cannot be captured inside those of "
                          "cuda_graphs=True; use mode 'default' or 'max-autotune-no-cudagraphs', or drop cuda_graphs")
+    if forecast is not None and forecast is not False and not isinstance(forecast, Forecast):
+        raise ValueError(f"forecast: expected a Forecast, None or False, got {type(forecast).__name__}")
     router = router_or_schedule if isinstance(router_or_schedule, Router) else None
     if tau is not None:
         check_tau(tau)
@@ -105,8 +111,19 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     else:
         raise ValueError(f"router_or_schedule: expected a Router or CacheSchedule, "
                          f"got {type(router_or_schedule).__name__}")
+    if forecast is None:
+        forecast = router.forecast if router is not None else None
+    elif forecast is False:
+        forecast = None
+    if forecast is not None:
+        source = "the router's forecast" if router is not None and forecast is router.forecast else "forecast"
+        try:
+            forecast.check(schedule, source)
+        except ValueError as error:
+            hint = f" (tau {tau} gives another schedule than its training tau); pass forecast=False" if tau else ""
+            raise ValueError(f"{error}{hint}") from None
     pipe = pipe_or_transformer if scheduler is not None else None
-    engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused,
+    engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused, forecast=forecast,
                          on_first_step=(lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None)
     state = CacheState(engine, router, scheduler)
     try:
@@ -194,6 +211,7 @@ class Summary:
     static_bytes: int = 0  # static input buffers of the graphs and the sampler state they update
     capture_seconds: float = 0.0  # total time spent capturing
     modulation_bytes: int = 0  # DiT: the per-generation modulation table and its step buffer
+    forecast: bool = False  # reused units forecast from their last two computed outputs (two slots per unit)
     context_parallel: str = ""  # e.g. "ulysses=2": cache_bytes are this rank's slots (its shard of the tokens)
     rank: int = 0
 
@@ -201,7 +219,8 @@ class Summary:
         where = f" on rank {self.rank} ({self.context_parallel})" if self.context_parallel else ""
         text = (f"{self.schedule} ({self.sampler or 'sampler not yet seen'}): {self.steps} steps x {self.units} units, "
                 f"CUR {self.cur:.1%}, theoretical speedup {self.theoretical_speedup:.2f}x at "
-                f"{self.counted_at}, cache {_format_bytes(self.cache_bytes)}{where}")
+                f"{self.counted_at}, cache {_format_bytes(self.cache_bytes)}{where}"
+                f"{' (linear forecast: two slots per unit)' if self.forecast else ''}")
         if self.graphs is not None:
             text += (f", {self.graphs} CUDA graphs (pool {_format_bytes(self.graph_pool_bytes)}, static buffers "
                      f"{_format_bytes(self.static_bytes)}, captured in {self.capture_seconds:.2f} s)")
@@ -232,7 +251,7 @@ def summary(pipe_or_transformer) -> Summary:
     schedule = engine.schedule
     report = Summary(schedule.name, state.sampler, schedule.num_steps, schedule.num_units, schedule.cur,
                      schedule.theoretical_speedup(macs), where, engine.cache_bytes(),
-                     modulation_bytes=engine.modulation.nbytes())
+                     modulation_bytes=engine.modulation.nbytes(), forecast=engine.forecast_plan is not None)
     config = parallel.context_parallel_config(transformer)
     if config is not None:
         report.context_parallel, report.rank = parallel.describe(config), config._rank

@@ -331,11 +331,12 @@ DIGITS_REPORT_SAMPLES = 500  # noises of the quality report that ends a digits m
 
 
 def digits_report(model, schedule, num_steps: int, count: int = DIGITS_REPORT_SAMPLES, *,
-                  batch: int = parallel.EVAL_CHUNK, guidance=None, stopped=lambda: False) -> str | None:
-    """Quality of a digits model (`digits.DIGITS_MODELS`) with `schedule` against its uncached samples of the same
-    seeds, sampled `batch` at a time (guidance: the model's by default); None when `stopped()` turns true before
-    a batch. Under torchrun the batches are shared out over the ranks (`parallel.sharded`; every rank calls this
-    and gets the one-process report)."""
+                  batch: int = parallel.EVAL_CHUNK, guidance=None, stopped=lambda: False,
+                  forecast=None) -> str | None:
+    """Quality of a digits model (`digits.DIGITS_MODELS`) with `schedule` (and `forecast`, a `Forecast` of it)
+    against its uncached samples of the same seeds, sampled `batch` at a time (guidance: the model's by default);
+    None when `stopped()` turns true before a batch. Under torchrun the batches are shared out over the ranks
+    (`parallel.sharded`; every rank calls this and gets the one-process report)."""
     from .api import disable
     from .digits import eval_batch, psnr, quality
 
@@ -351,7 +352,7 @@ def digits_report(model, schedule, num_steps: int, count: int = DIGITS_REPORT_SA
         reference = sample_all()
         if reference is None:
             return None
-        enable(model.transformer, schedule)
+        enable(model.transformer, schedule, forecast=forecast)
         try:
             cached = sample_all()
         finally:
@@ -460,6 +461,8 @@ def _train(args) -> int:
         partial = trainer.iteration < config.iterations
         done = f"after {trainer.iteration} iterations"
     schedule = router.schedule()  # at its tau (--target-cur: the one that meets it); the same on every rank
+    if args.forecast and not partial:
+        _fit_forecast(args, task, router, config, clip, rank)
     if rank == 0:
         print(f"router {done}: {args.out}/router (sampler {task.sampler}, {config.num_steps} steps, tau "
               f"{router.info.tau:.4g}), CUR {schedule.cur:.1%}, theoretical speedup "
@@ -473,7 +476,8 @@ def _train(args) -> int:
         with stop_signals(stop.request_stop):
             if digits is not None:
                 report = digits_report(digits, schedule, config.num_steps, DIGITS_REPORT_SAMPLES,
-                                       guidance=config.guidance, stopped=lambda: stop.stop_signal is not None)
+                                       guidance=config.guidance, stopped=lambda: stop.stop_signal is not None,
+                                       forecast=router.forecast)
                 if rank == 0:
                     print(report or "interrupted: the quality report was skipped (the router is complete)")
             if args.eval_batch and not _any_rank([stop.stop_signal is not None], device)[0]:
@@ -548,6 +552,28 @@ def _search(args, task, config, macs, clip) -> tuple:
         print(f"search: calibration error {result.start_loss:.4g} (equal-cost start) -> {result.loss:.4g}, "
               f"{result.rollouts} schedules measured in {time.perf_counter() - started:.0f} s")
     return router, rank, stop
+
+
+def _fit_forecast(args, task, router, config, clip, rank: int) -> None:
+    """--forecast: fit the router's linear forecast along its schedule on the calibration batch (--batch noises
+    of --seed, this rank's), attach it and save the router again (rank 0). Under torchrun each rank fits on its
+    own batch; rank 0's is saved."""
+    from .forecast import fit_forecast
+    from .search import Rollouts, SearchConfig, calibration_batch
+    from .training import ROUTER_DIR, engine_attached
+
+    table = router.schedule().table
+    noise, cond = calibration_batch(task, args.batch or SearchConfig.batch, config.seed, rank)
+    started = time.perf_counter()
+    with engine_attached(task.transformer) as engine:
+        rollouts = Rollouts(task, engine, noise, cond, config.num_steps, clip=clip)
+        forecast = fit_forecast(rollouts, table)
+        before, after = rollouts.error(table), rollouts.error(table, forecast)
+    router.set_forecast(forecast)
+    if rank == 0:
+        router.save_pretrained(Path(args.out) / ROUTER_DIR)
+        print(f"forecast: fitted on {noise.shape[0]} calibration noises in {time.perf_counter() - started:.0f} s; "
+              f"calibration MSE {before:.4g} (pure reuse) -> {after:.4g} (forecast); two cache slots per unit")
 
 
 def closing_table(task, table, macs, count: int, seed: int, clip) -> str:
@@ -648,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-step: one AdamW parameter per step's row, as the official code (shared: one (T, K))")
     t.add_argument("--loss", choices=LOSSES, default=defaults.loss,
                    help="combined: MSE of the guidance-combined output, as the official code (separate: CFG halves)")
+    t.add_argument("--forecast", action="store_true",
+                   help="after the schedule: fit a linear forecast of each reused unit from its last two computed "
+                   "outputs on the calibration batch, saved with the router (two cache slots per unit)")
     s = commands.add_parser("sample", help="generate one image")
     s.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS) + sorted(DIGITS_MODELS))
     source = s.add_mutually_exclusive_group()

@@ -5,7 +5,8 @@ block class's adapter's (harmonica/adapters): the block's forward unit by unit, 
 update going through `run_unit` and the fused ops:
 - computed unit: `gated_residual_compute` (`h + gate * out`, slot <- out when a later step reads it);
 - reused unit: `gated_residual_reuse` (`h + gate * slot`, the current step's gate); its norm,
-  modulation and attention/MLP are skipped;
+  modulation and attention/MLP are skipped; with a linear forecast (forecast.py: two slots per unit, set by
+  `set_schedule`), `gated_residual_forecast` (`h + gate * (a * newest + b * older)`) where it applies;
 - training: `gated_residual` with the router value r, slot <- blend where r > tau.
 A unit that feeds several residual streams (Flux's joint attention) does this once per stream, its slot
 holding one tensor per stream.
@@ -37,6 +38,7 @@ from torch._C._dynamo.eval_frame import reset_code
 
 from . import events, kernels, parallel
 from .adapters import blocks_of
+from .forecast import Forecast, ForecastFit, ForecastPlan
 from .modulation import ModulationTable
 from .units import units_of
 
@@ -48,15 +50,17 @@ class CacheEngine:
     cross_attention: whether cross-attention (PixArt's `attn2`) is a unit (else it always computes).
     fused: the fused Triton ops (on CUDA); False runs their torch references (`<op>_ref`), the eager
     sequence diffusers would run, for comparisons.
+    forecast: a `Forecast` fitted along `schedule` (see `set_schedule`), or None.
     """
 
     def __init__(self, transformer, schedule=None, *, cross_attention: bool = True, on_first_step=None,
-                 fused: bool = True):
+                 fused: bool = True, forecast=None):
         self.transformer = transformer
         self.fused = fused
-        self._compute, self._reuse, self._soft = (
-            (kernels.gated_residual_compute, kernels.gated_residual_reuse, kernels.gated_residual) if fused else
-            (_compute_ref, kernels.gated_residual_reuse_ref, _soft_ref))
+        self._compute, self._reuse, self._soft, self._forecast = (
+            (kernels.gated_residual_compute, kernels.gated_residual_reuse, kernels.gated_residual,
+             kernels.gated_residual_forecast) if fused else
+            (_compute_ref, kernels.gated_residual_reuse_ref, _soft_ref, kernels.gated_residual_forecast_ref))
         self.on_first_step = on_first_step  # called before each step-0 forward
         self.cross_attention = cross_attention
         self.blocks = blocks_of(transformer)
@@ -78,6 +82,9 @@ class CacheEngine:
         self.gates = None  # training: (T, K) router values of the current step's graph
         self.tau = None
         self.row = self.write_row = None  # inference: the current step's schedule rows, as tuples
+        self.forecast_plan = None  # inference with a linear forecast: its `ForecastPlan` (None: pure reuse)
+        self.forecast_fit = None  # while `forecast.fit_forecast` runs: its `ForecastFit`
+        self.forecast_row = None  # the current step's row of the plan (a graph key), None without one
         self.step = 0
         self.begun = False  # whether `begin` started the current generation (else the counter wrapped)
         self.warned_unbegun = False
@@ -95,7 +102,7 @@ class CacheEngine:
         self.last_input_shape = None
         self.last_text_tokens = None  # encoder_hidden_states' tokens in the latest forward (None: no text)
         if schedule is not None:
-            self.set_schedule(schedule)
+            self.set_schedule(schedule, forecast)
         for adapter, blocks in self.adapters.items():
             adapter.setup(self, blocks)
         self._originals = []
@@ -112,10 +119,20 @@ class CacheEngine:
 
     # ---- configuration ----
 
-    def set_schedule(self, schedule) -> None:
+    def set_schedule(self, schedule, forecast=None) -> None:
+        """Inference with `schedule`; forecast: a `Forecast` fitted along it (reused units forecast from their last
+        two computed outputs, two slots per unit), a `ForecastFit` (the fitting pass), or None (pure reuse)."""
         if schedule.num_units != len(self.units):
             raise ValueError(f"schedule: expected {len(self.units)} units (from the transformer), "
                              f"got {schedule.num_units}")
+        fit = forecast if isinstance(forecast, ForecastFit) else None
+        if forecast is not None and fit is None and not isinstance(forecast, Forecast):
+            raise ValueError(f"forecast: expected a Forecast or None, got {type(forecast).__name__}")
+        self.forecast_plan = None if forecast is None else ForecastPlan(
+            schedule, forecast if fit is None else fit.forecast, fit=fit is not None)
+        self.forecast_fit = fit
+        count = len(self.units) * (1 if forecast is None else 2)
+        self.slots = (self.slots + [None] * count)[:count]
         self.schedule = schedule
         self.mode = "inference"
         self.ranks_checked = False
@@ -138,6 +155,13 @@ class CacheEngine:
         self._step = value
         if self.mode == "inference":
             self.row, self.write_row = self.schedule.step_keys[value]
+            self.forecast_row = None if self.forecast_plan is None else self.forecast_plan.rows[value]
+
+    def graph_key(self) -> tuple:
+        """What the current step's forward depends on besides its inputs (graphs.py: steps with equal keys share a
+        captured graph): its schedule rows, whether DiT's modulation table is on, its forecast row (slots and
+        coefficients, host constants a capture bakes; None without a forecast)."""
+        return self.row, self.write_row, self.modulation_active, self.forecast_row
 
     @property
     def num_steps(self):
@@ -193,6 +217,7 @@ class CacheEngine:
             else:
                 self.transformer.cache_context = self._own_cache_context
         self.slots = [None] * len(self.units)
+        self.forecast_plan = self.forecast_fit = self.forecast_row = None
         self.context, self.entered_context, self.other_contexts = None, None, {}
         self.embedding = None
         self.modulation, self.modulation_active = ModulationTable(), False
@@ -200,7 +225,7 @@ class CacheEngine:
     # ---- memory ----
 
     def cache_bytes(self) -> int:
-        """Bytes of the slots of every cache context."""
+        """Bytes of the slots of every cache context (with a forecast: both slots of each unit)."""
         every = [self.slots, *(slots for _, _, _, slots in self.other_contexts.values())]
         slots = [part for slots in every for slot in slots for part in (slot if isinstance(slot, tuple) else (slot,))]
         return sum(s.numel() * s.element_size() for s in slots if s is not None)
@@ -234,7 +259,7 @@ class CacheEngine:
             return
         self.other_contexts[self.context] = (self._step, self.begun, self.previous_timestep, self.slots)
         step, self.begun, self.previous_timestep, self.slots = self.other_contexts.pop(
-            name, (0, self.begun, None, [None] * len(self.units)))
+            name, (0, self.begun, None, [None] * len(self.slots)))
         self.context, self.step = name, step
 
     # ---- context parallelism ----
@@ -328,6 +353,11 @@ class CacheEngine:
         """run_unit for several streams: one computation, then each stream with its gate and slot part."""
         reused = k is not None and self.mode == "inference" and not self.row[k]
         fresh = None if reused else compute()
+        if reused and self.forecast_fit is not None and self.forecast_row[k][1] is not None:
+            fresh = compute()  # fitting: the targets of every stream, solved together
+            newest, older = self.forecast_row[k][:2]
+            self.forecast_fit.solve(self.step, k, [(fresh[i], self._read_slot(newest, h, i),
+                                                    self._read_slot(older, h, i)) for i, h in enumerate(hs)])
         return tuple(self._run_unit(k, lambda i=i: fresh[i], gate, h, i) for i, (gate, h) in enumerate(zip(gates, hs)))
 
     def _run_unit(self, k, compute, gate, h, part=None):
@@ -339,34 +369,55 @@ class CacheEngine:
             if self.step == 0:
                 return self._compute(h, fresh, gate, cache=self._slot(k, fresh, part))
             return self._soft(h, fresh, self._read_slot(k, h, part), self.gates[self.step, k], gate, tau=self.tau)
+        if self.forecast_row is not None:
+            return self._run_forecast(k, compute, gate, h, part)
         if self.row[k]:
             fresh = compute()
             slot = self._slot(k, fresh, part) if self.write_row[k] else None
             return self._compute(h, fresh, gate, cache=slot)
         return self._reuse(h, self._read_slot(k, h, part), gate)
 
-    def _part(self, k, part):
-        """Slot k's tensor for stream `part` of a several-stream unit (its slot a tuple), else None."""
-        slot = self.slots[k]
+    def _run_forecast(self, k, compute, gate, h, part):
+        """_run_unit under a linear forecast: the plan's row says which slot a computed unit writes and which
+        slots and coefficients a reused one reads (forecast.py)."""
+        entry = self.forecast_row[k]
+        if self.row[k]:
+            fresh = compute()
+            return self._compute(h, fresh, gate, cache=None if entry is None else self._slot(entry, fresh, part))
+        newest, older, a, b = entry
+        newest = self._read_slot(newest, h, part)
+        if older is None:  # fewer than two computed outputs so far, or a = 1, b = 0
+            return self._reuse(h, newest, gate)
+        older = self._read_slot(older, h, part)
+        if self.forecast_fit is not None:
+            if part is None:  # a several-stream unit was solved by _run_streams
+                self.forecast_fit.solve(self.step, k, [(compute(), newest, older)])
+            a, b = self.forecast_fit.coefficients(self.step, k)
+        return self._forecast(h, newest, older, a, b, gate)
+
+    def _part(self, s, part):
+        """Slot s's tensor for stream `part` of a several-stream unit (its slot a tuple), else None."""
+        slot = self.slots[s]
         return slot[part] if isinstance(slot, tuple) and part < len(slot) else None
 
-    def _slot(self, k, like, part):
-        slot = self.slots[k] if part is None else self._part(k, part)
+    def _slot(self, s, like, part):
+        """Slot s (unit k's is k; with a forecast its second is K + k) to write `like` into, (re)allocated."""
+        slot = self.slots[s] if part is None else self._part(s, part)
         if slot is None or slot.shape != like.shape or slot.dtype != like.dtype or slot.device != like.device:
             slot = torch.empty_like(like, memory_format=torch.contiguous_format)
             if part is None:
-                self.slots[k] = slot
+                self.slots[s] = slot
             else:
-                parts = list(self.slots[k]) if isinstance(self.slots[k], tuple) else []
+                parts = list(self.slots[s]) if isinstance(self.slots[s], tuple) else []
                 parts += [None] * (part + 1 - len(parts))
                 parts[part] = slot
-                self.slots[k] = tuple(parts)
+                self.slots[s] = tuple(parts)
         return slot
 
-    def _read_slot(self, k, h, part):
-        slot = self.slots[k] if part is None else self._part(k, part)
+    def _read_slot(self, s, h, part):
+        slot = self.slots[s] if part is None else self._part(s, part)
         if slot is None or slot.shape != h.shape or slot.dtype != h.dtype or slot.device != h.device:
-            name = self.units[k][0] + ("" if part is None else f" (stream {part})")
+            name = self.units[s % len(self.units)][0] + ("" if part is None else f" (stream {part})")
             raise RuntimeError(f"{name}: step {self.step} reuses a cache slot that no earlier step of this "
                                f"generation filled for hidden states {tuple(h.shape)} {h.dtype}")
         return slot

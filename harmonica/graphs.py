@@ -7,7 +7,9 @@ timestep and everything derived from it (the adaLN modulations) are graph inputs
 have fixed addresses (allocated once), so a replay reads and writes them in place.
 
 A graph's key is the row with whether DiT's modulation table is active (the blocks then read its
-step buffer instead of computing the embedding). The first time a key appears, the inputs are copied
+step buffer instead of computing the embedding) and, with a linear forecast (forecast.py), the step's row of
+its plan: which slots each unit writes and reads and its coefficients, host constants each capture bakes (steps
+that differ only in them get graphs of their own). The first time a key appears, the inputs are copied
 into the static buffers and the step runs twice on them eagerly on a side stream (the warm-up: lazy
 initialisation, kernel compiles and the cuBLAS workspace of that stream happen outside the capture;
 the sampler buffers are restored in between, and the second run is the step's real result), then the
@@ -313,7 +315,7 @@ class GraphRunner:
             self.reset()
             self.signature, self.schedule, self.static = signature, engine.schedule, StaticInputs(args, kwargs)
             self.captured_epilogue_key = self.epilogue_key
-        key = engine.row, engine.write_row, engine.modulation_active
+        key = engine.graph_key()
         self.static.copy_from(args, kwargs)
         if key not in self.graphs:
             result = backend.warm_up(self._warm_up)

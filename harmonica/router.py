@@ -3,7 +3,9 @@
 Gate value r = sigmoid(logit). The first step's row is a constant +5 (never trained: step 0 computes
 every unit and fills the cache); all logits are clamped to [-5, 5] after every optimizer step.
 A router file (`save_pretrained`) records what it was trained for, and loading it into another
-model, sampler or step count is an error that lists each difference (method.md section 2).
+model, sampler or step count is an error that lists each difference (method.md section 2). It may carry a
+linear forecast of its schedule (`forecast.Forecast`, `router.forecast`; format 3), which `harmonica.enable`
+applies; files without one (formats 1 and 2 among them) load as pure reuse.
 """
 
 import argparse
@@ -26,8 +28,9 @@ from .units import cached_units
 LOGIT_BOUND = 5.0
 WEIGHTS_FILE = "router.safetensors"
 INFO_FILE = "router.json"
-FORMAT_VERSION = 2  # 2 added the training progress (complete, iterations, planned_iterations)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added the training progress (complete, iterations, planned_iterations); 3 the forecast
+READABLE_VERSIONS = (1, 2, 3)
+FORECAST_TENSORS = ("forecast_a", "forecast_b", "forecast_table")  # Forecast's a, b, table
 SAFE_GLOBALS = [argparse.Namespace]  # the `args` of the official checkpoints
 TAU_RANGE = "a threshold in (0, 1)"  # the command line says the same (harmonica.options)
 
@@ -92,6 +95,24 @@ def _read_info(path) -> dict:
         raise _bad(path, "tau in (0, 1)", info["tau"])
     del info["format_version"]
     return info
+
+
+def _read_forecast(tensors: dict, path, router):
+    """The `Forecast` of a router file's tensors (None when it has none), checked against the router's schedule;
+    ValueError naming the file."""
+    from .forecast import Forecast
+
+    present = [name for name in FORECAST_TENSORS if name in tensors]
+    if not present:
+        return None
+    if len(present) != len(FORECAST_TENSORS):
+        raise _bad(path, f"all of {list(FORECAST_TENSORS)} or none", f"only {present}")
+    try:
+        forecast = Forecast(*(tensors[name] for name in FORECAST_TENSORS))
+        router.set_forecast(forecast)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return forecast
 
 
 def describe_differences(mine: dict, theirs: dict, owner: str) -> list:
@@ -162,6 +183,7 @@ class Router(torch.nn.Module):
         logits = torch.randn(num_steps, num_units, generator=generator)
         logits[0] = LOGIT_BOUND
         self.logits = torch.nn.Parameter(logits)
+        self.forecast = None  # a forecast.Forecast of `schedule()` (its training tau), or None: pure reuse
         self.info = info or RouterInfo()
         if self.info.rule not in ROUTER_RULES:
             raise ValueError(f"info.rule: expected one of {ROUTER_RULES}, got {self.info.rule!r}")
@@ -204,7 +226,10 @@ class Router(torch.nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         info = {"format_version": FORMAT_VERSION, **asdict(self.info)}
-        write_files({directory / WEIGHTS_FILE: save({"logits": self.logits.detach().cpu().contiguous()}),
+        tensors = {"logits": self.logits.detach().cpu().contiguous()}
+        if self.forecast is not None:
+            tensors.update(zip(FORECAST_TENSORS, (self.forecast.a, self.forecast.b, self.forecast.table)))
+        write_files({directory / WEIGHTS_FILE: save(tensors),
                      directory / INFO_FILE: json.dumps(info, indent=1) + "\n"})
 
     @classmethod
@@ -237,10 +262,17 @@ class Router(torch.nn.Module):
             raise ValueError(f"{info_path}: {error}") from None
         with torch.no_grad():
             router.logits.copy_(logits)
+        router.forecast = _read_forecast(tensors, weights_path, router)
         if not router.info.complete:
             warnings.warn(f"router: {directory} is partial, saved by an interrupted training run after "
                           f"{router.info.iterations} of {router.info.planned_iterations} iterations", stacklevel=2)
         return router
+
+    def set_forecast(self, forecast) -> None:
+        """Attach `forecast` (a `forecast.Forecast` fitted along `schedule()`, or None); ValueError otherwise."""
+        if forecast is not None:
+            forecast.check(self.schedule(), "forecast")
+        self.forecast = forecast
 
     @classmethod
     def from_official(cls, path, transformer, *, rule: str | None = None, sampler: str = "dit-ddim",

@@ -169,17 +169,20 @@ class Rollouts:
         return x if self.clip is None else x.clamp(*self.clip)
 
     @torch.no_grad()
-    def sample(self, table, *, start: int = 0, keep: bool = False) -> torch.Tensor:
+    def sample(self, table, *, start: int = 0, keep: bool = False, forecast=None) -> torch.Tensor:
         """The final x of the batch under `table` (None: caching off), from the kept state before step
-        `start`; keep: record the state before every step (slots written at every computed unit)."""
+        `start`; keep: record the state before every step (slots written at every computed unit); forecast:
+        a `Forecast` of `table` (or the `ForecastFit` that fits one; forecast.py), not with start or keep."""
         engine, T = self.engine, self.num_steps
+        if forecast is not None and (start or keep):
+            raise ValueError("forecast: expected a sampling from step 0 that keeps no states, got start or keep")
         if table is None:
             engine.mode = "off"
         else:
             schedule = CacheSchedule(table.clone(), "search")
             if keep:  # every computed unit refreshes its slot, whatever the next row reuses
                 schedule.step_keys = [(row, row) for row, _ in schedule.step_keys]
-            engine.set_schedule(schedule)
+            engine.set_schedule(schedule, forecast)
         if start:
             x, slots, state = self.states[start]
             engine.slots = copied_slots(slots)
@@ -198,10 +201,11 @@ class Rollouts:
             self.states = states
         return x
 
-    def error(self, table) -> float:
-        """Mean squared error of the batch's final samples under `table` against the uncached ones
-        (averaged over ranks), sampled from the start."""
-        return self.average(torch.mean((self._clipped(self.sample(table)) - self.reference) ** 2).item())
+    def error(self, table, forecast=None) -> float:
+        """Mean squared error of the batch's final samples under `table` (with `forecast`, a `Forecast` of it)
+        against the uncached ones (averaged over ranks), sampled from the start."""
+        x = self.sample(table, forecast=forecast)
+        return self.average(torch.mean((self._clipped(x) - self.reference) ** 2).item())
 
     def set_base(self, table) -> None:
         self.sample(table, keep=True)

@@ -25,6 +25,8 @@ else:
         gated_residual,
         gated_residual_compute,
         gated_residual_compute_ref,
+        gated_residual_forecast,
+        gated_residual_forecast_ref,
         gated_residual_ref,
         gated_residual_reuse,
         gated_residual_reuse_ref,
@@ -36,5 +38,6 @@ else:
         "gated_residual", "gated_residual_ref",
         "gated_residual_compute", "gated_residual_compute_ref",
         "gated_residual_reuse", "gated_residual_reuse_ref",
+        "gated_residual_forecast", "gated_residual_forecast_ref",
         "guided_eps", "solver_step", "solver_step_ref",
     ]

@@ -4,9 +4,9 @@ compiler for a GPU architecture, on a machine without a GPU.
 The Triton interpreter (the CPU test path) runs kernels as Python, so it accepts kernels the compiler
 rejects and says nothing about the generated code. Here a stand-in driver reports the target
 (`GPUTarget("cuda", arch, 32)`), and every launch compiles (`warmup=True`) instead of running: the
-launchers `gated_residual_fwd/bwd`, `cache_copy_fwd` and `solver_step_fwd` are called with CPU tensors
-of real shapes, dtypes and strides, so the specialisations (16-byte alignment, divisibility) are those
-a GPU run would see. The PTX of each variant is summarised for the memory-bound kernels' needs:
+launchers `gated_residual_fwd/bwd`, `gated_residual_forecast_fwd`, `cache_copy_fwd` and `solver_step_fwd`
+are called with CPU tensors of real shapes, dtypes and strides, so the specialisations (16-byte alignment,
+divisibility) are those a GPU run would see. The PTX of each variant is summarised for the memory-bound kernels' needs:
 128-bit (v4) global accesses and no 64-bit integer division.
 
 Needs triton with its NVIDIA backend (its wheel carries ptxas) and a process where TRITON_INTERPRET
@@ -91,6 +91,13 @@ def _gated_residual_variants():
                     name = f"gated_residual_fwd-{form}-{gate_name}-{'write' if write else 'nowrite'}-{dtype_name}"
                     variants.append(Variant(name, launch, streams=loads + 1 + write,
                                             broadcasts=(gate is not None) + (mode == op.BLEND)))
+        for gate_name, gate in gates.items():
+            def launch(gate=gate, h=h):
+                op.gated_residual_forecast_fwd(h, torch.empty_like(h), torch.empty_like(h), 0.9, 0.1, gate,
+                                               torch.empty_like(h))
+            # h, newest, older; out; broadcasts: the gate
+            variants.append(Variant(f"gated_residual_forecast-{gate_name}-{dtype_name}", launch, streams=4,
+                                    broadcasts=gate is not None))
         for gate_name, gate in gates.items():
             has_gate = gate is not None
             for need_fresh, need_r, need_gate in ((1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1),

@@ -15,6 +15,10 @@ Three forms share one kernel:
   r > tau, in the same pass (method.md section 4). Differentiable in h, fresh, r and g.
 - `gated_residual_compute`: `h + g * fresh`, and `cache <- fresh` in the same pass (inference).
 - `gated_residual_reuse`: `h + g * cache`; no fresh output exists (inference).
+A fourth form has its own small kernel (two slots and two coefficients; the three forms keep their arguments):
+- `gated_residual_forecast`: `h + g * (a * newest + b * older)`, a reused unit's output forecast from its last
+  two computed outputs with host coefficients a, b (inference; harmonica/forecast.py). a = 1, b = 0 is the
+  reuse form's value exactly.
 
 The blend is evaluated as `cache + r * (fresh - cache)`: the same value with one multiply, and it
 keeps the slot itself out of the autograd graph of the reference, so it can be overwritten in place.
@@ -22,6 +26,7 @@ Kernels load, compute in fp32 and cast at the store; any strides are accepted.
 """
 
 import functools
+import math
 
 import torch
 
@@ -65,10 +70,36 @@ def _gated_residual_fwd_kernel(
             if WRITE_CACHE:
                 write = mask & ((tl.zeros_like(value) + r) > tau)
                 tl.store(cache_ptr + c_offs, value.to(cache_ptr.dtype.element_ty), mask=write)
+    _add_gated(h, value, gate_ptr, out_ptr, b, rows, cols, mask, D, s_gb, s_gd, s_ob, s_on, s_od, HAS_GATE)
+
+
+@triton.jit
+def _add_gated(h, value, gate_ptr, out_ptr, b, rows, cols, mask, D, s_gb, s_gd, s_ob, s_on, s_od,
+               HAS_GATE: tl.constexpr):
+    """The residual update of every forward form: out = h + g * value (h, value fp32 tiles), cast at the store."""
     if HAS_GATE:
         g = tl.load(gate_ptr + b * s_gb + cols * s_gd, mask=cols < D).to(tl.float32)
         value = g * value
     tl.store(out_ptr + b * s_ob + rows * s_on + cols * s_od, (h + value).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_forecast_fwd_kernel(
+    h_ptr, newest_ptr, older_ptr, gate_ptr, out_ptr,
+    a, b_coef, N, D,
+    s_hb, s_hn, s_hd, s_1b, s_1n, s_1d, s_2b, s_2n, s_2d, s_gb, s_gd, s_ob, s_on, s_od,
+    HAS_GATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The forecast form: out = h + g * (a * newest + b * older), in fp32."""
+    b = tl.program_id(2).to(tl.int64)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None]
+    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
+    mask = (rows < N) & (cols < D)
+    h = tl.load(h_ptr + b * s_hb + rows * s_hn + cols * s_hd, mask=mask).to(tl.float32)
+    newest = tl.load(newest_ptr + b * s_1b + rows * s_1n + cols * s_1d, mask=mask).to(tl.float32)
+    older = tl.load(older_ptr + b * s_2b + rows * s_2n + cols * s_2d, mask=mask).to(tl.float32)
+    value = a * newest + b_coef * older
+    _add_gated(h, value, gate_ptr, out_ptr, b, rows, cols, mask, D, s_gb, s_gd, s_ob, s_on, s_od, HAS_GATE)
 
 
 @triton.jit
@@ -109,6 +140,7 @@ def _gated_residual_bwd_kernel(
 
 _launch_fwd = Launcher(_gated_residual_fwd_kernel)
 _launch_bwd = Launcher(_gated_residual_bwd_kernel)
+_launch_forecast = Launcher(_gated_forecast_fwd_kernel)
 
 
 def _gate_strides(gate):
@@ -138,6 +170,19 @@ def gated_residual_fwd(h, fresh, cache, r, gate, out, *, mode: int, tau=None, wr
         (0.0 if tau is None else float(tau),),
         (N, D, *h.stride(), *fresh_.stride(), *cache_.stride(), *_gate_strides(gate), *out.stride()),
         dict(MODE=mode, HAS_GATE=gate is not None, WRITE_CACHE=write_cache, BLOCK_N=block_n, BLOCK_D=block_d),
+    )
+    return out
+
+
+def gated_residual_forecast_fwd(h, newest, older, a: float, b: float, gate, out):
+    """Launch the forecast kernel; writes `out`. Inputs are checked."""
+    require_triton("gated_residual_forecast")
+    B, N, D = h.shape
+    (block_n, block_d), grid = _launch_shape(B, N, D)
+    _launch_forecast(
+        grid, (h, newest, older, h if gate is None else gate, out), (float(a), float(b)),
+        (N, D, *h.stride(), *newest.stride(), *older.stride(), *_gate_strides(gate), *out.stride()),
+        dict(HAS_GATE=gate is not None, BLOCK_N=block_n, BLOCK_D=block_d),
     )
     return out
 
@@ -216,6 +261,11 @@ def gated_residual_compute_ref(h, fresh, gate=None, cache=None):
 def gated_residual_reuse_ref(h, cache, gate=None):
     """Torch definition of the reuse form: `h + g * cache`."""
     return (h + _apply_gate(cache, gate)).to(h.dtype)
+
+
+def gated_residual_forecast_ref(h, newest, older, a: float, b: float, gate=None):
+    """Torch definition of the forecast form: `h + g * (a * newest + b * older)`."""
+    return (h + _apply_gate(a * newest + b * older, gate)).to(h.dtype)
 
 
 def _plainly_valid(h, fresh, cache, gate, out) -> bool:
@@ -329,3 +379,26 @@ def gated_residual_reuse(h, cache, gate=None, *, out=None):
     """
     _check_unit(h, cache=cache, gate=gate, out=out)
     return _run_inference_form(REUSE, h, None, cache, gate, out, lambda: gated_residual_reuse_ref(h, cache, gate))
+
+
+def gated_residual_forecast(h, newest, older, a: float, b: float, gate=None, *, out=None):
+    """Reused unit at inference, forecast from its last two computed outputs: `h + g * (a * newest + b * older)`,
+    with the current step's gate; fp32 arithmetic, one rounding at the store (the kernel).
+
+    h, newest, older: (B, N, D), one dtype and device (newest: the unit's latest computed output, older: the one
+    before); a, b: finite Python floats (host constants: a captured graph bakes them); gate: (B, D), (B, 1, D) or
+    None; out: optional result buffer (may be `h`). a = 1, b = 0 gives `gated_residual_reuse(h, newest, gate)`.
+    """
+    if not _plainly_valid(h, newest, older, gate, out):
+        _check_unit(h, gate=gate, out=out)
+        for name, t in (("newest", newest), ("older", older)):
+            check_like(name, t, "h", h)
+    for name, value in (("a", a), ("b", b)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite Python float (a forecast coefficient), got {value!r}")
+    if _needs_grad(h, newest, older, gate):
+        raise ValueError("h: expected tensors that do not require grad (the forecast form is inference only), "
+                         "got requires_grad=True")
+    if not kernel_path(h):
+        return _finish(gated_residual_forecast_ref(h, newest, older, a, b, gate), out)
+    return gated_residual_forecast_fwd(h, newest, older, a, b, gate, torch.empty_like(h) if out is None else out)

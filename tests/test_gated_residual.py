@@ -17,6 +17,9 @@ from harmonica.kernels.gated_residual import (
     gated_residual_bwd,
     gated_residual_compute,
     gated_residual_compute_ref,
+    gated_residual_forecast,
+    gated_residual_forecast_fwd,
+    gated_residual_forecast_ref,
     gated_residual_fwd,
     gated_residual_ref,
     gated_residual_reuse,
@@ -97,6 +100,78 @@ def test_reuse_kernel(shape, dtype, strided, gate_kind):
     expected = gated_residual_reuse_ref(f32(h), f32(cache), f32(gate))
     assert_matches_reference(out, gated_residual_reuse_ref(h, cache, gate), expected, "out")
     assert torch.equal(cache, before), "cache: modified by the reuse form"
+
+
+A, B = 0.75, -0.375  # forecast coefficients, exact in fp32 (Triton passes host floats as fp32)
+
+
+@pytest.mark.parametrize("shape,dtype,strided,gate_kind", CASES, ids=CASE_IDS)
+def test_forecast_kernel(shape, dtype, strided, gate_kind):
+    """h + g * (a * newest + b * older) against the fp32 reference; the slots are only read."""
+    h, older, newest, gate = make_unit(shape, dtype, gate_kind, strided)
+    before = newest.clone(), older.clone()
+    out = nan_like(h)
+    gated_residual_forecast_fwd(h, newest, older, A, B, gate, out)
+    expected = gated_residual_forecast_ref(f32(h), f32(newest), f32(older), A, B, f32(gate))
+    assert_matches_reference(out, gated_residual_forecast_ref(h, newest, older, A, B, gate), expected, "out")
+    assert torch.equal(newest, before[0]) and torch.equal(older, before[1]), "slots: modified by the forecast form"
+
+
+@pytest.mark.parametrize("mutation", ["swap", "drop-b"])
+def test_a_mutated_forecast_fails_the_kernel_check(mutation):
+    """The comparison above tells the forecast from its likely bugs: slots swapped, b dropped."""
+    h, older, newest, gate = make_unit((2, 63, 72), torch.float16, "BD", True)
+    mutated = {"swap": (h, older, newest, A, B), "drop-b": (h, newest, older, A, 0.0)}[mutation]
+    expected = gated_residual_forecast_ref(f32(h), f32(newest), f32(older), A, B, f32(gate))
+    with pytest.raises(AssertionError, match="elements beyond"):
+        assert_matches_reference(gated_residual_forecast_ref(*mutated, gate),
+                                 gated_residual_forecast_ref(h, newest, older, A, B, gate), expected, "out")
+
+
+@pytest.mark.parametrize("gate_dtype", [None, torch.float32], ids=["gate-like-h", "fp32-gate"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_forecast_at_one_zero_is_the_reuse_form_bitwise(dtype, gate_dtype):
+    """a = 1, b = 0: the kernel's value is the newest slot exactly (1 * c1 + 0 * c2, c2 finite), so the output is
+    the reuse kernel's bit for bit; so is the public op's (the references on CPU)."""
+    h, older, newest, gate = make_unit((2, 63, 72), dtype, "chunk", True, seed=4, gate_dtype=gate_dtype)
+    if gate_dtype is None and dtype != torch.float32:
+        gate = gate.to(dtype)
+    reuse, forecast = nan_like(h), nan_like(h)
+    gated_residual_fwd(h, None, newest, None, gate, reuse, mode=REUSE)
+    gated_residual_forecast_fwd(h, newest, older, 1.0, 0.0, gate, forecast)
+    assert torch.equal(forecast, reuse)
+    assert torch.equal(gated_residual_forecast(h, newest, older, 1.0, 0.0, gate), gated_residual_reuse(h, newest, gate))
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contig", "strided"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=dtype_id)
+def test_forecast_fp32_gate_kernel(dtype, strided):
+    """An fp32 gate over a low-precision stream (Wan): `h + g * (a c1 + b c2)` formed in fp32 and rounded once,
+    within one rounding of the exact (fp64) value plus five fp32 operations (two products, a sum, the gate
+    product, the residual add), each at most one fp32 unit roundoff of the magnitudes it combines."""
+    shape = (3, 37, 75)
+    h, older, newest, gate = make_unit(shape, dtype, "chunk" if strided else "B1D", strided, seed=11,
+                                       gate_dtype=torch.float32)
+    out = nan_like(h)
+    gated_residual_forecast_fwd(h, newest, older, A, B, gate, out)
+    h64, c1, c2, g64 = (t.double() for t in (h, newest, older, gate.view(-1, 1, shape[2])))
+    exact = h64 + g64 * (A * c1 + B * c2)
+    unit = 2.0 ** -24
+    bound = one_rounding(exact, dtype) + 5 * unit * (h64.abs() + g64.abs() * (abs(A) * c1.abs() + abs(B) * c2.abs()))
+    assert_within("out", out, exact, bound)
+
+
+def test_forecast_bad_inputs_name_the_argument():
+    gen = torch.Generator().manual_seed(0)
+    h, c1, c2 = (torch.randn(2, 5, 8, generator=gen) for _ in range(3))
+    with pytest.raises(ValueError, match=r"older: expected shape \(2, 5, 8\) \(from h\), got \(2, 5, 9\)"):
+        gated_residual_forecast(h, c1, torch.randn(2, 5, 9), 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"newest: expected dtype torch.float32 \(from h\), got torch.float16"):
+        gated_residual_forecast(h, c1.half(), c2, 1.0, 0.5)
+    with pytest.raises(ValueError, match=r"b: expected a finite Python float \(a forecast coefficient\), got nan"):
+        gated_residual_forecast(h, c1, c2, 1.0, float("nan"))
+    with pytest.raises(ValueError, match=r"a: expected a finite Python float .*, got tensor"):
+        gated_residual_forecast(h, c1, c2, torch.tensor(1.0), 0.5)
 
 
 def test_out_may_alias_h():

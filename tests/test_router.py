@@ -213,7 +213,7 @@ def test_from_pretrained_names_the_file_of_each_defect(tmp_path, dit):
     cases = {
         "router.json": [
             ("{", r"expected JSON, got unreadable text \(Expecting"),
-            ({**good, "format_version": 3}, r"expected format_version in \(1, 2\), got 3"),
+            ({**good, "format_version": 4}, r"expected format_version in \(1, 2, 3\), got 4"),
             ({**good, "temperature": 1}, r"expected keys from .*, got unknown keys \['temperature'\]"),
             ({**good, "complete": 1}, r"expected complete of type bool, got 1"),
             ({**good, "tau": 1.5}, r"expected tau in \(0, 1\), got 1.5"),

@@ -1,0 +1,292 @@
+"""Learned linear forecasting (harmonica/forecast.py): the two-slot plan, the engine against a plain history
+reference, pure reuse at a = 1, b = 0, the closed-form fit, the graph stand-in and compile counts with it on,
+the router file round trip and `harmonica train --forecast`."""
+
+import json
+from collections import defaultdict
+
+import pytest
+import torch
+from _helpers import make_model, step_inputs, units_of
+from graph_standin import StandInGraphs, runner_inputs
+from safetensors.torch import load_file, save_file
+from test_compile import KINDS, CountingBackend
+from test_graphs import run
+
+import harmonica
+from harmonica import CacheSchedule, Router
+from harmonica import kernels as ops
+from harmonica.cli import main
+from harmonica.digits import eval_batch, load_digits_dit
+from harmonica.forecast import Forecast, ForecastFit, ForecastPlan
+from harmonica.graphs import graph_plan
+from harmonica.router import RouterInfo
+from harmonica.search import Rollouts, router_from_table
+from harmonica.training import DiTTask, engine_attached
+
+STEPS = 7
+# unit 0: computes at 0, 1, 3 (the output of 0 is read by no reuse: no slot); unit 1: FORA-like with a lone reuse
+# at step 1 (one computed output: pure reuse); the others: a random pattern
+PATTERN = [[1, 1, 1, 1], [1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]]
+
+
+def irregular(units: int) -> CacheSchedule:
+    gen = torch.Generator().manual_seed(5)
+    table = torch.rand(STEPS, units, generator=gen) < 0.5
+    table[:, :4] = torch.tensor(PATTERN, dtype=torch.bool)
+    table[0] = True
+    return CacheSchedule(table, "irregular")
+
+
+def random_forecast(schedule) -> Forecast:
+    gen = torch.Generator().manual_seed(7)
+    shape = schedule.table.shape
+    a, b = 1 + 0.5 * torch.randn(shape, generator=gen), 0.5 * torch.randn(shape, generator=gen)
+    return Forecast(a, b, schedule.table)
+
+
+def test_the_plan_rotates_two_slots_and_falls_back_to_pure_reuse():
+    table = torch.tensor([[1], [0], [1], [0], [0], [1], [1], [0], [1], [1], [0]], dtype=torch.bool)
+    schedule = CacheSchedule(table, "one unit")
+    forecast = Forecast(torch.full(table.shape, 0.5), torch.full(table.shape, 0.25), table)
+    forecast.a[10, 0], forecast.b[10, 0] = 1.0, 0.0  # exactly pure reuse: the older output is not needed
+    rows = [row[0] for row in ForecastPlan(schedule, forecast).rows]
+    # computes 0, 2, 5, 6, 8, 9; reuses 1 (one output so far), 3 and 4 (2 and 0), 7 (6 and 5), 10 (9, a = 1 b = 0)
+    assert rows == [0, (0, None, 1.0, 0.0), 1, (1, 0, 0.5, 0.25), (1, 0, 0.5, 0.25), 0, 1, (1, 0, 0.5, 0.25), None, 0,
+                    (0, None, 1.0, 0.0)]
+    with pytest.raises(ValueError, match=r"forecast: expected the schedule it was fitted along .*, got 'fora:2' "
+                                         r"with 4 cells that differ"):
+        ForecastPlan(CacheSchedule.fora(11, 1, 2), forecast)
+
+
+def history_run(model, schedule, forecast, steps, monkeypatch):
+    """The outputs of a plain definition: every computed output kept in a list per unit; a reused unit adds
+    a * out[-1] + b * out[-2] of its list (out[-1] alone with fewer than two)."""
+    history = defaultdict(list)
+    engine = harmonica.enable(model, schedule)
+
+    def run_unit(k, compute, gate, h, part=None):
+        outputs = history[k]
+        if engine.row[k]:
+            outputs.append(compute().clone())
+            return ops.gated_residual_compute_ref(h, outputs[-1], gate)
+        if len(outputs) < 2:
+            return ops.gated_residual_reuse_ref(h, outputs[-1], gate)
+        a, b = float(forecast.a[engine.step, k]), float(forecast.b[engine.step, k])
+        return ops.gated_residual_forecast_ref(h, outputs[-1], outputs[-2], a, b, gate)
+
+    monkeypatch.setattr(engine, "_run_unit", run_unit)
+    outputs = run(model, steps)
+    harmonica.disable(model)
+    return outputs
+
+
+def forecast_run(model, schedule, forecast, steps):
+    harmonica.enable(model, schedule, forecast=forecast)
+    outputs = run(model, steps)
+    harmonica.disable(model)
+    return outputs
+
+
+@pytest.mark.parametrize("mutation", [None, "swap", "drop-b"])
+def test_the_engine_forecasts_from_the_last_two_computed_outputs(mutation, monkeypatch):
+    """Bitwise the history reference; a plan that swaps the two slots, or a forecast that drops b, is not."""
+    model = make_model("tiny-pixart")
+    schedule = irregular(units_of(model))
+    forecast = random_forecast(schedule)
+    expected = history_run(model, schedule, forecast, STEPS, monkeypatch)
+    if mutation == "swap":
+        rows = ForecastPlan.__init__
+
+        def swapped(self, *args, **kwargs):
+            rows(self, *args, **kwargs)
+            self.rows = [tuple((e[1], e[0], *e[2:]) if isinstance(e, tuple) and e[1] is not None else e for e in row)
+                         for row in self.rows]
+        monkeypatch.setattr(ForecastPlan, "__init__", swapped)
+    if mutation == "drop-b":
+        monkeypatch.setattr(ops, "gated_residual_forecast",
+                            lambda h, c1, c2, a, b, gate: ops.gated_residual_forecast_ref(h, c1, c2, a, 0.0, gate))
+    got = forecast_run(model, schedule, forecast, STEPS)
+    same = all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert same == (mutation is None)
+
+
+def test_one_zero_is_pure_reuse_bitwise_with_no_second_slot():
+    model = make_model("tiny-dit")
+    schedule = irregular(units_of(model))
+    harmonica.enable(model, schedule)
+    reuse, reuse_bytes = run(model, STEPS), harmonica.summary(model).cache_bytes
+    engine = harmonica.enable(model, schedule, forecast=Forecast.identity(schedule.table))
+    assert all(torch.equal(a, b) for a, b in zip(reuse, run(model, STEPS), strict=True))
+    assert engine.cache_bytes() == reuse_bytes
+    harmonica.disable(model)
+
+
+def test_the_summary_reports_the_second_slots():
+    """FORA:2 over 5 steps: step 3 forecasts every unit from the outputs of steps 2 and 0, so every unit holds two
+    slots; step 1 has one computed output (pure reuse)."""
+    model = make_model("tiny-dit")
+    schedule = CacheSchedule.fora(5, units_of(model), 2)
+    harmonica.enable(model, schedule)
+    run(model, 5)
+    single = harmonica.summary(model)
+    harmonica.enable(model, schedule, forecast=random_forecast(schedule))
+    run(model, 5)
+    double = harmonica.summary(model)
+    harmonica.disable(model)
+    assert double.cache_bytes == 2 * single.cache_bytes > 0
+    assert double.forecast and not single.forecast and "linear forecast: two slots per unit" in str(double)
+
+
+def test_the_fit_recovers_known_coefficients():
+    """Targets exactly a c1 + b c2: without ridge the 2x2 solve returns (a, b) to fp64 rounding; with ridge lam it
+    moves towards (1, 0) by at most lam |(a, b) - (1, 0)| / the Gram matrix's smallest eigenvalue."""
+    gen = torch.Generator().manual_seed(0)
+    table = torch.tensor([[True], [True], [False]])
+    schedule = CacheSchedule(table, "t")
+    c1, c2 = (torch.randn(2, 40, 24, generator=gen) for _ in range(2))
+    truth = torch.tensor([0.8, -0.45], dtype=torch.float64)
+    target = truth[0].item() * c1 + truth[1].item() * c2
+    for ridge in (0.0, 1e-3):
+        fit = ForecastFit(schedule, ridge)
+        fit.solve(2, 0, [(target[:1], c1[:1], c2[:1]), (target[1:], c1[1:], c2[1:])])  # two streams, one system
+        got = torch.tensor(fit.coefficients(2, 0), dtype=torch.float64)
+        x = torch.stack([c1.reshape(-1), c2.reshape(-1)], 1).double()
+        gram = x.T @ x
+        lam = ridge * gram.diagonal().mean()
+        bound = lam * (truth - torch.tensor([1.0, 0.0], dtype=torch.float64)).norm() / torch.linalg.eigvalsh(gram)[0]
+        bound += 1e-6 * truth.abs().max()  # the float32 storage of the coefficients
+        assert (got - truth).abs().max() <= bound, (ridge, got, truth)
+        if ridge:
+            assert (got - truth).abs().max() > 1e-9  # the ridge pulls towards pure reuse
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_dit()
+
+
+def test_the_fit_follows_the_deployed_trajectory_and_lowers_its_error(digits):
+    """Fitting runs the cached trajectory with each cell's coefficients applied as soon as they are solved, so the
+    fitting pass's final samples are bitwise those of sampling with the result; on the calibration batch the
+    forecast's error is clearly below pure reuse's (0.72 of it, measured)."""
+    steps = 6
+    noise, labels = eval_batch(8, seed=101)
+    task = DiTTask(digits, steps, 1.5)
+    table = CacheSchedule.fora(steps, 12, 2).table
+    with engine_attached(digits) as engine:
+        rollouts = Rollouts(task, engine, noise, {"class_labels": labels}, steps, clip=(-1, 1))
+        fit = ForecastFit(CacheSchedule(table, "fora:2"))
+        fitted = rollouts.sample(table, forecast=fit)
+        forecast = fit.forecast
+        assert torch.equal(rollouts.sample(table, forecast=forecast), fitted)
+        reuse, forecast_error = rollouts.error(table), rollouts.error(table, forecast)
+    assert (forecast.b[3] != 0).all() and (forecast.b[:3] == 0).all()  # steps 1 (one output), 0 and 2 (compute)
+    assert forecast_error < 0.9 * reuse
+
+
+def test_graphs_replay_the_forecast_with_each_steps_own_constants(monkeypatch):
+    """The stand-in replays captured arguments: each step's coefficients and slots are in its graph's key, so the
+    replays equal the eager forecast bitwise; a key without them replays another step's constants."""
+    model = make_model("tiny-dit")
+    schedule = CacheSchedule.fora(7, units_of(model), 2)  # steps 3 and 5 share their rows, not their coefficients
+    forecast = random_forecast(schedule)
+    eager = forecast_run(model, schedule, forecast, 7)
+    for drop_forecast_row in (False, True):
+        engine = harmonica.enable(model, schedule, cuda_graphs=True, forecast=forecast)
+        runner = model._harmonica.graphs
+        runner.backend = StandInGraphs(lambda runner=runner: runner_inputs(runner))
+        if drop_forecast_row:
+            monkeypatch.setattr(engine, "graph_key", lambda engine=engine: (engine.row, engine.write_row))
+        outputs = run(model, 7) + run(model, 7)
+        same = all(torch.equal(a, b) for a, b in zip(eager * 2, outputs, strict=True))
+        assert same != drop_forecast_row
+        keys = set(zip(schedule.step_keys, ForecastPlan(schedule, forecast).rows))  # steps 0 and 4 share one
+        captures = len(keys) if not drop_forecast_row else 3
+        assert runner.captures == captures and len(set(graph_plan(schedule))) == 3
+        harmonica.disable(model)
+
+
+def test_compiled_units_with_the_forecast_compile_once_per_unit_kind():
+    model = make_model("tiny-dit")
+    schedule = irregular(units_of(model))
+    forecast = random_forecast(schedule)
+    eager = forecast_run(model, schedule, forecast, STEPS)
+    backend = CountingBackend()
+    harmonica.enable(model, schedule, forecast=forecast, compile={"backend": backend})
+    outputs = run(model, STEPS) + run(model, STEPS)
+    harmonica.disable(model)
+    assert all(torch.equal(a, b) for a, b in zip(eager * 2, outputs, strict=True))
+    assert len(backend.graphs) == len(KINDS["tiny-dit"])
+
+
+def test_the_router_file_carries_the_forecast_and_old_files_load_as_pure_reuse(tmp_path):
+    model = make_model("tiny-dit")
+    units = units_of(model)
+    table = irregular(units).table
+    router = router_from_table(table, RouterInfo.for_model(model))
+    forecast = random_forecast(router.schedule())
+    router.set_forecast(forecast)
+    router.save_pretrained(tmp_path / "new")
+    loaded = Router.from_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "router.json").read_text())["format_version"] == 3
+    for name in ("a", "b", "table"):
+        assert torch.equal(getattr(loaded.forecast, name), getattr(forecast, name))
+    engine = harmonica.enable(model, loaded)
+    assert engine.forecast_plan is not None
+    assert harmonica.enable(model, loaded, forecast=False).forecast_plan is None
+    with pytest.raises(ValueError, match=r"the router's forecast: expected the schedule it was fitted along .* "
+                                         r"\(tau 0.999 gives another schedule than its training tau\)"):
+        harmonica.enable(model, loaded, tau=0.999)
+    assert not hasattr(model, "_harmonica")  # refused: nothing attached
+    with pytest.raises(ValueError, match=r"^forecast: expected a Forecast, None or False, got str"):
+        harmonica.enable(model, loaded, forecast="yes")
+
+    old = tmp_path / "old"  # a format-2 file: no forecast tensors
+    router_from_table(table, RouterInfo.for_model(model)).save_pretrained(old)
+    info = json.loads((old / "router.json").read_text())
+    (old / "router.json").write_text(json.dumps({**info, "format_version": 2}))
+    assert Router.from_pretrained(old).forecast is None
+    assert harmonica.enable(model, Router.from_pretrained(old)).forecast_plan is None
+    harmonica.disable(model)
+
+    tensors = load_file(str(tmp_path / "new" / "router.safetensors"))
+    del tensors["forecast_b"]
+    save_file(tensors, str(old / "router.safetensors"))
+    with pytest.raises(ValueError, match=r"router.safetensors: expected all of \['forecast_a', 'forecast_b', "
+                                         r"'forecast_table'\] or none, got only \['forecast_a', 'forecast_table'\]"):
+        Router.from_pretrained(old)
+    tensors = load_file(str(tmp_path / "new" / "router.safetensors"))
+    tensors["forecast_a"][3, 1] = float("nan")
+    save_file(tensors, str(old / "router.safetensors"))
+    with pytest.raises(ValueError, match=r"router.safetensors: forecast.a: expected finite coefficients, got 1 NaN"):
+        Router.from_pretrained(old)
+
+
+def test_train_forecast_fits_and_saves_the_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny-dit", "--random-weights", "--steps", "4", "--batch", "2", "--rounds", "1",
+            "--candidates", "1", "--eval-batch", "0", "--out", str(out), "--forecast"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "forecast: fitted on 2 calibration noises" in printed and "(pure reuse) ->" in printed
+    router = Router.from_pretrained(out / "router")
+    assert router.forecast is not None and torch.equal(router.forecast.table, router.schedule().table)
+    assert main(["train", "--model", "tiny-dit", "--random-weights", "--forecast", "--steps", "1",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "--steps: expected 2 to 1000" in capsys.readouterr().err
+
+
+def test_forecast_inputs_are_checked(tmp_path):
+    table = CacheSchedule.fora(4, 2, 2).table
+    with pytest.raises(ValueError, match=r"forecast.b: expected a float tensor of shape \(4, 2\) \(from "
+                                         r"forecast.table\), got torch.float32 of shape \(4, 3\)"):
+        Forecast(torch.ones(4, 2), torch.zeros(4, 3), table)
+    with pytest.raises(ValueError, match=r"ridge: expected a finite number >= 0, got -1"):
+        ForecastFit(CacheSchedule(table, "t"), -1)
+    model = make_model("tiny-dit")
+    with pytest.raises(ValueError, match=r"forecast: expected the schedule it was fitted along"):
+        harmonica.enable(model, CacheSchedule.fora(4, units_of(model), 3),
+                         forecast=Forecast.identity(CacheSchedule.fora(4, units_of(model), 2).table))
+    assert not hasattr(model, "_harmonica")
+    model(**step_inputs(model, 0))  # nothing left attached
