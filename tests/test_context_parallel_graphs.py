@@ -77,7 +77,7 @@ def _compiled_with_graphs(transformer, task, noise) -> dict:
         found["after each"].append(len(backend.graphs))
         if schedule is plan[2]:  # FORA:2 at 4 steps
             found["latents"] = latents
-            found["captured"] = _captured(runner, [(*key, False) for key in schedule.step_keys])
+            found["captured"] = _captured(runner, runner_keys(schedule))
     found["per kind"] = {f"{block} {kind}": n for (block, kind), n in entries_per_kind(engine).items()}
     harmonica.disable(transformer)
     return found
@@ -146,6 +146,11 @@ def _capture_refusal(transformer, task, noise, schedule, mutation) -> str | None
         harmonica.disable(transformer)
 
 
+def runner_keys(schedule) -> list:
+    """The graph runner's key of each step (`engine.graph_key`): rows, writes, no modulation table, no forecast."""
+    return [(*key, False, None) for key in schedule.step_keys]
+
+
 def _captured(runner, keys) -> dict:
     """The runner's captured collectives by the first step of each graph (keys: the runner's key of each step)."""
     return {str(keys.index(key)): calls for key, calls in runner.collectives.items()}
@@ -173,7 +178,7 @@ def _family(name, kind, rank) -> dict:
     runner, stand_in = _with_stand_in(transformer, task, schedule)
     runs = [_sample(task, noise) for _ in range(2)]
     harmonica.disable(transformer)
-    keys = [(*key, False) for key in schedule.step_keys]  # the runner's keys: rows, writes, no modulation table
+    keys = runner_keys(schedule)
     replayed = [t for t in range(STEPS) if keys.index(keys[t]) < t] + list(range(STEPS))  # the second run: all
     found.update({
         "reference_max": single.abs().max().item(),
@@ -366,7 +371,7 @@ def _cuda_family(name, kind, rank) -> dict:
     eager = _sample(task, noise)
     harmonica.disable(transformer)
     found["eager vs one process"] = (eager - single).abs().max().item()
-    keys = [(*key, False) for key in schedule.step_keys]
+    keys = runner_keys(schedule)
     for label, compile in (("graphs", False), ("graphs and compile", True)):
         harmonica.enable(transformer, schedule, cuda_graphs=True, compile=compile)
         runs = [_sample(task, noise) for _ in range(2)]

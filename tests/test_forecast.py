@@ -122,6 +122,21 @@ def test_one_zero_is_pure_reuse_bitwise_with_no_second_slot():
     harmonica.disable(model)
 
 
+def test_the_ranks_schedule_check_covers_the_forecast():
+    # under context parallelism every rank must forecast alike: the digest the ranks compare holds the plan
+    from harmonica.parallel import schedule_digest
+    model = make_model("tiny-dit")
+    schedule = irregular(units_of(model))
+    digests = []
+    for forecast in (None, random_forecast(schedule), random_forecast(schedule), Forecast.identity(schedule.table)):
+        digests.append(schedule_digest(harmonica.enable(model, schedule, forecast=forecast)))
+    other = random_forecast(schedule)
+    other.b[1:] *= 1.5  # one coefficient set of another rank
+    digests.append(schedule_digest(harmonica.enable(model, schedule, forecast=other)))
+    harmonica.disable(model)
+    assert digests[1] == digests[2] and len({digests[0], digests[1], digests[3], digests[4]}) == 4
+
+
 def test_the_summary_reports_the_second_slots():
     """FORA:2 over 5 steps: step 3 forecasts every unit from the outputs of steps 2 and 0, so every unit holds two
     slots; step 1 has one computed output (pure reuse)."""
