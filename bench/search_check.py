@@ -14,16 +14,21 @@ is measured with it too, paired against itself without it on the held-out noises
 """
 
 import argparse
+import json
 import math
+import sys
 import time
 
 import torch
 
 from harmonica.digits import DIGITS_MODELS, eval_batch
+from harmonica.files import check_out_file, write_file
 from harmonica.forecast import fit_forecast
 from harmonica.schedule import CacheSchedule
 from harmonica.search import Rollouts, SearchConfig, budget_for_cur, search_schedule, spread
 from harmonica.training import engine_attached, task_macs
+
+from .machine import machine_info
 
 CLIP = (-1.0, 1.0)
 
@@ -77,11 +82,22 @@ def main(argv=None) -> None:
     parser.add_argument("--equal-macs", action="store_true", help="also hold the MACs to at most FORA:2's")
     parser.add_argument("--forecast", action="store_true", help="also each schedule with its fitted linear forecast")
     parser.add_argument("--rounds", type=int, help=f"search rounds at most (default {SearchConfig.rounds}, train's)")
+    parser.add_argument("--out", help="also write the results, with the machine and the command, to this JSON file")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        try:
+            check_out_file(args.out, "--out", (".json",), "a .json file in an existing writable directory")
+        except ValueError as error:
+            parser.error(str(error))
     torch.set_num_threads(1)
+    results = {"command": "python -m harmonica.bench.search_check " + " ".join(sys.argv[1:] if argv is None else argv),
+               "machine": machine_info(), "seeds": []}
     for seed in args.seeds:
         r = check(args.steps, seed, model=args.model, equal_macs=args.equal_macs, forecast=args.forecast,
                   rounds=args.rounds)
+        results["seeds"].append(r)
+        if args.out is not None:  # after each seed: a run cut short keeps what it finished
+            write_file(args.out, json.dumps(results, indent=1, default=float))
         print(f"{r['model']} T={r['steps']} seed {r['seed']}: FORA:2 {r['psnr']['fora:2']:.2f} dB "
               f"({r['speedup']['fora:2']:.3f}x), "
               f"searched {r['psnr']['searched']:.2f} dB ({r['speedup']['searched']:.3f}x), "
