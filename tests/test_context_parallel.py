@@ -221,11 +221,11 @@ def _command_line(rank, out):
     return results
 
 
-def _rank(rank, port, out):
+def join_gloo(rank, port) -> None:
+    """This spawned process joins the WORLD gloo ranks on `port`, one thread, the CPU counted as one device."""
     import os
 
     import torch.distributed as dist
-    from diffusers.models import attention_dispatch
 
     from harmonica import parallel
 
@@ -233,29 +233,49 @@ def _rank(rank, port, out):
     torch.set_num_threads(1)
     parallel.cpu_device_count_shim()
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    findings = {}
+
+
+def _rank(rank, port, out):
+    import torch.distributed as dist
+
+    join_gloo(rank, port)
     try:
-        findings["cli"] = _command_line(rank, out)
-        for kind in KINDS:
-            if kind == "ring":
-                attention_dispatch._native_attention_forward_op = _forward_op_with_lse
-            for name in FAMILIES:
-                findings[f"{name} {kind}"] = _family(name, kind, rank)
+        findings = {"cli": _command_line(rank, out), **every_case(_family, rank)}
     finally:
         dist.destroy_process_group()
     with open(out / f"rank{rank}.json", "w") as f:
         json.dump(findings, f)
 
 
+def every_case(family, rank) -> dict:
+    """{"<family> <kind>": family(name, kind, rank)} for every kind and family; ring runs the native attention op
+    given the log-sum-exp it lacks (`_forward_op_with_lse`)."""
+    from diffusers.models import attention_dispatch
+
+    findings = {}
+    for kind in KINDS:
+        if kind == "ring":
+            attention_dispatch._native_attention_forward_op = _forward_op_with_lse
+        for name in FAMILIES:
+            findings[f"{name} {kind}"] = family(name, kind, rank)
+    return findings
+
+
+def spawn_ranks(rank_main, out) -> list:
+    """`rank_main(rank, port, out)` on WORLD spawned processes (a free port for their group); each writes its
+    findings to out/rank<r>.json, returned in rank order."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(rank_main, args=(port, out), nprocs=WORLD)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory):
     """The 2 ranks' findings and the folder they wrote to."""
     out = tmp_path_factory.mktemp("cp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, out), nprocs=WORLD)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)], out
+    return spawn_ranks(_rank, out), out
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,15 @@ The stand-ins for what a CPU lacks are test_context_parallel.py's (one accelerat
 
 import contextlib
 import json
-import socket
 from unittest import mock
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from _helpers import rounding_bound
 from test_compile import CountingBackend, ReplayingGraphs, many_rows
 from test_compile_flow import FAMILIES as FLOW_COMPILED
 from test_compile_flow import entries_per_kind
-from test_context_parallel import _forward_op_with_lse, sharding_terms
+from test_context_parallel import every_case, join_gloo, sharding_terms, spawn_ranks
 from test_flow_graphs import cached_tables
 from test_flow_graphs import case as flow_case
 
@@ -208,24 +206,11 @@ def _family(name, kind, rank) -> dict:
 
 
 def _rank(rank, port, out):
-    import os
-
     import torch.distributed as dist
-    from diffusers.models import attention_dispatch
 
-    from harmonica import parallel
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    parallel.cpu_device_count_shim()
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    findings = {}
+    join_gloo(rank, port)
     try:
-        for kind in KINDS:
-            if kind == "ring":
-                attention_dispatch._native_attention_forward_op = _forward_op_with_lse
-            for name in FAMILIES:
-                findings[f"{name} {kind}"] = _family(name, kind, rank)
+        findings = every_case(_family, rank)
     finally:
         dist.destroy_process_group()
     with open(out / f"rank{rank}.json", "w") as f:
@@ -235,12 +220,7 @@ def _rank(rank, port, out):
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory):
     """The 2 ranks' findings."""
-    out = tmp_path_factory.mktemp("cp-graphs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, out), nprocs=WORLD)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return spawn_ranks(_rank, tmp_path_factory.mktemp("cp-graphs"))
 
 
 def _replayed(f):
@@ -389,19 +369,13 @@ def _cuda_rank(rank, port, out):
     import os
 
     import torch.distributed as dist
-    from diffusers.models import attention_dispatch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=WORLD, device_id=torch.device("cuda", rank),
                             timeout=datetime.timedelta(minutes=3))  # a capture that hangs fails the test
-    findings = {}
     try:
-        for kind in KINDS:
-            if kind == "ring":  # the native op with its log-sum-exp (plain torch), as on the CPU
-                attention_dispatch._native_attention_forward_op = _forward_op_with_lse
-            for name in FAMILIES:
-                findings[f"{name} {kind}"] = _cuda_family(name, kind, rank)
+        findings = every_case(_cuda_family, rank)  # ring: the native op with its log-sum-exp, as on the CPU
     finally:
         dist.destroy_process_group()
     with open(out / f"rank{rank}.json", "w") as f:
@@ -415,11 +389,7 @@ def test_cuda_graphs_under_context_parallelism_on_two_gpus(tmp_path):
     and replayed in lockstep, each rank's graphs in its own pool): FORA:2 with cuda_graphs, without and with compile,
     equals the eager generation under the same ranks (rounding of the same computation: eps x the longest reduction x
     the steps; compile: inductor may reorder every unit's reductions, x the units), on both ranks alike."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_cuda_rank, args=(port, tmp_path), nprocs=WORLD)
-    findings = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    findings = spawn_ranks(_cuda_rank, tmp_path)
     for case in CASES:
         for found in findings:
             f = found[case]
