@@ -99,7 +99,8 @@ def test_the_plan_fits_the_device_limits():
     assert len(limits) == 2 and all(p < t <= PART_LIMIT for p, t in zip(parts, limits))
     assert sum(limits) <= TOTAL_LIMIT
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    command = f"HARMONICA_COMMIT={commit.stdout.strip()} GPU_CHECK_DIR=$OUT bash bench/gpu/check.sh 1', carry=['.gpu-kit']"
+    command = (f"HARMONICA_COMMIT={commit.stdout.strip()} GPU_CHECK_DIR=$OUT bash bench/gpu/check.sh 1', "
+               "carry=['.gpu-kit']")
     assert command in done.stdout
     over = plan(SUITE_TIMEOUT="400")
     assert over.returncode == 1 and "OVER THE LIMITS" in over.stdout

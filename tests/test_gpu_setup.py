@@ -1,6 +1,6 @@
 """bench/gpu/check.sh's set-up on a simulated device image, offline: a venv whose site holds what the image holds
-(bench/gpu/image-packages.txt: torch, triton, transformers, pytest, setuptools..., here the current environment's copies,
-linked, not installed) and not diffusers; the set-up installs the kit of `make gpu-kit` and the project with
+(bench/gpu/image-packages.txt: torch, triton, transformers, pytest, setuptools..., here the current environment's
+copies, linked, not installed) and not diffusers; the set-up installs the kit of `make gpu-kit` and the project with
 PIP_NO_INDEX=1. Skipped without a kit, or when a wheel of the CPython 3.12 kit cannot install on this Python."""
 
 import os
