@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .schedule import CacheSchedule
+
 RIDGE = 1e-3
 
 
@@ -138,7 +140,6 @@ class ForecastFit:
 def fit_forecast(rollouts, table: torch.Tensor, ridge: float = RIDGE) -> Forecast:
     """The `Forecast` of compute table `table` (T, K) fitted on the batch of `rollouts` (a `search.Rollouts`:
     task, engine, noises and conditions) along its cached trajectory (module docstring)."""
-    from .schedule import CacheSchedule
 
     schedule = CacheSchedule(table.clone(), "forecast-fit")
     fit = ForecastFit(schedule, ridge)
