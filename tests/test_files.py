@@ -305,6 +305,14 @@ def children(pid: int) -> list:
     return found
 
 
+def command_line(pid: int) -> bytes:
+    """The command line of `pid`; b"" for a process that ended between its listing and this read."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def alive(pid: int) -> bool:
     try:
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -320,7 +328,7 @@ def test_sigterm_to_the_digits_suite_leaves_no_worker(tmp_path):
         workers = []
         while len(workers) < 2:
             assert suite.poll() is None and time.monotonic() < deadline, "no worker started"
-            workers = [pid for pid in children(suite.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+            workers = [pid for pid in children(suite.pid) if b"spawn_main" in command_line(pid)]
             time.sleep(0.1)
         suite.send_signal(signal.SIGTERM)
         assert suite.wait(timeout=30) == 128 + signal.SIGTERM
