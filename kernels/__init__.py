@@ -3,7 +3,10 @@
 This folder is the package `harmonica.kernels` (setup.py's package_dir). Where the clone's root is on
 sys.path (`python -m ...` or `python -c ...` run there), `import kernels` finds it first; under that
 name it steps aside for the next `kernels` on sys.path (Hugging Face's, which transformers imports),
-or, with none installed, raises ModuleNotFoundError as if it were not there."""
+or, with none installed, stays an empty module with neither a file nor a version, as a PEP 420
+namespace folder would be: `importlib.util.find_spec("kernels")` finds this folder whatever it holds,
+and transformers then imports the name and reads that pair as "not installed" (raising
+ModuleNotFoundError here broke `import transformers.modeling_utils` from the root)."""
 
 if __name__ != "harmonica.kernels":
     import importlib.machinery
@@ -15,10 +18,16 @@ if __name__ != "harmonica.kernels":
     _path = [entry for entry in sys.path if os.path.realpath(entry or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
     if _spec is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
-    # the import statement returns what sys.modules holds once this file has run
-    sys.modules[__name__] = _module = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_module)
+        __file__ = None
+        __path__ = []  # no submodule is found through this name
+
+        def __getattr__(name):
+            raise AttributeError(f"module 'kernels' has no attribute {name!r}: Hugging Face's kernels package is "
+                                 f"not installed (this is harmonica's kernels/ folder, importable as harmonica.kernels)")
+    else:
+        # the import statement returns what sys.modules holds once this file has run
+        sys.modules[__name__] = _module = importlib.util.module_from_spec(_spec)
+        _spec.loader.exec_module(_module)
 else:
     from .cache_copy import CacheCopyPlan, cache_copy, cache_copy_ref
     from .gated_residual import (

@@ -4,6 +4,7 @@ installed package of that name (Hugging Face's, which transformers imports), or 
 
 import subprocess
 import sys
+import sysconfig
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -54,11 +55,38 @@ def test_harmonica_kernels_imported_first_leaves_the_installed_package_alone(ins
     assert out == "installed harmonica.kernels False"
 
 
-def test_without_an_installed_kernels_package_the_folder_is_not_importable_as_kernels():
+def test_without_an_installed_kernels_package_the_folder_reads_as_not_installed():
+    """What transformers reads after `find_spec("kernels")` (which finds the folder whatever it holds):
+    no version and no file, as for a PEP 420 namespace folder; no submodule; no attribute."""
     # -S: no site-packages, so no `kernels` but the clone's folder
-    out = run_from_root("try:\n    import kernels\nexcept ModuleNotFoundError as error:\n    print(error.name)",
+    out = run_from_root("import sys; sys.path.insert(0, '')\n"
+                        "import kernels\n"
+                        "print(getattr(kernels, '__version__', 'N/A'), kernels.__file__)\n"
+                        "try:\n    import kernels.layer\nexcept ModuleNotFoundError as error:\n    print(error.name)\n"
+                        "try:\n    kernels.get_kernel\nexcept AttributeError as error:\n    print(error)",
                         flag="-Sc")
-    assert out == "kernels"
+    assert out.splitlines() == [
+        "N/A None", "kernels.layer",
+        "module 'kernels' has no attribute 'get_kernel': Hugging Face's kernels package is not installed "
+        "(this is harmonica's kernels/ folder, importable as harmonica.kernels)"]
+
+
+def test_transformers_imports_from_the_root_without_hugging_faces_kernels(tmp_path):
+    """The bug the first GPU run met (its image has transformers without `kernels`): transformers
+    finds the folder, imports it for a version, and must read it as not installed."""
+    site = Path(sysconfig.get_paths()["purelib"])
+    if not (site / "transformers").is_dir():
+        pytest.skip("transformers is not installed in this interpreter's site-packages")
+    bare = tmp_path / "site"
+    bare.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.lower().startswith("kernels"):
+            (bare / entry.name).symlink_to(entry)
+    out = run_from_root(f"import os, sys; sys.path[:0] = [os.getcwd(), {str(bare)!r}]\n"
+                        "from transformers.utils.import_utils import is_kernels_available\n"
+                        "import transformers.modeling_utils\n"
+                        "print(is_kernels_available())", flag="-Sc")
+    assert out == "False"
 
 
 def test_transformers_reaches_hugging_faces_kernels_from_the_root():
