@@ -427,8 +427,9 @@ def test_public_soft_form_fp32_gate_gradients(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype,gate_dtype", [(d, d) for d in DTYPES] + [(d, torch.float32) for d in LOW_DTYPES],
                          ids=lambda d: dtype_id(d))
 def test_cuda_graph_replay(dtype, gate_dtype):
-    """Capture each form in a CUDA graph, poison the outputs, replay, compare with eager. The gate in
-    h's dtype, or fp32 over fp16/bf16 (Wan)."""
+    """Capture each form in a CUDA graph, poison the outputs, replay: the replay equals the eager launch
+    bitwise, and the eager launch matches the fp32 reference. The gate in h's dtype, or fp32 over
+    fp16/bf16 (Wan)."""
     h, fresh, cache, gate = make_unit((2, 4096, 1152), dtype, "B1D", False, gate_dtype=gate_dtype)
     r = torch.tensor(0.7, device=DEVICE)
     slots = [cache.clone() for _ in range(3)]
@@ -442,8 +443,9 @@ def test_cuda_graph_replay(dtype, gate_dtype):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        step()  # compile and warm up outside the capture
+        step()  # compile and warm up outside the capture: the eager launch
     torch.cuda.current_stream().wait_stream(stream)
+    eager_outs, eager_slots = [t.clone() for t in outs], [t.clone() for t in slots]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
@@ -453,7 +455,14 @@ def test_cuda_graph_replay(dtype, gate_dtype):
     slots[2].copy_(cache)
     graph.replay()
     torch.cuda.synchronize()
-    torch.testing.assert_close(outs[0], gated_residual_ref(h, fresh, cache.clone(), r, gate), atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(outs[1], gated_residual_compute_ref(h, fresh, gate), atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(outs[2], gated_residual_reuse_ref(h, cache, gate), atol=2e-2, rtol=2e-2)
+    for name, replayed, eager in zip(["blend", "compute", "reuse", "blend slot", "compute slot", "reuse slot"],
+                                     outs + slots, eager_outs + eager_slots):
+        assert torch.equal(replayed, eager), f"{name}: the replay differs from the eager launch"
     assert torch.equal(slots[1], fresh)
+    low = [gated_residual_ref(h, fresh, cache.clone(), r, gate), gated_residual_compute_ref(h, fresh, gate),
+           gated_residual_reuse_ref(h, cache, gate)]
+    exact = [gated_residual_ref(f32(h), f32(fresh), f32(cache), r, f32(gate)),
+             gated_residual_compute_ref(f32(h), f32(fresh), f32(gate)), gated_residual_reuse_ref(f32(h), f32(cache),
+                                                                                                  f32(gate))]
+    for name, actual, lowp, ref32 in zip(["blend", "compute", "reuse"], eager_outs, low, exact):
+        assert_matches_reference(actual, lowp, ref32, name)

@@ -125,9 +125,14 @@ def test_cuda_graph_capture_poison_replay(dtype):
     x_out.fill_(float("nan"))
     x0_out.fill_(float("nan"))
     graph.replay()
-    expected = solver_step_ref(x, out, other, x0_prev=x0_prev, x0_out=torch.empty_like(x0_out), **options)
-    torch.testing.assert_close(x_out, expected[0], rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(x0_out, expected[1], rtol=1e-3, atol=1e-3)
+    eager_x, eager_x0 = solver_step(x, out, other, x0_prev=x0_prev, x_out=nan_like(x),
+                                    x0_out=torch.full(x.shape, float("nan"), device="cuda"), **options)
+    assert torch.equal(x_out, eager_x) and torch.equal(x0_out, eager_x0), "the replay differs from the eager step"
+    low_x0, ref_x0 = torch.empty_like(x0_out), torch.empty_like(x0_out)
+    low_x, _ = solver_step_ref(x, out, other, x0_prev=x0_prev, x0_out=low_x0, **options)
+    ref_x, _ = solver_step_ref(f32(x), f32(out), other, x0_prev=x0_prev, x0_out=ref_x0, **options)
+    assert_matches_reference(x_out, low_x, ref_x, "x_next")
+    assert_matches_reference(x0_out.to(dtype), low_x0.to(dtype), ref_x0, "x0")
 
 
 @pytest.mark.parametrize("guidance, expected", [("dit", 17), ("pixart", 16)])
