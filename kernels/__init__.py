@@ -22,8 +22,9 @@ if __name__ != "harmonica.kernels":
         __path__ = []  # no submodule is found through this name
 
         def __getattr__(name):
-            raise AttributeError(f"module 'kernels' has no attribute {name!r}: Hugging Face's kernels package is "
-                                 f"not installed (this is harmonica's kernels/ folder, importable as harmonica.kernels)")
+            raise AttributeError(f"module 'kernels' has no attribute {name!r}: Hugging Face's kernels package "
+                                 "is not installed (this is harmonica's kernels/ folder, importable as "
+                                 "harmonica.kernels)")
     else:
         # the import statement returns what sys.modules holds once this file has run
         sys.modules[__name__] = _module = importlib.util.module_from_spec(_spec)
