@@ -7,7 +7,8 @@ the searched schedule's error is lower, with a one-sided sign test. With --equal
 the MACs to at most FORA:2's (`search_schedule`'s unit_cost, as `harmonica train --target-speedup` does):
 at equal CUR a searched schedule may compute more of the costlier units. With --forecast each of the two
 schedules also gets its linear forecast (`harmonica.forecast.fit_forecast` on the same 64 calibration noises) and
-is measured with it too, paired against itself without it on the held-out noises (and its slot memory).
+is measured with it too, paired against itself without it on the held-out noises (and its slot memory), and
+"chosen" is what `harmonica train` keeps of the four (`forecast.choose_forecast`: the lowest calibration error).
 
     python -m harmonica.bench.search_check [--model digits-dit|digits-flux] --steps 10 --seeds 0 1 2 [--forecast]
         [--rounds R]
@@ -23,7 +24,7 @@ import torch
 
 from harmonica.digits import DIGITS_MODELS, eval_batch
 from harmonica.files import check_out_file, write_file
-from harmonica.forecast import fit_forecast
+from harmonica.forecast import choose_forecast
 from harmonica.schedule import CacheSchedule
 from harmonica.search import Rollouts, SearchConfig, budget_for_cur, search_schedule, spread
 from harmonica.training import engine_attached, task_macs
@@ -54,7 +55,8 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
                                  on_accept=rollouts.set_base, unit_cost=macs.unit_macs if equal_macs else None)
         seconds = time.perf_counter() - started
         tables = {"fora:2": start, "searched": result.table}
-        forecasts = {name: fit_forecast(rollouts, table) for name, table in tables.items()} if forecast else {}
+        choice = choose_forecast(rollouts, tables) if forecast else None
+        forecasts = choice.forecasts if forecast else {}
         noise, labels = eval_batch(held_out, seed=0)
         test = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=CLIP)
         errors, cache_bytes = {}, {}
@@ -71,7 +73,9 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
     return {"model": model, "steps": num_steps, "seed": seed, "seconds": seconds, "schedules": result.rollouts,
             "calibration": (result.start_loss, result.loss), "psnr": psnr, "wins": wins, "count": held_out,
             "p": sign_test(wins, held_out), "speedup": speedup, "forecast_wins": paired,
-            "forecast_p": {name: sign_test(w, held_out) for name, w in paired.items()}, "cache_bytes": cache_bytes}
+            "forecast_p": {name: sign_test(w, held_out) for name, w in paired.items()}, "cache_bytes": cache_bytes,
+            "chosen": None if choice is None else choice.label,
+            "calibration_forecast": None if choice is None else choice.errors}
 
 
 def main(argv=None) -> None:
@@ -104,6 +108,10 @@ def main(argv=None) -> None:
               f"{r['psnr']['searched'] - r['psnr']['fora:2']:+.2f} dB; better on {r['wins']}/{r['count']} held-out "
               f"noises (sign test p = {r['p']:.1e}); calibration MSE {r['calibration'][0]:.4g} -> "
               f"{r['calibration'][1]:.4g}, {r['schedules']} schedules in {r['seconds']:.0f} s", flush=True)
+        if r["chosen"] is not None:
+            chosen = r["chosen"]
+            print(f"  chosen (harmonica train's default): {chosen}, {r['psnr'][chosen]:.2f} dB, "
+                  f"{r['psnr'][chosen] - r['psnr']['fora:2']:+.2f} dB over FORA:2", flush=True)
         for name, wins in r["forecast_wins"].items():
             with_forecast = f"{name}+forecast"
             print(f"  {with_forecast}: {r['psnr'][with_forecast]:.2f} dB vs {r['psnr'][name]:.2f} dB, "

@@ -461,8 +461,9 @@ def _train(args) -> int:
         partial = trainer.iteration < config.iterations
         done = f"after {trainer.iteration} iterations"
     schedule = router.schedule()  # at its tau (--target-cur: the one that meets it); the same on every rank
-    if args.forecast and not partial:
-        _fit_forecast(args, task, router, config, clip, rank)
+    if not args.no_forecast and not partial:
+        router = _fit_forecast(args, task, router, config, clip, rank)
+        schedule = router.schedule()
     if rank == 0:
         print(f"router {done}: {args.out}/router (sampler {task.sampler}, {config.num_steps} steps, tau "
               f"{router.info.tau:.4g}), CUR {schedule.cur:.1%}, theoretical speedup "
@@ -481,7 +482,10 @@ def _train(args) -> int:
                 if rank == 0:
                     print(report or "interrupted: the quality report was skipped (the router is complete)")
             if args.eval_batch and not _any_rank([stop.stop_signal is not None], device)[0]:
-                table = closing_table(task, schedule.table, macs, args.eval_batch, config.seed, clip)
+                from .search import SearchConfig
+
+                table = closing_table(task, schedule.table, macs, args.eval_batch, config.seed, clip,
+                                      router.forecast, args.batch or SearchConfig.batch)
                 if rank == 0:
                     print(table)
     if dist.is_initialized():
@@ -554,36 +558,60 @@ def _search(args, task, config, macs, clip) -> tuple:
     return router, rank, stop
 
 
-def _fit_forecast(args, task, router, config, clip, rank: int) -> None:
-    """--forecast: fit the router's linear forecast along its schedule on the calibration batch (--batch noises
-    of --seed, this rank's), attach it and save the router again (rank 0). Under torchrun each rank fits on its
-    own batch; rank 0's is saved."""
-    from .forecast import fit_forecast
-    from .search import Rollouts, SearchConfig, calibration_batch
-    from .training import ROUTER_DIR, engine_attached
+def _fit_forecast(args, task, router, config, clip, rank: int):
+    """The linear forecast (the default; --no-forecast: none): fitted on the calibration batch (--batch noises of
+    --seed, this rank's) for the router's schedule and for the equal-cost static start of the search; of the two,
+    each with its forecast or without, the lowest calibration error is kept (`forecast.choose_forecast`) and
+    saved (rank 0). Returns the router (a new one when the static start won). Under torchrun the fit and the errors are those of
+    every rank's batch together: every rank keeps the same schedule and coefficients."""
+    from .forecast import choose_forecast
+    from .search import Rollouts, SearchConfig, calibration_batch, equal_cost_start, router_from_table
+    from .training import ROUTER_DIR, _average, engine_attached
 
     table = router.schedule().table
+    start = equal_cost_start(table.shape[0], table.shape[1], int(table.sum()))
+    candidates = {"learned": table, **({} if torch.equal(start.table, table) else {start.name: start.table})}
     noise, cond = calibration_batch(task, args.batch or SearchConfig.batch, config.seed, rank)
+    device = next(task.transformer.parameters()).device
     started = time.perf_counter()
     with engine_attached(task.transformer) as engine:
-        rollouts = Rollouts(task, engine, noise, cond, config.num_steps, clip=clip)
-        forecast = fit_forecast(rollouts, table)
-        before, after = rollouts.error(table), rollouts.error(table, forecast)
-    router.set_forecast(forecast)
+        rollouts = Rollouts(task, engine, noise, cond, config.num_steps, clip=clip,
+                            average=lambda v: _average(torch.tensor(v, device=device)).item())
+        choice = choose_forecast(rollouts, candidates, average=lambda tensor: _average(tensor.to(device)).cpu())
+    if choice.name != "learned":
+        router = router_from_table(choice.table, router.info)
+    router.set_forecast(choice.forecast)
     if rank == 0:
         router.save_pretrained(Path(args.out) / ROUTER_DIR)
         print(f"forecast: fitted on {noise.shape[0]} calibration noises in {time.perf_counter() - started:.0f} s; "
-              f"calibration MSE {before:.4g} (pure reuse) -> {after:.4g} (forecast); two cache slots per unit")
+              f"calibration MSE (pure reuse -> forecast): " +
+              ", ".join(f"{name} {before:.4g} -> {after:.4g}" for name, (before, after) in choice.errors.items()) +
+              "; two cache slots per unit")
+        if choice.label != "learned+forecast":
+            kept = "with its forecast" if choice.with_forecast else "without a forecast (pure reuse)"
+            print(f"forecast: the lowest calibration error is {choice.label}'s: the router keeps {choice.name} {kept}")
+    return router
 
 
-def closing_table(task, table, macs, count: int, seed: int, clip) -> str:
-    """The learned `table` against the static schedules of about its cost, on `count` held-out noises."""
-    from .search import calibration_batch, compare, table_text
+def closing_table(task, table, macs, count: int, seed: int, clip, forecast=None, calibration: int = 0) -> str:
+    """The learned `table` (with its `forecast`, if any) against the static schedules of about its cost, on
+    `count` held-out noises. With a forecast each static rival gets its own too, fitted on the `calibration`
+    noises of `seed` that rank 0 trained on (every rank fits the same: the table is that of one process), and a
+    row with it."""
+    from .forecast import fit_forecast
+    from .search import Rollouts, calibration_batch, compare, static_rivals, table_text
     from .training import engine_attached
 
     noise, cond = calibration_batch(task, count, seed, rank=HELD_OUT_RANK)
     with engine_attached(task.transformer) as engine:
-        rows = compare(task, engine, table, macs, noise, cond, clip=clip)
+        forecasts = {}
+        if forecast is not None:
+            forecasts["learned"] = forecast
+            fit_noise, fit_cond = calibration_batch(task, calibration, seed)
+            rollouts = Rollouts(task, engine, fit_noise, fit_cond, table.shape[0], clip=clip)
+            for rival in static_rivals(table.shape[0], [n for n, _ in engine.units], table):
+                forecasts[rival.name] = fit_forecast(rollouts, rival.table)
+        rows = compare(task, engine, table, macs, noise, cond, clip=clip, forecasts=forecasts)
     return table_text(rows, count)
 
 
@@ -674,9 +702,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-step: one AdamW parameter per step's row, as the official code (shared: one (T, K))")
     t.add_argument("--loss", choices=LOSSES, default=defaults.loss,
                    help="combined: MSE of the guidance-combined output, as the official code (separate: CFG halves)")
-    t.add_argument("--forecast", action="store_true",
-                   help="after the schedule: fit a linear forecast of each reused unit from its last two computed "
-                   "outputs on the calibration batch, saved with the router (two cache slots per unit)")
+    t.add_argument("--no-forecast", action="store_true",
+                   help="pure reuse: no linear forecast (by default, after the schedule, each reused unit's output is "
+                   "forecast from its last two computed outputs with coefficients fitted on the calibration batch, "
+                   "for the schedule and the equal-cost static start, keeping the better; two cache slots per unit)")
     s = commands.add_parser("sample", help="generate one image")
     s.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS) + sorted(DIGITS_MODELS))
     source = s.add_mutually_exclusive_group()

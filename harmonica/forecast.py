@@ -19,9 +19,12 @@ static combination of its last two computed outputs, `h + g * (a[t, k] * c1 + b[
   reuse), then applied at once. So each cell is fitted on the states that the coefficients before it produce,
   exactly those of sampling with the result. The batch runs as one forward per step (chunks would see
   different coefficients).
+- `choose_forecast`: which of several schedules of one cost to deploy with its forecast: each fitted, the
+  lowest calibration error wins (a searched schedule's best cells for pure reuse are not always the best to
+  forecast: at T = 20 on digits-dit, FORA:2 with its forecast beat the searched schedule with its own).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -111,13 +114,16 @@ class ForecastPlan:
 
 class ForecastFit:
     """The coefficients of `schedule` being fitted during one cached pass (`fit_forecast`): the engine calls
-    `solve` at each reused unit with two computed outputs, then applies `coefficients`."""
+    `solve` at each reused unit with two computed outputs, then applies `coefficients`. average: the mean of
+    a tensor over the ranks (torchrun: every rank solves the system of all ranks' batches, so all fit alike), or
+    None (this process)."""
 
-    def __init__(self, schedule, ridge: float = RIDGE):
+    def __init__(self, schedule, ridge: float = RIDGE, average=None):
         if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < float("inf"):
             raise ValueError(f"ridge: expected a finite number >= 0, got {ridge!r}")
         self.forecast = Forecast.identity(schedule.table)
         self.ridge = float(ridge)
+        self.average = average or (lambda tensor: tensor)
 
     def solve(self, step: int, k: int, triples) -> None:
         """Fit (a, b) of (step, k) from (target y, newest c1, older c2) tensors of equal shapes, one triple per
@@ -126,6 +132,7 @@ class ForecastFit:
         for y, c1, c2 in triples:
             y, c1, c2 = (t.detach().reshape(-1).double() for t in (y, c1, c2))
             sums += torch.stack([c1 @ c1, c1 @ c2, c2 @ c2, c1 @ y, c2 @ y]).cpu()
+        sums = self.average(sums)  # the mean over ranks: the same solution as their sum
         lam = self.ridge * (sums[0] + sums[2]) / 2
         gram = torch.stack([torch.stack([sums[0] + lam, sums[1]]), torch.stack([sums[1], sums[2] + lam])])
         rhs = torch.stack([sums[3] + lam, sums[4]])
@@ -137,11 +144,51 @@ class ForecastFit:
 
 
 @torch.no_grad()
-def fit_forecast(rollouts, table: torch.Tensor, ridge: float = RIDGE) -> Forecast:
+def fit_forecast(rollouts, table: torch.Tensor, ridge: float = RIDGE, average=None) -> Forecast:
     """The `Forecast` of compute table `table` (T, K) fitted on the batch of `rollouts` (a `search.Rollouts`:
-    task, engine, noises and conditions) along its cached trajectory (module docstring)."""
+    task, engine, noises and conditions) along its cached trajectory (module docstring); average: as
+    `ForecastFit`'s (torchrun: the batches of every rank)."""
 
     schedule = CacheSchedule(table.clone(), "forecast-fit")
-    fit = ForecastFit(schedule, ridge)
+    fit = ForecastFit(schedule, ridge, average)
     rollouts.sample(table, forecast=fit)
     return fit.forecast
+
+
+@dataclass
+class ForecastChoice:
+    """What `choose_forecast` kept: the schedule's name and (T, K) table, whether with its forecast or pure
+    reuse (`forecast`: None), and per candidate name the fitted forecast and the calibration errors (pure
+    reuse, with its forecast)."""
+
+    name: str
+    table: torch.Tensor
+    with_forecast: bool
+    forecasts: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)
+
+    @property
+    def forecast(self) -> Forecast | None:
+        """The kept schedule's forecast, or None when pure reuse had the lower calibration error."""
+        return self.forecasts[self.name] if self.with_forecast else None
+
+    @property
+    def label(self) -> str:
+        return self.name + ("+forecast" if self.with_forecast else "")
+
+
+@torch.no_grad()
+def choose_forecast(rollouts, candidates: dict, ridge: float = RIDGE, average=None) -> ForecastChoice:
+    """Fit the forecast of each candidate table (name -> (T, K) bool, all of one cost) on the batch of `rollouts`
+    and keep the candidate, with its forecast or without, of the lowest calibration error (ties: the first
+    candidate, pure reuse before its forecast; a forecast fitted cell by cell can raise the final error);
+    average: as `fit_forecast`'s (the errors are averaged by `rollouts`)."""
+    if not candidates:
+        raise ValueError("candidates: expected at least one schedule, got none")
+    forecasts, errors = {}, {}
+    for name, table in candidates.items():
+        forecasts[name] = fit_forecast(rollouts, table, ridge, average)
+        errors[name] = (rollouts.error(table), rollouts.error(table, forecasts[name]))
+    options = [(name, with_forecast) for name in candidates for with_forecast in (False, True)]
+    name, with_forecast = min(options, key=lambda option: errors[option[0]][option[1]])
+    return ForecastChoice(name, candidates[name], with_forecast, forecasts, errors)

@@ -128,7 +128,7 @@ RULES = {
         "target_cur": number(low=0, high=1, open_low=True, open_high=True),
         "target_speedup": number(low=1, open_low=True, expected="a theoretical speedup > 1"),
         "optimizer": Rule(only=SDT_ONLY), "loss": Rule(only=SDT_ONLY), "init": Rule(str, only=SDT_ONLY),
-        "forecast": FLAG,
+        "no_forecast": FLAG,
     },
     "embed": {
         "model": FLAG, "weights": TEXT, "prompts": TEXT, "negative_prompt": Rule(str, empty=True),

@@ -288,20 +288,26 @@ def search_router(task, config: SearchConfig, out_dir, macs, *, stopped=None, lo
 # ---- the closing comparison ----
 
 
+def equal_cost_start(num_steps: int, num_units: int, cells: int) -> CacheSchedule:
+    """The static schedule of `cells` computed cells the search starts from (`spread`), named as the FORA:n
+    schedule it equals where the cells are whole evenly spaced rows, else "spread"."""
+    schedule = CacheSchedule(spread(num_steps, num_units, cells), "spread")
+    fora = [CacheSchedule.fora(num_steps, num_units, n) for n in range(2, num_steps)]
+    schedule.name = next((f.name for f in fora if f == schedule), "spread")
+    return schedule
+
+
 def static_rivals(num_steps: int, unit_names: list, table: torch.Tensor) -> list:
-    """The static schedules a learned `table` is held against: the equal-cost `spread` (FORA:n where the
-    budget is whole rows), FORA:2 .. FORA:4, Δ-DiT (b = T/2, n = 2). Names unique, no duplicates."""
+    """The static schedules a learned `table` is held against: the equal-cost start (FORA:n where the budget
+    is whole rows), FORA:2 .. FORA:4, Δ-DiT (b = T/2, n = 2). Names unique, no duplicates."""
     num_units = len(unit_names)
-    rivals = [CacheSchedule(spread(num_steps, num_units, int(table.sum())), "spread")]
+    rivals = [equal_cost_start(num_steps, num_units, int(table.sum()))]
     rivals += [CacheSchedule.fora(num_steps, num_units, n) for n in range(2, 5) if n < num_steps]
     rivals.append(CacheSchedule.delta_dit(unit_names, num_steps, num_steps // 2, 2))
     unique = []
     for schedule in rivals:
-        same = next((kept for kept in unique if kept == schedule), None)
-        if same is None:
+        if not any(kept == schedule for kept in unique):
             unique.append(schedule)
-        elif same.name == "spread":
-            same.name = schedule.name  # the equal-cost spread is a FORA schedule
     return unique
 
 
@@ -316,24 +322,28 @@ class Row:
 
 
 def compare(task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, fewer_steps=True,
-            name: str = "learned", chunk: int = EVAL_CHUNK) -> list:
+            name: str = "learned", chunk: int = EVAL_CHUNK, forecasts: dict | None = None) -> list:
     """Rows (`Row`) of the learned `table` and its static rivals of about its cost, each sampled on the
     held-out batch (noise (B, *latent), cond {key: (B,)}) and measured against the uncached samples of the same
     noises; with `fewer_steps` and a task with `with_steps(n)`, the uncached sampler with the fewer steps of
-    about the same cost (n = round(T (1 - CUR)), T / n theoretical speedup) too. The batch is sampled `chunk`
-    noises at a time, shared out over the ranks under torchrun (`parallel.sharded`: every rank calls this and
-    gets the one-process rows)."""
-    num_steps = table.shape[0]
+    about the same cost (n = round(T (1 - CUR)), T / n theoretical speedup) too. forecasts: schedule name (`name`
+    for the learned table, a rival's name) -> its `forecast.Forecast`: the learned row samples with its own,
+    and each rival that has one gets a second row `<rival>+forecast`. The batch is sampled `chunk` noises at a
+    time, shared out over the ranks under torchrun (`parallel.sharded`: every rank calls this and gets the
+    one-process rows)."""
+    num_steps, forecasts = table.shape[0], forecasts or {}
     learned = CacheSchedule(table.clone(), name)
     rivals = static_rivals(num_steps, [n for n, _ in engine.units], table)
+    runs = [(name, learned, forecasts.get(name))] + [(s.name, s, None) for s in rivals]
+    runs += [(f"{s.name}+forecast", s, forecasts[s.name]) for s in rivals if s.name in forecasts]
     fewer = max(1, round(num_steps * (1 - learned.cur)))
     fewer = fewer if fewer_steps and hasattr(task, "with_steps") and fewer < num_steps else None
 
     def samples(start, stop):
-        """(stop - start, S, *latent): the uncached, learned, rivals' and fewer steps' final samples."""
+        """(stop - start, S, *latent): the uncached samples, each run's, and the fewer steps' final samples."""
         part = {key: value[start:stop] for key, value in cond.items()}
         rollouts = Rollouts(task, engine, noise[start:stop], part, num_steps, clip=clip)
-        every = [rollouts.reference] + [rollouts._clipped(rollouts.sample(s.table)) for s in [learned, *rivals]]
+        every = [rollouts.reference] + [rollouts._clipped(rollouts.sample(s.table, forecast=f)) for _, s, f in runs]
         if fewer is not None:
             every.append(Rollouts(task.with_steps(fewer), engine, noise[start:stop], part, fewer, clip=clip).reference)
         return torch.stack(every, 1)
@@ -347,8 +357,8 @@ def compare(task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, 
         psnr = float("inf") if mse == 0 else 10 * math.log10(peak ** 2 / mse)
         return Row(label, cur, speedup, mse, psnr, learned)
 
-    rows = [row(name, finals[1], learned.cur, learned.theoretical_speedup(macs), True)]
-    rows += [row(s.name, x, s.cur, s.theoretical_speedup(macs)) for s, x in zip(rivals, finals[2:])]
+    rows = [row(label + ("+forecast" if i == 0 and f is not None else ""), x, s.cur, s.theoretical_speedup(macs),
+                i == 0) for i, ((label, s, f), x) in enumerate(zip(runs, finals[1:]))]
     if fewer is not None:
         rows.append(row(f"{fewer} steps", finals[-1], 1 - fewer / num_steps, num_steps / fewer))
     return rows

@@ -4,6 +4,7 @@ the router file round trip and `harmonica train --forecast`."""
 
 import json
 from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,10 +19,10 @@ from harmonica import CacheSchedule, Router
 from harmonica import kernels as ops
 from harmonica.cli import main
 from harmonica.digits import eval_batch, load_digits_dit
-from harmonica.forecast import Forecast, ForecastFit, ForecastPlan
+from harmonica.forecast import Forecast, ForecastFit, ForecastPlan, choose_forecast
 from harmonica.graphs import graph_plan
 from harmonica.router import RouterInfo
-from harmonica.search import Rollouts, router_from_table
+from harmonica.search import Rollouts, equal_cost_start, router_from_table
 from harmonica.training import DiTTask, engine_attached
 
 STEPS = 7
@@ -278,18 +279,52 @@ def test_the_router_file_carries_the_forecast_and_old_files_load_as_pure_reuse(t
         Router.from_pretrained(old)
 
 
-def test_train_forecast_fits_and_saves_the_table(tmp_path, capsys):
+def test_train_fits_the_forecast_by_default_and_not_with_no_forecast(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--model", "tiny-dit", "--random-weights", "--steps", "4", "--batch", "2", "--rounds", "1",
-            "--candidates", "1", "--eval-batch", "0", "--out", str(out), "--forecast"]
+            "--candidates", "1", "--eval-batch", "0", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "forecast: fitted on 2 calibration noises" in printed and "(pure reuse) ->" in printed
+    assert "forecast: fitted on 2 calibration noises" in printed and "learned " in printed
     router = Router.from_pretrained(out / "router")
     assert router.forecast is not None and torch.equal(router.forecast.table, router.schedule().table)
-    assert main(["train", "--model", "tiny-dit", "--random-weights", "--forecast", "--steps", "1",
+    assert main(argv[:-1] + [str(tmp_path / "plain"), "--no-forecast"]) == 0
+    assert "forecast:" not in capsys.readouterr().out
+    assert Router.from_pretrained(tmp_path / "plain" / "router").forecast is None
+    assert main(["train", "--model", "tiny-dit", "--random-weights", "--steps", "1",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "--steps: expected 2 to 1000" in capsys.readouterr().err
+
+
+class FakeRollouts:
+    """`error(table, forecast)`: a fixed error per (table, with a forecast or not); fit_forecast samples once."""
+
+    def __init__(self, errors: dict):
+        self.errors, self.fitted = errors, []
+
+    def sample(self, table, forecast=None):
+        self.fitted.append(table)
+
+    def error(self, table, forecast=None):
+        return self.errors[(int(table.sum()), forecast is not None)]
+
+
+def test_choose_forecast_keeps_the_lowest_error_with_the_forecast():
+    """The lowest calibration error of every candidate with its forecast or without; ties keep the first;
+    every candidate fitted."""
+    low, high = CacheSchedule.fora(5, 2, 3).table, CacheSchedule.fora(5, 2, 2).table  # 4 and 6 computed cells
+    rollouts = FakeRollouts({(4, False): 1.0, (4, True): 0.3, (6, False): 0.5, (6, True): 0.4})
+    choice = choose_forecast(rollouts, {"a": low, "b": high})
+    assert (choice.name, choice.with_forecast) == ("a", True) and torch.equal(choice.table, low)
+    assert torch.equal(choice.forecast.table, low) and torch.equal(choice.forecasts["b"].table, high)
+    assert choice.errors == {"a": (1.0, 0.3), "b": (0.5, 0.4)} and len(rollouts.fitted) == 2
+    rollouts = FakeRollouts({(4, False): 1.0, (4, True): 0.4, (6, False): 0.5, (6, True): 0.4})
+    assert choose_forecast(rollouts, {"b": high, "a": low}).name == "b"
+    rollouts = FakeRollouts({(4, False): 0.2, (4, True): 0.3, (6, False): 0.5, (6, True): 0.4})
+    choice = choose_forecast(rollouts, {"a": low, "b": high})  # a forecast that raises the final error: none
+    assert (choice.name, choice.with_forecast, choice.forecast, choice.label) == ("a", False, None, "a")
+    with pytest.raises(ValueError, match=r"candidates: expected at least one schedule, got none"):
+        choose_forecast(rollouts, {})
 
 
 def test_forecast_inputs_are_checked(tmp_path):
@@ -305,3 +340,54 @@ def test_forecast_inputs_are_checked(tmp_path):
                          forecast=Forecast.identity(CacheSchedule.fora(4, units_of(model), 2).table))
     assert not hasattr(model, "_harmonica")
     model(**step_inputs(model, 0))  # nothing left attached
+
+
+def test_the_fit_under_ranks_solves_the_system_of_every_ranks_batch():
+    """average: the mean of the 2x2 systems over the ranks; a rank fitting half the data with the other half's
+    system averaged in gets the coefficients of all of it (a fit that ignores `average` does not)."""
+    gen = torch.Generator().manual_seed(1)
+    schedule = CacheSchedule(torch.tensor([[True], [True], [False]]), "t")
+    y, c1, c2 = (torch.randn(4, 30, 8, generator=gen) for _ in range(3))
+
+    def solved(parts, average=None):
+        fit = ForecastFit(schedule, average=average)
+        fit.solve(2, 0, [(y[parts], c1[parts], c2[parts])])
+        return fit.coefficients(2, 0)
+
+    sums_b = torch.stack([c1[2:].flatten().double() @ c1[2:].flatten().double(),
+                          c1[2:].flatten().double() @ c2[2:].flatten().double(),
+                          c2[2:].flatten().double() @ c2[2:].flatten().double(),
+                          c1[2:].flatten().double() @ y[2:].flatten().double(),
+                          c2[2:].flatten().double() @ y[2:].flatten().double()])  # the other rank's system
+    both = solved(slice(0, 4))
+    assert solved(slice(0, 2), average=lambda sums: (sums + sums_b) / 2) == pytest.approx(both, rel=1e-6)
+    assert solved(slice(0, 2)) != pytest.approx(both, rel=1e-3)
+
+
+def test_train_keeps_the_equal_cost_start_when_it_forecasts_better(tmp_path, capsys, monkeypatch):
+    import harmonica.forecast as forecast_module
+    from harmonica.cli import _fit_forecast
+
+    real = forecast_module.choose_forecast
+    offered = []
+
+    def prefer_the_start(rollouts, candidates, **kwargs):  # the start wins, as it did at T = 20 on digits-dit
+        offered.append(list(candidates))
+        start = next(name for name in candidates if name != "learned")
+        choice = real(rollouts, {start: candidates[start]}, **kwargs)
+        choice.with_forecast = True
+        return choice
+
+    monkeypatch.setattr(forecast_module, "choose_forecast", prefer_the_start)
+    model = make_model("tiny-dit")
+    learned = irregular(units_of(model))
+    router = router_from_table(learned.table, RouterInfo.for_model(model))
+    args = SimpleNamespace(batch=2, out=str(tmp_path))
+    config = SimpleNamespace(num_steps=STEPS, seed=0)
+    kept = _fit_forecast(args, DiTTask(model, STEPS, 1.5), router, config, None, 0)
+    start = equal_cost_start(STEPS, learned.num_units, int(learned.table.sum()))
+    assert offered == [["learned", start.name]] and not torch.equal(start.table, learned.table)
+    assert f"the router keeps {start.name} with its forecast" in capsys.readouterr().out
+    saved = Router.from_pretrained(tmp_path / "router")
+    for got in (kept, saved):
+        assert torch.equal(got.schedule().table, start.table) and torch.equal(got.forecast.table, start.table)

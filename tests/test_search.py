@@ -186,8 +186,10 @@ def test_train_searches_by_default_and_ends_with_the_comparison(tmp_path, capsys
     assert router.schedule().cur == 0.5 and router.info.complete
     assert "search: calibration error " in printed and "router searched: " in printed
     table = printed[printed.index("held-out comparison on 3 calibration noises"):].splitlines()
-    assert [line.split()[0] for line in table[2:7]] == ["learned", "fora:2", "fora:3", "delta-dit:b=2,n=2", "2"]
-    assert table[7].startswith(("a static schedule is better: ", "learned beats every static schedule"))
+    rivals = ["fora:2", "fora:3", "delta-dit:b=2,n=2"]  # with the forecast (the default), each with its own too
+    assert [line.split()[0] for line in table[2:10]] == ["learned+forecast", *rivals,
+                                                         *(f"{r}+forecast" for r in rivals), "2"]
+    assert table[10].startswith(("a static schedule is better: ", "learned+forecast beats every static schedule"))
     assert main(argv + ["--overwrite"]) == 0 and Router.from_pretrained(tmp_path / "router") is not None
     capsys.readouterr()
     assert main(argv[:-2] + ["--out", str(tmp_path), "--resume"]) == 2

@@ -143,9 +143,12 @@ def test_train_under_torchrun_evaluates_on_every_rank_and_prints_once(ranks):
     schedule = router.schedule()
     task = model.task(2, model.guidance)
     with one_thread(), contextlib.redirect_stderr(io.StringIO()):
-        report = digits_report(model, schedule, 2)
-        table = closing_table(task, schedule.table, task_macs(task), 120, 0, (-1.0, 1.0))
-    assert found[0]["printed"].splitlines()[1:] == [*report.splitlines(), *table.splitlines()]
+        report = digits_report(model, schedule, 2, forecast=router.forecast)
+        table = closing_table(task, schedule.table, task_macs(task), 120, 0, (-1.0, 1.0), router.forecast, 2)
+    printed = found[0]["printed"].splitlines()  # the forecast's lines, the router's, then the evaluations
+    after = next(i for i, line in enumerate(printed) if line.startswith("router after ")) + 1
+    assert printed[0].startswith("forecast: fitted on 2 calibration noises")
+    assert printed[after:] == [*report.splitlines(), *table.splitlines()]
 
 
 def _untimed(results):
