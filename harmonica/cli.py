@@ -562,8 +562,8 @@ def _fit_forecast(args, task, router, config, clip, rank: int):
     """The linear forecast (the default; --no-forecast: none): fitted on the calibration batch (--batch noises of
     --seed, this rank's) for the router's schedule and for the equal-cost static start of the search; of the two,
     each with its forecast or without, the lowest calibration error is kept (`forecast.choose_forecast`) and
-    saved (rank 0). Returns the router (a new one when the static start won). Under torchrun the fit and the errors are those of
-    every rank's batch together: every rank keeps the same schedule and coefficients."""
+    saved (rank 0). Returns the router (a new one when the static start won). Under torchrun the fit and the
+    errors are those of every rank's batch together: every rank keeps the same schedule and coefficients."""
     from .forecast import choose_forecast
     from .search import Rollouts, SearchConfig, calibration_batch, equal_cost_start, router_from_table
     from .training import ROUTER_DIR, _average, engine_attached
