@@ -23,7 +23,7 @@ case "$*" in
   *"--part kernels"*) exec sleep 30 ;;
 esac
 """
-PART_LIMIT, TOTAL_LIMIT, FILES_LIMIT = 540, 810, 8  # seconds a command; both (900 s of device time less two ~30 s starts and margin); files back
+PART_LIMIT, TOTAL_LIMIT, FILES_LIMIT = 540, 810, 8  # s a command; s both (900 s less two ~30 s starts); files
 
 
 def fake_python(tmp_path, behaviour: str) -> Path:
