@@ -559,31 +559,17 @@ def _search(args, task, config, macs, clip) -> tuple:
 
 
 def _fit_forecast(args, task, router, config, clip, rank: int):
-    """The linear forecast (the default; --no-forecast: none): fitted on the calibration batch (--batch noises of
-    --seed, this rank's) for the router's schedule and for the equal-cost static start of the search; of the two,
-    each with its forecast or without, the lowest calibration error is kept (`forecast.choose_forecast`) and
-    saved (rank 0). Returns the router (a new one when the static start won). Under torchrun the fit and the
-    errors are those of every rank's batch together: every rank keeps the same schedule and coefficients."""
-    from .forecast import choose_forecast
-    from .search import Rollouts, SearchConfig, calibration_batch, equal_cost_start, router_from_table
-    from .training import ROUTER_DIR, _average, engine_attached
+    """The linear forecast (the default; --no-forecast: none): `search.keep_forecast` on the calibration batch
+    (--batch noises of --seed), the router it returns saved (rank 0) and returned."""
+    from .search import SearchConfig, keep_forecast
+    from .training import ROUTER_DIR
 
-    table = router.schedule().table
-    start = equal_cost_start(table.shape[0], table.shape[1], int(table.sum()))
-    candidates = {"learned": table, **({} if torch.equal(start.table, table) else {start.name: start.table})}
-    noise, cond = calibration_batch(task, args.batch or SearchConfig.batch, config.seed, rank)
-    device = next(task.transformer.parameters()).device
+    batch = args.batch or SearchConfig.batch
     started = time.perf_counter()
-    with engine_attached(task.transformer) as engine:
-        rollouts = Rollouts(task, engine, noise, cond, config.num_steps, clip=clip,
-                            average=lambda v: _average(torch.tensor(v, device=device)).item())
-        choice = choose_forecast(rollouts, candidates, average=lambda tensor: _average(tensor.to(device)).cpu())
-    if choice.name != "learned":
-        router = router_from_table(choice.table, router.info)
-    router.set_forecast(choice.forecast)
+    router, choice = keep_forecast(task, router, batch, config.seed, clip)
     if rank == 0:
         router.save_pretrained(Path(args.out) / ROUTER_DIR)
-        print(f"forecast: fitted on {noise.shape[0]} calibration noises in {time.perf_counter() - started:.0f} s; "
+        print(f"forecast: fitted on {batch} calibration noises in {time.perf_counter() - started:.0f} s; "
               f"calibration MSE (pure reuse -> forecast): " +
               ", ".join(f"{name} {before:.4g} -> {after:.4g}" for name, (before, after) in choice.errors.items()) +
               "; two cache slots per unit")

@@ -285,6 +285,30 @@ def search_router(task, config: SearchConfig, out_dir, macs, *, stopped=None, lo
     return router, result
 
 
+def keep_forecast(task, router, batch: int, seed: int, clip=None) -> tuple:
+    """(router, `forecast.ForecastChoice`): the router's schedule and its equal-cost start, each fitted with a
+    linear forecast on the calibration batch (`batch` noises of `seed`, this rank's), kept with it or without,
+    whichever has the lowest calibration error (`forecast.choose_forecast`). The router returned holds the kept
+    schedule and forecast (a new router when the start won). Under torchrun the fit and the errors are those of
+    every rank's batch together, so every rank keeps the same."""
+    from .forecast import choose_forecast
+    from .training import _average, _rank_world, engine_attached
+
+    table = router.schedule().table
+    start = equal_cost_start(table.shape[0], table.shape[1], int(table.sum()))
+    candidates = {"learned": table, **({} if torch.equal(start.table, table) else {start.name: start.table})}
+    noise, cond = calibration_batch(task, batch, seed, _rank_world()[0])
+    device = next(task.transformer.parameters()).device
+    with engine_attached(task.transformer) as engine:
+        rollouts = Rollouts(task, engine, noise, cond, table.shape[0], clip=clip,
+                            average=lambda value: _average(torch.tensor(value, device=device)).item())
+        choice = choose_forecast(rollouts, candidates, average=lambda tensor: _average(tensor.to(device)).cpu())
+    if choice.name != "learned":
+        router = router_from_table(choice.table, router.info)
+    router.set_forecast(choice.forecast)
+    return router, choice
+
+
 # ---- the closing comparison ----
 
 

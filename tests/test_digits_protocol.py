@@ -99,11 +99,16 @@ def test_the_tiny_protocol_end_to_end(tiny_results, tmp_path):
         points = [(row["cur"], row["psnr"]) for row in r["curve"]]
         assert r["metrics"]["psnr_at_cur_0.50"] == protocol.interpolate(points, 0.5)
         assert r["metrics"]["ssim_at_tau"] == next(row["ssim"] for row in r["curve"] if 0.1 in row["taus"])
-    assert len(results["paired"]) == 3 * len(protocol.COMPARED) + 1 == len(results["outcome"])
-    static = results["paired"][-1]
-    best = max((b for b in results["baselines"] if b["cur"] >= 0.5), key=lambda b: b["psnr"])
-    assert static["second"] == f"best static ({best['config']})"
-    assert static["differences"] == [r["metrics"]["psnr_at_cur_0.50"] - best["psnr"] for r in search]
+    assert len(results["paired"]) == 3 * len(protocol.COMPARED) + 2 == len(results["outcome"])
+    forecast_row = baselines["fora:2+forecast"]  # FORA:2 with its fitted forecast: the same cost, another image
+    assert forecast_row["forecast"] and forecast_row["cur"] == 0.5
+    assert forecast_row["psnr"] != baselines["fora:2"]["psnr"]
+    assert all(isinstance(r["forecast"], bool) for r in routers)
+    for static, with_forecast in zip(results["paired"][-2:], (False, True)):  # without, then with the forecast
+        best = max((b for b in results["baselines"] if b["cur"] >= 0.5 and not b.get("peer")
+                    and b.get("forecast", False) == with_forecast), key=lambda b: b["psnr"])
+        assert static["second"] == f"best static ({best['config']})"
+        assert static["differences"] == [r["metrics"]["psnr_at_cur_0.50"] - best["psnr"] for r in search]
     path = protocol.write_outputs(results, tmp_path, write_benchmarks=False, progress=lambda _: None)
     assert json.loads(path.read_text())["eval_seed"] == protocol.EVAL_SEED
     for objective in protocol.OBJECTIVES:
