@@ -121,10 +121,24 @@ FLOW_MATCH_SCHEDULERS = {
                    "time_shift_type": "exponential"},
 }
 FLOW_MATCH_CONFIG = {"stochastic_sampling": False, "invert_sigmas": False}
-# how each pipeline sets the timesteps: (passes sigmas linspace(1, 1/T, T), max_shift when the config has none,
-# computes mu only under dynamic shifting); diffusers 0.42 pipelines
-FLOW_MATCH_PIPELINES = {"FluxPipeline": (True, 1.15, False), "QwenImagePipeline": (True, 1.15, False),
-                        "StableDiffusion3Pipeline": (False, 1.16, True), "WanPipeline": None}
+
+
+@dataclass(frozen=True)
+class TimestepRule:
+    """How a diffusers 0.42 pipeline calls `set_timesteps` on its FlowMatchEulerDiscreteScheduler."""
+
+    custom_sigmas: bool  # passes sigmas = linspace(1, 1/T, T) instead of a step count
+    max_shift: float  # the pipeline's default max_shift where the scheduler config has none
+    mu_only_when_dynamic: bool  # computes the shift mu only under use_dynamic_shifting (else always)
+
+
+# None: a plain `set_timesteps(T)`, no mu
+FLOW_MATCH_PIPELINES = {
+    "FluxPipeline": TimestepRule(custom_sigmas=True, max_shift=1.15, mu_only_when_dynamic=False),
+    "QwenImagePipeline": TimestepRule(custom_sigmas=True, max_shift=1.15, mu_only_when_dynamic=False),
+    "StableDiffusion3Pipeline": TimestepRule(custom_sigmas=False, max_shift=1.16, mu_only_when_dynamic=True),
+    "WanPipeline": None,
+}
 
 
 def shift_mu(image_seq_len: int, config) -> float:
@@ -140,19 +154,19 @@ def set_flow_match_timesteps(scheduler, pipeline: str, num_steps: int, image_seq
     if pipeline not in FLOW_MATCH_PIPELINES:
         raise ValueError(f"pipeline: expected one of {sorted(FLOW_MATCH_PIPELINES)}, got {pipeline!r}")
     _check_flow_match(scheduler)
-    how = FLOW_MATCH_PIPELINES[pipeline]
-    if how is None:
+    rule = FLOW_MATCH_PIPELINES[pipeline]
+    if rule is None:
         scheduler.set_timesteps(num_steps)
         return
-    custom_sigmas, max_shift, only_dynamic = how
     config = scheduler.config
     kwargs = {}
-    if config.use_dynamic_shifting or not only_dynamic:
+    if config.use_dynamic_shifting or not rule.mu_only_when_dynamic:
         if image_seq_len is None:
             raise ValueError(f"image_seq_len: expected the image tokens ({pipeline} computes mu from them), got None")
-        defaults = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": max_shift}
+        defaults = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
+                    "max_shift": rule.max_shift}
         kwargs["mu"] = shift_mu(image_seq_len, {key: config.get(key, value) for key, value in defaults.items()})
-    if custom_sigmas:
+    if rule.custom_sigmas:
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
     else:
         scheduler.set_timesteps(num_steps, **kwargs)
