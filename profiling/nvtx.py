@@ -45,10 +45,10 @@ GENERATION = "generation"  # the timed generation of the profiling workload
 
 def set_enabled(on: bool) -> None:
     """Switch every harmonica NVTX range on or off (the environment's HARMONICA_NVTX is the default): the flag
-    `PipelineRanges` tests, and `ENGINE_RANGES` as the engine's listener or none."""
+    `PipelineRanges` tests, and `ENGINE_RANGES` among the engine's listeners or not."""
     global ENABLED
     ENABLED = _usable(on)
-    events.listen(ENGINE_RANGES if ENABLED else None)
+    (events.listen if ENABLED else events.unlisten)(ENGINE_RANGES)
 
 
 def step_label(step: int) -> str:

@@ -35,6 +35,7 @@ def record_ranges(monkeypatch) -> list:
         monkeypatch.setattr(torch._C, "_nvtx", object(), raising=False)
     monkeypatch.setattr(nvtx, "ENABLED", nvtx.ENABLED)  # what set_enabled changes, put back at teardown
     monkeypatch.setattr(events, "listener", events.listener)
+    monkeypatch.setattr(events, "_listening", list(events._listening))
     nvtx.set_enabled(True)
     assert events.listener is nvtx.ENGINE_RANGES
     return pushed
