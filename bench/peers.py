@@ -10,7 +10,7 @@
   cache_config=DBCacheConfig(...))`, the optional `peers` extra): its defaults (F8B0, 8 warm-up
   steps, threshold 0.08) with Fn capped at the block count minus one. SD3/SD3.5, which cache-dit serves
   only through its StableDiffusion3 pipeline adapter, take that adapter's blocks and forward pattern on
-  the transformer alone (`CACHE_DIT_BLOCKS`).
+  the transformer alone (`Family.cache_dit`).
 
 - `magcache[:threshold]`: diffusers' MagCache (threshold default 0.06, its default), only through
   `enable_cache`. Its magnitude ratios are checkpoint-dependent: one untimed generation in its calibration
@@ -34,6 +34,7 @@ from contextlib import contextmanager, redirect_stdout
 
 import torch
 
+from harmonica.families import FAMILIES
 from harmonica.units import cached_units
 
 from .configs import Config
@@ -155,11 +156,6 @@ class MagCache(DiffusersHooks):
         self.apply()
 
 
-# transformer class -> (blocks, forward pattern) of cache-dit's own pipeline adapter, for classes it does not
-# take alone (cache-dit 1.5.3's "StableDiffusion3" adapter: transformer_blocks, Pattern_1)
-CACHE_DIT_BLOCKS = {"SD3Transformer2DModel": ("transformer_blocks", "Pattern_1")}
-
-
 class CacheDiT(Peer):
     """cache-dit's DBCache on the transformer alone; each generation refreshes its context. cache-dit 1.5.3's
     `disable_cache` leaves its patched forward on the copy (which is dropped after the row)."""
@@ -181,8 +177,9 @@ class CacheDiT(Peer):
         import cache_dit
 
         target = self.transformer
-        if type(target).__name__ in CACHE_DIT_BLOCKS:
-            blocks, pattern = CACHE_DIT_BLOCKS[type(target).__name__]
+        family = FAMILIES.get(type(target).__name__)
+        if family is not None and family.cache_dit is not None:
+            blocks, pattern = family.cache_dit
             target = cache_dit.BlockAdapter(transformer=target, blocks=getattr(target, blocks),
                                             forward_pattern=getattr(cache_dit.ForwardPattern, pattern),
                                             check_forward_pattern=True)
@@ -227,9 +224,10 @@ def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer
             raise ValueError("num_steps: expected the step count for magcache, got None")
         return MagCache(transformer, float(config.param) if config.param else MAGCACHE_THRESHOLD, num_steps)
     if config.kind == "fbcache":
-        if type(transformer).__name__ == "SD3Transformer2DModel":  # diffusers 0.42: TypeError in its hook
-            raise PeerUnavailable("fbcache: diffusers' First Block Cache does not run SD3Transformer2DModel (not a "
-                                  "CacheMixin; its last block returns no text stream, which the hook subtracts)")
+        family = FAMILIES.get(type(transformer).__name__)
+        if family is not None and family.first_block_cache is not None:
+            raise PeerUnavailable(f"fbcache: diffusers' First Block Cache does not run {family.transformer} "
+                                  f"({family.first_block_cache})")
         threshold = float(config.param) if config.param else FBCACHE_THRESHOLD
         return DiffusersHooks(transformer, apply_first_block_cache, FirstBlockCacheConfig(threshold=threshold))
     interval = int(config.param) if config.param else TAYLORSEER_INTERVAL

@@ -164,12 +164,10 @@ def _flow_batch(name: str) -> int | None:
     """Images per forward of a flow preset whose class has a cp plan (2 with a CFG half), else None."""
     import diffusers
 
-    from harmonica.flow import FAMILIES
-
     spec = preset(name)
     if not spec.is_flow or getattr(diffusers, spec.class_name)._cp_plan is None:
         return None
-    return 2 if FAMILIES[spec.class_name].cfg and spec.guidance > 1 else 1
+    return 2 if spec.family.task.cfg and spec.guidance > 1 else 1
 
 
 def format_parallel_plan(lines: list, options: SuiteOptions) -> str:

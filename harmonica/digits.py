@@ -9,13 +9,13 @@ the real digits' feature statistics. The real digits themselves are committed to
 (`digits_images.safetensors`: scikit-learn's `load_digits` data, uint8 pixel values 0..16, and the
 labels), for Learning-to-Cache's training, which needs real images.
 
-digits-flux is the flow-matching path FLUX/SD3/Wan/Qwen-Image users run: diffusers'
-`FluxTransformer2DModel` (2 double-stream and 4 single-stream blocks, hidden 64, 10 units) trained with
+digits-flux is the flow-matching path FLUX/SD3/Wan/Qwen-Image users run: FLUX.1's
+diffusers transformer (2 double-stream and 4 single-stream blocks, hidden 64, 10 units) trained with
 rectified flow (x_s = (1 - s) x0 + s noise, velocity target noise - x0, s logit-normal) on the same
 digits, packed as FLUX packs latents (2 x 2 pixels per token: 16 tokens of 4 channels). It has no VAE:
 its latents are the images. The class is its prompt: a learned bank of 10 prompts (2 tokens of width 32
-and a pooled vector of 32 each), committed as a prompt-embeddings file in FluxPipeline's keys, so it
-runs through harmonica's FLUX task (`flow.FluxTask`) and its FlowMatchEuler sampler (FLUX.1-dev's
+and a pooled vector of 32 each), committed as a prompt-embeddings file in FLUX.1's pipeline's keys, so it
+runs through harmonica's FLUX task (`families.flux.FluxTask`) and its FlowMatchEuler sampler (FLUX.1-dev's
 scheduler config, 20 steps) like any FLUX model, without classifier-free guidance.
 
 The files are made by `python -m harmonica.digits [dit|flux]` (both by default; scikit-learn only
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
+from .families import flux
 from .files import write_file
 from .samplers import dit_alphas_cumprod, dit_ddim_sample
 
@@ -48,7 +49,6 @@ FLUX_CONFIG = {"patch_size": 1, "in_channels": 4, "num_layers": 2, "num_single_l
                "guidance_embeds": False, "axes_dims_rope": (4, 6, 6)}
 FLUX_CLASS_TOKENS = 2  # tokens of each class's prompt
 FLUX_STEPS = 20  # its default sampling steps
-FLUX_SCHEDULER = "flux.1-dev"  # a key of solvers.FLOW_MATCH_SCHEDULERS
 FLUX_PIXELS = SIZE * 8  # the size the FLUX task is given: its latents are 8x smaller, the 8x8 digit
 
 
@@ -66,9 +66,9 @@ def load_digits_dit():
 
 
 def build_digits_flux():
-    from diffusers import FluxTransformer2DModel
+    import diffusers
 
-    return FluxTransformer2DModel(**FLUX_CONFIG)
+    return getattr(diffusers, flux.TRANSFORMER)(**FLUX_CONFIG)
 
 
 def load_digits_flux() -> tuple:
@@ -80,18 +80,14 @@ def load_digits_flux() -> tuple:
 
 
 def flux_task(model, classes: dict, num_steps: int = FLUX_STEPS):
-    """digits-flux's `flow.FluxTask` (FlowMatchEuler, FLUX.1-dev's scheduler): latents (B, 16, 4), prompt i the
-    class i."""
-    from .flow import FluxTask
-
-    return FluxTask(model, classes, num_steps, 1.0, height=FLUX_PIXELS, width=FLUX_PIXELS, scheduler=FLUX_SCHEDULER)
+    """digits-flux's `families.flux.FluxTask` (FlowMatchEuler, FLUX.1-dev's scheduler): latents (B, 16, 4), prompt i
+    the class i."""
+    return flux.FluxTask(model, classes, num_steps, 1.0, height=FLUX_PIXELS, width=FLUX_PIXELS)
 
 
 def pack(images: torch.Tensor) -> torch.Tensor:
-    """(N, 1, 8, 8) -> (N, 16, 4): FLUX's packing of 2 x 2 patches (flow.FluxTask.unpack inverts it)."""
-    from diffusers import FluxPipeline
-
-    return FluxPipeline._pack_latents(images, images.shape[0], 1, SIZE, SIZE)
+    """(N, 1, 8, 8) -> (N, 16, 4): FLUX's packing of 2 x 2 patches (`families.flux.unpack` inverts it)."""
+    return flux.pack(images)
 
 
 def sample_flux(task, noise, labels) -> torch.Tensor:
@@ -152,9 +148,7 @@ class DigitsFlux(DigitsDiT):
         return {"prompt_index": labels}
 
     def images(self, latents):
-        from diffusers import FluxPipeline
-
-        return FluxPipeline._unpack_latents(latents, FLUX_PIXELS, FLUX_PIXELS, FLUX_PIXELS // SIZE)
+        return flux.unpack(latents, FLUX_PIXELS, FLUX_PIXELS, FLUX_PIXELS // SIZE)
 
     def sample(self, noise, labels, num_steps: int, guidance: float = 1.0) -> torch.Tensor:
         device = self.transformer.device

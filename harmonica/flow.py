@@ -7,17 +7,9 @@ arguments, classifier-free guidance on the velocity and the step. It has the int
 drives (`latent_shape`, `conditions`, `begin`, `model_kwargs`, `update`, `combined`, `sampler`,
 `timesteps`), and `flow_sample` runs it through `SolverLoop` for inference.
 
-Families (the model input per step; CFG batches are [unconditional, conditional], guidance on every
-channel of the velocity, `v_u + s (v_c - v_u)`):
-- FLUX.1 (`FluxTransformer2DModel`): packed latents (B, h/2 w/2, 4C), T5 embeddings (B, L, D), pooled
-  CLIP (B, P), img_ids / txt_ids, timestep sigma (t / 1000) and the distilled guidance value as an input;
-  no unconditional half.
-- SD3 / SD3.5 (`SD3Transformer2DModel`): latents (B, C, h, w), joint embeddings and pooled, timestep t.
-- Wan 2.x (`WanTransformer3DModel`): video latents (B, C, F, h, w), T5 embeddings, timestep t. The
-  pipeline runs the two halves as two forwards; one CFG batch computes the same.
-- Qwen-Image (`QwenImageTransformer2DModel`): packed latents, embeddings with their mask, img_shapes,
-  timestep t / 1000; its true CFG rescales the guided velocity to the conditional one's norm per token,
-  which the task applies before a guidance-free `solver_step`.
+Each family's task (its model inputs per step, packing, guidance and decode) lives in its module of
+`harmonica/families`; CFG batches are [unconditional, conditional], guidance on every channel of the velocity,
+`v_u + s (v_c - v_u)`, unless the task says otherwise.
 
 Prompt conditions come from a bank of embeddings: a file of the pipeline's `encode_prompt` outputs
 (`load_flow_embeddings`) or `random_flow_embeddings` for random weights. The solver steps latents of any
@@ -30,13 +22,10 @@ from types import SimpleNamespace
 import torch
 from tqdm.auto import tqdm
 
-from .api import begin_generation, step_runner
 from .kernels import solver_step
-from .samplers import SolverLoop
-from .solvers import FLOW_MATCH_SCHEDULERS, flow_match_euler_table, set_flow_match_timesteps
+from .solvers import flow_match_euler_table, set_flow_match_timesteps
 
 VAE_FACTOR = 8  # pixels per latent pixel, every family
-WAN_FRAME_FACTOR = 4  # Wan's VAE: latent frames = (frames - 1) / 4 + 1
 SAMPLER = "FlowMatchEulerDiscreteScheduler"
 
 
@@ -49,12 +38,11 @@ def as_4d(t: torch.Tensor) -> torch.Tensor:
 
 
 class FlowTask:
-    """One family's generation at one size and step count. Subclasses set the class attributes and
-    `_model_inputs`; `embeddings` is a bank of prompts (`EMBEDDING_KEYS` of the family, see
-    `load_flow_embeddings`), `guidance` the scale (FLUX: the distilled guidance input)."""
+    """One family's generation at one size and step count. Subclasses (one per family, harmonica/families) set the
+    class attributes and `_model_inputs`; `embeddings` is a bank of prompts (the family's `prompt_keys` and
+    `negative_keys`, see `load_flow_embeddings`), `guidance` the scale (FLUX: the distilled guidance input). The
+    scheduler is the family's (`Family.scheduler`)."""
 
-    class_name = ""  # the diffusers transformer class
-    pipeline = ""  # the diffusers pipeline whose loop this is
     packed = False  # FLUX and Qwen-Image: 2 x 2 latent patches packed into tokens of 4C channels
     cfg = True  # whether guidance > 1 runs an unconditional half
     text_dim = "joint_attention_dim"  # config key of the text embeddings' width
@@ -62,16 +50,18 @@ class FlowTask:
     negative_keys = ("negative_prompt_embeds",)  # (1, ...) each, the unconditional prompt
 
     def __init__(self, transformer, embeddings: dict, num_steps: int, guidance: float, *, height: int, width: int,
-                 frames: int | None = None, scheduler: str):
-        import diffusers
+                 frames: int | None = None):
+        from .families import family_of
 
+        self.family = family_of(transformer)
+        self.class_name = self.family.transformer
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
-        self.height, self.width, self.frames, self.scheduler_name = height, width, frames, scheduler
+        self.height, self.width, self.frames = height, width, frames
         self.latent_shape = self._latent_shape(transformer.config)
         self.guided = self.cfg and guidance > 1
         self.embeddings = self._check_embeddings(embeddings)
-        self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS[scheduler])
-        set_flow_match_timesteps(self.scheduler, self.pipeline, num_steps, self.image_seq_len)
+        self.scheduler = self.family.scheduler.scheduler()
+        set_flow_match_timesteps(self.scheduler, self.family.scheduler, num_steps, self.image_seq_len)
         self.table = flow_match_euler_table(self.scheduler)
         self.sampler = SAMPLER
         self.timesteps = [int(t) for t in self.scheduler.timesteps.tolist()]  # what a router records
@@ -81,7 +71,7 @@ class FlowTask:
     def with_steps(self, num_steps: int) -> "FlowTask":
         """The same task sampled with another step count."""
         return type(self)(self.transformer, self.embeddings, num_steps, self.guidance, height=self.height,
-                          width=self.width, frames=self.frames, scheduler=self.scheduler_name)
+                          width=self.width, frames=self.frames)
 
     # ---- shapes ----
 
@@ -200,96 +190,7 @@ class FlowTask:
         return uncond + self.guidance * (cond - uncond)
 
 
-class FluxTask(FlowTask):
-    class_name, pipeline, packed, cfg = "FluxTransformer2DModel", "FluxPipeline", True, False
-    prompt_keys, negative_keys = ("prompt_embeds", "pooled_prompt_embeds"), ()
-
-    def _model_inputs(self, model_in, t, prompts):
-        import diffusers
-
-        device, dtype = model_in.device, self.transformer.dtype
-        embeds = prompts["prompt_embeds"]
-        ids = diffusers.FluxPipeline._prepare_latent_image_ids(
-            model_in.shape[0], self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2, device, dtype)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], self.guidance, device=device, dtype=torch.float32).expand(model_in.shape[0])
-        return {"timestep": t.to(dtype) / 1000, "guidance": guidance, "encoder_hidden_states": embeds,
-                "pooled_projections": prompts["pooled_prompt_embeds"], "img_ids": ids,
-                "txt_ids": torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)}
-
-    def unpack(self, latents):
-        import diffusers
-
-        return diffusers.FluxPipeline._unpack_latents(latents, self.height, self.width, VAE_FACTOR)
-
-
-class SD3Task(FlowTask):
-    class_name, pipeline = "SD3Transformer2DModel", "StableDiffusion3Pipeline"
-    prompt_keys = ("prompt_embeds", "pooled_prompt_embeds")
-    negative_keys = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
-
-    def _model_inputs(self, model_in, t, prompts):
-        return {"timestep": t, "encoder_hidden_states": prompts["prompt_embeds"],
-                "pooled_projections": prompts["pooled_prompt_embeds"]}
-
-
-class WanTask(FlowTask):
-    class_name, pipeline, text_dim = "WanTransformer3DModel", "WanPipeline", "text_dim"
-
-    def _latent_shape(self, cfg):
-        if self.frames is None or self.frames < 1 or (self.frames - 1) % WAN_FRAME_FACTOR:
-            raise ValueError(f"frames: expected 4 n + 1 frames for {self.class_name}, got {self.frames}")
-        channels, h, w = super()._latent_shape(cfg)
-        return (channels, (self.frames - 1) // WAN_FRAME_FACTOR + 1, h, w)
-
-    @property
-    def image_seq_len(self):
-        return None  # WanPipeline sets the timesteps without mu
-
-    def _model_inputs(self, model_in, t, prompts):
-        return {"timestep": t, "encoder_hidden_states": prompts["prompt_embeds"]}
-
-    def _vae_latents(self, vae, latents):
-        return _denormalized(vae, latents)
-
-
-class QwenImageTask(FlowTask):
-    class_name, pipeline, packed = "QwenImageTransformer2DModel", "QwenImagePipeline", True
-    prompt_keys = ("prompt_embeds", "prompt_embeds_mask")
-    negative_keys = ("negative_prompt_embeds", "negative_prompt_embeds_mask")
-
-    def __init__(self, transformer, embeddings, *args, **kwargs):
-        super().__init__(transformer, _pad_qwen(embeddings), *args, **kwargs)
-        self.solver_guidance = {}  # the norm-rescaled true CFG is applied in `velocity`
-
-    def _model_inputs(self, model_in, t, prompts):
-        side = (self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2)
-        return {"timestep": t.to(self.transformer.dtype) / 1000, "encoder_hidden_states": prompts["prompt_embeds"],
-                "encoder_hidden_states_mask": prompts["prompt_embeds_mask"],
-                "img_shapes": [[(1, *side)]] * model_in.shape[0]}
-
-    def velocity(self, out):
-        """QwenImagePipeline's true CFG: v = v_u + s (v_c - v_u), rescaled to |v_c| over channels per token."""
-        if not self.guided:
-            return as_4d(out)
-        uncond, cond = out.chunk(2)
-        v = uncond + self.guidance * (cond - uncond)
-        return as_4d(v * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(v, dim=-1, keepdim=True)))
-
-    def unpack(self, latents):
-        import diffusers
-
-        return diffusers.QwenImagePipeline._unpack_latents(latents, self.height, self.width, VAE_FACTOR)
-
-    def _vae_latents(self, vae, latents):
-        return _denormalized(vae, latents)
-
-    def decode(self, vae, latents):
-        return super().decode(vae, latents)[:, :, 0]  # its VAE decodes one frame
-
-
-def _denormalized(vae, latents: torch.Tensor) -> torch.Tensor:
+def denormalized(vae, latents: torch.Tensor) -> torch.Tensor:
     """Wan's and Qwen-Image's pipelines: latents (B, z, F, h, w) back from the VAE's per-channel normalisation."""
     shape = (1, vae.config.z_dim, 1, 1, 1)
     mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
@@ -297,38 +198,22 @@ def _denormalized(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents * std + mean
 
 
-def _pad_qwen(embeddings: dict) -> dict:
-    """Prompt and negative embeddings padded to one length (zeros, mask 0), so that both halves of a CFG
-    batch fit one tensor (Qwen-Image's encode_prompt trims each batch to its longest prompt)."""
-    pairs = [("prompt_embeds", "prompt_embeds_mask"), ("negative_prompt_embeds", "negative_prompt_embeds_mask")]
-    if not all(key in embeddings for pair in pairs for key in pair):
-        return embeddings
-    length = max(embeddings[key].shape[1] for key, _ in pairs)
-    padded = dict(embeddings)
-    for key, mask in pairs:
-        extra = length - embeddings[key].shape[1]
-        padded[key] = torch.nn.functional.pad(embeddings[key], (0, 0, 0, extra))
-        padded[mask] = torch.nn.functional.pad(embeddings[mask], (0, extra))
-    return padded
-
-
-FAMILIES = {task.class_name: task for task in (FluxTask, SD3Task, WanTask, QwenImageTask)}
 POOLED_DIM = "pooled_projection_dim"
 
 
 def flow_task(transformer, embeddings: dict, num_steps: int, guidance: float, **size) -> FlowTask:
-    """The task of the transformer's family; size: height, width (pixels), frames (Wan), scheduler (a key of
-    `solvers.FLOW_MATCH_SCHEDULERS`)."""
-    name = type(transformer).__name__
-    if name not in FAMILIES:
-        raise ValueError(f"transformer: expected one of {sorted(FAMILIES)}, got {name}")
-    return FAMILIES[name](transformer, embeddings, num_steps, guidance, **size)
+    """The task of the transformer's family; size: height, width (pixels), frames (video)."""
+    from .families import family_of
+
+    return family_of(transformer).task(transformer, embeddings, num_steps, guidance, **size)
 
 
 def random_flow_embeddings(transformer, count: int, tokens: int, generator: torch.Generator) -> dict:
     """A bank of `count` N(0, 1) prompts of `tokens` tokens for a random-weights transformer, in the keys of
     its family (the negative prompt: zeros; masks: ones)."""
-    task = FAMILIES[type(transformer).__name__]
+    from .families import family_of
+
+    task = family_of(transformer).task
     cfg = transformer.config
     bank = {}
     for keys, rows in ((task.prompt_keys, count), (task.negative_keys, 1)):
@@ -359,6 +244,9 @@ def flow_sample(task: FlowTask, prompt_index: torch.Tensor, *, latents: torch.Te
     transformer); returns the final latents (B, *latent_shape), packed as the transformer sees them.
 
     prompt_index: (B,) prompts of the task's bank; latents: the initial noise, else N(0, 1) from `generator`."""
+    from .api import begin_generation, step_runner
+    from .samplers import SolverLoop
+
     transformer = task.transformer
     device, dtype = transformer.device, transformer.dtype
     if latents is None:

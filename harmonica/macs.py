@@ -1,5 +1,5 @@
 """Multiply-accumulates per cached unit of a diffusers transformer: DiT, PixArt and the flow-matching
-models of `models.FLOW_MODELS` and `models.FLOW_PRESETS` (FLUX.1, SD3.5, Wan 2.1, Qwen-Image).
+families' models (harmonica/families; `models.FLOW_MODELS` and `models.FLOW_PRESETS`).
 
 Counted by `torch.utils.flop_counter.FlopCounterMode` on the meta device: no weights, no compute,
 seconds at any resolution (4-9 s for each real flow model on 2 CPU cores). MACs = FLOPs / 2. A unit's
@@ -15,15 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .families import FAMILIES
 from .models import FLOW_MODELS, FLOW_PRESETS, PRESETS
 from .units import units_of
 
 VAE_FACTOR = 8  # pixels per latent pixel (the VAEs of every model here, spatially)
-WAN_FRAME_FACTOR = 4  # Wan's VAE: latent frames = (frames - 1) / 4 + 1
-PATCH = 2  # latent pixels per token side (FLUX and Qwen-Image pack 2 x 2 latents into one token)
+VIDEO_FRAME_FACTOR = 4  # the video VAE: latent frames = (frames - 1) / 4 + 1
+PATCH = 2  # latent pixels per token side of packed latents (2 x 2 latents in one token)
 DIT_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
-FLOW_CLASSES = ("FluxTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel",
-                "QwenImageTransformer2DModel")
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,9 @@ class MacCount:
 def _diffusers_class(class_name: str):
     import diffusers
 
-    if class_name not in DIT_CLASSES + FLOW_CLASSES:
-        raise ValueError(f"model: expected a transformer of {', '.join(DIT_CLASSES + FLOW_CLASSES)}, got {class_name}")
+    classes = DIT_CLASSES + tuple(FAMILIES)
+    if class_name not in classes:
+        raise ValueError(f"model: expected a transformer of {', '.join(classes)}, got {class_name}")
     return getattr(diffusers, class_name)
 
 
@@ -75,36 +75,19 @@ def _example_inputs(model, batch: int, height: int, width: int, text_tokens: int
     """Meta tensors of one forward of `model` on `batch` images (videos) of height x width pixels."""
     cfg, name = model.config, type(model).__name__
     patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
-    multiple = VAE_FACTOR * (PATCH if name in ("FluxTransformer2DModel", "QwenImageTransformer2DModel") else patch)
+    family = FAMILIES.get(name)
+    multiple = VAE_FACTOR * (PATCH if family is not None and family.task.packed else patch)
     h, w = (_latent_side(p, multiple, "height, width", f"{height}x{width}") for p in (height, width))
     meta = dict(device="meta")
-    text_dims = {"FluxTransformer2DModel": "joint_attention_dim", "SD3Transformer2DModel": "joint_attention_dim",
-                 "WanTransformer3DModel": "text_dim", "QwenImageTransformer2DModel": "joint_attention_dim",
-                 "PixArtTransformer2DModel": "caption_channels"}
-    text = torch.empty(batch, text_tokens, cfg[text_dims[name]], **meta) if name in text_dims else None
-    if name in ("FluxTransformer2DModel", "QwenImageTransformer2DModel"):  # packed latents (B, h/2 w/2, C)
-        inputs = dict(hidden_states=torch.empty(batch, (h // PATCH) * (w // PATCH), cfg.in_channels, **meta),
-                      encoder_hidden_states=text, timestep=torch.zeros(batch, **meta))
-        if name == "QwenImageTransformer2DModel":
-            return {**inputs, "img_shapes": [(1, h // PATCH, w // PATCH)] * batch}
-        ids = dict(img_ids=torch.zeros(inputs["hidden_states"].shape[1], 3, **meta),
-                   txt_ids=torch.zeros(text_tokens, 3, **meta), pooled_projections=torch.empty(
-                       batch, cfg.pooled_projection_dim, **meta))
-        return {**inputs, **ids, "guidance": torch.zeros(batch, **meta) if cfg.guidance_embeds else None}
-    if name == "WanTransformer3DModel":
-        if frames is None or (frames - 1) % WAN_FRAME_FACTOR:
-            raise ValueError(f"frames: expected 4 n + 1 frames for a video model, got {frames}")
-        latents = torch.empty(batch, cfg.in_channels, (frames - 1) // WAN_FRAME_FACTOR + 1, h, w, **meta)
-        return dict(hidden_states=latents, encoder_hidden_states=text, timestep=torch.zeros(batch, **meta))
-    inputs = dict(hidden_states=torch.empty(batch, cfg.in_channels, h, w, **meta))
-    if name == "SD3Transformer2DModel":
-        return {**inputs, "encoder_hidden_states": text, "timestep": torch.zeros(batch, **meta),
-                "pooled_projections": torch.empty(batch, cfg.pooled_projection_dim, **meta)}
-    inputs["timestep"] = torch.zeros(batch, dtype=torch.long, **meta)
+    if family is not None:
+        text = torch.empty(batch, text_tokens, cfg[family.task.text_dim], **meta)
+        return family.example_inputs(cfg, batch, h, w, text, frames)
+    inputs = dict(hidden_states=torch.empty(batch, cfg.in_channels, h, w, **meta),
+                  timestep=torch.zeros(batch, dtype=torch.long, **meta))
     if name == "DiTTransformer2DModel":
         inputs["class_labels"] = torch.zeros(batch, dtype=torch.long, **meta)
         return inputs
-    inputs["encoder_hidden_states"] = text
+    inputs["encoder_hidden_states"] = torch.empty(batch, text_tokens, cfg.caption_channels, **meta)
     inputs["added_cond_kwargs"] = (
         {"resolution": torch.empty(batch, 2, **meta), "aspect_ratio": torch.empty(batch, 1, **meta)}
         if model.use_additional_conditions else {"resolution": None, "aspect_ratio": None})
@@ -157,17 +140,17 @@ def count_macs(model, height: int | None = None, width: int | None = None, *, ba
 
 def count_macs_for_input(model, hidden_shape: tuple, text_tokens: int | None = None, *,
                          cross_attention: bool = True) -> tuple:
-    """(MacCount, where) at the size of a forward whose hidden_states had `hidden_shape`: (B, C, h, w)
-    latents, (B, C, f, h, w) video latents or (B, L, C) packed tokens (FLUX, Qwen-Image: 2 x 2 latents per
-    token; only L matters, so they are counted as one row of L tokens). where: "HxW px", "HxWxF px" or
-    "L tokens", for messages. text_tokens: encoder_hidden_states' tokens (None: the preset's default)."""
+    """(MacCount, where) at the size of a forward whose hidden_states had `hidden_shape`: (B, C, h, w) latents,
+    (B, C, f, h, w) video latents or (B, L, C) packed tokens (2 x 2 latents per token; only L matters, so they are
+    counted as one row of L tokens). where: "HxW px", "HxWxF px" or "L tokens", for messages. text_tokens:
+    encoder_hidden_states' tokens (None: the preset's default)."""
     if len(hidden_shape) == 3:
         tokens = hidden_shape[1]
         side = VAE_FACTOR * PATCH
         return count_macs(model, side, side * tokens, caption_tokens=text_tokens,
                           cross_attention=cross_attention), f"{tokens} image tokens"
     height, width = (size * VAE_FACTOR for size in hidden_shape[-2:])
-    frames = (hidden_shape[2] - 1) * WAN_FRAME_FACTOR + 1 if len(hidden_shape) == 5 else None
+    frames = (hidden_shape[2] - 1) * VIDEO_FRAME_FACTOR + 1 if len(hidden_shape) == 5 else None
     where = f"{height}x{width}" + (f"x{frames}" if frames else "")
     return count_macs(model, height, width, caption_tokens=text_tokens, frames=frames,
                       cross_attention=cross_attention), where

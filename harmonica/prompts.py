@@ -4,79 +4,48 @@ the outputs as the tasks read them (`training.load_prompt_embeddings` for PixArt
 for the flow-matching families); `save_prompt_embeddings` writes them to a safetensors file
 (`harmonica embed` on the command line).
 
-Per pipeline (P prompts, L tokens):
-- PixArt-α/Σ: prompt_embeds (P, L, 4096), prompt_attention_mask (P, L), negative_embeds (1, L, 4096),
-  negative_attention_mask (1, L).
-- FLUX.1: prompt_embeds (P, L, D), pooled_prompt_embeds (P, D'); its guidance is distilled: no negative.
-- SD3/SD3.5: prompt_embeds, pooled_prompt_embeds and the negative pair (1, ...).
-- Wan 2.x: prompt_embeds and negative_prompt_embeds (1, L, D).
-- Qwen-Image: prompt_embeds, prompt_embeds_mask (P, L) and the negative pair (the pipeline trims a batch to
-  its longest prompt and returns no mask when every token counts: the mask is then all ones).
+PixArt-α/Σ (P prompts, L tokens): prompt_embeds (P, L, 4096), prompt_attention_mask (P, L), negative_embeds
+(1, L, 4096), negative_attention_mask (1, L). The flow-matching families' encoders and names are in their modules
+(harmonica/families, `Family.encode`).
 """
 
 from pathlib import Path
 
 import torch
 
+from .families import FAMILIES
+
 
 def _pixart(pipe, prompts, negative, extra):
     embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
-        prompts, do_classifier_free_guidance=True, negative_prompt=negative, num_images_per_prompt=1, **extra)
+        prompts, do_classifier_free_guidance=True, negative_prompt="" if negative is None else negative,
+        num_images_per_prompt=1, **extra)
     return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_embeds": negative_embeds[:1],
             "negative_attention_mask": negative_mask[:1]}
 
 
-def _flux(pipe, prompts, negative, extra):
-    if negative is not None:
-        raise ValueError(f"negative_prompt: expected none for {type(pipe).__name__} (its guidance is distilled into "
-                         f"the model: no unconditional pass), got {negative!r}")
-    embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, **extra)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+PIXART_ENCODERS = {"PixArtAlphaPipeline": _pixart, "PixArtSigmaPipeline": _pixart}
 
 
-def _sd3(pipe, prompts, negative, extra):
-    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompts, None, None, do_classifier_free_guidance=True, negative_prompt=negative, **extra)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative_embeds[:1],
-            "negative_pooled_prompt_embeds": negative_pooled[:1]}
-
-
-def _wan(pipe, prompts, negative, extra):
-    embeds, negative_embeds = pipe.encode_prompt(prompts, negative_prompt=negative, do_classifier_free_guidance=True,
-                                                 **extra)
-    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds[:1]}
-
-
-def _qwen_image(pipe, prompts, negative, extra):
-    def encode(texts):
-        embeds, mask = pipe.encode_prompt(texts, **extra)
-        if mask is None:  # every token of every prompt counts
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-        return embeds, mask
-
-    embeds, mask = encode(prompts)
-    negative_embeds, negative_mask = encode([negative])
-    return {"prompt_embeds": embeds, "prompt_embeds_mask": mask, "negative_prompt_embeds": negative_embeds,
-            "negative_prompt_embeds_mask": negative_mask}
-
-
-ENCODERS = {"PixArtAlphaPipeline": _pixart, "PixArtSigmaPipeline": _pixart, "FluxPipeline": _flux,
-            "StableDiffusion3Pipeline": _sd3, "WanPipeline": _wan, "QwenImagePipeline": _qwen_image}
+def encoders() -> dict:
+    """{pipeline class name: encoder (pipe, prompts, negative prompt or None, extra kwargs) -> {name: tensor}}:
+    PixArt's and each flow-matching family's (`Family.encode`)."""
+    return {**PIXART_ENCODERS, **{family.pipeline: family.encode for family in FAMILIES.values()}}
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list, negative_prompt: str | None = None,
                    max_sequence_length: int | None = None) -> dict:
     """{name: CPU tensor} of the pipeline's text-encoder outputs for `prompts` (P strings) and `negative_prompt`
-    (the unconditional prompt; default "", none for FLUX.1), as listed in the module docstring.
+    (the unconditional prompt; default "", none for FLUX.1), named as the module docstring (PixArt) or the family's
+    module lists.
     `max_sequence_length`: the pipeline's default when None."""
-    encoder = next((ENCODERS[c.__name__] for c in type(pipe).__mro__ if c.__name__ in ENCODERS), None)
+    known = encoders()
+    encoder = next((known[c.__name__] for c in type(pipe).__mro__ if c.__name__ in known), None)
     if encoder is None:
-        raise ValueError(f"pipe: expected one of {sorted(ENCODERS)}, got {type(pipe).__name__}")
+        raise ValueError(f"pipe: expected one of {sorted(known)}, got {type(pipe).__name__}")
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
-    if negative_prompt is None and encoder is not _flux:
-        negative_prompt = ""
     extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     tensors = encoder(pipe, list(prompts), negative_prompt, extra)
     return {name: value.cpu().contiguous() for name, value in tensors.items()}

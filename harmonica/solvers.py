@@ -17,7 +17,8 @@ guidance included, is the fused op `harmonica.kernels.solver_step` (torch refere
   the model predicts the velocity v (in the slot of eps), x0 = x - sigma v and
   x_next = x + (sigma_next - sigma) v = (sigma_next / sigma) x + (1 - sigma_next / sigma) x0, c = 0.
   `set_flow_match_timesteps` sets the sigmas on the host once per generation as each pipeline does
-  (shift, or dynamic shifting with mu from the image sequence length). The step is elementwise:
+  (shift, or dynamic shifting with mu from the image sequence length), from the family's `FlowMatchSchedule`
+  (harmonica/families). The step is elementwise:
   packed latents (B, L, C) (FLUX, Qwen-Image) and video latents (B, C, F, H, W) (Wan) step as 4-D views.
 """
 
@@ -107,38 +108,35 @@ def _dpm_solver_row(sigmas: list, i: int, first_order: bool, solver_type: str) -
     return p, q, a, -e + f / r0, -f / r0
 
 
-# scheduler_config.json of each model's hub repository (transcribed; keys left out keep diffusers'
-# defaults): black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-large, Qwen/Qwen-Image.
-# Wan2.1-T2V-1.3B-Diffusers ships a UniPCMultistepScheduler; its flow-matching Euler form is the
-# FlowMatchEulerDiscreteScheduler with shift = flow_shift (3.0 at 480p, 5.0 at 720p, WanPipeline's docs).
-FLOW_MATCH_SCHEDULERS = {
-    "flux.1-dev": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
-                   "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True},
-    "sd3.5-large": {"num_train_timesteps": 1000, "shift": 3.0},
-    "wan2.1": {"num_train_timesteps": 1000, "shift": 5.0},
-    "qwen-image": {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 8192, "max_shift": 0.9,
-                   "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02, "use_dynamic_shifting": True,
-                   "time_shift_type": "exponential"},
-}
 FLOW_MATCH_CONFIG = {"stochastic_sampling": False, "invert_sigmas": False}
+MU_WHEN = ("always", "dynamic", "never")
 
 
 @dataclass(frozen=True)
-class TimestepRule:
-    """How a diffusers 0.42 pipeline calls `set_timesteps` on its FlowMatchEulerDiscreteScheduler."""
+class FlowMatchSchedule:
+    """A `FlowMatchEulerDiscreteScheduler` as one pipeline configures it and sets its timesteps (diffusers 0.42).
 
-    custom_sigmas: bool  # passes sigmas = linspace(1, 1/T, T) instead of a step count
-    max_shift: float  # the pipeline's default max_shift where the scheduler config has none
-    mu_only_when_dynamic: bool  # computes the shift mu only under use_dynamic_shifting (else always)
+    name: where `config` comes from (e.g. "flux.1-dev"); config: the scheduler's kwargs, its hub repository's
+    scheduler_config.json transcribed (keys left out keep diffusers' defaults); custom_sigmas: the pipeline passes
+    sigmas linspace(1, 1/T, T); mu: when the pipeline computes the shift mu from the image tokens ("always",
+    "dynamic": only under use_dynamic_shifting, "never"); max_shift: the pipeline's default where the config has
+    none."""
 
+    name: str
+    config: dict
+    custom_sigmas: bool = False
+    mu: str = "never"
+    max_shift: float = 1.15
 
-# None: a plain `set_timesteps(T)`, no mu
-FLOW_MATCH_PIPELINES = {
-    "FluxPipeline": TimestepRule(custom_sigmas=True, max_shift=1.15, mu_only_when_dynamic=False),
-    "QwenImagePipeline": TimestepRule(custom_sigmas=True, max_shift=1.15, mu_only_when_dynamic=False),
-    "StableDiffusion3Pipeline": TimestepRule(custom_sigmas=False, max_shift=1.16, mu_only_when_dynamic=True),
-    "WanPipeline": None,
-}
+    def __post_init__(self):
+        if self.mu not in MU_WHEN:
+            raise ValueError(f"mu: expected one of {list(MU_WHEN)}, got {self.mu!r}")
+
+    def scheduler(self):
+        """A fresh diffusers `FlowMatchEulerDiscreteScheduler` of this config."""
+        import diffusers
+
+        return diffusers.FlowMatchEulerDiscreteScheduler(**self.config)
 
 
 def shift_mu(image_seq_len: int, config) -> float:
@@ -148,25 +146,21 @@ def shift_mu(image_seq_len: int, config) -> float:
     return image_seq_len * slope + (config["base_shift"] - slope * config["base_image_seq_len"])
 
 
-def set_flow_match_timesteps(scheduler, pipeline: str, num_steps: int, image_seq_len: int | None = None) -> None:
-    """`scheduler.set_timesteps` as the diffusers pipeline `pipeline` calls it for `num_steps` steps, on the
-    host; image_seq_len: the image tokens (FLUX and Qwen-Image: packed latent length; SD3: latent patches)."""
-    if pipeline not in FLOW_MATCH_PIPELINES:
-        raise ValueError(f"pipeline: expected one of {sorted(FLOW_MATCH_PIPELINES)}, got {pipeline!r}")
+def set_flow_match_timesteps(scheduler, schedule: FlowMatchSchedule, num_steps: int,
+                             image_seq_len: int | None = None) -> None:
+    """`scheduler.set_timesteps` as the pipeline of `schedule` calls it for `num_steps` steps, on the host;
+    image_seq_len: the image tokens (FLUX and Qwen-Image: packed latent length; SD3: latent patches)."""
     _check_flow_match(scheduler)
-    rule = FLOW_MATCH_PIPELINES[pipeline]
-    if rule is None:
-        scheduler.set_timesteps(num_steps)
-        return
     config = scheduler.config
     kwargs = {}
-    if config.use_dynamic_shifting or not rule.mu_only_when_dynamic:
+    if schedule.mu == "always" or (schedule.mu == "dynamic" and config.use_dynamic_shifting):
         if image_seq_len is None:
-            raise ValueError(f"image_seq_len: expected the image tokens ({pipeline} computes mu from them), got None")
+            raise ValueError(f"image_seq_len: expected the image tokens (the pipeline of {schedule.name} computes mu "
+                             f"from them), got None")
         defaults = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
-                    "max_shift": rule.max_shift}
+                    "max_shift": schedule.max_shift}
         kwargs["mu"] = shift_mu(image_seq_len, {key: config.get(key, value) for key, value in defaults.items()})
-    if rule.custom_sigmas:
+    if schedule.custom_sigmas:
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
     else:
         scheduler.set_timesteps(num_steps, **kwargs)

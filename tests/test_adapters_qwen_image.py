@@ -14,8 +14,8 @@ from diffusers import QwenImageTransformer2DModel
 
 import harmonica
 from harmonica import CacheSchedule
-from harmonica.adapters import qwen_image as qwen_adapter
 from harmonica.engine import CacheEngine
+from harmonica.families import qwen_image as qwen_adapter
 from harmonica.units import cached_units
 
 B, N, M, STEPS = 2, 16, 5, 4  # N: a 4 x 4 grid of packed 2 x 2 latent patches

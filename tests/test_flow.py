@@ -21,17 +21,17 @@ from harmonica.macs import MacCount
 from harmonica.models import FLOW_PRESETS, build_transformer, load_vae
 from harmonica.router import Router
 from harmonica.schedule import CacheSchedule
-from harmonica.solvers import FLOW_MATCH_SCHEDULERS
 
 TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image")
 STEPS = 4
 
 
-def pipeline_latents(name, transformer, bank, noise, vae=None):
+def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
     """The final latents of the family's diffusers pipeline (no text encoders, no VAE) from `noise`, on prompt 1;
-    with `vae`, its decoded output as numpy in [0, 1] (images (1, H, W, 3), Wan frames (1, F, H, W, 3))."""
+    with `vae`, its decoded output as numpy in [0, 1] (images (1, H, W, 3), Wan frames (1, F, H, W, 3)).
+    scheduler: the pipeline's (default: a fresh one of the family's config)."""
     spec = FLOW_PRESETS[name]
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS[spec.scheduler])
+    scheduler = scheduler or spec.family.scheduler.scheduler()
     prompts = {key: value if key.startswith("negative") else value[1:2] for key, value in bank.items()}
     common = dict(latents=noise, num_inference_steps=STEPS, height=spec.height, width=spec.width,
                   output_type="latent" if vae is None else "np")

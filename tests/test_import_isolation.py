@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CLI_FILES = ("cli.py", "__main__.py")
 # each folder of core and the package name it installs as (setup.py)
-CORE_PACKAGES = {"harmonica": "harmonica", "harmonica/adapters": "harmonica.adapters", "kernels": "harmonica.kernels"}
+CORE_PACKAGES = {"harmonica": "harmonica", "harmonica/adapters": "harmonica.adapters",
+                 "harmonica/families": "harmonica.families", "kernels": "harmonica.kernels"}
 TOOLS = ("harmonica.bench", "harmonica.profiling", "harmonica.cli", "harmonica.__main__", "bench", "profiling")
 
 
@@ -71,7 +72,7 @@ def test_no_core_source_imports_a_tool():
     ("harmonica.api", "from . import cli\n", ["harmonica.cli"]),
     ("harmonica.engine", "from .profiling import nvtx as _nvtx\n", ["harmonica.profiling", "harmonica.profiling.nvtx"]),
     ("harmonica.kernels.aot", "import harmonica.bench.suite\n", ["harmonica.bench.suite"]),
-    ("harmonica.adapters.flux", "from ..bench import table\n", ["harmonica.bench", "harmonica.bench.table"]),
+    ("harmonica.families.flux", "from ..bench import table\n", ["harmonica.bench", "harmonica.bench.table"]),
     ("harmonica.api", "import profiling.nvtx\n", ["profiling.nvtx"]),
     ("harmonica.api", "importlib.import_module('harmonica.profiling.nvtx')\n", ["harmonica.profiling.nvtx"]),
     ("harmonica.api", "from .macs import count_macs\nimport benchmark\nfrom . import events\n", []),

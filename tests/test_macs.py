@@ -15,8 +15,9 @@ from harmonica.bench.macs import (
     macs_section,
 )
 from harmonica.bench.table import update_benchmarks
+from harmonica.families import FlowModel
 from harmonica.macs import count_macs
-from harmonica.models import FLOW_MODELS, FlowModel
+from harmonica.models import FLOW_MODELS
 
 
 def test_dit_xl2_256_matches_the_dit_paper():
@@ -139,7 +140,7 @@ def test_wan_units_and_frames():
     assert count.names == tuple(f"blocks.{i}.{kind}" for i in range(2) for kind in ("attn1", "attn2", "ffn"))
     cross = 2 * n * d * d + 2 * t * d * d + 2 * n * t * d  # q and out of the video, k and v of the text, QK^T, PV
     assert count.unit_macs == (joint_attention_macs(n, d, n), cross, 2 * n * d * 32) * 2
-    with pytest.raises(ValueError, match="frames: expected 4 n \\+ 1 frames for a video model, got 6"):
+    with pytest.raises(ValueError, match="frames: expected 4 n \\+ 1 frames for WanTransformer3DModel, got 6"):
         count_macs(model, 32, frames=6)
 
 

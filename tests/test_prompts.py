@@ -13,7 +13,6 @@ from harmonica import cli
 from harmonica.flow import flow_sample, flow_task, load_flow_embeddings
 from harmonica.models import FLOW_PRESETS, PRESETS, build_transformer
 from harmonica.prompts import encode_prompts, save_prompt_embeddings
-from harmonica.solvers import FLOW_MATCH_SCHEDULERS
 from harmonica.training import load_prompt_embeddings
 
 PROMPTS = ["a red cube", "two cats on a sofa, watercolor", "x"]
@@ -79,7 +78,7 @@ def pipeline(name: str, transformer=None):
         return diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None,
                                              transformer=transformer, scheduler=diffusers.DPMSolverMultistepScheduler())
     spec = FLOW_PRESETS[name]
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS[spec.scheduler])
+    scheduler = spec.family.scheduler.scheduler()
     parts = {"transformer": transformer, "scheduler": scheduler, "vae": None}
     if spec.pipeline == "FluxPipeline":
         (clip_l, clip_tokenizer), (t5_xxl, t5_tokenizer) = clip(spec.config["pooled_projection_dim"]), t5(32)

@@ -9,11 +9,12 @@ import torch
 
 import harmonica
 from harmonica import CacheSchedule
+from harmonica.families import FAMILIES
 from harmonica.kernels import solver_step
 from harmonica.models import TINY_PIXART, build_pipeline, random_prompt_embeds
 from harmonica.samplers import dit_alphas_cumprod, dit_ddim_table, pixart_sample, use_pixart_sampler
 from harmonica.solvers import (
-    FLOW_MATCH_SCHEDULERS,
+    FlowMatchSchedule,
     dpm_solver_table,
     flow_match_euler_table,
     scheduler_table,
@@ -165,17 +166,20 @@ def test_pixart_sample_errors():
         pixart_sample(pipe, **prompt, num_steps=2)
 
 
-# (scheduler config, pipeline, image tokens at the native size, CFG scale): FLUX.1-dev 1024^2 runs distilled
-# guidance (no CFG batch); Qwen-Image's true CFG rescales norms, which is no linear combination
-FLOW_MATCH_CASES = {"flux.1-dev": ("FluxPipeline", 4096, None), "sd3.5-large": ("StableDiffusion3Pipeline", 4096, 7.0),
-                    "wan2.1": ("WanPipeline", None, 5.0), "qwen-image": ("QwenImagePipeline", 6889, None)}
+# (scheduler config: the family of its transformer class, image tokens at the native size, CFG scale): FLUX.1-dev
+# 1024^2 runs distilled guidance (no CFG batch); Qwen-Image's true CFG rescales norms, which is no linear combination
+FLOW_MATCH_CASES = {"flux.1-dev": ("FluxTransformer2DModel", 4096, None),
+                    "sd3.5-large": ("SD3Transformer2DModel", 4096, 7.0), "wan2.1": ("WanTransformer3DModel", None, 5.0),
+                    "qwen-image": ("QwenImageTransformer2DModel", 6889, None)}
 LIPSCHITZ = 0.5  # of the test velocity in x
 
 
 def flow_match_scheduler(name: str, steps: int):
-    pipeline, tokens, _ = FLOW_MATCH_CASES[name]
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS[name])
-    set_flow_match_timesteps(scheduler, pipeline, steps, tokens)
+    transformer, tokens, _ = FLOW_MATCH_CASES[name]
+    schedule = FAMILIES[transformer].scheduler
+    assert schedule.name == name
+    scheduler = schedule.scheduler()
+    set_flow_match_timesteps(scheduler, schedule, steps, tokens)
     return scheduler
 
 
@@ -265,20 +269,21 @@ def test_flow_match_table_rejects_other_settings(change, message):
     with pytest.raises(ValueError, match=message):
         flow_match_euler_table(scheduler)
     with pytest.raises(ValueError, match=message):
-        set_flow_match_timesteps(scheduler, "WanPipeline", 8)
+        set_flow_match_timesteps(scheduler, FAMILIES["WanTransformer3DModel"].scheduler, 8)
 
 
 def test_flow_match_errors_and_dispatch():
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_MATCH_SCHEDULERS["flux.1-dev"])
+    flux = FAMILIES["FluxTransformer2DModel"].scheduler
+    scheduler = flux.scheduler()
     with pytest.raises(ValueError, match="call set_timesteps"):
         flow_match_euler_table(scheduler)
-    with pytest.raises(ValueError, match=r"pipeline: expected one of \[.*'Flux.*\], got 'PixArtAlphaPipeline'"):
-        set_flow_match_timesteps(scheduler, "PixArtAlphaPipeline", 8, 4096)
-    with pytest.raises(ValueError, match="image_seq_len: expected the image tokens"):
-        set_flow_match_timesteps(scheduler, "FluxPipeline", 8)
+    with pytest.raises(ValueError, match=r"mu: expected one of \['always', 'dynamic', 'never'\], got 'sometimes'"):
+        FlowMatchSchedule("x", {}, mu="sometimes")
+    with pytest.raises(ValueError, match=r"image_seq_len: expected the image tokens \(the pipeline of flux.1-dev"):
+        set_flow_match_timesteps(scheduler, flux, 8)
     with pytest.raises(ValueError, match="expected a FlowMatchEulerDiscreteScheduler, got DDIMScheduler"):
         flow_match_euler_table(diffusers.DDIMScheduler())
-    set_flow_match_timesteps(scheduler, "FluxPipeline", 8, 4096)
+    set_flow_match_timesteps(scheduler, flux, 8, 4096)
     assert scheduler_table(scheduler) == flow_match_euler_table(scheduler)
     dpm = diffusers.DPMSolverMultistepScheduler()
     dpm.set_timesteps(8)

@@ -9,7 +9,8 @@ name, that says
   attention) passes tuples `gate`, `h` and a `compute` that returns one output per stream;
 - each unit kind's computation as a function of the block (`bodies`), which `CacheEngine.compile`
   torch.compiles (the block is an argument: all blocks of a shape share one graph per kind).
-Adding a model is one adapter module that calls `register` (imported below) plus its tests.
+DiT's and PixArt's `BasicTransformerBlock` is `basic.py`; the flow-matching families' blocks are in their family's
+module (harmonica/families), which calls `register`; both are imported below.
 """
 
 from typing import NamedTuple
@@ -105,4 +106,5 @@ def blocks_of(transformer) -> list:
     return blocks
 
 
-from . import basic, flux, qwen_image, sd3, wan  # noqa: E402,F401  (each registers its adapters)
+from .. import families  # noqa: E402,F401  (each family registers its blocks' adapters)
+from . import basic  # noqa: E402,F401  (registers its adapter)

@@ -1,0 +1,129 @@
+"""Model families: everything harmonica knows about one family of flow-matching transformers, in one module.
+
+A family module (`qwen_image.py`, `flux.py`, `sd3.py`, `wan.py`) holds its block adapters (registered in
+`harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the scheduler's timesteps, how its
+pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models and presets, its VAE class
+and the peers' patterns for it; it ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer
+class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, bench, profiling) asks
+`family_of` and never names a family's class. DiT and PixArt are not families yet (`models.PRESETS`).
+
+Adding a flow-matching family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom
+of this file, plus its tests (tests/test_families.py checks that no other source file names its classes).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..solvers import FlowMatchSchedule
+
+# the random 8x KL VAE of the tiny presets (DiT, PixArt, FLUX.1, SD3): 4 levels of 8 channels
+TINY_VAE = {"block_out_channels": (8, 8, 8, 8), "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 4, "layers_per_block": 1}
+TINY_KL = {**TINY_VAE, "use_quant_conv": False, "use_post_quant_conv": False}  # as FLUX.1's and SD3's VAEs
+
+
+@dataclass(frozen=True)
+class FlowModel:
+    """A flow-matching transformer at its native size: the diffusers class, its hub config, the pixels
+    (height, width, frames for video), the text tokens of one prompt and where the config comes from."""
+
+    class_name: str
+    config: dict
+    height: int
+    width: int
+    text_tokens: int
+    source: str
+    frames: int | None = None
+
+
+@dataclass(frozen=True)
+class FlowPreset:
+    """A flow-matching transformer to sample (harmonica/flow.py): its diffusers class and config, the size it
+    generates (pixels; frames for video), the text tokens of one prompt, the hub repository and the sampler
+    defaults of its pipeline."""
+
+    class_name: str
+    config: dict
+    height: int
+    width: int
+    text_tokens: int
+    steps: int
+    guidance: float  # FLUX: the distilled guidance input; else the CFG scale (Qwen-Image: true_cfg_scale)
+    hub_id: str | None = None
+    frames: int | None = None
+    vae: dict | None = None  # config of a random VAE (the tiny presets; the real ones load theirs)
+
+    is_flow, is_pixart = True, False
+
+    @classmethod
+    def of(cls, model: FlowModel, steps: int, guidance: float) -> "FlowPreset":
+        """The preset of a hub model at its native size, with its pipeline's (steps, guidance) defaults."""
+        return cls(model.class_name, model.config, model.height, model.width, model.text_tokens, steps, guidance,
+                   model.source, model.frames)
+
+    @property
+    def size(self) -> dict:
+        return {"height": self.height, "width": self.width, "frames": self.frames}
+
+    @property
+    def family(self) -> "Family":
+        return family_of(self.class_name)
+
+    @property
+    def pipeline(self) -> str:
+        """The diffusers pipeline class of the family."""
+        return self.family.pipeline
+
+
+@dataclass(frozen=True)
+class Family:
+    """One flow-matching model family, keyed by its diffusers transformer class.
+
+    encode: (pipe, prompts (P strings), negative prompt or None, extra encode_prompt kwargs) -> {name: tensor}, the
+        pipeline's `encode_prompt` outputs under the names the task reads (`prompts.encode_prompts`).
+    example_inputs: (config, batch, latent h, latent w, text (B, L, D) meta tensor, frames) -> the transformer's
+        forward kwargs on the meta device (`macs.count_macs`); h, w already checked against the task's multiple.
+    cache_dit: (the transformer's block list, cache-dit ForwardPattern name) for cache-dit's BlockAdapter, where
+        cache-dit has no adapter for the transformer alone; None: cache-dit takes the transformer as it is.
+    first_block_cache: why diffusers' First Block Cache cannot run this transformer, or None when it can.
+    """
+
+    name: str  # short name, e.g. "qwen-image"
+    transformer: str  # diffusers transformer class name (the key of `FAMILIES`)
+    pipeline: str  # diffusers pipeline class whose loop the task is
+    vae: str  # diffusers VAE class of its pipelines
+    task: type  # its flow.FlowTask subclass
+    scheduler: FlowMatchSchedule
+    encode: Callable
+    example_inputs: Callable
+    models: dict = field(default_factory=dict)  # name -> FlowModel (hub configs at the native size)
+    presets: dict = field(default_factory=dict)  # name -> FlowPreset (real and tiny)
+    cache_dit: tuple | None = None
+    first_block_cache: str | None = None
+
+
+FAMILIES = {}  # diffusers transformer class name -> Family
+
+
+def register(family: Family) -> Family:
+    """Add `family` to `FAMILIES` (one family per transformer class)."""
+    if family.transformer in FAMILIES:
+        raise ValueError(f"family: expected one per transformer class, got a second for {family.transformer}")
+    FAMILIES[family.transformer] = family
+    return family
+
+
+def family_of(transformer) -> Family:
+    """The `Family` of a diffusers transformer (instance or class) or its class name; a ValueError naming the
+    supported classes otherwise."""
+    if isinstance(transformer, str):
+        name = transformer
+    else:
+        name = (transformer if isinstance(transformer, type) else type(transformer)).__name__
+    if name not in FAMILIES:
+        raise ValueError(f"transformer: expected one of {sorted(FAMILIES)}, got {name}")
+    return FAMILIES[name]
+
+
+# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image) is `FAMILIES`' and the presets'
+from . import flux, sd3, wan, qwen_image  # noqa: E402,F401,I001

@@ -1,0 +1,128 @@
+"""The Wan 2.x family: `WanTransformer3DModel` in `WanPipeline`, its VAE `AutoencoderKLWan`.
+
+Block adapter: `WanTransformerBlock` (diffusers transformer_wan.py), in the transformer's `blocks`. One residual
+stream h (B, L, D) of video tokens; units, in execution order: self-attention `attn1` (gate msa),
+cross-attention `attn2` to the text (and I2V image) tokens (no gate) and feed-forward `ffn` (gate c_gate_msa). The
+modulation `scale_shift_table + temb` is fp32, so the gated units' residual is added in fp32 and cast back,
+`(h.float() + out * gate).type_as(h)`: the fused ops do the same when given the fp32 gate over a low-precision h
+(kernels/gated_residual.py). Per-token modulation (Wan 2.2 TI2V's timestep (B, L), temb (B, L, 6, D)) is not
+supported: the fused ops take one gate per batch row.
+
+Task: video latents (B, C, F, h, w) of 4 n + 1 frames, T5 embeddings, timestep t. The pipeline runs the two CFG
+halves as two forwards; one CFG batch computes the same. Prompts: prompt_embeds and negative_prompt_embeds (1, L, D).
+"""
+
+import torch
+
+from .. import adapters
+from ..adapters import Adapter
+from ..flow import FlowTask, denormalized
+from ..solvers import FlowMatchSchedule
+from . import Family, FlowModel, FlowPreset, register
+
+TRANSFORMER, PIPELINE = "WanTransformer3DModel", "WanPipeline"
+FRAME_FACTOR = 4  # its VAE: latent frames = (frames - 1) / 4 + 1
+
+
+def _modulated(norm, h, shift, scale):
+    """norm(h) in fp32, modulated by shift and scale (B, 1, D, fp32), in h's dtype; h (B, L, D)."""
+    return (norm(h.float()) * (1 + scale) + shift).type_as(h)
+
+
+def self_attention(block, h, shift, scale, rotary_emb):
+    """Unit attn1: self-attention over the modulated norm1 of h (B, L, D) with the rotary embedding.
+    Returns (B, L, D)."""
+    return block.attn1(_modulated(block.norm1, h, shift, scale), None, None, rotary_emb)
+
+
+def cross_attention(block, h, encoder_hidden_states):
+    """Unit attn2: norm2 of h (B, L, D) attending to encoder_hidden_states (B, M, D). Returns (B, L, D)."""
+    return block.attn2(block.norm2(h.float()).type_as(h), encoder_hidden_states, None, None)
+
+
+def feed_forward(block, h, shift, scale):
+    """Unit ffn: the MLP of the modulated norm3 of h (B, L, D). Returns (B, L, D)."""
+    return block.ffn(_modulated(block.norm3, h, shift, scale))
+
+
+class WanBlockAdapter(Adapter):
+    block_class = "WanTransformerBlock"
+    kinds = ("attn1", "attn2", "ffn")
+    bodies = {"attn1": self_attention, "attn2": cross_attention, "ffn": feed_forward}
+
+    def forward(self, engine, block, index, position, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        """diffusers' `WanTransformerBlock.forward` unit by unit. temb: (B, 6, D)."""
+        if temb.ndim != 3:
+            raise ValueError(f"temb: expected shape (B, 6, D) (one timestep per sample), got {tuple(temb.shape)} "
+                             "(Wan 2.2 TI2V's per-token timesteps are not supported by harmonica)")
+        shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table + temb.float()).chunk(6, dim=1)
+        bodies = engine.bodies[self.block_class]
+        h = hidden_states
+        h = engine.run_unit(index["attn1"], lambda: bodies["attn1"](block, h, shift, scale, rotary_emb), gate, h)
+        h = engine.run_unit(index["attn2"], lambda: bodies["attn2"](block, h, encoder_hidden_states), None, h)
+        return engine.run_unit(index["ffn"], lambda: bodies["ffn"](block, h, c_shift, c_scale), c_gate, h)
+
+
+adapters.register(WanBlockAdapter())
+
+
+def latent_frames(frames: int | None) -> int:
+    """The latent frames of `frames` video frames; a ValueError unless frames = 4 n + 1."""
+    if frames is None or frames < 1 or (frames - 1) % FRAME_FACTOR:
+        raise ValueError(f"frames: expected 4 n + 1 frames for {TRANSFORMER}, got {frames}")
+    return (frames - 1) // FRAME_FACTOR + 1
+
+
+class WanTask(FlowTask):
+    text_dim = "text_dim"
+
+    def _latent_shape(self, cfg):
+        channels, h, w = super()._latent_shape(cfg)
+        return (channels, latent_frames(self.frames), h, w)
+
+    @property
+    def image_seq_len(self):
+        return None  # the pipeline sets the timesteps without mu
+
+    def _model_inputs(self, model_in, t, prompts):
+        return {"timestep": t, "encoder_hidden_states": prompts["prompt_embeds"]}
+
+    def _vae_latents(self, vae, latents):
+        return denormalized(vae, latents)
+
+
+def encode(pipe, prompts, negative, extra):
+    """The pipeline's `encode_prompt` of the prompts and the negative prompt (default ""), with CFG."""
+    embeds, negative_embeds = pipe.encode_prompt(prompts, negative_prompt="" if negative is None else negative,
+                                                 do_classifier_free_guidance=True, **extra)
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds[:1]}
+
+
+def example_inputs(cfg, batch, h, w, text, frames):
+    """One forward's meta inputs: video latents (B, C, F, h, w) of `frames` frames, text (B, L, D)."""
+    latents = torch.empty(batch, cfg.in_channels, latent_frames(frames), h, w, device="meta")
+    return {"hidden_states": latents, "encoder_hidden_states": text, "timestep": torch.zeros(batch, device="meta")}
+
+
+# Wan2.1-T2V-1.3B-Diffusers ships a UniPCMultistepScheduler; its flow-matching Euler form is the
+# FlowMatchEulerDiscreteScheduler with shift = flow_shift (3.0 at 480p, 5.0 at 720p, the pipeline's docs); the
+# pipeline sets the timesteps by count, without mu
+SCHEDULE = FlowMatchSchedule("wan2.1", {"num_train_timesteps": 1000, "shift": 5.0})
+# transformer/config.json of the hub repository, transcribed (keys equal to diffusers' defaults left out);
+# the pipeline pads the UMT5 prompt to max_sequence_length 512; 480p is 480 x 832
+MODELS = {"wan2.1-t2v-1.3b-480p": FlowModel(TRANSFORMER, {
+    "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
+    "ffn_dim": 8960, "freq_dim": 256, "in_channels": 16, "num_attention_heads": 12, "num_layers": 30,
+    "out_channels": 16, "patch_size": (1, 2, 2), "qk_norm": "rms_norm_across_heads", "text_dim": 4096},
+    480, 832, 512, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", frames=81)}
+TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+        "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "rope_max_seq_len": 32}
+# a random VAE 8x like the real one, with a per-channel latent normalisation
+TINY_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+            "latents_mean": [-0.76, -0.71, -0.91, 0.11], "latents_std": [2.82, 1.45, 2.33, 2.66]}
+# (steps, guidance): the pipeline's __call__ defaults
+PRESETS = {"wan2.1-1.3b": FlowPreset.of(MODELS["wan2.1-t2v-1.3b-480p"], 50, 5.0),
+           "tiny-wan": FlowPreset(TRANSFORMER, TINY, 32, 32, 8, 50, 5.0, frames=5, vae=TINY_VAE)}
+
+FAMILY = register(Family("wan", TRANSFORMER, PIPELINE, "AutoencoderKLWan", WanTask, SCHEDULE, encode,
+                         example_inputs, MODELS, PRESETS))
