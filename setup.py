@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # One import root, `harmonica`. The folders kernels/, bench/ and profiling/ install as
 # harmonica.kernels, harmonica.bench and harmonica.profiling: a top-level module named `kernels`
@@ -9,13 +9,16 @@ PACKAGE_DIRS = {
     "harmonica.bench": "bench",
     "harmonica.profiling": "profiling",
 }
+# with their subpackages (harmonica.adapters, harmonica.families, ...), which a wheel holds only when listed
+PACKAGES = [f"{name}.{sub}" if sub else name for name, folder in PACKAGE_DIRS.items()
+            for sub in ["", *find_packages(folder)]]
 
 setup(
     name="harmonica-dit",
     version="0.1.0",
     description="Learned feature caching (HarmoniCa) for diffusion transformers, with fused Triton kernels",
     python_requires=">=3.10",
-    packages=list(PACKAGE_DIRS),
+    packages=PACKAGES,
     package_dir=PACKAGE_DIRS,
     package_data={"harmonica": ["data/*.safetensors"]},
     # triton is not required: CUDA builds of torch pin their own; the `test` extra brings it for the

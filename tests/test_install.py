@@ -65,3 +65,30 @@ def test_make_test_installs_through_the_constraints_and_test_latest_without(cons
     assert "rm -rf .venv-latest" in latest and "VENV=.venv-latest PIN= .venv-latest/.installed-bench" in latest
     unpinned = make_dry_run("VENV=.venv-latest", "PIN=", ".venv-latest/.installed-bench")
     assert "-c constraints" not in unpinned and unpinned.count("pip install -q  -e") == 2
+
+
+def test_a_wheel_holds_every_module_of_every_package(tmp_path):
+    """A non-editable install gets every module: the subpackages (harmonica.adapters, harmonica.families) too,
+    under their installed names (kernels/ as harmonica.kernels), and the committed digits weights."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # a copy without the clone's build/ folder, which setuptools would reuse
+    source.mkdir()
+    for name in ("setup.py", "harmonica", "kernels", "bench", "profiling"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                           if (REPO / name).is_dir() else {}))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                           "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    roots = {"harmonica": "harmonica", "kernels": "harmonica/kernels", "bench": "harmonica/bench",
+             "profiling": "harmonica/profiling"}
+    expected = {f"{installed}/{path.relative_to(REPO / folder).as_posix()}"
+                for folder, installed in roots.items() for path in (REPO / folder).rglob("*.py")
+                if (path.parent / "__init__.py").is_file() and "__pycache__" not in path.parts}
+    assert "harmonica/families/flux.py" in expected and "harmonica/adapters/basic.py" in expected
+    assert sorted(expected - held) == []
+    assert any(name.startswith("harmonica/data/") and name.endswith(".safetensors") for name in held)
