@@ -26,7 +26,8 @@ Kernels load, compute in fp32 and cast at the store; any strides are accepted. T
 (B, N, D) tensor whatever h's strides, as diffusers' `attn_output + hidden_states` takes the layout of the unit's
 output: the first block's h is PatchEmbed's transposed view (token stride 1), and a result allocated like h would
 carry that layout through every block (a copy in each LayerNorm, an unfused bias in PixArt's cross-attention query
-projection, strided residual kernels). The references compute `g * value + h` in that order for the same reason.
+projection, strided residual kernels). The references compute `g * value + h` in that order for the same reason
+(an elementwise result takes the layout of its first operand).
 """
 
 import functools
