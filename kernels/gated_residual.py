@@ -22,12 +22,7 @@ A fourth form has its own small kernel (two slots and two coefficients; the thre
 
 The blend is evaluated as `cache + r * (fresh - cache)`: the same value with one multiply, and it
 keeps the slot itself out of the autograd graph of the reference, so it can be overwritten in place.
-Kernels load, compute in fp32 and cast at the store; any strides are accepted. The result is a new contiguous
-(B, N, D) tensor whatever h's strides, as diffusers' `attn_output + hidden_states` takes the layout of the unit's
-output: the first block's h is PatchEmbed's transposed view (token stride 1), and a result allocated like h would
-carry that layout through every block (a copy in each LayerNorm, an unfused bias in PixArt's cross-attention query
-projection, strided residual kernels). The references compute `g * value + h` in that order for the same reason
-(an elementwise result takes the layout of its first operand).
+Kernels load, compute in fp32 and cast at the store; any strides are accepted.
 """
 
 import functools
@@ -148,11 +143,6 @@ _launch_bwd = Launcher(_gated_residual_bwd_kernel)
 _launch_forecast = Launcher(_gated_forecast_fwd_kernel)
 
 
-def _new_stream(h):
-    """A contiguous (B, N, D) result for residual stream h (whatever h's strides: see the module docstring)."""
-    return torch.empty(h.shape, dtype=h.dtype, device=h.device)
-
-
 def _gate_strides(gate):
     """(stride over batch, stride over hidden) of a (B, D) or (B, 1, D) gate; (0, 0) for None."""
     if gate is None:
@@ -231,7 +221,7 @@ class GatedResidualFunction(torch.autograd.Function):
         need_old_cache = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         # an in-place slot write would destroy the values the r and gate gradients need
         old_cache = (cache.clone() if tau is not None else cache) if need_old_cache else None
-        out = _new_stream(h)
+        out = torch.empty_like(h)
         gated_residual_fwd(h, fresh, cache, r, gate, out, mode=BLEND, tau=tau, write_cache=tau is not None)
         ctx.save_for_backward(fresh, old_cache, r, gate)
         return out
@@ -258,24 +248,24 @@ def gated_residual_ref(h, fresh, cache, r, gate=None, tau=None):
     blended = cache + r * (fresh - cache)
     if tau is not None:
         cache.copy_(torch.where(r > tau, blended.detach(), cache))
-    return (_apply_gate(blended, gate) + h).to(h.dtype)
+    return (h + _apply_gate(blended, gate)).to(h.dtype)
 
 
 def gated_residual_compute_ref(h, fresh, gate=None, cache=None):
     """Torch definition of the compute form: `h + g * fresh`, and `cache <- fresh`."""
     if cache is not None:
         cache.copy_(fresh.detach())
-    return (_apply_gate(fresh, gate) + h).to(h.dtype)
+    return (h + _apply_gate(fresh, gate)).to(h.dtype)
 
 
 def gated_residual_reuse_ref(h, cache, gate=None):
     """Torch definition of the reuse form: `h + g * cache`."""
-    return (_apply_gate(cache, gate) + h).to(h.dtype)
+    return (h + _apply_gate(cache, gate)).to(h.dtype)
 
 
 def gated_residual_forecast_ref(h, newest, older, a: float, b: float, gate=None):
     """Torch definition of the forecast form: `h + g * (a * newest + b * older)`."""
-    return (_apply_gate(a * newest + b * older, gate) + h).to(h.dtype)
+    return (h + _apply_gate(a * newest + b * older, gate)).to(h.dtype)
 
 
 def _plainly_valid(h, fresh, cache, gate, out) -> bool:
@@ -345,7 +335,7 @@ def _run_inference_form(mode, h, fresh, cache, gate, out, ref_call):
         raise ValueError("out: expected None when gradients are required (an in-place result breaks autograd)")
     if not kernel_path(h) or needs_grad:
         return _finish(ref_call(), out)
-    out = _new_stream(h) if out is None else out
+    out = torch.empty_like(h) if out is None else out
     write = mode == COMPUTE and cache is not None
     return gated_residual_fwd(h, fresh, cache, None, gate, out, mode=mode, write_cache=write)
 
@@ -367,7 +357,7 @@ def gated_residual(h, fresh, cache, r, gate=None, *, tau=None, out=None):
         return _finish(gated_residual_ref(h, fresh, cache, r, gate, tau), out)
     if needs_grad:
         return GatedResidualFunction.apply(h, fresh, cache, r, gate, tau)
-    out = _new_stream(h) if out is None else out
+    out = torch.empty_like(h) if out is None else out
     return gated_residual_fwd(h, fresh, cache, r, gate, out, mode=BLEND, tau=tau, write_cache=tau is not None)
 
 
@@ -411,4 +401,4 @@ def gated_residual_forecast(h, newest, older, a: float, b: float, gate=None, *, 
                          "got requires_grad=True")
     if not kernel_path(h):
         return _finish(gated_residual_forecast_ref(h, newest, older, a, b, gate), out)
-    return gated_residual_forecast_fwd(h, newest, older, a, b, gate, _new_stream(h) if out is None else out)
+    return gated_residual_forecast_fwd(h, newest, older, a, b, gate, torch.empty_like(h) if out is None else out)
