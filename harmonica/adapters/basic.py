@@ -97,7 +97,11 @@ class BasicBlockAdapter(Adapter):
         if kwargs.get("scale") is not None:
             warnings.warn("Passing `scale` to `cross_attention_kwargs` is deprecated. `scale` will be ignored.",
                           stacklevel=3)
-        h = hidden_states
+        # the first block's input is PatchEmbed's transposed view (token stride 1): diffusers' first residual add
+        # (`attn_output + hidden_states`) leaves it, and so does this copy, else the fused residual ops, whose result
+        # is laid out like h, carry it through every block (a copy in each LayerNorm, an unfused bias in the
+        # cross-attention query projection). Later blocks' inputs are contiguous: no copy.
+        h = hidden_states.contiguous()
         if block.norm_type == "ada_norm_zero":
             norm1 = block.norm1
             if engine.modulation_active:
