@@ -72,8 +72,6 @@ class CacheEngine:
         self.adapters = {}  # adapter -> its blocks in execution order
         for block in self.blocks:
             self.adapters.setdefault(block.adapter, []).append(block.module)
-        self.shared_embedding = False  # DiT: whether block 0's embedding serves every block (adapters/basic.py)
-        self.embedding = None  # DiT: the step's timestep/class embedding, computed by block 0 when shared
         self.timesteps = None  # host timesteps of the current generation, when its sampler told them
         self.modulation = ModulationTable()  # DiT: every step's adaLN modulations, per generation
         self.modulation_active = False
@@ -103,8 +101,8 @@ class CacheEngine:
         self.last_text_tokens = None  # encoder_hidden_states' tokens in the latest forward (None: no text)
         if schedule is not None:
             self.set_schedule(schedule, forecast)
-        for adapter, blocks in self.adapters.items():
-            adapter.setup(self, blocks)
+        # adapter -> what its `setup` returned: the family's state for this engine (DiT's shared embedding)
+        self.adapter_state = {adapter: adapter.setup(self, blocks) for adapter, blocks in self.adapters.items()}
         self._originals = []
         for block in self.blocks:
             index = {kind: self.unit_index.get(f"{block.name}.{kind}") for kind in block.adapter.kinds}
@@ -143,6 +141,29 @@ class CacheEngine:
         if gates.dim() != 2 or gates.shape[1] != len(self.units):
             raise ValueError(f"gates: expected shape (T, {len(self.units)}), got {tuple(gates.shape)}")
         self.gates, self.tau, self.mode = gates, tau, "training"
+
+    def set_off(self) -> None:
+        """Caching off: every unit computes and no slot is written (the teacher's and the reference's forwards)."""
+        self.mode = "off"
+
+    def seek(self, step: int) -> None:
+        """The next forward runs step `step` (a trainer or search that drives the steps itself)."""
+        if not 0 <= step < (self.num_steps or step + 1):
+            raise ValueError(f"step: expected 0 <= step < {self.num_steps}, got {step}")
+        self.step = step
+
+    def swap_slots(self, slots: list) -> list:
+        """Make `slots` (one entry per slot, None: empty) the current cache context's slots; returns the ones
+        they replace (a rollout that must not touch a trajectory's slots swaps them out and back)."""
+        if len(slots) != len(self.slots):
+            raise ValueError(f"slots: expected {len(self.slots)} slots, got {len(slots)}")
+        previous, self.slots = self.slots, list(slots)
+        return previous
+
+    def refuse_contexts(self, reason: str) -> None:
+        """Allow one cache context only (`reason`, e.g. "cuda_graphs=True", names what needs it in the error a
+        second context gets)."""
+        self.contexts_refused_by = reason
 
     @property
     def step(self) -> int:
@@ -208,6 +229,7 @@ class CacheEngine:
             hook.remove()
         for adapter, blocks in self.adapters.items():
             adapter.teardown(self, blocks)
+        self.adapter_state = {}
         for code in self._compiled_codes:
             reset_code(code)
         self.bodies, self._compiled_codes = self._plain_bodies(), []
@@ -219,7 +241,6 @@ class CacheEngine:
         self.slots = [None] * len(self.units)
         self.forecast_plan = self.forecast_fit = self.forecast_row = None
         self.context, self.entered_context, self.other_contexts = None, None, {}
-        self.embedding = None
         self.modulation, self.modulation_active = ModulationTable(), False
 
     # ---- memory ----
@@ -296,12 +317,12 @@ class CacheEngine:
             self.modulation_active = self._compute_modulations(hidden, args, kwargs)
         if self.modulation_active:
             self.modulation.load(self.step)
-        if events.listener is not None:
-            events.listener.step_started(self.step)
+        if events.listeners:
+            events.step_started(self.step)
 
     def _after_forward(self, module, args, kwargs, output):
-        if events.listener is not None:
-            events.listener.step_finished()
+        if events.listeners:
+            events.step_finished()
         following = self.step + 1
         if self.num_steps is not None and following == self.num_steps:
             self.timesteps = None  # the generation is complete; the next call starts another, as told
@@ -342,11 +363,11 @@ class CacheEngine:
         """Add unit k's (gated) output to h (B, N, D); gate (B, D), (B, 1, D) or None. compute: () -> fresh
         output (B, N, D). A unit feeding several residual streams passes tuples h and gate, one per stream,
         and a compute that returns one output per stream; it returns one tensor per stream. k None: not a
-        cached unit (always computes). With a listener (events.py), through its `around_unit`."""
+        cached unit (always computes). With listeners (events.py), through their `around_unit`."""
         run = self._run_streams if isinstance(h, tuple) else self._run_unit
-        if events.listener is not None and k is not None:
+        if events.listeners and k is not None:
             computes = self.mode != "inference" or self.row[k]
-            return events.listener.around_unit(self.units[k][0], computes, run, k, compute, gate, h)
+            return events.around_unit(self.units[k][0], computes, run, k, compute, gate, h)
         return run(k, compute, gate, h)
 
     def _run_streams(self, k, compute, gates, hs):

@@ -41,7 +41,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from . import parallel
+from . import events, parallel
 
 _WARNED_CPU = False
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")  # torch.distributed's ops
@@ -125,15 +125,15 @@ def is_collective(func) -> bool:
     return func.namespace in COLLECTIVE_NAMESPACES and func._opname not in ("wait_tensor", "_wrap_tensor_autograd")
 
 
-class CollectiveLog(TorchDispatchMode):
+class CollectiveLog(TorchDispatchMode, events.Listener):
     """The collectives issued inside the `with`, in order: `calls`, each (the unit running it or None, the op,
-    the shapes and dtypes of its tensors). The unit is read from the engine's `run_unit`, wrapped for the
-    duration. Compiled code is logged as it runs: dynamo runs it under this mode, and compiles without it
-    (`ignore_compile_internals`)."""
+    the shapes and dtypes of its tensors). The unit is what the engine tells its listeners (events.py): the log
+    listens for the duration. Compiled code is logged as it runs: dynamo runs it under this mode, and compiles
+    without it (`ignore_compile_internals`)."""
 
-    def __init__(self, engine):
+    def __init__(self):
         super().__init__()
-        self.engine, self.calls, self.unit = engine, [], None
+        self.calls, self.unit = [], None
 
     @classmethod
     def ignore_compile_internals(cls) -> bool:
@@ -147,25 +147,19 @@ class CollectiveLog(TorchDispatchMode):
             self.calls.append((self.unit, str(func), tensors))
         return func(*args, **kwargs)
 
+    def around_unit(self, name, computes, run, *args):
+        self.unit = name
+        try:
+            return run(*args)
+        finally:
+            self.unit = None
+
     def __enter__(self):
-        engine, run_unit = self.engine, self.engine.run_unit
-        self._own_run_unit = vars(engine).get("run_unit")  # an instance's own (a test's counter), else None
-
-        def logged_run_unit(k, *args):
-            self.unit = None if k is None else engine.units[k][0]
-            try:
-                return run_unit(k, *args)
-            finally:
-                self.unit = None
-
-        engine.run_unit = logged_run_unit
+        events.listen(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        if self._own_run_unit is None:
-            del self.engine.run_unit
-        else:
-            self.engine.run_unit = self._own_run_unit
+        events.unlisten(self)
         return super().__exit__(*exc)
 
 
@@ -331,7 +325,7 @@ class GraphRunner:
         """The step captured on `backend`; under context parallelism with its collectives logged and compared over
         the group (a ValueError on every rank when one rank's differ)."""
         config = parallel.context_parallel_config(self.engine.transformer)
-        log = CollectiveLog(self.engine) if config is not None else contextlib.nullcontext()
+        log = CollectiveLog() if config is not None else contextlib.nullcontext()
         start = time.perf_counter()
         with log:
             captured = backend.capture(self._run_static)

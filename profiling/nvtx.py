@@ -45,10 +45,10 @@ GENERATION = "generation"  # the timed generation of the profiling workload
 
 def set_enabled(on: bool) -> None:
     """Switch every harmonica NVTX range on or off (the environment's HARMONICA_NVTX is the default): the flag
-    `PipelineRanges` tests, and `ENGINE_RANGES` as the engine's listener or none."""
+    `PipelineRanges` tests, and `ENGINE_RANGES` among the engine's listeners or not."""
     global ENABLED
     ENABLED = _usable(on)
-    events.listen(ENGINE_RANGES if ENABLED else None)
+    (events.listen if ENABLED else events.unlisten)(ENGINE_RANGES)
 
 
 def step_label(step: int) -> str:
@@ -87,8 +87,8 @@ def call_in_range(label: str, fn, *args, **kwargs):
         close_range()
 
 
-class EngineRanges:
-    """The engine's listener (`harmonica.events`) while NVTX is on: a range per step and per cached unit."""
+class EngineRanges(events.Listener):
+    """An engine listener (`harmonica.events`) while NVTX is on: a range per step and per cached unit."""
 
     def step_started(self, step: int) -> None:
         open_range(step_label(step))
