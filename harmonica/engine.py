@@ -32,6 +32,7 @@ import contextlib
 import inspect
 import types
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch._C._dynamo.eval_frame import reset_code
@@ -41,6 +42,17 @@ from .adapters import blocks_of
 from .forecast import Forecast, ForecastFit, ForecastPlan
 from .modulation import ModulationTable
 from .units import units_of
+
+
+@dataclass
+class CacheContext:
+    """What one diffusers cache context keeps while another is current (the engine's own attributes hold the
+    current one's): its step counter and generation checks, and its slots."""
+
+    step: int  # the step its next forward runs
+    begun: bool  # whether `begin` started its generation (else its counter wrapped)
+    previous_timestep: float | None  # the host timestep of its latest forward of this generation, when readable
+    slots: list  # one entry per slot: a tensor (B, N, D), a tuple of one per stream, or None
 
 
 class CacheEngine:
@@ -91,7 +103,7 @@ class CacheEngine:
         self.slots = [None] * len(self.units)
         self.context = None  # the cache context whose counter and slots the attributes above hold (None: default)
         self.entered_context = None  # the name of the `transformer.cache_context` the caller is inside
-        self.other_contexts = {}  # name -> (step, begun, previous_timestep, slots) of the contexts not current
+        self.other_contexts = {}  # name -> `CacheContext` of each context not current
         self.contexts_refused_by = None  # e.g. "cuda_graphs=True": what allows one cache context only
         self.ranks_checked = False  # whether the schedule was checked equal on every context-parallel rank
         self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
@@ -200,8 +212,8 @@ class CacheEngine:
         self.timesteps = timesteps
         self.step = 0
         self.begun, self.previous_timestep = True, None
-        self.other_contexts = {name: (0, True, None, slots)
-                               for name, (_, _, _, slots) in self.other_contexts.items()}
+        self.other_contexts = {name: CacheContext(0, True, None, context.slots)
+                               for name, context in self.other_contexts.items()}
 
     def compile(self, options: dict) -> None:
         """torch.compile each unit kind's body with `options` (default fullgraph=True, dynamic=False): one
@@ -247,7 +259,7 @@ class CacheEngine:
 
     def cache_bytes(self) -> int:
         """Bytes of the slots of every cache context (with a forecast: both slots of each unit)."""
-        every = [self.slots, *(slots for _, _, _, slots in self.other_contexts.values())]
+        every = [self.slots, *(context.slots for context in self.other_contexts.values())]
         slots = [part for slots in every for slot in slots for part in (slot if isinstance(slot, tuple) else (slot,))]
         return sum(s.numel() * s.element_size() for s in slots if s is not None)
 
@@ -278,10 +290,10 @@ class CacheEngine:
                                  f"passes; enable without it")
             self.context = self.context if name is None else name
             return
-        self.other_contexts[self.context] = (self._step, self.begun, self.previous_timestep, self.slots)
-        step, self.begun, self.previous_timestep, self.slots = self.other_contexts.pop(
-            name, (0, self.begun, None, [None] * len(self.slots)))
-        self.context, self.step = name, step
+        self.other_contexts[self.context] = CacheContext(self._step, self.begun, self.previous_timestep, self.slots)
+        resumed = self.other_contexts.pop(name, None) or CacheContext(0, self.begun, None, [None] * len(self.slots))
+        self.begun, self.previous_timestep, self.slots = resumed.begun, resumed.previous_timestep, resumed.slots
+        self.context, self.step = name, resumed.step
 
     # ---- context parallelism ----
 
