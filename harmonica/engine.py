@@ -18,9 +18,13 @@ across a wrap is an error (the sampler's step count differs from the schedule's)
 
 A pipeline that runs classifier-free guidance as two transformer calls per step (Wan, Qwen-Image) wraps
 each in diffusers' `transformer.cache_context("cond")` / `("uncond")`: the engine keeps one set of slots
-and one step counter (with its generation checks) per context name, a forward outside any context using
-the default set. All sets follow the same schedule rows; `begin` restarts them all. SD3.5's skip-layer
-guidance (a forward with `skip_layers`) is refused: it runs some steps only, with some blocks skipped.
+and one step counter (with its generation checks) per context name (a `CacheContext` while not current), a
+forward outside any context using the default set. All sets follow the same schedule rows; `begin` restarts
+them all. SD3.5's skip-layer guidance (a forward with `skip_layers`) is refused: it runs some steps only, with
+some blocks skipped.
+
+Other modules never assign the engine's attributes: they drive it through its methods (`set_schedule`,
+`set_training`, `set_off`, `seek`, `swap_slots`, `begin`, `refuse_contexts`; tests/test_engine_api.py checks it).
 
 Each unit's computation (its norm, shift/scale modulation and attention/MLP) is a function of the
 block, the adapter's `bodies[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument,
