@@ -134,7 +134,7 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     if compile:
         engine.compile(compile if isinstance(compile, dict) else {})
     if cuda_graphs:  # an instance attribute: Module.__call__ and its hooks stay
-        engine.contexts_refused_by = "cuda_graphs=True"  # a graph replays one set of slots
+        engine.refuse_contexts("cuda_graphs=True")  # a graph replays one set of slots
         with parallel.lifted_hooks(transformer):  # diffusers' hooks stay outermost
             transformer.forward = state.graphs = GraphRunner(engine, transformer.forward,
                                                              scheduler_inside=scheduler_in_graph)

@@ -18,9 +18,13 @@ across a wrap is an error (the sampler's step count differs from the schedule's)
 
 A pipeline that runs classifier-free guidance as two transformer calls per step (Wan, Qwen-Image) wraps
 each in diffusers' `transformer.cache_context("cond")` / `("uncond")`: the engine keeps one set of slots
-and one step counter (with its generation checks) per context name, a forward outside any context using
-the default set. All sets follow the same schedule rows; `begin` restarts them all. SD3.5's skip-layer
-guidance (a forward with `skip_layers`) is refused: it runs some steps only, with some blocks skipped.
+and one step counter (with its generation checks) per context name (a `CacheContext` while not current), a
+forward outside any context using the default set. All sets follow the same schedule rows; `begin` restarts
+them all. SD3.5's skip-layer guidance (a forward with `skip_layers`) is refused: it runs some steps only, with
+some blocks skipped.
+
+Other modules never assign the engine's attributes: they drive it through its methods (`set_schedule`,
+`set_training`, `set_off`, `seek`, `swap_slots`, `begin`, `refuse_contexts`; tests/test_engine_api.py checks it).
 
 Each unit's computation (its norm, shift/scale modulation and attention/MLP) is a function of the
 block, the adapter's `bodies[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument,
@@ -32,6 +36,7 @@ import contextlib
 import inspect
 import types
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch._C._dynamo.eval_frame import reset_code
@@ -41,6 +46,17 @@ from .adapters import blocks_of
 from .forecast import Forecast, ForecastFit, ForecastPlan
 from .modulation import ModulationTable
 from .units import units_of
+
+
+@dataclass
+class CacheContext:
+    """What one diffusers cache context keeps while another is current (the engine's own attributes hold the
+    current one's): its step counter and generation checks, and its slots."""
+
+    step: int  # the step its next forward runs
+    begun: bool  # whether `begin` started its generation (else its counter wrapped)
+    previous_timestep: float | None  # the host timestep of its latest forward of this generation, when readable
+    slots: list  # one entry per slot: a tensor (B, N, D), a tuple of one per stream, or None
 
 
 class CacheEngine:
@@ -72,8 +88,6 @@ class CacheEngine:
         self.adapters = {}  # adapter -> its blocks in execution order
         for block in self.blocks:
             self.adapters.setdefault(block.adapter, []).append(block.module)
-        self.shared_embedding = False  # DiT: whether block 0's embedding serves every block (adapters/basic.py)
-        self.embedding = None  # DiT: the step's timestep/class embedding, computed by block 0 when shared
         self.timesteps = None  # host timesteps of the current generation, when its sampler told them
         self.modulation = ModulationTable()  # DiT: every step's adaLN modulations, per generation
         self.modulation_active = False
@@ -93,7 +107,7 @@ class CacheEngine:
         self.slots = [None] * len(self.units)
         self.context = None  # the cache context whose counter and slots the attributes above hold (None: default)
         self.entered_context = None  # the name of the `transformer.cache_context` the caller is inside
-        self.other_contexts = {}  # name -> (step, begun, previous_timestep, slots) of the contexts not current
+        self.other_contexts = {}  # name -> `CacheContext` of each context not current
         self.contexts_refused_by = None  # e.g. "cuda_graphs=True": what allows one cache context only
         self.ranks_checked = False  # whether the schedule was checked equal on every context-parallel rank
         self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
@@ -103,8 +117,8 @@ class CacheEngine:
         self.last_text_tokens = None  # encoder_hidden_states' tokens in the latest forward (None: no text)
         if schedule is not None:
             self.set_schedule(schedule, forecast)
-        for adapter, blocks in self.adapters.items():
-            adapter.setup(self, blocks)
+        # adapter -> what its `setup` returned: the family's state for this engine (DiT's shared embedding)
+        self.adapter_state = {adapter: adapter.setup(self, blocks) for adapter, blocks in self.adapters.items()}
         self._originals = []
         for block in self.blocks:
             index = {kind: self.unit_index.get(f"{block.name}.{kind}") for kind in block.adapter.kinds}
@@ -144,6 +158,29 @@ class CacheEngine:
             raise ValueError(f"gates: expected shape (T, {len(self.units)}), got {tuple(gates.shape)}")
         self.gates, self.tau, self.mode = gates, tau, "training"
 
+    def set_off(self) -> None:
+        """Caching off: every unit computes and no slot is written (the teacher's and the reference's forwards)."""
+        self.mode = "off"
+
+    def seek(self, step: int) -> None:
+        """The next forward runs step `step` (a trainer or search that drives the steps itself)."""
+        if not 0 <= step < (self.num_steps or step + 1):
+            raise ValueError(f"step: expected 0 <= step < {self.num_steps}, got {step}")
+        self.step = step
+
+    def swap_slots(self, slots: list) -> list:
+        """Make `slots` (one entry per slot, None: empty) the current cache context's slots; returns the ones
+        they replace (a rollout that must not touch a trajectory's slots swaps them out and back)."""
+        if len(slots) != len(self.slots):
+            raise ValueError(f"slots: expected {len(self.slots)} slots, got {len(slots)}")
+        previous, self.slots = self.slots, list(slots)
+        return previous
+
+    def refuse_contexts(self, reason: str) -> None:
+        """Allow one cache context only (`reason`, e.g. "cuda_graphs=True", names what needs it in the error a
+        second context gets)."""
+        self.contexts_refused_by = reason
+
     @property
     def step(self) -> int:
         return self._step
@@ -179,8 +216,8 @@ class CacheEngine:
         self.timesteps = timesteps
         self.step = 0
         self.begun, self.previous_timestep = True, None
-        self.other_contexts = {name: (0, True, None, slots)
-                               for name, (_, _, _, slots) in self.other_contexts.items()}
+        self.other_contexts = {name: CacheContext(0, True, None, context.slots)
+                               for name, context in self.other_contexts.items()}
 
     def compile(self, options: dict) -> None:
         """torch.compile each unit kind's body with `options` (default fullgraph=True, dynamic=False): one
@@ -208,6 +245,7 @@ class CacheEngine:
             hook.remove()
         for adapter, blocks in self.adapters.items():
             adapter.teardown(self, blocks)
+        self.adapter_state = {}
         for code in self._compiled_codes:
             reset_code(code)
         self.bodies, self._compiled_codes = self._plain_bodies(), []
@@ -219,14 +257,13 @@ class CacheEngine:
         self.slots = [None] * len(self.units)
         self.forecast_plan = self.forecast_fit = self.forecast_row = None
         self.context, self.entered_context, self.other_contexts = None, None, {}
-        self.embedding = None
         self.modulation, self.modulation_active = ModulationTable(), False
 
     # ---- memory ----
 
     def cache_bytes(self) -> int:
         """Bytes of the slots of every cache context (with a forecast: both slots of each unit)."""
-        every = [self.slots, *(slots for _, _, _, slots in self.other_contexts.values())]
+        every = [self.slots, *(context.slots for context in self.other_contexts.values())]
         slots = [part for slots in every for slot in slots for part in (slot if isinstance(slot, tuple) else (slot,))]
         return sum(s.numel() * s.element_size() for s in slots if s is not None)
 
@@ -257,10 +294,10 @@ class CacheEngine:
                                  f"passes; enable without it")
             self.context = self.context if name is None else name
             return
-        self.other_contexts[self.context] = (self._step, self.begun, self.previous_timestep, self.slots)
-        step, self.begun, self.previous_timestep, self.slots = self.other_contexts.pop(
-            name, (0, self.begun, None, [None] * len(self.slots)))
-        self.context, self.step = name, step
+        self.other_contexts[self.context] = CacheContext(self._step, self.begun, self.previous_timestep, self.slots)
+        resumed = self.other_contexts.pop(name, None) or CacheContext(0, self.begun, None, [None] * len(self.slots))
+        self.begun, self.previous_timestep, self.slots = resumed.begun, resumed.previous_timestep, resumed.slots
+        self.context, self.step = name, resumed.step
 
     # ---- context parallelism ----
 
@@ -296,12 +333,12 @@ class CacheEngine:
             self.modulation_active = self._compute_modulations(hidden, args, kwargs)
         if self.modulation_active:
             self.modulation.load(self.step)
-        if events.listener is not None:
-            events.listener.step_started(self.step)
+        if events.listeners:
+            events.step_started(self.step)
 
     def _after_forward(self, module, args, kwargs, output):
-        if events.listener is not None:
-            events.listener.step_finished()
+        if events.listeners:
+            events.step_finished()
         following = self.step + 1
         if self.num_steps is not None and following == self.num_steps:
             self.timesteps = None  # the generation is complete; the next call starts another, as told
@@ -342,11 +379,11 @@ class CacheEngine:
         """Add unit k's (gated) output to h (B, N, D); gate (B, D), (B, 1, D) or None. compute: () -> fresh
         output (B, N, D). A unit feeding several residual streams passes tuples h and gate, one per stream,
         and a compute that returns one output per stream; it returns one tensor per stream. k None: not a
-        cached unit (always computes). With a listener (events.py), through its `around_unit`."""
+        cached unit (always computes). With listeners (events.py), through their `around_unit`."""
         run = self._run_streams if isinstance(h, tuple) else self._run_unit
-        if events.listener is not None and k is not None:
+        if events.listeners and k is not None:
             computes = self.mode != "inference" or self.row[k]
-            return events.listener.around_unit(self.units[k][0], computes, run, k, compute, gate, h)
+            return events.around_unit(self.units[k][0], computes, run, k, compute, gate, h)
         return run(k, compute, gate, h)
 
     def _run_streams(self, k, compute, gates, hs):

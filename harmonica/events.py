@@ -1,58 +1,58 @@
 """The cache engine's steps and units, told to listeners: how a tool built on harmonica observes a generation
 without the engine importing it (`harmonica.profiling.nvtx` opens its NVTX ranges this way, `graphs.CollectiveLog`
-learns which unit issued a collective).
+names the unit that issues each collective).
 
-A listener has three methods:
+`listeners` is empty until a tool calls `listen`; while it is, the engine's only cost is one test of it per
+transformer forward and per cached unit. A listener is a `Listener` (each method's default does nothing):
 - `step_started(step)` before the transformer forward of step `step`, `step_finished()` after it;
 - `around_unit(name, computes, run, *args)` returns `run(*args)`, the residual update of the cached unit `name`
   (`transformer_blocks.3.attn1`), which computes its output (computes True) or reuses its slot (False).
-
-`listen` adds one, `unlisten` removes it. The engine tells `listener`: None while there are none (its only cost is
-then one test per transformer forward and per cached unit), the listener itself while there is one, and a
-`Listeners` that tells each in the order they came (the first one's `around_unit` outermost) while there are more.
+Listeners are told in the order they listened; the first one's `around_unit` is the outermost.
 """
 
-listener = None
-_listening = []  # in the order they came
+import functools
+
+listeners = ()  # the listening `Listener`s, in the order they called `listen`
 
 
-class Listeners:
-    """Several listeners as one."""
-
-    def __init__(self, listeners: list):
-        self.listeners = tuple(listeners)
+class Listener:
+    """What the engine tells a listener; subclasses override what they observe."""
 
     def step_started(self, step: int) -> None:
-        for each in self.listeners:
-            each.step_started(step)
+        pass
 
     def step_finished(self) -> None:
-        for each in reversed(self.listeners):
-            each.step_finished()
+        pass
 
     def around_unit(self, name: str, computes: bool, run, *args):
-        for each in reversed(self.listeners):
-            run = _wrapped(each, name, computes, run)
         return run(*args)
 
 
-def _wrapped(each, name, computes, run):
-    return lambda *args: each.around_unit(name, computes, run, *args)
+def listen(listener: Listener) -> None:
+    """Add `listener` (once: a listener already listening stays where it is)."""
+    global listeners
+    if listener not in listeners:
+        listeners = (*listeners, listener)
 
 
-def _update() -> None:
-    global listener
-    listener = None if not _listening else _listening[0] if len(_listening) == 1 else Listeners(_listening)
+def unlisten(listener: Listener) -> None:
+    """Remove `listener` (a no-op when it is not listening)."""
+    global listeners
+    listeners = tuple(other for other in listeners if other is not listener)
 
 
-def listen(new_listener) -> None:
-    """Add `new_listener` (once: a second call with it changes nothing)."""
-    if not any(each is new_listener for each in _listening):
-        _listening.append(new_listener)
-        _update()
+def step_started(step: int) -> None:
+    for listener in listeners:
+        listener.step_started(step)
 
 
-def unlisten(old_listener) -> None:
-    """Remove `old_listener` (nothing when it is not listening)."""
-    _listening[:] = [each for each in _listening if each is not old_listener]
-    _update()
+def step_finished() -> None:
+    for listener in reversed(listeners):
+        listener.step_finished()
+
+
+def around_unit(name: str, computes: bool, run, *args):
+    """`run(*args)` inside every listener's `around_unit`, the first listener's outermost."""
+    for listener in reversed(listeners):
+        run = functools.partial(listener.around_unit, name, computes, run)
+    return run(*args)

@@ -125,11 +125,11 @@ def is_collective(func) -> bool:
     return func.namespace in COLLECTIVE_NAMESPACES and func._opname not in ("wait_tensor", "_wrap_tensor_autograd")
 
 
-class CollectiveLog(TorchDispatchMode):
+class CollectiveLog(TorchDispatchMode, events.Listener):
     """The collectives issued inside the `with`, in order: `calls`, each (the unit running it or None, the op,
-    the shapes and dtypes of its tensors). The unit is told by the engine: the log is one of its listeners
-    (`harmonica.events`) for the duration. Compiled code is logged as it runs: dynamo runs it under this mode, and
-    compiles without it (`ignore_compile_internals`)."""
+    the shapes and dtypes of its tensors). The unit is what the engine tells its listeners (events.py): the log
+    listens for the duration. Compiled code is logged as it runs: dynamo runs it under this mode, and compiles
+    without it (`ignore_compile_internals`)."""
 
     def __init__(self):
         super().__init__()
@@ -147,15 +147,7 @@ class CollectiveLog(TorchDispatchMode):
             self.calls.append((self.unit, str(func), tensors))
         return func(*args, **kwargs)
 
-    # the engine's listener (harmonica.events) while logging: the unit that is running
-
-    def step_started(self, step: int) -> None:
-        pass
-
-    def step_finished(self) -> None:
-        pass
-
-    def around_unit(self, name: str, computes: bool, run, *args):
+    def around_unit(self, name, computes, run, *args):
         self.unit = name
         try:
             return run(*args)

@@ -110,11 +110,11 @@ class L2CTrainer:
         gating with `gates` (T, K)."""
         engine = self.engine
         if gates is None and not fill:
-            engine.mode = "off"
+            engine.set_off()
         else:
             engine.set_training(gates if gates is not None else torch.ones(len(self.timesteps), len(engine.units)),
                                 self.config.tau)
-        engine.step = 0 if fill else i  # the engine fills every slot at its step 0
+        engine.seek(0 if fill else i)  # the engine fills every slot at its step 0
         t = torch.full((x.shape[0],), self.timesteps[i], dtype=torch.long, device=self.device)
         return self.transformer(hidden_states=x, timestep=t, class_labels=labels).sample
 

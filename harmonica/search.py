@@ -177,7 +177,7 @@ class Rollouts:
         if forecast is not None and (start or keep):
             raise ValueError("forecast: expected a sampling from step 0 that keeps no states, got start or keep")
         if table is None:
-            engine.mode = "off"
+            engine.set_off()
         else:
             schedule = CacheSchedule(table.clone(), "search")
             if keep:  # every computed unit refreshes its slot, whatever the next row reuses
@@ -185,7 +185,7 @@ class Rollouts:
             engine.set_schedule(schedule, forecast)
         if start:
             x, slots, state = self.states[start]
-            engine.slots = copied_slots(slots)
+            engine.swap_slots(copied_slots(slots))
             x, state = x.clone(), copy.deepcopy(state)
         else:
             x, state = self.noise, self.task.begin()
@@ -194,7 +194,7 @@ class Rollouts:
         for i in range(start, T):
             if keep:
                 states[i] = (x.clone(), copied_slots(engine.slots), copy.deepcopy(state))
-            engine.step = i
+            engine.seek(i)
             out = self.task.transformer(**self.task.model_kwargs(x, self.cond, i)).sample
             x = self.task.update(state, x, out, self.cond, i)
         if keep:

@@ -482,10 +482,10 @@ class RouterTrainer:
     def _forward(self, x, cond, i, gates=None):
         """Model output at step i: caching off (gates None) or soft gating with `gates` (T, K)."""
         if gates is None:
-            self.engine.mode = "off"
+            self.engine.set_off()
         else:
             self.engine.set_training(gates, self.config.tau)
-        self.engine.step = i
+        self.engine.seek(i)
         return self.transformer(**self.task.model_kwargs(x, cond, i)).sample
 
     @torch.no_grad()
@@ -504,7 +504,7 @@ class RouterTrainer:
         rank) ends it before the next rollout: False, and lambda stays as it was."""
         cfg, T = self.config, self.config.num_steps
         lam = torch.ones(T)
-        trajectory_slots, self.engine.slots = self.engine.slots, [None] * len(self.engine.units)
+        trajectory_slots = self.engine.swap_slots([None] * len(self.engine.slots))
         bar = tqdm(total=T, desc="lambda refresh", leave=False, disable=not self.progress or cfg.objective == "l2c")
 
         def rollout(gates=None):
@@ -536,7 +536,7 @@ class RouterTrainer:
             return False
         finally:
             bar.close()
-            self.engine.slots = trajectory_slots  # the rollouts had their own
+            self.engine.swap_slots(trajectory_slots)  # the rollouts had their own
         self.lam = _average(lam.to(self.device)).cpu()
         return True
 

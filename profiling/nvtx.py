@@ -87,8 +87,8 @@ def call_in_range(label: str, fn, *args, **kwargs):
         close_range()
 
 
-class EngineRanges:
-    """The engine's listener (`harmonica.events`) while NVTX is on: a range per step and per cached unit."""
+class EngineRanges(events.Listener):
+    """An engine listener (`harmonica.events`) while NVTX is on: a range per step and per cached unit."""
 
     def step_started(self, step: int) -> None:
         open_range(step_label(step))

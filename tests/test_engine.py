@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import harmonica
 from harmonica import CacheSchedule
+from harmonica.adapters import ADAPTERS
 from harmonica.engine import CacheEngine
 from harmonica.models import build_pipeline
 from harmonica.units import cached_units
@@ -91,6 +92,11 @@ def test_units_run_exactly_as_scheduled(name):
     assert not torch.equal(cached[-1], trajectory(make_model(name))[-1])
 
 
+def dit_state(engine):
+    """The DiT adapter's state for `engine` (adapters/basic.py)."""
+    return engine.adapter_state[ADAPTERS["BasicTransformerBlock"]]
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_dit_embedding_once_per_step_when_every_block_holds_the_same(shared):
     model = make_model("tiny-dit")  # equal-sized parameters get equal values: every block's embedder is the same
@@ -99,7 +105,7 @@ def test_dit_embedding_once_per_step_when_every_block_holds_the_same(shared):
             model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(0.5)
     plain = trajectory(model)
     engine = harmonica.enable(model, CacheSchedule.no_cache(STEPS, units_of(model)))
-    assert engine.shared_embedding == shared
+    assert dit_state(engine).shared_embedding == shared
     calls = []
     for block in model.transformer_blocks:
         block.norm1.emb.register_forward_hook(lambda *_: calls.append(engine.step))
@@ -121,7 +127,7 @@ def fp64_dit_generation(schedule=None):
     per-step modulations (no table): the reference against which an fp32 path's rounding is measured."""
     model = make_model("tiny-dit").double()
     if schedule is not None:
-        harmonica.enable(model, schedule).shared_embedding = False
+        dit_state(harmonica.enable(model, schedule)).shared_embedding = False
     return dit_generation(model)
 
 
@@ -142,7 +148,7 @@ def test_dit_modulations_are_computed_once_per_generation():
     fora = CacheSchedule.fora(6, units_of(model), 2)
     harmonica.enable(model, fora)
     with_table = dit_generation(model)
-    model._harmonica.engine.shared_embedding = False  # per-step, per-block modulations
+    dit_state(model._harmonica.engine).shared_embedding = False  # per-step, per-block modulations
     assert_matches_reference(with_table, dit_generation(model), fp64_dit_generation(fora), "fora:2 table")
     assert not torch.equal(with_table, plain)
 

@@ -7,6 +7,7 @@ name, that says
 - how the block runs unit by unit (`forward`): each unit's residual update goes through
   `engine.run_unit(k, compute, gate, h)`; a unit that feeds several residual streams (Flux's joint
   attention) passes tuples `gate`, `h` and a `compute` that returns one output per stream;
+- its per-model state, created by `setup` at each enable and read back as `engine.adapter_state[adapter]`;
 - each unit kind's computation as a function of the block (`bodies`), which `CacheEngine.compile`
   torch.compiles (the block is an argument: all blocks of a shape share one graph per kind).
 DiT's and PixArt's `BasicTransformerBlock` is `basic.py`; the flow-matching families' blocks are in their family's
@@ -34,8 +35,9 @@ class Adapter:
     def check(self, name: str, block) -> None:
         """Raise a ValueError naming `name` when this block's configuration is not supported."""
 
-    def setup(self, engine, blocks: list) -> None:
-        """Once at enable: model-level state for `blocks` (this class's blocks, in execution order)."""
+    def setup(self, engine, blocks: list):
+        """Once per enable: the model-level state of `blocks` (this class's blocks, in execution order), which the
+        engine holds as `engine.adapter_state[adapter]` (adapters are shared, their state is per engine); None."""
 
     def teardown(self, engine, blocks: list) -> None:
         """Once at disable: undo what `setup` changed outside the engine."""

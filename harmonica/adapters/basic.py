@@ -3,11 +3,12 @@
 feed-forward `ff`, each feeding the one residual stream.
 
 DiT: every block recomputes the same timestep/class embedding; when every block holds the same
-embedder, block 0 computes it once per step (`engine.embedding`), or the per-generation modulation
-table (modulation.py) replaces it and each block's adaLN linear.
+embedder, block 0 computes it once per step (`DiTState.embedding`, the adapter's state per enable), or
+the per-generation modulation table (modulation.py) replaces it and each block's adaLN linear.
 """
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +51,14 @@ def _shares_embedding(blocks) -> bool:
     return all(torch.equal(p, reference[name]) for e in embedders[1:] for name, p in e.named_parameters())
 
 
+@dataclass
+class DiTState:
+    """The adapter's state for one engine (`engine.adapter_state[adapter]`)."""
+
+    shared_embedding: bool  # whether block 0's embedding serves every block (`_shares_embedding`)
+    embedding: torch.Tensor | None = None  # the step's timestep/class embedding (B, D), block 0's when shared
+
+
 class BasicBlockAdapter(Adapter):
     block_class = "BasicTransformerBlock"
     kinds = ("attn1", "attn2", "ff")
@@ -74,14 +83,14 @@ class BasicBlockAdapter(Adapter):
         if problems:
             raise ValueError(f"{name}: expected a DiT or PixArt block, got one with " + ", ".join(problems))
 
-    def setup(self, engine, blocks: list) -> None:
-        engine.shared_embedding = _shares_embedding(blocks)
+    def setup(self, engine, blocks: list) -> DiTState:
+        return DiTState(_shares_embedding(blocks))
 
     def precompute(self, engine, blocks: list, hidden, args, kwargs) -> bool:
         """DiT: every step's modulations (modulation.py), when every block shares the embedder and the
         forward passes class labels (the transformer's third argument)."""
         labels = args[2] if len(args) > 2 else kwargs.get("class_labels")
-        if not (engine.shared_embedding and isinstance(labels, torch.Tensor)):
+        if not (engine.adapter_state[self].shared_embedding and isinstance(labels, torch.Tensor)):
             return False
         engine.modulation.compute(blocks, engine.timesteps, labels, hidden.dtype)
         return True
@@ -107,12 +116,13 @@ class BasicBlockAdapter(Adapter):
             if engine.modulation_active:
                 emb = engine.modulation.step_buffer[position]
             else:
-                if not engine.shared_embedding:
+                state = engine.adapter_state[self]
+                if not state.shared_embedding:
                     emb = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype) if norm1.emb is not None else None
                 elif position == 0:
-                    emb = engine.embedding = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype)
+                    emb = state.embedding = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype)
                 else:
-                    emb = engine.embedding
+                    emb = state.embedding
                 emb = norm1.linear(norm1.silu(emb))
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
             shift_msa, scale_msa, shift_mlp, scale_mlp = (t[:, None] for t in (shift_msa, scale_msa, shift_mlp,
