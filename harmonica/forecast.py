@@ -187,8 +187,10 @@ def choose_forecast(rollouts, candidates: dict, ridge: float = RIDGE, average=No
         raise ValueError("candidates: expected at least one schedule, got none")
     forecasts, errors = {}, {}
     for name, table in candidates.items():
-        forecasts[name] = fit_forecast(rollouts, table, ridge, average)
-        errors[name] = (rollouts.error(table), rollouts.error(table, forecasts[name]))
+        fit = ForecastFit(CacheSchedule(table.clone(), "forecast-fit"), ridge, average)
+        # the fitting pass's final samples are those of sampling with its result: its error is the forecast's
+        errors[name] = (rollouts.error(table), rollouts.error(table, fit))
+        forecasts[name] = fit.forecast
     options = [(name, with_forecast) for name in candidates for with_forecast in (False, True)]
     name, with_forecast = min(options, key=lambda option: errors[option[0]][option[1]])
     return ForecastChoice(name, candidates[name], with_forecast, forecasts, errors)

@@ -297,15 +297,17 @@ def test_train_fits_the_forecast_by_default_and_not_with_no_forecast(tmp_path, c
 
 
 class FakeRollouts:
-    """`error(table, forecast)`: a fixed error per (table, with a forecast or not); fit_forecast samples once."""
+    """`error(table, forecast)`: a fixed error per (table, with a forecast or not); the forecast's error comes from
+    its fitting pass (a `ForecastFit`), which the engine's real fit is bitwise
+    (test_the_fit_follows_the_deployed_trajectory_and_lowers_its_error)."""
 
     def __init__(self, errors: dict):
         self.errors, self.fitted = errors, []
 
-    def sample(self, table, forecast=None):
-        self.fitted.append(table)
-
     def error(self, table, forecast=None):
+        if forecast is not None:
+            assert isinstance(forecast, ForecastFit)
+            self.fitted.append(table)
         return self.errors[(int(table.sum()), forecast is not None)]
 
 
