@@ -62,6 +62,7 @@ import harmonica
 from harmonica import CacheSchedule, parallel
 from harmonica.digits import (
     DIGITS_MODELS,
+    PIXEL_RANGE,
     class_comparison,
     eval_batch,
     feature_stats,
@@ -99,7 +100,6 @@ OBJECTIVE_NAMES = {"search": "schedule search (harmonica train's default)",
                    "harmonica": "HarmoniCa (SDT + IEPO cumulative)", "sdt-lambda1": "SDT, lambda = 1 (ablation)",
                    "l2c": "Learning-to-Cache training (real digits, alternating)"}
 STATIC = "best static"  # the comparison with the best static baseline of CUR >= 0.5
-CLIP = (-1.0, 1.0)  # the digits models' pixel range: samples are compared clipped to it
 FORECAST = "+forecast"  # a baseline row's suffix: the static schedule with its fitted linear forecast
 CUR_POINTS = (0.45, 0.50)
 TAU = 0.1
@@ -332,7 +332,7 @@ class Evaluator:
         task = self.digits.task(self.config.steps, self.guidance)
         noise, cond = calibration_batch(task, self.config.search_batch, 0)
         with engine_attached(self.model) as engine:
-            rollouts = Rollouts(task, engine, noise, cond, self.config.steps, clip=CLIP)
+            rollouts = Rollouts(task, engine, noise, cond, self.config.steps, clip=PIXEL_RANGE)
             forecast = fit_forecast(rollouts, schedule.table)
         check_pristine(self.model)
         return forecast
@@ -404,7 +404,7 @@ def train(evaluator: Evaluator, objective: str, seed: int):
     task = evaluator.digits.task(cfg.steps, evaluator.guidance)
     if objective == "search":
         config = SearchConfig(num_steps=cfg.steps, target_cur=cfg.target_cur, batch=cfg.search_batch, seed=seed,
-                              rounds=cfg.search_rounds, candidates=cfg.search_candidates, tau=TAU, clip=CLIP)
+                              rounds=cfg.search_rounds, candidates=cfg.search_candidates, tau=TAU, clip=PIXEL_RANGE)
         with tempfile.TemporaryDirectory() as out:
             router, _ = search_router(task, config, out, evaluator.macs)
         if cfg.forecast:

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from harmonica.digits import DIGITS_MODELS, eval_batch
+from harmonica.digits import DIGITS_MODELS, PIXEL_RANGE, eval_batch
 from harmonica.files import check_out_file, write_file
 from harmonica.forecast import choose_forecast
 from harmonica.schedule import CacheSchedule
@@ -30,8 +30,6 @@ from harmonica.search import Rollouts, SearchConfig, budget_for_cur, search_sche
 from harmonica.training import engine_attached, task_macs
 
 from .machine import machine_info
-
-CLIP = (-1.0, 1.0)
 
 
 def sign_test(wins: int, count: int) -> float:
@@ -49,7 +47,7 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
         units = len(engine.units)
         noise, labels = eval_batch(calibration, seed=100 + seed)
         started = time.perf_counter()
-        rollouts = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=CLIP)
+        rollouts = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=PIXEL_RANGE)
         start = spread(num_steps, units, budget_for_cur(0.5, num_steps, units))
         result = search_schedule(rollouts.loss, start, rounds=rounds or defaults.rounds, candidates=defaults.candidates,
                                  on_accept=rollouts.set_base, unit_cost=macs.unit_macs if equal_macs else None)
@@ -58,7 +56,7 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
         choice = choose_forecast(rollouts, tables) if forecast else None
         forecasts = choice.forecasts if forecast else {}
         noise, labels = eval_batch(held_out, seed=0)
-        test = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=CLIP)
+        test = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=PIXEL_RANGE)
         errors, cache_bytes = {}, {}
         for name, table in tables.items():
             for label, fitted in ((name, None), *(((f"{name}+forecast", forecasts[name]),) if forecast else ())):

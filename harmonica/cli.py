@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import parallel
 from .api import enable, summary
-from .digits import DIGITS_MODELS
+from .digits import DIGITS_MODELS, PIXEL_RANGE
 from .files import RunLock, check_out_file, file_bytes, one_line, write_file
 from .flow import cur_for_speedup
 from .images import DEFAULT_PROMPT, DIT_CLASS, DIT_PIPELINE_SAMPLER, generate, to_pil
@@ -449,7 +449,7 @@ def _train(args) -> int:
     if args.target_speedup is not None:  # the checkpoint records the CUR target it became
         config.target_cur = cur_for_speedup(macs, args.target_speedup, config.num_steps)
         print(f"target speedup {args.target_speedup}x: target CUR {config.target_cur:.1%} (at the average unit's MACs)")
-    clip = DIGITS_RANGE if digits is not None else None
+    clip = PIXEL_RANGE if digits is not None else None
     if args.objective == SEARCH:
         router, rank, stop = _search(args, task, config, macs, clip)
         partial = not router.info.complete
@@ -516,7 +516,6 @@ def check_train_embeddings(args, spec, config) -> dict:
 
 SEARCH = "search"  # the default objective (harmonica.search)
 IEPO_NAMES = {"iepo": "cumulative"}  # the paper's objective, as the official code computes lambda
-DIGITS_RANGE = (-1.0, 1.0)  # the digits models sample pixels: their images are clipped to this range
 
 
 class _StopFlag:

@@ -33,6 +33,8 @@ from .families import flux
 from .files import write_file
 from .samplers import dit_alphas_cumprod, dit_ddim_sample
 
+PIXEL_RANGE = (-1.0, 1.0)  # the digits models sample pixels: their images are compared clipped to this range
+
 DATA = Path(__file__).resolve().parent / "data"
 MODEL_FILE, CLASSIFIER_FILE, STATS_FILE = "digits_dit.safetensors", "digits_classifier.safetensors", \
     "digits_stats.safetensors"
