@@ -20,7 +20,7 @@ from harmonica.router import load_router
 from .configs import MODES
 from .host_cost import format_host_cost
 from .host_cost import measure as measure_host_cost
-from .kernel_bench import default_cases, format_rows, measure, target_verdict
+from .kernel_bench import PROVIDERS, default_cases, format_rows, measure, target_verdict
 from .machine import REPO, machine_info
 from .macs import format_mac_table, mac_table
 from .plan import format_parallel_plan, format_plan, plan, total_seconds
@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip compile rows whose schedule needs more compiled graphs (default: no limit)")
     parser.add_argument("--part", choices=tuple(PARTS), default="all",
                         help="kernels: the kernel micro-benchmark only; suite: the sampling suite only")
+    parser.add_argument("--kernel-ops", nargs="+", choices=tuple(PROVIDERS), default=list(PROVIDERS),
+                        help="the kernel micro-benchmark's ops (default: all)")
     parser.add_argument("--plan", action="store_true",
                         help="print the rows it would run and an estimated duration, run nothing")
     parser.add_argument("--device", choices=("cuda", "cpu"),
@@ -142,7 +144,7 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
     if "kernels" not in parts:
         print("\nKernel micro-benchmark: not run (--part suite).")
     elif torch.cuda.is_available():
-        results["kernels"] = measure(default_cases())
+        results["kernels"] = measure([c for c in default_cases() if c.op in args.kernel_ops])
         print(f"\nKernel micro-benchmark on {before['gpu']} (triton.testing.do_bench medians)\n")
         print(format_rows(results["kernels"]))
         print("\n" + target_verdict(results["kernels"]))

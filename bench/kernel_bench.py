@@ -4,6 +4,7 @@ Ops (inputs (B, N, D), gate (B, 1, D)):
 - compute: eager `cache.copy_(out)`, `gate * out`, `+ h`   vs `gated_residual_compute(..., cache=)`
 - reuse:   eager `gate * cache`, `+ h`                      vs `gated_residual_reuse`
 - blend:   eager soft gating with the r > tau slot write    vs `gated_residual(..., tau=)`
+- forecast: eager `a * newest + b * older`, `gate *`, `+ h` vs `gated_residual_forecast`
 - cache_copy: 56 slots, a loop of `copy_` and `torch._foreach_copy_` vs one `CacheCopyPlan`
 - solver_step (shape (B, C, N): latents of N = H*W positions, a CFG output of 2B rows and 2C channels,
   guidance on all channels and a DPM-Solver++ second-order step, as PixArt's):
@@ -27,6 +28,8 @@ from harmonica.kernels.gated_residual import (
     gated_residual,
     gated_residual_compute,
     gated_residual_compute_ref,
+    gated_residual_forecast,
+    gated_residual_forecast_ref,
     gated_residual_ref,
     gated_residual_reuse,
     gated_residual_reuse_ref,
@@ -34,6 +37,7 @@ from harmonica.kernels.gated_residual import (
 from harmonica.kernels.solver_step import solver_step, solver_step_ref
 
 TAU = 0.1
+FORECAST = (1.6, -0.6)  # a, b of the forecast form: a linear extrapolation leaning on the newest output
 CACHE_SLOTS = 56  # DiT-XL/2: 28 blocks x (attn1, ff)
 # fused compute form: >= 90% of copy bandwidth and >= 90% of the eager / fused byte ratio as speedup
 TARGET = {"op": "compute", "shape": (2, 4096, 1152), "dtype": "bf16", "copy_fraction": 0.9, "byte_ratio_share": 0.9}
@@ -42,6 +46,7 @@ PROVIDERS = {
     "compute": ("eager", "fused"),
     "reuse": ("eager", "fused"),
     "blend": ("eager", "fused"),
+    "forecast": ("eager", "fused"),
     "cache_copy": ("eager", "foreach", "fused"),
     "solver_step": ("eager", "fused"),
 }
@@ -89,6 +94,7 @@ def build(case: Case, provider: str, device="cuda"):
     h, fresh, cache = _tensors(case, device, 3)
     gate = torch.randn(B, 1, D, generator=torch.Generator().manual_seed(1)).to(device, case.dtype)
     r = torch.tensor(0.7, device=device)
+    a, b = FORECAST
     out = torch.empty_like(h)
     # eager allocates its result, as diffusers' `hidden_states = attn_output + hidden_states` does
     fns = {
@@ -98,10 +104,12 @@ def build(case: Case, provider: str, device="cuda"):
                   "fused": lambda: gated_residual_reuse(h, cache, gate, out=out)},
         "blend": {"eager": lambda: gated_residual_ref(h, fresh, cache, r, gate, TAU),
                   "fused": lambda: gated_residual(h, fresh, cache, r, gate, tau=TAU, out=out)},
+        "forecast": {"eager": lambda: gated_residual_forecast_ref(h, cache, fresh, a, b, gate),
+                     "fused": lambda: gated_residual_forecast(h, cache, fresh, a, b, gate, out=out)},
     }[case.op][provider]
     # tensor-sized reads and writes of the fused op: compute h, fresh -> out, cache; reuse h, cache -> out;
-    # blend h, fresh, cache -> out, cache
-    moved = {"compute": 4, "reuse": 3, "blend": 5}[case.op] * size
+    # blend h, fresh, cache -> out, cache; forecast h, newest (cache), older (fresh) -> out
+    moved = {"compute": 4, "reuse": 3, "blend": 5, "forecast": 4}[case.op] * size
     return (lambda: [fns(), cache]), moved
 
 

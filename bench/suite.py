@@ -340,7 +340,9 @@ class FlowWorkload(Workload):
         self.device = torch.device(options.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.seed = options.seed
-        transformer = load_transformer(name, random_weights=not options.real_weights, seed=options.seed)
+        # random weights are built on the device, except under context parallelism (its rank picks the device)
+        transformer = load_transformer(name, random_weights=not options.real_weights, seed=options.seed,
+                                       device="cpu" if options.parallel else self.device)
         if options.parallel:  # the rank's device, diffusers' context parallelism on the transformer
             self.device = torch.device(parallel.init_context_parallel(transformer, *options.parallel))
         move_pipeline(transformer, self.device, self.dtype)

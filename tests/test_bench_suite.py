@@ -91,6 +91,24 @@ def test_cli_reports_a_bad_name(capsys):
     assert "harmonica: error: --models: expected preset or family names" in capsys.readouterr().err
 
 
+def test_kernel_ops_choose_the_micro_benchmarks_cases(capsys, monkeypatch, tmp_path):
+    from harmonica.bench import command
+
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--part", "kernels", "--kernel-ops", "reuses"])
+    assert "--kernel-ops: invalid choice: 'reuses'" in capsys.readouterr().err
+    measured = []
+    monkeypatch.setattr(command.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(command, "machine_info", lambda: {"date": "2026-12-04", "commit": "c", "gpu": "g"})
+    monkeypatch.setattr(command, "_host_cost", lambda: [])
+    monkeypatch.setattr(command, "measure", lambda cases: measured.extend(cases) or [])
+    monkeypatch.setattr(command, "format_rows", lambda rows: "")
+    monkeypatch.setattr(command, "target_verdict", lambda rows: "")
+    assert cli_main(["bench", "--part", "kernels", "--kernel-ops", "forecast", "reuse", "--out",
+                     str(tmp_path / "k.json")]) == 0
+    assert {case.op for case in measured} == {"forecast", "reuse"} and len(measured) == 16
+
+
 # ---- synthetic schedules ----
 
 
@@ -534,17 +552,31 @@ def test_real_flow_presets_run_their_pipeline_steps_and_load_hub_transformers(mo
     assert (options.steps_for("flux.1-dev"), options.steps_for("tiny-wan")) == ((28,), (20,))
     loads = []
 
-    def load(name, *, random_weights, seed):  # the tiny transformer of the family stands in for the real one
-        loads.append((name, random_weights))
-        return build_transformer("tiny-flux", seed=seed)
+    def load(name, *, random_weights, seed, device):  # the tiny transformer of the family stands in for the real one
+        loads.append((name, random_weights, device))
+        return build_transformer("tiny-flux", seed=seed, device=device)
 
     monkeypatch.setattr(suite, "load_transformer", load)
     FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu", real_weights=True))
     random = FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu"))
-    assert loads == [("flux.1-dev", False), ("flux.1-dev", True)]
+    cpu = torch.device("cpu")
+    assert loads == [("flux.1-dev", False, cpu), ("flux.1-dev", True, cpu)]
     assert random.task(28).num_steps == 28 and random.task(28).image_seq_len == 4096  # the 1024² FLUX task
     with pytest.raises(ValueError, match="--real-weights: tiny-wan runs with random weights only"):
         FlowWorkload("tiny-wan", SuiteOptions(models=("tiny-wan",), device="cpu", real_weights=True))
+
+
+def test_random_weights_are_built_on_the_requested_device():
+    """A real-size model is initialised where it runs (seconds on a GPU, not minutes of CPU work)."""
+    from harmonica.models import build_transformer
+
+    meta = build_transformer("tiny-flux", device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    with torch.device("meta"):  # MAC counting builds real-size models this way: no device means the ambient one
+        assert {p.device.type for p in build_transformer("flux.1-dev").parameters()} == {"meta"}
+    cpu = build_transformer("tiny-flux", seed=3)
+    assert {p.device.type for p in cpu.parameters()} == {"cpu"}
+    assert all(torch.equal(a, b) for a, b in zip(cpu.parameters(), build_transformer("tiny-flux", seed=3).parameters()))
 
 
 def test_fbcache_on_sd3_is_a_stated_skip():

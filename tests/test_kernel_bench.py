@@ -62,3 +62,12 @@ def test_eager_bytes_count_the_tensor_passes_of_the_reference(op, passes):
     size = 2 * 64 * 8 * 2
     assert divmod(eager_bytes(Case(op, (2, 64, 8), torch.float16)), size) == (passes, {
         "compute": 32, "reuse": 32, "blend": 32 + 10, "cache_copy": 0}[op])
+
+
+def test_forecast_moves_four_tensors_against_eagers_twelve():
+    """Eager: a * newest, b * older, their sum, the gate product and the residual add (2 + 2 + 3 + 2 + 3 = 12
+    tensor passes and one read of the gate) against the fused form's reads of h, newest, older and its write."""
+    case = Case("forecast", (2, 64, 32), torch.float16)
+    size = 2 * 64 * 32 * 2
+    assert build(case, "fused", "meta")[1] == 4 * size
+    assert eager_bytes(case) == 12 * size + 2 * 32 * 2
