@@ -363,8 +363,16 @@ def test_counter_sees_the_engine_schedule(tiny_dit):
     assert torch.equal(counter.table(), schedule.table)
 
 
+def without_cache_dit(monkeypatch):
+    """As if cache-dit were not installed; every other module is found as usual (diffusers, imported later,
+    asks for torch this way)."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(peers.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "cache_dit" else find_spec(name, *args))
+
+
 def test_missing_cache_dit_is_a_skip_reason(tiny_dit, monkeypatch):
-    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    without_cache_dit(monkeypatch)
     with pytest.raises(peers.PeerUnavailable, match=r"cache-dit not installed \(pip install -e '.\[peers\]'\)"):
         make_peer(parse_config("dbcache"), tiny_dit)
 
@@ -373,7 +381,7 @@ def test_missing_cache_dit_is_a_skip_reason(tiny_dit, monkeypatch):
 
 
 def test_quick_run_on_tiny_dit(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)  # as if cache-dit were absent
+    without_cache_dit(monkeypatch)
     monkeypatch.setattr(command, "mac_table", lambda: mac_table(("tiny-dit",)))  # the real presets take seconds
     out = tmp_path / "run.json"
     argv = ["--models", "tiny-dit", "--configs", "fora:2", "harmonica", "fewer-steps", "dbcache",
