@@ -25,7 +25,7 @@ from .machine import REPO, machine_info
 from .macs import format_mac_table, mac_table
 from .plan import format_parallel_plan, format_plan, plan, total_seconds
 from .suite import FLOW_MODELS, MATRICES, SuiteOptions, run_suite
-from .table import format_gap_table, format_skipped, format_suite_table, target_verdicts
+from .table import format_drift, format_gap_table, format_skipped, format_suite_table, target_verdicts
 
 SUITE_OPTIONS = ("models", "resolutions", "configs", "modes", "steps", "repeat", "warmup", "quick", "full",
                  "max_compiled_graphs", "router", "real_weights", "seed", "device", "context_parallel")
@@ -161,6 +161,7 @@ def run(args, prog: str = "python -m harmonica.bench") -> int:
     results["machine_after"] = machine_info()
     save(rows)
     print(format_suite_table(rows) + "\n\nGap attribution, ms per generation:\n\n" + format_gap_table(rows))
+    print("\nBaseline drift (the no-cache eager row timed again after the others):\n\n" + format_drift(rows))
     print("\nSkipped rows:\n\n" + format_skipped(rows))
     print("\nTargets: " + "\n".join(target_verdicts(rows, options.device)))
     print(f"\nraw results: {path}")

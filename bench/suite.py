@@ -528,8 +528,16 @@ class GroupRun:
                 self.run_peer(row.config)
             else:
                 self.run_engine(row)
+        self.check_drift(baseline.row_steps)
         self.attribute_gaps()
         return self.rows
+
+    def check_drift(self, steps: int) -> None:
+        """The baseline timed again after every other row of the group, into the baseline row's `loop_ms_after`:
+        how far the machine drifted while the rows between ran (they are compared with the first timing)."""
+        again = self.w.measure(steps, self.options.repeat, self.options.warmup)
+        base = next(r for r in self.rows if (r["config"], r["mode"]) == ("no-cache", "eager"))
+        base["loop_ms_after"] = again["loop"]["median"]
 
     def run_engine(self, planned: PlannedRow) -> None:
         config, mode, row_steps, plan, schedule = (planned.config, planned.mode, planned.row_steps, planned.schedule,

@@ -27,6 +27,7 @@ MIB = 2 ** 20
 EFFICIENCY_TARGETS = (("pixart-alpha-1024", 0.95), ("pixart-sigma-2048", 0.95), ("pixart-alpha-256", 0.90))
 TARGET_MODE = "graphs"
 TARGET_PEERS = ("fbcache", "dbcache")
+DRIFT_LIMIT = 0.05  # the baseline re-timed after its group may move this much before the group is flagged
 
 
 def _num(value, fmt: str, none: str = "-") -> str:
@@ -74,6 +75,21 @@ def format_gap_table(rows) -> str:
               _num(r["gap_launch_ms"], ".1f"), f"{r['gap_vae_text_ms']:.1f}"]
              for r in _ok(rows) if r.get("gap_ms") is not None]
     return _table(header, lines)
+
+
+def format_drift(rows) -> str:
+    """One line per model and step count: the baseline's loop time at the start and again after the group's
+    other rows; a drift above DRIFT_LIMIT says the machine moved more than a row's difference may."""
+    lines = []
+    for r in _ok(rows):
+        if (r["config"], r["mode"]) != ("no-cache", "eager") or r.get("loop_ms_after") is None:
+            continue
+        drift = r["loop_ms_after"] / r["loop_ms"] - 1
+        verdict = (f"above {DRIFT_LIMIT:.0%}: differences between its rows that small are the machine's, not theirs"
+                   if abs(drift) > DRIFT_LIMIT else f"within {DRIFT_LIMIT:.0%}")
+        lines.append(f"- {r['model']}, {r['row_steps']} steps: baseline loop {r['loop_ms']:.1f} ms first, "
+                     f"{r['loop_ms_after']:.1f} ms after the other rows ({drift:+.1%}, {verdict})")
+    return "\n".join(lines) or "- not measured (results from before the re-timed baseline)"
 
 
 def format_skipped(rows) -> str:
@@ -200,6 +216,10 @@ def benchmarks_section(results: dict, json_path: str, flow: bool = False) -> str
         "Gap attribution (`bench/gap.py`), ms per generation:",
         "",
         format_gap_table(rows),
+        "",
+        "Baseline drift (the no-cache eager row timed again after the others):",
+        "",
+        format_drift(rows),
         "",
         "Skipped rows:",
         "",

@@ -69,6 +69,16 @@ def test_peer_rows_count_as_no_cache():
         1.0 + 2 * (2 * 2 * 20 * macs.total / 1e9 + 20 * 4 * 1e-3))
 
 
+def test_the_estimate_counts_each_baseline_twice():
+    """The suite times each group's baseline again after the group (drift), and the estimate says so."""
+    options = SuiteOptions(models=("tiny-dit",), configs=("fora:2",), modes=("eager",), device="cpu")
+    lines = plan(options)
+    baseline = next(line for line in lines if (line.row.config.name, line.row.mode) == ("no-cache", "eager"))
+    cpu = COSTS["cpu"]
+    assert total_seconds(lines, options, kernels=False) == pytest.approx(
+        cpu.start_s + cpu.build_s + sum(line.seconds for line in lines) + baseline.seconds)
+
+
 def test_default_cuda_suite_fits_15_minutes_and_full_is_larger():
     default, full = SuiteOptions(device="cuda"), SuiteOptions(device="cuda", full=True)
     default_s = total_seconds(plan(default), default, kernels=True)
@@ -90,7 +100,8 @@ def test_plan_command_prints_and_runs_nothing(capsys, monkeypatch):
                               "fused graphs` on cpu")
     assert "| tiny-pixart | 64 | 20 | fora:2 | graphs | 20 | - | 0.0 | needs CUDA |" in printed
     # baseline, fora:2 fused and graphs, skeleton fused
-    assert "Suite: 4 rows (3 run, 1 skipped), 1 model builds, 1 warm-up + 5 timed generations per row." in printed
+    assert ("Suite: 4 rows (3 run, 1 skipped), 1 model builds, 1 warm-up + 5 timed generations per row; each "
+            "baseline (no-cache eager) timed again after its group." in printed)
     assert "Cost model (cpu): CPU: simple assumed constants, not measured" in printed
     assert "Nothing was run." in printed
 

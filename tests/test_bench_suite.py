@@ -202,6 +202,15 @@ ROWS = [
      "status": "skipped", "reason": "needs CUDA"},
 ]
 
+def test_drift_lines_flag_a_baseline_that_moved():
+    moved = [{**ROWS[0], "loop_ms_after": 43.0}, {**ROWS[0], "model": "tiny-pixart", "loop_ms_after": 41.0}]
+    assert table.format_drift(moved) == (
+        "- tiny-dit, 20 steps: baseline loop 40.0 ms first, 43.0 ms after the other rows (+7.5%, above 5%: "
+        "differences between its rows that small are the machine's, not theirs)\n"
+        "- tiny-pixart, 20 steps: baseline loop 40.0 ms first, 41.0 ms after the other rows (+2.5%, within 5%)")
+    assert table.format_drift(ROWS) == "- not measured (results from before the re-timed baseline)"
+
+
 SUITE_TABLE = """\
 | model | res | steps | config | mode | CUR | theoretical | loop speedup | pipeline speedup | efficiency | PSNR dB \
 | SSIM | loop ms (min-max) | cache MiB | peak MiB |
@@ -398,6 +407,7 @@ def test_quick_run_on_tiny_dit(tmp_path, monkeypatch, capsys):
     macs = count_macs("tiny-dit")
     base, fora, learned = rows[("no-cache", "eager")], rows[("fora:2", "eager")], rows[("harmonica", "eager")]
     assert (base["cur"], base["theoretical_speedup"], base["psnr"], base["loop_speedup"]) == (0, 1, math.inf, 1)
+    assert base["loop_ms_after"] > 0 and "loop_ms_after" not in fora  # the baseline timed again after the group
     assert fora["cur"] == 0.5
     assert fora["theoretical_speedup"] == pytest.approx(CacheSchedule.fora(20, 4, 2).theoretical_speedup(macs))
     assert fora["theoretical_speedup"] == pytest.approx(1.6647, abs=1e-4)
@@ -418,6 +428,7 @@ def test_quick_run_on_tiny_dit(tmp_path, monkeypatch, capsys):
         assert 0 < row["psnr"] < math.inf and 0 < row["ssim"] <= 1
     printed = capsys.readouterr().out
     assert "| tiny-dit | 64 | 20 | fora:2 | eager | 50.0% | 1.66x |" in printed
+    assert "- tiny-dit, 20 steps: baseline loop " in printed
     try:
         import matplotlib  # noqa: F401
     except ImportError:
