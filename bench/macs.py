@@ -10,8 +10,9 @@ import argparse
 import math
 from pathlib import Path
 
+from harmonica.families import family_of
 from harmonica.files import write_file
-from harmonica.macs import PATCH, VAE_FACTOR, VIDEO_FRAME_FACTOR, count_macs
+from harmonica.macs import PATCH, VAE_FACTOR, count_macs
 from harmonica.models import FLOW_MODELS, PRESETS, REAL_MODELS
 
 
@@ -43,7 +44,7 @@ def flow_mac_table(models=tuple(FLOW_MODELS)) -> list:
     for name in models:
         spec = FLOW_MODELS[name]
         count = count_macs(name)
-        frames = (spec.frames - 1) // VIDEO_FRAME_FACTOR + 1 if spec.frames else 1
+        frames = family_of(spec.class_name).latent_frames(spec.frames) if spec.frames else 1
         rows.append({
             "model": name,
             "size": f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else ""),

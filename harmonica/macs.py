@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .families import FAMILIES
+from .families import FAMILIES, family_of
 from .models import FLOW_MODELS, FLOW_PRESETS, PRESETS
 from .units import units_of
 
 VAE_FACTOR = 8  # pixels per latent pixel (the VAEs of every model here, spatially)
-VIDEO_FRAME_FACTOR = 4  # the video VAE: latent frames = (frames - 1) / 4 + 1
 PATCH = 2  # latent pixels per token side of packed latents (2 x 2 latents in one token)
 DIT_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 
@@ -150,7 +149,7 @@ def count_macs_for_input(model, hidden_shape: tuple, text_tokens: int | None = N
         return count_macs(model, side, side * tokens, caption_tokens=text_tokens,
                           cross_attention=cross_attention), f"{tokens} image tokens"
     height, width = (size * VAE_FACTOR for size in hidden_shape[-2:])
-    frames = (hidden_shape[2] - 1) * VIDEO_FRAME_FACTOR + 1 if len(hidden_shape) == 5 else None
+    frames = family_of(model).video_frames(hidden_shape[2]) if len(hidden_shape) == 5 else None
     where = f"{height}x{width}" + (f"x{frames}" if frames else "")
     return count_macs(model, height, width, caption_tokens=text_tokens, frames=frames,
                       cross_attention=cross_attention), where

@@ -105,3 +105,12 @@ def test_only_the_family_module_names_its_classes(transformer):
     found = [f"{path.relative_to(ROOT)} names {name}" for path in SOURCES if path != home
              for name in sorted(names) if name in path.read_text()]
     assert found == [], "\n".join(found)
+
+
+def test_a_video_familys_frames_go_through_its_vae_factor():
+    wan = family_of("WanTransformer3DModel")
+    assert (wan.frame_factor, wan.latent_frames(81), wan.video_frames(21)) == (4, 21, 81)
+    with pytest.raises(ValueError, match="frames: expected 4 n \\+ 1 frames for WanTransformer3DModel, got 80"):
+        wan.latent_frames(80)
+    with pytest.raises(ValueError, match="frames: expected none for FluxTransformer2DModel \\(an image model\\)"):
+        family_of("FluxTransformer2DModel").latent_frames(5)

@@ -100,6 +100,20 @@ class Family:
     presets: dict = field(default_factory=dict)  # name -> FlowPreset (real and tiny)
     cache_dit: tuple | None = None
     first_block_cache: str | None = None
+    frame_factor: int | None = None  # video: its VAE's temporal compression f (latent frames = (frames - 1) / f + 1)
+
+    def latent_frames(self, frames: int | None) -> int:
+        """The latent frames of `frames` video frames; a ValueError unless frames = f n + 1."""
+        f = self.frame_factor
+        if f is None:
+            raise ValueError(f"frames: expected none for {self.transformer} (an image model), got {frames}")
+        if frames is None or frames < 1 or (frames - 1) % f:
+            raise ValueError(f"frames: expected {f} n + 1 frames for {self.transformer}, got {frames}")
+        return (frames - 1) // f + 1
+
+    def video_frames(self, latent_frames: int) -> int:
+        """The video frames whose latents have `latent_frames` frames (the inverse of `latent_frames`)."""
+        return (latent_frames - 1) * self.frame_factor + 1
 
 
 FAMILIES = {}  # diffusers transformer class name -> Family

@@ -21,7 +21,6 @@ from ..solvers import FlowMatchSchedule
 from . import Family, FlowModel, FlowPreset, register
 
 TRANSFORMER, PIPELINE = "WanTransformer3DModel", "WanPipeline"
-FRAME_FACTOR = 4  # its VAE: latent frames = (frames - 1) / 4 + 1
 
 
 def _modulated(norm, h, shift, scale):
@@ -66,19 +65,12 @@ class WanBlockAdapter(Adapter):
 adapters.register(WanBlockAdapter())
 
 
-def latent_frames(frames: int | None) -> int:
-    """The latent frames of `frames` video frames; a ValueError unless frames = 4 n + 1."""
-    if frames is None or frames < 1 or (frames - 1) % FRAME_FACTOR:
-        raise ValueError(f"frames: expected 4 n + 1 frames for {TRANSFORMER}, got {frames}")
-    return (frames - 1) // FRAME_FACTOR + 1
-
-
 class WanTask(FlowTask):
     text_dim = "text_dim"
 
     def _latent_shape(self, cfg):
         channels, h, w = super()._latent_shape(cfg)
-        return (channels, latent_frames(self.frames), h, w)
+        return (channels, FAMILY.latent_frames(self.frames), h, w)
 
     @property
     def image_seq_len(self):
@@ -100,7 +92,7 @@ def encode(pipe, prompts, negative, extra):
 
 def example_inputs(cfg, batch, h, w, text, frames):
     """One forward's meta inputs: video latents (B, C, F, h, w) of `frames` frames, text (B, L, D)."""
-    latents = torch.empty(batch, cfg.in_channels, latent_frames(frames), h, w, device="meta")
+    latents = torch.empty(batch, cfg.in_channels, FAMILY.latent_frames(frames), h, w, device="meta")
     return {"hidden_states": latents, "encoder_hidden_states": text, "timestep": torch.zeros(batch, device="meta")}
 
 
@@ -125,4 +117,4 @@ PRESETS = {"wan2.1-1.3b": FlowPreset.of(MODELS["wan2.1-t2v-1.3b-480p"], 50, 5.0)
            "tiny-wan": FlowPreset(TRANSFORMER, TINY, 32, 32, 8, 50, 5.0, frames=5, vae=TINY_VAE)}
 
 FAMILY = register(Family("wan", TRANSFORMER, PIPELINE, "AutoencoderKLWan", WanTask, SCHEDULE, encode,
-                         example_inputs, MODELS, PRESETS))
+                         example_inputs, MODELS, PRESETS, frame_factor=4))
