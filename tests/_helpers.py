@@ -79,3 +79,13 @@ def cuda_inputs(model, step, batch=2):
 
 def units_of(model):
     return len(cached_units(model))
+
+
+def patch_cli(monkeypatch, name: str, value) -> None:
+    """Set `name` to `value` in every command module of harmonica.cli that imported it (each holds its own)."""
+    from harmonica.cli import embed, sample, train
+
+    modules = [module for module in (sample, train, embed) if hasattr(module, name)]
+    assert modules, f"no harmonica.cli module has {name}"
+    for module in modules:
+        monkeypatch.setattr(module, name, value)

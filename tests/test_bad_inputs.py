@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from _helpers import patch_cli
 from safetensors.torch import save_file
 
 from harmonica import cli, images
@@ -119,7 +120,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the error")
 
-    monkeypatch.setattr(cli, "build_pipeline", refuse)
+    patch_cli(monkeypatch, "build_pipeline", refuse)
     from harmonica.bench import command
 
     monkeypatch.setattr(command, "machine_info", refuse)

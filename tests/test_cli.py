@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from harmonica.cli import main, parse_schedule
+from harmonica.cli import main
 from harmonica.models import build_pipeline, random_prompt_embeds
 from harmonica.samplers import dit_alphas_cumprod, dit_ddim_sample
+from harmonica.schedule import parse_schedule
 
 
 def test_sample_with_fora_reports_cur_and_speedup(tmp_path, capsys):

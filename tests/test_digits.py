@@ -54,7 +54,7 @@ def test_train_on_digits_prints_cur_and_quality(tmp_path, capsys):
 
 def test_the_quality_report_stops_before_the_next_batch():
     from harmonica import CacheSchedule
-    from harmonica.cli import digits_report
+    from harmonica.cli.train import digits_report
     from harmonica.digits import DigitsDiT
 
     model, asked = DigitsDiT(), []

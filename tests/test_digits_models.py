@@ -127,7 +127,7 @@ def test_sample_refuses_a_router_of_the_other_digits_model(tmp_path, capsys):
 
 
 def test_train_searches_digits_flux_and_closes_with_the_table(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("harmonica.cli.DIGITS_REPORT_SAMPLES", 20)
+    monkeypatch.setattr("harmonica.cli.train.DIGITS_REPORT_SAMPLES", 20)
     assert main(["train", "--model", "digits-flux", "--steps", "6", "--batch", "4", "--rounds", "1", "--candidates",
                  "2", "--eval-batch", "4", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out

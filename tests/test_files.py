@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from _faults import ENV, damage_bytes, full_disk
+from _helpers import patch_cli
 from PIL import Image
 
 from harmonica import cli
+from harmonica.cli import sample as cli_sample
 from harmonica.files import LOCK_FILE, RunLock, WriteError, append_line, write_file, write_files
 
 TESTS = Path(__file__).parent
@@ -116,11 +118,11 @@ def test_sample_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch, ca
 
 def test_an_animation_on_a_full_disk_is_not_written(tmp_path, monkeypatch):
     frames = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(3)]
-    cli.write_images(frames, tmp_path / "ok.gif")
+    cli_sample.write_images(frames, tmp_path / "ok.gif")
     assert Image.open(tmp_path / "ok.gif").n_frames == 3
     monkeypatch.setattr(os, "write", full_disk("x.gif"))
     with pytest.raises(WriteError, match="x.gif: expected to write it"):
-        cli.write_images(frames, tmp_path / "x.gif")
+        cli_sample.write_images(frames, tmp_path / "x.gif")
     assert sorted(os.listdir(tmp_path)) == ["ok.gif"]
 
 
@@ -147,7 +149,7 @@ def test_embed_on_a_full_disk(tmp_path, monkeypatch, capsys):
         def to(self, device):
             return self
 
-    monkeypatch.setattr(cli, "load_text_encoders", lambda *args, **kwargs: Encoders())
+    patch_cli(monkeypatch, "load_text_encoders", lambda *args, **kwargs: Encoders())
     monkeypatch.setattr(prompts, "encode_prompts", lambda *args: {"prompt_embeds": torch.zeros(1, 2, 4)})
     (tmp_path / "prompts.txt").write_text("a cat\n")
     out = tmp_path / "e.safetensors"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _helpers import rounding_bound
+from _helpers import patch_cli, rounding_bound
 from safetensors.torch import load_file, save_file
 
 import harmonica
@@ -225,7 +225,7 @@ def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, capsys, 
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the error")
 
-    monkeypatch.setattr(cli, "load_transformer", refuse)
+    patch_cli(monkeypatch, "load_transformer", refuse)
     save_file({"prompt_embeds": torch.zeros(1, 3, 5), "negative_prompt_embeds": torch.zeros(1, 3, 5)},
               str(tmp_path / "embeds.safetensors"))
     replace = {"ROUTER": str(write_flux_router(tmp_path / "router")), "EMBEDS": str(tmp_path / "embeds.safetensors")}

@@ -368,7 +368,7 @@ def test_the_fit_under_ranks_solves_the_system_of_every_ranks_batch():
 
 def test_train_keeps_the_equal_cost_start_when_it_forecasts_better(tmp_path, capsys, monkeypatch):
     import harmonica.forecast as forecast_module
-    from harmonica.cli import _fit_forecast
+    from harmonica.cli.train import _fit_forecast
 
     real = forecast_module.choose_forecast
     offered = []

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 from _faults import damage_bytes
+from _helpers import patch_cli
 from safetensors.torch import save_file
 
 import harmonica
@@ -161,7 +162,7 @@ def no_work(monkeypatch):
         raise AssertionError("work started before the error")
 
     for name in ("build_pipeline", "load_transformer", "load_text_encoders"):
-        monkeypatch.setattr(cli, name, refuse)
+        patch_cli(monkeypatch, name, refuse)
     import harmonica.digits
 
     monkeypatch.setattr(harmonica.digits, "load_digits_dit", refuse)

@@ -19,7 +19,8 @@ import torch.multiprocessing as mp
 from harmonica import CacheSchedule, digits, parallel
 from harmonica.bench import digits_protocol
 from harmonica.bench.digits_protocol import ProtocolConfig, one_thread
-from harmonica.cli import HELD_OUT_RANK, closing_table, digits_report, main
+from harmonica.cli import main
+from harmonica.cli.train import HELD_OUT_RANK, closing_table, digits_report
 from harmonica.digits import DigitsDiT
 from harmonica.search import calibration_batch, compare
 from harmonica.training import engine_attached, task_macs
