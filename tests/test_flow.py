@@ -26,6 +26,15 @@ TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "ti
 STEPS = 4
 
 
+def pipeline_noise(name, noise):
+    """`noise` (B, *latent_shape) as the family's pipeline takes it: FLUX.2's packed tokens (B, N, 4C) as the 2 x 2
+    patches its pipeline draws, (B, 4C, h/2, w/2)."""
+    spec = FLOW_PRESETS[name]
+    if spec.class_name != "Flux2Transformer2DModel":
+        return noise
+    return noise.transpose(1, 2).reshape(noise.shape[0], -1, spec.height // 16, spec.width // 16)
+
+
 def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
     """The final latents of the family's diffusers pipeline (no text encoders, no VAE) from `noise`, on prompt 1;
     with `vae`, its decoded output as numpy in [0, 1] (images (1, H, W, 3), Wan frames (1, F, H, W, 3)).
@@ -33,8 +42,8 @@ def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
     spec = FLOW_PRESETS[name]
     scheduler = scheduler or spec.family.scheduler.scheduler()
     prompts = {key: value if key.startswith("negative") else value[1:2] for key, value in bank.items()}
-    common = dict(latents=noise, num_inference_steps=STEPS, height=spec.height, width=spec.width,
-                  output_type="latent" if vae is None else "np")
+    common = dict(latents=pipeline_noise(name, noise), num_inference_steps=STEPS, height=spec.height,
+                  width=spec.width, output_type="latent" if vae is None else "np")
     encoders = dict(text_encoder=None, tokenizer=None)
     if spec.class_name == "FluxTransformer2DModel":
         pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder_2=None, tokenizer_2=None,
@@ -47,10 +56,8 @@ def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
     if spec.class_name == "WanTransformer3DModel":
         pipe = diffusers.WanPipeline(vae=vae, scheduler=scheduler, transformer=transformer, **encoders)
         return pipe(**prompts, guidance_scale=spec.guidance, num_frames=spec.frames, **common).frames
-    if spec.class_name == "Flux2Transformer2DModel":  # its noise: the 2 x 2 patches unpacked, (1, 4C, h/2, w/2)
+    if spec.class_name == "Flux2Transformer2DModel":
         pipe = diffusers.Flux2Pipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
-        side = (spec.height // 16, spec.width // 16)
-        common["latents"] = noise.transpose(1, 2).reshape(noise.shape[0], -1, *side)
         return pipe(**prompts, guidance_scale=spec.guidance, **common).images
     pipe = diffusers.QwenImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
     return pipe(**prompts, true_cfg_scale=spec.guidance, **common).images

@@ -200,8 +200,9 @@ MODELS = {"flux.2-dev-1024": FlowModel(TRANSFORMER, {
     "num_attention_heads": 48, "joint_attention_dim": 15360, "timestep_guidance_channels": 256, "mlp_ratio": 3.0,
     "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": True},
     1024, 1024, 512, "black-forest-labs/FLUX.2-dev")}
+# joint_attention_dim: 3 x a tiny text encoder's width (the pipeline stacks three of its layers)
 TINY = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers": 1, "attention_head_dim": 8,
-        "num_attention_heads": 2, "joint_attention_dim": 32, "timestep_guidance_channels": 16,
+        "num_attention_heads": 2, "joint_attention_dim": 24, "timestep_guidance_channels": 16,
         "axes_dims_rope": (2, 2, 2, 2)}
 # a random VAE 8x like the real one (quant convs, BatchNorm over the 2 x 2 patches of its 4 latent channels)
 TINY_FLUX2_VAE = {**TINY_VAE, "latent_channels": 4}
@@ -209,5 +210,9 @@ TINY_FLUX2_VAE = {**TINY_VAE, "latent_channels": 4}
 PRESETS = {"flux.2-dev": FlowPreset.of(MODELS["flux.2-dev-1024"], 50, 4.0),
            "tiny-flux2": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 50, 4.0, vae=TINY_FLUX2_VAE)}
 
-FAMILY = register(Family("flux.2", TRANSFORMER, PIPELINE, "AutoencoderKLFlux2", Flux2Task, SCHEDULE, encode,
-                         example_inputs, MODELS, PRESETS))
+FAMILY = register(Family(
+    "flux.2", TRANSFORMER, PIPELINE, "AutoencoderKLFlux2", Flux2Task, SCHEDULE, encode, example_inputs, MODELS,
+    PRESETS,
+    # diffusers 0.42: a TypeError in its hook. cache-dit takes the transformer as it is (its "Flux" adapter, read in
+    # its source; not run here, cache-dit not being installed)
+    first_block_cache="its head block returns two streams and its tail block one, which the hook subtracts"))
