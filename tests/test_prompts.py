@@ -57,31 +57,35 @@ def t5(width: int, model_class=transformers.T5EncoderModel):
     return model_class(config).eval(), tokenizer
 
 
+def character_tokenizer():
+    """A character-level Qwen2Tokenizer (byte-level BPE without merges), <|endoftext|> its padding."""
+    vocab = {"<|endoftext|>": 0, **{c: 1 + i for i, c in enumerate(byte_characters())}}
+    return transformers.Qwen2Tokenizer(vocab=vocab, merges=[])
+
+
 def qwen(width: int):
     """A Qwen2.5-VL (text part used) and a character-level Qwen2Tokenizer."""
-    vocab = {"<|endoftext|>": 0, **{c: 1 + i for i, c in enumerate(byte_characters())}}
-    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer = character_tokenizer()
     config = transformers.Qwen2_5_VLConfig(
         text_config={"hidden_size": width, "intermediate_size": width, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(vocab),
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
                      "bos_token_id": 0, "eos_token_id": 0,
                      "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default"}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                       "out_hidden_size": width}, vocab_size=len(vocab))
+                       "out_hidden_size": width}, vocab_size=len(tokenizer))
     return transformers.Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer
 
 
 def mistral(width: int):
     """A Mistral 3 (its language model used: the pipeline stacks its layers 10, 20 and 30, width / 3 each) and a
     character-level Qwen2Tokenizer with a chat template of the pipeline's system and user turns."""
-    vocab = {"<|endoftext|>": 0, **{c: 1 + i for i, c in enumerate(byte_characters())}}
-    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[])
-    tokenizer.chat_template = ("{% for message in messages %}{{ message['role'] }}: {% for part in message['content'] %}"
-                               "{{ part['text'] }}{% endfor %}\n{% endfor %}")
+    tokenizer = character_tokenizer()
+    tokenizer.chat_template = ("{% for message in messages %}{{ message['role'] }}: "
+                               "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}\n{% endfor %}")
     config = transformers.Mistral3Config(
         text_config={"model_type": "mistral", "hidden_size": width // 3, "intermediate_size": width,
-                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": width // 6,
-                     "vocab_size": len(vocab)},
+                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "head_dim": width // 6, "vocab_size": len(tokenizer)},
         vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
                        "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 8})
     return transformers.Mistral3ForConditionalGeneration(config).eval(), tokenizer
