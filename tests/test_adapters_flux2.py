@@ -167,3 +167,31 @@ def test_the_pipeline_with_a_reference_image_runs_cached():
         assert engine.last_input_shape[1] == 2 * plain.shape[1]  # the 64 x 64 reference: as many tokens again
         harmonica.disable(pipe)
     assert torch.equal(runs[0], plain) and not torch.equal(runs[1], plain)
+
+
+def test_the_klein_pipeline_runs_cached_with_a_slot_set_per_pass():
+    """FLUX.2 [klein]'s pipeline (no guidance input, true CFG as two passes in diffusers' cache contexts) under
+    enable(pipe): one slot set per pass; with the no-cache schedule bitwise the plain pipeline, with FORA:2 not."""
+    spec = FLOW_PRESETS["tiny-flux2"]
+    torch.manual_seed(0)
+    transformer = diffusers.Flux2Transformer2DModel(**{**spec.config, "guidance_embeds": False}).eval()
+    pipe = diffusers.Flux2KleinPipeline(scheduler=flux2.SCHEDULE.scheduler(), text_encoder=None, tokenizer=None,
+                                        vae=load_vae("tiny-flux2", random_weights=True), transformer=transformer)
+    gen = torch.Generator().manual_seed(3)
+    embeds, negative = (torch.randn(1, spec.text_tokens, spec.config["joint_attention_dim"], generator=gen)
+                        for _ in range(2))
+
+    def generate():
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=STEPS,
+                    height=spec.height, width=spec.width, guidance_scale=spec.guidance,
+                    generator=torch.Generator().manual_seed(1), output_type="latent").images
+
+    plain = generate()
+    units = len(cached_units(transformer))
+    runs = []
+    for schedule in (CacheSchedule.no_cache(STEPS, units), CacheSchedule.fora(STEPS, units, 2)):
+        engine = harmonica.enable(pipe, schedule)
+        runs.append(generate())
+        assert {"cond", "uncond"} <= {engine.context, *engine.other_contexts}
+        harmonica.disable(pipe)
+    assert torch.equal(runs[0], plain) and not torch.equal(runs[1], plain)
