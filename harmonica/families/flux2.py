@@ -137,21 +137,23 @@ class Flux2Task(FlowTask):
     packed, cfg = True, False
     prompt_keys, negative_keys = ("prompt_embeds",), ()
 
-    def _model_inputs(self, model_in, t, prompts):
-        pipeline, device = _pipeline(), model_in.device
-        embeds = prompts["prompt_embeds"]
+    def _image_ids(self, batch: int) -> torch.Tensor:
+        """(batch, h/2 w/2, 4) CPU position ids (0, row, column, 0) of the image tokens, the pipeline's (made from
+        the patch latents' shape alone: an empty meta tensor stands for them)."""
         side = (self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2)
-        image_ids = pipeline._prepare_latent_ids(torch.empty(1, 0, *side, device="meta"))[0]
+        return _pipeline()._prepare_latent_ids(torch.empty(batch, 0, *side, device="meta"))
+
+    def _model_inputs(self, model_in, t, prompts):
+        device, embeds = model_in.device, prompts["prompt_embeds"]
         guidance = torch.full([1], self.guidance, device=device, dtype=torch.float32).expand(model_in.shape[0])
         return {"timestep": t.to(self.transformer.dtype) / 1000, "guidance": guidance, "encoder_hidden_states": embeds,
-                "img_ids": image_ids.to(device), "txt_ids": pipeline._prepare_text_ids(embeds[:1])[0].to(device)}
+                "img_ids": self._image_ids(1)[0].to(device),
+                "txt_ids": _pipeline()._prepare_text_ids(embeds[:1])[0].to(device)}
 
     def unpack(self, latents):
         """Tokens (B, h/2 w/2, 4C) -> the VAE's latents (B, C, h, w): the pipeline's unpacking, then unpatchified."""
-        pipeline = _pipeline()
-        side = (self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2)
-        ids = pipeline._prepare_latent_ids(torch.empty(latents.shape[0], 0, *side, device="meta"))
-        return pipeline._unpatchify_latents(pipeline._unpack_latents_with_ids(latents, ids.to(latents.device)))
+        ids = self._image_ids(latents.shape[0]).to(latents.device)
+        return _pipeline()._unpatchify_latents(_pipeline()._unpack_latents_with_ids(latents, ids))
 
     def _vae_latents(self, vae, latents):
         """The pipeline's denormalisation with the VAE's BatchNorm statistics, which are per channel of the 2 x 2
