@@ -115,11 +115,13 @@ def macs_section(dit_rows, flow_rows, machine: dict) -> str:
         "  attention `attn` (one unit for both streams), the image MLP `ff` and the text MLP `ff_context`, its single",
         "  block one unit `attn_mlp` (attention, MLP and `proj_out`); SD3.5's `attn` (joint), `attn2` (where dual),",
         "  `ff`, `ff_context` (the last block has none); Wan's `attn1`, cross-attention `attn2`, `ffn`; Qwen-Image's",
-        "  `attn` (joint), `img_mlp`, `txt_mlp`.",
-        "- Always-run: embeddings, adaLN linears, norms, the final layer.",
-        "- Text tokens: FLUX.1 (T5) and Wan (UMT5) pad the prompt to 512; SD3.5 has 77 CLIP + 256 T5 tokens;",
-        "  Qwen-Image at its cap of 512 (its pipeline does not pad: shorter prompts cost less). Wan: 81 frames are",
-        "  21 latent frames.",
+        "  `attn` (joint), `img_mlp`, `txt_mlp`; FLUX.2's as FLUX.1's, its single block's `attn_mlp` the fused",
+        "  parallel attention and MLP.",
+        "- Always-run: embeddings, adaLN linears (FLUX.2's once per forward, outside the blocks), norms, the final",
+        "  layer.",
+        "- Text tokens: FLUX.1 (T5), FLUX.2 (Mistral) and Wan (UMT5) pad the prompt to 512; SD3.5 has 77 CLIP + 256 T5",
+        "  tokens; Qwen-Image at its cap of 512 (its pipeline does not pad: shorter prompts cost less). Wan: 81 frames",
+        "  are 21 latent frames.",
         MACS_END,
     ])
 

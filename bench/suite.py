@@ -23,9 +23,9 @@ prints too). Rows are flat dicts (one per model, resolution, steps, configuratio
 "skipped" with the `reason`. Quality: PSNR / SSIM of the decoded image against the baseline image of
 the same seed (for fewer-steps: the baseline at the full step count).
 
-The flow-matching presets (`FLOW_MODELS`: tiny-flux, tiny-sd3, tiny-sd35, tiny-wan, tiny-qwen-image, and the
-real flux.1-dev, sd3.5-large, wan2.1-1.3b, qwen-image; `--models` only) run `flow.flow_sample` (the pipeline's
-Euler loop through `SolverLoop`) on the transformer alone with one random prompt: no text encoder, no VAE
+The flow-matching presets (`FLOW_MODELS`: tiny-flux, tiny-sd3, tiny-sd35, tiny-wan, tiny-qwen-image, tiny-flux2,
+and the real flux.1-dev, sd3.5-large, wan2.1-1.3b, qwen-image, flux.2-dev; `--models` only) run `flow.flow_sample` (the
+pipeline's Euler loop through `SolverLoop`) on the transformer alone with one random prompt: no text encoder, no VAE
 (`FlowWorkload`; random weights, or with `--real-weights` the hub transformer of a real preset; bf16 on CUDA);
 their quality is the PSNR of the final latents against the baseline's, at the baseline's peak-to-peak range
 (no SSIM). The tiny ones run 20 steps, the real ones their pipeline's default.

@@ -1,4 +1,4 @@
-"""Flow-matching transformers (FLUX.1, SD3/SD3.5, Wan 2.x, Qwen-Image) as sampling and training tasks.
+"""Flow-matching transformers (FLUX.1, SD3/SD3.5, Wan 2.x, Qwen-Image, FLUX.2) as sampling and training tasks.
 
 A `FlowTask` is one model family's denoising loop as its diffusers 0.42 pipeline runs it, with the
 pipeline's `FlowMatchEulerDiscreteScheduler` as a coefficient table (`solvers.py`), so that the step
@@ -230,8 +230,9 @@ def load_flow_embeddings(path, option: str = "--prompt-embeddings") -> dict:
     """A safetensors file of a pipeline's `encode_prompt` outputs, under the names it returns them: FLUX
     prompt_embeds (P, L, D), pooled_prompt_embeds (P, D'); SD3 the same plus negative_prompt_embeds (1, L, D)
     and negative_pooled_prompt_embeds (1, D'); Wan prompt_embeds and negative_prompt_embeds; Qwen-Image
-    prompt_embeds, prompt_embeds_mask (P, L) and the negative pair. Values checked as `prompts.read_embeddings`
-    does (errors name `option` and the file); the task checks the keys and widths it needs."""
+    prompt_embeds, prompt_embeds_mask (P, L) and the negative pair; FLUX.2 prompt_embeds. Values checked as
+    `prompts.read_embeddings` does (errors name `option` and the file); the task checks the keys and widths it
+    needs."""
     from .prompts import read_embeddings
 
     return read_embeddings(path, option)

@@ -13,16 +13,17 @@ guidance included, is the fused op `harmonica.kernels.solver_step` (torch refere
 - DDIM with eta 0 (the original DiT sampler): c = 0.
 - diffusers' `DPMSolverMultistepScheduler` as PixArt uses it (DPM-Solver++, order <= 2, epsilon
   prediction): first order at step 0 and where diffusers lowers the final step, second order elsewhere.
-- diffusers' `FlowMatchEulerDiscreteScheduler` (FLUX.1, SD3/SD3.5, Wan 2.x, Qwen-Image), deterministic:
+- diffusers' `FlowMatchEulerDiscreteScheduler` (FLUX.1, FLUX.2, SD3/SD3.5, Wan 2.x, Qwen-Image), deterministic:
   the model predicts the velocity v (in the slot of eps), x0 = x - sigma v and
   x_next = x + (sigma_next - sigma) v = (sigma_next / sigma) x + (1 - sigma_next / sigma) x0, c = 0.
   `set_flow_match_timesteps` sets the sigmas on the host once per generation as each pipeline does
-  (shift, or dynamic shifting with mu from the image sequence length), from the family's `FlowMatchSchedule`
-  (harmonica/families). The step is elementwise:
+  (shift, or dynamic shifting with mu from the image sequence length, FLUX.2's from the step count too), from the
+  family's `FlowMatchSchedule` (harmonica/families). The step is elementwise:
   packed latents (B, L, C) (FLUX, Qwen-Image) and video latents (B, C, F, H, W) (Wan) step as 4-D views.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,13 +121,15 @@ class FlowMatchSchedule:
     scheduler_config.json transcribed (keys left out keep diffusers' defaults); custom_sigmas: the pipeline passes
     sigmas linspace(1, 1/T, T); mu: when the pipeline computes the shift mu from the image tokens ("always",
     "dynamic": only under use_dynamic_shifting, "never"); max_shift: the pipeline's default where the config has
-    none."""
+    none; mu_of: (image tokens, steps) -> mu where the pipeline has a formula of its own (FLUX.2), else None: mu
+    linear in the image tokens (`shift_mu`)."""
 
     name: str
     config: dict
     custom_sigmas: bool = False
     mu: str = "never"
     max_shift: float = 1.15
+    mu_of: Callable | None = None
 
     def __post_init__(self):
         if self.mu not in MU_WHEN:
@@ -159,7 +162,8 @@ def set_flow_match_timesteps(scheduler, schedule: FlowMatchSchedule, num_steps: 
                              f"from them), got None")
         defaults = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5,
                     "max_shift": schedule.max_shift}
-        kwargs["mu"] = shift_mu(image_seq_len, {key: config.get(key, value) for key, value in defaults.items()})
+        kwargs["mu"] = (schedule.mu_of(image_seq_len, num_steps) if schedule.mu_of is not None else
+                        shift_mu(image_seq_len, {key: config.get(key, value) for key, value in defaults.items()}))
     if schedule.custom_sigmas:
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
     else:

@@ -1,10 +1,11 @@
-"""torch.compile of the flow-model adapters (FLUX.1, SD3.5, Wan, Qwen-Image; tiny random models, CPU, fp32)
+"""torch.compile of the flow-model adapters (FLUX.1, SD3.5, Wan, Qwen-Image, FLUX.2; tiny random models, CPU, fp32)
 with a counting backend: each unit kind of each block class compiles once per input signature, whatever the
 step count and schedule rows; the compiled generation is bitwise the eager engine's. The fused residual ops
 run in the engine's eager Python, outside the compiled bodies (engine.py), as in test_compile.py."""
 
 import pytest
 import test_adapters_flux as flux
+import test_adapters_flux2 as flux2
 import test_adapters_qwen_image as qwen
 import test_adapters_sd3 as sd3
 import test_adapters_wan as wan
@@ -35,6 +36,10 @@ FAMILIES = {
                    {("QwenImageTransformerBlock", "attn"): 1, ("QwenImageTransformerBlock", "img_mlp"): 1,
                     ("QwenImageTransformerBlock", "txt_mlp"): 1},
                    [1, 1, 2]),
+    "flux2": (flux2.make_flux2, flux2.step_inputs,
+              {("Flux2TransformerBlock", "attn"): 1, ("Flux2TransformerBlock", "ff"): 1,
+               ("Flux2TransformerBlock", "ff_context"): 1, ("Flux2SingleTransformerBlock", "attn_mlp"): 1},
+              [1, 1, 1, 2]),
 }
 
 

@@ -22,8 +22,17 @@ from harmonica.models import FLOW_PRESETS, build_transformer, load_vae
 from harmonica.router import Router
 from harmonica.schedule import CacheSchedule
 
-TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image")
+TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2")
 STEPS = 4
+
+
+def pipeline_noise(name, noise):
+    """`noise` (B, *latent_shape) as the family's pipeline takes it: FLUX.2's packed tokens (B, N, 4C) as the 2 x 2
+    patches its pipeline draws, (B, 4C, h/2, w/2)."""
+    spec = FLOW_PRESETS[name]
+    if spec.class_name != "Flux2Transformer2DModel":
+        return noise
+    return noise.transpose(1, 2).reshape(noise.shape[0], -1, spec.height // 16, spec.width // 16)
 
 
 def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
@@ -33,8 +42,8 @@ def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
     spec = FLOW_PRESETS[name]
     scheduler = scheduler or spec.family.scheduler.scheduler()
     prompts = {key: value if key.startswith("negative") else value[1:2] for key, value in bank.items()}
-    common = dict(latents=noise, num_inference_steps=STEPS, height=spec.height, width=spec.width,
-                  output_type="latent" if vae is None else "np")
+    common = dict(latents=pipeline_noise(name, noise), num_inference_steps=STEPS, height=spec.height,
+                  width=spec.width, output_type="latent" if vae is None else "np")
     encoders = dict(text_encoder=None, tokenizer=None)
     if spec.class_name == "FluxTransformer2DModel":
         pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder_2=None, tokenizer_2=None,
@@ -47,6 +56,9 @@ def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
     if spec.class_name == "WanTransformer3DModel":
         pipe = diffusers.WanPipeline(vae=vae, scheduler=scheduler, transformer=transformer, **encoders)
         return pipe(**prompts, guidance_scale=spec.guidance, num_frames=spec.frames, **common).frames
+    if spec.class_name == "Flux2Transformer2DModel":
+        pipe = diffusers.Flux2Pipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
+        return pipe(**prompts, guidance_scale=spec.guidance, **common).images
     pipe = diffusers.QwenImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
     return pipe(**prompts, true_cfg_scale=spec.guidance, **common).images
 
@@ -82,6 +94,9 @@ def test_decode_is_the_pipelines(name):
     within the loop's rounding carried through the VAE; a wrong latent scaling is far."""
     spec = FLOW_PRESETS[name]
     transformer, vae = build_transformer(name), load_vae(name, random_weights=True)
+    for norm in (m for m in vae.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # FLUX.2's latent statistics
+        norm.running_mean.normal_(generator=torch.Generator().manual_seed(2))
+        norm.running_var.uniform_(0.5, 2, generator=torch.Generator().manual_seed(3))
     bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
     noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))

@@ -107,6 +107,27 @@ def test_flux_dev_1024_counts_37_19_tmacs():
     assert forward / 1e12 == pytest.approx(37.19, rel=0.005)
 
 
+def test_flux2_dev_1024_counts_141_30_tmacs():
+    """FLUX.2-dev at 1024^2 with 512 text tokens: every block alike and the modulations computed once outside them,
+    so one double and one single block (the hub config otherwise) give the whole forward; each unit checked
+    against its matmul count (no biases; SwiGLU MLPs of ratio 3, their input projection 2 x 3d wide)."""
+    config = {**FLOW_MODELS["flux.2-dev-1024"].config, "num_layers": 1, "num_single_layers": 1}
+    with torch.device("meta"):
+        model = diffusers.Flux2Transformer2DModel(**config)
+    count = count_macs(model, 1024, caption_tokens=512)
+    assert count.names == ("transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
+                           "single_transformer_blocks.0.attn_mlp")
+    image, text, d = 4096, 512, 6144
+    tokens = image + text
+    joint_attention = 4 * tokens * d * d + 2 * tokens * tokens * d  # q, k, v, out projections; QK^T and PV
+    mlp = d * 6 * d + 3 * d * d  # per token: d -> 2 x 3d, then 3d -> d
+    # single block: the fused q, k, v and MLP input (d -> 3d + 6d), QK^T, PV, the fused output (3d + d -> d)
+    single = tokens * 9 * d * d + 2 * tokens * tokens * d + tokens * 4 * d * d
+    assert count.unit_macs == (joint_attention, image * mlp, text * mlp, single)
+    forward = count.always_macs + 8 * sum(count.unit_macs[:3]) + 48 * count.unit_macs[3]
+    assert forward / 1e12 == pytest.approx(141.30, rel=0.005)
+
+
 def joint_attention_macs(tokens, d, out_tokens):
     """q, k, v of every token, the output projections of `out_tokens`, QK^T and PV."""
     return 3 * tokens * d * d + out_tokens * d * d + 2 * tokens * tokens * d

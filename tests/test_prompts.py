@@ -8,6 +8,7 @@ import torch
 import transformers
 from _helpers import rounding_bound
 from safetensors.torch import load_file
+from test_flow import pipeline_noise
 
 from harmonica import cli
 from harmonica.flow import flow_sample, flow_task, load_flow_embeddings
@@ -17,13 +18,13 @@ from harmonica.training import load_prompt_embeddings
 
 PROMPTS = ["a red cube", "two cats on a sofa, watercolor", "x"]
 NEGATIVE = "blurry"
-TOKENS = 16  # max_sequence_length: short, for speed (Qwen-Image: its default, past its ~150-character template)
+TOKENS = 16  # max_sequence_length: short, for speed (Qwen-Image, FLUX.2: their default, past their templates)
 STEPS = 2
 # the bank encodes its prompts in one batch, a pipeline one prompt alone, `harmonica embed` with encoders read from
 # files (weights 16- not 64-byte aligned): other matmul kernels (a 1-row projection is a matrix-vector product),
 # one rounding per term of the encoders' longest reduction (T5's d_ff, 2 x 32)
 ENCODER_TERMS = 2 * 32
-FLOW = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image")
+FLOW = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2")
 
 
 def byte_characters() -> list:
@@ -56,18 +57,38 @@ def t5(width: int, model_class=transformers.T5EncoderModel):
     return model_class(config).eval(), tokenizer
 
 
+def character_tokenizer():
+    """A character-level Qwen2Tokenizer (byte-level BPE without merges), <|endoftext|> its padding."""
+    vocab = {"<|endoftext|>": 0, **{c: 1 + i for i, c in enumerate(byte_characters())}}
+    return transformers.Qwen2Tokenizer(vocab=vocab, merges=[])
+
+
 def qwen(width: int):
     """A Qwen2.5-VL (text part used) and a character-level Qwen2Tokenizer."""
-    vocab = {"<|endoftext|>": 0, **{c: 1 + i for i, c in enumerate(byte_characters())}}
-    tokenizer = transformers.Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer = character_tokenizer()
     config = transformers.Qwen2_5_VLConfig(
         text_config={"hidden_size": width, "intermediate_size": width, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(vocab),
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
                      "bos_token_id": 0, "eos_token_id": 0,
                      "rope_scaling": {"mrope_section": [2, 2, 4], "rope_type": "default"}},
         vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
-                       "out_hidden_size": width}, vocab_size=len(vocab))
+                       "out_hidden_size": width}, vocab_size=len(tokenizer))
     return transformers.Qwen2_5_VLForConditionalGeneration(config).eval(), tokenizer
+
+
+def mistral(width: int):
+    """A Mistral 3 (its language model used: the pipeline stacks its layers 10, 20 and 30, width / 3 each) and a
+    character-level Qwen2Tokenizer with a chat template of the pipeline's system and user turns."""
+    tokenizer = character_tokenizer()
+    tokenizer.chat_template = ("{% for message in messages %}{{ message['role'] }}: "
+                               "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}\n{% endfor %}")
+    config = transformers.Mistral3Config(
+        text_config={"model_type": "mistral", "hidden_size": width // 3, "intermediate_size": width,
+                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "head_dim": width // 6, "vocab_size": len(tokenizer)},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 8})
+    return transformers.Mistral3ForConditionalGeneration(config).eval(), tokenizer
 
 
 def pipeline(name: str, transformer=None):
@@ -92,20 +113,24 @@ def pipeline(name: str, transformer=None):
     if spec.pipeline == "WanPipeline":
         encoder, tokenizer = t5(spec.config["text_dim"], transformers.UMT5EncoderModel)
         return diffusers.WanPipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
+    if spec.pipeline == "Flux2Pipeline":
+        encoder, tokenizer = mistral(spec.config["joint_attention_dim"])
+        return diffusers.Flux2Pipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
     encoder, tokenizer = qwen(spec.config["joint_attention_dim"])
     return diffusers.QwenImagePipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
 
 
 def tokens(name: str) -> int | None:
-    return None if FLOW_PRESETS[name].pipeline == "QwenImagePipeline" else TOKENS
+    return None if FLOW_PRESETS[name].pipeline in ("QwenImagePipeline", "Flux2Pipeline") else TOKENS
 
 
 def pipeline_from_strings(name, pipe, noise, prompt: str):
     """The pipeline's final latents from `noise` for the prompt string itself (and NEGATIVE under CFG)."""
     spec = FLOW_PRESETS[name]
-    common = dict(latents=noise, num_inference_steps=STEPS, height=spec.height, width=spec.width,
-                  output_type="latent", **({"max_sequence_length": tokens(name)} if tokens(name) else {}))
-    if spec.pipeline == "FluxPipeline":
+    common = dict(latents=pipeline_noise(name, noise), num_inference_steps=STEPS, height=spec.height,
+                  width=spec.width, output_type="latent",
+                  **({"max_sequence_length": tokens(name)} if tokens(name) else {}))
+    if not spec.family.task.cfg:  # FLUX.1, FLUX.2: the distilled guidance, no negative prompt
         return pipe(prompt=prompt, guidance_scale=spec.guidance, **common).images
     if spec.pipeline == "WanPipeline":
         return pipe(prompt=prompt, negative_prompt=NEGATIVE, guidance_scale=spec.guidance, num_frames=spec.frames,
@@ -122,7 +147,7 @@ def test_saved_embeddings_sample_what_the_pipeline_samples_from_the_strings(name
     spec = FLOW_PRESETS[name]
     transformer = build_transformer(name)
     pipe = pipeline(name, transformer)
-    negative = None if spec.pipeline == "FluxPipeline" else NEGATIVE
+    negative = NEGATIVE if spec.family.task.cfg else None
     written = save_prompt_embeddings(pipe, PROMPTS, tmp_path / "prompts.safetensors", negative, tokens(name))
     bank = load_flow_embeddings(tmp_path / "prompts.safetensors")
     assert bank.keys() == written.keys() and all(torch.equal(bank[k], written[k]) for k in bank)

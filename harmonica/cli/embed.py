@@ -49,7 +49,7 @@ def add_parser(commands) -> None:
                    + sorted(FLOW_PRESETS))
     e.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
     e.add_argument("--prompts", required=True, help="text file, one prompt per line")
-    e.add_argument("--negative-prompt", help='the unconditional prompt (default ""; FLUX.1: none)')
+    e.add_argument("--negative-prompt", help='the unconditional prompt (default ""; FLUX.1, FLUX.2: none)')
     e.add_argument("--max-sequence-length", type=int, help="text tokens (default: the pipeline's)")
     e.add_argument("--device", help="default cuda when available")
     e.add_argument("--dtype", choices=sorted(DTYPES), help="text encoders' dtype (default bf16 on CUDA, else fp32)")

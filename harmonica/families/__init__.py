@@ -1,6 +1,6 @@
 """Model families: everything harmonica knows about one family of flow-matching transformers, in one module.
 
-A family module (`qwen_image.py`, `flux.py`, `sd3.py`, `wan.py`) holds its block adapters (registered in
+A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`) holds its block adapters (registered in
 `harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the scheduler's timesteps, how its
 pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models and presets, its VAE class
 and the peers' patterns for it; it ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..solvers import FlowMatchSchedule
 
-# the random 8x KL VAE of the tiny presets (DiT, PixArt, FLUX.1, SD3): 4 levels of 8 channels
+# the random 8x KL VAE of the tiny presets (DiT, PixArt, FLUX.1, FLUX.2, SD3): 4 levels of 8 channels
 TINY_VAE = {"block_out_channels": (8, 8, 8, 8), "down_block_types": ("DownEncoderBlock2D",) * 4,
             "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 4, "layers_per_block": 1}
 TINY_KL = {**TINY_VAE, "use_quant_conv": False, "use_post_quant_conv": False}  # as FLUX.1's and SD3's VAEs
@@ -139,5 +139,6 @@ def family_of(transformer) -> Family:
     return FAMILIES[name]
 
 
-# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image) is `FAMILIES`' and the presets'
+# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2) is `FAMILIES`' and the presets'
 from . import flux, sd3, wan, qwen_image  # noqa: E402,F401,I001
+from . import flux2  # noqa: E402,F401,I001

@@ -146,12 +146,16 @@ class FluxTask(FlowTask):
         return unpack(latents, self.height, self.width)
 
 
-def encode(pipe, prompts, negative, extra):
-    """The pipeline's `encode_prompt`: T5 embeddings and pooled CLIP; a negative prompt is an error (the guidance
-    is distilled into the model: no unconditional pass)."""
+def refuse_negative(pipe, negative) -> None:
+    """A ValueError for a negative prompt: the pipeline's guidance is distilled into the model (FLUX.1, FLUX.2)."""
     if negative is not None:
         raise ValueError(f"negative_prompt: expected none for {type(pipe).__name__} (its guidance is distilled into "
                          f"the model: no unconditional pass), got {negative!r}")
+
+
+def encode(pipe, prompts, negative, extra):
+    """The pipeline's `encode_prompt`: T5 embeddings and pooled CLIP; a negative prompt is an error."""
+    refuse_negative(pipe, negative)
     embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, **extra)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
