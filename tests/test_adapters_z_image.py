@@ -10,11 +10,12 @@ from _adapter_checks import (
     fora_batch_and_rows_alone,
     trajectory,
 )
-from diffusers import ZImageTransformer2DModel
+from diffusers import ZImagePipeline
 
 import harmonica
 from harmonica import CacheSchedule
 from harmonica.engine import CacheEngine
+from harmonica.models import FLOW_PRESETS, build_transformer
 from harmonica.units import cached_units
 
 B, C, SIDE, STEPS = 2, 4, 8, 4  # latents 8 x 8: 16 tokens of 2 x 2, padded to 32 by the forward
@@ -23,9 +24,8 @@ UNITS = 2 * 2  # 2 main layers (attention, feed_forward); the refiners are no un
 
 
 def make_z_image():
-    model = ZImageTransformer2DModel(in_channels=C, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
-                                     cap_feat_dim=16, axes_dims=(4, 6, 6), axes_lens=(256, 32, 32))
-    return distinct_random_parameters(model)
+    """The tiny-z-image preset's transformer (width 32, 2 layers, 1 refiner of each kind), every parameter random."""
+    return distinct_random_parameters(build_transformer("tiny-z-image"))
 
 
 def step_inputs(step, rows=slice(None)):
@@ -49,6 +49,30 @@ def test_units_are_the_main_layers():
 def test_no_cache_and_disable_are_bitwise_the_plain_model():
     """With rows of other lengths (the batch's attention mask) and the refiners run as diffusers runs them."""
     assert_no_cache_is_plain(make_z_image(), run, UNITS, STEPS)
+
+
+def test_the_pipelines_own_loop_under_enable():
+    """ZImagePipeline's loop (CFG as one batch, its scheduler starting each generation) under harmonica.enable(pipe):
+    the no-cache schedule is bitwise the plain pipeline, twice in a row; FORA:2 is another sample."""
+    spec, model = FLOW_PRESETS["tiny-z-image"], make_z_image()
+    pipe = ZImagePipeline(scheduler=spec.family.scheduler.scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                          transformer=model)
+    gen = torch.Generator().manual_seed(0)
+    prompt, negative = [torch.randn(5, 16, generator=gen)], [torch.randn(3, 16, generator=gen)]
+    noise = torch.randn(1, C, SIDE, SIDE, generator=gen)
+
+    def sample():
+        return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, latents=noise, num_inference_steps=STEPS,
+                    height=64, width=64, guidance_scale=spec.guidance, output_type="latent").images
+
+    plain = sample()
+    harmonica.enable(pipe, CacheSchedule.no_cache(STEPS, UNITS))
+    try:
+        assert torch.equal(sample(), plain) and torch.equal(sample(), plain)
+        harmonica.enable(pipe, CacheSchedule.fora(STEPS, UNITS, 2))
+        assert not torch.equal(sample(), plain)
+    finally:
+        harmonica.disable(pipe)
 
 
 def test_fora_reuses_half_the_units_and_their_slots_hold_the_fresh_outputs():
