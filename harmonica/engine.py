@@ -366,9 +366,10 @@ class CacheEngine:
         rises along a generation) or keeps going across a wrap."""
         t = _host_value(timestep)
         previous, steps = self.previous_timestep, self.num_steps
-        back = t is not None and previous is not None and (t < previous if self.timestep_rises else t > previous)
-        onward = t is not None and previous is not None and (t > previous if self.timestep_rises else t < previous)
-        if back if self.step else onward:
+        # how far the timestep went back toward the noise (it falls along a generation, or rises where the family's
+        # does); None where either value is unknown
+        back = None if t is None or previous is None else (previous - t if self.timestep_rises else t - previous)
+        if back is not None and (back > 0 if self.step else back < 0):
             got = str(self.step) if self.step else "more"
             raise ValueError(f"num_inference_steps: expected {steps} (the cache schedule's steps), got {got} "
                              f"(timestep {t:g} after {previous:g} at step {self.step}); pass the pipeline to "
