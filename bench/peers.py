@@ -34,6 +34,7 @@ from contextlib import contextmanager, redirect_stdout
 
 import torch
 
+from harmonica.adapters import block_lists
 from harmonica.families import FAMILIES
 from harmonica.units import cached_units
 
@@ -237,9 +238,8 @@ def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer
 
 
 def num_blocks(transformer) -> int:
-    """Transformer blocks in the model's block lists (FLUX: its joint and single blocks together)."""
-    return sum(len(child) for name, child in transformer.named_children()
-               if name.endswith("blocks") and isinstance(child, torch.nn.ModuleList))
+    """Transformer blocks in the model's cached block lists (FLUX: its joint and single blocks together)."""
+    return sum(len(child) for _, child in block_lists(transformer))
 
 
 def unit_pattern(transformer) -> str:

@@ -43,6 +43,7 @@ from torch._C._dynamo.eval_frame import reset_code
 
 from . import events, kernels, parallel
 from .adapters import blocks_of
+from .families import forward_arguments
 from .forecast import Forecast, ForecastFit, ForecastPlan
 from .modulation import ModulationTable
 from .units import units_of
@@ -103,7 +104,11 @@ class CacheEngine:
         self.begun = False  # whether `begin` started the current generation (else the counter wrapped)
         self.warned_unbegun = False
         self.previous_timestep = None  # host timestep of the latest forward of this generation, when readable
-        self.timestep_index = list(inspect.signature(transformer.forward).parameters).index("timestep")
+        # the forward's (latents, timestep, text) argument names and positions (None: keyword only, or none), and
+        # whether its timestep rises along a generation
+        self.arguments, self.timestep_rises = forward_arguments(transformer)
+        parameters = list(inspect.signature(transformer.forward).parameters)
+        self.argument_index = [parameters.index(name) if name in parameters else None for name in self.arguments]
         self.slots = [None] * len(self.units)
         self.context = None  # the cache context whose counter and slots the attributes above hold (None: default)
         self.entered_context = None  # the name of the `transformer.cache_context` the caller is inside
@@ -112,9 +117,10 @@ class CacheEngine:
         self.ranks_checked = False  # whether the schedule was checked equal on every context-parallel rank
         self.bodies = self._plain_bodies()  # block class -> kind -> computation, torch.compile'd by `compile`
         self._compiled_codes = []
-        # hidden_states' shape in the latest forward: (B, C, H, W), (B, C, F, H, W) or (B, L, C)
+        # the latents' shape in the latest forward: (B, C, H, W), (B, C, F, H, W) or (B, L, C) (a per-sample list:
+        # (B, *its first's shape))
         self.last_input_shape = None
-        self.last_text_tokens = None  # encoder_hidden_states' tokens in the latest forward (None: no text)
+        self.last_text_tokens = None  # the text's tokens in the latest forward (a per-sample list: its longest)
         if schedule is not None:
             self.set_schedule(schedule, forecast)
         # adapter -> what its `setup` returned: the family's state for this engine (DiT's shared embedding)
@@ -320,21 +326,29 @@ class CacheEngine:
             raise ValueError(f"skip_guidance_layers: expected None under harmonica (every block runs once per "
                              f"step), got a transformer call with skip_layers={kwargs['skip_layers']}")
         self._use_context(self.entered_context)
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        self.last_input_shape = tuple(hidden.shape)
-        text = kwargs.get("encoder_hidden_states")
-        self.last_text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else None
+        hidden = self.argument(args, kwargs, 0)
+        self.last_input_shape = (len(hidden), *hidden[0].shape) if isinstance(hidden, list) else tuple(hidden.shape)
+        text = self.argument(args, kwargs, 2)
+        if isinstance(text, list):
+            self.last_text_tokens = max(len(prompt) for prompt in text)
+        else:
+            self.last_text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else None
         if self.step == 0 and self.on_first_step is not None:
             self.on_first_step()
         if self.mode == "inference":
-            self._check_generation(args[self.timestep_index] if len(args) > self.timestep_index
-                                   else kwargs.get("timestep"))
+            self._check_generation(self.argument(args, kwargs, 1))
         if self.step == 0:
             self.modulation_active = self._compute_modulations(hidden, args, kwargs)
         if self.modulation_active:
             self.modulation.load(self.step)
         if events.listeners:
             events.step_started(self.step)
+
+    def argument(self, args, kwargs, which: int):
+        """The forward's latents (which 0), timestep (1) or text (2) argument, positional or keyword; None when
+        not passed. Latents and text are a tensor or a per-sample list of tensors (Z-Image)."""
+        index = self.argument_index[which]
+        return args[index] if index is not None and len(args) > index else kwargs.get(self.arguments[which])
 
     def _after_forward(self, module, args, kwargs, output):
         if events.listeners:
@@ -348,10 +362,14 @@ class CacheEngine:
 
     def _check_generation(self, timestep) -> None:
         """Inference: warn once when a generation starts without `begin` (only the step count delimits it);
-        with a host timestep, raise when it rises within a generation or keeps falling across a wrap."""
+        with a host timestep, raise when it goes back within a generation (rises; falls where the family's timestep
+        rises along a generation) or keeps going across a wrap."""
         t = _host_value(timestep)
         previous, steps = self.previous_timestep, self.num_steps
-        if t is not None and previous is not None and (t > previous if self.step else t < previous):
+        # how far the timestep went back toward the noise (it falls along a generation, or rises where the family's
+        # does); None where either value is unknown
+        back = None if t is None or previous is None else (previous - t if self.timestep_rises else t - previous)
+        if back is not None and (back > 0 if self.step else back < 0):
             got = str(self.step) if self.step else "more"
             raise ValueError(f"num_inference_steps: expected {steps} (the cache schedule's steps), got {got} "
                              f"(timestep {t:g} after {previous:g} at step {self.step}); pass the pipeline to "

@@ -1,4 +1,4 @@
-"""Flow-matching transformers (FLUX.1, SD3/SD3.5, Wan 2.x, Qwen-Image, FLUX.2) as sampling and training tasks.
+"""Flow-matching transformers (FLUX.1, SD3/SD3.5, Wan 2.x, Qwen-Image, FLUX.2, Z-Image) as sampling and training tasks.
 
 A `FlowTask` is one model family's denoising loop as its diffusers 0.42 pipeline runs it, with the
 pipeline's `FlowMatchEulerDiscreteScheduler` as a coefficient table (`solvers.py`), so that the step
@@ -9,7 +9,7 @@ drives (`latent_shape`, `conditions`, `begin`, `model_kwargs`, `update`, `combin
 
 Each family's task (its model inputs per step, packing, guidance and decode) lives in its module of
 `harmonica/families`; CFG batches are [unconditional, conditional], guidance on every channel of the velocity,
-`v_u + s (v_c - v_u)`, unless the task says otherwise.
+`v_u + s (v_c - v_u)` with s the task's `cfg_scale` of its guidance value, unless the task says otherwise.
 
 Prompt conditions come from a bank of embeddings: a file of the pipeline's `encode_prompt` outputs
 (`load_flow_embeddings`) or `random_flow_embeddings` for random weights. The solver steps latents of any
@@ -58,14 +58,14 @@ class FlowTask:
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
         self.height, self.width, self.frames = height, width, frames
         self.latent_shape = self._latent_shape(transformer.config)
-        self.guided = self.cfg and guidance > 1
+        self.guided = self.cfg and self.cfg_scale(guidance) > 1
         self.embeddings = self._check_embeddings(embeddings)
         self.scheduler = self.family.scheduler.scheduler()
         set_flow_match_timesteps(self.scheduler, self.family.scheduler, num_steps, self.image_seq_len)
         self.table = flow_match_euler_table(self.scheduler)
         self.sampler = SAMPLER
         self.timesteps = [int(t) for t in self.scheduler.timesteps.tolist()]  # what a router records
-        self.solver_guidance = {"guidance_scale": guidance, "cond_first": False} if self.guided else {}
+        self.solver_guidance = {"guidance_scale": self.cfg_scale(guidance), "cond_first": False} if self.guided else {}
         self._device_tensors = {}
 
     def with_steps(self, num_steps: int) -> "FlowTask":
@@ -73,10 +73,20 @@ class FlowTask:
         return type(self)(self.transformer, self.embeddings, num_steps, self.guidance, height=self.height,
                           width=self.width, frames=self.frames)
 
+    @staticmethod
+    def cfg_scale(guidance: float) -> float:
+        """The scale s of `v_u + s (v_c - v_u)` that the pipeline's guidance value means (CFG runs where s > 1)."""
+        return guidance
+
     # ---- shapes ----
 
+    @classmethod
+    def patch(cls, cfg) -> int:
+        """Latent pixels per token side: 2 for packed latents (2 x 2 patches in one token), else the config's."""
+        return 2 if cls.packed else _patch(cfg)
+
     def _latent_shape(self, cfg) -> tuple:
-        multiple = VAE_FACTOR * 2 if self.packed else VAE_FACTOR * _patch(cfg)
+        multiple = VAE_FACTOR * self.patch(cfg)
         if self.height % multiple or self.width % multiple:
             raise ValueError(f"height, width: expected multiples of {multiple} for {self.class_name}, got "
                              f"{self.height}x{self.width}")
@@ -90,7 +100,7 @@ class FlowTask:
         """The image tokens the pipeline computes its shift mu from."""
         if self.packed:
             return self.latent_shape[0]
-        patch = _patch(self.transformer.config)
+        patch = self.patch(self.transformer.config)
         return (self.latent_shape[-2] // patch) * (self.latent_shape[-1] // patch)
 
     def unpack(self, latents: torch.Tensor) -> torch.Tensor:
@@ -165,8 +175,12 @@ class FlowTask:
         """The transformer's keyword arguments at step i for the sample x (B, *latent_shape)."""
         model_in = torch.cat([x, x]) if self.guided else x
         t = self._on("timesteps", x.device)[i].expand(model_in.shape[0])
-        return {"hidden_states": model_in, "return_dict": True,
+        return {self.family.arguments[0]: self._latents_input(model_in), "return_dict": True,
                 **self._model_inputs(model_in, t, self._prompts(cond, x.device))}
+
+    def _latents_input(self, model_in: torch.Tensor):
+        """The forward's latents argument for the batch model_in (B, *latent_shape): model_in itself."""
+        return model_in
 
     def _model_inputs(self, model_in, t, prompts: dict) -> dict:
         raise NotImplementedError
@@ -187,7 +201,7 @@ class FlowTask:
         if not self.solver_guidance:
             return v
         uncond, cond = v.chunk(2)
-        return uncond + self.guidance * (cond - uncond)
+        return uncond + self.solver_guidance["guidance_scale"] * (cond - uncond)
 
 
 def denormalized(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -342,9 +342,10 @@ class GraphRunner:
             self.backend = CudaGraphBackend(device)
         return self.backend
 
-    @staticmethod
-    def _hidden(args, kwargs):
-        return args[0] if args else kwargs.get("hidden_states")
+    def _hidden(self, args, kwargs):
+        """The forward's latents, the first sample's where they come as a per-sample list."""
+        hidden = self.engine.argument(args, kwargs, 0)
+        return hidden[0] if isinstance(hidden, list) and hidden else hidden
 
     def _on_cuda(self, args, kwargs) -> bool:
         hidden = self._hidden(args, kwargs)
@@ -371,11 +372,11 @@ def _waited(output):
 
 
 def _clone_output(output):
-    """A copy the next replay will not overwrite (diffusers outputs: a dataclass or a tuple)."""
+    """A copy the next replay will not overwrite (diffusers outputs: a dataclass or a tuple, of tensors or lists)."""
     if isinstance(output, torch.Tensor):
         return output.clone()
-    if isinstance(output, tuple):
-        return tuple(_clone_output(o) for o in output)
+    if isinstance(output, (tuple, list)):  # a list: Z-Image's per-sample outputs
+        return type(output)(_clone_output(o) for o in output)
     return type(output)(**{k: _clone_output(v) for k, v in output.items()})
 
 

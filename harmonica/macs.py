@@ -73,9 +73,8 @@ def _latent_side(pixels: int, multiple: int, name: str, size: str) -> int:
 def _example_inputs(model, batch: int, height: int, width: int, text_tokens: int, frames: int | None) -> dict:
     """Meta tensors of one forward of `model` on `batch` images (videos) of height x width pixels."""
     cfg, name = model.config, type(model).__name__
-    patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[-1]
     family = FAMILIES.get(name)
-    multiple = VAE_FACTOR * (PATCH if family is not None and family.task.packed else patch)
+    multiple = VAE_FACTOR * (family.task.patch(cfg) if family is not None else cfg.patch_size)
     h, w = (_latent_side(p, multiple, "height, width", f"{height}x{width}") for p in (height, width))
     meta = dict(device="meta")
     if family is not None:

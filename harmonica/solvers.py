@@ -13,7 +13,7 @@ guidance included, is the fused op `harmonica.kernels.solver_step` (torch refere
 - DDIM with eta 0 (the original DiT sampler): c = 0.
 - diffusers' `DPMSolverMultistepScheduler` as PixArt uses it (DPM-Solver++, order <= 2, epsilon
   prediction): first order at step 0 and where diffusers lowers the final step, second order elsewhere.
-- diffusers' `FlowMatchEulerDiscreteScheduler` (FLUX.1, FLUX.2, SD3/SD3.5, Wan 2.x, Qwen-Image), deterministic:
+- diffusers' `FlowMatchEulerDiscreteScheduler` (FLUX.1, FLUX.2, SD3/SD3.5, Wan 2.x, Qwen-Image, Z-Image), deterministic:
   the model predicts the velocity v (in the slot of eps), x0 = x - sigma v and
   x_next = x + (sigma_next - sigma) v = (sigma_next / sigma) x + (1 - sigma_next / sigma) x0, c = 0.
   `set_flow_match_timesteps` sets the sigmas on the host once per generation as each pipeline does
@@ -119,10 +119,11 @@ class FlowMatchSchedule:
 
     name: where `config` comes from (e.g. "flux.1-dev"); config: the scheduler's kwargs, its hub repository's
     scheduler_config.json transcribed (keys left out keep diffusers' defaults); custom_sigmas: the pipeline passes
-    sigmas linspace(1, 1/T, T); mu: when the pipeline computes the shift mu from the image tokens ("always",
-    "dynamic": only under use_dynamic_shifting, "never"); max_shift: the pipeline's default where the config has
-    none; mu_of: (image tokens, steps) -> mu where the pipeline has a formula of its own (FLUX.2), else None: mu
-    linear in the image tokens (`shift_mu`)."""
+    sigmas linspace(1, 1/T, T), numpy's in float64 or, with torch_linspace, torch's in float32 (their float32
+    values differ in the last place for most T); mu: when the pipeline computes the shift mu from the image tokens
+    ("always", "dynamic": only under use_dynamic_shifting, "never"); max_shift: the pipeline's default where the
+    config has none; mu_of: (image tokens, steps) -> mu where the pipeline has a formula of its own (FLUX.2), else
+    None: mu linear in the image tokens (`shift_mu`)."""
 
     name: str
     config: dict
@@ -130,6 +131,7 @@ class FlowMatchSchedule:
     mu: str = "never"
     max_shift: float = 1.15
     mu_of: Callable | None = None
+    torch_linspace: bool = False
 
     def __post_init__(self):
         if self.mu not in MU_WHEN:
@@ -165,7 +167,9 @@ def set_flow_match_timesteps(scheduler, schedule: FlowMatchSchedule, num_steps: 
         kwargs["mu"] = (schedule.mu_of(image_seq_len, num_steps) if schedule.mu_of is not None else
                         shift_mu(image_seq_len, {key: config.get(key, value) for key, value in defaults.items()}))
     if schedule.custom_sigmas:
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
+        sigmas = (torch.linspace(1.0, 1 / num_steps, num_steps).tolist() if schedule.torch_linspace
+                  else np.linspace(1.0, 1 / num_steps, num_steps))
+        scheduler.set_timesteps(sigmas=sigmas, **kwargs)
     else:
         scheduler.set_timesteps(num_steps, **kwargs)
 

@@ -480,13 +480,15 @@ class RouterTrainer:
     # ---- forwards ----
 
     def _forward(self, x, cond, i, gates=None):
-        """Model output at step i: caching off (gates None) or soft gating with `gates` (T, K)."""
+        """Model output at step i: caching off (gates None) or soft gating with `gates` (T, K); a per-sample list of
+        outputs (Z-Image's) stacked into one tensor."""
         if gates is None:
             self.engine.set_off()
         else:
             self.engine.set_training(gates, self.config.tau)
         self.engine.seek(i)
-        return self.transformer(**self.task.model_kwargs(x, cond, i)).sample
+        out = self.transformer(**self.task.model_kwargs(x, cond, i)).sample
+        return torch.stack(out) if isinstance(out, list) else out
 
     @torch.no_grad()
     def rollout(self, noise, cond, gates=None) -> torch.Tensor:

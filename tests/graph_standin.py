@@ -13,11 +13,13 @@ references `*_ref` of `harmonica.kernels`, patched only while the stand-in captu
 - a host sync: an op that reads a device value on the host (`.item()`, `bool`/`if` on a tensor,
   `torch.equal`, `nonzero`, boolean-mask indexing, `tolist`, `numpy`, `.cpu()`, `.to("cpu")`) and the host
   calls that are no aten ops (`torch.cuda.synchronize`, event and stream `synchronize`/`query`);
-- a host-to-device copy: a tensor built from host data (`torch.tensor`, `as_tensor`, `from_numpy`), a read of
-  a tensor the caller marks as host memory (`host()`: on a GPU, a CPU input copied in), or a read of any
-  tensor that is neither a graph input (`inputs()`: for the runner its static inputs, the transformer's
-  parameters and buffers, the cache slots, the sampler buffers, DiT's modulation step buffer) nor
-  allocated by the capture itself;
+- a host-to-device copy: a tensor built from host data (`torch.tensor`, `as_tensor`, `from_numpy`; a number
+  assigned into a slice, `t[i, :n] = 1`, is a 0-d host tensor that torch's setitem hands to `fill_`: on a GPU a
+  fill kernel with the number as its argument, allowed; any other read of that tensor, `copy_` into a 0-d
+  element, is refused), a read of a tensor the caller marks as host memory (`host()`: on a GPU, a CPU input
+  copied in), or a read of any tensor that is neither a graph input (`inputs()`: for the runner its static
+  inputs, the transformer's parameters and buffers, the cache slots, the sampler buffers, DiT's modulation step
+  buffer) nor allocated by the capture itself;
 - memory outside the graph's pool: a replay while memory the capture read is no graph input any more (a
   buffer reallocated since: a GPU replay reads the old address);
 - a kernel variant first launched in a capture: a fused-op launch whose signature (function, tensor
@@ -174,6 +176,7 @@ class _Rules(TorchDispatchMode):
         super().__init__()
         self.phase, self.inputs, self.host = phase, inputs, host or {}
         self.reads, self.allocations = {}, {}
+        self.numbers = {}  # the 0-d host tensors of numbers assigned into slices: only `fill_` may read them
         self.violations = []  # every refusal, caught or not (a refused call invalidates the capture)
         self.trace = []  # (op, ((bytes, dtype) of each new allocation)) per op
         self.ops = []  # (func, args, kwargs, out) per op, as run: what a replay re-executes
@@ -188,9 +191,15 @@ class _Rules(TorchDispatchMode):
         if func in HOST_SYNCS or (func in INDEXING and any(t.dtype in (torch.bool, torch.uint8) for t in tensors[1:])):
             self.refuse(f"host sync ({func}: reads a device value on the host)")
         if func in HOST_FROM_DATA:
-            self.refuse(f"host-to-device copy ({func}: a tensor built from host data)")
+            if not (func == aten.lift_fresh.default and tensors[0].dim() == 0):
+                self.refuse(f"host-to-device copy ({func}: a tensor built from host data)")
+            self.numbers.update(_storages(tensors))
         for t in tensors:
             address = _address(t)
+            if _alive(self.numbers, address):
+                if func not in (aten.lift_fresh.default, aten.fill_.Tensor) or t is not tensors[-1]:
+                    self.refuse(f"host-to-device copy ({func} reads a number from the host as a tensor)")
+                continue
             if _alive(self.host, address):
                 self.refuse(f"host-to-device copy ({func} reads a {tuple(t.shape)} {t.dtype} tensor in host memory)")
             if address and not _alive(self.allocations, address):
@@ -203,7 +212,8 @@ class _Rules(TorchDispatchMode):
         new = []
         for t in _tensors(out):
             address = _address(t)
-            if address and not _alive(self.inputs, address) and not _alive(self.allocations, address):
+            if (address and not _alive(self.inputs, address) and not _alive(self.allocations, address)
+                    and not _alive(self.numbers, address)):
                 self.allocations.update(_storages([t]))
                 new.append((t.untyped_storage().nbytes(), t.dtype))
         self.trace.append((str(func), tuple(new)))

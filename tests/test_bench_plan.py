@@ -126,3 +126,19 @@ def test_plan_of_a_flow_preset():
     assert [line.seconds for line in lines] == [row_seconds(line.row, macs, 0.0, options, COSTS["cpu"])
                                                 for line in lines]
     assert lines[1].seconds < lines[0].seconds  # FORA:2 computes half the units
+
+
+def test_plan_of_z_image_turbo_at_its_real_size():
+    """The hub model's rows: 1024x1024 at its 9 steps (FORA:2 over 9 steps: 3 distinct rows, 3 graphs), each row's
+    estimate from the transformer's MACs at that size (31.25 TMACs per forward) and no VAE (the transformer alone)."""
+    options = SuiteOptions(models=("z-image-turbo",), configs=("fora:2",), modes=("eager", "graphs"), repeat=1,
+                           device="cuda")
+    lines = plan(options)
+    assert {(line.model, line.resolution, line.steps) for line in lines} == {("z-image-turbo", 1024, 9)}
+    assert [(line.row.config.name, line.row.mode, line.row.graphs, line.row.reason) for line in lines] == [
+        ("no-cache", "eager", None, None), ("fora:2", "eager", None, None), ("fora:2", "graphs", 3, None),
+        ("skeleton", "eager", None, None), ("skeleton", "graphs", 2, None)]
+    macs = count_macs("z-image-turbo")
+    assert macs.total / 1e12 == pytest.approx(31.25, abs=0.005) and decode_macs("z-image-turbo") == 0
+    assert [line.seconds for line in lines] == [row_seconds(line.row, macs, 0.0, options, COSTS["cuda"])
+                                                for line in lines]

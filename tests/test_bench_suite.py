@@ -513,6 +513,51 @@ def test_dbcache_runs_sd3_through_cache_dits_own_block_pattern():
     assert torch.equal(workload.loop(None, steps, workload.pipe.transformer), reference)  # ran on a copy
 
 
+@pytest.fixture(scope="module")
+def tiny_z_image():
+    return FlowWorkload("tiny-z-image", SuiteOptions(models=("tiny-z-image",), device="cpu"))
+
+
+def test_z_image_peers_run_through_their_apply_functions_or_are_stated_skips(tiny_z_image):
+    """Z-Image is no diffusers CacheMixin: TaylorSeer runs through `apply_taylorseer_cache` on its main layers' units
+    (some skipped, nothing left after `close`); First Block Cache (its hook reads a `hidden_states` argument the block
+    names `x`) and MagCache (enable_cache only) are skips with their reason."""
+    reference = tiny_z_image.loop(None, FLOW_STEPS, tiny_z_image.pipe.transformer)
+    peer = make_peer(parse_config("taylorseer:2"), tiny_z_image.pipe.transformer, FLOW_STEPS)
+    try:
+        assert not peer.mixin
+        with UnitCounter(peer.transformer) as counter, peer.generation(FLOW_STEPS):
+            cached = tiny_z_image.loop(None, FLOW_STEPS, peer.transformer)
+    finally:
+        peer.close()
+    assert peers.leftovers(peer.transformer) == []
+    assert counter.table().shape == (FLOW_STEPS, 4) and not bool(counter.table().all())
+    assert not torch.equal(cached, reference)
+    with pytest.raises(peers.PeerUnavailable, match=r"does not run ZImageTransformer2DModel \(its block's forward "
+                                                      r"takes `x`"):
+        make_peer(parse_config("fbcache"), tiny_z_image.pipe.transformer)
+    with pytest.raises(peers.PeerUnavailable, match="ZImageTransformer2DModel is not a diffusers CacheMixin"):
+        make_peer(parse_config("magcache"), tiny_z_image.pipe.transformer, FLOW_STEPS)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit (the peers extra) not installed")
+def test_dbcache_runs_z_image_through_cache_dits_own_adapter(tiny_z_image):
+    """cache-dit takes the Z-Image transformer alone through its ZImage adapter (the `layers`): past DBCache's 8
+    warm-up steps, at a threshold nothing stays under, the blocks after its first (Fn) are skipped."""
+    steps = 12
+    reference = tiny_z_image.loop(None, steps, tiny_z_image.pipe.transformer)
+    peer = make_peer(parse_config("dbcache:10"), tiny_z_image.pipe.transformer, steps)
+    try:
+        with UnitCounter(peer.transformer) as counter, peer.generation(steps):
+            cached = tiny_z_image.loop(None, steps, peer.transformer)
+    finally:
+        peer.close()
+    computed = counter.table()
+    assert computed[:8].all() and computed[8:, :2].all() and not computed[8:, 2:].any()
+    assert not torch.equal(cached, reference)
+    assert torch.equal(tiny_z_image.loop(None, steps, tiny_z_image.pipe.transformer), reference)  # ran on a copy
+
+
 def test_magcache_calibrates_its_ratios(tiny_flux):
     peer = make_peer(parse_config("magcache"), tiny_flux.pipe.transformer, FLOW_STEPS)
     try:

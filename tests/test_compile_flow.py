@@ -1,5 +1,5 @@
-"""torch.compile of the flow-model adapters (FLUX.1, SD3.5, Wan, Qwen-Image, FLUX.2; tiny random models, CPU, fp32)
-with a counting backend: each unit kind of each block class compiles once per input signature, whatever the
+"""torch.compile of the flow-model adapters (FLUX.1, SD3.5, Wan, Qwen-Image, FLUX.2, Z-Image; tiny random models,
+CPU, fp32) with a counting backend: each unit kind of each block class compiles once per input signature, whatever the
 step count and schedule rows; the compiled generation is bitwise the eager engine's. The fused residual ops
 run in the engine's eager Python, outside the compiled bodies (engine.py), as in test_compile.py."""
 
@@ -9,6 +9,7 @@ import test_adapters_flux2 as flux2
 import test_adapters_qwen_image as qwen
 import test_adapters_sd3 as sd3
 import test_adapters_wan as wan
+import test_adapters_z_image as z_image
 import torch
 from test_compile import CountingBackend, compiled_entries, many_rows
 from torch._dynamo.utils import counters
@@ -40,12 +41,17 @@ FAMILIES = {
               {("Flux2TransformerBlock", "attn"): 1, ("Flux2TransformerBlock", "ff"): 1,
                ("Flux2TransformerBlock", "ff_context"): 1, ("Flux2SingleTransformerBlock", "attn_mlp"): 1},
               [1, 1, 1, 2]),
+    "z-image": (z_image.make_z_image, z_image.step_inputs,
+                {("ZImageTransformerBlock", "attention"): 1, ("ZImageTransformerBlock", "feed_forward"): 1},
+                [1, 1]),
 }
 
 
 @torch.no_grad()
 def generation(model, inputs, steps):
-    return [model(**inputs(s)).sample for s in range(steps)]
+    """The outputs at each step (Z-Image's per-sample outputs stacked)."""
+    outputs = [model(**inputs(s)).sample for s in range(steps)]
+    return [torch.stack(out) if isinstance(out, list) else out for out in outputs]
 
 
 def schedules(units):

@@ -22,7 +22,7 @@ from harmonica.models import FLOW_PRESETS, build_transformer, load_vae
 from harmonica.router import Router
 from harmonica.schedule import CacheSchedule
 
-TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2")
+TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2", "tiny-z-image")
 STEPS = 4
 
 
@@ -59,6 +59,11 @@ def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
     if spec.class_name == "Flux2Transformer2DModel":
         pipe = diffusers.Flux2Pipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
         return pipe(**prompts, guidance_scale=spec.guidance, **common).images
+    if spec.class_name == "ZImageTransformer2DModel":  # its prompts: one tensor per prompt, its own tokens
+        pipe = diffusers.ZImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
+        embeds = {key: [e[m.bool()] for e, m in zip(prompts[key], prompts[f"{key}_mask"])]
+                  for key in ("prompt_embeds", "negative_prompt_embeds")}
+        return pipe(**embeds, guidance_scale=spec.guidance, **common).images
     pipe = diffusers.QwenImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
     return pipe(**prompts, true_cfg_scale=spec.guidance, **common).images
 

@@ -1,6 +1,6 @@
-"""The flow-matching families (FLUX.1, SD3, SD3.5, Wan, Qwen-Image, FLUX.2; their tiny random presets) sampled by
-`flow_sample` under cuda_graphs: on the CPU graph stand-in (capture rules and graph semantics), bitwise the eager
-engine's generation; on CUDA (gpu), under cuda_graphs and under cuda_graphs with compile, equal to eager."""
+"""The flow-matching families (FLUX.1, SD3, SD3.5, Wan, Qwen-Image, FLUX.2, Z-Image; their tiny random presets)
+sampled by `flow_sample` under cuda_graphs: on the CPU graph stand-in (capture rules and graph semantics), bitwise the
+eager engine's generation; on CUDA (gpu), under cuda_graphs and under cuda_graphs with compile, equal to eager."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from harmonica.flow import VAE_FACTOR, flow_sample, flow_task, random_flow_embed
 from harmonica.models import FLOW_PRESETS, build_transformer
 from harmonica.units import cached_units
 
-TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2")
+TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2", "tiny-z-image")
 STEPS = 4  # FORA:2: two graphs (computing and reusing rows), each replayed from then on
 
 
@@ -28,12 +28,15 @@ def case(name: str, device: str):
 
 def cached_tables(transformer, task) -> list:
     """Tensors the forward reads that caches keep alive across steps (graph inputs on a GPU too): the task's
-    timesteps and coefficients on the device, Qwen-Image's rotary tables."""
+    timesteps and coefficients on the device, Qwen-Image's and Z-Image's rotary tables."""
     tables = list(task._device_tensors.values())
     rope = getattr(transformer, "pos_embed", None)
     if hasattr(rope, "_compute_video_freqs"):
         cpu, side = torch.device("cpu"), (task.height // VAE_FACTOR // 2, task.width // VAE_FACTOR // 2)
         tables += [*rope._get_device_freqs(cpu), rope._compute_video_freqs(1, *side, 0, cpu)]
+    rope = getattr(transformer, "rope_embedder", None)
+    if rope is not None:
+        tables += list(rope.freqs_cis)
     return tables
 
 

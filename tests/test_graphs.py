@@ -306,6 +306,20 @@ def test_the_stand_in_refuses_host_data_and_tensors_that_are_no_graph_input():
         graphed(lambda: x.copy_(outside), [x])
 
 
+def test_the_stand_in_allows_a_number_assigned_into_a_slice():
+    """`t[a:b] = number` is a fill whose argument is the number (torch's setitem `fill_`s a 0-d host tensor): a
+    replay fills again; `t[i] = number` copies the 0-d host tensor into a 0-d element: a host-to-device copy."""
+    x = torch.arange(6.0)
+
+    def fill():
+        x[1:3] = 7
+        return x * 1
+
+    assert torch.equal(graphed(fill, [x]), torch.tensor([0.0, 7, 7, 3, 4, 5]))
+    with pytest.raises(CaptureViolation, match=r"^capture: host-to-device copy \(aten.copy_.default reads a number"):
+        graphed(lambda: x.__setitem__(4, 7), [x])
+
+
 def test_the_stand_in_refuses_memory_outside_the_graphs_pool():
     x, state = torch.arange(6.0), {"buffer": torch.ones(6)}
     backend = StandInGraphs(lambda: [x, state["buffer"]])

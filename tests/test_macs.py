@@ -205,3 +205,40 @@ def test_flow_table_and_section(monkeypatch):
     updated = update_benchmarks(markdown, section)
     assert updated == "# Benchmarks\n\nintro\n\n" + section + "\n\nafter\n"
     assert "| tiny-dit | 64 | 16 | 4 |" in section and "| tiny-wan | 32x48x5 |" in section
+
+
+def z_image_block_macs(tokens, d, hidden):
+    """One Z-Image block over `tokens`: q, k, v, out projections, QK^T and PV; the SwiGLU MLP's three matmuls."""
+    return 4 * tokens * d * d + 2 * tokens * tokens * d, 3 * tokens * d * hidden
+
+
+def test_z_image_units_are_its_main_layers():
+    """A tiny Z-Image-style model at 64^2: 16 image tokens and 5 caption tokens, each padded to 32 by the forward,
+    one stream of 64 tokens, width 32; its refiners (one block over each modality's 32 tokens) always run."""
+    with torch.device("meta"):
+        model = diffusers.ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+                                                   n_kv_heads=2, cap_feat_dim=16, axes_dims=(4, 6, 6),
+                                                   axes_lens=(256, 32, 32))
+    count = count_macs(model, 64, caption_tokens=5)
+    d, hidden = 32, int(32 / 3 * 8)
+    assert count.names == ("layers.0.attention", "layers.0.feed_forward", "layers.1.attention", "layers.1.feed_forward")
+    assert count.unit_macs == z_image_block_macs(64, d, hidden) * 2
+    assert count.always_macs > 2 * sum(z_image_block_macs(32, d, hidden))
+    with pytest.raises(ValueError, match="height, width: expected multiples of 16 .*, got 72x72"):
+        count_macs(model, 72)
+
+
+def test_z_image_turbo_1024_counts_31_25_tmacs():
+    """Z-Image-Turbo at 1024^2 with 512 caption tokens (the hub model's row of `python -m harmonica.bench.macs`):
+    each of its 30 layers over the 4096 + 512 tokens; always run: the refiners (2 blocks over the image tokens, 2
+    over the caption's), the adaLN linears (256 -> 4 x 3840) of the 32 modulated blocks, the embedders, the timestep
+    MLP and the final layer, each checked against its matmul count."""
+    count = count_macs("z-image-turbo")
+    image, text, d, hidden = 4096, 512, 3840, 10240
+    assert count.names == tuple(f"layers.{b}.{kind}" for b in range(30) for kind in ("attention", "feed_forward"))
+    assert count.unit_macs == z_image_block_macs(image + text, d, hidden) * 30
+    refiners = 2 * sum(z_image_block_macs(image, d, hidden)) + 2 * sum(z_image_block_macs(text, d, hidden))
+    embedders = image * 64 * d + text * 2560 * d + (256 * 1024 + 1024 * 256)  # x, caption, timestep
+    final = (image + text) * d * 64 + 256 * d  # its linear over every token of the stream, its adaLN
+    assert count.always_macs == refiners + 32 * 256 * 4 * d + embedders + final
+    assert count.total / 1e12 == pytest.approx(31.25, abs=0.005)

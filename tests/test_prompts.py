@@ -24,7 +24,10 @@ STEPS = 2
 # files (weights 16- not 64-byte aligned): other matmul kernels (a 1-row projection is a matrix-vector product),
 # one rounding per term of the encoders' longest reduction (T5's d_ff, 2 x 32)
 ENCODER_TERMS = 2 * 32
-FLOW = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2")
+FLOW = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2", "tiny-z-image")
+# a Qwen-style chat template (Z-Image's pipeline applies its tokenizer's to each prompt)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def byte_characters() -> list:
@@ -91,6 +94,16 @@ def mistral(width: int):
     return transformers.Mistral3ForConditionalGeneration(config).eval(), tokenizer
 
 
+def qwen3(width: int):
+    """A Qwen3 (Z-Image's text encoder) and a character-level Qwen2Tokenizer with a chat template."""
+    tokenizer = character_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = transformers.Qwen3Config(hidden_size=width, intermediate_size=width, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, head_dim=8,
+                                      vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.Qwen3Model(config).eval(), tokenizer
+
+
 def pipeline(name: str, transformer=None):
     """The preset's pipeline with tiny text encoders (seeded), `transformer` (may be None) and no VAE."""
     torch.manual_seed(0)
@@ -116,12 +129,17 @@ def pipeline(name: str, transformer=None):
     if spec.pipeline == "Flux2Pipeline":
         encoder, tokenizer = mistral(spec.config["joint_attention_dim"])
         return diffusers.Flux2Pipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
+    if spec.pipeline == "ZImagePipeline":
+        encoder, tokenizer = qwen3(spec.config["cap_feat_dim"])
+        return diffusers.ZImagePipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
     encoder, tokenizer = qwen(spec.config["joint_attention_dim"])
     return diffusers.QwenImagePipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
 
 
 def tokens(name: str) -> int | None:
-    return None if FLOW_PRESETS[name].pipeline in ("QwenImagePipeline", "Flux2Pipeline") else TOKENS
+    """max_sequence_length: TOKENS, but the pipeline's default for the chat-templated prompts (Qwen-Image, FLUX.2,
+    Z-Image)."""
+    return None if FLOW_PRESETS[name].pipeline in ("QwenImagePipeline", "Flux2Pipeline", "ZImagePipeline") else TOKENS
 
 
 def pipeline_from_strings(name, pipe, noise, prompt: str):
@@ -192,7 +210,7 @@ def test_bad_input_is_a_clear_error():
         encode_prompts(pipe, PROMPTS, NEGATIVE)
     with pytest.raises(ValueError, match=r"prompts: expected a non-empty list of strings, got 'a red cube'"):
         encode_prompts(pipe, PROMPTS[0])
-    with pytest.raises(ValueError, match=r"pipe: expected one of \[.*'WanPipeline'\], got DiTPipeline"):
+    with pytest.raises(ValueError, match=r"pipe: expected one of \[.*'ZImagePipeline'\], got DiTPipeline"):
         encode_prompts(diffusers.DiTPipeline(transformer=None, vae=None, scheduler=diffusers.DDIMScheduler()), PROMPTS)
 
 

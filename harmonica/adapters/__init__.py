@@ -1,8 +1,8 @@
 """Block adapters: how the cache engine runs each diffusers block class unit by unit.
 
 A diffusers transformer holds its blocks in ModuleLists (`transformer_blocks`, Flux's
-`single_transformer_blocks`, Wan's `blocks`). Each block class has one `Adapter`, registered by class
-name, that says
+`single_transformer_blocks`, Wan's `blocks`, Z-Image's `layers`). Each block class has one `Adapter`, registered by
+class name, that says
 - which units a block has, in execution order, and which modules each one skips when reused (`units`);
 - how the block runs unit by unit (`forward`): each unit's residual update goes through
   `engine.run_unit(k, compute, gate, h)`; a unit that feeds several residual streams (Flux's joint
@@ -80,9 +80,14 @@ def adapter_for(block, name: str) -> Adapter:
 
 def block_lists(transformer) -> list:
     """[(attribute name, ModuleList)] of the transformer's block lists, in registration order (diffusers
-    registers them in execution order): its ModuleList children named `*blocks`."""
+    registers them in execution order): the ModuleList children its family names (`Family.blocks`, e.g. Z-Image's
+    `layers` and not its refiners), else those named `*blocks`."""
+    from ..families import FAMILIES
+
+    family = FAMILIES.get(type(transformer).__name__)
+    names = family.blocks if family is not None else ()
     return [(name, child) for name, child in transformer.named_children()
-            if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks")]
+            if isinstance(child, torch.nn.ModuleList) and (name in names if names else name.endswith("blocks"))]
 
 
 class Block(NamedTuple):

@@ -1,8 +1,8 @@
 """Model families: everything harmonica knows about one family of flow-matching transformers, in one module.
 
-A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`) holds its block adapters (registered in
-`harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the scheduler's timesteps, how its
-pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models and presets, its VAE class
+A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_image.py`) holds its block adapters
+(registered in `harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the scheduler's timesteps,
+how its pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models and presets, its VAE class
 and the peers' patterns for it; it ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer
 class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, bench, profiling) asks
 `family_of` and never names a family's class. DiT and PixArt are not families yet (`models.PRESETS`).
@@ -86,6 +86,11 @@ class Family:
     cache_dit: (the transformer's block list, cache-dit ForwardPattern name) for cache-dit's BlockAdapter, where
         cache-dit has no adapter for the transformer alone; None: cache-dit takes the transformer as it is.
     first_block_cache: why diffusers' First Block Cache cannot run this transformer, or None when it can.
+    blocks: the names of the transformer's ModuleLists whose blocks are cached, in execution order; (): every
+        ModuleList child named `*blocks` (`adapters.block_lists`).
+    arguments: the names of the forward's latents, timestep and text arguments (`forward_arguments`).
+    timestep_rises: whether the forward's timestep rises along a generation (Z-Image's 1 - sigma); the engine's
+        generation checks read it.
     """
 
     name: str  # short name, e.g. "qwen-image"
@@ -100,6 +105,9 @@ class Family:
     presets: dict = field(default_factory=dict)  # name -> FlowPreset (real and tiny)
     cache_dit: tuple | None = None
     first_block_cache: str | None = None
+    blocks: tuple = ()
+    arguments: tuple = ("hidden_states", "timestep", "encoder_hidden_states")
+    timestep_rises: bool = False
     frame_factor: int | None = None  # video: its VAE's temporal compression f (latent frames = (frames - 1) / f + 1)
 
     def latent_frames(self, frames: int | None) -> int:
@@ -117,6 +125,7 @@ class Family:
 
 
 FAMILIES = {}  # diffusers transformer class name -> Family
+DIFFUSERS_ARGUMENTS = Family.arguments  # the usual names, DiT's and PixArt's too
 
 
 def register(family: Family) -> Family:
@@ -139,6 +148,13 @@ def family_of(transformer) -> Family:
     return FAMILIES[name]
 
 
-# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2) is `FAMILIES`' and the presets'
-from . import flux, sd3, wan, qwen_image  # noqa: E402,F401,I001
-from . import flux2  # noqa: E402,F401,I001
+def forward_arguments(transformer) -> tuple:
+    """((latents, timestep, text) argument names, whether the timestep rises along a generation) of a diffusers
+    transformer's forward: its family's, else the usual (hidden_states, timestep, encoder_hidden_states), falling."""
+    family = FAMILIES.get(type(transformer).__name__)
+    return (DIFFUSERS_ARGUMENTS, False) if family is None else (family.arguments, family.timestep_rises)
+
+
+# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2, Z-Image) is `FAMILIES`' and the
+# presets'
+from . import flux, sd3, wan, qwen_image, flux2, z_image  # noqa: E402,F401,I001
