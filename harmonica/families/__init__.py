@@ -4,8 +4,8 @@ A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_
 (registered in `harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the scheduler's timesteps,
 how its pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models and presets, its VAE
 class and the peers' patterns for it; it ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers
-transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, bench, profiling) asks
-`family_of` and never names a family's class. DiT and PixArt are not families yet (`models.PRESETS`).
+transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, bench,
+profiling) asks `family_of` and never names a family's class. DiT and PixArt are not families yet (`models.PRESETS`).
 
 Adding a flow-matching family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom
 of this file, plus its tests (tests/test_families.py checks that no other source file names its classes).
