@@ -53,6 +53,20 @@ def _clip_fp16(x):
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
+def double_stream_units(engine, bodies, block, index, x, c, image_mods, text_mods, image_rotary_emb, kwargs):
+    """The three units of a double-stream block (FLUX.1's, FLUX.2's): the joint attention over image x (B, N, D) and
+    text c (B, M, D), then each stream's MLP. image_mods, text_mods: ((shift, scale, gate) of the attention,
+    (shift, scale, gate) of the MLP), each (B, D). Returns (x, c) updated."""
+    (shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp) = image_mods
+    (c_shift, c_scale, c_gate), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = text_mods
+    x, c = engine.run_unit(index["attn"], lambda: bodies["attn"](block, x, c, (shift, scale), (c_shift, c_scale),
+                                                                 image_rotary_emb, kwargs), (gate, c_gate), (x, c))
+    x = engine.run_unit(index["ff"], lambda: bodies["ff"](block, x, shift_mlp, scale_mlp), gate_mlp, x)
+    c = engine.run_unit(index["ff_context"], lambda: bodies["ff_context"](block, c, c_shift_mlp, c_scale_mlp),
+                        c_gate_mlp, c)
+    return x, c
+
+
 class FluxBlockAdapter(Adapter):
     block_class = "FluxTransformerBlock"
     kinds = ("attn", "ff", "ff_context")
@@ -61,17 +75,11 @@ class FluxBlockAdapter(Adapter):
     def forward(self, engine, block, index, position, hidden_states, encoder_hidden_states, temb,
                 image_rotary_emb=None, joint_attention_kwargs=None):
         """diffusers' `FluxTransformerBlock.forward` unit by unit. Returns (text, image) as diffusers does."""
-        kwargs = joint_attention_kwargs or {}
-        x, c = hidden_states, encoder_hidden_states
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
-        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context.linear(
-            block.norm1_context.silu(temb)).chunk(6, dim=1)
-        bodies = engine.bodies[self.block_class]
-        x, c = engine.run_unit(index["attn"], lambda: bodies["attn"](block, x, c, (shift, scale), (c_shift, c_scale),
-                                                                     image_rotary_emb, kwargs), (gate, c_gate), (x, c))
-        x = engine.run_unit(index["ff"], lambda: bodies["ff"](block, x, shift_mlp, scale_mlp), gate_mlp, x)
-        c = engine.run_unit(index["ff_context"], lambda: bodies["ff_context"](block, c, c_shift_mlp, c_scale_mlp),
-                            c_gate_mlp, c)
+        image = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
+        text = block.norm1_context.linear(block.norm1_context.silu(temb)).chunk(6, dim=1)
+        x, c = double_stream_units(engine, engine.bodies[self.block_class], block, index, hidden_states,
+                                   encoder_hidden_states, (image[:3], image[3:]), (text[:3], text[3:]),
+                                   image_rotary_emb, joint_attention_kwargs or {})
         return _clip_fp16(c), x
 
 

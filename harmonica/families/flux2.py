@@ -29,7 +29,7 @@ from ..flow import VAE_FACTOR, FlowTask
 from ..solvers import FlowMatchSchedule
 from . import TINY_VAE, Family, FlowModel, FlowPreset, register
 from .flux import SCHEDULE as FLUX1_SCHEDULE
-from .flux import _clip_fp16, _modulate, refuse_negative
+from .flux import _clip_fp16, _modulate, double_stream_units, image_mlp, refuse_negative, text_mlp
 
 TRANSFORMER, PIPELINE = "Flux2Transformer2DModel", "Flux2Pipeline"
 
@@ -60,16 +60,6 @@ def joint_attention(block, x, c, image_mod, text_mod, image_rotary_emb, kwargs):
                       image_rotary_emb=image_rotary_emb, **kwargs)
 
 
-def image_mlp(block, x, shift, scale):
-    """Unit ff: the SwiGLU MLP of the modulated LayerNorm of x (B, N, D); shift, scale (B, D). Returns (B, N, D)."""
-    return block.ff(_modulate(block.norm2, x, shift, scale))
-
-
-def text_mlp(block, c, shift, scale):
-    """Unit ff_context: the text MLP of c (B, M, D); shift, scale (B, D). Returns (B, M, D)."""
-    return block.ff_context(_modulate(block.norm2_context, c, shift, scale))
-
-
 class Flux2BlockAdapter(Adapter):
     block_class = "Flux2TransformerBlock"
     kinds = ("attn", "ff", "ff_context")
@@ -78,16 +68,10 @@ class Flux2BlockAdapter(Adapter):
     def forward(self, engine, block, index, position, hidden_states, encoder_hidden_states, temb_mod_img,
                 temb_mod_txt, image_rotary_emb=None, joint_attention_kwargs=None):
         """diffusers' `Flux2TransformerBlock.forward` unit by unit. Returns (text, image) as diffusers does."""
-        kwargs = _attention_kwargs(joint_attention_kwargs)
-        x, c = hidden_states, encoder_hidden_states
-        (shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp) = _modulations(temb_mod_img, 2)
-        (c_shift, c_scale, c_gate), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = _modulations(temb_mod_txt, 2)
-        bodies = engine.bodies[self.block_class]
-        x, c = engine.run_unit(index["attn"], lambda: bodies["attn"](block, x, c, (shift, scale), (c_shift, c_scale),
-                                                                     image_rotary_emb, kwargs), (gate, c_gate), (x, c))
-        x = engine.run_unit(index["ff"], lambda: bodies["ff"](block, x, shift_mlp, scale_mlp), gate_mlp, x)
-        c = engine.run_unit(index["ff_context"], lambda: bodies["ff_context"](block, c, c_shift_mlp, c_scale_mlp),
-                            c_gate_mlp, c)
+        kwargs = _attention_kwargs(joint_attention_kwargs)  # first: a refused KV-cache mode is the error to report
+        x, c = double_stream_units(engine, engine.bodies[self.block_class], block, index, hidden_states,
+                                   encoder_hidden_states, _modulations(temb_mod_img, 2), _modulations(temb_mod_txt, 2),
+                                   image_rotary_emb, kwargs)
         return _clip_fp16(c), x
 
 
