@@ -143,6 +143,19 @@ def pipeline(transformer, vae=None):
                                    transformer=transformer)
 
 
+def no_cache_then_fora(pipe, transformer, generate, plain):
+    """Yield the engine of `enable(pipe, no-cache)`, then of FORA:2, each after one `generate()` (disabled when the
+    caller resumes); then assert the no-cache latents are bitwise `plain` and FORA:2's are not."""
+    units = len(cached_units(transformer))
+    runs = []
+    for schedule in (CacheSchedule.no_cache(STEPS, units), CacheSchedule.fora(STEPS, units, 2)):
+        engine = harmonica.enable(pipe, schedule)
+        runs.append(generate())
+        yield engine
+        harmonica.disable(pipe)
+    assert torch.equal(runs[0], plain) and not torch.equal(runs[1], plain)
+
+
 def test_the_pipeline_with_a_reference_image_runs_cached():
     """enable(pipe): the pipeline's reference image is more image tokens in every forward; with the no-cache
     schedule its latents are bitwise the plain pipeline's, with FORA:2 they differ."""
@@ -159,14 +172,8 @@ def test_the_pipeline_with_a_reference_image_runs_cached():
                     output_type="latent").images
 
     plain = generate()
-    units = len(cached_units(transformer))
-    runs = []
-    for schedule in (CacheSchedule.no_cache(STEPS, units), CacheSchedule.fora(STEPS, units, 2)):
-        engine = harmonica.enable(pipe, schedule)
-        runs.append(generate())
+    for engine in no_cache_then_fora(pipe, transformer, generate, plain):
         assert engine.last_input_shape[1] == 2 * plain.shape[1]  # the 64 x 64 reference: as many tokens again
-        harmonica.disable(pipe)
-    assert torch.equal(runs[0], plain) and not torch.equal(runs[1], plain)
 
 
 def test_the_klein_pipeline_runs_cached_with_a_slot_set_per_pass():
@@ -187,11 +194,5 @@ def test_the_klein_pipeline_runs_cached_with_a_slot_set_per_pass():
                     generator=torch.Generator().manual_seed(1), output_type="latent").images
 
     plain = generate()
-    units = len(cached_units(transformer))
-    runs = []
-    for schedule in (CacheSchedule.no_cache(STEPS, units), CacheSchedule.fora(STEPS, units, 2)):
-        engine = harmonica.enable(pipe, schedule)
-        runs.append(generate())
+    for engine in no_cache_then_fora(pipe, transformer, generate, plain):
         assert {"cond", "uncond"} <= {engine.context, *engine.other_contexts}
-        harmonica.disable(pipe)
-    assert torch.equal(runs[0], plain) and not torch.equal(runs[1], plain)

@@ -494,12 +494,9 @@ def test_flow_peer_runs_through_enable_cache_and_leaves_nothing(tiny_flux, spec,
     assert torch.equal(tiny_flux.loop(None, FLOW_STEPS, tiny_flux.pipe.transformer), reference)  # ran on a copy
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit (the peers extra) not installed")
-def test_dbcache_runs_sd3_through_cache_dits_own_block_pattern():
-    """cache-dit takes SD3 only through its pipeline adapter: the transformer alone gets that adapter's blocks
-    and pattern; past DBCache's 8 warm-up steps, at a threshold nothing stays under, later steps skip blocks."""
-    steps = 12
-    workload = FlowWorkload("tiny-sd35", SuiteOptions(models=("tiny-sd35",), device="cpu"))
+def dbcache_run(workload, steps: int) -> tuple:
+    """(units computed per step (steps, K), cached latents, uncached latents) of `workload`'s loop under cache-dit's
+    DBCache at a threshold nothing stays under."""
     reference = workload.loop(None, steps, workload.pipe.transformer)
     peer = make_peer(parse_config("dbcache:10"), workload.pipe.transformer, steps)
     try:
@@ -507,7 +504,16 @@ def test_dbcache_runs_sd3_through_cache_dits_own_block_pattern():
             cached = workload.loop(None, steps, peer.transformer)
     finally:
         peer.close()
-    computed = counter.table()
+    return counter.table(), cached, reference
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit (the peers extra) not installed")
+def test_dbcache_runs_sd3_through_cache_dits_own_block_pattern():
+    """cache-dit takes SD3 only through its pipeline adapter: the transformer alone gets that adapter's blocks
+    and pattern; past DBCache's 8 warm-up steps, at a threshold nothing stays under, later steps skip blocks."""
+    steps = 12
+    workload = FlowWorkload("tiny-sd35", SuiteOptions(models=("tiny-sd35",), device="cpu"))
+    computed, cached, reference = dbcache_run(workload, steps)
     assert computed.shape[0] == steps and computed[:8].all() and not computed[8:].all()
     assert not torch.equal(cached, reference)
     assert torch.equal(workload.loop(None, steps, workload.pipe.transformer), reference)  # ran on a copy
@@ -545,14 +551,7 @@ def test_dbcache_runs_z_image_through_cache_dits_own_adapter(tiny_z_image):
     """cache-dit takes the Z-Image transformer alone through its ZImage adapter (the `layers`): past DBCache's 8
     warm-up steps, at a threshold nothing stays under, the blocks after its first (Fn) are skipped."""
     steps = 12
-    reference = tiny_z_image.loop(None, steps, tiny_z_image.pipe.transformer)
-    peer = make_peer(parse_config("dbcache:10"), tiny_z_image.pipe.transformer, steps)
-    try:
-        with UnitCounter(peer.transformer) as counter, peer.generation(steps):
-            cached = tiny_z_image.loop(None, steps, peer.transformer)
-    finally:
-        peer.close()
-    computed = counter.table()
+    computed, cached, reference = dbcache_run(tiny_z_image, steps)
     assert computed[:8].all() and computed[8:, :2].all() and not computed[8:, 2:].any()
     assert not torch.equal(cached, reference)
     assert torch.equal(tiny_z_image.loop(None, steps, tiny_z_image.pipe.transformer), reference)  # ran on a copy
