@@ -12,7 +12,8 @@ unit's body is its LayerNorm, modulation and attention/MLP, as FLUX.1's. The att
 The transformer's forward joins three text streams before the blocks, each sample's valid tokens first: the 729
 SigLIP image tokens (zeros for text-to-video, all masked), the ByT5 glyph tokens (256) and the Qwen2.5-VL tokens
 (1000), which its token refiner embeds. These steps are data-dependent (`if` on a tensor, boolean indexing): MAC
-counting runs them on meta tensors under `MetaMasks`.
+counting runs them on meta tensors under `MetaMasks`; a CUDA graph cannot capture them, so `cuda_graphs=True` is
+refused (`Family.cuda_graphs`).
 
 Task: video latents (B, C, F, h, w) of 4 n + 1 frames at 1/16 of the pixels, with the pipeline's text-to-video
 conditioning channels (zeros: C more and a mask channel, the forward's in_channels 2 C + 1), zero image embeddings,
@@ -186,4 +187,5 @@ FAMILY = register(Family(
     example_inputs, MODELS, PRESETS,
     # diffusers 0.42.1: its hooks' TransformerBlockRegistry has no entry for this block class
     first_block_cache="its block class is not in diffusers' TransformerBlockRegistry (the hook cannot read it)",
-    frame_factor=FRAME_FACTOR, vae_factor=VAE_FACTOR, meta_mode=MetaMasks))
+    frame_factor=FRAME_FACTOR, vae_factor=VAE_FACTOR, meta_mode=MetaMasks,
+    cuda_graphs="its forward joins the text streams with host syncs: an `if` on a tensor, boolean indexing"))
