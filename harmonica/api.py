@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from . import parallel
 from .adapters import block_lists, supported
 from .engine import CacheEngine
-from .families import FAMILIES
+from .families import graph_refusal
 from .forecast import Forecast
 from .graphs import GraphRunner
 from .router import Router, RouterInfo, check_tau
@@ -89,9 +89,9 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     transformer, scheduler = _parts(pipe_or_transformer)
     if scheduler_in_graph and not cuda_graphs:
         raise ValueError("scheduler_in_graph: expected together with cuda_graphs=True, got cuda_graphs=False")
-    graph_refusal = getattr(FAMILIES.get(type(transformer).__name__), "cuda_graphs", None)
-    if cuda_graphs and graph_refusal is not None:
-        raise ValueError(f"cuda_graphs: expected False for {type(transformer).__name__} ({graph_refusal}), got True")
+    refusal = graph_refusal(transformer)
+    if cuda_graphs and refusal is not None:
+        raise ValueError(f"cuda_graphs: expected False for {type(transformer).__name__} ({refusal}), got True")
     if cuda_graphs and isinstance(compile, dict) and _inductor_graphs(compile):
         raise ValueError(f"compile: {compile} makes CUDA graphs of its own, which cannot be captured inside those of "
                          "cuda_graphs=True; use mode 'default' or 'max-autotune-no-cudagraphs', or drop cuda_graphs")

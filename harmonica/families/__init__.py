@@ -156,6 +156,13 @@ def family_of(transformer) -> Family:
     return FAMILIES[name]
 
 
+def graph_refusal(transformer) -> str | None:
+    """Why `enable(..., cuda_graphs=True)` cannot capture this transformer's forward (its family's
+    `Family.cuda_graphs`), or None when it can."""
+    family = FAMILIES.get((transformer if isinstance(transformer, type) else type(transformer)).__name__)
+    return None if family is None else family.cuda_graphs
+
+
 def forward_arguments(transformer) -> tuple:
     """((latents, timestep, text) argument names, whether the timestep rises along a generation) of a diffusers
     transformer's forward: its family's, else the usual (hidden_states, timestep, encoder_hidden_states), falling."""
