@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 
 import harmonica
 from harmonica import parallel
-from harmonica.families import graph_refusal
 from harmonica.flow import SAMPLER as FLOW_SAMPLER
 from harmonica.flow import as_4d, flow_sample, flow_task, random_flow_embeddings
 from harmonica.macs import count_macs
@@ -388,13 +387,9 @@ def make_workload(name: str, options: SuiteOptions) -> Workload:
     return (FlowWorkload if name in FLOW_MODELS else Workload)(name, options)
 
 
-def _skip_reason(config: Config, mode: str, device: str, sampler: str, parallel=None,
-                 graph_refusal: str | None = None) -> str | None:
-    """Why a row cannot run, or None. graph_refusal: why the model's forward cannot be captured (graph modes)."""
+def _skip_reason(config: Config, mode: str, device: str, sampler: str, parallel=None) -> str | None:
     if mode in ("graphs", "graphs-step", "compile") and device != "cuda":
         return "needs CUDA"
-    if mode in ("graphs", "graphs-step", "compile") and graph_refusal is not None:
-        return f"cuda_graphs refused: {graph_refusal}"
     if mode == "graphs-step" and sampler not in TABLE_SAMPLERS:
         return f"the {sampler} step cannot run inside a graph (table samplers: {', '.join(TABLE_SAMPLERS)})"
     if mode == "compile" and "compile" not in inspect.signature(harmonica.enable).parameters:
@@ -449,14 +444,13 @@ def plan_group(name: str, num_steps: int, options: SuiteOptions, router: Router 
     macs = macs or model_macs(name, transformer)
     sampler = FLOW_SAMPLER if name in FLOW_MODELS else preset(name).sampler
     matched = matched_speedup(options.configs, transformer, macs, num_steps, router)
-    refusal = graph_refusal(transformer)
 
     def planned(config: Config, mode: str) -> PlannedRow:
         row_steps = fewer_steps(config, num_steps, matched) if config.kind == "fewer-steps" else num_steps
         if config.is_peer:
             return PlannedRow(config, mode, row_steps,
                               reason="not under context parallelism" if options.parallel else None)
-        reason = _skip_reason(config, mode, options.device, sampler, options.parallel, refusal)
+        reason = _skip_reason(config, mode, options.device, sampler, options.parallel)
         if reason:
             return PlannedRow(config, mode, row_steps, reason=reason)
         try:

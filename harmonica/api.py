@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from . import parallel
 from .adapters import block_lists, supported
 from .engine import CacheEngine
-from .families import graph_refusal
 from .forecast import Forecast
 from .graphs import GraphRunner
 from .router import Router, RouterInfo, check_tau
@@ -89,9 +88,6 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     transformer, scheduler = _parts(pipe_or_transformer)
     if scheduler_in_graph and not cuda_graphs:
         raise ValueError("scheduler_in_graph: expected together with cuda_graphs=True, got cuda_graphs=False")
-    refusal = graph_refusal(transformer)
-    if cuda_graphs and refusal is not None:
-        raise ValueError(f"cuda_graphs: expected False for {type(transformer).__name__} ({refusal}), got True")
     if cuda_graphs and isinstance(compile, dict) and _inductor_graphs(compile):
         raise ValueError(f"compile: {compile} makes CUDA graphs of its own, which cannot be captured inside those of "
                          "cuda_graphs=True; use mode 'default' or 'max-autotune-no-cudagraphs', or drop cuda_graphs")
@@ -190,10 +186,12 @@ def reset(pipe_or_transformer) -> None:
 def disable(pipe_or_transformer) -> None:
     """Undo `enable`: original block forwards, no hooks, no compiled code, slots freed."""
     state = _state(pipe_or_transformer)
-    state.engine.remove()
-    if state.graphs is not None:
+    if state.graphs is not None:  # before the engine's teardown, which may remove the forward the runner wrapped
         with parallel.lifted_hooks(state.engine.transformer):  # diffusers' hooks (context parallelism) stay
             del state.engine.transformer.forward  # the graph runner; back to the forward it wrapped
+            if state.engine.transformer.forward != state.graphs.forward:  # it wrapped one an adapter's setup put
+                state.engine.transformer.forward = state.graphs.forward
+    state.engine.remove()
     if state.scheduler is not None:
         del state.scheduler.set_timesteps  # the instance attribute set by enable
     transformer, _ = _parts(pipe_or_transformer)

@@ -5,11 +5,13 @@ import diffusers
 import pytest
 import torch
 from _adapter_checks import (
+    all_equal,
     assert_fora_reuses,
     assert_no_cache_is_plain,
     distinct_random_parameters,
     trajectory,
 )
+from graph_standin import StandInGraphs, runner_inputs
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -61,14 +63,39 @@ def test_fora_reuses_half_the_units_and_their_slots_hold_the_fresh_outputs():
     assert_fora_reuses(make_hunyuan(), run, UNITS, joint={0, 3})
 
 
-def test_cuda_graphs_are_refused():
-    """The forward's text-stream join reads device values on the host (the graph stand-in's capture refuses it): one
-    line at enable, before any capture."""
+def test_the_forward_under_enable_is_diffusers_with_image_tokens_too():
+    """Under enable the transformer's forward joins the text streams without host syncs: bitwise diffusers' join,
+    also with nonzero image embeddings (all image tokens valid, joined first), and diffusers' forward again after
+    disable."""
     model = make_hunyuan()
-    with pytest.raises(ValueError, match=r"^cuda_graphs: expected False for HunyuanVideo15Transformer3DModel \(its "
-                                         r"forward joins the text streams with host syncs: .*\), got True$"):
-        harmonica.enable(model, CacheSchedule.fora(STEPS, UNITS, 2), cuda_graphs=True)
-    assert not hasattr(model, "_harmonica")
+
+    def inputs(step):
+        image = torch.randn(B, IMAGE, 8, generator=torch.Generator().manual_seed(step))
+        return {**step_inputs(step), "image_embeds": image}
+
+    with torch.no_grad():
+        plain = trajectory(model, STEPS, inputs)
+        harmonica.enable(model, CacheSchedule.no_cache(STEPS, UNITS))
+        assert model.forward.__func__ is not type(model).forward
+        enabled = trajectory(model, STEPS, inputs)
+        harmonica.disable(model)
+    assert all_equal(enabled, plain) and "forward" not in vars(model)
+
+
+def test_cuda_graphs_capture_the_forward():
+    """FORA:2 under cuda_graphs on the graph stand-in (it refuses host syncs, such as boolean indexing): two
+    captures, bitwise the eager engine's steps; disable puts diffusers' forward back."""
+    model, schedule = make_hunyuan(), CacheSchedule.fora(STEPS, UNITS, 2)
+    with torch.no_grad():
+        harmonica.enable(model, schedule)
+        eager = run(model)
+        harmonica.enable(model, schedule, cuda_graphs=True)
+        runner = model._harmonica.graphs
+        runner.backend = StandInGraphs(lambda: runner_inputs(runner))
+        graphed = run(model)
+        harmonica.disable(model)
+    assert (runner.captures, runner.replays) == (2, STEPS - 2)  # steps 0 and 1 capture, 2 and 3 replay
+    assert all_equal(graphed, eager) and "forward" not in vars(model)
 
 
 def test_the_pipelines_own_loop_under_enable():

@@ -142,16 +142,3 @@ def test_plan_of_z_image_turbo_at_its_real_size():
     assert macs.total / 1e12 == pytest.approx(31.25, abs=0.005) and decode_macs("z-image-turbo") == 0
     assert [line.seconds for line in lines] == [row_seconds(line.row, macs, 0.0, options, COSTS["cuda"])
                                                 for line in lines]
-
-
-def test_graph_rows_of_a_family_that_refuses_cuda_graphs_are_skipped():
-    """HunyuanVideo 1.5's forward cannot be captured (`Family.cuda_graphs`): its graph and compile rows are skipped
-    with that reason, its eager and fused rows run."""
-    options = SuiteOptions(models=("tiny-hunyuan-video15",), configs=("fora:2",), modes=("eager", "fused", "graphs",
-                                                                                        "compile"), device="cuda")
-    refusal = "cuda_graphs refused: its forward joins the text streams with host syncs: an `if` on a tensor, boolean " \
-              "indexing"
-    assert [(line.row.config.name, line.row.mode, line.row.reason) for line in plan(options)] == [
-        ("no-cache", "eager", None), ("fora:2", "eager", None), ("fora:2", "fused", None),
-        ("fora:2", "graphs", refusal), ("fora:2", "compile", refusal), ("skeleton", "eager", None),
-        ("skeleton", "fused", None)]

@@ -92,7 +92,6 @@ class Family:
     arguments: the names of the forward's latents, timestep and text arguments (`forward_arguments`).
     timestep_rises: whether the forward's timestep rises along a generation (Z-Image's 1 - sigma); the engine's
         generation checks read it.
-    cuda_graphs: why `enable(..., cuda_graphs=True)` cannot capture its forward (refused), or None when it can.
     vae_factor: pixels per latent pixel of its VAE, spatially (8; HunyuanVideo 1.5's 16).
     meta_mode: () -> a context (a TorchDispatchMode) under which its forward runs on meta tensors (MAC counting),
         for a forward with data-dependent steps; None: the forward runs on meta tensors as it is.
@@ -115,7 +114,6 @@ class Family:
     timestep_rises: bool = False
     frame_factor: int | None = None  # video: its VAE's temporal compression f (latent frames = (frames - 1) / f + 1)
     vae_factor: int = 8
-    cuda_graphs: str | None = None
     meta_mode: Callable | None = None
 
     def latent_frames(self, frames: int | None) -> int:
@@ -154,13 +152,6 @@ def family_of(transformer) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"transformer: expected one of {sorted(FAMILIES)}, got {name}")
     return FAMILIES[name]
-
-
-def graph_refusal(transformer) -> str | None:
-    """Why `enable(..., cuda_graphs=True)` cannot capture this transformer's forward (its family's
-    `Family.cuda_graphs`), or None when it can."""
-    family = FAMILIES.get((transformer if isinstance(transformer, type) else type(transformer)).__name__)
-    return None if family is None else family.cuda_graphs
 
 
 def forward_arguments(transformer) -> tuple:
