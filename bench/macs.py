@@ -121,7 +121,8 @@ def macs_section(dit_rows, flow_rows, machine: dict) -> str:
         "  layer.",
         "- Text tokens: FLUX.1 (T5), FLUX.2 (Mistral) and Wan (UMT5) pad the prompt to 512; SD3.5 has 77 CLIP + 256 T5",
         "  tokens; Qwen-Image at its cap of 512 (its pipeline does not pad: shorter prompts cost less). Wan: 81 frames",
-        "  are 21 latent frames.",
+        "  are 21 latent frames. HunyuanVideo 1.5: its text stream joins the Qwen2.5-VL prompt (padded to 1000), 256",
+        "  ByT5 glyph tokens and 729 image tokens (zeros in text-to-video); 121 frames are 31 latent frames.",
         MACS_END,
     ])
 

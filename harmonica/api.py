@@ -186,10 +186,12 @@ def reset(pipe_or_transformer) -> None:
 def disable(pipe_or_transformer) -> None:
     """Undo `enable`: original block forwards, no hooks, no compiled code, slots freed."""
     state = _state(pipe_or_transformer)
-    state.engine.remove()
-    if state.graphs is not None:
+    if state.graphs is not None:  # before the engine's teardown, which may remove the forward the runner wrapped
         with parallel.lifted_hooks(state.engine.transformer):  # diffusers' hooks (context parallelism) stay
             del state.engine.transformer.forward  # the graph runner; back to the forward it wrapped
+            if state.engine.transformer.forward != state.graphs.forward:  # it wrapped one an adapter's setup put
+                state.engine.transformer.forward = state.graphs.forward
+    state.engine.remove()
     if state.scheduler is not None:
         del state.scheduler.set_timesteps  # the instance attribute set by enable
     transformer, _ = _parts(pipe_or_transformer)

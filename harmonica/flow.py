@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .kernels import solver_step
 from .solvers import flow_match_euler_table, set_flow_match_timesteps
 
-VAE_FACTOR = 8  # pixels per latent pixel, every family
+VAE_FACTOR = 8  # pixels per latent pixel, every family but HunyuanVideo 1.5 (`Family.vae_factor`)
 SAMPLER = "FlowMatchEulerDiscreteScheduler"
 
 
@@ -46,6 +46,7 @@ class FlowTask:
     packed = False  # FLUX and Qwen-Image: 2 x 2 latent patches packed into tokens of 4C channels
     cfg = True  # whether guidance > 1 runs an unconditional half
     text_dim = "joint_attention_dim"  # config key of the text embeddings' width
+    text_dims = {}  # prompt key -> config key of its width, where not text_dim (HunyuanVideo 1.5's ByT5 prompt)
     prompt_keys = ("prompt_embeds",)  # (P, L, D) first; the others (P, ...) per prompt
     negative_keys = ("negative_prompt_embeds",)  # (1, ...) each, the unconditional prompt
 
@@ -86,11 +87,12 @@ class FlowTask:
         return 2 if cls.packed else _patch(cfg)
 
     def _latent_shape(self, cfg) -> tuple:
-        multiple = VAE_FACTOR * self.patch(cfg)
+        factor = self.family.vae_factor
+        multiple = factor * self.patch(cfg)
         if self.height % multiple or self.width % multiple:
             raise ValueError(f"height, width: expected multiples of {multiple} for {self.class_name}, got "
                              f"{self.height}x{self.width}")
-        h, w = self.height // VAE_FACTOR, self.width // VAE_FACTOR
+        h, w = self.height // factor, self.width // factor
         if self.packed:
             return ((h // 2) * (w // 2), cfg.in_channels)
         return (cfg.in_channels, h, w)
@@ -232,10 +234,11 @@ def random_flow_embeddings(transformer, count: int, tokens: int, generator: torc
     bank = {}
     for keys, rows in ((task.prompt_keys, count), (task.negative_keys, 1)):
         for key in keys:
-            if key.endswith("mask"):
+            if "mask" in key:
                 bank[key] = torch.ones(rows, tokens, dtype=torch.long)
                 continue
-            shape = (rows, cfg[POOLED_DIM]) if "pooled" in key else (rows, tokens, cfg[task.text_dim])
+            width = cfg[task.text_dims.get(key.removeprefix("negative_"), task.text_dim)]
+            shape = (rows, cfg[POOLED_DIM]) if "pooled" in key else (rows, tokens, width)
             bank[key] = torch.randn(shape, generator=generator) if rows == count else torch.zeros(shape)
     return bank
 

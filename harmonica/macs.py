@@ -10,6 +10,7 @@ DiT-XL/2 at 256x256 counts 118.6 GMACs per image per forward, the DiT paper's "1
 `summary`, the flow tasks and training count with it; `harmonica.bench.macs` makes the tables of BENCHMARKS.md.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from .families import FAMILIES, family_of
 from .models import FLOW_MODELS, FLOW_PRESETS, PRESETS
 from .units import units_of
 
-VAE_FACTOR = 8  # pixels per latent pixel (the VAEs of every model here, spatially)
+VAE_FACTOR = 8  # pixels per latent pixel (the VAEs of DiT, PixArt and the families but `Family.vae_factor`'s)
 PATCH = 2  # latent pixels per token side of packed latents (2 x 2 latents in one token)
 DIT_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 
@@ -64,18 +65,19 @@ def _meta_transformer(class_name: str, config: dict):
         return _diffusers_class(class_name).from_config(config)
 
 
-def _latent_side(pixels: int, multiple: int, name: str, size: str) -> int:
+def _latent_side(pixels: int, factor: int, multiple: int, name: str, size: str) -> int:
     if pixels % multiple:
         raise ValueError(f"{name}: expected multiples of {multiple} (VAE factor x patch size), got {size}")
-    return pixels // VAE_FACTOR
+    return pixels // factor
 
 
 def _example_inputs(model, batch: int, height: int, width: int, text_tokens: int, frames: int | None) -> dict:
     """Meta tensors of one forward of `model` on `batch` images (videos) of height x width pixels."""
     cfg, name = model.config, type(model).__name__
     family = FAMILIES.get(name)
-    multiple = VAE_FACTOR * (family.task.patch(cfg) if family is not None else cfg.patch_size)
-    h, w = (_latent_side(p, multiple, "height, width", f"{height}x{width}") for p in (height, width))
+    factor = VAE_FACTOR if family is None else family.vae_factor
+    multiple = factor * (family.task.patch(cfg) if family is not None else cfg.patch_size)
+    h, w = (_latent_side(p, factor, multiple, "height, width", f"{height}x{width}") for p in (height, width))
     meta = dict(device="meta")
     if family is not None:
         text = torch.empty(batch, text_tokens, cfg[family.task.text_dim], **meta)
@@ -126,7 +128,9 @@ def count_macs(model, height: int | None = None, width: int | None = None, *, ba
     inputs = _example_inputs(meta_model, batch, height, width, tokens if caption_tokens is None else caption_tokens,
                              frames or default_frames)
     counter = FlopCounterMode(display=False, depth=None)
-    with counter, torch.no_grad():
+    family = FAMILIES.get(class_name)
+    meta_mode = family.meta_mode() if family is not None and family.meta_mode is not None else nullcontext()
+    with counter, meta_mode, torch.no_grad():
         meta_model(**inputs)
     flops = counter.get_flop_counts()
     per_module = {name: sum(ops.values()) / 2 / batch for name, ops in flops.items()}
@@ -147,7 +151,8 @@ def count_macs_for_input(model, hidden_shape: tuple, text_tokens: int | None = N
         side = VAE_FACTOR * PATCH
         return count_macs(model, side, side * tokens, caption_tokens=text_tokens,
                           cross_attention=cross_attention), f"{tokens} image tokens"
-    height, width = (size * VAE_FACTOR for size in hidden_shape[-2:])
+    family = FAMILIES.get(_spec(model)[0])
+    height, width = (size * (VAE_FACTOR if family is None else family.vae_factor) for size in hidden_shape[-2:])
     frames = family_of(model).video_frames(hidden_shape[2]) if len(hidden_shape) == 5 else None
     where = f"{height}x{width}" + (f"x{frames}" if frames else "")
     return count_macs(model, height, width, caption_tokens=text_tokens, frames=frames,

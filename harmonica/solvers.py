@@ -123,7 +123,8 @@ class FlowMatchSchedule:
     values differ in the last place for most T); mu: when the pipeline computes the shift mu from the image tokens
     ("always", "dynamic": only under use_dynamic_shifting, "never"); max_shift: the pipeline's default where the
     config has none; mu_of: (image tokens, steps) -> mu where the pipeline has a formula of its own (FLUX.2), else
-    None: mu linear in the image tokens (`shift_mu`)."""
+    None: mu linear in the image tokens (`shift_mu`); to_zero: with custom_sigmas, the pipeline's sigmas are numpy's
+    linspace(1, 0, T + 1) without its last (HunyuanVideo 1.5), in the last place not always linspace(1, 1/T, T)'s."""
 
     name: str
     config: dict
@@ -132,6 +133,7 @@ class FlowMatchSchedule:
     max_shift: float = 1.15
     mu_of: Callable | None = None
     torch_linspace: bool = False
+    to_zero: bool = False
 
     def __post_init__(self):
         if self.mu not in MU_WHEN:
@@ -167,8 +169,11 @@ def set_flow_match_timesteps(scheduler, schedule: FlowMatchSchedule, num_steps: 
         kwargs["mu"] = (schedule.mu_of(image_seq_len, num_steps) if schedule.mu_of is not None else
                         shift_mu(image_seq_len, {key: config.get(key, value) for key, value in defaults.items()}))
     if schedule.custom_sigmas:
-        sigmas = (torch.linspace(1.0, 1 / num_steps, num_steps).tolist() if schedule.torch_linspace
-                  else np.linspace(1.0, 1 / num_steps, num_steps))
+        if schedule.torch_linspace:
+            sigmas = torch.linspace(1.0, 1 / num_steps, num_steps).tolist()
+        else:
+            sigmas = np.linspace(1.0, 0.0, num_steps + 1)[:-1] if schedule.to_zero else np.linspace(1.0, 1 / num_steps,
+                                                                                                    num_steps)
         scheduler.set_timesteps(sigmas=sigmas, **kwargs)
     else:
         scheduler.set_timesteps(num_steps, **kwargs)

@@ -1,11 +1,12 @@
-"""torch.compile of the flow-model adapters (FLUX.1, SD3.5, Wan, Qwen-Image, FLUX.2, Z-Image; tiny random models,
-CPU, fp32) with a counting backend: each unit kind of each block class compiles once per input signature, whatever the
-step count and schedule rows; the compiled generation is bitwise the eager engine's. The fused residual ops
-run in the engine's eager Python, outside the compiled bodies (engine.py), as in test_compile.py."""
+"""torch.compile of the flow-model adapters (FLUX.1, SD3.5, Wan, Qwen-Image, FLUX.2, Z-Image, HunyuanVideo 1.5; tiny
+random models, CPU, fp32) with a counting backend: each unit kind of each block class compiles once per input
+signature, whatever the step count and schedule rows; the compiled generation is bitwise the eager engine's. The
+fused residual ops run in the engine's eager Python, outside the compiled bodies (engine.py), as in test_compile.py."""
 
 import pytest
 import test_adapters_flux as flux
 import test_adapters_flux2 as flux2
+import test_adapters_hunyuan_video15 as hunyuan
 import test_adapters_qwen_image as qwen
 import test_adapters_sd3 as sd3
 import test_adapters_wan as wan
@@ -44,6 +45,10 @@ FAMILIES = {
     "z-image": (z_image.make_z_image, z_image.step_inputs,
                 {("ZImageTransformerBlock", "attention"): 1, ("ZImageTransformerBlock", "feed_forward"): 1},
                 [1, 1]),
+    "hunyuan-video1.5": (hunyuan.make_hunyuan, hunyuan.step_inputs,
+                         {("HunyuanVideo15TransformerBlock", "attn"): 1, ("HunyuanVideo15TransformerBlock", "ff"): 1,
+                          ("HunyuanVideo15TransformerBlock", "ff_context"): 1},
+                         [1, 1, 2]),
 }
 
 

@@ -242,3 +242,18 @@ def test_z_image_turbo_1024_counts_31_25_tmacs():
     final = (image + text) * d * 64 + 256 * d  # its linear over every token of the stream, its adaLN
     assert count.always_macs == refiners + 32 * 256 * 4 * d + embedders + final
     assert count.total / 1e12 == pytest.approx(31.25, abs=0.005)
+
+
+def test_hunyuan_video15_480p_counts_721_02_tmacs():
+    """HunyuanVideo 1.5 480p text-to-video (the hub model's row of `python -m harmonica.bench.macs`): 121 frames are
+    31 latent frames of 30 x 53 tokens (16x VAE, patch 1); the text stream joins the 1000 Qwen2.5-VL, 256 ByT5 and
+    729 image tokens. Each of its 54 blocks: the joint attention (image projections `to_*`, text ones `add_*`), and
+    the GELU MLPs of ratio 4 of each stream, checked against their matmul counts."""
+    count = count_macs("hunyuan-video15-480p")
+    image, text, d = 31 * 30 * 53, 1000 + 256 + 729, 2048
+    tokens = image + text
+    assert count.names == tuple(f"transformer_blocks.{b}.{kind}" for b in range(54)
+                                for kind in ("attn", "ff", "ff_context"))
+    mlp = 2 * d * 4 * d  # per token: d -> 4d -> d
+    assert count.unit_macs == (4 * tokens * d * d + 2 * tokens * tokens * d, image * mlp, text * mlp) * 54
+    assert count.total / 1e12 == pytest.approx(721.02, abs=0.005)

@@ -1,11 +1,12 @@
 """Model families: everything harmonica knows about one family of flow-matching transformers, in one module.
 
-A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_image.py`) holds its block adapters
-(registered in `harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the scheduler's timesteps,
-how its pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models and presets, its VAE
-class and the peers' patterns for it; it ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers
-transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, bench,
-profiling) asks `family_of` and never names a family's class. DiT and PixArt are not families yet (`models.PRESETS`).
+A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_image.py`, `hunyuan_video15.py`) holds
+its block adapters (registered in `harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the
+scheduler's timesteps, how its pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models
+and presets, its VAE class and the peers' patterns for it; it ends with `FAMILY = register(Family(...))`. `FAMILIES`
+maps the diffusers transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`,
+`models`, bench, profiling) asks `family_of` and never names a family's class. DiT and PixArt are not families yet
+(`models.PRESETS`).
 
 Adding a flow-matching family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom
 of this file, plus its tests (tests/test_families.py checks that no other source file names its classes).
@@ -91,6 +92,9 @@ class Family:
     arguments: the names of the forward's latents, timestep and text arguments (`forward_arguments`).
     timestep_rises: whether the forward's timestep rises along a generation (Z-Image's 1 - sigma); the engine's
         generation checks read it.
+    vae_factor: pixels per latent pixel of its VAE, spatially (8; HunyuanVideo 1.5's 16).
+    meta_mode: () -> a context (a TorchDispatchMode) under which its forward runs on meta tensors (MAC counting),
+        for a forward with data-dependent steps; None: the forward runs on meta tensors as it is.
     """
 
     name: str  # short name, e.g. "qwen-image"
@@ -109,6 +113,8 @@ class Family:
     arguments: tuple = ("hidden_states", "timestep", "encoder_hidden_states")
     timestep_rises: bool = False
     frame_factor: int | None = None  # video: its VAE's temporal compression f (latent frames = (frames - 1) / f + 1)
+    vae_factor: int = 8
+    meta_mode: Callable | None = None
 
     def latent_frames(self, frames: int | None) -> int:
         """The latent frames of `frames` video frames; a ValueError unless frames = f n + 1."""
@@ -155,6 +161,6 @@ def forward_arguments(transformer) -> tuple:
     return (DIFFUSERS_ARGUMENTS, False) if family is None else (family.arguments, family.timestep_rises)
 
 
-# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2, Z-Image) is `FAMILIES`' and the
-# presets'
-from . import flux, sd3, wan, qwen_image, flux2, z_image  # noqa: E402,F401,I001
+# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2, Z-Image, HunyuanVideo 1.5) is
+# `FAMILIES`' and the presets'
+from . import flux, sd3, wan, qwen_image, flux2, z_image, hunyuan_video15  # noqa: E402,F401,I001
