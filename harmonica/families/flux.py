@@ -53,14 +53,15 @@ def _clip_fp16(x):
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
-def double_stream_units(engine, bodies, block, index, x, c, image_mods, text_mods, image_rotary_emb, kwargs):
-    """The three units of a double-stream block (FLUX.1's, FLUX.2's): the joint attention over image x (B, N, D) and
-    text c (B, M, D), then each stream's MLP. image_mods, text_mods: ((shift, scale, gate) of the attention,
-    (shift, scale, gate) of the MLP), each (B, D). Returns (x, c) updated."""
+def double_stream_units(engine, bodies, block, index, x, c, image_mods, text_mods, *attention_args):
+    """The three units of a double-stream block (FLUX.1's, FLUX.2's, HunyuanVideo 1.5's): the joint attention over
+    image x (B, N, D) and text c (B, M, D), then each stream's MLP. image_mods, text_mods: ((shift, scale, gate) of
+    the attention, (shift, scale, gate) of the MLP), each (B, D); attention_args: the attention body's last
+    arguments (FLUX: rotary embedding and attention kwargs). Returns (x, c) updated."""
     (shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp) = image_mods
     (c_shift, c_scale, c_gate), (c_shift_mlp, c_scale_mlp, c_gate_mlp) = text_mods
     x, c = engine.run_unit(index["attn"], lambda: bodies["attn"](block, x, c, (shift, scale), (c_shift, c_scale),
-                                                                 image_rotary_emb, kwargs), (gate, c_gate), (x, c))
+                                                                 *attention_args), (gate, c_gate), (x, c))
     x = engine.run_unit(index["ff"], lambda: bodies["ff"](block, x, shift_mlp, scale_mlp), gate_mlp, x)
     c = engine.run_unit(index["ff_context"], lambda: bodies["ff_context"](block, c, c_shift_mlp, c_scale_mlp),
                         c_gate_mlp, c)

@@ -36,7 +36,7 @@ from ..adapters import Adapter
 from ..flow import FlowTask
 from ..solvers import FlowMatchSchedule
 from . import Family, FlowModel, FlowPreset, register
-from .flux import _modulate, image_mlp, text_mlp
+from .flux import _modulate, double_stream_units, image_mlp, text_mlp
 
 TRANSFORMER, PIPELINE = "HunyuanVideo15Transformer3DModel", "HunyuanVideo15Pipeline"
 VAE_FACTOR, FRAME_FACTOR = 16, 4  # the VAE's spatial and temporal compression
@@ -108,17 +108,11 @@ class HunyuanVideo15BlockAdapter(Adapter):
     def forward(self, engine, block, index, position, hidden_states, encoder_hidden_states, temb,
                 attention_mask=None, freqs_cis=None):
         """diffusers' `HunyuanVideo15TransformerBlock.forward` unit by unit. Returns (image, text) as diffusers does."""
-        x, c = hidden_states, encoder_hidden_states
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
-        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context.linear(
-            block.norm1_context.silu(temb)).chunk(6, dim=1)
-        bodies = engine.bodies[self.block_class]
-        x, c = engine.run_unit(index["attn"], lambda: bodies["attn"](block, x, c, (shift, scale), (c_shift, c_scale),
-                                                                     attention_mask, freqs_cis), (gate, c_gate), (x, c))
-        x = engine.run_unit(index["ff"], lambda: bodies["ff"](block, x, shift_mlp, scale_mlp), gate_mlp, x)
-        c = engine.run_unit(index["ff_context"], lambda: bodies["ff_context"](block, c, c_shift_mlp, c_scale_mlp),
-                            c_gate_mlp, c)
-        return x, c
+        image = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
+        text = block.norm1_context.linear(block.norm1_context.silu(temb)).chunk(6, dim=1)
+        return double_stream_units(engine, engine.bodies[self.block_class], block, index, hidden_states,
+                                   encoder_hidden_states, (image[:3], image[3:]), (text[:3], text[3:]),
+                                   attention_mask, freqs_cis)
 
 
 adapters.register(HunyuanVideo15BlockAdapter())
