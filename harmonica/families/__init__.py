@@ -1,10 +1,10 @@
 """Model families: everything harmonica knows about one family of flow-matching transformers, in one module.
 
-A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_image.py`) holds its block adapters
-(registered in `harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the scheduler's timesteps,
-how its pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models and presets, its VAE
-class and the peers' patterns for it; it ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers
-transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, bench,
+A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_image.py`, `ltx2.py`) holds its block
+adapters (registered in `harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the scheduler's
+timesteps, how its pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models and presets,
+its VAE class and the peers' patterns for it; it ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the
+diffusers transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, bench,
 profiling) asks `family_of` and never names a family's class. DiT and PixArt are not families yet (`models.PRESETS`).
 
 Adding a flow-matching family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom
@@ -155,6 +155,6 @@ def forward_arguments(transformer) -> tuple:
     return (DIFFUSERS_ARGUMENTS, False) if family is None else (family.arguments, family.timestep_rises)
 
 
-# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2, Z-Image) is `FAMILIES`' and the
-# presets'
-from . import flux, sd3, wan, qwen_image, flux2, z_image  # noqa: E402,F401,I001
+# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2, Z-Image, LTX-2) is `FAMILIES`'
+# and the presets'
+from . import flux, sd3, wan, qwen_image, flux2, z_image, ltx2  # noqa: E402,F401,I001
