@@ -192,9 +192,9 @@ class LTX2BlockAdapter(Adapter):
 
         video_ca, audio_ca, video_gate, audio_gate = tembs
         v_a2v_scale, v_a2v_shift, v_v2a_scale, v_v2a_shift = mod(block.video_a2v_cross_attn_scale_shift_table[:4],
-                                                                  video_ca, batch)
+                                                                  video_ca)
         a_a2v_scale, a_a2v_shift, a_v2a_scale, a_v2a_shift = mod(block.audio_a2v_cross_attn_scale_shift_table[:4],
-                                                                  audio_ca, batch)
+                                                                  audio_ca)
         (a2v_gate,) = mod(block.video_a2v_cross_attn_scale_shift_table[4:], video_gate)
         (v2a_gate,) = mod(block.audio_a2v_cross_attn_scale_shift_table[4:], audio_gate)
         bodies, video_in = engine.bodies[self.block_class], x
