@@ -72,8 +72,8 @@ def test_the_task_steps_at_the_pipelines_own_timesteps_and_sigmas(name):
 @pytest.mark.parametrize("value", ["DiTTransformer2DModel", torch.nn.Linear(1, 1), torch.nn.Linear])
 def test_family_of_names_the_supported_classes(value):
     expected = ("transformer: expected one of ['Flux2Transformer2DModel', 'FluxTransformer2DModel', "
-                "'LTX2VideoTransformer3DModel', 'QwenImageTransformer2DModel', 'SD3Transformer2DModel', 'WanTransformer3DModel', "
-                "'ZImageTransformer2DModel'], got ")
+                "'LTX2VideoTransformer3DModel', 'QwenImageTransformer2DModel', 'SD3Transformer2DModel', "
+                "'WanTransformer3DModel', 'ZImageTransformer2DModel'], got ")
     with pytest.raises(ValueError) as error:
         family_of(value)
     assert str(error.value) == expected + ("DiTTransformer2DModel" if isinstance(value, str) else "Linear")
