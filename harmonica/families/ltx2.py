@@ -337,9 +337,11 @@ MODELS = {"ltx-2-512x768": FlowModel(TRANSFORMER, {
 TINY = {"in_channels": 8, "out_channels": 8, "num_attention_heads": 2, "attention_head_dim": 8,
         "cross_attention_dim": 16, "audio_in_channels": 8, "audio_out_channels": 8, "audio_num_attention_heads": 2,
         "audio_attention_head_dim": 4, "audio_cross_attention_dim": 8, "num_layers": 2, "caption_channels": 16}
-# a random 32x (8x in time) video VAE of 8 latent channels
+# a random 32x (8x in time) video VAE of 8 latent channels; the compressions written out, as the class's default
+# (patch_size 2 ** scalings) counts its spatial-only and temporal-only downsamples in both (64x, 16x)
 TINY_VAE = {"latent_channels": 8, "block_out_channels": (8, 16, 32, 64), "decoder_block_out_channels": (16, 32, 64),
-            "layers_per_block": (1, 1, 1, 1, 1), "decoder_layers_per_block": (1, 1, 1, 1)}
+            "layers_per_block": (1, 1, 1, 1, 1), "decoder_layers_per_block": (1, 1, 1, 1),
+            "spatial_compression_ratio": VIDEO_FACTOR, "temporal_compression_ratio": FRAME_FACTOR}
 # (steps, guidance): the pipeline's __call__ defaults (guidance_scale 3); tiny-ltx2: 9 frames, 2 latent frames
 PRESETS = {"ltx-2": FlowPreset.of(MODELS["ltx-2-512x768"], 30, 3.0),
            "tiny-ltx2": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 30, 3.0, frames=9, vae=TINY_VAE)}
