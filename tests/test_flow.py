@@ -65,7 +65,7 @@ def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
                   for key in ("prompt_embeds", "negative_prompt_embeds")}
         return pipe(**embeds, guidance_scale=spec.guidance, **common).images
     if spec.class_name == "LTX2VideoTransformer3DModel":
-        return ltx2_pipeline_latents(name, transformer, prompts, noise, vae, scheduler, common)
+        return ltx2_pipeline_latents(name, transformer, prompts, noise, vae, scheduler)
     pipe = diffusers.QwenImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
     return pipe(**prompts, true_cfg_scale=spec.guidance, **common).images
 
@@ -88,33 +88,46 @@ LTX2_VOCODER = {"in_channels": 32, "hidden_channels": 8, "upsample_kernel_sizes"
                 "resnet_kernel_sizes": [3], "resnet_dilations": [[1]], "output_sampling_rate": 16000}
 
 
-def ltx2_pipeline_latents(name, transformer, prompts, noise, vae, scheduler, common):
-    """`LTX2Pipeline` at one guidance scale for both streams, without STG, modality isolation and rescaling (as
-    harmonica's loop): its final video and audio tokens (1, N + A, C) packed as the task's, or its decoded frames."""
+def ltx2_pipeline(name, transformer, vae=None, scheduler=None, **parts):
+    """`LTX2Pipeline` of the preset: `transformer`, its random VAE (for the latents' statistics) where `vae` is None,
+    a random audio VAE, and the given text encoder, tokenizer, connectors; a random vocoder only to decode.
+    scheduler: default a fresh one of the family's config."""
     from diffusers.pipelines.ltx2 import LTX2Vocoder
 
+    scheduler = scheduler or FLOW_PRESETS[name].family.scheduler.scheduler()
+    return diffusers.LTX2Pipeline(scheduler=scheduler, transformer=transformer,
+                                  vae=vae if vae is not None else load_vae(name, random_weights=True),
+                                  audio_vae=diffusers.AutoencoderKLLTX2Audio(**LTX2_AUDIO_VAE),
+                                  vocoder=None if vae is None else LTX2Vocoder(**LTX2_VOCODER), **parts)
+
+
+def ltx2_call(pipe, name, noise, steps=STEPS, decode=False, **kwargs):
+    """`pipe` at one guidance scale for both streams, without STG, modality isolation and rescaling (as harmonica's
+    loop), `steps` steps from `noise` (1, N + A, C): its final video and audio tokens (1, N + A, C) packed as the
+    task's, or with `decode` its frames."""
     from harmonica.families.ltx2 import FRAME_FACTOR, VIDEO_FACTOR
 
     spec = FLOW_PRESETS[name]
-    task_vae = vae if vae is not None else load_vae(name, random_weights=True)
-    audio_vae = diffusers.AutoencoderKLLTX2Audio(**LTX2_AUDIO_VAE)
-    vocoder = None if vae is None else LTX2Vocoder(**LTX2_VOCODER)
-    pipe = diffusers.LTX2Pipeline(scheduler=scheduler, vae=task_vae, audio_vae=audio_vae, text_encoder=None,
-                                  tokenizer=None, connectors=BankConnectors(), transformer=transformer,
-                                  vocoder=vocoder)
-    side = VIDEO_FACTOR * transformer.config.patch_size
+    side = VIDEO_FACTOR * pipe.transformer.config.patch_size
     video_tokens = ((spec.frames - 1) // FRAME_FACTOR + 1) * (spec.height // side) * (spec.width // side)
-    common = {**common, "latents": noise[:, :video_tokens]}
-    features = {f"{key}prompt_embeds": torch.cat([prompts[f"{key}prompt_embeds"], prompts[f"{key}audio_prompt_embeds"]],
-                                                 dim=-1) for key in ("", "negative_")}
-    masks = {f"{key}prompt_attention_mask": prompts[f"{key}prompt_attention_mask"] for key in ("", "negative_")}
-    video, audio = pipe(**features, **masks, **common, num_frames=spec.frames, audio_latents=noise[:, video_tokens:],
+    video, audio = pipe(**kwargs, latents=noise[:, :video_tokens], audio_latents=noise[:, video_tokens:],
+                        num_inference_steps=steps, height=spec.height, width=spec.width, num_frames=spec.frames,
                         guidance_scale=spec.guidance, audio_guidance_scale=spec.guidance, stg_scale=0.0,
                         audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0, guidance_rescale=0.0,
-                        audio_guidance_rescale=0.0, return_dict=False)
-    if vae is not None:
+                        audio_guidance_rescale=0.0, output_type="np" if decode else "latent", return_dict=False)
+    if decode:
         return video
     return torch.cat([pipe._pack_latents(video), pipe._pack_audio_latents(audio)], dim=1)
+
+
+def ltx2_pipeline_latents(name, transformer, prompts, noise, vae, scheduler):
+    """`ltx2_call` on the bank's prompts (through `BankConnectors`) with `scheduler`."""
+    pipe = ltx2_pipeline(name, transformer, vae, scheduler, text_encoder=None, tokenizer=None,
+                         connectors=BankConnectors())
+    embeds = {f"{key}prompt_embeds": torch.cat([prompts[f"{key}prompt_embeds"], prompts[f"{key}audio_prompt_embeds"]],
+                                               dim=-1) for key in ("", "negative_")}
+    masks = {f"{key}prompt_attention_mask": prompts[f"{key}prompt_attention_mask"] for key in ("", "negative_")}
+    return ltx2_call(pipe, name, noise, decode=vae is not None, **embeds, **masks)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -109,6 +109,9 @@ class Family:
     arguments: tuple = ("hidden_states", "timestep", "encoder_hidden_states")
     timestep_rises: bool = False
     frame_factor: int | None = None  # video: its VAE's temporal compression f (latent frames = (frames - 1) / f + 1)
+    # (config, the forward's int arguments) -> (height, width, frames) pixels of the forward, where its hidden_states'
+    # shape does not tell them (LTX-2's packed video tokens: its num_frames, height, width); None: the shape tells
+    forward_size: Callable | None = None
 
     def latent_frames(self, frames: int | None) -> int:
         """The latent frames of `frames` video frames; a ValueError unless frames = f n + 1."""

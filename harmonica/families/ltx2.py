@@ -266,7 +266,19 @@ class LTX2Task(FlowTask):
                 "encoder_hidden_states": prompts["prompt_embeds"],
                 "audio_encoder_hidden_states": prompts["audio_prompt_embeds"], "encoder_attention_mask": mask,
                 "audio_encoder_attention_mask": mask, "num_frames": frames, "height": height, "width": width,
-                "fps": FPS, "audio_num_frames": self.audio_frames, "use_cross_timestep": True}
+                "fps": FPS, "audio_num_frames": self.audio_frames, "use_cross_timestep": True,
+                **{key: self._coords(key, model_in.device).expand(model_in.shape[0], -1, -1, -1)
+                   for key in ("video_coords", "audio_coords")}}
+
+    def _coords(self, key, device):
+        """The pipeline's video or audio position coordinates (1, 3, F h w, 2) or (1, 1, A, 2) on `device`, made
+        once: the forward builds them from host data otherwise, which a CUDA graph capture refuses."""
+        if (key, device) not in self._device_tensors:
+            rope = self.transformer.rope if key == "video_coords" else self.transformer.audio_rope
+            self._device_tensors[(key, device)] = (
+                rope.prepare_video_coords(1, *self.grid, device, fps=FPS) if key == "video_coords"
+                else rope.prepare_audio_coords(1, self.audio_frames, device))
+        return self._device_tensors[(key, device)]
 
     def output(self, result):
         """The video and audio outputs (B, N, C), (B, A, C) as one tensor (B, N + A, C), as the latents."""
@@ -300,6 +312,17 @@ def encode(pipe, prompts, negative, extra):
     return {"prompt_embeds": video[1:], "audio_prompt_embeds": audio[1:], "prompt_attention_mask": mask[1:],
             "negative_prompt_embeds": video[:1], "negative_audio_prompt_embeds": audio[:1],
             "negative_prompt_attention_mask": mask[:1]}
+
+
+def forward_size(cfg, sizes):
+    """(height, width, frames) pixels of a forward from its latent grid arguments num_frames, height, width (the
+    audio counted as the pipeline's at 24 fps)."""
+    missing = sorted({"num_frames", "height", "width"} - set(sizes))
+    if missing:
+        raise ValueError(f"forward: expected the int arguments num_frames, height, width of {TRANSFORMER}, "
+                         f"missing {missing}")
+    side = VIDEO_FACTOR * cfg.patch_size
+    return sizes["height"] * side, sizes["width"] * side, FAMILY.video_frames(sizes["num_frames"])
 
 
 def example_inputs(cfg, batch, h, w, text, frames):
@@ -347,4 +370,4 @@ PRESETS = {"ltx-2": FlowPreset.of(MODELS["ltx-2-512x768"], 30, 3.0),
            "tiny-ltx2": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 30, 3.0, frames=9, vae=TINY_VAE)}
 
 FAMILY = register(Family("ltx-2", TRANSFORMER, PIPELINE, "AutoencoderKLLTX2Video", LTX2Task, SCHEDULE, encode,
-                         example_inputs, MODELS, PRESETS, frame_factor=FRAME_FACTOR))
+                         example_inputs, MODELS, PRESETS, frame_factor=FRAME_FACTOR, forward_size=forward_size))
