@@ -370,4 +370,6 @@ PRESETS = {"ltx-2": FlowPreset.of(MODELS["ltx-2-512x768"], 30, 3.0),
            "tiny-ltx2": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 30, 3.0, frames=9, vae=TINY_VAE)}
 
 FAMILY = register(Family("ltx-2", TRANSFORMER, PIPELINE, "AutoencoderKLLTX2Video", LTX2Task, SCHEDULE, encode,
-                         example_inputs, MODELS, PRESETS, frame_factor=FRAME_FACTOR, forward_size=forward_size))
+                         example_inputs, MODELS, PRESETS, frame_factor=FRAME_FACTOR, forward_size=forward_size,
+                         first_block_cache="diffusers' cache hooks have no registration of its two-stream block "
+                                           "LTX2VideoTransformerBlock"))
