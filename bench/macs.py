@@ -9,10 +9,11 @@ prints, or with --write rewrites, the MAC section of BENCHMARKS.md (between the 
 import argparse
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 from harmonica.families import family_of
 from harmonica.files import write_file
-from harmonica.macs import PATCH, VAE_FACTOR, count_macs
+from harmonica.macs import VAE_FACTOR, count_macs
 from harmonica.models import FLOW_MODELS, PRESETS, REAL_MODELS
 
 
@@ -44,11 +45,13 @@ def flow_mac_table(models=tuple(FLOW_MODELS)) -> list:
     for name in models:
         spec = FLOW_MODELS[name]
         count = count_macs(name)
-        frames = family_of(spec.class_name).latent_frames(spec.frames) if spec.frames else 1
+        family = family_of(spec.class_name)
+        frames = family.latent_frames(spec.frames) if spec.frames else 1
+        side = VAE_FACTOR * family.task.patch(SimpleNamespace(**spec.config))  # pixels per token side
         rows.append({
             "model": name,
             "size": f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else ""),
-            "image_tokens": frames * math.prod(side // (VAE_FACTOR * PATCH) for side in (spec.height, spec.width)),
+            "image_tokens": frames * math.prod(pixels // side for pixels in (spec.height, spec.width)),
             "text_tokens": spec.text_tokens,
             "units": len(count.names),
             "gmacs": count.total / 1e9,
@@ -116,7 +119,9 @@ def macs_section(dit_rows, flow_rows, machine: dict) -> str:
         "  block one unit `attn_mlp` (attention, MLP and `proj_out`); SD3.5's `attn` (joint), `attn2` (where dual),",
         "  `ff`, `ff_context` (the last block has none); Wan's `attn1`, cross-attention `attn2`, `ffn`; Qwen-Image's",
         "  `attn` (joint), `img_mlp`, `txt_mlp`; FLUX.2's as FLUX.1's, its single block's `attn_mlp` the fused",
-        "  parallel attention and MLP.",
+        "  parallel attention and MLP; LTX-2's eight, each one stream's: self-attentions `attn1`, `audio_attn1`,",
+        "  text cross-attentions `attn2`, `audio_attn2`, `audio_to_video_attn`, `video_to_audio_attn`, MLPs `ff`,",
+        "  `audio_ff` (image tokens: its video's; 121 frames at 24 fps are also 126 audio tokens).",
         "- Always-run: embeddings, adaLN linears (FLUX.2's once per forward, outside the blocks), norms, the final",
         "  layer.",
         "- Text tokens: FLUX.1 (T5), FLUX.2 (Mistral) and Wan (UMT5) pad the prompt to 512; SD3.5 has 77 CLIP + 256 T5",

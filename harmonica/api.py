@@ -247,7 +247,7 @@ def summary(pipe_or_transformer) -> Summary:
     transformer = engine.transformer
     if engine.last_input_shape is not None:
         macs, where = count_macs_for_input(transformer, engine.last_input_shape, engine.last_text_tokens,
-                                           cross_attention=engine.cross_attention)
+                                           cross_attention=engine.cross_attention, sizes=engine.last_sizes)
     else:
         macs, where = count_macs(transformer, cross_attention=engine.cross_attention), "the native size"
     schedule = engine.schedule

@@ -121,6 +121,7 @@ class CacheEngine:
         # (B, *its first's shape))
         self.last_input_shape = None
         self.last_text_tokens = None  # the text's tokens in the latest forward (a per-sample list: its longest)
+        self.last_sizes = {}  # the latest forward's int arguments (LTX-2's latent grid)
         if schedule is not None:
             self.set_schedule(schedule, forecast)
         # adapter -> what its `setup` returned: the family's state for this engine (DiT's shared embedding)
@@ -328,6 +329,7 @@ class CacheEngine:
         self._use_context(self.entered_context)
         hidden = self.argument(args, kwargs, 0)
         self.last_input_shape = (len(hidden), *hidden[0].shape) if isinstance(hidden, list) else tuple(hidden.shape)
+        self.last_sizes = {name: value for name, value in kwargs.items() if type(value) is int}
         text = self.argument(args, kwargs, 2)
         if isinstance(text, list):
             self.last_text_tokens = max(len(prompt) for prompt in text)

@@ -187,6 +187,11 @@ class FlowTask:
     def _model_inputs(self, model_in, t, prompts: dict) -> dict:
         raise NotImplementedError
 
+    def output(self, result) -> torch.Tensor:
+        """The model output the solver steps (B, *latent_shape), from the forward's return (a tuple or a diffusers
+        output): its first element (LTX-2: both of its streams)."""
+        return result[0]
+
     def velocity(self, out: torch.Tensor) -> torch.Tensor:
         """The model output as the solver steps it (4-D): the raw output, guided by `solver_step` when
         `solver_guidance` says so."""
@@ -280,7 +285,8 @@ def flow_sample(task: FlowTask, prompt_index: torch.Tensor, *, latents: torch.Te
         for i in tqdm(range(task.num_steps), disable=not progress, desc=SAMPLER):
             loop.begin_step(i)
             # a tuple, as the pipelines ask: diffusers' context-parallel hooks pass only tensors through
-            out = transformer(**{**task.model_kwargs(loop.x.view(latents.shape), cond, i), "return_dict": False})[0]
+            out = task.output(transformer(**{**task.model_kwargs(loop.x.view(latents.shape), cond, i),
+                                             "return_dict": False}))
             loop.end_step(SimpleNamespace(sample=task.velocity(out)))
     return loop.result().view(latents.shape)
 

@@ -141,11 +141,17 @@ def count_macs(model, height: int | None = None, width: int | None = None, *, ba
 
 
 def count_macs_for_input(model, hidden_shape: tuple, text_tokens: int | None = None, *,
-                         cross_attention: bool = True) -> tuple:
+                         cross_attention: bool = True, sizes: dict | None = None) -> tuple:
     """(MacCount, where) at the size of a forward whose hidden_states had `hidden_shape`: (B, C, h, w) latents,
     (B, C, f, h, w) video latents or (B, L, C) packed tokens (2 x 2 latents per token; only L matters, so they are
     counted as one row of L tokens). where: "HxW px", "HxWxF px" or "L tokens", for messages. text_tokens:
-    encoder_hidden_states' tokens (None: the preset's default)."""
+    encoder_hidden_states' tokens (None: the preset's default). sizes: the forward's int arguments, for a family
+    whose `forward_size` reads its size from them (LTX-2)."""
+    family = FAMILIES.get(type(model).__name__)
+    if family is not None and family.forward_size is not None:
+        height, width, frames = family.forward_size(model.config, sizes or {})
+        return count_macs(model, height, width, caption_tokens=text_tokens, frames=frames,
+                          cross_attention=cross_attention), f"{height}x{width}x{frames}"
     if len(hidden_shape) == 3:
         tokens = hidden_shape[1]
         side = VAE_FACTOR * PATCH

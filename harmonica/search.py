@@ -195,7 +195,7 @@ class Rollouts:
             if keep:
                 states[i] = (x.clone(), copied_slots(engine.slots), copy.deepcopy(state))
             engine.seek(i)
-            out = self.task.transformer(**self.task.model_kwargs(x, self.cond, i)).sample
+            out = self.task.output(self.task.transformer(**self.task.model_kwargs(x, self.cond, i)))
             x = self.task.update(state, x, out, self.cond, i)
         if keep:
             self.states = states

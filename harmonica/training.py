@@ -487,7 +487,7 @@ class RouterTrainer:
         else:
             self.engine.set_training(gates, self.config.tau)
         self.engine.seek(i)
-        out = self.transformer(**self.task.model_kwargs(x, cond, i)).sample
+        out = self.task.output(self.transformer(**self.task.model_kwargs(x, cond, i)))
         return torch.stack(out) if isinstance(out, list) else out
 
     @torch.no_grad()

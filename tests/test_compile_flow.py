@@ -1,5 +1,5 @@
-"""torch.compile of the flow-model adapters (FLUX.1, SD3.5, Wan, Qwen-Image, FLUX.2, Z-Image, HunyuanVideo 1.5; tiny
-random models, CPU, fp32) with a counting backend: each unit kind of each block class compiles once per input
+"""torch.compile of the flow-model adapters (FLUX.1, SD3.5, Wan, Qwen-Image, FLUX.2, Z-Image, HunyuanVideo 1.5, LTX-2;
+tiny random models, CPU, fp32) with a counting backend: each unit kind of each block class compiles once per input
 signature, whatever the step count and schedule rows; the compiled generation is bitwise the eager engine's. The
 fused residual ops run in the engine's eager Python, outside the compiled bodies (engine.py), as in test_compile.py."""
 
@@ -7,6 +7,7 @@ import pytest
 import test_adapters_flux as flux
 import test_adapters_flux2 as flux2
 import test_adapters_hunyuan_video15 as hunyuan
+import test_adapters_ltx2 as ltx2
 import test_adapters_qwen_image as qwen
 import test_adapters_sd3 as sd3
 import test_adapters_wan as wan
@@ -49,14 +50,17 @@ FAMILIES = {
                          {("HunyuanVideo15TransformerBlock", "attn"): 1, ("HunyuanVideo15TransformerBlock", "ff"): 1,
                           ("HunyuanVideo15TransformerBlock", "ff_context"): 1},
                          [1, 1, 2]),
+    "ltx2": (ltx2.make_ltx2, ltx2.step_inputs, {("LTX2VideoTransformerBlock", kind): 1 for kind in ltx2.KINDS},
+             [1] * len(ltx2.KINDS)),
 }
 
 
 @torch.no_grad()
 def generation(model, inputs, steps):
-    """The outputs at each step (Z-Image's per-sample outputs stacked)."""
-    outputs = [model(**inputs(s)).sample for s in range(steps)]
-    return [torch.stack(out) if isinstance(out, list) else out for out in outputs]
+    """The outputs at each step (Z-Image's per-sample outputs stacked, LTX-2's video and audio tokens as one)."""
+    outputs = [model(**inputs(s)) for s in range(steps)]
+    return [torch.cat([out.sample, out.audio_sample], dim=1) if hasattr(out, "audio_sample")
+            else torch.stack(out.sample) if isinstance(out.sample, list) else out.sample for out in outputs]
 
 
 def schedules(units):

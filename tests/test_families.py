@@ -29,6 +29,7 @@ def family_adapters(family) -> list:
 
 def test_the_registry_covers_every_flow_class_and_preset():
     assert sorted(FAMILIES) == ["Flux2Transformer2DModel", "FluxTransformer2DModel", "HunyuanVideo15Transformer3DModel",
+                                "LTX2VideoTransformer3DModel",
                                 "QwenImageTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel",
                                 "ZImageTransformer2DModel"]
     assert {spec.class_name for spec in FLOW_PRESETS.values()} == set(FAMILIES)
@@ -72,9 +73,8 @@ def test_the_task_steps_at_the_pipelines_own_timesteps_and_sigmas(name):
 @pytest.mark.parametrize("value", ["DiTTransformer2DModel", torch.nn.Linear(1, 1), torch.nn.Linear])
 def test_family_of_names_the_supported_classes(value):
     expected = ("transformer: expected one of ['Flux2Transformer2DModel', 'FluxTransformer2DModel', "
-                "'HunyuanVideo15Transformer3DModel', 'QwenImageTransformer2DModel', 'SD3Transformer2DModel', "
-                "'WanTransformer3DModel', "
-                "'ZImageTransformer2DModel'], got ")
+                "'HunyuanVideo15Transformer3DModel', 'LTX2VideoTransformer3DModel', 'QwenImageTransformer2DModel', "
+                "'SD3Transformer2DModel', 'WanTransformer3DModel', 'ZImageTransformer2DModel'], got ")
     with pytest.raises(ValueError) as error:
         family_of(value)
     assert str(error.value) == expected + ("DiTTransformer2DModel" if isinstance(value, str) else "Linear")

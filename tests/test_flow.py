@@ -23,7 +23,7 @@ from harmonica.router import Router
 from harmonica.schedule import CacheSchedule
 
 TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2", "tiny-z-image",
-        "tiny-hunyuan-video15")
+        "tiny-hunyuan-video15", "tiny-ltx2")
 STEPS = 4
 
 
@@ -71,8 +71,70 @@ def pipeline_latents(name, transformer, bank, noise, vae=None, scheduler=None):
         embeds = {key: [e[m.bool()] for e, m in zip(prompts[key], prompts[f"{key}_mask"])]
                   for key in ("prompt_embeds", "negative_prompt_embeds")}
         return pipe(**embeds, guidance_scale=spec.guidance, **common).images
+    if spec.class_name == "LTX2VideoTransformer3DModel":
+        return ltx2_pipeline_latents(name, transformer, prompts, noise, vae, scheduler)
     pipe = diffusers.QwenImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer, **encoders)
     return pipe(**prompts, true_cfg_scale=spec.guidance, **common).images
+
+
+class BankConnectors(torch.nn.Module):
+    """LTX-2's connectors as a look-up: the 'text encoder features' given to the pipeline are the bank's video and
+    audio connector outputs side by side (P, L, 2 D); returns (video, audio, mask) as `LTX2TextConnectors` does."""
+
+    device = torch.device("cpu")  # the pipeline's device: that of its modules
+
+    def forward(self, features, mask, padding_side="left"):
+        video, audio = features.chunk(2, dim=-1)
+        return video, audio, mask
+
+
+# a random audio VAE of 2 latent channels x 16 mel bins (4 latent bins: 8 = the tiny transformer's audio width) and a
+# random vocoder of its mel spectrograms (2 channels x 16 bins)
+LTX2_AUDIO_VAE = {"base_channels": 8, "latent_channels": 2, "num_res_blocks": 1, "mel_bins": 16}
+LTX2_VOCODER = {"in_channels": 32, "hidden_channels": 8, "upsample_kernel_sizes": [4, 4], "upsample_factors": [2, 2],
+                "resnet_kernel_sizes": [3], "resnet_dilations": [[1]], "output_sampling_rate": 16000}
+
+
+def ltx2_pipeline(name, transformer, vae=None, scheduler=None, **parts):
+    """`LTX2Pipeline` of the preset: `transformer`, its random VAE (for the latents' statistics) where `vae` is None,
+    a random audio VAE, and the given text encoder, tokenizer, connectors; a random vocoder only to decode.
+    scheduler: default a fresh one of the family's config."""
+    from diffusers.pipelines.ltx2 import LTX2Vocoder
+
+    scheduler = scheduler or FLOW_PRESETS[name].family.scheduler.scheduler()
+    return diffusers.LTX2Pipeline(scheduler=scheduler, transformer=transformer,
+                                  vae=vae if vae is not None else load_vae(name, random_weights=True),
+                                  audio_vae=diffusers.AutoencoderKLLTX2Audio(**LTX2_AUDIO_VAE),
+                                  vocoder=None if vae is None else LTX2Vocoder(**LTX2_VOCODER), **parts)
+
+
+def ltx2_call(pipe, name, noise, steps=STEPS, decode=False, **kwargs):
+    """`pipe` at one guidance scale for both streams, without STG, modality isolation and rescaling (as harmonica's
+    loop), `steps` steps from `noise` (1, N + A, C): its final video and audio tokens (1, N + A, C) packed as the
+    task's, or with `decode` its frames."""
+    from harmonica.families.ltx2 import FRAME_FACTOR, VIDEO_FACTOR
+
+    spec = FLOW_PRESETS[name]
+    side = VIDEO_FACTOR * pipe.transformer.config.patch_size
+    video_tokens = ((spec.frames - 1) // FRAME_FACTOR + 1) * (spec.height // side) * (spec.width // side)
+    video, audio = pipe(**kwargs, latents=noise[:, :video_tokens], audio_latents=noise[:, video_tokens:],
+                        num_inference_steps=steps, height=spec.height, width=spec.width, num_frames=spec.frames,
+                        guidance_scale=spec.guidance, audio_guidance_scale=spec.guidance, stg_scale=0.0,
+                        audio_stg_scale=0.0, modality_scale=1.0, audio_modality_scale=1.0, guidance_rescale=0.0,
+                        audio_guidance_rescale=0.0, output_type="np" if decode else "latent", return_dict=False)
+    if decode:
+        return video
+    return torch.cat([pipe._pack_latents(video), pipe._pack_audio_latents(audio)], dim=1)
+
+
+def ltx2_pipeline_latents(name, transformer, prompts, noise, vae, scheduler):
+    """`ltx2_call` on the bank's prompts (through `BankConnectors`) with `scheduler`."""
+    pipe = ltx2_pipeline(name, transformer, vae, scheduler, text_encoder=None, tokenizer=None,
+                         connectors=BankConnectors())
+    embeds = {f"{key}prompt_embeds": torch.cat([prompts[f"{key}prompt_embeds"], prompts[f"{key}audio_prompt_embeds"]],
+                                               dim=-1) for key in ("", "negative_")}
+    masks = {f"{key}prompt_attention_mask": prompts[f"{key}prompt_attention_mask"] for key in ("", "negative_")}
+    return ltx2_call(pipe, name, noise, decode=vae is not None, **embeds, **masks)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -109,6 +171,10 @@ def test_decode_is_the_pipelines(name):
     for norm in (m for m in vae.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # FLUX.2's latent statistics
         norm.running_mean.normal_(generator=torch.Generator().manual_seed(2))
         norm.running_var.uniform_(0.5, 2, generator=torch.Generator().manual_seed(3))
+    buffers = dict(vae.named_buffers(recurse=False))
+    if "latents_mean" in buffers:  # LTX-2's latent statistics
+        buffers["latents_mean"].normal_(generator=torch.Generator().manual_seed(2))
+        buffers["latents_std"].uniform_(0.5, 2, generator=torch.Generator().manual_seed(3))
     bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
     noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
@@ -149,8 +215,11 @@ def test_sample_with_fora(name, tmp_path, capsys):
     run_cli(base + ["--out", str(tmp_path / "plain.safetensors")], capsys)
     fora, plain = (load_file(str(tmp_path / f"{n}.safetensors"))["latents"] for n in ("fora", "plain"))
     spec = FLOW_PRESETS[name]
-    factor = spec.family.vae_factor
-    assert fora.shape[0] == 1 and fora.shape[-2:] == (spec.height // factor, spec.width // factor)  # unpacked
+    with torch.device("meta"):
+        transformer = build_transformer(name)
+    task = flow_task(transformer, random_flow_embeddings(transformer, 1, spec.text_tokens, torch.Generator()),
+                     STEPS, spec.guidance, **spec.size)
+    assert fora.shape == task.unpack(torch.zeros(1, *task.latent_shape)).shape  # unpacked
     assert torch.isfinite(fora).all()
     assert (fora - plain).abs().max() > 1e-3  # reused units change the sample
 

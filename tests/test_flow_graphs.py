@@ -1,5 +1,5 @@
-"""The flow-matching families (FLUX.1, SD3, SD3.5, Wan, Qwen-Image, FLUX.2, Z-Image, HunyuanVideo 1.5; their tiny
-random presets) sampled by `flow_sample` under cuda_graphs: on the CPU graph stand-in (capture rules and graph
+"""The flow-matching families (FLUX.1, SD3, SD3.5, Wan, Qwen-Image, FLUX.2, Z-Image, HunyuanVideo 1.5, LTX-2; their
+tiny random presets) sampled by `flow_sample` under cuda_graphs: on the CPU graph stand-in (capture rules and graph
 semantics), bitwise the eager engine's generation; on CUDA (gpu), under cuda_graphs and under cuda_graphs with
 compile, equal to eager."""
 
@@ -14,7 +14,7 @@ from harmonica.models import FLOW_PRESETS, build_transformer
 from harmonica.units import cached_units
 
 TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2", "tiny-z-image",
-        "tiny-hunyuan-video15")
+        "tiny-hunyuan-video15", "tiny-ltx2")
 STEPS = 4  # FORA:2: two graphs (computing and reusing rows), each replayed from then on
 
 

@@ -16,8 +16,8 @@ from harmonica.bench.macs import (
 )
 from harmonica.bench.table import update_benchmarks
 from harmonica.families import FlowModel
-from harmonica.macs import count_macs
-from harmonica.models import FLOW_MODELS
+from harmonica.macs import count_macs, count_macs_for_input
+from harmonica.models import FLOW_MODELS, build_transformer
 
 
 def test_dit_xl2_256_matches_the_dit_paper():
@@ -257,3 +257,41 @@ def test_hunyuan_video15_480p_counts_721_02_tmacs():
     mlp = 2 * d * 4 * d  # per token: d -> 4d -> d
     assert count.unit_macs == (4 * tokens * d * d + 2 * tokens * tokens * d, image * mlp, text * mlp) * 54
     assert count.total / 1e12 == pytest.approx(721.02, abs=0.005)
+
+
+def ltx2_block_macs(n, a, text, d, d_audio):
+    """One LTX-2 block's eight units over n video and a audio tokens and `text` tokens (video width d, audio width
+    d_audio, text projected to each): projections, QK^T and PV of each attention (the a2v and v2a attentions at the
+    audio width), the 4x MLPs."""
+    def cross(queries, keys, query_dim, key_dim, inner):
+        return queries * query_dim * inner * 2 + keys * key_dim * inner * 2 + 2 * queries * keys * inner
+
+    return (cross(n, n, d, d, d), cross(a, a, d_audio, d_audio, d_audio), cross(n, text, d, d, d),
+            cross(a, text, d_audio, d_audio, d_audio), cross(n, a, d, d_audio, d_audio),
+            cross(a, n, d_audio, d, d_audio), 8 * n * d * d, 8 * a * d_audio * d_audio)
+
+
+def test_ltx2_512x768x121_counts_its_eight_units_per_block():
+    """LTX-2 at its pipeline's default 512x768, 121 frames, 1024 text tokens (its row of `python -m
+    harmonica.bench.macs`): 16 x 16 x 24 video tokens (32x VAE, 8x in time), 126 audio tokens (121 frames at 24 fps,
+    25 audio latents a second), each of the 48 blocks' units as its matmul count."""
+    count = count_macs("ltx-2-512x768")
+    kinds = ("attn1", "audio_attn1", "attn2", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn", "ff",
+             "audio_ff")
+    assert count.names == tuple(f"transformer_blocks.{b}.{kind}" for b in range(48) for kind in kinds)
+    assert count.unit_macs == ltx2_block_macs(16 * 16 * 24, 126, 1024, 4096, 2048) * 48
+    assert 0 < count.always_macs < 0.01 * count.total
+    assert count.total / 1e12 == pytest.approx(99.39, abs=0.005)
+
+
+def test_ltx2_counts_a_forward_at_its_latent_grid():
+    """LTX-2's hidden_states are packed video tokens: the forward's num_frames, height, width tell its size."""
+    with torch.device("meta"):
+        model = build_transformer("tiny-ltx2")
+    count, where = count_macs_for_input(model, (2, 8, 8), 8, sizes={"num_frames": 2, "height": 2, "width": 2})
+    assert where == "64x64x9"
+    assert count.unit_macs == count_macs("tiny-ltx2", 64, 64, caption_tokens=8, frames=9).unit_macs
+    assert count.total > count_macs("tiny-ltx2", 64, 64, caption_tokens=8, frames=1).total
+    with pytest.raises(ValueError, match=r"forward: expected the int arguments num_frames, height, width of "
+                                         r"LTX2VideoTransformer3DModel, missing \['num_frames'\]"):
+        count_macs_for_input(model, (2, 8, 8), 8, sizes={"height": 2, "width": 2})

@@ -8,7 +8,7 @@ import torch
 import transformers
 from _helpers import rounding_bound
 from safetensors.torch import load_file
-from test_flow import pipeline_noise
+from test_flow import ltx2_call, ltx2_pipeline, pipeline_noise
 
 from harmonica import cli
 from harmonica.flow import flow_sample, flow_task, load_flow_embeddings
@@ -24,7 +24,7 @@ STEPS = 2
 # files (weights 16- not 64-byte aligned): other matmul kernels (a 1-row projection is a matrix-vector product),
 # one rounding per term of the encoders' longest reduction (T5's d_ff, 2 x 32)
 ENCODER_TERMS = 2 * 32
-FLOW = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2", "tiny-z-image")
+FLOW = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2", "tiny-z-image", "tiny-ltx2")
 # a Qwen-style chat template (Z-Image's pipeline applies its tokenizer's to each prompt)
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -104,6 +104,28 @@ def qwen3(width: int):
     return transformers.Qwen3Model(config).eval(), tokenizer
 
 
+def gemma3(width: int):
+    """A Gemma-3 text model (LTX-2's text encoder; its 3 hidden states stacked: width x 3 features a token) and a
+    character-level Qwen2Tokenizer."""
+    tokenizer = character_tokenizer()
+    config = transformers.Gemma3TextConfig(hidden_size=width, intermediate_size=width, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                           vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.Gemma3TextModel(config).eval(), tokenizer
+
+
+def ltx2_connectors(width: int):
+    """LTX-2's text connectors on `gemma3`'s features: one layer and 4 registers a stream, width wide."""
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+    return LTX2TextConnectors(
+        caption_channels=width, text_proj_in_factor=3, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=width // 2, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=4, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=width // 2, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=4).eval()
+
+
 def pipeline(name: str, transformer=None):
     """The preset's pipeline with tiny text encoders (seeded), `transformer` (may be None) and no VAE."""
     torch.manual_seed(0)
@@ -132,6 +154,10 @@ def pipeline(name: str, transformer=None):
     if spec.pipeline == "ZImagePipeline":
         encoder, tokenizer = qwen3(spec.config["cap_feat_dim"])
         return diffusers.ZImagePipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
+    if spec.pipeline == "LTX2Pipeline":
+        encoder, tokenizer = gemma3(spec.config["caption_channels"])
+        return ltx2_pipeline(name, transformer, scheduler=scheduler, text_encoder=encoder, tokenizer=tokenizer,
+                             connectors=ltx2_connectors(spec.config["caption_channels"]))
     encoder, tokenizer = qwen(spec.config["joint_attention_dim"])
     return diffusers.QwenImagePipeline(text_encoder=encoder, tokenizer=tokenizer, **parts)
 
@@ -155,6 +181,8 @@ def pipeline_from_strings(name, pipe, noise, prompt: str):
                     **common).frames
     if spec.pipeline == "QwenImagePipeline":
         return pipe(prompt=prompt, negative_prompt=NEGATIVE, true_cfg_scale=spec.guidance, **common).images
+    if spec.pipeline == "LTX2Pipeline":
+        return ltx2_call(pipe, name, noise, STEPS, prompt=prompt, negative_prompt=NEGATIVE, max_sequence_length=TOKENS)
     return pipe(prompt=prompt, negative_prompt=NEGATIVE, guidance_scale=spec.guidance, **common).images
 
 

@@ -1,12 +1,12 @@
 """Model families: everything harmonica knows about one family of flow-matching transformers, in one module.
 
-A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_image.py`, `hunyuan_video15.py`) holds
-its block adapters (registered in `harmonica.adapters`), its `flow.FlowTask` subclass, how its pipeline sets the
-scheduler's timesteps, how its pipeline encodes prompts, the meta inputs of one forward (MAC counting), its hub models
-and presets, its VAE class and the peers' patterns for it; it ends with `FAMILY = register(Family(...))`. `FAMILIES`
-maps the diffusers transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`,
-`models`, bench, profiling) asks `family_of` and never names a family's class. DiT and PixArt are not families yet
-(`models.PRESETS`).
+A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_image.py`, `hunyuan_video15.py`,
+`ltx2.py`) holds its block adapters (registered in `harmonica.adapters`), its `flow.FlowTask` subclass, how its
+pipeline sets the scheduler's timesteps, how its pipeline encodes prompts, the meta inputs of one forward (MAC
+counting), its hub models and presets, its VAE class and the peers' patterns for it; it ends with
+`FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer class name to its `Family`; generic code
+(`flow`, `solvers`, `prompts`, `macs`, `models`, bench, profiling) asks `family_of` and never names a family's class.
+DiT and PixArt are not families yet (`models.PRESETS`).
 
 Adding a flow-matching family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom
 of this file, plus its tests (tests/test_families.py checks that no other source file names its classes).
@@ -115,6 +115,9 @@ class Family:
     frame_factor: int | None = None  # video: its VAE's temporal compression f (latent frames = (frames - 1) / f + 1)
     vae_factor: int = 8
     meta_mode: Callable | None = None
+    # (config, the forward's int arguments) -> (height, width, frames) pixels of the forward, where its hidden_states'
+    # shape does not tell them (LTX-2's packed video tokens: its num_frames, height, width); None: the shape tells
+    forward_size: Callable | None = None
 
     def latent_frames(self, frames: int | None) -> int:
         """The latent frames of `frames` video frames; a ValueError unless frames = f n + 1."""
@@ -161,6 +164,6 @@ def forward_arguments(transformer) -> tuple:
     return (DIFFUSERS_ARGUMENTS, False) if family is None else (family.arguments, family.timestep_rises)
 
 
-# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2, Z-Image, HunyuanVideo 1.5) is
-# `FAMILIES`' and the presets'
-from . import flux, sd3, wan, qwen_image, flux2, z_image, hunyuan_video15  # noqa: E402,F401,I001
+# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2, Z-Image, HunyuanVideo 1.5,
+# LTX-2) is `FAMILIES`' and the presets'
+from . import flux, sd3, wan, qwen_image, flux2, z_image, hunyuan_video15, ltx2  # noqa: E402,F401,I001
