@@ -7,9 +7,12 @@ prints, or with --write rewrites, the MAC section of BENCHMARKS.md (between the 
 """
 
 import argparse
+import inspect
 import math
 from pathlib import Path
 from types import SimpleNamespace
+
+import diffusers
 
 from harmonica.families import family_of
 from harmonica.files import write_file
@@ -38,6 +41,17 @@ def mac_table(presets=REAL_MODELS) -> list:
     return rows
 
 
+def image_tokens(spec) -> int:
+    """The image (video) tokens of one forward of a `FlowModel` at its native size: latent frames x the latent grid
+    over the family's token side (its VAE factor x the task's patch; the config's defaults filled from its class)."""
+    family = family_of(spec.class_name)
+    parameters = inspect.signature(getattr(diffusers, spec.class_name).__init__).parameters
+    config = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    side = family.vae_factor * family.task.patch(SimpleNamespace(**{**config, **spec.config}))
+    frames = family.latent_frames(spec.frames) if spec.frames else 1
+    return frames * math.prod(pixels // side for pixels in (spec.height, spec.width))
+
+
 def flow_mac_table(models=tuple(FLOW_MODELS)) -> list:
     """One row per flow model at its native size: GMACs per image (video) per forward, image and text tokens,
     and the share of each unit kind."""
@@ -45,13 +59,10 @@ def flow_mac_table(models=tuple(FLOW_MODELS)) -> list:
     for name in models:
         spec = FLOW_MODELS[name]
         count = count_macs(name)
-        family = family_of(spec.class_name)
-        frames = family.latent_frames(spec.frames) if spec.frames else 1
-        side = VAE_FACTOR * family.task.patch(SimpleNamespace(**spec.config))  # pixels per token side
         rows.append({
             "model": name,
             "size": f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else ""),
-            "image_tokens": frames * math.prod(pixels // side for pixels in (spec.height, spec.width)),
+            "image_tokens": image_tokens(spec),
             "text_tokens": spec.text_tokens,
             "units": len(count.names),
             "gmacs": count.total / 1e9,

@@ -207,6 +207,17 @@ def test_flow_table_and_section(monkeypatch):
     assert "| tiny-dit | 64 | 16 | 4 |" in section and "| tiny-wan | 32x48x5 |" in section
 
 
+def test_image_tokens_of_every_real_flow_model():
+    """The token column of the flow MAC table at each hub model's native size: its latent frames x its latent grid over
+    the family's token side (8x VAE and 2 x 2 packing or patch 2; HunyuanVideo 1.5's 16x VAE, patch 1; LTX-2's 32x)."""
+    from harmonica.bench.macs import image_tokens
+
+    expected = {"flux.1-dev-1024": 4096, "sd3.5-large-1024": 4096, "wan2.1-t2v-1.3b-480p": 21 * 30 * 52,
+                "qwen-image-1328": 83 * 83, "flux.2-dev-1024": 4096, "z-image-turbo-1024": 4096,
+                "hunyuan-video15-480p-t2v": 31 * 30 * 53, "ltx-2-512x768": 16 * 24 * 16}
+    assert {name: image_tokens(spec) for name, spec in FLOW_MODELS.items()} == expected
+
+
 def z_image_block_macs(tokens, d, hidden):
     """One Z-Image block over `tokens`: q, k, v, out projections, QK^T and PV; the SwiGLU MLP's three matmuls."""
     return 4 * tokens * d * d + 2 * tokens * tokens * d, 3 * tokens * d * hidden
