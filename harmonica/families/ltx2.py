@@ -30,7 +30,7 @@ import torch
 
 from .. import adapters
 from ..adapters import Adapter
-from ..flow import VAE_FACTOR, FlowTask
+from ..flow import FlowTask
 from ..solvers import FlowMatchSchedule
 from . import Family, FlowModel, FlowPreset, register
 
@@ -231,11 +231,6 @@ class LTX2Task(FlowTask):
     prompt_keys = ("prompt_embeds", "audio_prompt_embeds", "prompt_attention_mask")
     negative_keys = ("negative_prompt_embeds", "negative_audio_prompt_embeds", "negative_prompt_attention_mask")
 
-    @classmethod
-    def patch(cls, cfg) -> int:
-        """Latent pixels of harmonica's 8x per token side: the 32x VAE's 4, times the config's patch."""
-        return VIDEO_FACTOR // VAE_FACTOR * cfg.patch_size
-
     def _latent_shape(self, cfg) -> tuple:
         """(F h w + A, C): the video tokens, then the audio tokens."""
         multiple = VIDEO_FACTOR * cfg.patch_size
@@ -326,8 +321,8 @@ def forward_size(cfg, sizes):
 
 
 def example_inputs(cfg, batch, h, w, text, frames):
-    """One forward's meta inputs: the video tokens of `frames` frames at h x w (8x latent pixels), the audio tokens of
-    as long, the text (B, L, D) for both streams."""
+    """One forward's meta inputs: the video tokens of `frames` frames at h x w (latent pixels of the 32x VAE), the
+    audio tokens of as long, the text (B, L, D) for both streams."""
     hs, ws, latent_frames = h // LTX2Task.patch(cfg), w // LTX2Task.patch(cfg), FAMILY.latent_frames(frames)
     audio = audio_frames(cfg, frames)
     return {"hidden_states": torch.empty(batch, latent_frames * hs * ws, cfg.in_channels, device="meta"),
@@ -370,6 +365,7 @@ PRESETS = {"ltx-2": FlowPreset.of(MODELS["ltx-2-512x768"], 30, 3.0),
            "tiny-ltx2": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 30, 3.0, frames=9, vae=TINY_VAE)}
 
 FAMILY = register(Family("ltx-2", TRANSFORMER, PIPELINE, "AutoencoderKLLTX2Video", LTX2Task, SCHEDULE, encode,
-                         example_inputs, MODELS, PRESETS, frame_factor=FRAME_FACTOR, forward_size=forward_size,
+                         example_inputs, MODELS, PRESETS, frame_factor=FRAME_FACTOR, vae_factor=VIDEO_FACTOR,
+                         forward_size=forward_size,
                          first_block_cache="diffusers' cache hooks have no registration of its two-stream block "
                                            "LTX2VideoTransformerBlock"))
