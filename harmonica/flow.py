@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .kernels import solver_step
-from .solvers import flow_match_euler_table, set_flow_match_timesteps
+from .solvers import first_output, flow_match_euler_table, set_flow_match_timesteps
 
 VAE_FACTOR = 8  # pixels per latent pixel, every family but HunyuanVideo 1.5 (`Family.vae_factor`)
 SAMPLER = "FlowMatchEulerDiscreteScheduler"
@@ -187,10 +187,7 @@ class FlowTask:
     def _model_inputs(self, model_in, t, prompts: dict) -> dict:
         raise NotImplementedError
 
-    def output(self, result) -> torch.Tensor:
-        """The model output the solver steps (B, *latent_shape), from the forward's return (a tuple or a diffusers
-        output): its first element (LTX-2: both of its streams)."""
-        return result[0]
+    output = staticmethod(first_output)  # the model output the solver steps (B, *latent_shape)
 
     def velocity(self, out: torch.Tensor) -> torch.Tensor:
         """The model output as the solver steps it (4-D): the raw output, guided by `solver_step` when

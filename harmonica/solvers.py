@@ -216,3 +216,9 @@ def scheduler_table(scheduler) -> StepTable:
     if name not in builders:
         raise ValueError(f"scheduler: expected one of {sorted(builders)} for a coefficient table, got {name}")
     return builders[name](scheduler)
+
+
+def first_output(result) -> torch.Tensor:
+    """The model output a solver steps, from a transformer forward's return (a tuple or a diffusers output): its
+    first element (the tasks' `output`; LTX-2's task joins both of its streams instead)."""
+    return result[0]

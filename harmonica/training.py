@@ -42,6 +42,7 @@ from .kernels import solver_step
 from .router import LOGIT_BOUND, Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
 from .samplers import dit_ddim_table, dit_guidance, dit_null_labels
 from .schedule import CacheSchedule
+from .solvers import first_output
 from .units import cached_units
 
 OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
@@ -159,6 +160,8 @@ def task_macs(task):
 class DiTTask:
     """Class-conditional DiT sampled by the original DiT DDIM (guidance on 3 eps channels)."""
 
+    output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
+
     sampler = "dit-ddim"
 
     def __init__(self, transformer, num_steps: int, guidance: float):
@@ -231,6 +234,8 @@ def load_prompt_embeddings(path, caption_channels: int | None = None, option: st
 class PixArtTask:
     """Text-conditional PixArt sampled by a diffusers scheduler, as the PixArt pipelines run it:
     [negative, positive] CFG batch, guidance on the eps channels, learned sigma dropped."""
+
+    output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
 
     def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
