@@ -223,6 +223,11 @@ def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer
                                   "diffusers CacheMixin")
         if num_steps is None:
             raise ValueError("num_steps: expected the step count for magcache, got None")
+        unregistered = sorted(unregistered_block_classes(transformer))
+        if unregistered:
+            raise PeerUnavailable(f"magcache: diffusers' MagCache does not run {type(transformer).__name__} (its "
+                                  f"block class {', '.join(unregistered)} is not in diffusers' "
+                                  "TransformerBlockRegistry)")
         return MagCache(transformer, float(config.param) if config.param else MAGCACHE_THRESHOLD, num_steps)
     if config.kind == "fbcache":
         family = FAMILIES.get(type(transformer).__name__)
@@ -235,6 +240,23 @@ def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer
     return DiffusersHooks(transformer, apply_taylorseer_cache, TaylorSeerCacheConfig(
         cache_interval=interval, disable_cache_before_step=TAYLORSEER_WARMUP, max_order=1,
         taylor_factors_dtype=transformer.dtype, cache_identifiers=[unit_pattern(transformer)]))
+
+
+def unregistered_block_classes(transformer) -> set:
+    """Names of the transformer's block classes that diffusers' cache hooks cannot read (not in its
+    TransformerBlockRegistry); empty when this diffusers has no such registry to ask."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:
+        return set()
+    names = set()
+    for _, blocks in block_lists(transformer):
+        for block in blocks:
+            try:
+                TransformerBlockRegistry.get(type(block))
+            except ValueError:
+                names.add(type(block).__name__)
+    return names
 
 
 def num_blocks(transformer) -> int:

@@ -572,6 +572,21 @@ def test_magcache_calibrates_its_ratios(tiny_flux):
         make_peer(parse_config("magcache"), build_pipeline("tiny-dit", random_weights=True).transformer, 10)
 
 
+@pytest.mark.parametrize("name,block", [("tiny-hunyuan-video15", "HunyuanVideo15TransformerBlock"),
+                                        ("tiny-ltx2", "LTX2VideoTransformerBlock")])
+def test_magcache_on_a_block_diffusers_has_not_registered_is_a_stated_skip(name, block):
+    """MagCache hooks read each block through diffusers' TransformerBlockRegistry: a transformer whose block class is
+    not there is a skip with that reason before any work, not a failed row."""
+    from harmonica.models import build_transformer
+
+    transformer = build_transformer(name)
+    assert peers.unregistered_block_classes(transformer) == {block}
+    with pytest.raises(peers.PeerUnavailable, match=f"^magcache: diffusers' MagCache does not run .* \\(its block "
+                                                    f"class {block} is not in diffusers' TransformerBlockRegistry\\)$"):
+        make_peer(parse_config("magcache"), transformer, 10)
+    assert peers.unregistered_block_classes(build_transformer("tiny-flux")) == set()
+
+
 def test_leftovers_names_a_patched_forward(tiny_dit):
     assert peers.leftovers(tiny_dit) == []
     block = tiny_dit.transformer_blocks[1]
