@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .kernels import solver_step
 from .solvers import first_output, flow_match_euler_table, set_flow_match_timesteps
 
-VAE_FACTOR = 8  # pixels per latent pixel, every family but HunyuanVideo 1.5 (`Family.vae_factor`)
+VAE_FACTOR = 8  # pixels per latent pixel: DiT, PixArt, and `Family.vae_factor` by default
 SAMPLER = "FlowMatchEulerDiscreteScheduler"
 
 

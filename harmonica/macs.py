@@ -17,10 +17,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .families import FAMILIES, family_of
+from .flow import VAE_FACTOR  # DiT's and PixArt's too; a family's own: `Family.vae_factor`
 from .models import FLOW_MODELS, FLOW_PRESETS, PRESETS
 from .units import units_of
 
-VAE_FACTOR = 8  # pixels per latent pixel (the VAEs of DiT, PixArt and the families but `Family.vae_factor`'s)
 PATCH = 2  # latent pixels per token side of packed latents (2 x 2 latents in one token)
 DIT_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 

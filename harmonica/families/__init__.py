@@ -15,6 +15,7 @@ of this file, plus its tests (tests/test_families.py checks that no other source
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..flow import VAE_FACTOR
 from ..solvers import FlowMatchSchedule
 
 # the random 8x KL VAE of the tiny presets (DiT, PixArt, FLUX.1, FLUX.2, SD3): 4 levels of 8 channels
@@ -113,7 +114,7 @@ class Family:
     arguments: tuple = ("hidden_states", "timestep", "encoder_hidden_states")
     timestep_rises: bool = False
     frame_factor: int | None = None  # video: its VAE's temporal compression f (latent frames = (frames - 1) / f + 1)
-    vae_factor: int = 8
+    vae_factor: int = VAE_FACTOR
     meta_mode: Callable | None = None
     # (config, the forward's int arguments) -> (height, width, frames) pixels of the forward, where its hidden_states'
     # shape does not tell them (LTX-2's packed video tokens: its num_frames, height, width); None: the shape tells
