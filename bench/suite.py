@@ -215,15 +215,15 @@ class Workload:
         self.seed = options.seed
         pipe = build_pipeline(name, random_weights=not options.real_weights, seed=options.seed)
         move_pipeline(pipe, self.device, self.dtype)
-        self.family = self.spec.family
-        self.family.use_sampler(pipe, self.spec.sampler)
+        family = self.spec.family
+        family.use_sampler(pipe, self.spec.sampler)
         self.pipe = pipe
         self.macs = count_macs(name)
-        self.has_text_encoder = self.family.text_conditional and options.real_weights
+        self.has_text_encoder = family.text_conditional and options.real_weights
         self.prompt = None
-        if self.family.text_conditional and not options.real_weights:
-            self.prompt = self.family.random_prompt(name, torch.Generator().manual_seed(options.seed), self.device,
-                                                    self.dtype)
+        if family.text_conditional and not options.real_weights:
+            self.prompt = family.random_prompt(name, torch.Generator().manual_seed(options.seed), self.device,
+                                               self.dtype)
 
     @property
     def sampler(self) -> str:
@@ -232,7 +232,7 @@ class Workload:
     def enable_target(self):
         """What `harmonica.enable` takes: the pipeline for PixArt (its scheduler starts generations),
         the transformer for DiT (the DDIM loop starts them): `Family.enable_pipeline`."""
-        return self.pipe if self.family.enable_pipeline else self.pipe.transformer
+        return self.pipe if self.spec.family.enable_pipeline else self.pipe.transformer
 
     def encode(self):
         """PixArt with a text encoder: the prompt's embeddings (timed); None for the others."""
@@ -242,7 +242,7 @@ class Workload:
     def loop(self, prompt, num_steps: int, transformer):
         """Latents (1, C, h, w) after `num_steps` denoising steps of the seed's noise."""
         generator = torch.Generator().manual_seed(self.seed)
-        return self.family.latents(self.pipe, transformer, prompt, self.sampler, num_steps, generator)
+        return self.spec.family.latents(self.pipe, transformer, prompt, self.sampler, num_steps, generator)
 
     def decode(self, latents):
         vae = self.pipe.vae
