@@ -113,8 +113,9 @@ class Family:
     scheduler: how its pipeline sets the flow-matching timesteps; None for the "pipeline" loop (its samplers).
     encode: (pipe, prompts (P strings), negative prompt or None, extra encode_prompt kwargs) -> {name: tensor}, the
         pipeline's `encode_prompt` outputs under the names the task reads (`prompts.encode_prompts`).
-    example_inputs: (config, batch, latent h, latent w, text (B, L, D) meta tensor, frames) -> the transformer's
-        forward kwargs on the meta device (`macs.count_macs`); h, w already checked against the task's multiple.
+    example_inputs: (config, batch, latent h, latent w, text (B, L, D) meta tensor or None where the task's text_dim
+        is None (DiT), frames) -> the transformer's forward kwargs on the meta device (`macs.count_macs`); h, w already
+        checked against the task's multiple.
     cache_dit: (the transformer's block list, cache-dit ForwardPattern name) for cache-dit's BlockAdapter, where
         cache-dit has no adapter for the transformer alone; None: cache-dit takes the transformer as it is.
     first_block_cache: why diffusers' First Block Cache cannot run this transformer, or None when it can.
@@ -152,12 +153,12 @@ class Family:
     transformer: str  # diffusers transformer class name (the key of `FAMILIES`)
     pipeline: str  # diffusers pipeline class whose loop the task is
     vae: str  # diffusers VAE class of its pipelines
-    task: type  # its flow.FlowTask subclass
+    task: type  # its training task: a flow.FlowTask subclass, DiTTask, PixArtTask (`patch(cfg)`, `text_dim` for MACs)
     scheduler: FlowMatchSchedule | None
     encode: Callable | None
     example_inputs: Callable
     models: dict = field(default_factory=dict)  # name -> FlowModel (hub configs at the native size)
-    presets: dict = field(default_factory=dict)  # name -> FlowPreset (real and tiny)
+    presets: dict = field(default_factory=dict)  # name -> FlowPreset or ModelPreset (real and tiny)
     cache_dit: tuple | None = None
     first_block_cache: str | None = None
     blocks: tuple = ()
