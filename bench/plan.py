@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from harmonica import parallel
+from harmonica.families import FLOW_LOOP
 from harmonica.macs import VAE_FACTOR, count_macs
 from harmonica.models import preset
 from harmonica.schedule import CacheSchedule
@@ -79,10 +80,10 @@ def decode_macs(name: str) -> float:
     import diffusers
 
     spec = preset(name)
-    if spec.is_flow:
+    if spec.family.loop == FLOW_LOOP:
         return 0.0
     with torch.device("meta"):
-        vae = diffusers.AutoencoderKL(**spec.vae)
+        vae = getattr(diffusers, spec.family.vae)(**spec.vae)
         side = spec.resolution // VAE_FACTOR
         latents = torch.empty(1, vae.config.latent_channels, side, side)
     counter = FlopCounterMode(display=False)
@@ -170,7 +171,7 @@ def _flow_batch(name: str) -> int | None:
     import diffusers
 
     spec = preset(name)
-    if not spec.is_flow or getattr(diffusers, spec.class_name)._cp_plan is None:
+    if getattr(diffusers, spec.class_name)._cp_plan is None:  # (DiT's and PixArt's classes have none)
         return None
     return 2 if spec.family.task.cfg and spec.guidance > 1 else 1
 

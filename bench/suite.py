@@ -53,17 +53,9 @@ from harmonica.models import (
     load_transformer,
     move_pipeline,
     preset,
-    random_prompt_embeds,
 )
 from harmonica.router import Router
-from harmonica.samplers import (
-    PIXART_PROMPT_KEYS,
-    TABLE_SAMPLERS,
-    default_steps,
-    dit_ddim_sample,
-    pixart_sample,
-    use_pixart_sampler,
-)
+from harmonica.samplers import PIXART_PROMPT_KEYS, TABLE_SAMPLERS, default_steps
 from harmonica.schedule import CacheSchedule
 
 from .configs import (
@@ -86,7 +78,8 @@ from .timing import spread, timed
 @dataclass(frozen=True)
 class Matrix:
     """What a run covers when --models, --configs, --modes or --steps are not given. dit_steps: the step
-    counts of the real DiT-XL/2 models (the others run their sampler's default, 20)."""
+    counts of the real models sampled by `MATRIX_SAMPLER`, DiT-XL/2's (the others run their sampler's default,
+    20)."""
 
     models: tuple
     configs: tuple
@@ -107,7 +100,7 @@ MATRICES = {
 # pipeline's default (--steps to change)
 FLOW_MODELS = tuple(FLOW_PRESETS)
 FLOW_STEPS = 20
-DIT_CLASS, DIT_GUIDANCE, PIXART_GUIDANCE = 207, 1.5, 4.5
+MATRIX_SAMPLER = "dit-ddim"  # the sampler of `Matrix.dit_steps`
 PROMPT = "A small cactus with a happy face in the Sahara desert."
 
 
@@ -173,7 +166,7 @@ class SuiteOptions:
             return (FLOW_STEPS if name.startswith("tiny-") else FLOW_PRESETS[name].steps,)
         spec = preset(name)
         native = default_steps(spec.sampler)
-        if self.quick or spec.is_pixart or name not in REAL_MODELS:
+        if self.quick or spec.sampler != MATRIX_SAMPLER or name not in REAL_MODELS:
             return (native,)
         return self.matrix.dit_steps
 
@@ -202,15 +195,12 @@ def select_models(models, resolutions, defaults: tuple) -> list:
 
 def resolution(name: str) -> int:
     """Pixels per side of a preset (a flow preset: its height)."""
-    spec = preset(name)
-    return spec.height if spec.is_flow else spec.resolution
+    return preset(name).height
 
 
 def model_macs(name: str, transformer=None):
-    """`count_macs` of a preset at its size (a flow preset: its height, width, frames and prompt tokens)."""
+    """`count_macs` of a preset at its size: its height, width, frames and prompt tokens."""
     spec = preset(name)
-    if not spec.is_flow:
-        return count_macs(name)
     return count_macs(transformer if transformer is not None else name, spec.height, spec.width,
                       caption_tokens=spec.text_tokens, frames=spec.frames)
 
@@ -225,18 +215,15 @@ class Workload:
         self.seed = options.seed
         pipe = build_pipeline(name, random_weights=not options.real_weights, seed=options.seed)
         move_pipeline(pipe, self.device, self.dtype)
-        if self.spec.is_pixart:
-            use_pixart_sampler(pipe, self.spec.sampler)
+        family = self.spec.family
+        family.use_sampler(pipe, self.spec.sampler)
         self.pipe = pipe
         self.macs = count_macs(name)
-        self.has_text_encoder = self.spec.is_pixart and options.real_weights
+        self.has_text_encoder = family.text_conditional and options.real_weights
         self.prompt = None
-        if self.spec.is_pixart and not options.real_weights:
-            embeds = random_prompt_embeds(name, 1, torch.Generator().manual_seed(options.seed))
-            embeds = embeds.to(self.device, self.dtype)
-            mask = torch.ones(embeds.shape[:2], device=self.device)
-            self.prompt = {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_prompt": None,
-                           "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
+        if family.text_conditional and not options.real_weights:
+            self.prompt = family.random_prompt(name, torch.Generator().manual_seed(options.seed), self.device,
+                                               self.dtype)
 
     @property
     def sampler(self) -> str:
@@ -244,8 +231,8 @@ class Workload:
 
     def enable_target(self):
         """What `harmonica.enable` takes: the pipeline for PixArt (its scheduler starts generations),
-        the transformer for DiT (the DDIM loop starts them)."""
-        return self.pipe if self.spec.is_pixart else self.pipe.transformer
+        the transformer for DiT (the DDIM loop starts them): `Family.enable_pipeline`."""
+        return self.pipe if self.spec.family.enable_pipeline else self.pipe.transformer
 
     def encode(self):
         """PixArt with a text encoder: the prompt's embeddings (timed); None for the others."""
@@ -255,21 +242,7 @@ class Workload:
     def loop(self, prompt, num_steps: int, transformer):
         """Latents (1, C, h, w) after `num_steps` denoising steps of the seed's noise."""
         generator = torch.Generator().manual_seed(self.seed)
-        if not self.spec.is_pixart:
-            labels = torch.tensor([DIT_CLASS], device=self.device)
-            return dit_ddim_sample(transformer, labels, num_steps=num_steps, guidance_scale=DIT_GUIDANCE,
-                                   generator=generator)
-        original, self.pipe.transformer = self.pipe.transformer, transformer
-        try:
-            if self.sampler == "dpm-solver++":
-                return pixart_sample(self.pipe, **{k: prompt[k] for k in PIXART_PROMPT_KEYS}, num_steps=num_steps,
-                                     guidance_scale=PIXART_GUIDANCE, generator=generator, height=self.spec.resolution,
-                                     width=self.spec.resolution)
-            return self.pipe(**prompt, num_inference_steps=num_steps, guidance_scale=PIXART_GUIDANCE,
-                             generator=generator, height=self.spec.resolution, width=self.spec.resolution,
-                             use_resolution_binning=False, output_type="latent").images
-        finally:
-            self.pipe.transformer = original
+        return self.spec.family.latents(self.pipe, transformer, prompt, self.sampler, num_steps, generator)
 
     def decode(self, latents):
         vae = self.pipe.vae

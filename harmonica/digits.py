@@ -1,7 +1,7 @@
 """digits-dit and digits-flux: small class-conditional transformers that really learned something, for
 proving routers on CPU.
 
-The model is diffusers' `DiTTransformer2DModel` (6 blocks, hidden 64, 12 units) trained as a
+The model is diffusers' DiT transformer (`families.dit`; 6 blocks, hidden 64, 12 units) trained as a
 pixel-space diffusion model (DiT's linear beta schedule, eps prediction, 10% label dropout for
 guidance) on scikit-learn's 1797 handwritten 8x8 digits, scaled to [-1, 1] (16 tokens). A small CNN
 trained on the same digits gives class accuracy and 64-d features for a Fréchet distance against
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from .families import flux
+from .families import dit, flux
 from .files import write_file
 from .samplers import dit_alphas_cumprod, dit_ddim_sample
 
@@ -55,9 +55,9 @@ FLUX_PIXELS = SIZE * 8  # the size the FLUX task is given: its latents are 8x sm
 
 
 def build_digits_dit():
-    from diffusers import DiTTransformer2DModel
+    import diffusers
 
-    return DiTTransformer2DModel(**DIT_CONFIG)
+    return getattr(diffusers, dit.TRANSFORMER)(**DIT_CONFIG)
 
 
 def load_digits_dit():
@@ -110,9 +110,7 @@ class DigitsDiT:
         self.transformer = load_digits_dit()
 
     def task(self, num_steps: int, guidance: float):
-        from .training import DiTTask
-
-        return DiTTask(self.transformer, num_steps, guidance)
+        return dit.DiTTask(self.transformer, num_steps, guidance)
 
     def latents(self, images: torch.Tensor) -> torch.Tensor:
         return images

@@ -1,5 +1,5 @@
-"""Multiply-accumulates per cached unit of a diffusers transformer: DiT, PixArt and the flow-matching
-families' models (harmonica/families; `models.FLOW_MODELS` and `models.FLOW_PRESETS`).
+"""Multiply-accumulates per cached unit of a diffusers transformer of a family (harmonica/families): the DiT and
+PixArt presets (`models.PRESETS`) and the flow-matching models (`models.FLOW_MODELS` and `models.FLOW_PRESETS`).
 
 Counted by `torch.utils.flop_counter.FlopCounterMode` on the meta device: no weights, no compute,
 seconds at any resolution (4-9 s for each real flow model on 2 CPU cores). MACs = FLOPs / 2. A unit's
@@ -17,12 +17,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .families import FAMILIES, family_of
-from .flow import VAE_FACTOR  # DiT's and PixArt's too; a family's own: `Family.vae_factor`
+from .flow import VAE_FACTOR  # a family's own: `Family.vae_factor`
 from .models import FLOW_MODELS, FLOW_PRESETS, PRESETS
 from .units import units_of
 
 PATCH = 2  # latent pixels per token side of packed latents (2 x 2 latents in one token)
-DIT_CLASSES = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class MacCount:
 def _diffusers_class(class_name: str):
     import diffusers
 
-    classes = DIT_CLASSES + tuple(FAMILIES)
+    classes = tuple(FAMILIES)
     if class_name not in classes:
         raise ValueError(f"model: expected a transformer of {', '.join(classes)}, got {class_name}")
     return getattr(diffusers, class_name)
@@ -73,37 +72,22 @@ def _latent_side(pixels: int, factor: int, multiple: int, name: str, size: str) 
 
 def _example_inputs(model, batch: int, height: int, width: int, text_tokens: int, frames: int | None) -> dict:
     """Meta tensors of one forward of `model` on `batch` images (videos) of height x width pixels."""
-    cfg, name = model.config, type(model).__name__
-    family = FAMILIES.get(name)
-    factor = VAE_FACTOR if family is None else family.vae_factor
-    multiple = factor * (family.task.patch(cfg) if family is not None else cfg.patch_size)
+    cfg, family = model.config, family_of(model)
+    factor = family.vae_factor
+    multiple = factor * family.task.patch(cfg)
     h, w = (_latent_side(p, factor, multiple, "height, width", f"{height}x{width}") for p in (height, width))
-    meta = dict(device="meta")
-    if family is not None:
-        text = torch.empty(batch, text_tokens, cfg[family.task.text_dim], **meta)
-        return family.example_inputs(cfg, batch, h, w, text, frames)
-    inputs = dict(hidden_states=torch.empty(batch, cfg.in_channels, h, w, **meta),
-                  timestep=torch.zeros(batch, dtype=torch.long, **meta))
-    if name == "DiTTransformer2DModel":
-        inputs["class_labels"] = torch.zeros(batch, dtype=torch.long, **meta)
-        return inputs
-    inputs["encoder_hidden_states"] = torch.empty(batch, text_tokens, cfg.caption_channels, **meta)
-    inputs["added_cond_kwargs"] = (
-        {"resolution": torch.empty(batch, 2, **meta), "aspect_ratio": torch.empty(batch, 1, **meta)}
-        if model.use_additional_conditions else {"resolution": None, "aspect_ratio": None})
-    return inputs
+    text_dim = family.task.text_dim  # None: a class-conditional family
+    text = None if text_dim is None else torch.empty(batch, text_tokens, cfg[text_dim], device="meta")
+    return family.example_inputs(cfg, batch, h, w, text, frames)
 
 
 def _spec(model):
     """(class name, config, height, width, text tokens, frames) of a preset name or a model instance."""
     if isinstance(model, str):
-        if model in FLOW_MODELS or model in FLOW_PRESETS:
-            spec = FLOW_MODELS.get(model) or FLOW_PRESETS[model]
-            return spec.class_name, spec.config, spec.height, spec.width, spec.text_tokens, spec.frames
-        if model not in PRESETS:
+        spec = FLOW_MODELS.get(model) or FLOW_PRESETS.get(model) or PRESETS.get(model)
+        if spec is None:
             raise ValueError(f"model: expected one of {sorted({*PRESETS, *FLOW_MODELS})}, got {model!r}")
-        spec = PRESETS[model]
-        return spec.class_name, spec.config, spec.resolution, spec.resolution, spec.caption_tokens, None
+        return spec.class_name, spec.config, spec.height, spec.width, spec.text_tokens, spec.frames
     sample_size = model.config.get("sample_size")
     resolution = sample_size * VAE_FACTOR if isinstance(sample_size, int) else None
     return type(model).__name__, dict(model.config), resolution, resolution, 120, None

@@ -1,74 +1,30 @@
-"""Model presets: the real DiT/PixArt checkpoints, the flow-matching models (every family's hub configs and
-presets, harmonica/families, gathered in `FLOW_MODELS` and `FLOW_PRESETS`) and tiny random models for tests and
-CPU runs.
+"""Model presets, gathered from the families (harmonica/families): the DiT/PixArt checkpoints (`PRESETS`), the
+flow-matching models (every family's hub configs and presets, `FLOW_MODELS` and `FLOW_PRESETS`) and tiny random
+models for tests and CPU runs.
 
-A preset gives the transformer config (overrides of diffusers' defaults, which are the XL/2
-sizes), its native resolution, the hub id of its pipeline, the pipeline class and the default
-sampler. `build_pipeline` loads the weights or, with `random_weights`, builds every part from its
+A preset gives the transformer config, its native size, the hub id of its pipeline, the pipeline class and the
+sampler defaults. `build_pipeline` loads the weights or, with `random_weights`, builds every part from its
 config (no network): random weights make the same computation, so timing and caching behave alike.
 """
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
-from .families import FAMILIES, TINY_VAE, FlowPreset, family_of
-
-TINY_DIT = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "sample_size": 8, "out_channels": 8}
-TINY_PIXART = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "sample_size": 8,
-               "cross_attention_dim": 16, "caption_channels": 32}
-SD_VAE = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
-          "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2}
+from .families import FAMILIES, FLOW_LOOP, PIPELINE_LOOP, FlowPreset, ModelPreset, family_of
 
 
-@dataclass(frozen=True)
-class ModelPreset:
-    class_name: str  # DiTTransformer2DModel or PixArtTransformer2DModel
-    config: dict
-    resolution: int  # pixels per side
-    caption_tokens: int = 0  # PixArt text length
-    hub_id: str | None = None
-    pipeline: str = "DiTPipeline"
-    sampler: str = "dit-ddim"
-    vae: dict = field(default_factory=lambda: SD_VAE)
-
-    @property
-    def is_pixart(self) -> bool:
-        return self.class_name == "PixArtTransformer2DModel"
-
-    is_flow = False
+def _presets(loop: str) -> dict:
+    """{name: preset} of the families sampled by `loop` (`Family.loop`), the real ones first."""
+    return {name: spec for real in (True, False) for family in FAMILIES.values() if family.loop == loop
+            for name, spec in family.presets.items() if (name.startswith("tiny")) != real}
 
 
-def _dit(sample_size, hub_id):
-    return ModelPreset("DiTTransformer2DModel", {"sample_size": sample_size, "out_channels": 8}, sample_size * 8,
-                       hub_id=hub_id)
-
-
-def _pixart(sample_size, hub_id, pipeline="PixArtAlphaPipeline", tokens=120, **config):
-    return ModelPreset("PixArtTransformer2DModel", {"sample_size": sample_size, "caption_channels": 4096, **config},
-                       sample_size * 8, tokens, hub_id, pipeline, "dpm-solver++")
-
-
-PRESETS = {
-    "dit-xl-2-256": _dit(32, "facebook/DiT-XL-2-256"),
-    "dit-xl-2-512": _dit(64, "facebook/DiT-XL-2-512"),
-    "pixart-alpha-256": _pixart(32, "PixArt-alpha/PixArt-XL-2-256x256"),
-    "pixart-alpha-512": _pixart(64, "PixArt-alpha/PixArt-XL-2-512x512"),
-    "pixart-alpha-1024": _pixart(128, "PixArt-alpha/PixArt-XL-2-1024-MS"),
-    "pixart-sigma-2048": _pixart(256, "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", "PixArtSigmaPipeline", 300,
-                                 use_additional_conditions=False),
-    "tiny-dit": ModelPreset("DiTTransformer2DModel", TINY_DIT, 64, vae=TINY_VAE),
-    "tiny-pixart": ModelPreset("PixArtTransformer2DModel", TINY_PIXART, 64, 8, pipeline="PixArtAlphaPipeline",
-                               sampler="dpm-solver++", vae=TINY_VAE),
-}
+PRESETS = _presets(PIPELINE_LOOP)  # DiT's and PixArt's (harmonica/families/dit.py, pixart.py)
 REAL_MODELS = tuple(name for name in PRESETS if not name.startswith("tiny"))
-
-
 # every flow-matching family's presets (harmonica/families), the real ones first
-FLOW_PRESETS = {name: spec for real in (True, False) for family in FAMILIES.values()
-                for name, spec in family.presets.items() if (name.startswith("tiny")) != real}
+FLOW_PRESETS = _presets(FLOW_LOOP)
 FLOW_MODELS = {name: model for family in FAMILIES.values() for name, model in family.models.items()}
 
 
@@ -128,7 +84,7 @@ def load_text_encoders(name: str, *, weights: str | None = None, dtype: torch.dt
     import diffusers
 
     spec = preset(name)
-    if not (spec.is_pixart or spec.is_flow):
+    if not spec.family.text_conditional:
         raise ValueError(f"model: expected a text-conditional model (PixArt or a flow model), got {name} (class-"
                          f"conditional: no text encoder)")
     pipeline_class = getattr(diffusers, spec.pipeline)
@@ -161,11 +117,8 @@ def build_pipeline(name: str, *, weights: str | None = None, random_weights: boo
     if not random_weights:
         return _from_hub(name, weights or spec.hub_id, pipeline_class.from_pretrained)
     transformer = build_transformer(name, seed=seed)
-    vae = diffusers.AutoencoderKL(**spec.vae).eval()
-    if spec.is_pixart:
-        return pipeline_class(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                              scheduler=diffusers.DPMSolverMultistepScheduler())
-    return pipeline_class(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler())
+    vae = getattr(diffusers, spec.family.vae)(**spec.vae).eval()
+    return spec.family.random_pipeline(pipeline_class, transformer, vae)
 
 
 def move_pipeline(pipe, device, dtype: torch.dtype) -> None:

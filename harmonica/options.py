@@ -158,8 +158,7 @@ def model_kind(name: str) -> str:
 
     if name in DIGITS_MODELS:
         return "digits"
-    spec = preset(name)
-    return "flow" if spec.is_flow else "pixart" if spec.is_pixart else "dit"
+    return preset(name).family.kind
 
 
 def context(command: str, args) -> dict:

@@ -1,12 +1,9 @@
 """Prompt embeddings written once by a pipeline's own text encoders, so that training and sampling never load
 one: `encode_prompts` runs the pipeline's `encode_prompt` on a list of prompts and the negative prompt and names
-the outputs as the tasks read them (`training.load_prompt_embeddings` for PixArt, `flow.load_flow_embeddings`
+the outputs as the tasks read them (`families.pixart.load_prompt_embeddings` for PixArt, `flow.load_flow_embeddings`
 for the flow-matching families); `save_prompt_embeddings` writes them to a safetensors file
-(`harmonica embed` on the command line).
-
-PixArt-α/Σ (P prompts, L tokens): prompt_embeds (P, L, 4096), prompt_attention_mask (P, L), negative_embeds
-(1, L, 4096), negative_attention_mask (1, L). The flow-matching families' encoders and names are in their modules
-(harmonica/families, `Family.encode`).
+(`harmonica embed` on the command line). Each family's encoder and names are in its module (harmonica/families,
+`Family.encode`).
 """
 
 from pathlib import Path
@@ -16,29 +13,19 @@ import torch
 from .families import FAMILIES
 
 
-def _pixart(pipe, prompts, negative, extra):
-    embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
-        prompts, do_classifier_free_guidance=True, negative_prompt="" if negative is None else negative,
-        num_images_per_prompt=1, **extra)
-    return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_embeds": negative_embeds[:1],
-            "negative_attention_mask": negative_mask[:1]}
-
-
-PIXART_ENCODERS = {"PixArtAlphaPipeline": _pixart, "PixArtSigmaPipeline": _pixart}
-
-
 def encoders() -> dict:
     """{pipeline class name: encoder (pipe, prompts, negative prompt or None, extra kwargs) -> {name: tensor}}:
-    PixArt's and each flow-matching family's (`Family.encode`)."""
-    return {**PIXART_ENCODERS, **{family.pipeline: family.encode for family in FAMILIES.values()}}
+    each text-conditional family's (`Family.encode`), for its pipeline and its presets' (PixArt-Σ's)."""
+    return {pipeline: family.encode for family in FAMILIES.values() if family.text_conditional
+            for pipeline in (family.pipeline, *(spec.pipeline for spec in family.presets.values()))}
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list, negative_prompt: str | None = None,
                    max_sequence_length: int | None = None) -> dict:
     """{name: CPU tensor} of the pipeline's text-encoder outputs for `prompts` (P strings) and `negative_prompt`
-    (the unconditional prompt; default "", none for FLUX.1), named as the module docstring (PixArt) or the family's
-    module lists.
+    (the unconditional prompt; default "", none for FLUX.1), named as the family's module
+    lists.
     `max_sequence_length`: the pipeline's default when None."""
     known = encoders()
     encoder = next((known[c.__name__] for c in type(pipe).__mro__ if c.__name__ in known), None)

@@ -1,6 +1,6 @@
 """Samplers (method.md section 7). Every result names the one it used.
 
-- "dit-ddim": the original DiT sampler, which diffusers' `DiTPipeline` does not reproduce: DDIM with
+- "dit-ddim": the original DiT sampler, which diffusers' DiT pipeline does not reproduce: DDIM with
   eta 0 on timesteps `round(linspace(0, 999, T))` (the respaced alphas, the last step to alpha_bar 1),
   classifier-free guidance on the first 3 of the 4 eps channels, learned sigma ignored.
 - PixArt, as scheduler swaps on the pipeline: "dpm-solver++" (20 steps), "sa-solver" (25),
@@ -16,7 +16,6 @@ captured graphs.
 import torch
 from tqdm.auto import tqdm
 
-from .api import begin_generation, step_runner
 from .kernels import solver_step
 from .router import dit_ddim_timesteps
 from .solvers import StepTable, ddim_table, dpm_solver_table
@@ -104,6 +103,8 @@ class SolverLoop:
     """
 
     def __init__(self, transformer, table: StepTable, latents: torch.Tensor, guidance: dict):
+        from .api import step_runner  # (the api imports the families, whose modules import this one)
+
         self.runner = step_runner(transformer)
         self.guidance, self.key = guidance, (table.name, tuple(sorted(guidance.items())))
         device = latents.device
@@ -171,6 +172,8 @@ def dit_ddim_sample(transformer, class_labels: torch.Tensor, *, num_steps: int =
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
     guided = guidance_scale > 1
     labels = dit_null_labels(class_labels, cfg.num_embeds_ada_norm) if guided else class_labels
+    from .api import begin_generation
+
     timesteps = dit_ddim_timesteps(num_steps)
     begin_generation(transformer, "dit-ddim", timesteps)
 

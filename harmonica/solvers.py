@@ -222,3 +222,13 @@ def first_output(result) -> torch.Tensor:
     """The model output a solver steps, from a transformer forward's return (a tuple or a diffusers output): its
     first element (the tasks' `output`; LTX-2's task joins both of its streams instead)."""
     return result[0]
+
+
+def guidance_combined(out: torch.Tensor, channels: int, scale: float, *, cond_first: bool) -> torch.Tensor:
+    """A CFG batch's output (2B, C_out, H, W) as the sampler uses it, in the same shape (the official
+    `forward_with_cfg`): the first `channels` channels `uncond + scale * (cond - uncond)` for both halves,
+    the other channels (unguided eps, learned variance) as they came."""
+    first, second = out[:, :channels].chunk(2)
+    cond, uncond = (first, second) if cond_first else (second, first)
+    eps = uncond + scale * (cond - uncond)
+    return torch.cat([torch.cat([eps, eps]), out[:, channels:]], dim=1)

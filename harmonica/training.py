@@ -38,11 +38,8 @@ from tqdm.auto import tqdm
 
 from .engine import CacheEngine
 from .files import append_line, file_bytes, write_file
-from .kernels import solver_step
-from .router import LOGIT_BOUND, Router, RouterInfo, describe_differences, dit_ddim_timesteps, load_tensors
-from .samplers import dit_ddim_table, dit_guidance, dit_null_labels
+from .router import LOGIT_BOUND, Router, RouterInfo, describe_differences, load_tensors
 from .schedule import CacheSchedule
-from .solvers import first_output
 from .units import cached_units
 
 OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
@@ -136,16 +133,6 @@ def initial_logits(init: str, num_steps: int, num_units: int, generator: torch.G
     return logits
 
 
-def guidance_combined(out: torch.Tensor, channels: int, scale: float, *, cond_first: bool) -> torch.Tensor:
-    """A CFG batch's output (2B, C_out, H, W) as the sampler uses it, in the same shape (the official
-    `forward_with_cfg`): the first `channels` channels `uncond + scale * (cond - uncond)` for both halves,
-    the other channels (unguided eps, learned variance) as they came."""
-    first, second = out[:, :channels].chunk(2)
-    cond, uncond = (first, second) if cond_first else (second, first)
-    eps = uncond + scale * (cond - uncond)
-    return torch.cat([torch.cat([eps, eps]), out[:, channels:]], dim=1)
-
-
 def task_macs(task):
     """The `MacCount` of one forward of the task's transformer (square DiT/PixArt latents; flow tasks count
     their own size)."""
@@ -155,129 +142,6 @@ def task_macs(task):
         return task.macs()
     size = task.latent_shape[-1] * VAE_FACTOR
     return count_macs(task.transformer, size, size)
-
-
-class DiTTask:
-    """Class-conditional DiT sampled by the original DiT DDIM (guidance on 3 eps channels)."""
-
-    output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
-
-    sampler = "dit-ddim"
-
-    def __init__(self, transformer, num_steps: int, guidance: float):
-        self.transformer, self.guidance = transformer, guidance
-        self.timesteps = dit_ddim_timesteps(num_steps)
-        self.table = dit_ddim_table(num_steps)
-        self.coefficients = None  # (T, 5) on the device of the first update
-        cfg = transformer.config
-        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        self.num_classes = cfg.num_embeds_ada_norm
-
-    def conditions(self, batch: int, generator: torch.Generator) -> dict:
-        return {"class_labels": torch.randint(0, self.num_classes, (batch,), generator=generator)}
-
-    def with_steps(self, num_steps: int) -> "DiTTask":
-        """The same task sampled with another step count."""
-        return DiTTask(self.transformer, num_steps, self.guidance)
-
-    def begin(self):
-        return None  # DDIM keeps no state between steps
-
-    def model_kwargs(self, x, cond, i: int) -> dict:
-        labels = cond["class_labels"].to(x.device)
-        guided = self.guidance > 1
-        model_in = torch.cat([x, x]) if guided else x
-        return {"hidden_states": model_in, "timestep": torch.full((model_in.shape[0],), self.timesteps[i],
-                                                                   device=x.device, dtype=torch.long),
-                "class_labels": dit_null_labels(labels, self.num_classes) if guided else labels}
-
-    def update(self, state, x, out, cond, i: int):
-        if self.coefficients is None or self.coefficients.device != x.device:
-            self.coefficients = self.table.tensor(x.device)
-        return solver_step(x, out, self.coefficients[i], **dit_guidance(self.guidance, x.shape[1]))[0]
-
-    def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
-        """`out` as the sampler uses it: guidance on the first 3 eps channels (none at guidance <= 1)."""
-        guidance = dit_guidance(self.guidance, channels)
-        if not guidance:
-            return out
-        return guidance_combined(out, guidance["guided_channels"], self.guidance, cond_first=True)
-
-
-EMBEDDING_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_embeds", "negative_attention_mask")
-
-
-def load_prompt_embeddings(path, caption_channels: int | None = None, option: str = "--embeds") -> dict:
-    """A safetensors file of precomputed T5 prompt embeddings for PixArt training:
-    prompt_embeds (P, L, C), prompt_attention_mask (P, L), negative_embeds (1, L, C) and
-    negative_attention_mask (1, L) (the empty prompt, PixArt's unconditional input); C the transformer's
-    `caption_channels` when given. One ValueError line naming `option` and the file for any defect."""
-    from .prompts import read_embeddings
-
-    tensors = read_embeddings(path, option)
-    missing = [k for k in EMBEDDING_KEYS if k not in tensors]
-    if missing:
-        raise ValueError(f"{option}: expected the keys {EMBEDDING_KEYS} in {path}, missing {missing}")
-    embeds = tensors["prompt_embeds"]
-    width = caption_channels or embeds.shape[-1]
-    prompts, tokens = embeds.shape[:2] if embeds.dim() == 3 else (-1, -1)  # -1: no shape matches
-    shapes = {"prompt_embeds": ((prompts, tokens, width), f"(prompts, tokens, {width})"),
-              "prompt_attention_mask": ((prompts, tokens), "(prompts, tokens)"),
-              "negative_embeds": ((1, tokens, width), f"(1, tokens, {width})"),
-              "negative_attention_mask": ((1, tokens), "(1, tokens)")}
-    for name, (shape, text) in shapes.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"{option}: expected {name} of shape {text} in {path}, got {tuple(tensors[name].shape)}")
-    return tensors
-
-
-class PixArtTask:
-    """Text-conditional PixArt sampled by a diffusers scheduler, as the PixArt pipelines run it:
-    [negative, positive] CFG batch, guidance on the eps channels, learned sigma dropped."""
-
-    output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
-
-    def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
-        self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
-        self.scheduler_class, self.scheduler_config = type(scheduler), scheduler.config
-        self.sampler = self.scheduler_class.__name__
-        self.timesteps = [int(t) for t in self.begin().timesteps.tolist()]
-        cfg = transformer.config
-        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        self.embeddings = embeddings
-
-    def conditions(self, batch: int, generator: torch.Generator) -> dict:
-        count = self.embeddings["prompt_embeds"].shape[0]
-        return {"prompt_index": torch.randint(0, count, (batch,), generator=generator)}
-
-    def begin(self):
-        scheduler = self.scheduler_class.from_config(self.scheduler_config)
-        scheduler.set_timesteps(self.num_steps)
-        return scheduler
-
-    def model_kwargs(self, x, cond, i: int) -> dict:
-        batch, e = x.shape[0], self.embeddings
-        index = cond["prompt_index"]
-        dtype = self.transformer.dtype
-        embeds = torch.cat([e["negative_embeds"].expand(batch, -1, -1), e["prompt_embeds"][index]])
-        mask = torch.cat([e["negative_attention_mask"].expand(batch, -1), e["prompt_attention_mask"][index]])
-        model_in = torch.cat([x, x])
-        added = {"resolution": None, "aspect_ratio": None}
-        if self.transformer.use_additional_conditions:
-            size = float(x.shape[-1] * 8)
-            added = {"resolution": torch.tensor([[size, size]], device=x.device, dtype=dtype).repeat(2 * batch, 1),
-                     "aspect_ratio": torch.ones(2 * batch, 1, device=x.device, dtype=dtype)}
-        return {"hidden_states": model_in, "encoder_hidden_states": embeds.to(x.device, dtype),
-                "encoder_attention_mask": mask.to(x.device), "added_cond_kwargs": added,
-                "timestep": torch.full((2 * batch,), self.timesteps[i], device=x.device)}
-
-    def update(self, state, x, out, cond, i: int):
-        eps = self.combined(out, x.shape[1])[:x.shape[0], :x.shape[1]]
-        return state.step(eps, self.timesteps[i], x).prev_sample
-
-    def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
-        """`out` as the sampler uses it: [negative, positive] halves, guidance on every eps channel."""
-        return guidance_combined(out, channels, self.guidance, cond_first=False)
 
 
 @contextlib.contextmanager

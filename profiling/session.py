@@ -15,11 +15,9 @@ from pathlib import Path
 
 from harmonica.bench.machine import REPO, machine_info
 from harmonica.files import write_file
-from harmonica.models import preset
-from harmonica.samplers import check_steps
 
 from . import ncu, nsys
-from .workload import add_arguments, workload_argv
+from .workload import add_arguments, check_workload_steps, workload_argv
 
 RESULTS = REPO / "profiling" / "results"
 INSTALL = {
@@ -103,8 +101,7 @@ def summarize(args, report: Path) -> tuple:
 
 
 def run(args) -> int:
-    if args.steps is not None and not preset(args.model).is_flow:  # the workload's sampler: the preset's
-        check_steps(preset(args.model).sampler, args.steps)
+    check_workload_steps(args.model, args.steps)
     require(args.tool)
     out = results_dir(args)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,11 @@ import torch
 
 from harmonica.api import enable, summary
 from harmonica.bench.configs import MODE_OPTIONS
+from harmonica.families import FLOW_LOOP, PIPELINE_LOOP
 from harmonica.images import generate
 from harmonica.models import FLOW_PRESETS, PRESETS, build_pipeline, load_transformer, move_pipeline, preset
 from harmonica.router import Router
-from harmonica.samplers import check_steps, default_steps, use_pixart_sampler
+from harmonica.samplers import check_steps, default_steps
 from harmonica.schedule import parse_schedule
 from harmonica.units import cached_units
 
@@ -68,8 +69,7 @@ def _pipeline_generation(args, spec, device):
     steps = args.steps or default_steps(spec.sampler)
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
     move_pipeline(pipe, device, torch.float16 if device == "cuda" else torch.float32)
-    if spec.is_pixart:
-        use_pixart_sampler(pipe, spec.sampler)  # before enable, which hooks the scheduler
+    spec.family.use_sampler(pipe, spec.sampler)  # before enable, which hooks the scheduler
     enable(pipe, _cache(args, steps, pipe.transformer), **MODE_OPTIONS[args.mode])
     return pipe, steps, lambda: generate(pipe, args, spec, spec.sampler, steps,
                                          torch.Generator().manual_seed(args.seed))
@@ -91,6 +91,17 @@ def _flow_generation(args, spec, device):
     return transformer, steps, lambda: flow_sample(task, first, generator=torch.Generator().manual_seed(args.seed))
 
 
+GENERATIONS = {FLOW_LOOP: _flow_generation, PIPELINE_LOOP: _pipeline_generation}  # by `Family.loop`
+TIMED = {FLOW_LOOP: "latents only", PIPELINE_LOOP: "decode included"}  # what a generation of each loop makes
+
+
+def check_workload_steps(model: str, steps: int | None) -> None:
+    """--steps against the sampler of the workload: a DiT/PixArt preset's own (the flow sampler takes any)."""
+    spec = preset(model)
+    if steps is not None and spec.family.loop == PIPELINE_LOOP:
+        check_steps(spec.sampler, steps)
+
+
 def _cache(args, steps: int, transformer):
     """The `--router`, else the `--config` schedule over the transformer's units."""
     if args.router:
@@ -101,13 +112,12 @@ def _cache(args, steps: int, transformer):
 def run(args) -> float:
     """Build, warm up and time one generation; returns its seconds (decode included)."""
     spec = preset(args.model)
-    if args.prompt_embeddings and not spec.is_flow:
+    loop = spec.family.loop
+    if args.prompt_embeddings and loop != FLOW_LOOP:
         raise ValueError(f"--prompt-embeddings: expected only with a flow model, got {args.model}")
-    if args.steps is not None and not spec.is_flow:
-        check_steps(spec.sampler, args.steps)
+    check_workload_steps(args.model, args.steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    build = _flow_generation if spec.is_flow else _pipeline_generation
-    pipe, steps, generation = build(args, spec, device)
+    pipe, steps, generation = GENERATIONS[loop](args, spec, device)
     profiled = device == "cuda"
     with nvtx.PipelineRanges(pipe), torch.inference_mode():
         for _ in range(args.warmup):
@@ -127,7 +137,7 @@ def run(args) -> float:
     print(f"model {args.model}, mode {args.mode}, {steps} steps, {device}")
     print(summary(pipe))
     print(f"timed generation: {elapsed * 1e3:.1f} ms after {args.warmup} warm-up "
-          f"({'latents only' if spec.is_flow else 'decode included'})")
+          f"({TIMED[loop]})")
     return elapsed
 
 

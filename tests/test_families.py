@@ -1,5 +1,5 @@
-"""The family registry (harmonica/families): one module per flow-matching family holds everything about it, and
-generic code asks `family_of` instead of naming a family's classes."""
+"""The family registry (harmonica/families): one module per family (flow-matching, DiT, PixArt) holds everything
+about it, and generic code asks `family_of` instead of naming a family's classes."""
 
 from pathlib import Path
 
@@ -8,15 +8,16 @@ import torch
 from test_flow import STEPS, pipeline_latents
 
 from harmonica.adapters import ADAPTERS, blocks_of
-from harmonica.families import FAMILIES, family_of, register
+from harmonica.families import FAMILIES, FLOW_LOOP, PIPELINE_LOOP, family_of, register
 from harmonica.flow import flow_task, random_flow_embeddings
-from harmonica.models import FLOW_MODELS, FLOW_PRESETS, build_transformer
+from harmonica.models import FLOW_MODELS, FLOW_PRESETS, PRESETS, build_transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(path for folder in ("harmonica", "bench", "profiling") for path in (ROOT / folder).rglob("*.py"))
 SHARED_VAE = "AutoencoderKL"  # DiT's, PixArt's, FLUX.1's and SD3's: no family's alone
+FLOW_FAMILIES = {name: family for name, family in FAMILIES.items() if family.loop == FLOW_LOOP}
 TINY = {family.transformer: [name for name in family.presets if name.startswith("tiny")]
-        for family in FAMILIES.values()}
+        for family in FLOW_FAMILIES.values()}
 
 
 def module_of(family) -> str:
@@ -28,16 +29,16 @@ def family_adapters(family) -> list:
 
 
 def test_the_registry_covers_every_flow_class_and_preset():
-    assert sorted(FAMILIES) == ["Flux2Transformer2DModel", "FluxTransformer2DModel", "HunyuanVideo15Transformer3DModel",
-                                "LTX2VideoTransformer3DModel",
-                                "QwenImageTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel",
-                                "ZImageTransformer2DModel"]
-    assert {spec.class_name for spec in FLOW_PRESETS.values()} == set(FAMILIES)
-    assert {model.class_name for model in FLOW_MODELS.values()} == set(FAMILIES)
+    assert sorted(FLOW_FAMILIES) == ["Flux2Transformer2DModel", "FluxTransformer2DModel",
+                                     "HunyuanVideo15Transformer3DModel", "LTX2VideoTransformer3DModel",
+                                     "QwenImageTransformer2DModel", "SD3Transformer2DModel", "WanTransformer3DModel",
+                                     "ZImageTransformer2DModel"]
+    assert {spec.class_name for spec in FLOW_PRESETS.values()} == set(FLOW_FAMILIES)
+    assert {model.class_name for model in FLOW_MODELS.values()} == set(FLOW_FAMILIES)
     # no two families name a preset or a model alike (the merged tables would silently keep one)
-    assert sum(len(family.presets) for family in FAMILIES.values()) == len(FLOW_PRESETS)
-    assert sum(len(family.models) for family in FAMILIES.values()) == len(FLOW_MODELS)
-    for family in FAMILIES.values():
+    assert sum(len(family.presets) for family in FLOW_FAMILIES.values()) == len(FLOW_PRESETS)
+    assert sum(len(family.models) for family in FLOW_FAMILIES.values()) == len(FLOW_MODELS)
+    for family in FLOW_FAMILIES.values():
         assert module_of(family) == f"harmonica.families.{module_of(family).rpartition('.')[2]}"
         assert all(spec.class_name == family.transformer and spec.family is family for spec in family.presets.values())
         assert all(model.class_name == family.transformer for model in family.models.values())
@@ -70,14 +71,32 @@ def test_the_task_steps_at_the_pipelines_own_timesteps_and_sigmas(name):
     assert task.timesteps == [int(t) for t in scheduler.timesteps.tolist()]
 
 
-@pytest.mark.parametrize("value", ["DiTTransformer2DModel", torch.nn.Linear(1, 1), torch.nn.Linear])
+def test_the_dit_and_pixart_families_hold_their_presets_and_samplers():
+    """DiT and PixArt are families sampled through their pipelines: `models.PRESETS` is theirs, in the order
+    it had as a table of its own (real ones first), each preset's sampler one of its family's."""
+    pipeline_families = [family for family in FAMILIES.values() if family.loop == PIPELINE_LOOP]
+    assert [(family.name, family.transformer, family.kind) for family in pipeline_families] == [
+        ("dit", "DiTTransformer2DModel", "dit"), ("pixart", "PixArtTransformer2DModel", "pixart")]
+    assert list(PRESETS) == ["dit-xl-2-256", "dit-xl-2-512", "pixart-alpha-256", "pixart-alpha-512",
+                             "pixart-alpha-1024", "pixart-sigma-2048", "tiny-dit", "tiny-pixart"]
+    for name, spec in PRESETS.items():
+        family = family_of(spec.class_name)
+        assert spec.family is family and name in family.presets and spec.sampler in family.samplers
+        assert module_of(family) == f"harmonica.families.{family.name}"
+    assert family_of("DiTTransformer2DModel").text_conditional is False
+    assert family_of("PixArtTransformer2DModel").text_conditional is True
+    assert PRESETS["pixart-sigma-2048"].pipeline == "PixArtSigmaPipeline"
+
+
+@pytest.mark.parametrize("value", ["UNet2DConditionModel", torch.nn.Linear(1, 1), torch.nn.Linear])
 def test_family_of_names_the_supported_classes(value):
-    expected = ("transformer: expected one of ['Flux2Transformer2DModel', 'FluxTransformer2DModel', "
-                "'HunyuanVideo15Transformer3DModel', 'LTX2VideoTransformer3DModel', 'QwenImageTransformer2DModel', "
-                "'SD3Transformer2DModel', 'WanTransformer3DModel', 'ZImageTransformer2DModel'], got ")
+    expected = ("transformer: expected one of ['DiTTransformer2DModel', 'Flux2Transformer2DModel', "
+                "'FluxTransformer2DModel', 'HunyuanVideo15Transformer3DModel', 'LTX2VideoTransformer3DModel', "
+                "'PixArtTransformer2DModel', 'QwenImageTransformer2DModel', 'SD3Transformer2DModel', "
+                "'WanTransformer3DModel', 'ZImageTransformer2DModel'], got ")
     with pytest.raises(ValueError) as error:
         family_of(value)
-    assert str(error.value) == expected + ("DiTTransformer2DModel" if isinstance(value, str) else "Linear")
+    assert str(error.value) == expected + ("UNet2DConditionModel" if isinstance(value, str) else "Linear")
 
 
 def test_one_family_per_transformer_class():
@@ -100,7 +119,8 @@ def test_only_the_family_module_names_its_classes(transformer):
     """The done-when of one family, one module: no other source file of harmonica, bench or profiling names its
     transformer, pipeline, VAE (unless shared) or block classes."""
     family = FAMILIES[transformer]
-    names = {family.transformer, family.pipeline, *(adapter.block_class for adapter in family_adapters(family))}
+    names = {family.transformer, family.pipeline, *(spec.pipeline for spec in family.presets.values()),
+             *(adapter.block_class for adapter in family_adapters(family))}
     if family.vae != SHARED_VAE:
         names.add(family.vae)
     home = ROOT / (module_of(family).replace("harmonica.", "harmonica/", 1).replace(".", "/") + ".py")

@@ -19,11 +19,12 @@ from harmonica import CacheSchedule, Router
 from harmonica import kernels as ops
 from harmonica.cli import main
 from harmonica.digits import eval_batch, load_digits_dit
+from harmonica.families.dit import DiTTask
 from harmonica.forecast import Forecast, ForecastFit, ForecastPlan, choose_forecast
 from harmonica.graphs import graph_plan
 from harmonica.router import RouterInfo
 from harmonica.search import Rollouts, equal_cost_start, router_from_table
-from harmonica.training import DiTTask, engine_attached
+from harmonica.training import engine_attached
 
 STEPS = 7
 # unit 0: computes at 0, 1, 3 (the output of 0 is read by no reuse: no slot); unit 1: FORA-like with a lone reuse

@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from test_flow import ltx2_call, ltx2_pipeline, pipeline_noise
 
 from harmonica import cli
+from harmonica.families.pixart import load_prompt_embeddings
 from harmonica.flow import flow_sample, flow_task, load_flow_embeddings
 from harmonica.models import FLOW_PRESETS, PRESETS, build_transformer
 from harmonica.prompts import encode_prompts, save_prompt_embeddings
-from harmonica.training import load_prompt_embeddings
 
 PROMPTS = ["a red cube", "two cats on a sofa, watercolor", "x"]
 NEGATIVE = "blurry"

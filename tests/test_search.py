@@ -5,6 +5,7 @@ import torch
 
 import harmonica
 from harmonica.digits import eval_batch, load_digits_dit
+from harmonica.families.dit import DiTTask
 from harmonica.flow import flow_sample
 from harmonica.router import Router
 from harmonica.samplers import dit_ddim_sample
@@ -20,7 +21,7 @@ from harmonica.search import (
     spread,
     verdict,
 )
-from harmonica.training import DiTTask, engine_attached, task_macs
+from harmonica.training import engine_attached, task_macs
 from harmonica.units import cached_units
 
 

@@ -10,8 +10,9 @@ import torch
 import harmonica
 from harmonica import CacheSchedule
 from harmonica.families import FAMILIES
+from harmonica.families.pixart import TINY_PIXART
 from harmonica.kernels import solver_step
-from harmonica.models import TINY_PIXART, build_pipeline, random_prompt_embeds
+from harmonica.models import build_pipeline, random_prompt_embeds
 from harmonica.samplers import dit_alphas_cumprod, dit_ddim_table, pixart_sample, use_pixart_sampler
 from harmonica.solvers import (
     FlowMatchSchedule,

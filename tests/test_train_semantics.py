@@ -8,11 +8,11 @@ import torch
 from test_training import FAST, trainer
 
 from harmonica import CacheSchedule, Router
+from harmonica.families.pixart import PixArtTask
 from harmonica.search import budget_for_cur
 from harmonica.training import (
     BETA_GAIN,
     BETA_RANGE,
-    PixArtTask,
     RouterTrainer,
     TrainConfig,
     calibrated_tau,

@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from harmonica.families.dit import DiTTask
 from harmonica.models import build_transformer
-from harmonica.training import DiTTask, RouterTrainer, TrainConfig
+from harmonica.training import RouterTrainer, TrainConfig
 
 FAST = dict(num_steps=4, batch=2, lambda_batch=2, refresh=5, beta=1e-4, lr=0.05, checkpoint_every=100)
 

@@ -113,5 +113,5 @@ def blocks_of(transformer) -> list:
     return blocks
 
 
+from . import basic  # noqa: E402,F401,I001  (registers its adapter, DiT's and PixArt's, which their families use)
 from .. import families  # noqa: E402,F401  (each family registers its blocks' adapters)
-from . import basic  # noqa: E402,F401  (registers its adapter)

@@ -45,7 +45,8 @@ def embed(args) -> int:
 def add_parser(commands) -> None:
     e = commands.add_parser("embed", help="prompt embeddings from the pipeline's text encoders, for train --embeds "
                             "and sample --prompt-embeddings")
-    e.add_argument("--model", required=True, choices=sorted(name for name in PRESETS if preset(name).is_pixart)
+    e.add_argument("--model", required=True, choices=sorted(name for name in PRESETS
+                                                            if preset(name).family.text_conditional)
                    + sorted(FLOW_PRESETS))
     e.add_argument("--weights", help="hub id or local path of the pipeline (default: the preset's hub id)")
     e.add_argument("--prompts", required=True, help="text file, one prompt per line")

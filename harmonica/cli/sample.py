@@ -10,8 +10,11 @@ import torch
 from .. import parallel
 from ..api import enable, summary
 from ..digits import DIGITS_MODELS
+from ..families import FLOW_LOOP, PIPELINE_LOOP
+from ..families.dit import CLASS_LABEL
+from ..families.pixart import DEFAULT_PROMPT
 from ..files import check_out_file, file_bytes, write_file
-from ..images import DEFAULT_PROMPT, DIT_CLASS, DIT_PIPELINE_SAMPLER, generate, to_pil
+from ..images import generate, to_pil
 from ..models import (
     FLOW_PRESETS,
     PRESETS,
@@ -23,21 +26,9 @@ from ..models import (
     preset,
 )
 from ..router import Router, RouterInfo, dit_ddim_timesteps, load_router
-from ..samplers import (
-    DIT_SAMPLERS,
-    PIXART_SAMPLERS,
-    TABLE_SAMPLERS,
-    check_steps,
-    step_ranges_text,
-    use_pixart_sampler,
-)
+from ..samplers import TABLE_SAMPLERS, check_steps, step_ranges_text
 from ..schedule import parse_schedule
 from ..units import cached_units
-
-
-def _sampler_choices(spec) -> dict:
-    return PIXART_SAMPLERS if spec.is_pixart else {**DIT_SAMPLERS, DIT_PIPELINE_SAMPLER: (None, 20)}
-
 
 VIDEO_SUFFIXES = {".safetensors", ".gif", ".webp"}
 FRAME_MS = 62  # 16 frames per second, Wan's
@@ -93,7 +84,7 @@ def plan_sample(args, spec) -> SamplePlan:
         raise ValueError(f"--class-label: expected a class in [0, {transformer.config.num_embeds_ada_norm - 1}] "
                          f"for {args.model}, got {args.class_label}")
     router = load_router(args.router) if args.router else None
-    choices = _sampler_choices(spec)
+    choices = spec.family.samplers
     trained = _router_sampler(router, spec, args.router) if router else None
     if args.sampler is not None and trained is not None and args.sampler != trained:
         raise ValueError(f"--sampler: the router {args.router} was trained with {trained}, got --sampler "
@@ -138,8 +129,7 @@ def _router_sampler(router: Router, spec, directory: str) -> str | None:
     """The `--sampler` name of what the router was trained with (None when it does not say)."""
     if not router.info.sampler:
         return None
-    names = ({scheduler: name for name, (scheduler, _) in PIXART_SAMPLERS.items()} if spec.is_pixart
-             else {"dit-ddim": "dit-ddim", "DDIMScheduler": DIT_PIPELINE_SAMPLER})
+    names = {recorded: name for name, (recorded, _, _) in spec.family.samplers.items()}
     if router.info.sampler not in names:
         raise ValueError(f"--router: {directory} was trained with the sampler {router.info.sampler}, expected one "
                          f"of {sorted(names)} for --model {spec.pipeline}")
@@ -151,16 +141,19 @@ def sample(args) -> int:
         return sample_digits(args)
     spec = preset(args.model)
     context_parallel = parallel.check_option(args.context_parallel, {args.model: spec.class_name})
-    if spec.is_flow:
-        return sample_flow(args, spec, context_parallel)
+    return {FLOW_LOOP: sample_flow, PIPELINE_LOOP: sample_pipeline}[spec.family.loop](args, spec, context_parallel)
+
+
+def sample_pipeline(args, spec, context_parallel) -> int:
+    """`harmonica sample` for a DiT/PixArt preset: one image through its pipeline (context parallelism: refused
+    by `parallel.check_option`)."""
     args.out = args.out or "out.png"
     plan = plan_sample(args, spec)
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" and not args.fp32 else torch.float32
     move_pipeline(pipe, device, dtype)
-    if spec.is_pixart:
-        use_pixart_sampler(pipe, plan.sampler)  # before enable, which hooks the scheduler
+    spec.family.use_sampler(pipe, plan.sampler)  # before enable, which hooks the scheduler
     execution = {"cuda_graphs": args.cuda_graphs, "scheduler_in_graph": args.scheduler_in_graph,
                  "compile": args.compile}
     enable(pipe, plan.cache, tau=args.tau, **execution)
@@ -335,7 +328,7 @@ def add_parser(commands) -> None:
     s.add_argument("--steps", type=int, help=f"denoising steps, {step_ranges_text()} (default: the router's, else the "
                    "sampler's)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--class-label", type=int, help=f"ImageNet class (DiT; default {DIT_CLASS})")
+    s.add_argument("--class-label", type=int, help=f"ImageNet class (DiT; default {CLASS_LABEL})")
     s.add_argument("--prompt", help=f"PixArt prompt (default {DEFAULT_PROMPT!r})")
     s.add_argument("--prompt-embeddings", help="flow models: safetensors file of the pipeline's encode_prompt outputs "
                    "(harmonica embed writes one; the first prompt is sampled; default with --random-weights: a random "

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from .. import parallel
 from ..api import enable
 from ..digits import DIGITS_MODELS, PIXEL_RANGE
+from ..families import FLOW_LOOP, PIPELINE_LOOP
 from ..files import RunLock
 from ..flow import cur_for_speedup
 from ..models import (
@@ -21,7 +22,6 @@ from ..models import (
     load_transformer,
     preset,
 )
-from ..samplers import use_pixart_sampler
 
 RANDOM_PROMPTS = 16  # the prompt bank of a random-weights flow model's training
 DIGITS_REPORT_SAMPLES = 500  # noises of the quality report that ends a digits model's training
@@ -80,8 +80,6 @@ def _train(args) -> int:
 
     from ..digits import DIGITS_MODELS
     from ..training import (
-        DiTTask,
-        PixArtTask,
         RouterTrainer,
         TrainConfig,
         _any_rank,
@@ -96,14 +94,10 @@ def _train(args) -> int:
         check_resumable(args.out)
     digits = DIGITS_MODELS.get(args.model)
     spec = preset("tiny-dit" if digits is not None else args.model)  # (digits: past every check below)
-    if spec.is_pixart and not args.embeds:
-        raise ValueError(f"--embeds: {args.model} trains on precomputed prompt embeddings; expected a file "
-                         f"(harmonica embed writes one), got none")
-    if spec.is_flow and not (args.embeds or args.random_weights):
-        raise ValueError(f"--embeds: the weights of {args.model} train on precomputed prompt embeddings; expected a "
-                         f"file of the pipeline's encode_prompt outputs (random ones only suit --random-weights), got "
-                         f"none")
-    default_guidance = digits.guidance if digits else spec.guidance if spec.is_flow else TrainConfig.guidance
+    family = spec.family
+    if family.text_conditional and not args.embeds and (family.loop == PIPELINE_LOOP or not args.random_weights):
+        raise ValueError(MISSING_EMBEDS[family.loop].format(model=args.model))
+    default_guidance = digits.guidance if digits else TrainConfig.guidance if spec.guidance is None else spec.guidance
     guidance = default_guidance if args.guidance is None else args.guidance
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations,
                          batch=args.batch or TrainConfig.batch, lr=args.lr,
@@ -122,26 +116,10 @@ def _train(args) -> int:
             torch.cuda.set_device(device)
     if digits is not None:
         digits = digits()
-        transformer = digits.transformer.to(device)
-    elif spec.is_flow:
-        transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights).to(device)
-    else:
-        pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
-        transformer = pipe.transformer.to(device)
-    if digits is not None:
+        digits.transformer.to(device)
         task = digits.task(config.num_steps, config.guidance)
-    elif spec.is_flow:
-        from ..flow import flow_task, random_flow_embeddings
-
-        bank = (embeddings if embeddings is not None else
-                random_flow_embeddings(transformer, RANDOM_PROMPTS, spec.text_tokens,
-                                       torch.Generator().manual_seed(config.seed)))
-        task = flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
-    elif spec.is_pixart:
-        scheduler = use_pixart_sampler(pipe, args.sampler or spec.sampler)
-        task = PixArtTask(transformer, scheduler, embeddings, config.num_steps, config.guidance)
     else:
-        task = DiTTask(transformer, config.num_steps, config.guidance)
+        task = TASKS[family.loop](args, spec, config, embeddings, device)
     macs = task_macs(task)
     if args.target_speedup is not None:  # the checkpoint records the CUR target it became
         config.target_cur = cur_for_speedup(macs, args.target_speedup, config.num_steps)
@@ -197,12 +175,11 @@ def check_train_embeddings(args, spec, config) -> dict:
     """The --embeds file, checked against the model's config (a meta-device transformer: no weights): its
     tensors (`prompts.read_embeddings`), keys and widths. ValueError naming --embeds and the file."""
     from ..flow import flow_task, load_flow_embeddings
-    from ..training import load_prompt_embeddings
 
     with torch.device("meta"):
         transformer = build_transformer(args.model)
-    if spec.is_pixart:
-        return load_prompt_embeddings(args.embeds, transformer.config.caption_channels)
+    if spec.family.loop == PIPELINE_LOOP:
+        return spec.family.read_embeddings(args.embeds, transformer.config)
     bank = load_flow_embeddings(args.embeds, "--embeds")
     try:
         flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
@@ -211,6 +188,31 @@ def check_train_embeddings(args, spec, config) -> dict:
     return bank
 
 
+def _flow_task(args, spec, config, embeddings, device):
+    """The flow task of a flow preset's transformer on `device` (random weights without --embeds: a random bank)."""
+    from ..flow import flow_task, random_flow_embeddings
+
+    transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights).to(device)
+    bank = (embeddings if embeddings is not None else
+            random_flow_embeddings(transformer, RANDOM_PROMPTS, spec.text_tokens,
+                                   torch.Generator().manual_seed(config.seed)))
+    return flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
+
+
+def _pipeline_task(args, spec, config, embeddings, device):
+    """The task of a DiT/PixArt preset's pipeline (its transformer on `device`) with --sampler (default the
+    preset's)."""
+    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
+    pipe.transformer.to(device)
+    return spec.family.train_task(pipe, args.sampler or spec.sampler, embeddings, config.num_steps, config.guidance)
+
+
+TASKS = {FLOW_LOOP: _flow_task, PIPELINE_LOOP: _pipeline_task}  # by `Family.loop`
+MISSING_EMBEDS = {  # by `Family.loop`: PixArt's task reads a bank of prompts; a flow task may take random ones
+    PIPELINE_LOOP: "--embeds: {model} trains on precomputed prompt embeddings; expected a file (harmonica embed writes "
+                   "one), got none",
+    FLOW_LOOP: "--embeds: the weights of {model} train on precomputed prompt embeddings; expected a file of the "
+               "pipeline's encode_prompt outputs (random ones only suit --random-weights), got none"}
 SEARCH = "search"  # the default objective (harmonica.search)
 IEPO_NAMES = {"iepo": "cumulative"}  # the paper's objective, as the official code computes lambda
 

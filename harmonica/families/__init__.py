@@ -1,15 +1,17 @@
-"""Model families: everything harmonica knows about one family of flow-matching transformers, in one module.
+"""Model families: everything harmonica knows about one family of diffusion transformers, in one module.
 
-A family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_image.py`, `hunyuan_video15.py`,
-`ltx2.py`) holds its block adapters (registered in `harmonica.adapters`), its `flow.FlowTask` subclass, how its
-pipeline sets the scheduler's timesteps, how its pipeline encodes prompts, the meta inputs of one forward (MAC
-counting), its hub models and presets, its VAE class and the peers' patterns for it; it ends with
-`FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer class name to its `Family`; generic code
-(`flow`, `solvers`, `prompts`, `macs`, `models`, bench, profiling) asks `family_of` and never names a family's class.
-DiT and PixArt are not families yet (`models.PRESETS`).
+A flow-matching family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`, `wan.py`, `z_image.py`,
+`hunyuan_video15.py`, `ltx2.py`) holds its block adapters (registered in `harmonica.adapters`), its `flow.FlowTask`
+subclass, how its pipeline sets the scheduler's timesteps, how its pipeline encodes prompts, the meta inputs of one
+forward (MAC counting), its hub models and presets, its VAE class and the peers' patterns for it. `dit.py` and
+`pixart.py` hold the same for DiT and PixArt, whose diffusers pipeline harmonica runs whole (`Family.loop`
+"pipeline": text encoder, its samplers, VAE decode): their presets, training task, MAC example inputs, prompt encoder,
+sampler swap and one generation. Each module ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers
+transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, `images`, the
+CLI, bench, profiling) asks `family_of` or a preset's `family` and never names a family's class.
 
-Adding a flow-matching family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom
-of this file, plus its tests (tests/test_families.py checks that no other source file names its classes).
+Adding a family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom of this
+file, plus its tests (tests/test_families.py checks that no other source file names its classes).
 """
 
 from collections.abc import Callable
@@ -18,6 +20,9 @@ from dataclasses import dataclass, field
 from ..flow import VAE_FACTOR
 from ..solvers import FlowMatchSchedule
 
+# the VAE of the real DiT and PixArt checkpoints (SD's), AutoencoderKL's defaults otherwise
+SD_VAE = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+          "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2}
 # the random 8x KL VAE of the tiny presets (DiT, PixArt, FLUX.1, FLUX.2, SD3): 4 levels of 8 channels
 TINY_VAE = {"block_out_channels": (8, 8, 8, 8), "down_block_types": ("DownEncoderBlock2D",) * 4,
             "up_block_types": ("UpDecoderBlock2D",) * 4, "norm_num_groups": 4, "layers_per_block": 1}
@@ -55,8 +60,6 @@ class FlowPreset:
     frames: int | None = None
     vae: dict | None = None  # config of a random VAE (the tiny presets; the real ones load theirs)
 
-    is_flow, is_pixart = True, False
-
     @classmethod
     def of(cls, model: FlowModel, steps: int, guidance: float) -> "FlowPreset":
         """The preset of a hub model at its native size, with its pipeline's (steps, guidance) defaults."""
@@ -78,13 +81,41 @@ class FlowPreset:
 
 
 @dataclass(frozen=True)
-class Family:
-    """One flow-matching model family, keyed by its diffusers transformer class.
+class ModelPreset:
+    """A DiT or PixArt checkpoint, sampled through its diffusers pipeline (`Family.loop` "pipeline"): the transformer
+    config (overrides of diffusers' defaults, the XL/2 sizes), its native resolution, the caption tokens of one prompt
+    (PixArt), the hub id, the pipeline class, the default sampler and the VAE config of random weights."""
 
+    class_name: str
+    config: dict
+    resolution: int  # pixels per side
+    pipeline: str
+    sampler: str  # a key of its family's `samplers`
+    caption_tokens: int = 0  # PixArt text length
+    hub_id: str | None = None
+    vae: dict = field(default_factory=lambda: SD_VAE)
+
+    @property
+    def family(self) -> "Family":
+        return family_of(self.class_name)
+
+    # the sizes as a flow preset names them (square images, no frames)
+    height = width = property(lambda self: self.resolution)
+    text_tokens = property(lambda self: self.caption_tokens)
+    frames = None
+    guidance = None  # none of its own: training takes `TrainConfig.guidance`, sampling its sampler's
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family, keyed by its diffusers transformer class.
+
+    scheduler: how its pipeline sets the flow-matching timesteps; None for the "pipeline" loop (its samplers).
     encode: (pipe, prompts (P strings), negative prompt or None, extra encode_prompt kwargs) -> {name: tensor}, the
         pipeline's `encode_prompt` outputs under the names the task reads (`prompts.encode_prompts`).
-    example_inputs: (config, batch, latent h, latent w, text (B, L, D) meta tensor, frames) -> the transformer's
-        forward kwargs on the meta device (`macs.count_macs`); h, w already checked against the task's multiple.
+    example_inputs: (config, batch, latent h, latent w, text (B, L, D) meta tensor or None where the task's text_dim
+        is None (DiT), frames) -> the transformer's forward kwargs on the meta device (`macs.count_macs`); h, w already
+        checked against the task's multiple.
     cache_dit: (the transformer's block list, cache-dit ForwardPattern name) for cache-dit's BlockAdapter, where
         cache-dit has no adapter for the transformer alone; None: cache-dit takes the transformer as it is.
     first_block_cache: why diffusers' First Block Cache cannot run this transformer, or None when it can.
@@ -96,18 +127,38 @@ class Family:
     vae_factor: pixels per latent pixel of its VAE, spatially (8; HunyuanVideo 1.5's 16).
     meta_mode: () -> a context (a TorchDispatchMode) under which its forward runs on meta tensors (MAC counting),
         for a forward with data-dependent steps; None: the forward runs on meta tensors as it is.
+    loop: how harmonica samples it: "flow" (the transformer alone in `flow.flow_sample`, latents out, prompts as
+        embedding files; `FLOW_LOOP`) or "pipeline" (its diffusers pipeline whole: text encoder, its samplers, VAE
+        decode; `PIPELINE_LOOP`).
+    kind: what `harmonica.options`' rules call the --model (`options.MODEL_KINDS`).
+    The "pipeline" loop's:
+    samplers: {--sampler name: (the sampler name a router records, default steps, default guidance)}, the first the
+        default.
+    use_sampler: (pipe, sampler name) -> the scheduler the pipeline samples with after it (PixArt swaps it; DiT keeps
+        its own); called before `enable`, which hooks the scheduler.
+    random_pipeline: (pipeline class, transformer, VAE) -> the pipeline of random weights, without text encoder.
+    generate: (pipe, args, preset, sampler, steps, guidance, generator) -> one PIL image, as `harmonica sample` makes
+        it (`images.generate`; args: prompt, class_label, random_weights, model).
+    latents: (pipe, transformer, prompt kwargs or None, sampler, steps, generator) -> latents (1, C, h, w) of one
+        generation of the benchmark's fixed class or prompt at the default guidance (bench.suite).
+    random_prompt: (preset name, generator, device, dtype) -> the pipeline's prompt kwargs for random prompt
+        embeddings (random weights have no text encoder); None: no prompt.
+    train_task: (pipe, sampler, prompt embeddings or None, steps, guidance) -> its training task.
+    read_embeddings: (path, transformer config) -> the prompt bank of a --embeds file; None: no prompts.
+    enable_pipeline: whether `enable` takes the pipeline (its scheduler's set_timesteps starts each generation)
+        rather than the transformer (harmonica's own loop, `samplers.dit_ddim_sample`, starts them).
     """
 
     name: str  # short name, e.g. "qwen-image"
     transformer: str  # diffusers transformer class name (the key of `FAMILIES`)
     pipeline: str  # diffusers pipeline class whose loop the task is
     vae: str  # diffusers VAE class of its pipelines
-    task: type  # its flow.FlowTask subclass
-    scheduler: FlowMatchSchedule
-    encode: Callable
+    task: type  # its training task: a flow.FlowTask subclass, DiTTask, PixArtTask (`patch(cfg)`, `text_dim` for MACs)
+    scheduler: FlowMatchSchedule | None
+    encode: Callable | None
     example_inputs: Callable
     models: dict = field(default_factory=dict)  # name -> FlowModel (hub configs at the native size)
-    presets: dict = field(default_factory=dict)  # name -> FlowPreset (real and tiny)
+    presets: dict = field(default_factory=dict)  # name -> FlowPreset or ModelPreset (real and tiny)
     cache_dit: tuple | None = None
     first_block_cache: str | None = None
     blocks: tuple = ()
@@ -119,6 +170,22 @@ class Family:
     # (config, the forward's int arguments) -> (height, width, frames) pixels of the forward, where its hidden_states'
     # shape does not tell them (LTX-2's packed video tokens: its num_frames, height, width); None: the shape tells
     forward_size: Callable | None = None
+    loop: str = "flow"
+    kind: str = "flow"
+    samplers: dict = field(default_factory=dict)
+    use_sampler: Callable | None = None
+    random_pipeline: Callable | None = None
+    generate: Callable | None = None
+    latents: Callable | None = None
+    random_prompt: Callable | None = None
+    train_task: Callable | None = None
+    read_embeddings: Callable | None = None
+    enable_pipeline: bool = False
+
+    @property
+    def text_conditional(self) -> bool:
+        """Whether it samples from prompts (it has a prompt encoder)."""
+        return self.encode is not None
 
     def latent_frames(self, frames: int | None) -> int:
         """The latent frames of `frames` video frames; a ValueError unless frames = f n + 1."""
@@ -134,6 +201,7 @@ class Family:
         return (latent_frames - 1) * self.frame_factor + 1
 
 
+FLOW_LOOP, PIPELINE_LOOP = "flow", "pipeline"  # the values of `Family.loop`
 FAMILIES = {}  # diffusers transformer class name -> Family
 DIFFUSERS_ARGUMENTS = Family.arguments  # the usual names, DiT's and PixArt's too
 
@@ -165,6 +233,6 @@ def forward_arguments(transformer) -> tuple:
     return (DIFFUSERS_ARGUMENTS, False) if family is None else (family.arguments, family.timestep_rises)
 
 
-# each module registers its family; this order (FLUX.1, SD3, Wan, Qwen-Image, FLUX.2, Z-Image, HunyuanVideo 1.5,
-# LTX-2) is `FAMILIES`' and the presets'
-from . import flux, sd3, wan, qwen_image, flux2, z_image, hunyuan_video15, ltx2  # noqa: E402,F401,I001
+# each module registers its family; this order (DiT, PixArt, FLUX.1, SD3, Wan, Qwen-Image, FLUX.2, Z-Image,
+# HunyuanVideo 1.5, LTX-2) is `FAMILIES`' and the presets'
+from . import dit, pixart, flux, sd3, wan, qwen_image, flux2, z_image, hunyuan_video15, ltx2  # noqa: E402,F401,I001

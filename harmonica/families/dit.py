@@ -1,0 +1,133 @@
+"""The DiT family: `DiTTransformer2DModel` (class-conditional, ImageNet) in `DiTPipeline`, its VAE `AutoencoderKL`.
+
+Its blocks are diffusers' `BasicTransformerBlock` (`ada_norm_zero`), whose adapter, shared with PixArt, is
+`harmonica.adapters.basic`. Sampled through its pipeline (`Family.loop` "pipeline"): "dit-ddim", the original DiT
+sampler (`samplers.dit_ddim_sample`), or "pipeline", `DiTPipeline` with its own DDIM scheduler. Task: latents
+(B, C, h, w), class labels (B,), the timestep; guidance on the first 3 of the eps channels.
+"""
+
+import torch
+
+from ..kernels import solver_step
+from ..router import dit_ddim_timesteps
+from ..samplers import DIT_SAMPLERS, dit_ddim_sample, dit_ddim_table, dit_guidance, dit_null_labels
+from ..solvers import first_output, guidance_combined
+from . import TINY_VAE, Family, ModelPreset, register
+
+TRANSFORMER, PIPELINE = "DiTTransformer2DModel", "DiTPipeline"
+PIPELINE_SAMPLER = "pipeline"  # DiTPipeline with its own scheduler
+# {--sampler: (the name a router records, default steps, default guidance)}
+SAMPLERS = {name: (recorded, steps, 1.5) for name, (recorded, steps) in DIT_SAMPLERS.items()}
+SAMPLERS[PIPELINE_SAMPLER] = ("DDIMScheduler", 20, 4.0)
+CLASS_LABEL = 207  # the default ImageNet class (golden retriever)
+TINY_DIT = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "sample_size": 8, "out_channels": 8}
+
+
+class DiTTask:
+    """Class-conditional DiT sampled by the original DiT DDIM (guidance on 3 eps channels)."""
+
+    output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
+
+    sampler = "dit-ddim"
+    text_dim = None  # no text
+
+    @staticmethod
+    def patch(cfg) -> int:
+        """Latent pixels per token side."""
+        return cfg.patch_size
+
+    def __init__(self, transformer, num_steps: int, guidance: float):
+        self.transformer, self.guidance = transformer, guidance
+        self.timesteps = dit_ddim_timesteps(num_steps)
+        self.table = dit_ddim_table(num_steps)
+        self.coefficients = None  # (T, 5) on the device of the first update
+        cfg = transformer.config
+        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.num_classes = cfg.num_embeds_ada_norm
+
+    def conditions(self, batch: int, generator: torch.Generator) -> dict:
+        return {"class_labels": torch.randint(0, self.num_classes, (batch,), generator=generator)}
+
+    def with_steps(self, num_steps: int) -> "DiTTask":
+        """The same task sampled with another step count."""
+        return DiTTask(self.transformer, num_steps, self.guidance)
+
+    def begin(self):
+        return None  # DDIM keeps no state between steps
+
+    def model_kwargs(self, x, cond, i: int) -> dict:
+        labels = cond["class_labels"].to(x.device)
+        guided = self.guidance > 1
+        model_in = torch.cat([x, x]) if guided else x
+        return {"hidden_states": model_in, "timestep": torch.full((model_in.shape[0],), self.timesteps[i],
+                                                                   device=x.device, dtype=torch.long),
+                "class_labels": dit_null_labels(labels, self.num_classes) if guided else labels}
+
+    def update(self, state, x, out, cond, i: int):
+        if self.coefficients is None or self.coefficients.device != x.device:
+            self.coefficients = self.table.tensor(x.device)
+        return solver_step(x, out, self.coefficients[i], **dit_guidance(self.guidance, x.shape[1]))[0]
+
+    def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
+        """`out` as the sampler uses it: guidance on the first 3 eps channels (none at guidance <= 1)."""
+        guidance = dit_guidance(self.guidance, channels)
+        if not guidance:
+            return out
+        return guidance_combined(out, guidance["guided_channels"], self.guidance, cond_first=True)
+
+
+def example_inputs(cfg, batch: int, h: int, w: int, text, frames) -> dict:
+    """The forward kwargs of `batch` class-conditional latents (B, C, h, w) on the meta device (no text)."""
+    meta = dict(device="meta")
+    return {"hidden_states": torch.empty(batch, cfg.in_channels, h, w, **meta),
+            "timestep": torch.zeros(batch, dtype=torch.long, **meta),
+            "class_labels": torch.zeros(batch, dtype=torch.long, **meta)}
+
+
+def random_pipeline(pipeline_class, transformer, vae):
+    import diffusers
+
+    return pipeline_class(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler())
+
+
+def keep_sampler(pipe, sampler: str):
+    """DiT keeps its pipeline's scheduler ("pipeline"; "dit-ddim" runs its own table); returns it."""
+    return pipe.scheduler
+
+
+def generate(pipe, args, spec, sampler: str, steps: int, guidance: float, generator: torch.Generator):
+    """One PIL image of the class `args.class_label` (default `CLASS_LABEL`)."""
+    from ..images import decode, to_pil
+
+    label = CLASS_LABEL if args.class_label is None else args.class_label
+    if sampler == PIPELINE_SAMPLER:
+        return to_pil(pipe(class_labels=[label], num_inference_steps=steps, guidance_scale=guidance,
+                           generator=generator, output_type="np").images[0])
+    latents = dit_ddim_sample(pipe.transformer, torch.tensor([label], device=pipe.transformer.device),
+                              num_steps=steps, guidance_scale=guidance, generator=generator, progress=True)
+    return decode(pipe, latents)
+
+
+def latents(pipe, transformer, prompt, sampler: str, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """The "dit-ddim" latents (1, C, h, w) of `CLASS_LABEL` through `transformer`, at the default guidance."""
+    labels = torch.tensor([CLASS_LABEL], device=transformer.device)
+    return dit_ddim_sample(transformer, labels, num_steps=steps, guidance_scale=SAMPLERS["dit-ddim"][2],
+                           generator=generator)
+
+
+def train_task(pipe, sampler: str, embeddings, steps: int, guidance: float) -> DiTTask:
+    return DiTTask(pipe.transformer, steps, guidance)
+
+
+def _dit(sample_size: int, hub_id: str) -> ModelPreset:
+    return ModelPreset(TRANSFORMER, {"sample_size": sample_size, "out_channels": 8}, sample_size * 8, PIPELINE,
+                       "dit-ddim", hub_id=hub_id)
+
+
+PRESETS = {"dit-xl-2-256": _dit(32, "facebook/DiT-XL-2-256"), "dit-xl-2-512": _dit(64, "facebook/DiT-XL-2-512"),
+           "tiny-dit": ModelPreset(TRANSFORMER, TINY_DIT, 64, PIPELINE, "dit-ddim", vae=TINY_VAE)}
+
+FAMILY = register(Family(
+    "dit", TRANSFORMER, PIPELINE, "AutoencoderKL", DiTTask, None, None, example_inputs, presets=PRESETS,
+    loop="pipeline", kind="dit", samplers=SAMPLERS, use_sampler=keep_sampler, random_pipeline=random_pipeline,
+    generate=generate, latents=latents, train_task=train_task))

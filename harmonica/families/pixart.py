@@ -1,0 +1,213 @@
+"""The PixArt family: `PixArtTransformer2DModel` (text-conditional, T5 prompts) in `PixArtAlphaPipeline` and
+`PixArtSigmaPipeline`, their VAE `AutoencoderKL`.
+
+Its blocks are diffusers' `BasicTransformerBlock` (`ada_norm_single`), whose adapter, shared with DiT, is
+`harmonica.adapters.basic`. Sampled through its pipeline (`Family.loop` "pipeline") with one of
+`samplers.PIXART_SAMPLERS` swapped in as its scheduler; "dpm-solver++" through `samplers.pixart_sample` when the
+sampler step runs inside the CUDA graphs. Task: latents (B, C, h, w), the prompt bank of a `harmonica embed` file
+(P prompts, L tokens): prompt_embeds (P, L, 4096), prompt_attention_mask (P, L), negative_embeds (1, L, 4096),
+negative_attention_mask (1, L).
+"""
+
+import torch
+
+from ..samplers import PIXART_PROMPT_KEYS, PIXART_SAMPLERS, pixart_sample, use_pixart_sampler
+from ..solvers import first_output, guidance_combined
+from . import TINY_VAE, Family, ModelPreset, register
+from .dit import DiTTask
+
+TRANSFORMER, PIPELINE, SIGMA_PIPELINE = "PixArtTransformer2DModel", "PixArtAlphaPipeline", "PixArtSigmaPipeline"
+GUIDANCE = 4.5  # every sampler's default
+# {--sampler: (the name a router records: the scheduler class, default steps, default guidance)}
+SAMPLERS = {name: (scheduler, steps, GUIDANCE) for name, (scheduler, steps) in PIXART_SAMPLERS.items()}
+DEFAULT_PROMPT = "A small cactus with a happy face in the Sahara desert."
+TINY_PIXART = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "sample_size": 8,
+               "cross_attention_dim": 16, "caption_channels": 32}
+
+
+def encode(pipe, prompts, negative, extra) -> dict:
+    """The pipeline's T5 `encode_prompt` outputs, named as the module docstring says."""
+    embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(
+        prompts, do_classifier_free_guidance=True, negative_prompt="" if negative is None else negative,
+        num_images_per_prompt=1, **extra)
+    return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_embeds": negative_embeds[:1],
+            "negative_attention_mask": negative_mask[:1]}
+
+
+EMBEDDING_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_embeds", "negative_attention_mask")
+
+
+def load_prompt_embeddings(path, caption_channels: int | None = None, option: str = "--embeds") -> dict:
+    """A safetensors file of precomputed T5 prompt embeddings for PixArt training:
+    prompt_embeds (P, L, C), prompt_attention_mask (P, L), negative_embeds (1, L, C) and
+    negative_attention_mask (1, L) (the empty prompt, PixArt's unconditional input); C the transformer's
+    `caption_channels` when given. One ValueError line naming `option` and the file for any defect."""
+    from ..prompts import read_embeddings
+
+    tensors = read_embeddings(path, option)
+    missing = [k for k in EMBEDDING_KEYS if k not in tensors]
+    if missing:
+        raise ValueError(f"{option}: expected the keys {EMBEDDING_KEYS} in {path}, missing {missing}")
+    embeds = tensors["prompt_embeds"]
+    width = caption_channels or embeds.shape[-1]
+    prompts, tokens = embeds.shape[:2] if embeds.dim() == 3 else (-1, -1)  # -1: no shape matches
+    shapes = {"prompt_embeds": ((prompts, tokens, width), f"(prompts, tokens, {width})"),
+              "prompt_attention_mask": ((prompts, tokens), "(prompts, tokens)"),
+              "negative_embeds": ((1, tokens, width), f"(1, tokens, {width})"),
+              "negative_attention_mask": ((1, tokens), "(1, tokens)")}
+    for name, (shape, text) in shapes.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{option}: expected {name} of shape {text} in {path}, got {tuple(tensors[name].shape)}")
+    return tensors
+
+
+class PixArtTask:
+    """Text-conditional PixArt sampled by a diffusers scheduler, as the PixArt pipelines run it:
+    [negative, positive] CFG batch, guidance on the eps channels, learned sigma dropped."""
+
+    output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
+    text_dim = "caption_channels"  # config key of the text embeddings' width
+    patch = staticmethod(DiTTask.patch)
+
+    def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
+        self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
+        self.scheduler_class, self.scheduler_config = type(scheduler), scheduler.config
+        self.sampler = self.scheduler_class.__name__
+        self.timesteps = [int(t) for t in self.begin().timesteps.tolist()]
+        cfg = transformer.config
+        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.embeddings = embeddings
+
+    def conditions(self, batch: int, generator: torch.Generator) -> dict:
+        count = self.embeddings["prompt_embeds"].shape[0]
+        return {"prompt_index": torch.randint(0, count, (batch,), generator=generator)}
+
+    def begin(self):
+        scheduler = self.scheduler_class.from_config(self.scheduler_config)
+        scheduler.set_timesteps(self.num_steps)
+        return scheduler
+
+    def model_kwargs(self, x, cond, i: int) -> dict:
+        batch, e = x.shape[0], self.embeddings
+        index = cond["prompt_index"]
+        dtype = self.transformer.dtype
+        embeds = torch.cat([e["negative_embeds"].expand(batch, -1, -1), e["prompt_embeds"][index]])
+        mask = torch.cat([e["negative_attention_mask"].expand(batch, -1), e["prompt_attention_mask"][index]])
+        model_in = torch.cat([x, x])
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.transformer.use_additional_conditions:
+            size = float(x.shape[-1] * 8)
+            added = {"resolution": torch.tensor([[size, size]], device=x.device, dtype=dtype).repeat(2 * batch, 1),
+                     "aspect_ratio": torch.ones(2 * batch, 1, device=x.device, dtype=dtype)}
+        return {"hidden_states": model_in, "encoder_hidden_states": embeds.to(x.device, dtype),
+                "encoder_attention_mask": mask.to(x.device), "added_cond_kwargs": added,
+                "timestep": torch.full((2 * batch,), self.timesteps[i], device=x.device)}
+
+    def update(self, state, x, out, cond, i: int):
+        eps = self.combined(out, x.shape[1])[:x.shape[0], :x.shape[1]]
+        return state.step(eps, self.timesteps[i], x).prev_sample
+
+    def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
+        """`out` as the sampler uses it: [negative, positive] halves, guidance on every eps channel."""
+        return guidance_combined(out, channels, self.guidance, cond_first=False)
+
+
+def additional_conditions(cfg) -> bool:
+    """Whether the forward takes resolution and aspect-ratio micro-conditions (by default PixArt-α 1024's)."""
+    use = cfg.get("use_additional_conditions")
+    return cfg.sample_size == 128 if use is None else use
+
+
+def example_inputs(cfg, batch: int, h: int, w: int, text: torch.Tensor, frames) -> dict:
+    """The forward kwargs of `batch` latents (B, C, h, w) and captions `text` (B, L, C) on the meta device."""
+    meta = dict(device="meta")
+    return {"hidden_states": torch.empty(batch, cfg.in_channels, h, w, **meta),
+            "timestep": torch.zeros(batch, dtype=torch.long, **meta), "encoder_hidden_states": text,
+            "added_cond_kwargs": ({"resolution": torch.empty(batch, 2, **meta),
+                                   "aspect_ratio": torch.empty(batch, 1, **meta)} if additional_conditions(cfg)
+                                  else {"resolution": None, "aspect_ratio": None})}
+
+
+def random_pipeline(pipeline_class, transformer, vae):
+    import diffusers
+
+    return pipeline_class(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                          scheduler=diffusers.DPMSolverMultistepScheduler())
+
+
+def random_prompt(name: str, generator: torch.Generator, device, dtype) -> dict:
+    """The pipeline's prompt kwargs of random prompt embeddings (`models.random_prompt_embeds`), the negative ones
+    zero."""
+    from ..models import random_prompt_embeds
+
+    embeds = random_prompt_embeds(name, 1, generator).to(device, dtype)
+    mask = torch.ones(embeds.shape[:2], device=device)
+    return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_prompt": None,
+            "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
+
+
+def generate(pipe, args, spec, sampler: str, steps: int, guidance: float, generator: torch.Generator):
+    """One PIL image of `args.prompt` (default `DEFAULT_PROMPT`; random embeddings with random weights). With the
+    sampler step inside the CUDA graphs (`enable(..., scheduler_in_graph=True)`), `pixart_sample` runs instead of
+    the pipeline."""
+    from ..api import step_runner
+    from ..images import decode, to_pil
+
+    device = pipe.transformer.device
+    prompt = {"prompt": args.prompt or DEFAULT_PROMPT}
+    if args.random_weights:  # no text encoder: embeddings of a random prompt
+        prompt = random_prompt(args.model, generator, device, pipe.transformer.dtype)
+    if step_runner(pipe.transformer) is not None:
+        if "prompt" in prompt:
+            prompt = dict(zip(PIXART_PROMPT_KEYS, pipe.encode_prompt(prompt["prompt"], device=device)))
+        prompt = {key: prompt[key] for key in PIXART_PROMPT_KEYS}
+        latents = pixart_sample(pipe, **prompt, num_steps=steps, guidance_scale=guidance,
+                                generator=generator, height=spec.resolution, width=spec.resolution, progress=True)
+        return decode(pipe, latents)
+    return to_pil(pipe(**prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                       height=spec.resolution, width=spec.resolution,
+                       use_resolution_binning=not args.random_weights, output_type="np").images[0])
+
+
+def latents(pipe, transformer, prompt: dict, sampler: str, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """The latents (1, C, h, w) of `prompt` (the pipeline's prompt kwargs) through `transformer` in `pipe`, at the
+    default guidance: `pixart_sample` for "dpm-solver++", else the pipeline's loop."""
+    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    original, pipe.transformer = pipe.transformer, transformer
+    try:
+        if sampler == "dpm-solver++":
+            return pixart_sample(pipe, **{k: prompt[k] for k in PIXART_PROMPT_KEYS}, num_steps=steps,
+                                 guidance_scale=GUIDANCE, generator=generator, height=size, width=size)
+        return pipe(**prompt, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=generator,
+                    height=size, width=size, use_resolution_binning=False, output_type="latent").images
+    finally:
+        pipe.transformer = original
+
+
+def train_task(pipe, sampler: str, embeddings: dict, steps: int, guidance: float) -> "PixArtTask":
+    return PixArtTask(pipe.transformer, use_pixart_sampler(pipe, sampler), embeddings, steps, guidance)
+
+
+def read_embeddings(path, cfg) -> dict:
+    return load_prompt_embeddings(path, cfg.caption_channels)
+
+
+def _pixart(sample_size, hub_id, pipeline=PIPELINE, tokens=120, **config) -> ModelPreset:
+    return ModelPreset(TRANSFORMER, {"sample_size": sample_size, "caption_channels": 4096, **config},
+                       sample_size * 8, pipeline, "dpm-solver++", tokens, hub_id)
+
+
+PRESETS = {
+    "pixart-alpha-256": _pixart(32, "PixArt-alpha/PixArt-XL-2-256x256"),
+    "pixart-alpha-512": _pixart(64, "PixArt-alpha/PixArt-XL-2-512x512"),
+    "pixart-alpha-1024": _pixart(128, "PixArt-alpha/PixArt-XL-2-1024-MS"),
+    "pixart-sigma-2048": _pixart(256, "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", SIGMA_PIPELINE, 300,
+                                 use_additional_conditions=False),
+    "tiny-pixart": ModelPreset(TRANSFORMER, TINY_PIXART, 64, PIPELINE, "dpm-solver++", 8, vae=TINY_VAE),
+}
+
+FAMILY = register(Family(
+    "pixart", TRANSFORMER, PIPELINE, "AutoencoderKL", PixArtTask, None, encode, example_inputs, presets=PRESETS,
+    loop="pipeline", kind="pixart", samplers=SAMPLERS, use_sampler=use_pixart_sampler, random_pipeline=random_pipeline,
+    generate=generate, latents=latents, random_prompt=random_prompt, train_task=train_task,
+    read_embeddings=read_embeddings, enable_pipeline=True))
