@@ -7,7 +7,6 @@ low-noise one steps 2-3, and its first step (2) must compute every unit."""
 import diffusers
 import pytest
 import torch
-from _adapter_checks import all_equal
 
 import harmonica
 from harmonica import CacheSchedule
@@ -70,9 +69,9 @@ UNEVEN = torch.tensor([[1] * 6, [1, 1, 0, 0, 0, 0], [1] * 6, [0, 0, 0, 0, 1, 1]]
 @pytest.mark.parametrize("schedule", [CacheSchedule.fora(STEPS, UNITS, 2), CacheSchedule(UNEVEN, "uneven")],
                          ids=["fora2", "uneven"])
 def test_each_expert_runs_the_rows_of_its_global_steps_and_reuses(schedule):
-    """Every forward (cond and uncond, two generations) of each expert runs at the engine step equal to the global step (its
-    timestep's index); the units each expert's modules ran per global step are the schedule's rows of the steps it
-    serves, none of the others'; the reusing steps change the result."""
+    """Every forward (cond and uncond, two generations) of each expert runs at the engine step equal to the global
+    step (its timestep's index); the units each expert's modules ran per global step are the schedule's rows of the
+    steps it serves, none of the others'; the reusing steps change the result."""
     pipe = make_pipe()
     plain = generate(pipe)
     harmonica.enable(pipe, schedule)
