@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import harmonica
-from harmonica import CacheSchedule
+from harmonica import CacheSchedule, cli
 from harmonica.flow import random_flow_embeddings
 from harmonica.macs import count_macs
 from harmonica.models import FLOW_PRESETS, build_transformer
@@ -152,3 +152,13 @@ def test_the_a14b_macs_per_step_are_one_experts():
     cross = 2 * n * d * d + 2 * t * d * d + 2 * n * t * d  # q and out of the video, k and v of the text, QK^T, PV
     assert count.unit_macs == (joint_attention_macs(n, d, n), cross, 2 * n * d * 13824) * 40
     assert count_macs("wan2.2-t2v-a14b-720p").total == count.total
+
+
+@pytest.mark.parametrize("command", ["sample", "train"])
+def test_harmonicas_own_loops_refuse_a_two_expert_preset(command, tmp_path, capsys):
+    """`harmonica sample` and `train` load one transformer: a two-expert preset is an error before any work."""
+    out = ["--out", str(tmp_path / "x.safetensors")] if command == "sample" else ["--out", str(tmp_path / "run")]
+    assert cli.main([command, "--model", NAME, "--random-weights", *out]) == 2
+    assert ("model: expected one transformer, got tiny-wan2.2, whose pipeline switches between 2 by step"
+            in capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
