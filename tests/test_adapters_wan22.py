@@ -7,12 +7,14 @@ low-noise one steps 2-3, and its first step (2) must compute every unit."""
 import diffusers
 import pytest
 import torch
+from _helpers import rounding_bound
 
 import harmonica
 from harmonica import CacheSchedule, cli
-from harmonica.flow import random_flow_embeddings
+from harmonica.flow import flow_task, random_flow_embeddings
 from harmonica.macs import count_macs
 from harmonica.models import FLOW_PRESETS, build_transformer
+from harmonica.search import Rollouts, SearchConfig, search_router, spread, task_engine
 from harmonica.units import cached_units
 
 NAME, STEPS, BOUNDARY = "tiny-wan2.2", 4, 2  # BOUNDARY: the low-noise expert's first step
@@ -28,11 +30,17 @@ def make_pipe(boundary_ratio=SPEC.pipeline_config["boundary_ratio"]):
                                  boundary_ratio=boundary_ratio)
 
 
-def generate(pipe):
-    """The pipeline's final latents (1, C, F, h, w) of one random prompt, with CFG, from fixed noise."""
+def prompt_and_noise(pipe):
+    """A bank of one random prompt and the noise (1, C, F, h, w) of a generation."""
     bank = random_flow_embeddings(pipe.transformer, 1, SPEC.text_tokens, torch.Generator().manual_seed(0))
     noise = torch.randn(1, 4, SPEC.family.latent_frames(SPEC.frames), SPEC.height // 8, SPEC.width // 8,
                         generator=torch.Generator().manual_seed(1))
+    return bank, noise
+
+
+def generate(pipe):
+    """The pipeline's final latents (1, C, F, h, w) of one random prompt, with CFG, from fixed noise."""
+    bank, noise = prompt_and_noise(pipe)
     return pipe(**bank, latents=noise, num_inference_steps=STEPS, height=SPEC.height, width=SPEC.width,
                 num_frames=SPEC.frames, guidance_scale=SPEC.guidance, output_type="latent",
                 guidance_scale_2=SPEC.guidance_2 if pipe.config.boundary_ratio else None).frames
@@ -162,3 +170,43 @@ def test_harmonicas_own_loops_refuse_a_two_expert_preset(command, tmp_path, caps
     assert ("model: expected one transformer, got tiny-wan2.2, whose pipeline switches between 2 by step"
             in capsys.readouterr().err)
     assert not any(tmp_path.iterdir())
+
+
+def expert_task(pipe):
+    """The Wan task of the pipeline's two experts (as harmonica train and search run it), on its prompt."""
+    bank, _ = prompt_and_noise(pipe)
+    return flow_task(pipe.transformer, bank, STEPS, SPEC.guidance, transformer_2=pipe.transformer_2,
+                     guidance_2=SPEC.guidance_2, **SPEC.pipeline_config, **SPEC.size)
+
+
+def test_the_search_start_computes_each_experts_first_row():
+    assert spread(4, UNITS, 2 * UNITS, (0, 3)).all(1).tolist() == [True, False, False, True]
+    table = spread(40, UNITS, 20 * UNITS, (0, 17))  # FORA:2 but row 17 for row 16
+    assert table.all(1).nonzero().flatten().tolist() == [*range(0, 16, 2), 17, *range(18, 40, 2)]
+
+
+def test_a_search_across_the_boundary_is_the_pipelines_generation_under_its_router(tmp_path):
+    """The task runs each step on its expert with its guidance: its uncached rollout is diffusers' two-expert
+    pipeline's generation; `search_router` gives one (T, K) schedule for both experts, whose rows 0 and 2 (the
+    low-noise expert's first) compute; the pipeline enabled with that router generates the search's rollout of it.
+    The pipeline steps x + (sigma_next - sigma) v, the task a x + b (x - sigma v): a few roundings of |x| per step."""
+    pipe = make_pipe()
+    task = expert_task(pipe)
+    assert task.experts() == [(pipe.transformer, 0), (pipe.transformer_2, BOUNDARY)]
+    _, noise = prompt_and_noise(pipe)
+    cond = {"prompt_index": torch.tensor([0])}
+    plain = generate(pipe)
+    tolerance = rounding_bound(plain, 8 * STEPS)
+    config = SearchConfig(num_steps=STEPS, target_cur=0.5, batch=1, rounds=1, candidates=2)
+    router, _ = search_router(task, config, tmp_path, task.macs())
+    table = router.schedule().table
+    assert table[[0, BOUNDARY]].all() and not table.all()
+    with task_engine(task) as engine:
+        rollouts = Rollouts(task, engine, noise, cond, STEPS)
+        assert (rollouts.reference - plain).abs().max().item() <= tolerance
+        searched = rollouts.sample(table)
+    harmonica.enable(pipe, router)
+    cached = generate(pipe)
+    harmonica.disable(pipe)
+    assert (searched - cached).abs().max().item() <= tolerance
+    assert (cached - plain).abs().max().item() > tolerance  # the router reuses

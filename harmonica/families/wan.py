@@ -70,7 +70,39 @@ adapters.register(WanBlockAdapter())
 
 
 class WanTask(FlowTask):
+    """Wan 2.1, or with `transformer_2` and `boundary_ratio` Wan 2.2 A14B's two experts as `WanPipeline` runs them:
+    `transformer` at the steps of timesteps t >= boundary_ratio x num_train_timesteps, `transformer_2` (guidance
+    `guidance_2`, default `guidance`) at the rest."""
+
     text_dim = "text_dim"
+
+    def __init__(self, transformer, embeddings, num_steps, guidance, *, transformer_2=None, boundary_ratio=None,
+                 guidance_2=None, **size):
+        if (transformer_2 is None) != (boundary_ratio is None):
+            raise ValueError(f"transformer_2, boundary_ratio: expected both or neither, got "
+                             f"{type(transformer_2).__name__} and {boundary_ratio}")
+        super().__init__(transformer, embeddings, num_steps, guidance, **size)
+        self.transformer_2, self.boundary_ratio = transformer_2, boundary_ratio
+        self.guidance_2 = guidance if guidance_2 is None else guidance_2
+        boundary = (boundary_ratio or 0) * self.scheduler.config.num_train_timesteps
+        # the low-noise expert's first step (num_steps: none)
+        self.boundary = num_steps if transformer_2 is None else sum(t >= boundary for t in
+                                                                    self.scheduler.timesteps.tolist())
+
+    def with_steps(self, num_steps: int) -> "WanTask":
+        return type(self)(self.transformer, self.embeddings, num_steps, self.guidance, transformer_2=self.transformer_2,
+                          boundary_ratio=self.boundary_ratio, guidance_2=self.guidance_2, height=self.height,
+                          width=self.width, frames=self.frames)
+
+    def experts(self) -> list:
+        experts = [(self.transformer, 0), (self.transformer_2, self.boundary)]
+        return [(transformer, first) for (transformer, first), last in zip(experts, (self.boundary, self.num_steps))
+                if first < last]
+
+    def guidance_at(self, i: int) -> dict:
+        if i < self.boundary or not self.solver_guidance:
+            return self.solver_guidance
+        return {**self.solver_guidance, "guidance_scale": self.cfg_scale(self.guidance_2)}
 
     def _latent_shape(self, cfg):
         channels, h, w = super()._latent_shape(cfg)
