@@ -51,9 +51,11 @@ def _first_step(serves, timesteps: list) -> int:
     """The first of the steps an expert serves (0 for one that serves every step, or none); a ValueError unless
     they are consecutive (its step counter runs them in a row)."""
     steps = [i for i, t in enumerate(timesteps) if serves is None or serves(float(t))]
-    if steps != list(range(steps[0], steps[0] + len(steps))) if steps else False:
+    if not steps:
+        return 0
+    if steps != list(range(steps[0], steps[-1] + 1)):
         raise ValueError(f"timesteps: expected each transformer to run consecutive steps, got steps {steps}")
-    return steps[0] if steps else 0
+    return steps[0]
 
 
 def _state(pipe_or_transformer) -> CacheState:
@@ -151,6 +153,10 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
         except ValueError as error:
             hint = f" (tau {tau} gives another schedule than its training tau); pass forecast=False" if tau else ""
             raise ValueError(f"{error}{hint}") from None
+    if forecast is not None and len(experts) > 1:
+        raise ValueError(f"forecast: expected none for a pipeline of {len(experts)} transformers that take turns by "
+                         f"step (a reused unit would forecast from another transformer's steps), got one; pass "
+                         f"forecast=False")
     pipe = pipe_or_transformer if scheduler is not None else None
     group = tuple(expert for expert, _ in experts)
     on_first_step = (lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None

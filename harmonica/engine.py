@@ -11,7 +11,9 @@ update going through `run_unit` and the fused ops:
 A unit that feeds several residual streams (Flux's joint attention) does this once per stream, its slot
 holding one tensor per stream.
 The step index is a host counter advanced by a forward hook of the transformer and reset by
-`begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value. A
+`begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value; a transformer that its
+pipeline runs from a later step on (Wan 2.2's low-noise expert) begins there, `begin(start=b)`, and row b must
+compute every unit. A
 generation that nothing began (the counter wrapped after the schedule's last step) warns once; where the
 timestep is a host value (a number or a CPU tensor), one that rises within a generation or keeps falling
 across a wrap is an error (the sampler's step count differs from the schedule's).

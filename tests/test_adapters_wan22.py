@@ -12,6 +12,7 @@ from _helpers import rounding_bound
 import harmonica
 from harmonica import CacheSchedule, cli
 from harmonica.flow import flow_task, random_flow_embeddings
+from harmonica.forecast import Forecast
 from harmonica.macs import count_macs
 from harmonica.models import FLOW_PRESETS, build_transformer
 from harmonica.search import Rollouts, SearchConfig, search_router, spread, task_engine
@@ -135,6 +136,15 @@ def test_a_schedule_that_reuses_at_the_boundary_is_refused_before_any_work():
     for hook in hooks:
         hook.remove()
     harmonica.disable(pipe)
+
+
+def test_a_forecast_is_refused_for_two_experts():
+    pipe = make_pipe()
+    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
+    forecast = Forecast(torch.ones(STEPS, UNITS), torch.zeros(STEPS, UNITS), schedule.table)
+    with pytest.raises(ValueError, match="forecast: expected none for a pipeline of 2 transformers that take turns"):
+        harmonica.enable(pipe, schedule, forecast=forecast)
+    assert not hasattr(pipe.transformer, "_harmonica") and not hasattr(pipe.transformer_2, "_harmonica")
 
 
 def test_enable_again_and_a_wan21_pipeline_keep_one_engine_each():
