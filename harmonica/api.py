@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from . import parallel
 from .adapters import block_lists, supported
 from .engine import CacheEngine
+from .families import FAMILIES
 from .forecast import Forecast
 from .graphs import GraphRunner
 from .router import Router, RouterInfo, check_tau
@@ -24,6 +25,7 @@ class CacheState:
     scheduler: object | None  # the pipeline's scheduler whose set_timesteps starts generations
     sampler: str = ""  # the sampler of the latest generation
     graphs: GraphRunner | None = None
+    group: tuple = ()  # the transformers enabled together (a pipeline's experts, this one first); disabled together
 
 
 def _parts(pipe_or_transformer):
@@ -32,6 +34,28 @@ def _parts(pipe_or_transformer):
         raise ValueError(f"pipe_or_transformer: expected a diffusers pipeline or transformer with blocks of "
                          f"{', '.join(supported())}, got {type(pipe_or_transformer).__name__}")
     return transformer, getattr(pipe_or_transformer, "scheduler", None)
+
+
+def _experts(pipe_or_transformer) -> list:
+    """[(transformer, serves)]: a pipeline's transformers that take turns by step (its family's `experts`, e.g. Wan
+    2.2's two), serves(t) whether one runs the step of timestep t; else [(transformer, None)], which runs every
+    step."""
+    transformer, scheduler = _parts(pipe_or_transformer)
+    family = FAMILIES.get(type(transformer).__name__)
+    if scheduler is None or family is None or family.experts is None:
+        return [(transformer, None)]
+    return family.experts(pipe_or_transformer)
+
+
+def _first_step(serves, timesteps: list) -> int:
+    """The first of the steps an expert serves (0 for one that serves every step, or none); a ValueError unless
+    they are consecutive (its step counter runs them in a row)."""
+    steps = [i for i, t in enumerate(timesteps) if serves is None or serves(float(t))]
+    if not steps:
+        return 0
+    if steps != list(range(steps[0], steps[-1] + 1)):
+        raise ValueError(f"timesteps: expected each transformer to run consecutive steps, got steps {steps}")
+    return steps[0]
 
 
 def _state(pipe_or_transformer) -> CacheState:
@@ -80,6 +104,11 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     A pipeline that runs classifier-free guidance as two passes (Wan, Qwen-Image: diffusers'
     `cache_context("cond")`/`("uncond")`) gets one slot set and step counter per pass (not with
     cuda_graphs); SD3.5's skip_guidance_layers is refused.
+    A pipeline that switches transformers by step (Wan 2.2 A14B's high- and low-noise experts, `Family.experts`)
+    gets one engine per transformer on the one schedule of the generation's steps: each runs the rows of the steps
+    it serves (its step counter begins at its first step), the first of which must compute every unit (no slot
+    holds another transformer's outputs; else set_timesteps raises). The returned engine is `pipe.transformer`'s;
+    `disable` undoes all.
     Under diffusers' context parallelism (`transformer.enable_parallelism`, before or after this call; FLUX, Wan,
     Qwen-Image) each rank's slots hold its shard of the tokens, and the schedule is checked equal on every rank of
     the group (see parallel.py); with cuda_graphs each rank captures its graphs, the collectives of each checked
@@ -99,8 +128,10 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
         if router is None:
             raise ValueError(f"tau: expected only with a Router (it thresholds the router's gates), got tau={tau} "
                              f"with a {type(router_or_schedule).__name__}")
-    if getattr(transformer, ATTRIBUTE, None) is not None:
-        disable(transformer)
+    experts = _experts(pipe_or_transformer)
+    for expert, _ in experts:
+        if getattr(expert, ATTRIBUTE, None) is not None:
+            disable(expert)
     if router is not None:
         router.check(RouterInfo.for_model(transformer, cross_attention=cross_attention))
         if tau is not None and tau != router.info.tau:
@@ -122,10 +153,45 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
         except ValueError as error:
             hint = f" (tau {tau} gives another schedule than its training tau); pass forecast=False" if tau else ""
             raise ValueError(f"{error}{hint}") from None
+    if forecast is not None and len(experts) > 1:
+        raise ValueError(f"forecast: expected none for a pipeline of {len(experts)} transformers that take turns by "
+                         f"step (a reused unit would forecast from another transformer's steps), got one; pass "
+                         f"forecast=False")
     pipe = pipe_or_transformer if scheduler is not None else None
+    group = tuple(expert for expert, _ in experts)
+    on_first_step = (lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None
+    states = []
+    try:
+        for expert in group:
+            states.append(_attach(expert, schedule, router, scheduler if expert is transformer else None, group,
+                                  on_first_step, cross_attention=cross_attention, fused=fused, forecast=forecast,
+                                  compile=compile, cuda_graphs=cuda_graphs, scheduler_in_graph=scheduler_in_graph))
+    except ValueError:
+        for state in states:
+            _detach(state)
+        raise
+    if scheduler is not None:
+        set_timesteps = scheduler.set_timesteps
+
+        @functools.wraps(set_timesteps)  # keeps its signature: diffusers' retrieve_timesteps inspects it
+        def set_timesteps_and_begin(*args, **kwargs):
+            result = set_timesteps(*args, **kwargs)
+            timesteps = scheduler.timesteps.tolist()
+            for expert, serves in experts:
+                begin_generation(expert, type(scheduler).__name__, timesteps, _first_step(serves, timesteps))
+            return result
+
+        scheduler.set_timesteps = set_timesteps_and_begin
+    return states[0].engine
+
+
+def _attach(transformer, schedule, router, scheduler, group, on_first_step, *, cross_attention, fused, forecast,
+            compile, cuda_graphs, scheduler_in_graph) -> CacheState:
+    """One transformer's engine and state (`enable`); scheduler: the one whose set_timesteps `enable` hooks, held
+    by the group's first transformer."""
     engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused, forecast=forecast,
-                         on_first_step=(lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None)
-    state = CacheState(engine, router, scheduler)
+                         on_first_step=on_first_step)
+    state = CacheState(engine, router, scheduler, group=group)
     try:
         engine.check_ranks()
     except ValueError:
@@ -139,17 +205,7 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
             transformer.forward = state.graphs = GraphRunner(engine, transformer.forward,
                                                              scheduler_inside=scheduler_in_graph)
     setattr(transformer, ATTRIBUTE, state)
-    if scheduler is not None:
-        set_timesteps = scheduler.set_timesteps
-
-        @functools.wraps(set_timesteps)  # keeps its signature: diffusers' retrieve_timesteps inspects it
-        def set_timesteps_and_begin(*args, **kwargs):
-            result = set_timesteps(*args, **kwargs)
-            begin_generation(transformer, type(scheduler).__name__, scheduler.timesteps.tolist())
-            return result
-
-        scheduler.set_timesteps = set_timesteps_and_begin
-    return engine
+    return state
 
 
 def _check_scheduler(pipe, hooked) -> None:
@@ -158,15 +214,16 @@ def _check_scheduler(pipe, hooked) -> None:
                            "tracked; call harmonica.enable(pipe, ...) again after setting the scheduler")
 
 
-def begin_generation(transformer, sampler: str, timesteps: list) -> None:
-    """Start a generation at step 0 (a no-op without harmonica): checks the step count and, for a
-    router, the sampler and timesteps it was trained with. Called once per generation."""
+def begin_generation(transformer, sampler: str, timesteps: list, start: int = 0) -> None:
+    """Start a generation at step `start` (0; a later one for a transformer that runs from there on, see
+    `CacheEngine.begin`; a no-op without harmonica): checks the step count and, for a router, the sampler and
+    timesteps it was trained with. Called once per generation."""
     state = getattr(transformer, ATTRIBUTE, None)
     if state is None:
         return
     if state.router is not None:
         state.router.check(RouterInfo(sampler=sampler, timesteps=[int(t) for t in timesteps]))
-    state.engine.begin(len(timesteps), list(timesteps))
+    state.engine.begin(len(timesteps), list(timesteps), start)
     state.sampler = sampler
 
 
@@ -184,18 +241,23 @@ def reset(pipe_or_transformer) -> None:
 
 
 def disable(pipe_or_transformer) -> None:
-    """Undo `enable`: original block forwards, no hooks, no compiled code, slots freed."""
-    state = _state(pipe_or_transformer)
+    """Undo `enable`: original block forwards, no hooks, no compiled code, slots freed (of every transformer it
+    enabled together: a pipeline's experts)."""
+    for transformer in _state(pipe_or_transformer).group:
+        _detach(getattr(transformer, ATTRIBUTE))
+
+
+def _detach(state: CacheState) -> None:
+    """Undo `_attach` (and the scheduler hook of the state that holds it)."""
     if state.graphs is not None:  # before the engine's teardown, which may remove the forward the runner wrapped
         with parallel.lifted_hooks(state.engine.transformer):  # diffusers' hooks (context parallelism) stay
             del state.engine.transformer.forward  # the graph runner; back to the forward it wrapped
             if state.engine.transformer.forward != state.graphs.forward:  # it wrapped one an adapter's setup put
                 state.engine.transformer.forward = state.graphs.forward
     state.engine.remove()
-    if state.scheduler is not None:
+    if state.scheduler is not None and "set_timesteps" in vars(state.scheduler):
         del state.scheduler.set_timesteps  # the instance attribute set by enable
-    transformer, _ = _parts(pipe_or_transformer)
-    delattr(transformer, ATTRIBUTE)
+    delattr(state.engine.transformer, ATTRIBUTE)
 
 
 @dataclass

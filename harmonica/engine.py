@@ -11,7 +11,9 @@ update going through `run_unit` and the fused ops:
 A unit that feeds several residual streams (Flux's joint attention) does this once per stream, its slot
 holding one tensor per stream.
 The step index is a host counter advanced by a forward hook of the transformer and reset by
-`begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value. A
+`begin` (the pipeline's `scheduler.set_timesteps` calls it), so no step reads a device value; a transformer that its
+pipeline runs from a later step on (Wan 2.2's low-noise expert) begins there, `begin(start=b)`, and row b must
+compute every unit. A
 generation that nothing began (the counter wrapped after the schedule's last step) warns once; where the
 timestep is a host value (a number or a CPU tensor), one that rises within a generation or keeps falling
 across a wrap is an error (the sampler's step count differs from the schedule's).
@@ -100,6 +102,7 @@ class CacheEngine:
         self.forecast_plan = None  # inference with a linear forecast: its `ForecastPlan` (None: pure reuse)
         self.forecast_fit = None  # while `forecast.fit_forecast` runs: its `ForecastFit`
         self.forecast_row = None  # the current step's row of the plan (a graph key), None without one
+        self.start = 0  # the generation's first step: a pipeline that switches transformers by step begins one later
         self.step = 0
         self.begun = False  # whether `begin` started the current generation (else the counter wrapped)
         self.warned_unbegun = False
@@ -213,18 +216,32 @@ class CacheEngine:
             return self.schedule.num_steps
         return self.gates.shape[0] if self.mode == "training" else None
 
-    def begin(self, num_steps: int | None = None, timesteps: list | None = None) -> None:
-        """Start a generation at step 0; with `num_steps`, check it against the schedule. `timesteps`:
-        the values every forward of this generation will pass, in order (lets DiT precompute its
-        modulations; see modulation.py)."""
+    def begin(self, num_steps: int | None = None, timesteps: list | None = None, start: int = 0) -> None:
+        """Start a generation at step `start` (0; a transformer that a pipeline runs from a later step on, as Wan
+        2.2's low-noise expert, its first step: that row must compute every unit, see `check_start`); with
+        `num_steps`, check it against the schedule. `timesteps`: the values every forward of this generation will
+        pass, in order (lets DiT precompute its modulations; see modulation.py)."""
         if num_steps is not None and self.num_steps is not None and num_steps != self.num_steps:
             raise ValueError(f"num_inference_steps: expected {self.num_steps} (the cache schedule's steps), "
                              f"got {num_steps}")
+        self.check_start(start)
         self.timesteps = timesteps
-        self.step = 0
+        self.start = self.step = start
         self.begun, self.previous_timestep = True, None
-        self.other_contexts = {name: CacheContext(0, True, None, context.slots)
+        self.other_contexts = {name: CacheContext(start, True, None, context.slots)
                                for name, context in self.other_contexts.items()}
+
+    def check_start(self, start: int) -> None:
+        """A ValueError unless the schedule's row `start` computes every unit (no slot of this transformer holds an
+        earlier step's output there)."""
+        if self.mode != "inference" or not start:
+            return
+        if not 0 < start < self.num_steps:
+            raise ValueError(f"start: expected 0 <= start < {self.num_steps}, got {start}")
+        reused = [self.units[k][0] for k, computes in enumerate(self.schedule.table[start].tolist()) if not computes]
+        if reused:
+            raise ValueError(f"schedule: expected every unit computed at step {start} (this transformer's first step "
+                             f"of the generation), got {len(reused)} of {len(self.units)} reused ({reused[0]}, ...)")
 
     def compile(self, options: dict) -> None:
         """torch.compile each unit kind's body with `options` (default fullgraph=True, dynamic=False): one
@@ -302,7 +319,8 @@ class CacheEngine:
             self.context = self.context if name is None else name
             return
         self.other_contexts[self.context] = CacheContext(self._step, self.begun, self.previous_timestep, self.slots)
-        resumed = self.other_contexts.pop(name, None) or CacheContext(0, self.begun, None, [None] * len(self.slots))
+        resumed = self.other_contexts.pop(name, None) or CacheContext(self.start, self.begun, None,
+                                                                      [None] * len(self.slots))
         self.begun, self.previous_timestep, self.slots = resumed.begun, resumed.previous_timestep, resumed.slots
         self.context, self.step = name, resumed.step
 
@@ -335,11 +353,11 @@ class CacheEngine:
             self.last_text_tokens = max(len(prompt) for prompt in text)
         else:
             self.last_text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else None
-        if self.step == 0 and self.on_first_step is not None:
+        if self.step == self.start and self.on_first_step is not None:
             self.on_first_step()
         if self.mode == "inference":
             self._check_generation(self.argument(args, kwargs, 1))
-        if self.step == 0:
+        if self.step == self.start:
             self.modulation_active = self._compute_modulations(hidden, args, kwargs)
         if self.modulation_active:
             self.modulation.load(self.step)
@@ -359,7 +377,7 @@ class CacheEngine:
         if self.num_steps is not None and following == self.num_steps:
             self.timesteps = None  # the generation is complete; the next call starts another, as told
             self.begun = False
-            following = 0
+            following = self.start = 0
         self.step = following
 
     def _check_generation(self, timestep) -> None:

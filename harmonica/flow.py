@@ -161,7 +161,16 @@ class FlowTask:
             prompts[key] = value.to(device=device, dtype=self.transformer.dtype if value.is_floating_point() else None)
         return prompts
 
+    def experts(self) -> list:
+        """[(transformer, first step)] of the transformers that take turns by step, in order (Wan 2.2 A14B's two:
+        the low-noise expert from the boundary step on); here the task's transformer runs every step."""
+        return [(self.transformer, 0)]
+
     # ---- one step ----
+
+    def guidance_at(self, i: int) -> dict:
+        """`solver_step`'s guidance options at step i: `solver_guidance` (Wan 2.2's low-noise steps: guidance_2)."""
+        return self.solver_guidance
 
     def begin(self):
         return None  # the table holds every step: no sampler state
@@ -196,7 +205,7 @@ class FlowTask:
 
     def update(self, state, x, out, cond, i: int) -> torch.Tensor:
         """x at step i + 1 from x (B, *latent_shape) and the transformer output `out` at step i."""
-        step = solver_step(as_4d(x), self.velocity(out), self._on("coefficients", x.device)[i], **self.solver_guidance)
+        step = solver_step(as_4d(x), self.velocity(out), self._on("coefficients", x.device)[i], **self.guidance_at(i))
         return step[0].view(x.shape)
 
     def combined(self, out: torch.Tensor, channels=None) -> torch.Tensor:
@@ -268,6 +277,9 @@ def flow_sample(task: FlowTask, prompt_index: torch.Tensor, *, latents: torch.Te
     from .samplers import SolverLoop
 
     transformer = task.transformer
+    if len(task.experts()) > 1:
+        raise ValueError(f"task: expected one transformer, got {len(task.experts())} that take turns by step "
+                         f"(flow_sample runs one; search_router and Rollouts run several)")
     device, dtype = transformer.device, transformer.dtype
     if latents is None:
         shape = (len(prompt_index), *task.latent_shape)

@@ -50,10 +50,15 @@ def load_transformer(name: str, *, weights: str | None = None, random_weights: b
                      device=None):
     """A flow preset's transformer alone (no text encoders, no VAE): from the `transformer` folder of
     `weights` (hub id or path; default the preset's hub id), or with `random_weights` from its config,
-    built on `device`."""
+    built on `device`. A preset of several experts (Wan 2.2 A14B) is refused: harmonica's own sampler, training,
+    bench and profiling run one transformer."""
     import diffusers
 
     spec = preset(name)
+    if getattr(spec, "experts", 1) > 1:
+        raise ValueError(f"model: expected one transformer, got {name}, whose pipeline switches between "
+                         f"{spec.experts} by step (harmonica's sampler, training, bench and profiling run one); cache "
+                         f"its diffusers pipeline with harmonica.enable(pipe, ...)")
     if random_weights:
         return build_transformer(name, seed=seed, device=device)
     model_class = getattr(diffusers, spec.class_name)

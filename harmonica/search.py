@@ -18,6 +18,7 @@ The calibration loss therefore never rises above the starting schedule's. The re
 `Router` whose logits are +-LOGIT_BOUND, so its schedule at any tau in (0.007, 0.993) is the table.
 """
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -38,14 +39,22 @@ def budget_for_cur(cur: float, num_steps: int, num_units: int) -> int:
     return min(cells, max(num_units, round((1 - cur) * cells)))
 
 
-def spread(num_steps: int, num_units: int, budget: int) -> torch.Tensor:
+def spread(num_steps: int, num_units: int, budget: int, computing: tuple = (0,)) -> torch.Tensor:
     """(T, K) bool: `budget // K` full rows evenly spaced from row 0 (FORA:n where T / rows is n), the
-    `budget % K` cells left over at the front of the first row after the last full row that is free."""
+    `budget % K` cells left over at the front of the first row after the last full row that is free. computing: rows
+    that must be full (row 0 and each later expert's first step, `Task.experts`), in place of the evenly spaced rows
+    nearest them."""
     rows = budget // num_units
-    if not 1 <= rows <= num_steps:
-        raise ValueError(f"budget: expected {num_units} to {num_steps * num_units} cells, got {budget}")
+    if not len(computing) <= rows <= num_steps:
+        raise ValueError(f"budget: expected {len(computing) * num_units} to {num_steps * num_units} cells, "
+                         f"got {budget}")
     table = torch.zeros(num_steps, num_units, dtype=torch.bool)
-    full = sorted({(j * num_steps) // rows for j in range(rows)})
+    full = {(j * num_steps) // rows for j in range(rows)}
+    for row in computing[1:]:
+        if row not in full:
+            full.remove(min(full - set(computing), key=lambda t: abs(t - row)))
+            full.add(row)
+    full = sorted(full)
     table[full] = True
     extra = budget - rows * num_units
     if extra:
@@ -65,22 +74,23 @@ class SearchResult:
 
 def search_schedule(loss, start: torch.Tensor, *, unit_cost=None, cost_budget: float | None = None,
                     rounds: int = 8, candidates: int = 24, max_rollouts: int | None = None, log=None,
-                    on_accept=None, stopped=None) -> SearchResult:
+                    on_accept=None, stopped=None, computing: tuple = (0,)) -> SearchResult:
     """Minimise `loss(table) -> float` over (T, K) bool tables with as many computed cells as `start`,
-    row 0 always computing, by sensitivity-ranked swaps (module docstring). `unit_cost` (K,): each unit's
+    the rows `computing` (row 0; each later expert's first step) always computing, by sensitivity-ranked swaps
+    (module docstring). `unit_cost` (K,): each unit's
     cost (MACs); a swap is then only taken when the table's cost stays at most `cost_budget` (default:
     `start`'s), so the result costs at most that in MACs as well as `start` in cells. `candidates`: swaps measured
     per round; `max_rollouts`: stop once this many tables were measured; `log(str)`: progress lines;
     `on_accept(table)`: called with the start and each accepted table (`Rollouts.set_base`);
     `stopped()`: true ends the search before the next measurement (the best table so far is returned)."""
     table = start.clone()
-    if not bool(table[0].all()):
-        raise ValueError("start: expected row 0 to compute every unit")
+    if not bool(table[list(computing)].all()):
+        raise ValueError(f"start: expected rows {list(computing)} to compute every unit")
     if on_accept is not None:
         on_accept(table)
     best = loss(table)
     start_loss, rollouts, history = best, 1, []
-    free = [(t, k) for t in range(1, table.shape[0]) for k in range(table.shape[1])]
+    free = [(t, k) for t in range(table.shape[0]) if t not in computing for k in range(table.shape[1])]
     cost = torch.ones(table.shape[1], dtype=torch.float64) if unit_cost is None else \
         torch.as_tensor(unit_cost, dtype=torch.float64)
     budget = (table.double() @ cost).sum().item() if cost_budget is None else cost_budget
@@ -145,6 +155,60 @@ def copied_slots(slots: list) -> list:
             for slot in slots]
 
 
+class ExpertEngines:
+    """The engines of a task's experts (`task.experts()`: transformers that take turns by step, Wan 2.2 A14B's two),
+    driven as the one engine `Rollouts` drives: `seek(i)` readies the engine of step i's transformer, which
+    `transformer` then is, each begins at its first step (whose row must compute), their slots side by side."""
+
+    def __init__(self, engines: list, firsts: list):
+        self.engines, self.firsts = engines, firsts
+        self.units, self.transformer = engines[0].units, engines[0].transformer
+
+    @property
+    def slots(self) -> list:
+        return [slot for engine in self.engines for slot in engine.slots]
+
+    def swap_slots(self, slots: list) -> list:
+        if len(slots) != len(self.slots):
+            raise ValueError(f"slots: expected {len(self.slots)} slots, got {len(slots)}")
+        previous, at = [], 0
+        for engine in self.engines:
+            previous += engine.swap_slots(slots[at:at + len(engine.slots)])
+            at += len(engine.slots)
+        return previous
+
+    def set_off(self) -> None:
+        for engine in self.engines:
+            engine.set_off()
+
+    def set_schedule(self, schedule, forecast=None) -> None:
+        if forecast is not None:
+            raise ValueError("forecast: expected None for a task of several transformers, got one")
+        for engine in self.engines:
+            engine.set_schedule(schedule)
+
+    def begin(self) -> None:
+        for engine, first in zip(self.engines, self.firsts):
+            engine.begin(start=first)
+
+    def seek(self, step: int) -> None:
+        engine = self.engines[sum(first <= step for first in self.firsts) - 1]
+        engine.seek(step)
+        self.transformer = engine.transformer
+
+
+@contextlib.contextmanager
+def task_engine(task):
+    """A training `CacheEngine` on the task's transformer (`training.engine_attached`), or `ExpertEngines` of one on
+    each of its experts (`task.experts()`, where it has several)."""
+    from .training import engine_attached
+
+    experts = task.experts() if hasattr(task, "experts") else [(task.transformer, 0)]
+    with contextlib.ExitStack() as stack:
+        engines = [stack.enter_context(engine_attached(transformer)) for transformer, _ in experts]
+        yield engines[0] if len(engines) == 1 else ExpertEngines(engines, [first for _, first in experts])
+
+
 class Rollouts:
     """Final samples of a fixed batch under static schedules, on a transformer attached to `engine`
     (a training `CacheEngine`, which runs them in its inference mode: reused units are skipped).
@@ -195,7 +259,7 @@ class Rollouts:
             if keep:
                 states[i] = (x.clone(), copied_slots(engine.slots), copy.deepcopy(state))
             engine.seek(i)
-            out = self.task.output(self.task.transformer(**self.task.model_kwargs(x, self.cond, i)))
+            out = self.task.output(engine.transformer(**self.task.model_kwargs(x, self.cond, i)))
             x = self.task.update(state, x, out, self.cond, i)
         if keep:
             self.states = states
@@ -255,14 +319,16 @@ def search_router(task, config: SearchConfig, out_dir, macs, *, stopped=None, lo
     with costlier units.
     Under torchrun each rank draws its own calibration noises and the losses are averaged over ranks, so
     every rank takes the same steps."""
-    from .training import ROUTER_DIR, _average, _rank_world, engine_attached
+    from .training import ROUTER_DIR, _average, _rank_world
 
     rank, _ = _rank_world()
     transformer = task.transformer
     device = next(transformer.parameters()).device
     info = RouterInfo.for_model(transformer, sampler=task.sampler, timesteps=list(task.timesteps), tau=config.tau)
     noise, cond = calibration_batch(task, config.batch, config.seed, rank)
-    with engine_attached(transformer) as engine:
+    # row 0 and each later expert's first step compute every unit (no slot holds that transformer's outputs yet)
+    computing = tuple(first for _, first in task.experts()) if hasattr(task, "experts") else (0,)
+    with task_engine(task) as engine:
         num_units = len(engine.units)
         budget = budget_for_cur(config.target_cur, config.num_steps, num_units)
         calibration = Rollouts(task, engine, noise, cond, config.num_steps, clip=config.clip,
@@ -270,10 +336,10 @@ def search_router(task, config: SearchConfig, out_dir, macs, *, stopped=None, lo
         cost_budget = None  # the start's MACs
         if config.target_speedup is not None:
             cost_budget = config.num_steps * (macs.total / config.target_speedup - macs.always_macs)
-        start = spread(config.num_steps, num_units, budget)
+        start = spread(config.num_steps, num_units, budget, computing)
         result = search_schedule(calibration.loss, start, unit_cost=macs.unit_macs, cost_budget=cost_budget,
                                  rounds=config.rounds, candidates=config.candidates, on_accept=calibration.set_base,
-                                 stopped=stopped, log=log)
+                                 stopped=stopped, log=log, computing=computing)
     if not (math.isfinite(result.loss) and math.isfinite(result.start_loss)):
         raise RuntimeError(f"search: expected a finite calibration error, got {result.start_loss} (equal-cost start) "
                            f"and {result.loss}: the model's outputs or the prompt embeddings are not finite; no router "

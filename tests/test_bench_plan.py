@@ -142,3 +142,17 @@ def test_plan_of_z_image_turbo_at_its_real_size():
     assert macs.total / 1e12 == pytest.approx(31.25, abs=0.005) and decode_macs("z-image-turbo") == 0
     assert [line.seconds for line in lines] == [row_seconds(line.row, macs, 0.0, options, COSTS["cuda"])
                                                 for line in lines]
+
+
+def test_plan_of_wan22_a14b_counts_one_expert_per_step():
+    """Wan 2.2 A14B's rows: 720p, 81 frames at its 40 steps, each step's estimate from one expert's MACs (a step runs
+    the high- or the low-noise expert, never both)."""
+    options = SuiteOptions(models=("wan2.2-t2v-a14b",), configs=("fora:2",), modes=("eager",), repeat=1,
+                           device="cuda")
+    lines = plan(options)
+    assert [(line.resolution, line.steps, line.row.config.name) for line in lines] == [
+        (720, 40, "no-cache"), (720, 40, "fora:2"), (720, 40, "skeleton")]
+    macs = count_macs("wan2.2-t2v-a14b")
+    assert macs.total == count_macs("wan2.2-t2v-a14b-720p").total
+    assert [line.seconds for line in lines] == [row_seconds(line.row, macs, 0.0, options, COSTS["cuda"])
+                                                for line in lines]

@@ -213,6 +213,7 @@ def test_image_tokens_of_every_real_flow_model():
     from harmonica.bench.macs import image_tokens
 
     expected = {"flux.1-dev-1024": 4096, "sd3.5-large-1024": 4096, "wan2.1-t2v-1.3b-480p": 21 * 30 * 52,
+                "wan2.2-t2v-a14b-720p": 21 * 45 * 80,
                 "qwen-image-1328": 83 * 83, "flux.2-dev-1024": 4096, "z-image-turbo-1024": 4096,
                 "hunyuan-video15-480p-t2v": 31 * 30 * 53, "ltx-2-512x768": 16 * 24 * 16}
     assert {name: image_tokens(spec) for name, spec in FLOW_MODELS.items()} == expected

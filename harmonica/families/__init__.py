@@ -59,12 +59,18 @@ class FlowPreset:
     hub_id: str | None = None
     frames: int | None = None
     vae: dict | None = None  # config of a random VAE (the tiny presets; the real ones load theirs)
+    # transformers of `config` its pipeline switches between by step (Wan 2.2 A14B's high- and low-noise experts: 2;
+    # `Family.experts`), their pipeline config (boundary_ratio) and the guidance of the second's steps
+    experts: int = 1
+    pipeline_config: dict | None = None
+    guidance_2: float | None = None
 
     @classmethod
-    def of(cls, model: FlowModel, steps: int, guidance: float) -> "FlowPreset":
-        """The preset of a hub model at its native size, with its pipeline's (steps, guidance) defaults."""
+    def of(cls, model: FlowModel, steps: int, guidance: float, **experts) -> "FlowPreset":
+        """The preset of a hub model at its native size, with its pipeline's (steps, guidance) defaults; experts:
+        `experts`, `pipeline_config`, `guidance_2`."""
         return cls(model.class_name, model.config, model.height, model.width, model.text_tokens, steps, guidance,
-                   model.source, model.frames)
+                   model.source, model.frames, **experts)
 
     @property
     def size(self) -> dict:
@@ -125,6 +131,10 @@ class Family:
     timestep_rises: whether the forward's timestep rises along a generation (Z-Image's 1 - sigma); the engine's
         generation checks read it.
     vae_factor: pixels per latent pixel of its VAE, spatially (8; HunyuanVideo 1.5's 16).
+    experts: (pipeline) -> [(transformer, serves)] of a pipeline whose steps switch between transformers (Wan 2.2's
+        high- and low-noise experts), in the order they run; serves(t) says whether one runs the step of timestep t
+        (`harmonica.enable` gives each an engine on the one schedule of the generation's steps); None: the
+        pipeline's `transformer` runs every step.
     meta_mode: () -> a context (a TorchDispatchMode) under which its forward runs on meta tensors (MAC counting),
         for a forward with data-dependent steps; None: the forward runs on meta tensors as it is.
     loop: how harmonica samples it: "flow" (the transformer alone in `flow.flow_sample`, latents out, prompts as
@@ -170,6 +180,7 @@ class Family:
     # (config, the forward's int arguments) -> (height, width, frames) pixels of the forward, where its hidden_states'
     # shape does not tell them (LTX-2's packed video tokens: its num_frames, height, width); None: the shape tells
     forward_size: Callable | None = None
+    experts: Callable | None = None
     loop: str = "flow"
     kind: str = "flow"
     samplers: dict = field(default_factory=dict)

@@ -8,6 +8,10 @@ modulation `scale_shift_table + temb` is fp32, so the gated units' residual is a
 (kernels/gated_residual.py). Per-token modulation (Wan 2.2 TI2V's timestep (B, L), temb (B, L, 6, D)) is not
 supported: the fused ops take one gate per batch row.
 
+Wan 2.2 A14B: two transformers of one config, the high-noise expert `transformer` runs the steps of timesteps
+t >= boundary_ratio x num_train_timesteps, the low-noise expert `transformer_2` the rest (with guidance_scale_2);
+`experts` tells `harmonica.enable`, which gives each its engine on the one schedule of the generation's steps.
+
 Task: video latents (B, C, F, h, w) of 4 n + 1 frames, T5 embeddings, timestep t. The pipeline runs the two CFG
 halves as two forwards; one CFG batch computes the same. Prompts: prompt_embeds and negative_prompt_embeds (1, L, D).
 """
@@ -66,7 +70,39 @@ adapters.register(WanBlockAdapter())
 
 
 class WanTask(FlowTask):
+    """Wan 2.1, or with `transformer_2` and `boundary_ratio` Wan 2.2 A14B's two experts as `WanPipeline` runs them:
+    `transformer` at the steps of timesteps t >= boundary_ratio x num_train_timesteps, `transformer_2` (guidance
+    `guidance_2`, default `guidance`) at the rest."""
+
     text_dim = "text_dim"
+
+    def __init__(self, transformer, embeddings, num_steps, guidance, *, transformer_2=None, boundary_ratio=None,
+                 guidance_2=None, **size):
+        if (transformer_2 is None) != (boundary_ratio is None):
+            raise ValueError(f"transformer_2, boundary_ratio: expected both or neither, got "
+                             f"{type(transformer_2).__name__} and {boundary_ratio}")
+        super().__init__(transformer, embeddings, num_steps, guidance, **size)
+        self.transformer_2, self.boundary_ratio = transformer_2, boundary_ratio
+        self.guidance_2 = guidance if guidance_2 is None else guidance_2
+        boundary = (boundary_ratio or 0) * self.scheduler.config.num_train_timesteps
+        # the low-noise expert's first step (num_steps: none)
+        self.boundary = num_steps if transformer_2 is None else sum(t >= boundary for t in
+                                                                    self.scheduler.timesteps.tolist())
+
+    def with_steps(self, num_steps: int) -> "WanTask":
+        return type(self)(self.transformer, self.embeddings, num_steps, self.guidance, transformer_2=self.transformer_2,
+                          boundary_ratio=self.boundary_ratio, guidance_2=self.guidance_2, height=self.height,
+                          width=self.width, frames=self.frames)
+
+    def experts(self) -> list:
+        experts = [(self.transformer, 0), (self.transformer_2, self.boundary)]
+        return [(transformer, first) for (transformer, first), last in zip(experts, (self.boundary, self.num_steps))
+                if first < last]
+
+    def guidance_at(self, i: int) -> dict:
+        if i < self.boundary or not self.solver_guidance:
+            return self.solver_guidance
+        return {**self.solver_guidance, "guidance_scale": self.cfg_scale(self.guidance_2)}
 
     def _latent_shape(self, cfg):
         channels, h, w = super()._latent_shape(cfg)
@@ -96,6 +132,17 @@ def example_inputs(cfg, batch, h, w, text, frames):
     return {"hidden_states": latents, "encoder_hidden_states": text, "timestep": torch.zeros(batch, device="meta")}
 
 
+def experts(pipe) -> list:
+    """[(transformer, serves)] as `WanPipeline.__call__` picks them: with a boundary_ratio and a transformer_2 (Wan
+    2.2 A14B), `transformer` serves t >= boundary_ratio x num_train_timesteps and `transformer_2` the rest; else
+    `transformer` every step."""
+    ratio, second = getattr(pipe.config, "boundary_ratio", None), getattr(pipe, "transformer_2", None)
+    if ratio is None or second is None:
+        return [(pipe.transformer, None)]
+    boundary = ratio * pipe.scheduler.config.num_train_timesteps
+    return [(pipe.transformer, lambda t: t >= boundary), (second, lambda t: t < boundary)]
+
+
 # Wan2.1-T2V-1.3B-Diffusers ships a UniPCMultistepScheduler; its flow-matching Euler form is the
 # FlowMatchEulerDiscreteScheduler with shift = flow_shift (3.0 at 480p, 5.0 at 720p, the pipeline's docs); the
 # pipeline sets the timesteps by count, without mu
@@ -106,15 +153,27 @@ MODELS = {"wan2.1-t2v-1.3b-480p": FlowModel(TRANSFORMER, {
     "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
     "ffn_dim": 8960, "freq_dim": 256, "in_channels": 16, "num_attention_heads": 12, "num_layers": 30,
     "out_channels": 16, "patch_size": (1, 2, 2), "qk_norm": "rms_norm_across_heads", "text_dim": 4096},
-    480, 832, 512, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", frames=81)}
+    480, 832, 512, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", frames=81),
+    # each expert's transformer/config.json (both alike: Wan 2.1 14B's shape, 40 layers of 40 heads x 128); the
+    # MACs of a step are one expert's
+    "wan2.2-t2v-a14b-720p": FlowModel(TRANSFORMER, {
+        "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
+        "ffn_dim": 13824, "freq_dim": 256, "in_channels": 16, "num_attention_heads": 40, "num_layers": 40,
+        "out_channels": 16, "patch_size": (1, 2, 2), "qk_norm": "rms_norm_across_heads", "text_dim": 4096},
+        720, 1280, 512, "Wan-AI/Wan2.2-T2V-A14B-Diffusers", frames=81)}
 TINY = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
         "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 32, "num_layers": 2, "rope_max_seq_len": 32}
 # a random VAE 8x like the real one, with a per-channel latent normalisation
 TINY_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1, 1], "num_res_blocks": 1,
             "latents_mean": [-0.76, -0.71, -0.91, 0.11], "latents_std": [2.82, 1.45, 2.33, 2.66]}
+# Wan 2.2 A14B text-to-video: model_index.json's boundary_ratio, its model card's 40 steps, guidance 4.0 (high-noise
+# expert) and guidance_scale_2 3.0 (low-noise), as diffusers' modular Wan 2.2 blocks default them
+A14B = {"experts": 2, "pipeline_config": {"boundary_ratio": 0.875}, "guidance_2": 3.0}
 # (steps, guidance): the pipeline's __call__ defaults
 PRESETS = {"wan2.1-1.3b": FlowPreset.of(MODELS["wan2.1-t2v-1.3b-480p"], 50, 5.0),
-           "tiny-wan": FlowPreset(TRANSFORMER, TINY, 32, 32, 8, 50, 5.0, frames=5, vae=TINY_VAE)}
+           "wan2.2-t2v-a14b": FlowPreset.of(MODELS["wan2.2-t2v-a14b-720p"], 40, 4.0, **A14B),
+           "tiny-wan": FlowPreset(TRANSFORMER, TINY, 32, 32, 8, 50, 5.0, frames=5, vae=TINY_VAE),
+           "tiny-wan2.2": FlowPreset(TRANSFORMER, TINY, 32, 32, 8, 40, 4.0, frames=5, vae=TINY_VAE, **A14B)}
 
 FAMILY = register(Family("wan", TRANSFORMER, PIPELINE, "AutoencoderKLWan", WanTask, SCHEDULE, encode,
-                         example_inputs, MODELS, PRESETS, frame_factor=4))
+                         example_inputs, MODELS, PRESETS, frame_factor=4, experts=experts))

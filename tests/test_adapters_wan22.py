@@ -1,0 +1,222 @@
+"""Wan 2.2 A14B's two experts (tiny-wan2.2: two tiny random WanTransformer3DModel of different seeds) through
+diffusers' own WanPipeline: one engine per expert on the one schedule of the generation's steps (CPU, fp32).
+
+With 4 steps at shift 5 the timesteps are 1000, 909, 714, 5: the high-noise expert (t >= 875) runs steps 0-1, the
+low-noise one steps 2-3, and its first step (2) must compute every unit."""
+
+import diffusers
+import pytest
+import torch
+from _helpers import rounding_bound
+
+import harmonica
+from harmonica import CacheSchedule, cli
+from harmonica.flow import flow_task, random_flow_embeddings
+from harmonica.forecast import Forecast
+from harmonica.macs import count_macs
+from harmonica.models import FLOW_PRESETS, build_transformer
+from harmonica.search import Rollouts, SearchConfig, search_router, spread, task_engine
+from harmonica.units import cached_units
+
+NAME, STEPS, BOUNDARY = "tiny-wan2.2", 4, 2  # BOUNDARY: the low-noise expert's first step
+SPEC = FLOW_PRESETS[NAME]
+UNITS = 2 * 3  # 2 blocks x (attn1, attn2, ffn)
+
+
+def make_pipe(boundary_ratio=SPEC.pipeline_config["boundary_ratio"]):
+    """diffusers' WanPipeline of the preset's experts (seeds 0 and 1), no text encoder, no VAE."""
+    experts = [build_transformer(NAME, seed=seed) for seed in range(SPEC.experts)]
+    return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=experts[0],
+                                 transformer_2=experts[1], scheduler=SPEC.family.scheduler.scheduler(),
+                                 boundary_ratio=boundary_ratio)
+
+
+def prompt_and_noise(pipe):
+    """A bank of one random prompt and the noise (1, C, F, h, w) of a generation."""
+    bank = random_flow_embeddings(pipe.transformer, 1, SPEC.text_tokens, torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 4, SPEC.family.latent_frames(SPEC.frames), SPEC.height // 8, SPEC.width // 8,
+                        generator=torch.Generator().manual_seed(1))
+    return bank, noise
+
+
+def generate(pipe):
+    """The pipeline's final latents (1, C, F, h, w) of one random prompt, with CFG, from fixed noise."""
+    bank, noise = prompt_and_noise(pipe)
+    return pipe(**bank, latents=noise, num_inference_steps=STEPS, height=SPEC.height, width=SPEC.width,
+                num_frames=SPEC.frames, guidance_scale=SPEC.guidance, output_type="latent",
+                guidance_scale_2=SPEC.guidance_2 if pipe.config.boundary_ratio else None).frames
+
+
+def test_the_steps_cross_the_boundary_inside_the_run():
+    pipe = make_pipe()
+    pipe.scheduler.set_timesteps(STEPS)
+    boundary = SPEC.pipeline_config["boundary_ratio"] * pipe.scheduler.config.num_train_timesteps
+    assert [t >= boundary for t in pipe.scheduler.timesteps.tolist()] == [True] * BOUNDARY + [False] * 2
+
+
+def test_caching_off_is_bitwise_diffusers_two_expert_pipeline_and_disable_restores_both():
+    pipe = make_pipe()
+    plain = generate(pipe)
+    assert not torch.equal(plain, generate(make_pipe(boundary_ratio=None)))  # the low-noise expert ran
+    engine = harmonica.enable(pipe, CacheSchedule.no_cache(STEPS, UNITS))
+    assert engine is pipe.transformer._harmonica.engine and pipe.transformer_2._harmonica.engine is not engine
+    assert torch.equal(generate(pipe), plain)
+    harmonica.disable(pipe)
+    assert torch.equal(generate(pipe), plain)
+    for transformer in (pipe.transformer, pipe.transformer_2):
+        assert not hasattr(transformer, "_harmonica")
+        assert not any("forward" in vars(m) or "cache_context" in vars(m) for m in transformer.modules())
+        assert not transformer._forward_hooks and not transformer._forward_pre_hooks
+    assert "set_timesteps" not in vars(pipe.scheduler)
+
+
+# FORA:2, and a table whose rows differ between the experts' halves (a low-noise engine that ran rows 0-1 for
+# global steps 2-3 would differ)
+UNEVEN = torch.tensor([[1] * 6, [1, 1, 0, 0, 0, 0], [1] * 6, [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("schedule", [CacheSchedule.fora(STEPS, UNITS, 2), CacheSchedule(UNEVEN, "uneven")],
+                         ids=["fora2", "uneven"])
+def test_each_expert_runs_the_rows_of_its_global_steps_and_reuses(schedule):
+    """Every forward (cond and uncond, two generations) of each expert runs at the engine step equal to the global
+    step (its timestep's index); the units each expert's modules ran per global step are the schedule's rows of the
+    steps it serves, none of the others'; the reusing steps change the result."""
+    pipe = make_pipe()
+    plain = generate(pipe)
+    harmonica.enable(pipe, schedule)
+    timesteps = []
+    experts = (pipe.transformer, pipe.transformer_2)
+    calls = torch.zeros(len(experts), STEPS, UNITS, dtype=torch.bool)
+    current = {}  # expert -> the global step of its forward in flight
+    steps_seen = []  # (expert, global step, engine step) of every forward
+
+    def before(e):
+        def hook(module, args, kwargs):
+            if not timesteps:
+                timesteps.extend(pipe.scheduler.timesteps.tolist())
+            current[e] = timesteps.index(float(kwargs["timestep"][0]))
+            steps_seen.append((e, current[e], module._harmonica.engine.step))
+        return hook
+
+    def ran(e, k):
+        def hook(module, args, output):
+            calls[e, current[e], k] = True
+        return hook
+
+    hooks = [expert.register_forward_pre_hook(before(e), with_kwargs=True) for e, expert in enumerate(experts)]
+    hooks += [module.register_forward_hook(ran(e, k)) for e, expert in enumerate(experts)
+              for k, (_, module) in enumerate(cached_units(expert))]
+    try:
+        cached = generate(pipe)
+        assert torch.equal(generate(pipe), cached)  # a second generation begins both experts again
+    finally:
+        for hook in hooks:
+            hook.remove()
+        harmonica.disable(pipe)
+    assert all(global_step == engine_step for _, global_step, engine_step in steps_seen)
+    assert sorted({(e, step) for e, step, _ in steps_seen}) == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    assert len(steps_seen) == 2 * 2 * STEPS  # two generations, cond and uncond
+    high, low = schedule.table.clone(), schedule.table.clone()
+    high[BOUNDARY:], low[:BOUNDARY] = False, False
+    assert torch.equal(calls[0], high) and torch.equal(calls[1], low)
+    assert not calls[0, 1].all() and not calls[1, 3].all()  # both experts reused
+    assert not torch.equal(cached, plain)
+
+
+def test_a_schedule_that_reuses_at_the_boundary_is_refused_before_any_work():
+    pipe = make_pipe()
+    harmonica.enable(pipe, CacheSchedule.fora(STEPS, UNITS, 3))  # computes at steps 0 and 3: reuses at 2
+    forwards = []
+    hooks = [expert.register_forward_pre_hook(lambda *_: forwards.append(1))
+             for expert in (pipe.transformer, pipe.transformer_2)]
+    with pytest.raises(ValueError, match=r"schedule: expected every unit computed at step 2 \(this transformer's "
+                                         r"first step of the generation\), got 6 of 6 reused \(blocks\.0\.attn1"):
+        generate(pipe)
+    assert not forwards
+    for hook in hooks:
+        hook.remove()
+    harmonica.disable(pipe)
+
+
+def test_a_forecast_is_refused_for_two_experts():
+    pipe = make_pipe()
+    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
+    forecast = Forecast(torch.ones(STEPS, UNITS), torch.zeros(STEPS, UNITS), schedule.table)
+    with pytest.raises(ValueError, match="forecast: expected none for a pipeline of 2 transformers that take turns"):
+        harmonica.enable(pipe, schedule, forecast=forecast)
+    assert not hasattr(pipe.transformer, "_harmonica") and not hasattr(pipe.transformer_2, "_harmonica")
+
+
+def test_enable_again_and_a_wan21_pipeline_keep_one_engine_each():
+    """enable twice replaces both engines; without a boundary_ratio the pipeline's transformer alone is cached."""
+    pipe = make_pipe()
+    harmonica.enable(pipe, CacheSchedule.fora(STEPS, UNITS, 2))
+    harmonica.enable(pipe, CacheSchedule.no_cache(STEPS, UNITS))
+    assert pipe.transformer_2._harmonica.engine.schedule.cur == 0
+    harmonica.disable(pipe)
+    single = make_pipe(boundary_ratio=None)
+    harmonica.enable(single, CacheSchedule.no_cache(STEPS, UNITS))
+    assert not hasattr(single.transformer_2, "_harmonica")
+    harmonica.disable(single)
+
+
+def test_the_a14b_macs_per_step_are_one_experts():
+    """The real size (720 x 1280, 81 frames: 21 latent frames of 45 x 80 tokens, 512 text tokens): the MACs of a step
+    are one expert's 40 blocks of width 5120, each attn1 over the video tokens, attn2 to the text, ffn 13824 wide."""
+    from test_macs import joint_attention_macs
+
+    count = count_macs("wan2.2-t2v-a14b")
+    n, t, d = 21 * 45 * 80, 512, 40 * 128
+    cross = 2 * n * d * d + 2 * t * d * d + 2 * n * t * d  # q and out of the video, k and v of the text, QK^T, PV
+    assert count.unit_macs == (joint_attention_macs(n, d, n), cross, 2 * n * d * 13824) * 40
+    assert count_macs("wan2.2-t2v-a14b-720p").total == count.total
+
+
+@pytest.mark.parametrize("command", ["sample", "train"])
+def test_harmonicas_own_loops_refuse_a_two_expert_preset(command, tmp_path, capsys):
+    """`harmonica sample` and `train` load one transformer: a two-expert preset is an error before any work."""
+    out = ["--out", str(tmp_path / "x.safetensors")] if command == "sample" else ["--out", str(tmp_path / "run")]
+    assert cli.main([command, "--model", NAME, "--random-weights", *out]) == 2
+    assert ("model: expected one transformer, got tiny-wan2.2, whose pipeline switches between 2 by step"
+            in capsys.readouterr().err)
+    assert not any(tmp_path.iterdir())
+
+
+def expert_task(pipe):
+    """The Wan task of the pipeline's two experts (as harmonica train and search run it), on its prompt."""
+    bank, _ = prompt_and_noise(pipe)
+    return flow_task(pipe.transformer, bank, STEPS, SPEC.guidance, transformer_2=pipe.transformer_2,
+                     guidance_2=SPEC.guidance_2, **SPEC.pipeline_config, **SPEC.size)
+
+
+def test_the_search_start_computes_each_experts_first_row():
+    assert spread(4, UNITS, 2 * UNITS, (0, 3)).all(1).tolist() == [True, False, False, True]
+    table = spread(40, UNITS, 20 * UNITS, (0, 17))  # FORA:2 but row 17 for row 16
+    assert table.all(1).nonzero().flatten().tolist() == [*range(0, 16, 2), 17, *range(18, 40, 2)]
+
+
+def test_a_search_across_the_boundary_is_the_pipelines_generation_under_its_router(tmp_path):
+    """The task runs each step on its expert with its guidance: its uncached rollout is diffusers' two-expert
+    pipeline's generation; `search_router` gives one (T, K) schedule for both experts, whose rows 0 and 2 (the
+    low-noise expert's first) compute; the pipeline enabled with that router generates the search's rollout of it.
+    The pipeline steps x + (sigma_next - sigma) v, the task a x + b (x - sigma v): a few roundings of |x| per step."""
+    pipe = make_pipe()
+    task = expert_task(pipe)
+    assert task.experts() == [(pipe.transformer, 0), (pipe.transformer_2, BOUNDARY)]
+    _, noise = prompt_and_noise(pipe)
+    cond = {"prompt_index": torch.tensor([0])}
+    plain = generate(pipe)
+    tolerance = rounding_bound(plain, 8 * STEPS)
+    config = SearchConfig(num_steps=STEPS, target_cur=0.5, batch=1, rounds=1, candidates=2)
+    router, _ = search_router(task, config, tmp_path, task.macs())
+    table = router.schedule().table
+    assert table[[0, BOUNDARY]].all() and not table.all()
+    with task_engine(task) as engine:
+        rollouts = Rollouts(task, engine, noise, cond, STEPS)
+        assert (rollouts.reference - plain).abs().max().item() <= tolerance
+        searched = rollouts.sample(table)
+    harmonica.enable(pipe, router)
+    cached = generate(pipe)
+    harmonica.disable(pipe)
+    assert (searched - cached).abs().max().item() <= tolerance
+    assert (cached - plain).abs().max().item() > tolerance  # the router reuses
