@@ -186,6 +186,7 @@ def test_train_searches_by_default_and_ends_with_the_comparison(tmp_path, capsys
     router = Router.from_pretrained(tmp_path / "router")
     assert router.schedule().cur == 0.5 and router.info.complete
     assert "search: calibration error " in printed and "router searched: " in printed
+    assert "forecast search from " in printed  # --forecast-rounds 1, the default
     table = printed[printed.index("held-out comparison on 3 calibration noises"):].splitlines()
     rivals = ["fora:2", "fora:3", "delta-dit:b=2,n=2"]  # with the forecast (the default), each with its own too
     assert [line.split()[0] for line in table[2:10]] == ["learned+forecast", *rivals,
