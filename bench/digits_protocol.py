@@ -10,9 +10,9 @@ FlowMatchEuler). Objectives, each trained with `--seeds` seeds (0, 1, ...):
 - "search": the default of `harmonica train`, the schedule search on the final-image error (harmonica.search;
   CUR held at the target exactly, 64 calibration noises), then its linear forecast (`--forecast`, the default:
   `search.keep_forecast` keeps the searched schedule or FORA's equal-cost start, each with its fitted forecast or
-  without, of the lowest calibration error, then searches on from it for `--forecast-rounds` rounds on the error
-  of each schedule with its own forecast, `search.forecast_search`; the router's forecast applies to its
-  schedule, so its tau sweep has that one row);
+  without, of the lowest calibration error (with `--forecast-rounds`, then searches on from it for that many rounds
+  on the error of each schedule with its own forecast, `search.forecast_search`); the router's forecast applies to
+  its schedule, so its tau sweep has that one row);
 - "harmonica": SDT with IEPO's cumulative lambda (harmonica.training, objective "cumulative"; `harmonica
   train --objective iepo`), `--iterations` iterations;
 - "sdt-lambda1": the same SDT with lambda = 1, the paper's "SDT + L_LTC" ablation (objective "l2c");
@@ -141,7 +141,7 @@ class ProtocolConfig:
     search_candidates: int = 24
     search_macs: bool = True  # recorded: the search holds the MACs too (harmonica.search since 2026-12-03)
     forecast: bool = True  # the search's router with its linear forecast, FORA rows with theirs
-    forecast_rounds: int = SearchConfig.forecast_rounds  # then the search on the forecast's error (harmonica train's)
+    forecast_rounds: int = SearchConfig.forecast_rounds  # then the search on the forecast's error (train's default)
     samples: int = 500
     repeats: int = 3
     taus: tuple = field(default_factory=default_taus)

@@ -8,10 +8,10 @@ the MACs to at most FORA:2's (`search_schedule`'s unit_cost, as `harmonica train
 at equal CUR a searched schedule may compute more of the costlier units. With --forecast each of the two
 schedules also gets its linear forecast (`harmonica.forecast.fit_forecast` on the same 64 calibration noises) and
 is measured with it too, paired against itself without it on the held-out noises (and its slot memory), and
-"chosen" is the lowest calibration error of the four (`forecast.choose_forecast`); from it (with its forecast),
-"refined" is `harmonica train`'s forecast search (`search.forecast_search`, its default rounds), and "kept" what
-`harmonica train` deploys: refined+forecast where its calibration error is lower, else chosen; it is paired with
-FORA:2+forecast on the held-out noises.
+"chosen" is the lowest calibration error of the four (`forecast.choose_forecast`); with --forecast-rounds, from it
+(with its forecast) "refined" is `harmonica train --forecast-rounds`'s forecast search (`search.forecast_search`),
+and "kept" what `harmonica train` then deploys: refined+forecast where its calibration error is lower, else chosen;
+it is paired with FORA:2+forecast on the held-out noises.
 
     python -m harmonica.bench.search_check [--model digits-dit|digits-flux] --steps 10 --seeds 0 1 2 [--forecast]
         [--rounds R]
@@ -41,7 +41,8 @@ def sign_test(wins: int, count: int) -> float:
 
 
 def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200, *, model: str = "digits-dit",
-          equal_macs: bool = False, forecast: bool = False, rounds: int | None = None) -> dict:
+          equal_macs: bool = False, forecast: bool = False, rounds: int | None = None,
+          forecast_rounds: int = SearchConfig.forecast_rounds) -> dict:
     digits = DIGITS_MODELS[model]()
     task = digits.task(num_steps, digits.guidance)
     macs = task_macs(task)
@@ -59,8 +60,8 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
         choice = choose_forecast(rollouts, tables) if forecast else None
         forecasts = dict(choice.forecasts) if forecast else {}
         refined = None
-        if forecast and choice.with_forecast:  # harmonica train's forecast search from the kept schedule
-            refined, forecasts["refined"] = forecast_search(rollouts, choice.table, rounds=defaults.forecast_rounds,
+        if forecast and forecast_rounds and choice.with_forecast:  # the forecast search from the kept schedule
+            refined, forecasts["refined"] = forecast_search(rollouts, choice.table, rounds=forecast_rounds,
                                                             candidates=defaults.candidates,
                                                             unit_cost=macs.unit_macs if equal_macs else None)
             tables["refined"] = refined.table
@@ -97,6 +98,9 @@ def main(argv=None) -> None:
     parser.add_argument("--equal-macs", action="store_true", help="also hold the MACs to at most FORA:2's")
     parser.add_argument("--forecast", action="store_true", help="also each schedule with its fitted linear forecast")
     parser.add_argument("--rounds", type=int, help=f"search rounds at most (default {SearchConfig.rounds}, train's)")
+    parser.add_argument("--forecast-rounds", type=int, default=SearchConfig.forecast_rounds,
+                        help=f"with --forecast: rounds of the forecast search from the kept schedule (default "
+                        f"{SearchConfig.forecast_rounds}, train's)")
     parser.add_argument("--out", help="also write the results, with the machine and the command, to this JSON file")
     args = parser.parse_args(argv)
     if args.out is not None:
@@ -109,7 +113,7 @@ def main(argv=None) -> None:
                "machine": machine_info(), "seeds": []}
     for seed in args.seeds:
         r = check(args.steps, seed, model=args.model, equal_macs=args.equal_macs, forecast=args.forecast,
-                  rounds=args.rounds)
+                  rounds=args.rounds, forecast_rounds=args.forecast_rounds)
         results["seeds"].append(r)
         if args.out is not None:  # after each seed: a run cut short keeps what it finished
             write_file(args.out, json.dumps(results, indent=1, default=float))
