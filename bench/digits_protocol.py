@@ -10,8 +10,9 @@ FlowMatchEuler). Objectives, each trained with `--seeds` seeds (0, 1, ...):
 - "search": the default of `harmonica train`, the schedule search on the final-image error (harmonica.search;
   CUR held at the target exactly, 64 calibration noises), then its linear forecast (`--forecast`, the default:
   `search.keep_forecast` keeps the searched schedule or FORA's equal-cost start, each with its fitted forecast or
-  without, of the lowest calibration error; the router's forecast applies to its schedule, so its tau sweep has
-  that one row);
+  without, of the lowest calibration error (with `--forecast-rounds`, then searches on from it for that many rounds
+  on the error of each schedule with its own forecast, `search.forecast_search`); the router's forecast applies to
+  its schedule, so its tau sweep has that one row);
 - "harmonica": SDT with IEPO's cumulative lambda (harmonica.training, objective "cumulative"; `harmonica
   train --objective iepo`), `--iterations` iterations;
 - "sdt-lambda1": the same SDT with lambda = 1, the paper's "SDT + L_LTC" ablation (objective "l2c");
@@ -140,6 +141,7 @@ class ProtocolConfig:
     search_candidates: int = 24
     search_macs: bool = True  # recorded: the search holds the MACs too (harmonica.search since 2026-12-03)
     forecast: bool = True  # the search's router with its linear forecast, FORA rows with theirs
+    forecast_rounds: int = SearchConfig.forecast_rounds  # then the search on the forecast's error (train's default)
     samples: int = 500
     repeats: int = 3
     taus: tuple = field(default_factory=default_taus)
@@ -408,7 +410,8 @@ def train(evaluator: Evaluator, objective: str, seed: int):
         with tempfile.TemporaryDirectory() as out:
             router, _ = search_router(task, config, out, evaluator.macs)
         if cfg.forecast:
-            router, _ = keep_forecast(task, router, cfg.search_batch, seed, config.clip)
+            router, *_ = keep_forecast(task, router, cfg.search_batch, seed, config.clip, macs=evaluator.macs,
+                                       rounds=cfg.forecast_rounds, candidates=cfg.search_candidates)
     elif objective == "l2c":
         config = L2CConfig(num_steps=cfg.steps, iterations=cfg.iterations, batch=cfg.batch, lr=cfg.lr,
                            beta=cfg.l2c_beta, tau=TAU, seed=seed, target_cur=cfg.l2c_target_cur)
@@ -673,8 +676,11 @@ def digits_section(results: dict, json_path: str) -> str:
                        f"most {p['search_rounds']} rounds of {p['search_candidates']} swaps)"
                        + (", then keeps the searched schedule or the equal-cost FORA schedule, each with its linear "
                           "forecast fitted on the same noises or without, of the lowest calibration error (harmonica "
-                          "train's default); fora:N+forecast: FORA with its forecast fitted on the seed-0 search's "
-                          "calibration noises" if p.get("forecast") else ""))
+                          "train's default)"
+                          + (f", then {p['forecast_rounds']} round(s) of the search on each schedule's error with its "
+                             "own forecast (forecast_search)" if p.get("forecast_rounds") else "")
+                          + "; fora:N+forecast: FORA with its forecast fitted on the seed-0 search's calibration noises"
+                          if p.get("forecast") else ""))
     if {"harmonica", "sdt-lambda1"} & set(objectives):
         trained.append(f"SDT objectives: {p['iterations']} iterations (batch {p['batch']}, lr {p['lr']}), target CUR "
                        f"{p['target_cur']} (IEPO lambda refreshed every {p['refresh']} iterations on "
@@ -800,6 +806,12 @@ def write_outputs(results: dict, out: Path, write_benchmarks: bool, progress=_pr
     return path
 
 
+# the ProtocolConfig fields that are command-line options (--search-rounds for search_rounds)
+INT_OPTIONS = ("steps", "seeds", "workers", "iterations", "batch", "refresh", "lambda_batch", "search_batch",
+               "search_rounds", "search_candidates", "forecast_rounds", "samples", "repeats")
+FLOAT_OPTIONS = ("lr", "beta", "l2c_beta", "target_cur", "l2c_target_cur")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ProtocolConfig()
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
@@ -807,19 +819,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES,
                         help=f"default {' '.join(defaults.objectives)} (digits-flux: without l2c); the first is "
                         "compared with the others")
-    for name in ("steps", "seeds", "workers", "iterations", "batch", "refresh", "lambda_batch", "search_batch",
-                 "search_rounds", "search_candidates", "samples", "repeats"):
+    for name in INT_OPTIONS:
         parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"default {getattr(defaults, name)}")
-    for name in ("lr", "beta", "l2c_beta", "target_cur", "l2c_target_cur"):
+    for name in FLOAT_OPTIONS:
         parser.add_argument("--" + name.replace("_", "-"), type=float, help=f"default {getattr(defaults, name)}")
     parser.add_argument("--taus", type=int, help="how many log-spaced taus in [1e-3, 0.99] (0.1 added); default 12")
 
 
 def config_from_args(args) -> ProtocolConfig:
-    overrides = {name: getattr(args, name) for name in ("model", "steps", "seeds", "workers", "iterations", "batch",
-                                                        "refresh", "lambda_batch", "search_batch", "search_rounds",
-                                                        "search_candidates", "samples", "repeats", "lr", "beta",
-                                                        "l2c_beta", "target_cur", "l2c_target_cur")
+    overrides = {name: getattr(args, name) for name in ("model", *INT_OPTIONS, *FLOAT_OPTIONS)
                  if getattr(args, name, None) is not None}
     if getattr(args, "objectives", None):
         overrides["objectives"] = tuple(args.objectives)

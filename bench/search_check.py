@@ -8,7 +8,10 @@ the MACs to at most FORA:2's (`search_schedule`'s unit_cost, as `harmonica train
 at equal CUR a searched schedule may compute more of the costlier units. With --forecast each of the two
 schedules also gets its linear forecast (`harmonica.forecast.fit_forecast` on the same 64 calibration noises) and
 is measured with it too, paired against itself without it on the held-out noises (and its slot memory), and
-"chosen" is what `harmonica train` keeps of the four (`forecast.choose_forecast`: the lowest calibration error).
+"chosen" is the lowest calibration error of the four (`forecast.choose_forecast`); with --forecast-rounds, from it
+(with its forecast) "refined" is `harmonica train --forecast-rounds`'s forecast search (`search.forecast_search`),
+and "kept" what `harmonica train` then deploys: refined+forecast where its calibration error is lower, else chosen;
+it is paired with FORA:2+forecast on the held-out noises.
 
     python -m harmonica.bench.search_check [--model digits-dit|digits-flux] --steps 10 --seeds 0 1 2 [--forecast]
         [--rounds R]
@@ -26,7 +29,7 @@ from harmonica.digits import DIGITS_MODELS, PIXEL_RANGE, eval_batch
 from harmonica.files import check_out_file, write_file
 from harmonica.forecast import choose_forecast
 from harmonica.schedule import CacheSchedule
-from harmonica.search import Rollouts, SearchConfig, budget_for_cur, search_schedule, spread
+from harmonica.search import Rollouts, SearchConfig, budget_for_cur, forecast_search, search_schedule, spread
 from harmonica.training import engine_attached, task_macs
 
 from .machine import machine_info
@@ -38,7 +41,8 @@ def sign_test(wins: int, count: int) -> float:
 
 
 def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200, *, model: str = "digits-dit",
-          equal_macs: bool = False, forecast: bool = False, rounds: int | None = None) -> dict:
+          equal_macs: bool = False, forecast: bool = False, rounds: int | None = None,
+          forecast_rounds: int = SearchConfig.forecast_rounds) -> dict:
     digits = DIGITS_MODELS[model]()
     task = digits.task(num_steps, digits.guidance)
     macs = task_macs(task)
@@ -54,7 +58,14 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
         seconds = time.perf_counter() - started
         tables = {"fora:2": start, "searched": result.table}
         choice = choose_forecast(rollouts, tables) if forecast else None
-        forecasts = choice.forecasts if forecast else {}
+        forecasts = dict(choice.forecasts) if forecast else {}
+        refined = None
+        if forecast and forecast_rounds and choice.with_forecast:  # the forecast search from the kept schedule
+            refined, forecasts["refined"] = forecast_search(rollouts, choice.table, rounds=forecast_rounds,
+                                                            candidates=defaults.candidates,
+                                                            unit_cost=macs.unit_macs if equal_macs else None)
+            tables["refined"] = refined.table
+        seconds_forecast = time.perf_counter() - started - seconds
         noise, labels = eval_batch(held_out, seed=0)
         test = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=PIXEL_RANGE)
         errors, cache_bytes = {}, {}
@@ -66,13 +77,16 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
     psnr = {name: 10 * math.log10(4 / e.mean().item()) for name, e in errors.items()}
     wins = int((errors["searched"] < errors["fora:2"]).sum())
     paired = {name: int((errors[f"{name}+forecast"] < errors[name]).sum()) for name in tables if forecast}
-    speedup = {name: CacheSchedule(table.clone(), name).theoretical_speedup(macs)
-               for name, table in (("fora:2", start), ("searched", result.table))}
+    speedup = {name: CacheSchedule(table.clone(), name).theoretical_speedup(macs) for name, table in tables.items()}
+    kept = None if choice is None else "refined+forecast" if refined is not None and \
+        refined.loss < refined.start_loss else choice.label
     return {"model": model, "steps": num_steps, "seed": seed, "seconds": seconds, "schedules": result.rollouts,
             "calibration": (result.start_loss, result.loss), "psnr": psnr, "wins": wins, "count": held_out,
             "p": sign_test(wins, held_out), "speedup": speedup, "forecast_wins": paired,
             "forecast_p": {name: sign_test(w, held_out) for name, w in paired.items()}, "cache_bytes": cache_bytes,
-            "chosen": None if choice is None else choice.label,
+            "chosen": None if choice is None else choice.label, "kept": kept, "forecast_seconds": seconds_forecast,
+            "refined_calibration": None if refined is None else (refined.start_loss, refined.loss),
+            "kept_wins": None if kept is None else int((errors[kept] < errors["fora:2+forecast"]).sum()),
             "calibration_forecast": None if choice is None else choice.errors}
 
 
@@ -84,6 +98,9 @@ def main(argv=None) -> None:
     parser.add_argument("--equal-macs", action="store_true", help="also hold the MACs to at most FORA:2's")
     parser.add_argument("--forecast", action="store_true", help="also each schedule with its fitted linear forecast")
     parser.add_argument("--rounds", type=int, help=f"search rounds at most (default {SearchConfig.rounds}, train's)")
+    parser.add_argument("--forecast-rounds", type=int, default=SearchConfig.forecast_rounds,
+                        help=f"with --forecast: rounds of the forecast search from the kept schedule (default "
+                        f"{SearchConfig.forecast_rounds}, train's)")
     parser.add_argument("--out", help="also write the results, with the machine and the command, to this JSON file")
     args = parser.parse_args(argv)
     if args.out is not None:
@@ -96,7 +113,7 @@ def main(argv=None) -> None:
                "machine": machine_info(), "seeds": []}
     for seed in args.seeds:
         r = check(args.steps, seed, model=args.model, equal_macs=args.equal_macs, forecast=args.forecast,
-                  rounds=args.rounds)
+                  rounds=args.rounds, forecast_rounds=args.forecast_rounds)
         results["seeds"].append(r)
         if args.out is not None:  # after each seed: a run cut short keeps what it finished
             write_file(args.out, json.dumps(results, indent=1, default=float))
@@ -107,9 +124,14 @@ def main(argv=None) -> None:
               f"noises (sign test p = {r['p']:.1e}); calibration MSE {r['calibration'][0]:.4g} -> "
               f"{r['calibration'][1]:.4g}, {r['schedules']} schedules in {r['seconds']:.0f} s", flush=True)
         if r["chosen"] is not None:
-            chosen = r["chosen"]
-            print(f"  chosen (harmonica train's default): {chosen}, {r['psnr'][chosen]:.2f} dB, "
+            chosen, kept = r["chosen"], r["kept"]
+            print(f"  chosen by calibration error: {chosen}, {r['psnr'][chosen]:.2f} dB, "
                   f"{r['psnr'][chosen] - r['psnr']['fora:2']:+.2f} dB over FORA:2", flush=True)
+            print(f"  kept after the forecast search (harmonica train's default): {kept}, {r['psnr'][kept]:.2f} dB, "
+                  f"{r['psnr'][kept] - r['psnr']['fora:2+forecast']:+.2f} dB over FORA:2+forecast, better on "
+                  f"{r['kept_wins']}/{r['count']} held-out noises "
+                  f"(sign test p = {sign_test(r['kept_wins'], r['count']):.1e}); "
+                  f"forecast fits and search {r['forecast_seconds']:.0f} s", flush=True)
         for name, wins in r["forecast_wins"].items():
             with_forecast = f"{name}+forecast"
             print(f"  {with_forecast}: {r['psnr'][with_forecast]:.2f} dB vs {r['psnr'][name]:.2f} dB, "

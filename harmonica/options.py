@@ -122,6 +122,7 @@ RULES = {
         "embeds": Rule(str, only={"model": ("pixart", "flow")}),
         "sampler": Rule(str, choices=("dpm-solver++", "sa-solver", "iddpm"), only={"model": ("pixart",)}),
         "objective": FLAG, "rounds": count(1, only=SEARCH_ONLY), "candidates": count(1, only=SEARCH_ONLY),
+        "forecast_rounds": count(0, only=SEARCH_ONLY),
         "eval_batch": count(0), "lambda_batch": count(1, only=LAMBDA_ONLY), "seed": SEED,
         "checkpoint_every": count(1, only=SDT_ONLY),
         "checkpoint_minutes": number(low=0, open_low=True, only=SDT_ONLY),

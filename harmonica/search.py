@@ -299,6 +299,9 @@ class SearchConfig:
     seed: int = 0
     rounds: int = 8
     candidates: int = 24  # swaps measured per round
+    # rounds of `forecast_search` after the forecast is kept: 0 (none), as one round measured no held-out gain on
+    # digits-dit (docs/training.md)
+    forecast_rounds: int = 0
     tau: float = 0.1  # recorded in the router (its logits are +-5: the table at any tau in (0.007, 0.993))
     clip: tuple | None = None  # (low, high) of a pixel-space model's images (digits-dit: (-1, 1)); None: latents
 
@@ -351,28 +354,62 @@ def search_router(task, config: SearchConfig, out_dir, macs, *, stopped=None, lo
     return router, result
 
 
-def keep_forecast(task, router, batch: int, seed: int, clip=None) -> tuple:
-    """(router, `forecast.ForecastChoice`): the router's schedule and its equal-cost start, each fitted with a
-    linear forecast on the calibration batch (`batch` noises of `seed`, this rank's), kept with it or without,
-    whichever has the lowest calibration error (`forecast.choose_forecast`). The router returned holds the kept
-    schedule and forecast (a new router when the start won). Under torchrun the fit and the errors are those of
-    every rank's batch together, so every rank keeps the same."""
+def forecast_search(rollouts, start: torch.Tensor, *, unit_cost=None, rounds: int = 1, candidates: int = 24,
+                    max_rollouts: int | None = None, stopped=None, log=None, average=None) -> tuple:
+    """`search_schedule` from `start` (T, K) on the calibration error of each table with its own linear forecast,
+    fitted along it on the batch of `rollouts` (one fitting pass measures it: its final samples are those of
+    sampling with the result; `forecast.fit_forecast`). A schedule's best cells for pure reuse are not those it
+    forecasts best from, so this search moves cells that the pure-reuse one would not. The cells and (with
+    `unit_cost`) the MACs are held at most `start`'s. Returns (`SearchResult`, the `Forecast` of its table);
+    average: as `fit_forecast`'s."""
+    from .forecast import ForecastFit, fit_forecast
+
+    def loss(table):
+        return rollouts.error(table, ForecastFit(CacheSchedule(table.clone(), "forecast-fit"), average=average))
+
+    result = search_schedule(loss, start, unit_cost=unit_cost, rounds=rounds, candidates=candidates,
+                             max_rollouts=max_rollouts, stopped=stopped, log=log)
+    return result, fit_forecast(rollouts, result.table, average=average)
+
+
+def keep_forecast(task, router, batch: int, seed: int, clip=None, *, macs=None, rounds: int = 0,
+                  candidates: int = 24, log=None, stopped=None) -> tuple:
+    """(router, `forecast.ForecastChoice`, refined): the router's schedule and its equal-cost start, each fitted with
+    a linear forecast on the calibration batch (`batch` noises of `seed`, this rank's), kept with it or without,
+    whichever has the lowest calibration error (`forecast.choose_forecast`); then, with `rounds` and a forecast
+    kept, `rounds` rounds of `forecast_search` from the kept schedule (its MACs held by `macs`, the task's
+    `MacCount`), whose result `refined` (a `SearchResult`; None when it did not run) replaces it where its error
+    is lower. The router returned holds the kept schedule and forecast (a new router when it is not the router's).
+    Under torchrun the fit and the errors are those of every rank's batch together, so every rank keeps the same."""
     from .forecast import choose_forecast
     from .training import _average, _rank_world, engine_attached
 
     table = router.schedule().table
     start = equal_cost_start(table.shape[0], table.shape[1], int(table.sum()))
-    candidates = {"learned": table, **({} if torch.equal(start.table, table) else {start.name: start.table})}
+    schedules = {"learned": table, **({} if torch.equal(start.table, table) else {start.name: start.table})}
     noise, cond = calibration_batch(task, batch, seed, _rank_world()[0])
     device = next(task.transformer.parameters()).device
+    refined = None
+
+    def average(tensor):
+        return _average(tensor.to(device)).cpu()
+
     with engine_attached(task.transformer) as engine:
         rollouts = Rollouts(task, engine, noise, cond, table.shape[0], clip=clip,
                             average=lambda value: _average(torch.tensor(value, device=device)).item())
-        choice = choose_forecast(rollouts, candidates, average=lambda tensor: _average(tensor.to(device)).cpu())
+        choice = choose_forecast(rollouts, schedules, average=average)
+        if rounds and choice.with_forecast:
+            refined, forecast = forecast_search(rollouts, choice.table, unit_cost=None if macs is None else
+                                                macs.unit_macs, rounds=rounds, candidates=candidates, log=log,
+                                                stopped=stopped, average=average)
+    if refined is not None and refined.loss < refined.start_loss:
+        router = router_from_table(refined.table, router.info)
+        router.set_forecast(forecast)
+        return router, choice, refined
     if choice.name != "learned":
         router = router_from_table(choice.table, router.info)
     router.set_forecast(choice.forecast)
-    return router, choice
+    return router, choice, refined
 
 
 # ---- the closing comparison ----

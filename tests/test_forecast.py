@@ -23,8 +23,16 @@ from harmonica.families.dit import DiTTask
 from harmonica.forecast import Forecast, ForecastFit, ForecastPlan, choose_forecast
 from harmonica.graphs import graph_plan
 from harmonica.router import RouterInfo
-from harmonica.search import Rollouts, equal_cost_start, router_from_table
-from harmonica.training import engine_attached
+from harmonica.search import (
+    Rollouts,
+    calibration_batch,
+    equal_cost_start,
+    forecast_search,
+    keep_forecast,
+    router_from_table,
+    spread,
+)
+from harmonica.training import engine_attached, task_macs
 
 STEPS = 7
 # unit 0: computes at 0, 1, 3 (the output of 0 is read by no reuse: no slot); unit 1: FORA-like with a lone reuse
@@ -330,6 +338,71 @@ def test_choose_forecast_keeps_the_lowest_error_with_the_forecast():
         choose_forecast(rollouts, {})
 
 
+class WeightedRollouts:
+    """A calibration error whose optimum is known: each reused cell (t, k) costs weights[with a forecast][t, k];
+    `sample` records the fitting passes (`fit_forecast`)."""
+
+    def __init__(self, pure: torch.Tensor, forecast: torch.Tensor):
+        self.weights, self.fitted, self.sampled = {False: pure, True: forecast}, [], []
+
+    def error(self, table, forecast=None):
+        if forecast is not None:
+            assert isinstance(forecast, ForecastFit) and torch.equal(forecast.forecast.table, table)  # fitted along it
+            self.fitted.append(table.clone())
+        return float((self.weights[forecast is not None] * ~table).sum())
+
+    def sample(self, table, forecast=None):
+        self.sampled.append((table.clone(), forecast))
+
+
+def test_the_forecast_search_minimises_each_schedules_error_with_its_own_forecast():
+    """The table of the lowest error with a forecast fitted along it (not the pure-reuse optimum), at the start's
+    cells and MACs; the returned forecast is fitted along that table."""
+    gen = torch.Generator().manual_seed(2)
+    pure, forecast = torch.rand(6, 4, generator=gen), torch.rand(6, 4, generator=gen)
+    start = spread(6, 4, 12)
+
+    def best(weights):
+        table = torch.zeros(6, 4, dtype=torch.bool)
+        table[0] = True
+        table.view(-1)[(weights[1:].reshape(-1).topk(8).indices + 4)] = True
+        return table
+
+    assert not torch.equal(best(pure), best(forecast))
+    rollouts = WeightedRollouts(pure, forecast)
+    result, fitted = forecast_search(rollouts, start, rounds=20, candidates=40)
+    assert torch.equal(result.table, best(forecast))
+    assert result.loss == pytest.approx(float((forecast * ~best(forecast)).sum()))
+    assert len(rollouts.fitted) == result.rollouts and all(int(t.sum()) in (11, 12, 13) for t in rollouts.fitted)
+    assert torch.equal(fitted.table, result.table) and torch.equal(rollouts.sampled[-1][0], result.table)
+    costly = forecast_search(WeightedRollouts(pure, forecast), start, unit_cost=[1.0, 1.0, 1.0, 9.0], rounds=20,
+                             candidates=40)[0]
+    assert costly.table[:, 3].sum() <= start[:, 3].sum()  # the MACs held: unit 3 is never traded in
+
+
+def test_keep_forecast_deploys_the_forecast_search_where_it_lowers_the_error():
+    """rounds = 0: the forecast `choose_forecast` kept; rounds > 0: the searched table with the forecast fitted
+    along it, its calibration error that of sampling with them, at the kept schedule's cells and at most its MACs."""
+    model = load_digits_dit()
+    task = DiTTask(model, 6, 1.5)
+    macs = task_macs(task)
+    start = equal_cost_start(6, 12, 36)
+    router = router_from_table(start.table, RouterInfo.for_model(model))
+    kept, choice, refined = keep_forecast(task, router, 4, 0, (-1, 1))
+    assert refined is None and choice.with_forecast and torch.equal(kept.schedule().table, start.table)
+    kept, choice, refined = keep_forecast(task, router, 4, 0, (-1, 1), macs=macs, rounds=1, candidates=12)
+    assert refined.loss < refined.start_loss == pytest.approx(choice.errors["learned"][1], rel=1e-6)
+    table = kept.schedule().table
+    assert torch.equal(table, refined.table) and not torch.equal(table, start.table)
+    assert torch.equal(kept.forecast.table, table) and int(table.sum()) == 36
+    unit_macs = torch.tensor(macs.unit_macs, dtype=torch.float64)
+    assert (table.double() @ unit_macs).sum() <= (start.table.double() @ unit_macs).sum() * (1 + 1e-9)
+    noise, cond = calibration_batch(task, 4, 0)  # the error of deploying it, on the calibration batch
+    with engine_attached(model) as engine:
+        rollouts = Rollouts(task, engine, noise, cond, 6, clip=(-1, 1))
+        assert rollouts.error(table, kept.forecast) == pytest.approx(refined.loss, rel=1e-5)
+
+
 def test_forecast_inputs_are_checked(tmp_path):
     table = CacheSchedule.fora(4, 2, 2).table
     with pytest.raises(ValueError, match=r"forecast.b: expected a float tensor of shape \(4, 2\) \(from "
@@ -385,9 +458,10 @@ def test_train_keeps_the_equal_cost_start_when_it_forecasts_better(tmp_path, cap
     model = make_model("tiny-dit")
     learned = irregular(units_of(model))
     router = router_from_table(learned.table, RouterInfo.for_model(model))
-    args = SimpleNamespace(batch=2, out=str(tmp_path))
+    args = SimpleNamespace(batch=2, out=str(tmp_path), objective="search", forecast_rounds=0, candidates=4)
     config = SimpleNamespace(num_steps=STEPS, seed=0)
-    kept = _fit_forecast(args, DiTTask(model, STEPS, 1.5), router, config, None, 0)
+    task = DiTTask(model, STEPS, 1.5)
+    kept = _fit_forecast(args, task, router, config, None, 0, task_macs(task))
     start = equal_cost_start(STEPS, learned.num_units, int(learned.table.sum()))
     assert offered == [["learned", start.name]] and not torch.equal(start.table, learned.table)
     assert f"the router keeps {start.name} with its forecast" in capsys.readouterr().out

@@ -186,13 +186,16 @@ def test_train_searches_by_default_and_ends_with_the_comparison(tmp_path, capsys
     router = Router.from_pretrained(tmp_path / "router")
     assert router.schedule().cur == 0.5 and router.info.complete
     assert "search: calibration error " in printed and "router searched: " in printed
+    assert "forecast search from " not in printed  # --forecast-rounds 0, the default
     table = printed[printed.index("held-out comparison on 3 calibration noises"):].splitlines()
     rivals = ["fora:2", "fora:3", "delta-dit:b=2,n=2"]  # with the forecast (the default), each with its own too
     assert [line.split()[0] for line in table[2:10]] == ["learned+forecast", *rivals,
                                                          *(f"{r}+forecast" for r in rivals), "2"]
     assert table[10].startswith(("a static schedule is better: ", "learned+forecast beats every static schedule"))
-    assert main(argv + ["--overwrite"]) == 0 and Router.from_pretrained(tmp_path / "router") is not None
-    capsys.readouterr()
+    assert main(argv + ["--overwrite", "--forecast-rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "forecast search from " in printed and "schedules measured; the router keeps " in printed
+    assert Router.from_pretrained(tmp_path / "router").info.complete
     assert main(argv[:-2] + ["--out", str(tmp_path), "--resume"]) == 2
     assert ("--resume: expected only with an SDT --objective (iepo, cumulative, leave-one-out, l2c), got --resume "
             "with --objective search") in capsys.readouterr().err

@@ -22,6 +22,7 @@ from ..models import (
     load_transformer,
     preset,
 )
+from ..search import SearchConfig
 
 RANDOM_PROMPTS = 16  # the prompt bank of a random-weights flow model's training
 DIGITS_REPORT_SAMPLES = 500  # noises of the quality report that ends a digits model's training
@@ -137,7 +138,7 @@ def _train(args) -> int:
         done = f"after {trainer.iteration} iterations"
     schedule = router.schedule()  # at its tau (--target-cur: the one that meets it); the same on every rank
     if not args.no_forecast and not partial:
-        router = _fit_forecast(args, task, router, config, clip, rank)
+        router = _fit_forecast(args, task, router, config, clip, rank, macs)
         schedule = router.schedule()
     if rank == 0:
         print(f"router {done}: {args.out}/router (sampler {task.sampler}, {config.num_steps} steps, tau "
@@ -157,8 +158,6 @@ def _train(args) -> int:
                 if rank == 0:
                     print(report or "interrupted: the quality report was skipped (the router is complete)")
             if args.eval_batch and not _any_rank([stop.stop_signal is not None], device)[0]:
-                from ..search import SearchConfig
-
                 table = closing_table(task, schedule.table, macs, args.eval_batch, config.seed, clip,
                                       router.forecast, args.batch or SearchConfig.batch)
                 if rank == 0:
@@ -229,7 +228,7 @@ class _StopFlag:
 
 def _search(args, task, config, macs, clip) -> tuple:
     """--objective search: (router, rank, stop flag); the router saved under --out."""
-    from ..search import SearchConfig, search_router
+    from ..search import search_router
     from ..training import _any_rank, _rank_world, check_run_dir, stop_signals
 
     found = check_run_dir(args.out, resume=False, overwrite=args.overwrite)
@@ -256,15 +255,18 @@ def _search(args, task, config, macs, clip) -> tuple:
     return router, rank, stop
 
 
-def _fit_forecast(args, task, router, config, clip, rank: int):
+def _fit_forecast(args, task, router, config, clip, rank: int, macs):
     """The linear forecast (the default; --no-forecast: none): `search.keep_forecast` on the calibration batch
-    (--batch noises of --seed), the router it returns saved (rank 0) and returned."""
-    from ..search import SearchConfig, keep_forecast
+    (--batch noises of --seed; after the search objective, --forecast-rounds of `search.forecast_search`), the
+    router it returns saved (rank 0) and returned."""
+    from ..search import keep_forecast
     from ..training import ROUTER_DIR
 
     batch = args.batch or SearchConfig.batch
+    rounds = args.forecast_rounds if args.objective == SEARCH else 0
     started = time.perf_counter()
-    router, choice = keep_forecast(task, router, batch, config.seed, clip)
+    router, choice, refined = keep_forecast(task, router, batch, config.seed, clip, macs=macs, rounds=rounds,
+                                            candidates=args.candidates, log=print if rank == 0 else None)
     if rank == 0:
         router.save_pretrained(Path(args.out) / ROUTER_DIR)
         print(f"forecast: fitted on {batch} calibration noises in {time.perf_counter() - started:.0f} s; "
@@ -274,6 +276,10 @@ def _fit_forecast(args, task, router, config, clip, rank: int):
         if choice.label != "learned+forecast":
             kept = "with its forecast" if choice.with_forecast else "without a forecast (pure reuse)"
             print(f"forecast: the lowest calibration error is {choice.label}'s: the router keeps {choice.name} {kept}")
+        if refined is not None:
+            print(f"forecast search from {choice.label}: calibration error {refined.start_loss:.4g} -> "
+                  f"{refined.loss:.4g}, {refined.rollouts} schedules measured; the router keeps "
+                  f"{'the searched schedule' if refined.loss < refined.start_loss else choice.label} with its forecast")
     return router
 
 
@@ -336,6 +342,10 @@ def add_parser(commands) -> None:
                    "leave-one-out: IEPO's paper formula; l2c: lambda = 1")
     t.add_argument("--rounds", type=int, default=8, help="search: at most this many rounds of sensitivities and swaps")
     t.add_argument("--candidates", type=int, default=24, help="search: swaps measured per round")
+    t.add_argument("--forecast-rounds", type=int, default=SearchConfig.forecast_rounds,
+                   help="search: rounds of a second search, on each schedule's error with its own fitted forecast, "
+                   "from the schedule kept with its forecast (default 0: none; one round lowered the calibration "
+                   "error but not the held-out one on digits-dit, docs/training.md)")
     t.add_argument("--eval-batch", type=int, default=64,
                    help="held-out noises of the closing comparison with the static schedules (0: none)")
     t.add_argument("--lambda-batch", type=int, default=defaults.lambda_batch)
