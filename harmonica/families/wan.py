@@ -154,8 +154,8 @@ MODELS = {"wan2.1-t2v-1.3b-480p": FlowModel(TRANSFORMER, {
     "ffn_dim": 8960, "freq_dim": 256, "in_channels": 16, "num_attention_heads": 12, "num_layers": 30,
     "out_channels": 16, "patch_size": (1, 2, 2), "qk_norm": "rms_norm_across_heads", "text_dim": 4096},
     480, 832, 512, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", frames=81),
-    # each expert's transformer/config.json (both alike: Wan 2.1 14B's shape, 40 layers of 40 heads x 128); the
-    # MACs of a step are one expert's
+    # each expert's transformer/config.json (both alike: Wan 2.1 14B's shape, 40 layers of 40 heads x 128; checked
+    # against the hub's transformer_2/config.json on 2026-12-04); the MACs of a step are one expert's
     "wan2.2-t2v-a14b-720p": FlowModel(TRANSFORMER, {
         "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06,
         "ffn_dim": 13824, "freq_dim": 256, "in_channels": 16, "num_attention_heads": 40, "num_layers": 40,
