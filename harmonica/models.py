@@ -50,20 +50,31 @@ def load_transformer(name: str, *, weights: str | None = None, random_weights: b
                      device=None):
     """A flow preset's transformer alone (no text encoders, no VAE): from the `transformer` folder of
     `weights` (hub id or path; default the preset's hub id), or with `random_weights` from its config,
-    built on `device`. A preset of several experts (Wan 2.2 A14B) is refused: harmonica's own sampler, training,
-    bench and profiling run one transformer."""
-    import diffusers
-
+    built on `device`. A preset of several experts (Wan 2.2 A14B) is refused: harmonica's own sampler, bench and
+    profiling run one transformer (`load_experts` loads them all)."""
     spec = preset(name)
     if getattr(spec, "experts", 1) > 1:
         raise ValueError(f"model: expected one transformer, got {name}, whose pipeline switches between "
-                         f"{spec.experts} by step (harmonica's sampler, training, bench and profiling run one); cache "
+                         f"{spec.experts} by step (harmonica's sampler, bench and profiling run one); cache "
                          f"its diffusers pipeline with harmonica.enable(pipe, ...)")
+    return load_experts(name, weights=weights, random_weights=random_weights, seed=seed, device=device)[0]
+
+
+def load_experts(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0,
+                 device=None) -> list:
+    """A flow preset's transformers that take turns by step, in order (`FlowPreset.experts`; one for most): from the
+    `transformer`, `transformer_2`, ... folders of `weights` (hub id or path; default the preset's hub id), or with
+    `random_weights` from its config, the i-th seeded `seed + i`, built on `device`."""
+    import diffusers
+
+    spec = preset(name)
+    count = getattr(spec, "experts", 1)
     if random_weights:
-        return build_transformer(name, seed=seed, device=device)
+        return [build_transformer(name, seed=seed + i, device=device) for i in range(count)]
     model_class = getattr(diffusers, spec.class_name)
-    return _from_hub(name, weights or spec.hub_id, lambda source: model_class.from_pretrained(
-        source, subfolder="transformer")).eval()
+    folders = ["transformer", *(f"transformer_{i + 1}" for i in range(1, count))]
+    return [_from_hub(name, weights or spec.hub_id, lambda source, folder=folder: model_class.from_pretrained(
+        source, subfolder=folder)).eval() for folder in folders]
 
 
 def load_vae(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0):

@@ -197,13 +197,19 @@ class ExpertEngines:
         self.transformer = engine.transformer
 
 
+def task_experts(task) -> list:
+    """[(transformer, first step)]: the task's transformers that take turns by step (`task.experts()`, Wan 2.2 A14B's
+    two), or its one transformer from step 0."""
+    return task.experts() if hasattr(task, "experts") else [(task.transformer, 0)]
+
+
 @contextlib.contextmanager
 def task_engine(task):
     """A training `CacheEngine` on the task's transformer (`training.engine_attached`), or `ExpertEngines` of one on
     each of its experts (`task.experts()`, where it has several)."""
     from .training import engine_attached
 
-    experts = task.experts() if hasattr(task, "experts") else [(task.transformer, 0)]
+    experts = task_experts(task)
     with contextlib.ExitStack() as stack:
         engines = [stack.enter_context(engine_attached(transformer)) for transformer, _ in experts]
         yield engines[0] if len(engines) == 1 else ExpertEngines(engines, [first for _, first in experts])
@@ -330,7 +336,7 @@ def search_router(task, config: SearchConfig, out_dir, macs, *, stopped=None, lo
     info = RouterInfo.for_model(transformer, sampler=task.sampler, timesteps=list(task.timesteps), tau=config.tau)
     noise, cond = calibration_batch(task, config.batch, config.seed, rank)
     # row 0 and each later expert's first step compute every unit (no slot holds that transformer's outputs yet)
-    computing = tuple(first for _, first in task.experts()) if hasattr(task, "experts") else (0,)
+    computing = tuple(first for _, first in task_experts(task))
     with task_engine(task) as engine:
         num_units = len(engine.units)
         budget = budget_for_cur(config.target_cur, config.num_steps, num_units)
@@ -415,24 +421,31 @@ def keep_forecast(task, router, batch: int, seed: int, clip=None, *, macs=None, 
 # ---- the closing comparison ----
 
 
-def equal_cost_start(num_steps: int, num_units: int, cells: int) -> CacheSchedule:
-    """The static schedule of `cells` computed cells the search starts from (`spread`), named as the FORA:n
-    schedule it equals where the cells are whole evenly spaced rows, else "spread"."""
-    schedule = CacheSchedule(spread(num_steps, num_units, cells), "spread")
+def equal_cost_start(num_steps: int, num_units: int, cells: int, computing: tuple = (0,)) -> CacheSchedule:
+    """The static schedule of `cells` computed cells the search starts from (`spread`, rows `computing` computed),
+    named as the FORA:n schedule it equals where the cells are whole evenly spaced rows, else "spread"."""
+    schedule = CacheSchedule(spread(num_steps, num_units, cells, computing), "spread")
     fora = [CacheSchedule.fora(num_steps, num_units, n) for n in range(2, num_steps)]
     schedule.name = next((f.name for f in fora if f == schedule), "spread")
     return schedule
 
 
-def static_rivals(num_steps: int, unit_names: list, table: torch.Tensor) -> list:
+def static_rivals(num_steps: int, unit_names: list, table: torch.Tensor, computing: tuple = (0,)) -> list:
     """The static schedules a learned `table` is held against: the equal-cost start (FORA:n where the budget
-    is whole rows), FORA:2 .. FORA:4, Δ-DiT (b = T/2, n = 2). Names unique, no duplicates."""
+    is whole rows), FORA:2 .. FORA:4, Δ-DiT (b = T/2, n = 2). Every rival computes the rows `computing` (each
+    expert's first step, `task_experts`): one that would reuse in row r has it computed, at its cost, and is
+    named `<name>+row<r>`. Names unique, no duplicates."""
     num_units = len(unit_names)
-    rivals = [equal_cost_start(num_steps, num_units, int(table.sum()))]
+    rivals = [equal_cost_start(num_steps, num_units, int(table.sum()), computing)]
     rivals += [CacheSchedule.fora(num_steps, num_units, n) for n in range(2, 5) if n < num_steps]
     rivals.append(CacheSchedule.delta_dit(unit_names, num_steps, num_steps // 2, 2))
     unique = []
     for schedule in rivals:
+        reusing = [row for row in computing if not schedule.table[row].all()]
+        if reusing:
+            forced = schedule.table.clone()
+            forced[reusing] = True
+            schedule = CacheSchedule(forced, schedule.name + "".join(f"+row{row}" for row in reusing))
         if not any(kept == schedule for kept in unique):
             unique.append(schedule)
     return unique
@@ -457,14 +470,16 @@ def compare(task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, 
     for the learned table, a rival's name) -> its `forecast.Forecast`: the learned row samples with its own,
     and each rival that has one gets a second row `<rival>+forecast`. The batch is sampled `chunk` noises at a
     time, shared out over the ranks under torchrun (`parallel.sharded`: every rank calls this and gets the
-    one-process rows)."""
+    one-process rows). A task of several experts (`task_experts`): the rivals compute each expert's first row, and
+    there is no fewer-steps row (`engine` switches experts at the steps of `task`'s, not of the fewer steps')."""
     num_steps, forecasts = table.shape[0], forecasts or {}
     learned = CacheSchedule(table.clone(), name)
-    rivals = static_rivals(num_steps, [n for n, _ in engine.units], table)
+    computing = tuple(first for _, first in task_experts(task))
+    rivals = static_rivals(num_steps, [n for n, _ in engine.units], table, computing)
     runs = [(name, learned, forecasts.get(name))] + [(s.name, s, None) for s in rivals]
     runs += [(f"{s.name}+forecast", s, forecasts[s.name]) for s in rivals if s.name in forecasts]
     fewer = max(1, round(num_steps * (1 - learned.cur)))
-    fewer = fewer if fewer_steps and hasattr(task, "with_steps") and fewer < num_steps else None
+    fewer = fewer if fewer_steps and hasattr(task, "with_steps") and fewer < num_steps and computing == (0,) else None
 
     def samples(start, stop):
         """(stop - start, S, *latent): the uncached samples, each run's, and the fewer steps' final samples."""

@@ -15,6 +15,7 @@ from harmonica.flow import flow_task, random_flow_embeddings
 from harmonica.forecast import Forecast
 from harmonica.macs import count_macs
 from harmonica.models import FLOW_PRESETS, build_transformer
+from harmonica.router import Router
 from harmonica.search import Rollouts, SearchConfig, search_router, spread, task_engine
 from harmonica.units import cached_units
 
@@ -172,14 +173,35 @@ def test_the_a14b_macs_per_step_are_one_experts():
     assert count_macs("wan2.2-t2v-a14b-720p").total == count.total
 
 
-@pytest.mark.parametrize("command", ["sample", "train"])
-def test_harmonicas_own_loops_refuse_a_two_expert_preset(command, tmp_path, capsys):
-    """`harmonica sample` and `train` load one transformer: a two-expert preset is an error before any work."""
-    out = ["--out", str(tmp_path / "x.safetensors")] if command == "sample" else ["--out", str(tmp_path / "run")]
-    assert cli.main([command, "--model", NAME, "--random-weights", *out]) == 2
+def test_harmonica_sample_refuses_a_two_expert_preset(tmp_path, capsys):
+    """`harmonica sample` loads one transformer: a two-expert preset is an error before any work."""
+    assert cli.main(["sample", "--model", NAME, "--random-weights", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert ("model: expected one transformer, got tiny-wan2.2, whose pipeline switches between 2 by step"
             in capsys.readouterr().err)
     assert not any(tmp_path.iterdir())
+
+
+def test_harmonica_train_refuses_an_sdt_objective_for_two_experts(tmp_path, capsys):
+    assert cli.main(["train", "--model", NAME, "--random-weights", "--objective", "iepo",
+                     "--out", str(tmp_path / "run")]) == 2
+    assert ("--objective: expected search for a two-expert model (tiny-wan2.2: its pipeline switches between 2 "
+            "transformers by step; SDT and IEPO train one transformer's router), got iepo") in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_harmonica_train_searches_both_experts_and_compares_rivals_computing_row_b(tmp_path, capsys):
+    """`harmonica train` on both experts (random weights, seeds 0 and 1): the router computes rows 0 and b, no
+    forecast (refused for experts, one line), and the closing table's static rivals compute row b too (FORA:3
+    computes rows 0 and 3: row 2 is added and named)."""
+    assert cli.main(["train", "--model", NAME, "--random-weights", "--steps", str(STEPS), "--batch", "2", "--rounds",
+                     "1", "--candidates", "2", "--eval-batch", "2", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    table = Router.from_pretrained(tmp_path / "router").schedule().table
+    assert table[[0, BOUNDARY]].all() and not table.all()
+    assert "forecast: none: a forecast is refused for a model of 2 experts" in printed
+    rows = printed[printed.index("held-out comparison on 2 calibration noises"):].splitlines()
+    assert [line.split()[0] for line in rows[2:-1]] == ["learned", "fora:2", "fora:3+row2", "delta-dit:b=2,n=2"]
+    assert rows[-1].startswith(("a static schedule is better: ", "learned beats every static schedule"))
 
 
 def expert_task(pipe):
@@ -220,3 +242,24 @@ def test_a_search_across_the_boundary_is_the_pipelines_generation_under_its_rout
     harmonica.disable(pipe)
     assert (searched - cached).abs().max().item() <= tolerance
     assert (cached - plain).abs().max().item() > tolerance  # the router reuses
+
+
+def test_the_closing_comparison_runs_each_step_on_its_expert():
+    """`closing_table` on the task of both experts: the high-noise expert sees only timesteps >= boundary_ratio x
+    1000, the low-noise one only the others (and runs)."""
+    from harmonica.cli.train import closing_table
+
+    pipe = make_pipe()
+    task = expert_task(pipe)
+    seen = {0: set(), 1: set()}
+    hooks = [expert.register_forward_pre_hook(
+        lambda module, args, kwargs, e=e: seen[e].update(kwargs["timestep"].tolist()), with_kwargs=True)
+        for e, expert in enumerate((pipe.transformer, pipe.transformer_2))]
+    try:
+        text = closing_table(task, CacheSchedule.fora(STEPS, UNITS, 2).table, task.macs(), 2, 0, None)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    boundary = SPEC.pipeline_config["boundary_ratio"] * 1000
+    assert seen[0] and seen[1] and min(seen[0]) >= boundary > max(seen[1])
+    assert "fora:3+row2" in text

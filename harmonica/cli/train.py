@@ -19,7 +19,7 @@ from ..models import (
     PRESETS,
     build_pipeline,
     build_transformer,
-    load_transformer,
+    load_experts,
     preset,
 )
 from ..search import SearchConfig
@@ -96,6 +96,11 @@ def _train(args) -> int:
     digits = DIGITS_MODELS.get(args.model)
     spec = preset("tiny-dit" if digits is not None else args.model)  # (digits: past every check below)
     family = spec.family
+    experts = getattr(spec, "experts", 1)
+    if experts > 1 and args.objective != SEARCH:
+        raise ValueError(f"--objective: expected {SEARCH} for a two-expert model ({args.model}: its pipeline switches "
+                         f"between {experts} transformers by step; SDT and IEPO train one transformer's router), got "
+                         f"{args.objective}")
     if family.text_conditional and not args.embeds and (family.loop == PIPELINE_LOOP or not args.random_weights):
         raise ValueError(MISSING_EMBEDS[family.loop].format(model=args.model))
     default_guidance = digits.guidance if digits else TrainConfig.guidance if spec.guidance is None else spec.guidance
@@ -137,7 +142,11 @@ def _train(args) -> int:
         partial = trainer.iteration < config.iterations
         done = f"after {trainer.iteration} iterations"
     schedule = router.schedule()  # at its tau (--target-cur: the one that meets it); the same on every rank
-    if not args.no_forecast and not partial:
+    if not args.no_forecast and not partial and experts > 1:
+        if rank == 0:
+            print(f"forecast: none: a forecast is refused for a model of {experts} experts (a reused unit would "
+                  f"forecast from the other expert's steps); the router reuses")
+    elif not args.no_forecast and not partial:
         router = _fit_forecast(args, task, router, config, clip, rank, macs)
         schedule = router.schedule()
     if rank == 0:
@@ -188,14 +197,20 @@ def check_train_embeddings(args, spec, config) -> dict:
 
 
 def _flow_task(args, spec, config, embeddings, device):
-    """The flow task of a flow preset's transformer on `device` (random weights without --embeds: a random bank)."""
+    """The flow task of a flow preset's transformer on `device` (random weights without --embeds: a random bank);
+    a preset of two experts (Wan 2.2 A14B): the task of both, the second at the preset's `pipeline_config`
+    (boundary_ratio) and `guidance_2`."""
     from ..flow import flow_task, random_flow_embeddings
 
-    transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights).to(device)
+    transformers = [transformer.to(device) for transformer in
+                    load_experts(args.model, weights=args.weights, random_weights=args.random_weights)]
+    transformer = transformers[0]
     bank = (embeddings if embeddings is not None else
             random_flow_embeddings(transformer, RANDOM_PROMPTS, spec.text_tokens,
                                    torch.Generator().manual_seed(config.seed)))
-    return flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
+    second = ({} if len(transformers) == 1 else
+              {"transformer_2": transformers[1], "guidance_2": spec.guidance_2, **spec.pipeline_config})
+    return flow_task(transformer, bank, config.num_steps, config.guidance, **second, **spec.size)
 
 
 def _pipeline_task(args, spec, config, embeddings, device):
@@ -289,11 +304,10 @@ def closing_table(task, table, macs, count: int, seed: int, clip, forecast=None,
     noises of `seed` that rank 0 trained on (every rank fits the same: the table is that of one process), and a
     row with it."""
     from ..forecast import fit_forecast
-    from ..search import Rollouts, calibration_batch, compare, static_rivals, table_text
-    from ..training import engine_attached
+    from ..search import Rollouts, calibration_batch, compare, static_rivals, table_text, task_engine
 
     noise, cond = calibration_batch(task, count, seed, rank=HELD_OUT_RANK)
-    with engine_attached(task.transformer) as engine:
+    with task_engine(task) as engine:
         forecasts = {}
         if forecast is not None:
             forecasts["learned"] = forecast
