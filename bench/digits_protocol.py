@@ -9,10 +9,11 @@ The model is a committed digits model (harmonica/digits.py: digits-dit, DiT DDIM
 FlowMatchEuler). Objectives, each trained with `--seeds` seeds (0, 1, ...):
 - "search": the default of `harmonica train`, the schedule search on the final-image error (harmonica.search;
   CUR held at the target exactly, 64 calibration noises), then its linear forecast (`--forecast`, the default:
-  `search.keep_forecast` keeps the searched schedule or FORA's equal-cost start, each with its fitted forecast or
-  without, of the lowest calibration error (with `--forecast-rounds`, then searches on from it for that many rounds
-  on the error of each schedule with its own forecast, `search.forecast_search`); the router's forecast applies to
-  its schedule, so its tau sweep has that one row);
+  `search.keep_forecast` keeps the searched schedule or FORA's equal-cost start, each with its forecast fitted on
+  the calibration noises or without, of the lowest error on `--forecast-selection` other noises (default: as many;
+  0: the calibration error) (with `--forecast-rounds`, then searches on from it for that many rounds on the error
+  of each schedule with its own forecast, `search.forecast_search`); the router's forecast applies to its
+  schedule, so its tau sweep has that one row);
 - "harmonica": SDT with IEPO's cumulative lambda (harmonica.training, objective "cumulative"; `harmonica
   train --objective iepo`), `--iterations` iterations;
 - "sdt-lambda1": the same SDT with lambda = 1, the paper's "SDT + L_LTC" ablation (objective "l2c");
@@ -142,6 +143,8 @@ class ProtocolConfig:
     search_macs: bool = True  # recorded: the search holds the MACs too (harmonica.search since 2026-12-03)
     forecast: bool = True  # the search's router with its linear forecast, FORA rows with theirs
     forecast_rounds: int = SearchConfig.forecast_rounds  # then the search on the forecast's error (train's default)
+    forecast_selection: int | None = None  # noises the kept schedule is chosen on (None: search_batch, as train's;
+    # 0: the calibration noises, as before 2026-12-05)
     samples: int = 500
     repeats: int = 3
     taus: tuple = field(default_factory=default_taus)
@@ -164,6 +167,9 @@ class ProtocolConfig:
         if self.seeds < 1 or self.workers < 0 or self.samples < 2 or self.repeats < 1 or self.steps < 2:
             raise ValueError(f"seeds, workers, samples, repeats, steps: expected >= 1, >= 0, >= 2, >= 1, >= 2; got "
                              f"{self.seeds}, {self.workers}, {self.samples}, {self.repeats}, {self.steps}")
+        self.forecast_selection = self.search_batch if self.forecast_selection is None else self.forecast_selection
+        if self.forecast_selection < 0:
+            raise ValueError(f"forecast_selection: expected >= 0 noises, got {self.forecast_selection}")
         if TAU not in self.taus:
             raise ValueError(f"taus: expected them to include {TAU}, got {self.taus}")
         if self.delta_dit is None:
@@ -411,7 +417,8 @@ def train(evaluator: Evaluator, objective: str, seed: int):
             router, _ = search_router(task, config, out, evaluator.macs)
         if cfg.forecast:
             router, *_ = keep_forecast(task, router, cfg.search_batch, seed, config.clip, macs=evaluator.macs,
-                                       rounds=cfg.forecast_rounds, candidates=cfg.search_candidates)
+                                       rounds=cfg.forecast_rounds, candidates=cfg.search_candidates,
+                                       selection=cfg.forecast_selection)
     elif objective == "l2c":
         config = L2CConfig(num_steps=cfg.steps, iterations=cfg.iterations, batch=cfg.batch, lr=cfg.lr,
                            beta=cfg.l2c_beta, tau=TAU, seed=seed, target_cur=cfg.l2c_target_cur)
@@ -675,8 +682,9 @@ def digits_section(results: dict, json_path: str) -> str:
         trained.append(f"the search holds CUR {p['target_cur']} {held} ({p['search_batch']} calibration noises, at "
                        f"most {p['search_rounds']} rounds of {p['search_candidates']} swaps)"
                        + (", then keeps the searched schedule or the equal-cost FORA schedule, each with its linear "
-                          "forecast fitted on the same noises or without, of the lowest calibration error (harmonica "
-                          "train's default)"
+                          "forecast fitted on the same noises or without, of the lowest error on "
+                          + (f"{p['forecast_selection']} other noises" if p.get("forecast_selection") else
+                             "the calibration noises") + " (harmonica train's default)"
                           + (f", then {p['forecast_rounds']} round(s) of the search on each schedule's error with its "
                              "own forecast (forecast_search)" if p.get("forecast_rounds") else "")
                           + "; fora:N+forecast: FORA with its forecast fitted on the seed-0 search's calibration noises"
@@ -808,7 +816,7 @@ def write_outputs(results: dict, out: Path, write_benchmarks: bool, progress=_pr
 
 # the ProtocolConfig fields that are command-line options (--search-rounds for search_rounds)
 INT_OPTIONS = ("steps", "seeds", "workers", "iterations", "batch", "refresh", "lambda_batch", "search_batch",
-               "search_rounds", "search_candidates", "forecast_rounds", "samples", "repeats")
+               "search_rounds", "search_candidates", "forecast_rounds", "forecast_selection", "samples", "repeats")
 FLOAT_OPTIONS = ("lr", "beta", "l2c_beta", "target_cur", "l2c_target_cur")
 
 

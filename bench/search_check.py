@@ -8,10 +8,11 @@ the MACs to at most FORA:2's (`search_schedule`'s unit_cost, as `harmonica train
 at equal CUR a searched schedule may compute more of the costlier units. With --forecast each of the two
 schedules also gets its linear forecast (`harmonica.forecast.fit_forecast` on the same 64 calibration noises) and
 is measured with it too, paired against itself without it on the held-out noises (and its slot memory), and
-"chosen" is the lowest calibration error of the four (`forecast.choose_forecast`); with --forecast-rounds, from it
-(with its forecast) "refined" is `harmonica train --forecast-rounds`'s forecast search (`search.forecast_search`),
-and "kept" what `harmonica train` then deploys: refined+forecast where its calibration error is lower, else chosen;
-it is paired with FORA:2+forecast on the held-out noises.
+"chosen" is the lowest error of the four on 64 selection noises `eval_batch(64, seed=200 + s)` (as `harmonica
+train` chooses, `search.deployment`); with --forecast-rounds, from it (with its forecast) "refined" is `harmonica
+train --forecast-rounds`'s forecast search (`search.forecast_search`), and "kept" what `harmonica train` then
+deploys: refined+forecast where its calibration and selection errors are lower, else chosen; it is paired with
+FORA:2+forecast on the held-out noises.
 
     python -m harmonica.bench.search_check [--model digits-dit|digits-flux] --steps 10 --seeds 0 1 2 [--forecast]
         [--rounds R]
@@ -27,9 +28,9 @@ import torch
 
 from harmonica.digits import DIGITS_MODELS, PIXEL_RANGE, eval_batch
 from harmonica.files import check_out_file, write_file
-from harmonica.forecast import choose_forecast
+from harmonica.forecast import fit_forecast
 from harmonica.schedule import CacheSchedule
-from harmonica.search import Rollouts, SearchConfig, budget_for_cur, forecast_search, search_schedule, spread
+from harmonica.search import Rollouts, SearchConfig, budget_for_cur, deployment, search_schedule, spread
 from harmonica.training import engine_attached, task_macs
 
 from .machine import machine_info
@@ -57,14 +58,19 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
                                  on_accept=rollouts.set_base, unit_cost=macs.unit_macs if equal_macs else None)
         seconds = time.perf_counter() - started
         tables = {"fora:2": start, "searched": result.table}
-        choice = choose_forecast(rollouts, tables) if forecast else None
-        forecasts = dict(choice.forecasts) if forecast else {}
-        refined = None
-        if forecast and forecast_rounds and choice.with_forecast:  # the forecast search from the kept schedule
-            refined, forecasts["refined"] = forecast_search(rollouts, choice.table, rounds=forecast_rounds,
-                                                            candidates=defaults.candidates,
-                                                            unit_cost=macs.unit_macs if equal_macs else None)
-            tables["refined"] = refined.table
+        choice = refined = kept = None
+        forecasts = {}
+        if forecast:
+            noise, labels = eval_batch(calibration, seed=200 + seed)
+            judge = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps,
+                             clip=PIXEL_RANGE)
+            choice, refined, (kept, table, fitted) = deployment(
+                rollouts, tables, judge=judge, rounds=forecast_rounds, candidates=defaults.candidates,
+                unit_cost=macs.unit_macs if equal_macs else None)
+            forecasts = dict(choice.forecasts)
+            if refined is not None:
+                tables["refined"], forecasts["refined"] = refined.table, fitted if kept == "refined+forecast" \
+                    else fit_forecast(rollouts, refined.table)
         seconds_forecast = time.perf_counter() - started - seconds
         noise, labels = eval_batch(held_out, seed=0)
         test = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=PIXEL_RANGE)
@@ -78,8 +84,6 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
     wins = int((errors["searched"] < errors["fora:2"]).sum())
     paired = {name: int((errors[f"{name}+forecast"] < errors[name]).sum()) for name in tables if forecast}
     speedup = {name: CacheSchedule(table.clone(), name).theoretical_speedup(macs) for name, table in tables.items()}
-    kept = None if choice is None else "refined+forecast" if refined is not None and \
-        refined.loss < refined.start_loss else choice.label
     return {"model": model, "steps": num_steps, "seed": seed, "seconds": seconds, "schedules": result.rollouts,
             "calibration": (result.start_loss, result.loss), "psnr": psnr, "wins": wins, "count": held_out,
             "p": sign_test(wins, held_out), "speedup": speedup, "forecast_wins": paired,
@@ -87,7 +91,8 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
             "chosen": None if choice is None else choice.label, "kept": kept, "forecast_seconds": seconds_forecast,
             "refined_calibration": None if refined is None else (refined.start_loss, refined.loss),
             "kept_wins": None if kept is None else int((errors[kept] < errors["fora:2+forecast"]).sum()),
-            "calibration_forecast": None if choice is None else choice.errors}
+            "calibration_forecast": None if choice is None else choice.errors,
+            "selection_forecast": None if choice is None else choice.judged}
 
 
 def main(argv=None) -> None:
@@ -125,7 +130,7 @@ def main(argv=None) -> None:
               f"{r['calibration'][1]:.4g}, {r['schedules']} schedules in {r['seconds']:.0f} s", flush=True)
         if r["chosen"] is not None:
             chosen, kept = r["chosen"], r["kept"]
-            print(f"  chosen by calibration error: {chosen}, {r['psnr'][chosen]:.2f} dB, "
+            print(f"  chosen on the selection noises: {chosen}, {r['psnr'][chosen]:.2f} dB, "
                   f"{r['psnr'][chosen] - r['psnr']['fora:2']:+.2f} dB over FORA:2", flush=True)
             print(f"  kept after the forecast search (harmonica train's default): {kept}, {r['psnr'][kept]:.2f} dB, "
                   f"{r['psnr'][kept] - r['psnr']['fora:2+forecast']:+.2f} dB over FORA:2+forecast, better on "

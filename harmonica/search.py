@@ -378,44 +378,62 @@ def forecast_search(rollouts, start: torch.Tensor, *, unit_cost=None, rounds: in
     return result, fit_forecast(rollouts, result.table, average=average)
 
 
-def keep_forecast(task, router, batch: int, seed: int, clip=None, *, macs=None, rounds: int = 0,
-                  candidates: int = 24, log=None, stopped=None) -> tuple:
-    """(router, `forecast.ForecastChoice`, refined): the router's schedule and its equal-cost start, each fitted with
-    a linear forecast on the calibration batch (`batch` noises of `seed`, this rank's), kept with it or without,
-    whichever has the lowest calibration error (`forecast.choose_forecast`); then, with `rounds` and a forecast
-    kept, `rounds` rounds of `forecast_search` from the kept schedule (its MACs held by `macs`, the task's
-    `MacCount`), whose result `refined` (a `SearchResult`; None when it did not run) replaces it where its error
-    is lower. The router returned holds the kept schedule and forecast (a new router when it is not the router's).
-    Under torchrun the fit and the errors are those of every rank's batch together, so every rank keeps the same."""
+def deployment(rollouts, schedules: dict, *, judge=None, unit_cost=None, rounds: int = 0, candidates: int = 24,
+               log=None, stopped=None, average=None) -> tuple:
+    """(choice, refined, kept): what to deploy among `schedules` (name -> (T, K) table, one cost), each with its
+    linear forecast fitted on the batch of `rollouts` or without: `choice`, `forecast.choose_forecast`'s (by
+    `judge`'s error where given); then, with `rounds` and a forecast chosen, `refined` (a `SearchResult`, else
+    None), `rounds` rounds of `forecast_search` from the chosen table (MACs held with `unit_cost`), kept where it
+    lowers the calibration error and (with a judge) the judge's. kept: (label, table, forecast or None)."""
     from .forecast import choose_forecast
+
+    choice = choose_forecast(rollouts, schedules, average=average, judge=judge)
+    kept, refined = (choice.label, choice.table, choice.forecast), None
+    if rounds and choice.with_forecast:
+        refined, forecast = forecast_search(rollouts, choice.table, unit_cost=unit_cost, rounds=rounds,
+                                            candidates=candidates, log=log, stopped=stopped, average=average)
+        if refined.loss < refined.start_loss and (judge is None or judge.error(refined.table, forecast) < choice.error):
+            kept = ("refined+forecast", refined.table, forecast)
+    return choice, refined, kept
+
+
+SELECTION_RANK = 2_000_003  # + rank: the generator of `keep_forecast`'s selection noises (no training rank's)
+
+
+def keep_forecast(task, router, batch: int, seed: int, clip=None, *, macs=None, rounds: int = 0,
+                  candidates: int = 24, selection: int | None = None, log=None, stopped=None) -> tuple:
+    """(router, `forecast.ForecastChoice`, refined, kept label): the router's schedule and its equal-cost start,
+    each fitted with a linear forecast on the calibration batch (`batch` noises of `seed`, this rank's), kept with
+    it or without, whichever has the lowest error on `selection` other noises of `seed` (None: `batch`; 0: the
+    calibration error; `deployment`); with `rounds`, `forecast_search` from it (its MACs held by `macs`, the
+    task's `MacCount`). The router returned holds what was kept (a new router when it is not the router's table).
+    Under torchrun the fit and the errors are those of every rank's batch together, so every rank keeps the same."""
     from .training import _average, _rank_world, engine_attached
 
     table = router.schedule().table
     start = equal_cost_start(table.shape[0], table.shape[1], int(table.sum()))
     schedules = {"learned": table, **({} if torch.equal(start.table, table) else {start.name: start.table})}
-    noise, cond = calibration_batch(task, batch, seed, _rank_world()[0])
+    rank = _rank_world()[0]
+    noise, cond = calibration_batch(task, batch, seed, rank)
+    selection = batch if selection is None else selection
     device = next(task.transformer.parameters()).device
-    refined = None
 
     def average(tensor):
         return _average(tensor.to(device)).cpu()
 
+    def rollouts(noise, cond):
+        return Rollouts(task, engine, noise, cond, table.shape[0], clip=clip,
+                        average=lambda value: _average(torch.tensor(value, device=device)).item())
+
     with engine_attached(task.transformer) as engine:
-        rollouts = Rollouts(task, engine, noise, cond, table.shape[0], clip=clip,
-                            average=lambda value: _average(torch.tensor(value, device=device)).item())
-        choice = choose_forecast(rollouts, schedules, average=average)
-        if rounds and choice.with_forecast:
-            refined, forecast = forecast_search(rollouts, choice.table, unit_cost=None if macs is None else
-                                                macs.unit_macs, rounds=rounds, candidates=candidates, log=log,
-                                                stopped=stopped, average=average)
-    if refined is not None and refined.loss < refined.start_loss:
-        router = router_from_table(refined.table, router.info)
-        router.set_forecast(forecast)
-        return router, choice, refined
-    if choice.name != "learned":
-        router = router_from_table(choice.table, router.info)
-    router.set_forecast(choice.forecast)
-    return router, choice, refined
+        judge = rollouts(*calibration_batch(task, selection, seed, SELECTION_RANK + rank)) if selection else None
+        choice, refined, (label, kept, forecast) = deployment(
+            rollouts(noise, cond), schedules, judge=judge, unit_cost=None if macs is None else macs.unit_macs,
+            rounds=rounds, candidates=candidates, log=log, stopped=stopped, average=average)
+    if not torch.equal(kept, table):
+        router = router_from_table(kept, router.info)
+    router.set_forecast(forecast)
+    return router, choice, refined, label
 
 
 # ---- the closing comparison ----

@@ -24,6 +24,7 @@ from harmonica.forecast import Forecast, ForecastFit, ForecastPlan, choose_forec
 from harmonica.graphs import graph_plan
 from harmonica.router import RouterInfo
 from harmonica.search import (
+    SELECTION_RANK,
     Rollouts,
     calibration_batch,
     equal_cost_start,
@@ -294,9 +295,9 @@ def test_train_fits_the_forecast_by_default_and_not_with_no_forecast(tmp_path, c
             "--candidates", "1", "--eval-batch", "0", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "forecast: fitted on 2 calibration noises" in printed and "learned " in printed
-    router = Router.from_pretrained(out / "router")
-    assert router.forecast is not None and torch.equal(router.forecast.table, router.schedule().table)
+    assert "forecast: fitted on 2 calibration noises" in printed and "on 2 other noises: learned " in printed
+    router = Router.from_pretrained(out / "router")  # the forecast of this random model does not lower the error
+    assert "the router keeps learned without a forecast (pure reuse)" in printed and router.forecast is None
     assert main(argv[:-1] + [str(tmp_path / "plain"), "--no-forecast"]) == 0
     assert "forecast:" not in capsys.readouterr().out
     assert Router.from_pretrained(tmp_path / "plain" / "router").forecast is None
@@ -336,6 +337,30 @@ def test_choose_forecast_keeps_the_lowest_error_with_the_forecast():
     assert (choice.name, choice.with_forecast, choice.forecast, choice.label) == ("a", False, None, "a")
     with pytest.raises(ValueError, match=r"candidates: expected at least one schedule, got none"):
         choose_forecast(rollouts, {})
+
+
+class FakeJudge:
+    """`error(table, forecast)` on other noises: a fixed error per (table, with a forecast or not); the forecast
+    is the one fitted on the calibration rollouts (a `Forecast` along that table)."""
+
+    def __init__(self, errors: dict):
+        self.errors = errors
+
+    def error(self, table, forecast=None):
+        assert forecast is None or (isinstance(forecast, Forecast) and torch.equal(forecast.table, table))
+        return self.errors[(int(table.sum()), forecast is not None)]
+
+
+def test_a_judge_chooses_the_forecast_on_its_own_noises():
+    """With a judge the lowest of its errors wins, whatever the calibration errors say; both are recorded, and
+    `error` is the judge's of the kept option."""
+    low, high = CacheSchedule.fora(5, 2, 3).table, CacheSchedule.fora(5, 2, 2).table
+    calibration = {(4, False): 1.0, (4, True): 0.3, (6, False): 0.5, (6, True): 0.4}
+    judged = {(4, False): 1.1, (4, True): 0.9, (6, False): 0.6, (6, True): 0.7}
+    choice = choose_forecast(FakeRollouts(calibration), {"a": low, "b": high}, judge=FakeJudge(judged))
+    assert (choice.label, choice.error) == ("b", 0.6) and torch.equal(choice.table, high)
+    assert choice.errors == {"a": (1.0, 0.3), "b": (0.5, 0.4)} and choice.judged == {"a": (1.1, 0.9), "b": (0.6, 0.7)}
+    assert choose_forecast(FakeRollouts(calibration), {"a": low, "b": high}).error == 0.3  # no judge: calibration
 
 
 class WeightedRollouts:
@@ -381,19 +406,22 @@ def test_the_forecast_search_minimises_each_schedules_error_with_its_own_forecas
 
 
 def test_keep_forecast_deploys_the_forecast_search_where_it_lowers_the_error():
-    """rounds = 0: the forecast `choose_forecast` kept; rounds > 0: the searched table with the forecast fitted
-    along it, its calibration error that of sampling with them, at the kept schedule's cells and at most its MACs."""
+    """rounds = 0: the option `choose_forecast` kept; rounds > 0: the searched table with the forecast fitted along
+    it, its calibration error that of sampling with them, at the kept schedule's cells and at most its MACs, kept
+    where it lowers the calibration error (selection = 0) and also the selection noises' (the default; here it
+    does not: the search overfits 4 noises)."""
     model = load_digits_dit()
     task = DiTTask(model, 6, 1.5)
     macs = task_macs(task)
     start = equal_cost_start(6, 12, 36)
     router = router_from_table(start.table, RouterInfo.for_model(model))
-    kept, choice, refined = keep_forecast(task, router, 4, 0, (-1, 1))
-    assert refined is None and choice.with_forecast and torch.equal(kept.schedule().table, start.table)
-    kept, choice, refined = keep_forecast(task, router, 4, 0, (-1, 1), macs=macs, rounds=1, candidates=12)
+    kept, choice, refined, label = keep_forecast(task, router, 4, 0, (-1, 1), selection=0)
+    assert refined is None and label == "learned+forecast" and torch.equal(kept.schedule().table, start.table)
+    kept, choice, refined, label = keep_forecast(task, router, 4, 0, (-1, 1), macs=macs, rounds=1, candidates=12,
+                                                 selection=0)
     assert refined.loss < refined.start_loss == pytest.approx(choice.errors["learned"][1], rel=1e-6)
     table = kept.schedule().table
-    assert torch.equal(table, refined.table) and not torch.equal(table, start.table)
+    assert label == "refined+forecast" and torch.equal(table, refined.table) and not torch.equal(table, start.table)
     assert torch.equal(kept.forecast.table, table) and int(table.sum()) == 36
     unit_macs = torch.tensor(macs.unit_macs, dtype=torch.float64)
     assert (table.double() @ unit_macs).sum() <= (start.table.double() @ unit_macs).sum() * (1 + 1e-9)
@@ -401,6 +429,37 @@ def test_keep_forecast_deploys_the_forecast_search_where_it_lowers_the_error():
     with engine_attached(model) as engine:
         rollouts = Rollouts(task, engine, noise, cond, 6, clip=(-1, 1))
         assert rollouts.error(table, kept.forecast) == pytest.approx(refined.loss, rel=1e-5)
+        judge = Rollouts(task, engine, *calibration_batch(task, 4, 0, SELECTION_RANK), 6, clip=(-1, 1))
+        overfit = judge.error(table, kept.forecast)
+    kept, choice, refined, label = keep_forecast(task, router, 4, 0, (-1, 1), macs=macs, rounds=1, candidates=12)
+    assert torch.equal(refined.table, table) and overfit >= choice.error  # on the selection noises: worse
+    assert label == "learned+forecast" and torch.equal(kept.schedule().table, start.table)
+
+
+def test_keep_forecast_chooses_on_noises_it_did_not_fit_on():
+    """The searched schedule and its equal-cost start, each with its forecast (fitted on the calibration noises)
+    and without, scored on `selection` other noises: the kept option is the lowest of those errors, which differ
+    from the calibration ones; selection = 0 chooses on the calibration errors."""
+    model = load_digits_dit()
+    task = DiTTask(model, 6, 1.5)
+    table = torch.rand(6, 12, generator=torch.Generator().manual_seed(3)) < 0.5
+    table[0] = True
+    learned = CacheSchedule(table, "searched")
+    start = equal_cost_start(6, 12, int(table.sum()))
+    router = router_from_table(table, RouterInfo.for_model(model))
+    kept, choice, _, label = keep_forecast(task, router, 4, 0, (-1, 1), selection=3)
+    with engine_attached(model) as engine:
+        judge = Rollouts(task, engine, *calibration_batch(task, 3, 0, SELECTION_RANK), 6, clip=(-1, 1))
+        for name, table in (("learned", learned.table), (start.name, start.table)):
+            measured = (judge.error(table), judge.error(table, choice.forecasts[name]))
+            assert choice.judged[name] == pytest.approx(measured, rel=1e-5)
+            assert choice.judged[name] != pytest.approx(choice.errors[name], rel=1e-3)
+    best = min(choice.judged, key=lambda name: min(choice.judged[name]))
+    assert label == choice.label and choice.name == best and choice.error == min(choice.judged[best])
+    assert torch.equal(kept.schedule().table, choice.table)
+    calibrated = keep_forecast(task, router, 4, 0, (-1, 1), selection=0)[1]
+    assert calibrated.judged == {} and calibrated.errors.keys() == choice.errors.keys()
+    assert all(calibrated.errors[name] == pytest.approx(choice.errors[name], rel=1e-6) for name in choice.errors)
 
 
 def test_forecast_inputs_are_checked(tmp_path):

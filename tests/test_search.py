@@ -176,7 +176,8 @@ def test_the_verdict_says_when_a_static_schedule_is_better():
         "no static schedule here costs at most learned's (1.80x)")
 
 
-def test_train_searches_by_default_and_ends_with_the_comparison(tmp_path, capsys):
+def test_train_searches_by_default_and_ends_with_the_comparison(tmp_path, capsys, monkeypatch):
+    import harmonica.forecast as forecast_module
     from harmonica.cli import main
 
     argv = ["train", "--model", "tiny-dit", "--random-weights", "--steps", "4", "--batch", "2", "--rounds", "1",
@@ -189,12 +190,22 @@ def test_train_searches_by_default_and_ends_with_the_comparison(tmp_path, capsys
     assert "forecast search from " not in printed  # --forecast-rounds 0, the default
     table = printed[printed.index("held-out comparison on 3 calibration noises"):].splitlines()
     rivals = ["fora:2", "fora:3", "delta-dit:b=2,n=2"]  # with the forecast (the default), each with its own too
-    assert [line.split()[0] for line in table[2:10]] == ["learned+forecast", *rivals,
-                                                         *(f"{r}+forecast" for r in rivals), "2"]
-    assert table[10].startswith(("a static schedule is better: ", "learned+forecast beats every static schedule"))
+    learned = "learned+forecast" if router.forecast is not None else "learned"  # as the selection noises chose
+    assert [line.split()[0] for line in table[2:10]] == [learned, *rivals, *(f"{r}+forecast" for r in rivals), "2"]
+    assert table[10].startswith(("a static schedule is better: ", f"{learned} beats every static schedule"))
+    assert main(argv + ["--overwrite", "--forecast-rounds", "1"]) == 0
+    assert "forecast search: none: learned was kept without a forecast" in capsys.readouterr().out
+    choose = forecast_module.choose_forecast
+
+    def with_its_forecast(*args, **kwargs):  # the forecast of this random model does not lower the error: force it
+        choice = choose(*args, **kwargs)
+        choice.with_forecast = True
+        return choice
+
+    monkeypatch.setattr(forecast_module, "choose_forecast", with_its_forecast)
     assert main(argv + ["--overwrite", "--forecast-rounds", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "forecast search from " in printed and "schedules measured; the router keeps " in printed
+    assert "forecast search from learned+forecast" in printed and "schedules measured; the router keeps " in printed
     assert Router.from_pretrained(tmp_path / "router").info.complete
     assert main(argv[:-2] + ["--out", str(tmp_path), "--resume"]) == 2
     assert ("--resume: expected only with an SDT --objective (iepo, cumulative, leave-one-out, l2c), got --resume "

@@ -142,11 +142,12 @@ def _train(args) -> int:
         partial = trainer.iteration < config.iterations
         done = f"after {trainer.iteration} iterations"
     schedule = router.schedule()  # at its tau (--target-cur: the one that meets it); the same on every rank
+    forecasting = not args.no_forecast and not partial and experts == 1
     if not args.no_forecast and not partial and experts > 1:
         if rank == 0:
             print(f"forecast: none: a forecast is refused for a model of {experts} experts (a reused unit would "
                   f"forecast from the other expert's steps); the router reuses")
-    elif not args.no_forecast and not partial:
+    elif forecasting:
         router = _fit_forecast(args, task, router, config, clip, rank, macs)
         schedule = router.schedule()
     if rank == 0:
@@ -168,7 +169,7 @@ def _train(args) -> int:
                     print(report or "interrupted: the quality report was skipped (the router is complete)")
             if args.eval_batch and not _any_rank([stop.stop_signal is not None], device)[0]:
                 table = closing_table(task, schedule.table, macs, args.eval_batch, config.seed, clip,
-                                      router.forecast, args.batch or SearchConfig.batch)
+                                      router.forecast, (args.batch or SearchConfig.batch) if forecasting else 0)
                 if rank == 0:
                     print(table)
     if dist.is_initialized():
@@ -271,46 +272,51 @@ def _search(args, task, config, macs, clip) -> tuple:
 
 
 def _fit_forecast(args, task, router, config, clip, rank: int, macs):
-    """The linear forecast (the default; --no-forecast: none): `search.keep_forecast` on the calibration batch
-    (--batch noises of --seed; after the search objective, --forecast-rounds of `search.forecast_search`), the
-    router it returns saved (rank 0) and returned."""
+    """The linear forecast (the default; --no-forecast: none): `search.keep_forecast`, fitted on the calibration
+    batch (--batch noises of --seed) and chosen on as many other noises (after the search objective,
+    --forecast-rounds of `search.forecast_search`), the router it returns saved (rank 0) and returned."""
     from ..search import keep_forecast
     from ..training import ROUTER_DIR
 
     batch = args.batch or SearchConfig.batch
     rounds = args.forecast_rounds if args.objective == SEARCH else 0
     started = time.perf_counter()
-    router, choice, refined = keep_forecast(task, router, batch, config.seed, clip, macs=macs, rounds=rounds,
-                                            candidates=args.candidates, log=print if rank == 0 else None)
+    router, choice, refined, kept = keep_forecast(task, router, batch, config.seed, clip, macs=macs, rounds=rounds,
+                                                  candidates=args.candidates, log=print if rank == 0 else None)
     if rank == 0:
         router.save_pretrained(Path(args.out) / ROUTER_DIR)
-        print(f"forecast: fitted on {batch} calibration noises in {time.perf_counter() - started:.0f} s; "
-              f"calibration MSE (pure reuse -> forecast): " +
-              ", ".join(f"{name} {before:.4g} -> {after:.4g}" for name, (before, after) in choice.errors.items()) +
-              "; two cache slots per unit")
+        print(f"forecast: fitted on {batch} calibration noises in {time.perf_counter() - started:.0f} s; MSE (pure "
+              f"reuse -> forecast) on them: " + _pairs(choice.errors) + f"; on {batch} other noises: " +
+              _pairs(choice.judged) + "; two cache slots per unit")
         if choice.label != "learned+forecast":
-            kept = "with its forecast" if choice.with_forecast else "without a forecast (pure reuse)"
-            print(f"forecast: the lowest calibration error is {choice.label}'s: the router keeps {choice.name} {kept}")
+            how = "with its forecast" if choice.with_forecast else "without a forecast (pure reuse)"
+            print(f"forecast: the lowest error on the other noises is {choice.label}'s: the router keeps "
+                  f"{choice.name} {how}")
+        if rounds and refined is None:
+            print(f"forecast search: none: {choice.label} was kept without a forecast")
         if refined is not None:
             print(f"forecast search from {choice.label}: calibration error {refined.start_loss:.4g} -> "
                   f"{refined.loss:.4g}, {refined.rollouts} schedules measured; the router keeps "
-                  f"{'the searched schedule' if refined.loss < refined.start_loss else choice.label} with its forecast")
+                  f"{'the searched schedule' if kept == 'refined+forecast' else choice.label} with its forecast")
     return router
+
+
+def _pairs(errors: dict) -> str:
+    return ", ".join(f"{name} {before:.4g} -> {after:.4g}" for name, (before, after) in errors.items())
 
 
 def closing_table(task, table, macs, count: int, seed: int, clip, forecast=None, calibration: int = 0) -> str:
     """The learned `table` (with its `forecast`, if any) against the static schedules of about its cost, on
-    `count` held-out noises. With a forecast each static rival gets its own too, fitted on the `calibration`
-    noises of `seed` that rank 0 trained on (every rank fits the same: the table is that of one process), and a
-    row with it."""
+    `count` held-out noises. With `calibration` (the forecast on, whether or not the router kept one) each static
+    rival gets its own forecast too, fitted on the `calibration` noises of `seed` that rank 0 trained on (every
+    rank fits the same: the table is that of one process), and a row with it."""
     from ..forecast import fit_forecast
     from ..search import Rollouts, calibration_batch, compare, static_rivals, table_text, task_engine
 
     noise, cond = calibration_batch(task, count, seed, rank=HELD_OUT_RANK)
     with task_engine(task) as engine:
-        forecasts = {}
-        if forecast is not None:
-            forecasts["learned"] = forecast
+        forecasts = {} if forecast is None else {"learned": forecast}
+        if calibration:
             fit_noise, fit_cond = calibration_batch(task, calibration, seed)
             rollouts = Rollouts(task, engine, fit_noise, fit_cond, table.shape[0], clip=clip)
             for rival in static_rivals(table.shape[0], [n for n, _ in engine.units], table):
