@@ -22,8 +22,9 @@ across a wrap is an error (the sampler's step count differs from the schedule's)
 
 A pipeline that runs classifier-free guidance as two transformer calls per step (Wan, Qwen-Image) wraps
 each in diffusers' `transformer.cache_context("cond")` / `("uncond")`: the engine keeps one set of slots
-and one step counter (with its generation checks) per context name (a `CacheContext` while not current), a
-forward outside any context using the default set. All sets follow the same schedule rows; `begin` restarts
+and one step counter (with its generation checks) per context name, a `CacheContext` each: the current one is
+`engine.clock`, the others wait in `engine.other_contexts`, so switching contexts swaps one object; a forward
+outside any context uses the default one. All sets follow the same schedule rows; `begin` restarts
 them all. SD3.5's skip-layer guidance (a forward with `skip_layers`) is refused: it runs some steps only, with
 some blocks skipped.
 
@@ -55,13 +56,17 @@ from .units import units_of
 
 @dataclass
 class CacheContext:
-    """What one diffusers cache context keeps while another is current (the engine's own attributes hold the
-    current one's): its step counter and generation checks, and its slots."""
+    """One diffusers cache context's step clock and slots (the engine's current one is `engine.clock`): its step
+    counter, its generation checks' state, and its slots."""
 
     step: int  # the step its next forward runs
     begun: bool  # whether `begin` started its generation (else its counter wrapped)
     previous_timestep: float | None  # the host timestep of its latest forward of this generation, when readable
     slots: list  # one entry per slot: a tensor (B, N, D), a tuple of one per stream, or None
+
+    def begin(self, start: int) -> None:
+        """A generation begins at step `start`; the slots stay (its first row computes every unit)."""
+        self.step, self.begun, self.previous_timestep = start, True, None
 
 
 class CacheEngine:
@@ -98,17 +103,14 @@ class CacheEngine:
         self.modulation_active = False
         self.policy = Off()  # what each unit does at each step (policies.py)
         self.start = 0  # the generation's first step: a pipeline that switches transformers by step begins one later
-        self.step = 0
-        self.begun = False  # whether `begin` started the current generation (else the counter wrapped)
+        self.clock = CacheContext(0, False, None, [None] * len(self.units))  # the current cache context
         self.warned_unbegun = False
-        self.previous_timestep = None  # host timestep of the latest forward of this generation, when readable
         # the forward's (latents, timestep, text) argument names and positions (None: keyword only, or none), and
         # whether its timestep rises along a generation
         self.arguments, self.timestep_rises = forward_arguments(transformer)
         parameters = list(inspect.signature(transformer.forward).parameters)
         self.argument_index = [parameters.index(name) if name in parameters else None for name in self.arguments]
-        self.slots = [None] * len(self.units)
-        self.context = None  # the cache context whose counter and slots the attributes above hold (None: default)
+        self.context = None  # the name of the cache context `clock` is (None: the default one)
         self.entered_context = None  # the name of the `transformer.cache_context` the caller is inside
         self.other_contexts = {}  # name -> `CacheContext` of each context not current
         self.contexts_refused_by = None  # e.g. "cuda_graphs=True": what allows one cache context only
@@ -146,7 +148,7 @@ class CacheEngine:
                              f"got {schedule.num_units}")
         self.policy = Inference(schedule, forecast)
         count = len(self.units) * self.policy.slots_per_unit
-        self.slots = (self.slots + [None] * count)[:count]
+        self.clock.slots = (self.clock.slots + [None] * count)[:count]
         self.ranks_checked = False
         self.begin()
 
@@ -169,9 +171,9 @@ class CacheEngine:
     def swap_slots(self, slots: list) -> list:
         """Make `slots` (one entry per slot, None: empty) the current cache context's slots; returns the ones
         they replace (a rollout that must not touch a trajectory's slots swaps them out and back)."""
-        if len(slots) != len(self.slots):
-            raise ValueError(f"slots: expected {len(self.slots)} slots, got {len(slots)}")
-        previous, self.slots = self.slots, list(slots)
+        if len(slots) != len(self.clock.slots):
+            raise ValueError(f"slots: expected {len(self.clock.slots)} slots, got {len(slots)}")
+        previous, self.clock.slots = self.clock.slots, list(slots)
         return previous
 
     def refuse_contexts(self, reason: str) -> None:
@@ -181,13 +183,19 @@ class CacheEngine:
 
     @property
     def step(self) -> int:
-        return self._step
+        """The step the current cache context's next forward runs."""
+        return self.clock.step
 
     @step.setter
     def step(self, value: int) -> None:
         """The policy readies the step's rows (`Policy.at`)."""
-        self._step = value
+        self.clock.step = value
         self.policy.at(value)
+
+    @property
+    def slots(self) -> list:
+        """The current cache context's slots (`swap_slots` replaces them)."""
+        return self.clock.slots
 
     def graph_key(self) -> tuple:
         """What the current step's forward depends on besides its inputs (graphs.py: steps with equal keys share a
@@ -206,10 +214,10 @@ class CacheEngine:
                              f"got {num_steps}")
         self.policy.check_start(start, self.units)
         self.timesteps = timesteps
-        self.start = self.step = start
-        self.begun, self.previous_timestep = True, None
-        self.other_contexts = {name: CacheContext(start, True, None, context.slots)
-                               for name, context in self.other_contexts.items()}
+        self.start = start
+        for clock in (self.clock, *self.other_contexts.values()):
+            clock.begin(start)
+        self.policy.at(start)
 
     def compile(self, options: dict) -> None:
         """torch.compile each unit kind's body with `options` (default fullgraph=True, dynamic=False): one
@@ -246,7 +254,7 @@ class CacheEngine:
                 del self.transformer.cache_context
             else:
                 self.transformer.cache_context = self._own_cache_context
-        self.slots = [None] * len(self.units)
+        self.clock.slots = [None] * len(self.units)
         self.context, self.entered_context, self.other_contexts = None, None, {}
         self.modulation, self.modulation_active = ModulationTable(), False
 
@@ -254,7 +262,7 @@ class CacheEngine:
 
     def cache_bytes(self) -> int:
         """Bytes of the slots of every cache context (with a forecast: both slots of each unit)."""
-        every = [self.slots, *(context.slots for context in self.other_contexts.values())]
+        every = [self.clock.slots, *(context.slots for context in self.other_contexts.values())]
         slots = [part for slots in every for slot in slots for part in (slot if isinstance(slot, tuple) else (slot,))]
         return sum(s.numel() * s.element_size() for s in slots if s is not None)
 
@@ -285,11 +293,11 @@ class CacheEngine:
                                  f"passes; enable without it")
             self.context = self.context if name is None else name
             return
-        self.other_contexts[self.context] = CacheContext(self._step, self.begun, self.previous_timestep, self.slots)
-        resumed = self.other_contexts.pop(name, None) or CacheContext(self.start, self.begun, None,
-                                                                      [None] * len(self.slots))
-        self.begun, self.previous_timestep, self.slots = resumed.begun, resumed.previous_timestep, resumed.slots
-        self.context, self.step = name, resumed.step
+        current = self.other_contexts[self.context] = self.clock
+        self.clock = self.other_contexts.pop(name, None) or CacheContext(self.start, current.begun, None,
+                                                                         [None] * len(current.slots))
+        self.context = name
+        self.policy.at(self.clock.step)
 
     # ---- context parallelism ----
 
@@ -343,7 +351,7 @@ class CacheEngine:
         following = self.step + 1
         if following == self.policy.num_steps:
             self.timesteps = None  # the generation is complete; the next call starts another, as told
-            self.begun = False
+            self.clock.begun = False
             following = self.start = 0
         self.step = following
 
@@ -352,7 +360,8 @@ class CacheEngine:
         with a host timestep, raise when it goes back within a generation (rises; falls where the family's timestep
         rises along a generation) or keeps going across a wrap."""
         t = _host_value(timestep)
-        previous, steps = self.previous_timestep, self.policy.num_steps
+        clock, steps = self.clock, self.policy.num_steps
+        previous = clock.previous_timestep
         # how far the timestep went back toward the noise (it falls along a generation, or rises where the family's
         # does); None where either value is unknown
         back = None if t is None or previous is None else (previous - t if self.timestep_rises else t - previous)
@@ -361,8 +370,8 @@ class CacheEngine:
             raise ValueError(f"num_inference_steps: expected {steps} (the cache schedule's steps), got {got} "
                              f"(timestep {t:g} after {previous:g} at step {self.step}); pass the pipeline to "
                              f"harmonica.enable or call harmonica.reset(transformer) before each generation")
-        self.previous_timestep = t
-        if self.step == 0 and not self.begun and not self.warned_unbegun:
+        clock.previous_timestep = t
+        if clock.step == 0 and not clock.begun and not self.warned_unbegun:
             self.warned_unbegun = True
             warnings.warn(f"harmonica: a generation started that no sampler announced, so only the cache schedule's "
                           f"{steps} steps delimit generations (a sampler with another step count runs the wrong "
@@ -407,25 +416,26 @@ class CacheEngine:
 
     def _part(self, s, part):
         """Slot s's tensor for stream `part` of a several-stream unit (its slot a tuple), else None."""
-        slot = self.slots[s]
+        slot = self.clock.slots[s]
         return slot[part] if isinstance(slot, tuple) and part < len(slot) else None
 
     def _slot(self, s, like, part):
         """Slot s (unit k's is k; with a forecast its second is K + k) to write `like` into, (re)allocated."""
-        slot = self.slots[s] if part is None else self._part(s, part)
+        slots = self.clock.slots
+        slot = slots[s] if part is None else self._part(s, part)
         if slot is None or slot.shape != like.shape or slot.dtype != like.dtype or slot.device != like.device:
             slot = torch.empty_like(like, memory_format=torch.contiguous_format)
             if part is None:
-                self.slots[s] = slot
+                slots[s] = slot
             else:
-                parts = list(self.slots[s]) if isinstance(self.slots[s], tuple) else []
+                parts = list(slots[s]) if isinstance(slots[s], tuple) else []
                 parts += [None] * (part + 1 - len(parts))
                 parts[part] = slot
-                self.slots[s] = tuple(parts)
+                slots[s] = tuple(parts)
         return slot
 
     def _read_slot(self, s, h, part):
-        slot = self.slots[s] if part is None else self._part(s, part)
+        slot = self.clock.slots[s] if part is None else self._part(s, part)
         if slot is None or slot.shape != h.shape or slot.dtype != h.dtype or slot.device != h.device:
             name = self.units[s % len(self.units)][0] + ("" if part is None else f" (stream {part})")
             raise RuntimeError(f"{name}: step {self.step} reuses a cache slot that no earlier step of this "
