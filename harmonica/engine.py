@@ -10,6 +10,7 @@ update going through `run_unit` and the fused ops:
 - training: `gated_residual` with the router value r, slot <- blend where r > tau.
 Which of these a unit does is its policy's answer (policies.py): `engine.policy` is `Off` (`set_off`),
 `Inference` (`set_schedule`: the schedule's rows and forecast plan) or `Training` (`set_training`: the router values).
+Each cache context's slots are a `SlotStore` (slots.py: written, reallocated and read per slot and stream).
 A unit that feeds several residual streams (Flux's joint attention) does this once per stream, its slot
 holding one tensor per stream.
 The step index is a host counter advanced by a forward hook of the transformer and reset by
@@ -51,6 +52,7 @@ from .adapters import blocks_of
 from .families import forward_arguments
 from .modulation import ModulationTable
 from .policies import Inference, Off, Training
+from .slots import SlotStore
 from .units import units_of
 
 
@@ -62,7 +64,7 @@ class CacheContext:
     step: int  # the step its next forward runs
     begun: bool  # whether `begin` started its generation (else its counter wrapped)
     previous_timestep: float | None  # the host timestep of its latest forward of this generation, when readable
-    slots: list  # one entry per slot: a tensor (B, N, D), a tuple of one per stream, or None
+    slots: SlotStore  # its slots (slots.py)
 
     def begin(self, start: int) -> None:
         """A generation begins at step `start`; the slots stay (its first row computes every unit)."""
@@ -103,7 +105,7 @@ class CacheEngine:
         self.modulation_active = False
         self.policy = Off()  # what each unit does at each step (policies.py)
         self.start = 0  # the generation's first step: a pipeline that switches transformers by step begins one later
-        self.clock = CacheContext(0, False, None, [None] * len(self.units))  # the current cache context
+        self.clock = CacheContext(0, False, None, SlotStore(self.units, len(self.units)))  # the current cache context
         self.warned_unbegun = False
         # the forward's (latents, timestep, text) argument names and positions (None: keyword only, or none), and
         # whether its timestep rises along a generation
@@ -148,7 +150,7 @@ class CacheEngine:
                              f"got {schedule.num_units}")
         self.policy = Inference(schedule, forecast)
         count = len(self.units) * self.policy.slots_per_unit
-        self.clock.slots = (self.clock.slots + [None] * count)[:count]
+        self.clock.slots.resize(count)
         self.ranks_checked = False
         self.begin()
 
@@ -171,9 +173,10 @@ class CacheEngine:
     def swap_slots(self, slots: list) -> list:
         """Make `slots` (one entry per slot, None: empty) the current cache context's slots; returns the ones
         they replace (a rollout that must not touch a trajectory's slots swaps them out and back)."""
-        if len(slots) != len(self.clock.slots):
-            raise ValueError(f"slots: expected {len(self.clock.slots)} slots, got {len(slots)}")
-        previous, self.clock.slots = self.clock.slots, list(slots)
+        store = self.clock.slots
+        if len(slots) != len(store.entries):
+            raise ValueError(f"slots: expected {len(store.entries)} slots, got {len(slots)}")
+        previous, store.entries = store.entries, list(slots)
         return previous
 
     def refuse_contexts(self, reason: str) -> None:
@@ -194,8 +197,8 @@ class CacheEngine:
 
     @property
     def slots(self) -> list:
-        """The current cache context's slots (`swap_slots` replaces them)."""
-        return self.clock.slots
+        """The current cache context's slot entries (slots.py; `swap_slots` replaces them)."""
+        return self.clock.slots.entries
 
     def graph_key(self) -> tuple:
         """What the current step's forward depends on besides its inputs (graphs.py: steps with equal keys share a
@@ -254,7 +257,7 @@ class CacheEngine:
                 del self.transformer.cache_context
             else:
                 self.transformer.cache_context = self._own_cache_context
-        self.clock.slots = [None] * len(self.units)
+        self.clock.slots = SlotStore(self.units, len(self.units))
         self.context, self.entered_context, self.other_contexts = None, None, {}
         self.modulation, self.modulation_active = ModulationTable(), False
 
@@ -262,9 +265,7 @@ class CacheEngine:
 
     def cache_bytes(self) -> int:
         """Bytes of the slots of every cache context (with a forecast: both slots of each unit)."""
-        every = [self.clock.slots, *(context.slots for context in self.other_contexts.values())]
-        slots = [part for slots in every for slot in slots for part in (slot if isinstance(slot, tuple) else (slot,))]
-        return sum(s.numel() * s.element_size() for s in slots if s is not None)
+        return sum(context.slots.nbytes() for context in (self.clock, *self.other_contexts.values()))
 
     # ---- cache contexts ----
 
@@ -294,8 +295,8 @@ class CacheEngine:
             self.context = self.context if name is None else name
             return
         current = self.other_contexts[self.context] = self.clock
-        self.clock = self.other_contexts.pop(name, None) or CacheContext(self.start, current.begun, None,
-                                                                         [None] * len(current.slots))
+        self.clock = self.other_contexts.pop(name, None) or CacheContext(
+            self.start, current.begun, None, SlotStore(self.units, len(current.slots.entries)))
         self.context = name
         self.policy.at(self.clock.step)
 
@@ -413,34 +414,6 @@ class CacheEngine:
         if k is None:
             return self._compute(h, compute(), gate)
         return self.policy.run(self, k, compute, gate, h, part)
-
-    def _part(self, s, part):
-        """Slot s's tensor for stream `part` of a several-stream unit (its slot a tuple), else None."""
-        slot = self.clock.slots[s]
-        return slot[part] if isinstance(slot, tuple) and part < len(slot) else None
-
-    def _slot(self, s, like, part):
-        """Slot s (unit k's is k; with a forecast its second is K + k) to write `like` into, (re)allocated."""
-        slots = self.clock.slots
-        slot = slots[s] if part is None else self._part(s, part)
-        if slot is None or slot.shape != like.shape or slot.dtype != like.dtype or slot.device != like.device:
-            slot = torch.empty_like(like, memory_format=torch.contiguous_format)
-            if part is None:
-                slots[s] = slot
-            else:
-                parts = list(slots[s]) if isinstance(slots[s], tuple) else []
-                parts += [None] * (part + 1 - len(parts))
-                parts[part] = slot
-                slots[s] = tuple(parts)
-        return slot
-
-    def _read_slot(self, s, h, part):
-        slot = self.clock.slots[s] if part is None else self._part(s, part)
-        if slot is None or slot.shape != h.shape or slot.dtype != h.dtype or slot.device != h.device:
-            name = self.units[s % len(self.units)][0] + ("" if part is None else f" (stream {part})")
-            raise RuntimeError(f"{name}: step {self.step} reuses a cache slot that no earlier step of this "
-                               f"generation filled for hidden states {tuple(h.shape)} {h.dtype}")
-        return slot
 
 
 def _host_value(timestep) -> float | None:

@@ -67,10 +67,11 @@ class Training(Policy):
         return self.gates.shape[0]
 
     def run(self, engine, k, compute, gate, h, part):
-        fresh = compute()
-        if engine.step == 0:
-            return engine._compute(h, fresh, gate, cache=engine._slot(k, fresh, part))
-        return engine._soft(h, fresh, engine._read_slot(k, h, part), self.gates[engine.step, k], gate, tau=self.tau)
+        fresh, clock = compute(), engine.clock
+        if clock.step == 0:
+            return engine._compute(h, fresh, gate, cache=clock.slots.write(k, fresh, part))
+        cache = clock.slots.read(k, h, part, clock.step)
+        return engine._soft(h, fresh, cache, self.gates[clock.step, k], gate, tau=self.tau)
 
 
 class Inference(Policy):
@@ -123,35 +124,37 @@ class Inference(Policy):
         (the targets of every stream, solved together)."""
         if self.forecast_fit is None or self.forecast_row[k][1] is None:
             return None
-        fresh = compute()
+        fresh, slots, step = compute(), engine.clock.slots, engine.clock.step
         newest, older = self.forecast_row[k][:2]
-        self.forecast_fit.solve(engine.step, k, [(fresh[i], engine._read_slot(newest, h, i),
-                                                  engine._read_slot(older, h, i)) for i, h in enumerate(hs)])
+        self.forecast_fit.solve(step, k, [(fresh[i], slots.read(newest, h, i, step), slots.read(older, h, i, step))
+                                          for i, h in enumerate(hs)])
         return fresh
 
     def run(self, engine, k, compute, gate, h, part):
         if self.forecast_row is not None:
             return self._run_forecast(engine, k, compute, gate, h, part)
+        clock = engine.clock
         if self.row[k]:
             fresh = compute()
-            slot = engine._slot(k, fresh, part) if self.write_row[k] else None
+            slot = clock.slots.write(k, fresh, part) if self.write_row[k] else None
             return engine._compute(h, fresh, gate, cache=slot)
-        return engine._reuse(h, engine._read_slot(k, h, part), gate)
+        return engine._reuse(h, clock.slots.read(k, h, part, clock.step), gate)
 
     def _run_forecast(self, engine, k, compute, gate, h, part):
         """`run` under a linear forecast: the plan's row says which slot a computed unit writes and which slots and
         coefficients a reused one reads (forecast.py)."""
-        entry = self.forecast_row[k]
+        entry, clock = self.forecast_row[k], engine.clock
+        slots, step = clock.slots, clock.step
         if self.row[k]:
             fresh = compute()
-            return engine._compute(h, fresh, gate, cache=None if entry is None else engine._slot(entry, fresh, part))
+            return engine._compute(h, fresh, gate, cache=None if entry is None else slots.write(entry, fresh, part))
         newest, older, a, b = entry
-        newest = engine._read_slot(newest, h, part)
+        newest = slots.read(newest, h, part, step)
         if older is None:  # fewer than two computed outputs so far, or a = 1, b = 0
             return engine._reuse(h, newest, gate)
-        older = engine._read_slot(older, h, part)
+        older = slots.read(older, h, part, step)
         if self.forecast_fit is not None:
             if part is None:  # a several-stream unit was solved by `reused_outputs`
-                self.forecast_fit.solve(engine.step, k, [(compute(), newest, older)])
-            a, b = self.forecast_fit.coefficients(engine.step, k)
+                self.forecast_fit.solve(step, k, [(compute(), newest, older)])
+            a, b = self.forecast_fit.coefficients(step, k)
         return engine._forecast(h, newest, older, a, b, gate)

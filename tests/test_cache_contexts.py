@@ -83,7 +83,7 @@ def test_each_pass_equals_its_own_engine(kind):
         hook.remove()
     assert [context for context, _, _ in forwards] == ["cond", "uncond"] * STEPS
     assert torch.equal(calls["cond"], schedule.table) and torch.equal(calls["uncond"], schedule.table)
-    cond_slots, uncond_slots = flat(engine.other_contexts["cond"].slots), flat(engine.slots)
+    cond_slots, uncond_slots = flat(engine.other_contexts["cond"].slots.entries), flat(engine.slots)
     assert len(cond_slots) == len(uncond_slots) >= units
     assert {s.data_ptr() for s in cond_slots}.isdisjoint(s.data_ptr() for s in uncond_slots)
     both = engine.cache_bytes()
