@@ -312,10 +312,10 @@ def summary(pipe_or_transformer) -> Summary:
                                            cross_attention=engine.cross_attention, sizes=engine.last_sizes)
     else:
         macs, where = count_macs(transformer, cross_attention=engine.cross_attention), "the native size"
-    schedule = engine.schedule
+    schedule = engine.policy.schedule
     report = Summary(schedule.name, state.sampler, schedule.num_steps, schedule.num_units, schedule.cur,
                      schedule.theoretical_speedup(macs), where, engine.cache_bytes(),
-                     modulation_bytes=engine.modulation.nbytes(), forecast=engine.forecast_plan is not None)
+                     modulation_bytes=engine.modulation.nbytes(), forecast=engine.policy.forecast_plan is not None)
     config = parallel.context_parallel_config(transformer)
     if config is not None:
         report.context_parallel, report.rank = parallel.describe(config), config._rank

@@ -280,7 +280,7 @@ def class_comparison(model, cache, num_steps: int, guidance: float, seed: int = 
             cached = model.sample(noise, labels, num_steps, guidance).cpu()
         finally:
             disable(model.transformer)
-    schedule, task = engine.schedule, model.task(num_steps, guidance)
+    schedule, task = engine.policy.schedule, model.task(num_steps, guidance)
     caption = (f"{model.name}, {task.sampler} {num_steps} steps, seed {seed}: top uncached, bottom {schedule.name}; "
                f"CUR {schedule.cur:.1%}, {schedule.theoretical_speedup(task_macs(task)):.2f}x (MACs), PSNR "
                f"{psnr(cached, reference):.2f} dB (under each class: its pair's)")

@@ -8,6 +8,9 @@ update going through `run_unit` and the fused ops:
   modulation and attention/MLP are skipped; with a linear forecast (forecast.py: two slots per unit, set by
   `set_schedule`), `gated_residual_forecast` (`h + gate * (a * newest + b * older)`) where it applies;
 - training: `gated_residual` with the router value r, slot <- blend where r > tau.
+Which of these a unit does is its policy's answer (policies.py): `engine.policy` is `Off` (`set_off`),
+`Inference` (`set_schedule`: the schedule's rows and forecast plan) or `Training` (`set_training`: the router values).
+Each cache context's slots are a `SlotStore` (slots.py: written, reallocated and read per slot and stream).
 A unit that feeds several residual streams (Flux's joint attention) does this once per stream, its slot
 holding one tensor per stream.
 The step index is a host counter advanced by a forward hook of the transformer and reset by
@@ -20,8 +23,9 @@ across a wrap is an error (the sampler's step count differs from the schedule's)
 
 A pipeline that runs classifier-free guidance as two transformer calls per step (Wan, Qwen-Image) wraps
 each in diffusers' `transformer.cache_context("cond")` / `("uncond")`: the engine keeps one set of slots
-and one step counter (with its generation checks) per context name (a `CacheContext` while not current), a
-forward outside any context using the default set. All sets follow the same schedule rows; `begin` restarts
+and one step counter (with its generation checks) per context name, a `CacheContext` each: the current one is
+`engine.clock`, the others wait in `engine.other_contexts`, so switching contexts swaps one object; a forward
+outside any context uses the default one. All sets follow the same schedule rows; `begin` restarts
 them all. SD3.5's skip-layer guidance (a forward with `skip_layers`) is refused: it runs some steps only, with
 some blocks skipped.
 
@@ -46,26 +50,31 @@ from torch._C._dynamo.eval_frame import reset_code
 from . import events, kernels, parallel
 from .adapters import blocks_of
 from .families import forward_arguments
-from .forecast import Forecast, ForecastFit, ForecastPlan
 from .modulation import ModulationTable
+from .policies import Inference, Off, Training
+from .slots import SlotStore
 from .units import units_of
 
 
 @dataclass
 class CacheContext:
-    """What one diffusers cache context keeps while another is current (the engine's own attributes hold the
-    current one's): its step counter and generation checks, and its slots."""
+    """One diffusers cache context's step clock and slots (the engine's current one is `engine.clock`): its step
+    counter, its generation checks' state, and its slots."""
 
     step: int  # the step its next forward runs
     begun: bool  # whether `begin` started its generation (else its counter wrapped)
     previous_timestep: float | None  # the host timestep of its latest forward of this generation, when readable
-    slots: list  # one entry per slot: a tensor (B, N, D), a tuple of one per stream, or None
+    slots: SlotStore  # its slots (slots.py)
+
+    def begin(self, start: int) -> None:
+        """A generation begins at step `start`; the slots stay (its first row computes every unit)."""
+        self.step, self.begun, self.previous_timestep = start, True, None
 
 
 class CacheEngine:
     """Cached execution of one diffusers transformer whose block classes have adapters.
 
-    schedule: `CacheSchedule` of K = number of units (inference mode).
+    schedule: `CacheSchedule` of K = number of units (the `Inference` policy; None: `Off`).
     cross_attention: whether cross-attention (PixArt's `attn2`) is a unit (else it always computes).
     fused: the fused Triton ops (on CUDA); False runs their torch references (`<op>_ref`), the eager
     sequence diffusers would run, for comparisons.
@@ -94,26 +103,16 @@ class CacheEngine:
         self.timesteps = None  # host timesteps of the current generation, when its sampler told them
         self.modulation = ModulationTable()  # DiT: every step's adaLN modulations, per generation
         self.modulation_active = False
-        self.mode = "off"
-        self.schedule = None
-        self.gates = None  # training: (T, K) router values of the current step's graph
-        self.tau = None
-        self.row = self.write_row = None  # inference: the current step's schedule rows, as tuples
-        self.forecast_plan = None  # inference with a linear forecast: its `ForecastPlan` (None: pure reuse)
-        self.forecast_fit = None  # while `forecast.fit_forecast` runs: its `ForecastFit`
-        self.forecast_row = None  # the current step's row of the plan (a graph key), None without one
+        self.policy = Off()  # what each unit does at each step (policies.py)
         self.start = 0  # the generation's first step: a pipeline that switches transformers by step begins one later
-        self.step = 0
-        self.begun = False  # whether `begin` started the current generation (else the counter wrapped)
+        self.clock = CacheContext(0, False, None, SlotStore(self.units, len(self.units)))  # the current cache context
         self.warned_unbegun = False
-        self.previous_timestep = None  # host timestep of the latest forward of this generation, when readable
         # the forward's (latents, timestep, text) argument names and positions (None: keyword only, or none), and
         # whether its timestep rises along a generation
         self.arguments, self.timestep_rises = forward_arguments(transformer)
         parameters = list(inspect.signature(transformer.forward).parameters)
         self.argument_index = [parameters.index(name) if name in parameters else None for name in self.arguments]
-        self.slots = [None] * len(self.units)
-        self.context = None  # the cache context whose counter and slots the attributes above hold (None: default)
+        self.context = None  # the name of the cache context `clock` is (None: the default one)
         self.entered_context = None  # the name of the `transformer.cache_context` the caller is inside
         self.other_contexts = {}  # name -> `CacheContext` of each context not current
         self.contexts_refused_by = None  # e.g. "cuda_graphs=True": what allows one cache context only
@@ -149,16 +148,9 @@ class CacheEngine:
         if schedule.num_units != len(self.units):
             raise ValueError(f"schedule: expected {len(self.units)} units (from the transformer), "
                              f"got {schedule.num_units}")
-        fit = forecast if isinstance(forecast, ForecastFit) else None
-        if forecast is not None and fit is None and not isinstance(forecast, Forecast):
-            raise ValueError(f"forecast: expected a Forecast or None, got {type(forecast).__name__}")
-        self.forecast_plan = None if forecast is None else ForecastPlan(
-            schedule, forecast if fit is None else fit.forecast, fit=fit is not None)
-        self.forecast_fit = fit
-        count = len(self.units) * (1 if forecast is None else 2)
-        self.slots = (self.slots + [None] * count)[:count]
-        self.schedule = schedule
-        self.mode = "inference"
+        self.policy = Inference(schedule, forecast)
+        count = len(self.units) * self.policy.slots_per_unit
+        self.clock.slots.resize(count)
         self.ranks_checked = False
         self.begin()
 
@@ -166,24 +158,25 @@ class CacheEngine:
         """Soft gating with router values `gates` (T, K) at threshold `tau` (the training issue)."""
         if gates.dim() != 2 or gates.shape[1] != len(self.units):
             raise ValueError(f"gates: expected shape (T, {len(self.units)}), got {tuple(gates.shape)}")
-        self.gates, self.tau, self.mode = gates, tau, "training"
+        self.policy = Training(gates, tau)
 
     def set_off(self) -> None:
         """Caching off: every unit computes and no slot is written (the teacher's and the reference's forwards)."""
-        self.mode = "off"
+        self.policy = Off()
 
     def seek(self, step: int) -> None:
         """The next forward runs step `step` (a trainer or search that drives the steps itself)."""
-        if not 0 <= step < (self.num_steps or step + 1):
-            raise ValueError(f"step: expected 0 <= step < {self.num_steps}, got {step}")
+        if not 0 <= step < (self.policy.num_steps or step + 1):
+            raise ValueError(f"step: expected 0 <= step < {self.policy.num_steps}, got {step}")
         self.step = step
 
     def swap_slots(self, slots: list) -> list:
         """Make `slots` (one entry per slot, None: empty) the current cache context's slots; returns the ones
         they replace (a rollout that must not touch a trajectory's slots swaps them out and back)."""
-        if len(slots) != len(self.slots):
-            raise ValueError(f"slots: expected {len(self.slots)} slots, got {len(slots)}")
-        previous, self.slots = self.slots, list(slots)
+        store = self.clock.slots
+        if len(slots) != len(store.entries):
+            raise ValueError(f"slots: expected {len(store.entries)} slots, got {len(slots)}")
+        previous, store.entries = store.entries, list(slots)
         return previous
 
     def refuse_contexts(self, reason: str) -> None:
@@ -193,55 +186,41 @@ class CacheEngine:
 
     @property
     def step(self) -> int:
-        return self._step
+        """The step the current cache context's next forward runs."""
+        return self.clock.step
 
     @step.setter
     def step(self, value: int) -> None:
-        """Steps reach the units only through `row`/`write_row`: what a captured forward is specialised on
-        (steps with equal rows share it)."""
-        self._step = value
-        if self.mode == "inference":
-            self.row, self.write_row = self.schedule.step_keys[value]
-            self.forecast_row = None if self.forecast_plan is None else self.forecast_plan.rows[value]
+        """The policy readies the step's rows (`Policy.at`)."""
+        self.clock.step = value
+        self.policy.at(value)
+
+    @property
+    def slots(self) -> list:
+        """The current cache context's slot entries (slots.py; `swap_slots` replaces them)."""
+        return self.clock.slots.entries
 
     def graph_key(self) -> tuple:
         """What the current step's forward depends on besides its inputs (graphs.py: steps with equal keys share a
-        captured graph): its schedule rows, whether DiT's modulation table is on, its forecast row (slots and
-        coefficients, host constants a capture bakes; None without a forecast)."""
-        return self.row, self.write_row, self.modulation_active, self.forecast_row
-
-    @property
-    def num_steps(self):
-        if self.mode == "inference":
-            return self.schedule.num_steps
-        return self.gates.shape[0] if self.mode == "training" else None
+        captured graph): its policy's key (`Inference`: the schedule rows and the forecast row, slots and
+        coefficients, host constants a capture bakes) and whether DiT's modulation table is on."""
+        return (*self.policy.key, self.modulation_active)
 
     def begin(self, num_steps: int | None = None, timesteps: list | None = None, start: int = 0) -> None:
         """Start a generation at step `start` (0; a transformer that a pipeline runs from a later step on, as Wan
-        2.2's low-noise expert, its first step: that row must compute every unit, see `check_start`); with
+        2.2's low-noise expert, its first step: that row must compute every unit, `Inference.check_start`); with
         `num_steps`, check it against the schedule. `timesteps`: the values every forward of this generation will
         pass, in order (lets DiT precompute its modulations; see modulation.py)."""
-        if num_steps is not None and self.num_steps is not None and num_steps != self.num_steps:
-            raise ValueError(f"num_inference_steps: expected {self.num_steps} (the cache schedule's steps), "
+        expected = self.policy.num_steps
+        if num_steps is not None and expected is not None and num_steps != expected:
+            raise ValueError(f"num_inference_steps: expected {expected} (the cache schedule's steps), "
                              f"got {num_steps}")
-        self.check_start(start)
+        self.policy.check_start(start, self.units)
         self.timesteps = timesteps
-        self.start = self.step = start
-        self.begun, self.previous_timestep = True, None
-        self.other_contexts = {name: CacheContext(start, True, None, context.slots)
-                               for name, context in self.other_contexts.items()}
-
-    def check_start(self, start: int) -> None:
-        """A ValueError unless the schedule's row `start` computes every unit (no slot of this transformer holds an
-        earlier step's output there)."""
-        if self.mode != "inference" or not start:
-            return
-        if not 0 < start < self.num_steps:
-            raise ValueError(f"start: expected 0 <= start < {self.num_steps}, got {start}")
-        reused = [self.units[k][0] for k, computes in enumerate(self.schedule.table[start].tolist()) if not computes]
-        if reused:
-            raise ValueError(f"schedule: expected every unit computed at step {start} (this transformer's first step "
-                             f"of the generation), got {len(reused)} of {len(self.units)} reused ({reused[0]}, ...)")
+        self.start = start
+        for clock in (self.clock, *self.other_contexts.values()):
+            clock.begin(start)
+        self.policy.at(start)
 
     def compile(self, options: dict) -> None:
         """torch.compile each unit kind's body with `options` (default fullgraph=True, dynamic=False): one
@@ -278,8 +257,7 @@ class CacheEngine:
                 del self.transformer.cache_context
             else:
                 self.transformer.cache_context = self._own_cache_context
-        self.slots = [None] * len(self.units)
-        self.forecast_plan = self.forecast_fit = self.forecast_row = None
+        self.clock.slots = SlotStore(self.units, len(self.units))
         self.context, self.entered_context, self.other_contexts = None, None, {}
         self.modulation, self.modulation_active = ModulationTable(), False
 
@@ -287,9 +265,7 @@ class CacheEngine:
 
     def cache_bytes(self) -> int:
         """Bytes of the slots of every cache context (with a forecast: both slots of each unit)."""
-        every = [self.slots, *(context.slots for context in self.other_contexts.values())]
-        slots = [part for slots in every for slot in slots for part in (slot if isinstance(slot, tuple) else (slot,))]
-        return sum(s.numel() * s.element_size() for s in slots if s is not None)
+        return sum(context.slots.nbytes() for context in (self.clock, *self.other_contexts.values()))
 
     # ---- cache contexts ----
 
@@ -318,11 +294,11 @@ class CacheEngine:
                                  f"passes; enable without it")
             self.context = self.context if name is None else name
             return
-        self.other_contexts[self.context] = CacheContext(self._step, self.begun, self.previous_timestep, self.slots)
-        resumed = self.other_contexts.pop(name, None) or CacheContext(self.start, self.begun, None,
-                                                                      [None] * len(self.slots))
-        self.begun, self.previous_timestep, self.slots = resumed.begun, resumed.previous_timestep, resumed.slots
-        self.context, self.step = name, resumed.step
+        current = self.other_contexts[self.context] = self.clock
+        self.clock = self.other_contexts.pop(name, None) or CacheContext(
+            self.start, current.begun, None, SlotStore(self.units, len(current.slots.entries)))
+        self.context = name
+        self.policy.at(self.clock.step)
 
     # ---- context parallelism ----
 
@@ -341,7 +317,7 @@ class CacheEngine:
 
     def _before_forward(self, module, args, kwargs):
         self.check_ranks()
-        if self.mode != "off" and kwargs.get("skip_layers") is not None:
+        if self.policy.caches and kwargs.get("skip_layers") is not None:
             raise ValueError(f"skip_guidance_layers: expected None under harmonica (every block runs once per "
                              f"step), got a transformer call with skip_layers={kwargs['skip_layers']}")
         self._use_context(self.entered_context)
@@ -355,7 +331,7 @@ class CacheEngine:
             self.last_text_tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.dim() == 3 else None
         if self.step == self.start and self.on_first_step is not None:
             self.on_first_step()
-        if self.mode == "inference":
+        if self.policy.sampling:
             self._check_generation(self.argument(args, kwargs, 1))
         if self.step == self.start:
             self.modulation_active = self._compute_modulations(hidden, args, kwargs)
@@ -374,9 +350,9 @@ class CacheEngine:
         if events.listeners:
             events.step_finished()
         following = self.step + 1
-        if self.num_steps is not None and following == self.num_steps:
+        if following == self.policy.num_steps:
             self.timesteps = None  # the generation is complete; the next call starts another, as told
-            self.begun = False
+            self.clock.begun = False
             following = self.start = 0
         self.step = following
 
@@ -385,7 +361,8 @@ class CacheEngine:
         with a host timestep, raise when it goes back within a generation (rises; falls where the family's timestep
         rises along a generation) or keeps going across a wrap."""
         t = _host_value(timestep)
-        previous, steps = self.previous_timestep, self.num_steps
+        clock, steps = self.clock, self.policy.num_steps
+        previous = clock.previous_timestep
         # how far the timestep went back toward the noise (it falls along a generation, or rises where the family's
         # does); None where either value is unknown
         back = None if t is None or previous is None else (previous - t if self.timestep_rises else t - previous)
@@ -394,8 +371,8 @@ class CacheEngine:
             raise ValueError(f"num_inference_steps: expected {steps} (the cache schedule's steps), got {got} "
                              f"(timestep {t:g} after {previous:g} at step {self.step}); pass the pipeline to "
                              f"harmonica.enable or call harmonica.reset(transformer) before each generation")
-        self.previous_timestep = t
-        if self.step == 0 and not self.begun and not self.warned_unbegun:
+        clock.previous_timestep = t
+        if clock.step == 0 and not clock.begun and not self.warned_unbegun:
             self.warned_unbegun = True
             warnings.warn(f"harmonica: a generation started that no sampler announced, so only the cache schedule's "
                           f"{steps} steps delimit generations (a sampler with another step count runs the wrong "
@@ -406,7 +383,8 @@ class CacheEngine:
     def _compute_modulations(self, hidden, args, kwargs) -> bool:
         """At step 0: every step's modulations, when this generation allows it and an adapter computes them
         (DiT; modulation.py)."""
-        if not (self.mode == "inference" and self.timesteps is not None and len(self.timesteps) == self.num_steps):
+        policy = self.policy
+        if not (policy.sampling and self.timesteps is not None and len(self.timesteps) == policy.num_steps):
             return False
         return any([adapter.precompute(self, blocks, hidden, args, kwargs)
                     for adapter, blocks in self.adapters.items()])
@@ -420,82 +398,22 @@ class CacheEngine:
         cached unit (always computes). With listeners (events.py), through their `around_unit`."""
         run = self._run_streams if isinstance(h, tuple) else self._run_unit
         if events.listeners and k is not None:
-            computes = self.mode != "inference" or self.row[k]
+            computes = self.policy.computes(k)
             return events.around_unit(self.units[k][0], computes, run, k, compute, gate, h)
         return run(k, compute, gate, h)
 
     def _run_streams(self, k, compute, gates, hs):
         """run_unit for several streams: one computation, then each stream with its gate and slot part."""
-        reused = k is not None and self.mode == "inference" and not self.row[k]
-        fresh = None if reused else compute()
-        if reused and self.forecast_fit is not None and self.forecast_row[k][1] is not None:
-            fresh = compute()  # fitting: the targets of every stream, solved together
-            newest, older = self.forecast_row[k][:2]
-            self.forecast_fit.solve(self.step, k, [(fresh[i], self._read_slot(newest, h, i),
-                                                    self._read_slot(older, h, i)) for i, h in enumerate(hs)])
+        computes = k is None or self.policy.computes(k)
+        fresh = compute() if computes else self.policy.reused_outputs(self, k, compute, hs)
         return tuple(self._run_unit(k, lambda i=i: fresh[i], gate, h, i) for i, (gate, h) in enumerate(zip(gates, hs)))
 
     def _run_unit(self, k, compute, gate, h, part=None):
-        """One stream's residual update; part: the stream's index in a several-stream unit's slot."""
-        if k is None or self.mode == "off":
+        """One stream's residual update (the policy's `run`); part: the stream's index in a several-stream unit's
+        slot."""
+        if k is None:
             return self._compute(h, compute(), gate)
-        if self.mode == "training":
-            fresh = compute()
-            if self.step == 0:
-                return self._compute(h, fresh, gate, cache=self._slot(k, fresh, part))
-            return self._soft(h, fresh, self._read_slot(k, h, part), self.gates[self.step, k], gate, tau=self.tau)
-        if self.forecast_row is not None:
-            return self._run_forecast(k, compute, gate, h, part)
-        if self.row[k]:
-            fresh = compute()
-            slot = self._slot(k, fresh, part) if self.write_row[k] else None
-            return self._compute(h, fresh, gate, cache=slot)
-        return self._reuse(h, self._read_slot(k, h, part), gate)
-
-    def _run_forecast(self, k, compute, gate, h, part):
-        """_run_unit under a linear forecast: the plan's row says which slot a computed unit writes and which
-        slots and coefficients a reused one reads (forecast.py)."""
-        entry = self.forecast_row[k]
-        if self.row[k]:
-            fresh = compute()
-            return self._compute(h, fresh, gate, cache=None if entry is None else self._slot(entry, fresh, part))
-        newest, older, a, b = entry
-        newest = self._read_slot(newest, h, part)
-        if older is None:  # fewer than two computed outputs so far, or a = 1, b = 0
-            return self._reuse(h, newest, gate)
-        older = self._read_slot(older, h, part)
-        if self.forecast_fit is not None:
-            if part is None:  # a several-stream unit was solved by _run_streams
-                self.forecast_fit.solve(self.step, k, [(compute(), newest, older)])
-            a, b = self.forecast_fit.coefficients(self.step, k)
-        return self._forecast(h, newest, older, a, b, gate)
-
-    def _part(self, s, part):
-        """Slot s's tensor for stream `part` of a several-stream unit (its slot a tuple), else None."""
-        slot = self.slots[s]
-        return slot[part] if isinstance(slot, tuple) and part < len(slot) else None
-
-    def _slot(self, s, like, part):
-        """Slot s (unit k's is k; with a forecast its second is K + k) to write `like` into, (re)allocated."""
-        slot = self.slots[s] if part is None else self._part(s, part)
-        if slot is None or slot.shape != like.shape or slot.dtype != like.dtype or slot.device != like.device:
-            slot = torch.empty_like(like, memory_format=torch.contiguous_format)
-            if part is None:
-                self.slots[s] = slot
-            else:
-                parts = list(self.slots[s]) if isinstance(self.slots[s], tuple) else []
-                parts += [None] * (part + 1 - len(parts))
-                parts[part] = slot
-                self.slots[s] = tuple(parts)
-        return slot
-
-    def _read_slot(self, s, h, part):
-        slot = self.slots[s] if part is None else self._part(s, part)
-        if slot is None or slot.shape != h.shape or slot.dtype != h.dtype or slot.device != h.device:
-            name = self.units[s % len(self.units)][0] + ("" if part is None else f" (stream {part})")
-            raise RuntimeError(f"{name}: step {self.step} reuses a cache slot that no earlier step of this "
-                               f"generation filled for hidden states {tuple(h.shape)} {h.dtype}")
-        return slot
+        return self.policy.run(self, k, compute, gate, h, part)
 
 
 def _host_value(timestep) -> float | None:

@@ -292,14 +292,14 @@ class GraphRunner:
 
     def __call__(self, *args, **kwargs):
         engine = self.engine
-        if engine.mode != "inference":
+        if not engine.policy.sampling:
             return self._run(args, kwargs)
         if not self._on_cuda(args, kwargs) and (self.backend is None or isinstance(self.backend, CudaGraphBackend)):
             _warn_cpu_once()
             return self._run(args, kwargs)
         backend = self._backend_for(self._device(args, kwargs))
         signature = input_signature(args, kwargs)
-        if (signature != self.signature or engine.schedule is not self.schedule
+        if (signature != self.signature or engine.policy.schedule is not self.schedule
                 or self.epilogue_key != self.captured_epilogue_key):
             if self.signature is not None and engine.step != 0:
                 warnings.warn(f"cuda_graphs: the transformer's inputs changed within a generation (step "
@@ -307,7 +307,7 @@ class GraphRunner:
                               "(not Python numbers) for arguments that change per step", stacklevel=2)
             self.resets += self.signature is not None
             self.reset()
-            self.signature, self.schedule, self.static = signature, engine.schedule, StaticInputs(args, kwargs)
+            self.signature, self.schedule, self.static = signature, engine.policy.schedule, StaticInputs(args, kwargs)
             self.captured_epilogue_key = self.epilogue_key
         key = engine.graph_key()
         self.static.copy_from(args, kwargs)

@@ -78,10 +78,11 @@ def schedule_digest(engine) -> int:
     """A 63-bit hash of what every rank must run alike: the unit names, the (T, K) compute table and the linear
     forecast's plan (slots and coefficients of every step), if any."""
     data = "\n".join(name for name, _ in engine.units).encode()
-    if engine.schedule is not None:
-        data += engine.schedule.table.to(torch.uint8).cpu().numpy().tobytes()
-    if engine.forecast_plan is not None:
-        data += repr(engine.forecast_plan.rows).encode()
+    policy = engine.policy
+    if policy.schedule is not None:
+        data += policy.schedule.table.to(torch.uint8).cpu().numpy().tobytes()
+    if policy.forecast_plan is not None:
+        data += repr(policy.forecast_plan.rows).encode()
     return _hash63(data)
 
 

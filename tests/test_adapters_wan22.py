@@ -153,7 +153,7 @@ def test_enable_again_and_a_wan21_pipeline_keep_one_engine_each():
     pipe = make_pipe()
     harmonica.enable(pipe, CacheSchedule.fora(STEPS, UNITS, 2))
     harmonica.enable(pipe, CacheSchedule.no_cache(STEPS, UNITS))
-    assert pipe.transformer_2._harmonica.engine.schedule.cur == 0
+    assert pipe.transformer_2._harmonica.engine.policy.schedule.cur == 0
     harmonica.disable(pipe)
     single = make_pipe(boundary_ratio=None)
     harmonica.enable(single, CacheSchedule.no_cache(STEPS, UNITS))

@@ -24,5 +24,5 @@ def test_hooked_set_timesteps_keeps_its_signature_and_begins_generations():
     engine.step = 3
     timesteps, steps = retrieve_timesteps(pipe.scheduler, sigmas=[1.0, 0.75, 0.5, 0.25], mu=0.5)
     assert steps == STEPS and len(timesteps) == STEPS
-    assert engine.step == 0 and engine.begun
+    assert engine.step == 0 and engine.clock.begun
     harmonica.disable(pipe)

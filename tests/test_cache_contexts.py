@@ -83,7 +83,7 @@ def test_each_pass_equals_its_own_engine(kind):
         hook.remove()
     assert [context for context, _, _ in forwards] == ["cond", "uncond"] * STEPS
     assert torch.equal(calls["cond"], schedule.table) and torch.equal(calls["uncond"], schedule.table)
-    cond_slots, uncond_slots = flat(engine.other_contexts["cond"].slots), flat(engine.slots)
+    cond_slots, uncond_slots = flat(engine.other_contexts["cond"].slots.entries), flat(engine.slots)
     assert len(cond_slots) == len(uncond_slots) >= units
     assert {s.data_ptr() for s in cond_slots}.isdisjoint(s.data_ptr() for s in uncond_slots)
     both = engine.cache_bytes()
@@ -132,8 +132,10 @@ def test_cuda_graphs_take_one_pass_only():
 def test_skip_layer_guidance_is_refused():
     model = make_sd3("sd35")
     with torch.no_grad():
-        model(**sd3_inputs(0), skip_layers=[1])  # diffusers' own forward takes it
-        harmonica.enable(model, CacheSchedule.fora(STEPS, num_units("sd35"), 2))
+        plain = model(**sd3_inputs(0), skip_layers=[1]).sample  # diffusers' own forward takes it
+        engine = harmonica.enable(model, CacheSchedule.fora(STEPS, num_units("sd35"), 2))
         harmonica.reset(model)
         with pytest.raises(ValueError, match=r"^skip_guidance_layers: expected None .* skip_layers=\[1\]$"):
             model(**sd3_inputs(0), skip_layers=[1])
+        engine.set_off()  # caching off: no unit reads an earlier step, so a forward may skip blocks
+        assert torch.equal(model(**sd3_inputs(0), skip_layers=[1]).sample, plain)

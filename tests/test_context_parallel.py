@@ -67,7 +67,7 @@ class CollectiveCounter:
         run_unit = engine.run_unit
 
         def counted_run_unit(k, *args):
-            self.current = (k, k is not None and bool(engine.row[k]))
+            self.current = (k, k is not None and bool(engine.policy.row[k]))
             try:
                 return run_unit(k, *args)
             finally:
@@ -160,7 +160,7 @@ def _family(name, kind, rank):
         found["diff"][label] = (out - single[label]).abs().max().item()
         found["cache_bytes"][label] = engine.cache_bytes()
         found.setdefault("collectives", {})[label] = counter.log
-        found.setdefault("rows", {})[label] = engine.schedule.table.tolist()
+        found.setdefault("rows", {})[label] = engine.policy.schedule.table.tolist()
         found.setdefault("summary", str(harmonica.summary(transformer)))
         harmonica.disable(transformer)
     found["outputs"] = out.flatten()[:8].tolist()  # the router's, for the ranks' agreement

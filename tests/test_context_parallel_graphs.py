@@ -145,8 +145,8 @@ def _capture_refusal(transformer, task, noise, schedule, mutation) -> str | None
 
 
 def runner_keys(schedule) -> list:
-    """The graph runner's key of each step (`engine.graph_key`): rows, writes, no modulation table, no forecast."""
-    return [(*key, False, None) for key in schedule.step_keys]
+    """The graph runner's key of each step (`engine.graph_key`): rows, writes, no forecast, no modulation table."""
+    return [(*key, None, False) for key in schedule.step_keys]
 
 
 def _captured(runner, keys) -> dict:

@@ -112,6 +112,22 @@ def test_seek_runs_the_rows_of_the_step_it_names(dit):
             engine.seek(bad)
 
 
+def test_each_policy_answers_for_the_current_step(dit):
+    model, engine, K = dit  # FORA:2: steps 0 and 2 compute every unit, steps 1 and 3 reuse every unit
+    keys = []
+    for step in range(4):
+        engine.seek(step)
+        keys.append(engine.graph_key())
+        assert [engine.policy.computes(k) for k in range(K)] == [step % 2 == 0] * K
+    assert keys[0] == keys[2] != keys[1] == keys[3] and engine.policy.num_steps == 4
+    with pytest.raises(ValueError, match=r"^start: expected 0 <= start < 4, got 4$"):
+        engine.begin(start=4)
+    engine.set_training(torch.ones(3, K), 0.1)
+    assert engine.policy.num_steps == 3 and engine.policy.computes(0) and engine.policy.schedule is None
+    engine.set_off()
+    assert engine.policy.num_steps is None and not engine.policy.caches
+
+
 def test_swap_slots_replaces_the_slots_and_returns_the_previous(dit):
     model, engine, K = dit
     reference = make_model("tiny-dit")

@@ -78,7 +78,7 @@ def history_run(model, schedule, forecast, steps, monkeypatch):
 
     def run_unit(k, compute, gate, h, part=None):
         outputs = history[k]
-        if engine.row[k]:
+        if engine.policy.row[k]:
             outputs.append(compute().clone())
             return ops.gated_residual_compute_ref(h, outputs[-1], gate)
         if len(outputs) < 2:
@@ -223,7 +223,7 @@ def test_graphs_replay_the_forecast_with_each_steps_own_constants(monkeypatch):
         runner = model._harmonica.graphs
         runner.backend = StandInGraphs(lambda runner=runner: runner_inputs(runner))
         if drop_forecast_row:
-            monkeypatch.setattr(engine, "graph_key", lambda engine=engine: (engine.row, engine.write_row))
+            monkeypatch.setattr(engine, "graph_key", lambda engine=engine: (engine.policy.row, engine.policy.write_row))
         outputs = run(model, 7) + run(model, 7)
         same = all(torch.equal(a, b) for a, b in zip(eager * 2, outputs, strict=True))
         assert same != drop_forecast_row
@@ -259,8 +259,8 @@ def test_the_router_file_carries_the_forecast_and_old_files_load_as_pure_reuse(t
     for name in ("a", "b", "table"):
         assert torch.equal(getattr(loaded.forecast, name), getattr(forecast, name))
     engine = harmonica.enable(model, loaded)
-    assert engine.forecast_plan is not None
-    assert harmonica.enable(model, loaded, forecast=False).forecast_plan is None
+    assert engine.policy.forecast_plan is not None
+    assert harmonica.enable(model, loaded, forecast=False).policy.forecast_plan is None
     with pytest.raises(ValueError, match=r"the router's forecast: expected the schedule it was fitted along .* "
                                          r"\(tau 0.999 gives another schedule than its training tau\)"):
         harmonica.enable(model, loaded, tau=0.999)
@@ -273,7 +273,7 @@ def test_the_router_file_carries_the_forecast_and_old_files_load_as_pure_reuse(t
     info = json.loads((old / "router.json").read_text())
     (old / "router.json").write_text(json.dumps({**info, "format_version": 2}))
     assert Router.from_pretrained(old).forecast is None
-    assert harmonica.enable(model, Router.from_pretrained(old)).forecast_plan is None
+    assert harmonica.enable(model, Router.from_pretrained(old)).policy.forecast_plan is None
     harmonica.disable(model)
 
     tensors = load_file(str(tmp_path / "new" / "router.safetensors"))

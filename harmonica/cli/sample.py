@@ -297,7 +297,7 @@ def sample_flow(args, spec, context_parallel=None) -> int:
         move_pipeline(vae, device, torch.float32)  # the pipelines keep Wan's VAE in fp32; cheap next to the loop
         with torch.inference_mode():
             save_decoded(task.decode(vae, latents), args.out)
-    schedule = engine.schedule
+    schedule = engine.policy.schedule
     weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
     print(f"model {args.model} ({weights}), sampler {SAMPLER}, {steps} steps, guidance {guidance}, seed {args.seed}, "
           f"{device} {dtype}")
