@@ -278,12 +278,14 @@ class Summary:
     forecast: bool = False  # reused units forecast from their last two computed outputs (two slots per unit)
     context_parallel: str = ""  # e.g. "ulysses=2": cache_bytes are this rank's slots (its shard of the tokens)
     rank: int = 0
+    experts: int = 1  # transformers that take turns by step (Wan 2.2 A14B: 2), each with its engine and slots
 
     def __str__(self) -> str:
         where = f" on rank {self.rank} ({self.context_parallel})" if self.context_parallel else ""
         text = (f"{self.schedule} ({self.sampler or 'sampler not yet seen'}): {self.steps} steps x {self.units} units, "
                 f"CUR {self.cur:.1%}, theoretical speedup {self.theoretical_speedup:.2f}x at "
                 f"{self.counted_at}, cache {_format_bytes(self.cache_bytes)}{where}"
+                f"{f' (its {self.experts} experts together)' if self.experts > 1 else ''}"
                 f"{' (linear forecast: two slots per unit)' if self.forecast else ''}")
         if self.graphs is not None:
             text += (f", {self.graphs} CUDA graphs (pool {_format_bytes(self.graph_pool_bytes)}, static buffers "
@@ -301,7 +303,8 @@ def _format_bytes(size: int) -> str:
 
 def summary(pipe_or_transformer) -> Summary:
     """CUR, theoretical MAC speedup (at the latest generation's resolution, else the model's native
-    one) and cache memory of an enabled pipeline or transformer."""
+    one) and cache memory of an enabled pipeline or transformer. A pipeline whose transformers take turns by step
+    (Wan 2.2 A14B's experts): the memory of all of them, the MACs of the first (the experts share one config)."""
     from .macs import count_macs, count_macs_for_input
 
     state = _state(pipe_or_transformer)
@@ -313,9 +316,11 @@ def summary(pipe_or_transformer) -> Summary:
     else:
         macs, where = count_macs(transformer, cross_attention=engine.cross_attention), "the native size"
     schedule = engine.policy.schedule
+    engines = [_state(expert).engine for expert in state.group] or [engine]
     report = Summary(schedule.name, state.sampler, schedule.num_steps, schedule.num_units, schedule.cur,
-                     schedule.theoretical_speedup(macs), where, engine.cache_bytes(),
-                     modulation_bytes=engine.modulation.nbytes(), forecast=engine.policy.forecast_plan is not None)
+                     schedule.theoretical_speedup(macs), where, sum(e.cache_bytes() for e in engines),
+                     modulation_bytes=sum(e.modulation.nbytes() for e in engines),
+                     forecast=engine.policy.forecast_plan is not None, experts=len(engines))
     config = parallel.context_parallel_config(transformer)
     if config is not None:
         report.context_parallel, report.rank = parallel.describe(config), config._rank

@@ -110,6 +110,10 @@ def test_each_expert_runs_the_rows_of_its_global_steps_and_reuses(schedule):
     try:
         cached = generate(pipe)
         assert torch.equal(generate(pipe), cached)  # a second generation begins both experts again
+        report = harmonica.summary(pipe)  # the slots of both experts
+        held = [expert._harmonica.engine.cache_bytes() for expert in experts]
+        assert report.experts == 2 and report.cache_bytes == sum(held) and min(held) > 0
+        assert "(its 2 experts together)" in str(report)
     finally:
         for hook in hooks:
             hook.remove()
