@@ -28,7 +28,6 @@ import torch
 
 from harmonica.digits import DIGITS_MODELS, PIXEL_RANGE, eval_batch
 from harmonica.files import check_out_file, write_file
-from harmonica.forecast import fit_forecast
 from harmonica.schedule import CacheSchedule
 from harmonica.search import Rollouts, SearchConfig, budget_for_cur, deployment, search_schedule, spread
 from harmonica.training import engine_attached, task_macs
@@ -64,13 +63,13 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
             noise, labels = eval_batch(calibration, seed=200 + seed)
             judge = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps,
                              clip=PIXEL_RANGE)
-            choice, refined, (kept, table, fitted) = deployment(
+            choice, refined, (kept, *_) = deployment(
                 rollouts, tables, judge=judge, rounds=forecast_rounds, candidates=defaults.candidates,
                 unit_cost=macs.unit_macs if equal_macs else None)
             forecasts = dict(choice.forecasts)
             if refined is not None:
-                tables["refined"], forecasts["refined"] = refined.table, fitted if kept == "refined+forecast" \
-                    else fit_forecast(rollouts, refined.table)
+                refined, forecasts["refined"] = refined
+                tables["refined"] = refined.table
         seconds_forecast = time.perf_counter() - started - seconds
         noise, labels = eval_batch(held_out, seed=0)
         test = Rollouts(task, engine, digits.latents(noise), digits.conditions(labels), num_steps, clip=PIXEL_RANGE)

@@ -89,7 +89,6 @@ class Inference(Policy):
         self.forecast_plan = None if forecast is None else ForecastPlan(
             schedule, forecast if fit is None else fit.forecast, fit=fit is not None)
         self.forecast_fit = fit  # while `forecast.fit_forecast` runs: its `ForecastFit`
-        self.slots_per_unit = 1 if forecast is None else 2
         # the current step's rows, as tuples: which units compute, which computed ones write their slot, and the
         # forecast plan's row (slots and coefficients; None without a forecast)
         self.row = self.write_row = self.forecast_row = None
@@ -98,12 +97,19 @@ class Inference(Policy):
     def num_steps(self) -> int:
         return self.schedule.num_steps
 
+    @property
+    def slots_per_unit(self) -> int:
+        return 1 if self.forecast_plan is None else 2
+
+    @property
+    def key(self) -> tuple:
+        return self.row, self.write_row, self.forecast_row
+
     def at(self, step: int) -> None:
         """Steps reach the units only through the rows: what a captured forward is specialised on (steps with equal
         rows share it)."""
         self.row, self.write_row = self.schedule.step_keys[step]
         self.forecast_row = None if self.forecast_plan is None else self.forecast_plan.rows[step]
-        self.key = self.row, self.write_row, self.forecast_row
 
     def computes(self, k: int) -> bool:
         return self.row[k]

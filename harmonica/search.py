@@ -382,18 +382,20 @@ def deployment(rollouts, schedules: dict, *, judge=None, unit_cost=None, rounds:
                log=None, stopped=None, average=None) -> tuple:
     """(choice, refined, kept): what to deploy among `schedules` (name -> (T, K) table, one cost), each with its
     linear forecast fitted on the batch of `rollouts` or without: `choice`, `forecast.choose_forecast`'s (by
-    `judge`'s error where given); then, with `rounds` and a forecast chosen, `refined` (a `SearchResult`, else
-    None), `rounds` rounds of `forecast_search` from the chosen table (MACs held with `unit_cost`), kept where it
-    lowers the calibration error and (with a judge) the judge's. kept: (label, table, forecast or None)."""
+    `judge`'s error where given); then, with `rounds` and a forecast chosen, `refined` ((`SearchResult`, its
+    `Forecast`), else None), `rounds` rounds of `forecast_search` from the chosen table (MACs held with
+    `unit_cost`), kept where it lowers the calibration error and (with a judge) the judge's. kept: (label, table,
+    forecast or None)."""
     from .forecast import choose_forecast
 
     choice = choose_forecast(rollouts, schedules, average=average, judge=judge)
     kept, refined = (choice.label, choice.table, choice.forecast), None
     if rounds and choice.with_forecast:
-        refined, forecast = forecast_search(rollouts, choice.table, unit_cost=unit_cost, rounds=rounds,
-                                            candidates=candidates, log=log, stopped=stopped, average=average)
-        if refined.loss < refined.start_loss and (judge is None or judge.error(refined.table, forecast) < choice.error):
-            kept = ("refined+forecast", refined.table, forecast)
+        refined = forecast_search(rollouts, choice.table, unit_cost=unit_cost, rounds=rounds, candidates=candidates,
+                                  log=log, stopped=stopped, average=average)
+        result, forecast = refined
+        if result.loss < result.start_loss and (judge is None or judge.error(result.table, forecast) < choice.error):
+            kept = ("refined+forecast", result.table, forecast)
     return choice, refined, kept
 
 
@@ -433,7 +435,7 @@ def keep_forecast(task, router, batch: int, seed: int, clip=None, *, macs=None, 
     if not torch.equal(kept, table):
         router = router_from_table(kept, router.info)
     router.set_forecast(forecast)
-    return router, choice, refined, label
+    return router, choice, None if refined is None else refined[0], label
 
 
 # ---- the closing comparison ----
