@@ -1,7 +1,7 @@
 """The engine's outside API (issue 24): no module outside harmonica/engine.py assigns an engine attribute;
 they call `set_off`, `seek`, `swap_slots`, `refuse_contexts` instead; adapter state lives per engine and disable
-restores exactly what enable found; the
-engine tells several listeners (events.py), `graphs.CollectiveLog` among them. Tiny DiT / Wan on CPU."""
+restores exactly what enable found; the engine tells several listeners (events.py), `graphs.CollectiveLog` among
+them. Tiny DiT / Wan on CPU."""
 
 import ast
 import copy
