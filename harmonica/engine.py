@@ -98,9 +98,8 @@ class CacheEngine:
         units = units_of(transformer, cross_attention=cross_attention)
         self.units = [(unit.name, transformer.get_submodule(unit.modules[0])) for unit in units]
         self.unit_index = {name: k for k, (name, _) in enumerate(self.units)}
-        own = {}  # adapter class -> this engine's instance
-        for block in self.blocks:
-            own.setdefault(block.adapter_class, block.adapter_class())
+        # adapter class -> this engine's instance, in the order of the classes' first blocks
+        own = {cls: cls() for cls in dict.fromkeys(block.adapter_class for block in self.blocks)}
         # this engine's adapters, one per block class, each holding its family's state for this model (`setup`) ->
         # the class's blocks in execution order
         self.adapters = {adapter: [block.module for block in self.blocks if block.adapter_class is type(adapter)]
