@@ -17,15 +17,43 @@ ATTRIBUTE = "_harmonica"
 
 
 @dataclass
-class CacheState:
-    """What `enable` attached to a transformer."""
+class Attachment:
+    """What `enable` attached to one transformer (its `_harmonica` attribute), recorded as it attaches; `detach`
+    undoes exactly that: the engine (its block forwards, hooks and adapters), the graph runner it made the
+    transformer's forward, the hook on the scheduler's set_timesteps, the attribute."""
 
     engine: CacheEngine
     router: Router | None
-    scheduler: object | None  # the pipeline's scheduler whose set_timesteps starts generations
-    sampler: str = ""  # the sampler of the latest generation
-    graphs: GraphRunner | None = None
     group: tuple = ()  # the transformers enabled together (a pipeline's experts, this one first); disabled together
+    sampler: str = ""  # the sampler of the latest generation
+    graphs: GraphRunner | None = None  # the graph runner it made the transformer's forward (cuda_graphs)
+    replaced_forward: object = None  # the transformer's own forward attribute the runner replaced (None: the class's)
+    scheduler: object | None = None  # the pipeline's scheduler whose set_timesteps it hooked (starts generations)
+    hook: object = None  # the set_timesteps it set on the scheduler
+    replaced_set_timesteps: object = None  # the scheduler's own set_timesteps attribute it replaced (None: the class's)
+
+    def detach(self) -> None:
+        """Undo what was attached; an attribute since replaced by someone else stays theirs."""
+        transformer = self.engine.transformer
+        if self.scheduler is not None:
+            _restore(self.scheduler, "set_timesteps", self.hook, self.replaced_set_timesteps)
+        if self.graphs is not None:  # before the engine's teardown, which may restore the forward the runner wrapped
+            with parallel.lifted_hooks(transformer):  # diffusers' hooks (context parallelism) stay
+                _restore(transformer, "forward", self.graphs, self.replaced_forward)
+        self.engine.remove()
+        if vars(transformer).get(ATTRIBUTE) is self:
+            delattr(transformer, ATTRIBUTE)
+
+
+def _restore(owner, name: str, ours, replaced) -> None:
+    """`owner.name` back to the instance attribute `replaced` (None: delete, the class's shows again), where it is
+    still `ours`."""
+    if vars(owner).get(name) is not ours:
+        return
+    if replaced is None:
+        delattr(owner, name)
+    else:
+        setattr(owner, name, replaced)
 
 
 def _parts(pipe_or_transformer):
@@ -58,7 +86,7 @@ def _first_step(serves, timesteps: list) -> int:
     return steps[0]
 
 
-def _state(pipe_or_transformer) -> CacheState:
+def _state(pipe_or_transformer) -> Attachment:
     transformer, _ = _parts(pipe_or_transformer)
     state = getattr(transformer, ATTRIBUTE, None)
     if state is None:
@@ -158,54 +186,62 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
                          f"step (a reused unit would forecast from another transformer's steps), got one; pass "
                          f"forecast=False")
     pipe = pipe_or_transformer if scheduler is not None else None
-    group = tuple(expert for expert, _ in experts)
     on_first_step = (lambda: _check_scheduler(pipe, scheduler)) if pipe is not None else None
-    states = []
+    attachments = []
     try:
-        for expert in group:
-            states.append(_attach(expert, schedule, router, scheduler if expert is transformer else None, group,
-                                  on_first_step, cross_attention=cross_attention, fused=fused, forecast=forecast,
-                                  compile=compile, cuda_graphs=cuda_graphs, scheduler_in_graph=scheduler_in_graph))
+        for expert, _ in experts:
+            attachments.append(_attach(expert, schedule, router, scheduler if expert is transformer else None, experts,
+                                       on_first_step, cross_attention=cross_attention, fused=fused, forecast=forecast,
+                                       compile=compile, cuda_graphs=cuda_graphs,
+                                       scheduler_in_graph=scheduler_in_graph))
     except ValueError:
-        for state in states:
-            _detach(state)
+        for attachment in attachments:
+            attachment.detach()
         raise
-    if scheduler is not None:
-        set_timesteps = scheduler.set_timesteps
-
-        @functools.wraps(set_timesteps)  # keeps its signature: diffusers' retrieve_timesteps inspects it
-        def set_timesteps_and_begin(*args, **kwargs):
-            result = set_timesteps(*args, **kwargs)
-            timesteps = scheduler.timesteps.tolist()
-            for expert, serves in experts:
-                begin_generation(expert, type(scheduler).__name__, timesteps, _first_step(serves, timesteps))
-            return result
-
-        scheduler.set_timesteps = set_timesteps_and_begin
-    return states[0].engine
+    return attachments[0].engine
 
 
-def _attach(transformer, schedule, router, scheduler, group, on_first_step, *, cross_attention, fused, forecast,
-            compile, cuda_graphs, scheduler_in_graph) -> CacheState:
-    """One transformer's engine and state (`enable`); scheduler: the one whose set_timesteps `enable` hooks, held
-    by the group's first transformer."""
+def _attach(transformer, schedule, router, scheduler, experts, on_first_step, *, cross_attention, fused, forecast,
+            compile, cuda_graphs, scheduler_in_graph) -> Attachment:
+    """One transformer's engine and what else `enable` attaches to it, as an `Attachment` (on a ValueError,
+    detached before it is raised); scheduler: the one whose set_timesteps starts the generations of every
+    transformer of `experts` ((transformer, serves) of `_experts`), hooked by the first one's."""
     engine = CacheEngine(transformer, schedule, cross_attention=cross_attention, fused=fused, forecast=forecast,
                          on_first_step=on_first_step)
-    state = CacheState(engine, router, scheduler, group=group)
+    attachment = Attachment(engine, router, group=tuple(expert for expert, _ in experts))
     try:
         engine.check_ranks()
+        if compile:
+            engine.compile(compile if isinstance(compile, dict) else {})
+        if cuda_graphs:  # an instance attribute: Module.__call__ and its hooks stay
+            engine.refuse_contexts("cuda_graphs=True")  # a graph replays one set of slots
+            with parallel.lifted_hooks(transformer):  # diffusers' hooks stay outermost
+                attachment.replaced_forward = vars(transformer).get("forward")
+                transformer.forward = attachment.graphs = GraphRunner(engine, transformer.forward,
+                                                                      scheduler_inside=scheduler_in_graph)
+        if scheduler is not None:
+            attachment.scheduler, attachment.replaced_set_timesteps = scheduler, vars(scheduler).get("set_timesteps")
+            scheduler.set_timesteps = attachment.hook = _beginning_generations(scheduler, experts)
     except ValueError:
-        engine.remove()
+        attachment.detach()
         raise
-    if compile:
-        engine.compile(compile if isinstance(compile, dict) else {})
-    if cuda_graphs:  # an instance attribute: Module.__call__ and its hooks stay
-        engine.refuse_contexts("cuda_graphs=True")  # a graph replays one set of slots
-        with parallel.lifted_hooks(transformer):  # diffusers' hooks stay outermost
-            transformer.forward = state.graphs = GraphRunner(engine, transformer.forward,
-                                                             scheduler_inside=scheduler_in_graph)
-    setattr(transformer, ATTRIBUTE, state)
-    return state
+    setattr(transformer, ATTRIBUTE, attachment)
+    return attachment
+
+
+def _beginning_generations(scheduler, experts: list):
+    """`scheduler.set_timesteps` that then begins a generation of each transformer of `experts` at its first step."""
+    set_timesteps = scheduler.set_timesteps
+
+    @functools.wraps(set_timesteps)  # keeps its signature: diffusers' retrieve_timesteps inspects it
+    def set_timesteps_and_begin(*args, **kwargs):
+        result = set_timesteps(*args, **kwargs)
+        timesteps = scheduler.timesteps.tolist()
+        for expert, serves in experts:
+            begin_generation(expert, type(scheduler).__name__, timesteps, _first_step(serves, timesteps))
+        return result
+
+    return set_timesteps_and_begin
 
 
 def _check_scheduler(pipe, hooked) -> None:
@@ -244,20 +280,7 @@ def disable(pipe_or_transformer) -> None:
     """Undo `enable`: original block forwards, no hooks, no compiled code, slots freed (of every transformer it
     enabled together: a pipeline's experts)."""
     for transformer in _state(pipe_or_transformer).group:
-        _detach(getattr(transformer, ATTRIBUTE))
-
-
-def _detach(state: CacheState) -> None:
-    """Undo `_attach` (and the scheduler hook of the state that holds it)."""
-    if state.graphs is not None:  # before the engine's teardown, which may remove the forward the runner wrapped
-        with parallel.lifted_hooks(state.engine.transformer):  # diffusers' hooks (context parallelism) stay
-            del state.engine.transformer.forward  # the graph runner; back to the forward it wrapped
-            if state.engine.transformer.forward != state.graphs.forward:  # it wrapped one an adapter's setup put
-                state.engine.transformer.forward = state.graphs.forward
-    state.engine.remove()
-    if state.scheduler is not None and "set_timesteps" in vars(state.scheduler):
-        del state.scheduler.set_timesteps  # the instance attribute set by enable
-    delattr(state.engine.transformer, ATTRIBUTE)
+        getattr(transformer, ATTRIBUTE).detach()
 
 
 @dataclass

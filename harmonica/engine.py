@@ -1,8 +1,9 @@
 """The cache engine: runs each block of a diffusers transformer with its units computed or reused.
 
-`CacheEngine(transformer, schedule)` replaces the `forward` of every block (restored by `remove`) by its
-block class's adapter's (harmonica/adapters): the block's forward unit by unit, each unit's residual
-update going through `run_unit` and the fused ops:
+`CacheEngine(transformer, schedule)` makes its own instance of the adapter (harmonica/adapters) of each block class
+it finds, whose `setup` keeps the family's state for this model on it (DiT's shared embedding; `remove` tears it
+down), and replaces the `forward` of every block (restored by `remove`) by its adapter's: the block's forward unit
+by unit, each unit's residual update going through `run_unit` and the fused ops:
 - computed unit: `gated_residual_compute` (`h + gate * out`, slot <- out when a later step reads it);
 - reused unit: `gated_residual_reuse` (`h + gate * slot`, the current step's gate); its norm,
   modulation and attention/MLP are skipped; with a linear forecast (forecast.py: two slots per unit, set by
@@ -32,9 +33,9 @@ some blocks skipped.
 Other modules never assign the engine's attributes: they drive it through its methods (`set_schedule`,
 `set_training`, `set_off`, `seek`, `swap_slots`, `begin`, `refuse_contexts`; tests/test_engine_api.py checks it).
 
-Each unit's computation (its norm, shift/scale modulation and attention/MLP) is a function of the
-block, the adapter's `bodies[kind]`; `compile` swaps in torch.compile'd copies. The block is an argument,
-so all blocks of one shape share one compiled graph per unit kind, and the cache decisions (compute or
+Each unit's computation (its norm, shift/scale modulation and attention/MLP) is a function of the block, the adapter
+class's `bodies[kind]` (no adapter instance's state reaches it); `compile` swaps in torch.compile'd copies. The block
+is an argument, so all blocks of one shape share one compiled graph per unit kind, and the cache decisions (compute or
 reuse, slot writes, the fused residual ops) stay in eager Python: no compiled code sees the step or the row.
 """
 
@@ -93,13 +94,16 @@ class CacheEngine:
         self.cross_attention = cross_attention
         self.blocks = blocks_of(transformer)
         for block in self.blocks:
-            block.adapter.check(block.label, block.module)
+            block.adapter_class.check(block.label, block.module)
         units = units_of(transformer, cross_attention=cross_attention)
         self.units = [(unit.name, transformer.get_submodule(unit.modules[0])) for unit in units]
         self.unit_index = {name: k for k, (name, _) in enumerate(self.units)}
-        self.adapters = {}  # adapter -> its blocks in execution order
-        for block in self.blocks:
-            self.adapters.setdefault(block.adapter, []).append(block.module)
+        # adapter class -> this engine's instance, in the order of the classes' first blocks
+        own = {cls: cls() for cls in dict.fromkeys(block.adapter_class for block in self.blocks)}
+        # this engine's adapters, one per block class, each holding its family's state for this model (`setup`) ->
+        # the class's blocks in execution order
+        self.adapters = {adapter: [block.module for block in self.blocks if block.adapter_class is type(adapter)]
+                         for adapter in own.values()}
         self.timesteps = None  # host timesteps of the current generation, when its sampler told them
         self.modulation = ModulationTable()  # DiT: every step's adaLN modulations, per generation
         self.modulation_active = False
@@ -126,14 +130,15 @@ class CacheEngine:
         self.last_sizes = {}  # the latest forward's int arguments (LTX-2's latent grid)
         if schedule is not None:
             self.set_schedule(schedule, forecast)
-        # adapter -> what its `setup` returned: the family's state for this engine (DiT's shared embedding)
-        self.adapter_state = {adapter: adapter.setup(self, blocks) for adapter, blocks in self.adapters.items()}
+        for adapter, blocks in self.adapters.items():
+            adapter.setup(self, blocks)
         self._originals = []
         for block in self.blocks:
-            index = {kind: self.unit_index.get(f"{block.name}.{kind}") for kind in block.adapter.kinds}
+            adapter = own[block.adapter_class]
+            index = {kind: self.unit_index.get(f"{block.name}.{kind}") for kind in adapter.kinds}
             with parallel.lifted_hooks(block.module):  # diffusers' hooks (a cp plan's splits) wrap the new forward
                 self._originals.append(vars(block.module).get("forward"))  # an instance's own; None: the class's
-                block.module.forward = types.MethodType(_block_forward(self, block, index), block.module)
+                block.module.forward = types.MethodType(_block_forward(self, adapter, block, index), block.module)
         self._own_cache_context = vars(transformer).get("cache_context")
         if hasattr(transformer, "cache_context"):  # diffusers' CacheMixin
             transformer.cache_context = self._cache_context(transformer.cache_context)
@@ -237,7 +242,8 @@ class CacheEngine:
         return {adapter.block_class: dict(adapter.bodies) for adapter in self.adapters}
 
     def remove(self) -> None:
-        """Restore every block's forward, drop the hooks, the compiled bodies and free the slots."""
+        """Restore every block's forward, drop the hooks, tear the adapters down (`Adapter.teardown`), drop the compiled
+        bodies and free the slots."""
         for block, own in zip(self.blocks, self._originals):
             with parallel.lifted_hooks(block.module):
                 if own is None:
@@ -248,7 +254,6 @@ class CacheEngine:
             hook.remove()
         for adapter, blocks in self.adapters.items():
             adapter.teardown(self, blocks)
-        self.adapter_state = {}
         for code in self._compiled_codes:
             reset_code(code)
         self.bodies, self._compiled_codes = self._plain_bodies(), []
@@ -434,9 +439,10 @@ def _soft_ref(h, fresh, cache, r, gate=None, *, tau=None):
     return kernels.gated_residual_ref(h, fresh, cache, r, gate, tau)
 
 
-def _block_forward(engine: CacheEngine, block, index: dict):
-    """The forward that replaces `block`'s: its adapter's, unit k of each kind from `index`."""
-    adapter, position = block.adapter, block.position
+def _block_forward(engine: CacheEngine, adapter, block, index: dict):
+    """The forward that replaces `block`'s: `adapter`'s (the engine's instance for its class), unit k of each kind
+    from `index`."""
+    position = block.position
 
     def forward(module, *args, **kwargs):
         return adapter.forward(engine, module, index, position, *args, **kwargs)

@@ -28,7 +28,7 @@ def units_of(transformer, *, cross_attention: bool = True) -> list:
     """
     return [Unit(f"{block.name}.{kind}", kind, block, tuple(f"{block.name}.{m}" for m in modules))
             for block in blocks_of(transformer)
-            for kind, modules in block.adapter.units(block.module, cross_attention=cross_attention)]
+            for kind, modules in block.adapter_class.units(block.module, cross_attention=cross_attention)]
 
 
 def cached_units(transformer, *, cross_attention: bool = True) -> list:

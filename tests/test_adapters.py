@@ -111,8 +111,8 @@ UNITS = 7  # 2 joint blocks x 3 + 1 single block x 1
 
 @pytest.fixture
 def toy():
-    register(ToyJointAdapter())
-    register(ToySingleAdapter())
+    register(ToyJointAdapter)
+    register(ToySingleAdapter)
     yield ToyTransformer()
     del ADAPTERS["ToyJointBlock"], ADAPTERS["ToySingleBlock"]
 
@@ -233,7 +233,7 @@ def test_a_model_without_block_lists_is_refused():
 
 def test_a_block_class_takes_one_adapter(toy):
     with pytest.raises(ValueError, match=r"adapter: expected one per block class, got a second for ToyJointBlock"):
-        register(ToyJointAdapter())
+        register(ToyJointAdapter)
 
 
 def test_compile_takes_each_block_class_bodies_once_per_kind(toy):

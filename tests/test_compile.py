@@ -5,7 +5,7 @@ runner on top, NVTX unit ranges kept, and the real inductor backend."""
 import pytest
 import torch
 from _helpers import make_model, step_inputs, units_of
-from test_engine import dit_state
+from test_engine import dit_adapter
 from test_graphs import eager_run, run
 from test_profiling import record_ranges, tree
 from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
@@ -108,7 +108,7 @@ def test_dit_modulation_table_and_shared_embedding_share_the_compiled_graphs():
     engine = harmonica.enable(model, schedule, compile={"backend": backend})
     assert torch.equal(generation(), eager[0]) and engine.modulation_active
     assert all(torch.equal(a, b) for a, b in zip(eager[1], run(model, 6), strict=True))
-    assert not engine.modulation_active and dit_state(engine).shared_embedding
+    assert not engine.modulation_active and dit_adapter(engine).shared_embedding
     harmonica.disable(model)
     assert len(backend.graphs) == 2
 

@@ -92,9 +92,10 @@ def test_units_run_exactly_as_scheduled(name):
     assert not torch.equal(cached[-1], trajectory(make_model(name))[-1])
 
 
-def dit_state(engine):
-    """The DiT adapter's state for `engine` (adapters/basic.py)."""
-    return engine.adapter_state[ADAPTERS["BasicTransformerBlock"]]
+def dit_adapter(engine):
+    """`engine`'s instance of the DiT adapter (adapters/basic.py), which holds its state for the engine's model."""
+    (adapter,) = [adapter for adapter in engine.adapters if type(adapter) is ADAPTERS["BasicTransformerBlock"]]
+    return adapter
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -105,7 +106,7 @@ def test_dit_embedding_once_per_step_when_every_block_holds_the_same(shared):
             model.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(0.5)
     plain = trajectory(model)
     engine = harmonica.enable(model, CacheSchedule.no_cache(STEPS, units_of(model)))
-    assert dit_state(engine).shared_embedding == shared
+    assert dit_adapter(engine).shared_embedding == shared
     calls = []
     for block in model.transformer_blocks:
         block.norm1.emb.register_forward_hook(lambda *_: calls.append(engine.step))
@@ -127,7 +128,7 @@ def fp64_dit_generation(schedule=None):
     per-step modulations (no table): the reference against which an fp32 path's rounding is measured."""
     model = make_model("tiny-dit").double()
     if schedule is not None:
-        dit_state(harmonica.enable(model, schedule)).shared_embedding = False
+        dit_adapter(harmonica.enable(model, schedule)).shared_embedding = False
     return dit_generation(model)
 
 
@@ -148,7 +149,7 @@ def test_dit_modulations_are_computed_once_per_generation():
     fora = CacheSchedule.fora(6, units_of(model), 2)
     harmonica.enable(model, fora)
     with_table = dit_generation(model)
-    dit_state(model._harmonica.engine).shared_embedding = False  # per-step, per-block modulations
+    dit_adapter(model._harmonica.engine).shared_embedding = False  # per-step, per-block modulations
     assert_matches_reference(with_table, dit_generation(model), fp64_dit_generation(fora), "fora:2 table")
     assert not torch.equal(with_table, plain)
 

@@ -1,8 +1,11 @@
 """The engine's outside API (issue 24): no module outside harmonica/engine.py assigns an engine attribute;
-they call `set_off`, `seek`, `swap_slots`, `refuse_contexts` instead; adapter state lives per enable; the
-engine tells several listeners (events.py), `graphs.CollectiveLog` among them. Tiny DiT / Wan on CPU."""
+they call `set_off`, `seek`, `swap_slots`, `refuse_contexts` instead; adapter state lives per engine and disable
+restores exactly what enable found; the engine tells several listeners (events.py), `graphs.CollectiveLog` among
+them. Tiny DiT / Wan on CPU."""
 
 import ast
+import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 from _helpers import make_model, step_inputs, units_of
 from test_adapters_wan import make_wan
 from test_adapters_wan import step_inputs as wan_inputs
-from test_engine import dit_state
+from test_engine import dit_adapter
 
 import harmonica
 from harmonica import CacheSchedule, events
@@ -162,16 +165,73 @@ def test_refuse_contexts_names_the_reason_at_a_second_context():
         two_contexts(model)
 
 
-def test_adapter_state_is_per_enable_and_dropped_by_disable():
+def test_each_engine_has_its_own_adapters_and_disabling_one_leaves_the_other_caching():
     first, second = make_model("tiny-dit"), make_model("tiny-dit")
     with torch.no_grad():
         second.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(0.5)
+    twin = copy.deepcopy(second)  # enabled afresh below: the second's reference
     engines = [harmonica.enable(model, CacheSchedule.fora(4, units_of(model), 2)) for model in (first, second)]
-    assert [dit_state(engine).shared_embedding for engine in engines] == [True, False]
+    adapters = [dit_adapter(engine) for engine in engines]
+    assert adapters[0] is not adapters[1]
+    assert [adapter.shared_embedding for adapter in adapters] == [True, False]
     forward(first, 0)
-    assert dit_state(engines[0]).embedding.shape == (2, 16) and dit_state(engines[1]).embedding is None
+    assert adapters[0].embedding.shape == (2, 16) and adapters[1].embedding is None
+    forward(second, 0)
     harmonica.disable(first)
-    assert engines[0].adapter_state == {}
+    assert adapters[0].embedding is None and adapters[1].shared_embedding is False
+    harmonica.enable(twin, CacheSchedule.fora(4, units_of(twin), 2))
+    forward(twin, 0)
+    calls = count_unit_calls(second)
+    assert torch.equal(forward(second, 1), forward(twin, 1))  # FORA:2's step 1 reuses every unit's step-0 output
+    assert calls == [] and engines[1].step == 2
+
+
+def module_attributes(model) -> dict:
+    """Per module: its instance attributes, each hook dict copied (its entries, not the dict object)."""
+    return {name: {key: dict(value) if "hook" in key and isinstance(value, dict) else value
+                   for key, value in vars(module).items()} for name, module in model.named_modules()}
+
+
+def attributes(scheduler) -> dict:
+    """The scheduler's instance attributes, tensors as lists (a generation makes new ones of equal values)."""
+    return {key: value.tolist() if isinstance(value, torch.Tensor) else value for key, value in vars(scheduler).items()}
+
+
+class DiTPipe:  # the two attributes enable reads from a pipeline
+    def __init__(self):
+        from diffusers import DDIMScheduler
+
+        self.transformer, self.scheduler = make_model("tiny-dit"), DDIMScheduler()
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs"])
+def test_disable_restores_exactly_the_attributes_enable_found(cuda_graphs):
+    """The user's own scheduler.set_timesteps and transformer.forward (instance attributes set before enable) are
+    back after disable; one set after enable, over harmonica's, stays."""
+    pipe = DiTPipe()
+    model, scheduler = pipe.transformer, pipe.scheduler
+    model.forward = functools.partial(type(model).forward, model)  # e.g. a profiler's wrapper
+    calls = []
+
+    def own(*args, **kwargs):  # e.g. a logging wrapper
+        calls.append(args)
+        return type(scheduler).set_timesteps(scheduler, *args, **kwargs)
+
+    scheduler.set_timesteps = own
+    scheduler.set_timesteps(4)
+    before, scheduler_before = module_attributes(model), attributes(scheduler)
+    engine = harmonica.enable(pipe, CacheSchedule.fora(4, units_of(model), 2), cuda_graphs=cuda_graphs)
+    assert (vars(model)["forward"] is before[""]["forward"]) != cuda_graphs  # the graph runner replaces it
+    engine.step = 3
+    pipe.scheduler.set_timesteps(4)  # the user's, then harmonica begins a generation
+    assert calls == [(4,), (4,)] and engine.step == 0
+    harmonica.disable(pipe)
+    assert module_attributes(model) == before and attributes(scheduler) == scheduler_before
+
+    harmonica.enable(pipe, CacheSchedule.fora(4, units_of(model), 2), cuda_graphs=cuda_graphs)
+    scheduler.set_timesteps = theirs = functools.partial(own)  # set over harmonica's
+    harmonica.disable(pipe)
+    assert vars(scheduler)["set_timesteps"] is theirs and module_attributes(model) == before
 
 
 class Recorder(events.Listener):

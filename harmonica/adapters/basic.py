@@ -3,12 +3,11 @@
 feed-forward `ff`, each feeding the one residual stream.
 
 DiT: every block recomputes the same timestep/class embedding; when every block holds the same
-embedder, block 0 computes it once per step (`DiTState.embedding`, the adapter's state per enable), or
+embedder, block 0 computes it once per step (`embedding`, state of the engine's adapter instance), or
 the per-generation modulation table (modulation.py) replaces it and each block's adaLN linear.
 """
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 
@@ -51,24 +50,18 @@ def _shares_embedding(blocks) -> bool:
     return all(torch.equal(p, reference[name]) for e in embedders[1:] for name, p in e.named_parameters())
 
 
-@dataclass
-class DiTState:
-    """The adapter's state for one engine (`engine.adapter_state[adapter]`)."""
-
-    shared_embedding: bool  # whether block 0's embedding serves every block (`_shares_embedding`)
-    embedding: torch.Tensor | None = None  # the step's timestep/class embedding (B, D), block 0's when shared
-
-
 class BasicBlockAdapter(Adapter):
     block_class = "BasicTransformerBlock"
     kinds = ("attn1", "attn2", "ff")
     bodies = {"attn1": self_attention, "attn2": cross_attention, "ff": feed_forward}
 
-    def units(self, block, *, cross_attention: bool = True) -> list:
+    @classmethod
+    def units(cls, block, *, cross_attention: bool = True) -> list:
         """attn1, attn2 (where the block has one and `cross_attention`), ff: DiT 2 per block, PixArt 3."""
         return [unit for unit in super().units(block) if cross_attention or unit[0] != "attn2"]
 
-    def check(self, name: str, block) -> None:
+    @classmethod
+    def check(cls, name: str, block) -> None:
         problems = []
         if block.norm_type not in SUPPORTED_NORMS:
             problems.append(f"norm_type {block.norm_type!r} (supported: {SUPPORTED_NORMS})")
@@ -83,14 +76,21 @@ class BasicBlockAdapter(Adapter):
         if problems:
             raise ValueError(f"{name}: expected a DiT or PixArt block, got one with " + ", ".join(problems))
 
-    def setup(self, engine, blocks: list) -> DiTState:
-        return DiTState(_shares_embedding(blocks))
+    def __init__(self):
+        self.shared_embedding = False  # whether block 0's embedding serves every block (`_shares_embedding`)
+        self.embedding = None  # the step's timestep/class embedding (B, D), block 0's when shared
+
+    def setup(self, engine, blocks: list) -> None:
+        self.shared_embedding = _shares_embedding(blocks)
+
+    def teardown(self, engine, blocks: list) -> None:
+        self.embedding = None
 
     def precompute(self, engine, blocks: list, hidden, args, kwargs) -> bool:
         """DiT: every step's modulations (modulation.py), when every block shares the embedder and the
         forward passes class labels (the transformer's third argument)."""
         labels = args[2] if len(args) > 2 else kwargs.get("class_labels")
-        if not (engine.adapter_state[self].shared_embedding and isinstance(labels, torch.Tensor)):
+        if not (self.shared_embedding and isinstance(labels, torch.Tensor)):
             return False
         engine.modulation.compute(blocks, engine.timesteps, labels, hidden.dtype)
         return True
@@ -116,13 +116,12 @@ class BasicBlockAdapter(Adapter):
             if engine.modulation_active:
                 emb = engine.modulation.step_buffer[position]
             else:
-                state = engine.adapter_state[self]
-                if not state.shared_embedding:
+                if not self.shared_embedding:
                     emb = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype) if norm1.emb is not None else None
                 elif position == 0:
-                    emb = state.embedding = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype)
+                    emb = self.embedding = norm1.emb(timestep, class_labels, hidden_dtype=h.dtype)
                 else:
-                    emb = state.embedding
+                    emb = self.embedding
                 emb = norm1.linear(norm1.silu(emb))
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
             shift_msa, scale_msa, shift_mlp, scale_mlp = (t[:, None] for t in (shift_msa, scale_msa, shift_mlp,
@@ -140,4 +139,4 @@ class BasicBlockAdapter(Adapter):
         return engine.run_unit(index["ff"], lambda: bodies["ff"](block, h, shift_mlp, scale_mlp), gate_mlp, h)
 
 
-register(BasicBlockAdapter())
+register(BasicBlockAdapter)

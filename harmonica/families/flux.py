@@ -98,7 +98,8 @@ class FluxSingleBlockAdapter(Adapter):
     kinds = ("attn_mlp",)
     bodies = {"attn_mlp": parallel_attention_mlp}
 
-    def units(self, block, *, cross_attention: bool = True) -> list:
+    @classmethod
+    def units(cls, block, *, cross_attention: bool = True) -> list:
         return [("attn_mlp", ("attn", "proj_mlp", "proj_out"))]
 
     def forward(self, engine, block, index, position, hidden_states, encoder_hidden_states, temb,
@@ -114,8 +115,8 @@ class FluxSingleBlockAdapter(Adapter):
         return h[:, :text_tokens], h[:, text_tokens:]
 
 
-adapters.register(FluxBlockAdapter())
-adapters.register(FluxSingleBlockAdapter())
+adapters.register(FluxBlockAdapter)
+adapters.register(FluxSingleBlockAdapter)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:

@@ -87,7 +87,8 @@ class Flux2SingleBlockAdapter(Adapter):
     kinds = ("attn_mlp",)
     bodies = {"attn_mlp": parallel_attention_mlp}
 
-    def units(self, block, *, cross_attention: bool = True) -> list:
+    @classmethod
+    def units(cls, block, *, cross_attention: bool = True) -> list:
         return [("attn_mlp", ("attn",))]
 
     def forward(self, engine, block, index, position, hidden_states, encoder_hidden_states, temb_mod,
@@ -107,8 +108,8 @@ class Flux2SingleBlockAdapter(Adapter):
         return (h[:, :text_seq_len], h[:, text_seq_len:]) if split_hidden_states else h
 
 
-adapters.register(Flux2BlockAdapter())
-adapters.register(Flux2SingleBlockAdapter())
+adapters.register(Flux2BlockAdapter)
+adapters.register(Flux2SingleBlockAdapter)
 
 
 def _pipeline():

@@ -98,12 +98,18 @@ class HunyuanVideo15BlockAdapter(Adapter):
     bodies = {"attn": joint_attention, "ff": image_mlp, "ff_context": text_mlp}
 
     def setup(self, engine, blocks: list) -> None:
+        """The transformer's forward becomes `capturable_forward`."""
         with parallel.lifted_hooks(engine.transformer):  # diffusers' hooks stay outermost
+            self.own_forward = vars(engine.transformer).get("forward")  # the instance's own; None: the class's
             engine.transformer.forward = types.MethodType(capturable_forward, engine.transformer)
 
     def teardown(self, engine, blocks: list) -> None:
         with parallel.lifted_hooks(engine.transformer):
-            del engine.transformer.forward  # back to diffusers'
+            if self.own_forward is None:
+                del engine.transformer.forward  # back to diffusers'
+            else:
+                engine.transformer.forward = self.own_forward
+        self.own_forward = None
 
     def forward(self, engine, block, index, position, hidden_states, encoder_hidden_states, temb,
                 attention_mask=None, freqs_cis=None):
@@ -115,7 +121,7 @@ class HunyuanVideo15BlockAdapter(Adapter):
                                    attention_mask, freqs_cis)
 
 
-adapters.register(HunyuanVideo15BlockAdapter())
+adapters.register(HunyuanVideo15BlockAdapter)
 
 
 class MetaMasks(TorchDispatchMode):

@@ -209,7 +209,7 @@ class LTX2BlockAdapter(Adapter):
         return x, a
 
 
-adapters.register(LTX2BlockAdapter())
+adapters.register(LTX2BlockAdapter)
 
 
 def _pipeline():

@@ -84,21 +84,26 @@ class QwenImageBlockAdapter(Adapter):
     bodies = {"attn": joint_attention, "img_mlp": image_mlp, "txt_mlp": text_mlp}
 
     def setup(self, engine, blocks: list) -> None:
+        """Put `text_lengths` in the transformer's diffusers module, shared by the engines enabled there."""
         module = sys.modules[type(engine.transformer).__module__]
+        self.patched = None  # the module whose text-length function this engine's setup replaced
         if hasattr(module, "compute_text_seq_len_from_mask"):  # the forward looks it up there at each call
             replaced = REPLACED.setdefault(module.__name__, [module.compute_text_seq_len_from_mask, 0])
             replaced[1] += 1
             module.compute_text_seq_len_from_mask = text_lengths
+            self.patched = module
 
     def teardown(self, engine, blocks: list) -> None:
-        module = sys.modules[type(engine.transformer).__module__]
-        replaced = REPLACED.get(module.__name__)
-        if replaced is not None:
+        """diffusers' text-length function back once the last engine that replaced it is removed."""
+        module, self.patched = self.patched, None
+        if module is not None:
+            replaced = REPLACED[module.__name__]
             replaced[1] -= 1
             if replaced[1] == 0:
                 module.compute_text_seq_len_from_mask = REPLACED.pop(module.__name__)[0]
 
-    def check(self, name: str, block) -> None:
+    @classmethod
+    def check(cls, name: str, block) -> None:
         if block.zero_cond_t:
             raise ValueError(f"{name}: expected a Qwen-Image block without zero_cond_t (per-token image "
                              f"modulations), got zero_cond_t=True")
@@ -124,7 +129,7 @@ class QwenImageBlockAdapter(Adapter):
         return _clip_fp16(c), _clip_fp16(x)
 
 
-adapters.register(QwenImageBlockAdapter())
+adapters.register(QwenImageBlockAdapter)
 
 
 class QwenImageTask(FlowTask):

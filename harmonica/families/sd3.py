@@ -61,7 +61,8 @@ class JointBlockAdapter(Adapter):
     kinds = ("attn", "attn2", "ff", "ff_context")
     bodies = {"attn": joint_attention, "attn2": dual_attention, "ff": image_mlp, "ff_context": text_mlp}
 
-    def check(self, name: str, block) -> None:
+    @classmethod
+    def check(cls, name: str, block) -> None:
         if block._chunk_size is not None:
             raise ValueError(f"{name}: expected an SD3 block without feed-forward chunking, got chunk size "
                              f"{block._chunk_size} (enable_forward_chunking)")
@@ -99,7 +100,7 @@ class JointBlockAdapter(Adapter):
         return c, x
 
 
-adapters.register(JointBlockAdapter())
+adapters.register(JointBlockAdapter)
 
 
 class SD3Task(FlowTask):

@@ -66,7 +66,7 @@ class WanBlockAdapter(Adapter):
         return engine.run_unit(index["ffn"], lambda: bodies["ffn"](block, h, c_shift, c_scale), c_gate, h)
 
 
-adapters.register(WanBlockAdapter())
+adapters.register(WanBlockAdapter)
 
 
 class WanTask(FlowTask):

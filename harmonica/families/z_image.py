@@ -61,11 +61,13 @@ class ZImageBlockAdapter(Adapter):
     kinds = ("attention", "feed_forward")
     bodies = {"attention": attention, "feed_forward": feed_forward}
 
-    def units(self, block, *, cross_attention: bool = True) -> list:
+    @classmethod
+    def units(cls, block, *, cross_attention: bool = True) -> list:
         return [("attention", ("attention", "attention_norm1", "attention_norm2")),
                 ("feed_forward", ("feed_forward", "ffn_norm1", "ffn_norm2"))]
 
-    def check(self, name: str, block) -> None:
+    @classmethod
+    def check(cls, name: str, block) -> None:
         if not block.modulation:
             raise ValueError(f"{name}: expected a Z-Image block with adaLN modulation (a main layer), got "
                              f"modulation=False (a context refiner's)")
@@ -84,7 +86,7 @@ class ZImageBlockAdapter(Adapter):
         return engine.run_unit(index["feed_forward"], lambda: bodies["feed_forward"](block, h, scale_mlp), gate_mlp, h)
 
 
-adapters.register(ZImageBlockAdapter())
+adapters.register(ZImageBlockAdapter)
 
 
 def prompt_lengths(mask: torch.Tensor, key: str) -> torch.Tensor:
