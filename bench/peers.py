@@ -158,33 +158,51 @@ class MagCache(DiffusersHooks):
 
 
 class CacheDiT(Peer):
-    """cache-dit's DBCache on the transformer alone; each generation refreshes its context. cache-dit 1.5.3's
-    `disable_cache` leaves its patched forward on the copy (which is dropped after the row)."""
+    """cache-dit's DBCache on the transformer alone, through cache-dit's own adapter for it (or the family's block
+    list and pattern, `Family.cache_dit`); each generation refreshes its context. cache-dit 1.5.3's `disable_cache`
+    leaves its patched forward on the copy (which is dropped after the row)."""
 
     clean_removal = False
 
     def __init__(self, transformer, threshold: float | None):
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
-        from cache_dit import DBCacheConfig
-
-        fields = {"Fn_compute_blocks": min(8, num_blocks(transformer) - 1)}
-        if threshold is not None:
-            fields["residual_diff_threshold"] = threshold
-        self.make_config = lambda steps: DBCacheConfig(**fields, num_inference_steps=steps)
-        self.description = f"DBCacheConfig({', '.join(f'{k}={v}' for k, v in fields.items())}, other fields default)"
+        self.threshold = threshold
         super().__init__(transformer)
 
+    def make_config(self, num_steps: int | None):
+        from cache_dit import DBCacheConfig
+
+        return DBCacheConfig(**self.fields, num_inference_steps=num_steps)
+
     def apply(self) -> None:
+        import cache_dit
+
+        adapter = self.block_adapter()
+        lists = adapter.blocks if isinstance(adapter.blocks, list) else [adapter.blocks]
+        # Fn blocks run in each of cache-dit's block lists: capped so that its longest list has blocks to skip;
+        # the loop makes one forward per step (CFG in one batch), never cache-dit's separate-CFG forwards
+        self.fields = {"Fn_compute_blocks": max(1, min(8, max(map(len, lists)) - 1)), "enable_separate_cfg": False}
+        if self.threshold is not None:
+            self.fields["residual_diff_threshold"] = self.threshold
+        self.description = (f"DBCacheConfig({', '.join(f'{k}={v}' for k, v in self.fields.items())}, other fields "
+                            "default)")
+        cache_dit.enable_cache(adapter, cache_config=self.make_config(None))
+
+    def block_adapter(self):
+        """cache-dit's BlockAdapter of the copy: the family's block list and pattern, else cache-dit's own."""
         import cache_dit
 
         target = self.transformer
         family = FAMILIES.get(type(target).__name__)
         if family is not None and family.cache_dit is not None:
             blocks, pattern = family.cache_dit
-            target = cache_dit.BlockAdapter(transformer=target, blocks=getattr(target, blocks),
-                                            forward_pattern=getattr(cache_dit.ForwardPattern, pattern),
-                                            check_forward_pattern=True)
-        cache_dit.enable_cache(target, cache_config=self.make_config(None))
+            return cache_dit.BlockAdapter(transformer=target, blocks=getattr(target, blocks),
+                                          forward_pattern=getattr(cache_dit.ForwardPattern, pattern),
+                                          check_forward_pattern=True)
+        adapter = cache_dit.BlockAdapterRegister.get_adapter(target)
+        if adapter is None:
+            raise PeerUnavailable(f"dbcache: cache-dit has no adapter for {type(target).__name__}")
+        return adapter
 
     @contextmanager
     def generation(self, num_steps: int):
@@ -205,6 +223,7 @@ def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer
     if config.kind == "dbcache":
         if importlib.util.find_spec("cache_dit") is None:
             raise PeerUnavailable("cache-dit not installed (pip install -e '.[peers]')")
+        stated_skip(transformer, "cache_dit_skip", "dbcache: cache-dit's DBCache")
         return CacheDiT(transformer, float(config.param) if config.param else None)
     try:
         from diffusers.hooks import (
@@ -230,16 +249,20 @@ def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer
                                   "TransformerBlockRegistry)")
         return MagCache(transformer, float(config.param) if config.param else MAGCACHE_THRESHOLD, num_steps)
     if config.kind == "fbcache":
-        family = FAMILIES.get(type(transformer).__name__)
-        if family is not None and family.first_block_cache is not None:
-            raise PeerUnavailable(f"fbcache: diffusers' First Block Cache does not run {family.transformer} "
-                                  f"({family.first_block_cache})")
+        stated_skip(transformer, "first_block_cache", "fbcache: diffusers' First Block Cache")
         threshold = float(config.param) if config.param else FBCACHE_THRESHOLD
         return DiffusersHooks(transformer, apply_first_block_cache, FirstBlockCacheConfig(threshold=threshold))
     interval = int(config.param) if config.param else TAYLORSEER_INTERVAL
     return DiffusersHooks(transformer, apply_taylorseer_cache, TaylorSeerCacheConfig(
         cache_interval=interval, disable_cache_before_step=TAYLORSEER_WARMUP, max_order=1,
         taylor_factors_dtype=transformer.dtype, cache_identifiers=[unit_pattern(transformer)]))
+
+
+def stated_skip(transformer, reason: str, peer: str) -> None:
+    """PeerUnavailable naming `peer` when the transformer's family states why it cannot run it (`Family.<reason>`)."""
+    family = FAMILIES.get(type(transformer).__name__)
+    if family is not None and getattr(family, reason) is not None:
+        raise PeerUnavailable(f"{peer} does not run {family.transformer} ({getattr(family, reason)})")
 
 
 def unregistered_block_classes(transformer) -> set:
