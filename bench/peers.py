@@ -178,10 +178,15 @@ class CacheDiT(Peer):
         import cache_dit
 
         adapter = self.block_adapter()
-        lists = adapter.blocks if isinstance(adapter.blocks, list) else [adapter.blocks]
-        # Fn blocks run in each of cache-dit's block lists: capped so that its longest list has blocks to skip;
-        # the loop makes one forward per step (CFG in one batch), never cache-dit's separate-CFG forwards
-        self.fields = {"Fn_compute_blocks": max(1, min(8, max(map(len, lists)) - 1)), "enable_separate_cfg": False}
+        lengths = [len(blocks) for blocks in (adapter.blocks if isinstance(adapter.blocks, list) else [adapter.blocks])]
+        # the first Fn blocks run in each of cache-dit's block lists (at most its length, cache-dit asserts): capped
+        # so that the longest list has blocks to skip; the loop makes one forward per step (CFG in one batch),
+        # never cache-dit's separate CFG forwards
+        fn = max(1, min(8, max(lengths) - 1, min(lengths)))
+        if fn >= max(lengths):
+            raise PeerUnavailable(f"dbcache: cache-dit's DBCache skips no block of {type(self.transformer).__name__} "
+                                  f"(its block lists of {lengths} blocks each compute their first Fn >= 1)")
+        self.fields = {"Fn_compute_blocks": fn, "enable_separate_cfg": False}
         if self.threshold is not None:
             self.fields["residual_diff_threshold"] = self.threshold
         self.description = (f"DBCacheConfig({', '.join(f'{k}={v}' for k, v in self.fields.items())}, other fields "
