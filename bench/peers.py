@@ -6,11 +6,16 @@
 - `taylorseer[:interval]`: diffusers' TaylorSeer (`apply_taylorseer_cache`, first order) on our units
   (`attn1`, `attn2`, `ff`; its default patterns match no DiT/PixArt module): full steps 0..2, then every
   `interval`-th step (default 2), Taylor-extrapolated outputs in between.
-- `dbcache[:threshold]`: cache-dit's DBCache (`cache_dit.enable_cache(transformer,
-  cache_config=DBCacheConfig(...))`, the optional `peers` extra): its defaults (F8B0, 8 warm-up
-  steps, threshold 0.08) with Fn capped at the block count minus one. SD3/SD3.5, which cache-dit serves
-  only through its StableDiffusion3 pipeline adapter, take that adapter's blocks and forward pattern on
-  the transformer alone (`Family.cache_dit`).
+- `dbcache[:threshold]`: cache-dit's DBCache (`cache_dit.enable_cache(adapter,
+  cache_config=DBCacheConfig(...))`, the optional `peers` extra) through cache-dit's own BlockAdapter for the
+  transformer alone (FLUX, FLUX.2, Wan, Qwen-Image, Z-Image, HunyuanVideo 1.5, ...): its defaults (F8B0, 8 warm-up
+  steps, threshold 0.08). Each of cache-dit's block lists (FLUX.2: joint and single) computes its first Fn blocks:
+  Fn is capped at the longest list's length minus one and at the shortest's length (cache-dit asserts it), and a
+  model with no block past Fn (tiny FLUX.2's 1 + 1 layers) is a skip. Separate CFG forwards are off (cache-dit's
+  adapters turn them on for HunyuanVideo 1.5, Wan, Qwen-Image; the loop makes one forward a step, CFG as one batch).
+  SD3/SD3.5, which cache-dit serves only through its StableDiffusion3 pipeline adapter, take that adapter's blocks
+  and forward pattern (`Family.cache_dit`); a family cache-dit cannot run states why (`Family.cache_dit_skip`:
+  LTX-2, whose cache-dit 1.5.3 forward predates diffusers 0.42's).
 
 - `magcache[:threshold]`: diffusers' MagCache (threshold default 0.06, its default), only through
   `enable_cache`. Its magnitude ratios are checkpoint-dependent: one untimed generation in its calibration
