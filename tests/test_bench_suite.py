@@ -597,6 +597,12 @@ def test_dbcache_stated_skips(name, message):
         make_peer(parse_config("dbcache"), build_transformer(name))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit (the peers extra) not installed")
+def test_dbcache_without_a_cache_dit_adapter_is_a_stated_skip():
+    with pytest.raises(peers.PeerUnavailable, match=r"^dbcache: cache-dit has no adapter for Linear$"):
+        make_peer(parse_config("dbcache"), torch.nn.Linear(2, 2))
+
+
 def test_magcache_calibrates_its_ratios(tiny_flux):
     peer = make_peer(parse_config("magcache"), tiny_flux.pipe.transformer, FLOW_STEPS)
     try:
