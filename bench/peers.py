@@ -6,11 +6,16 @@
 - `taylorseer[:interval]`: diffusers' TaylorSeer (`apply_taylorseer_cache`, first order) on our units
   (`attn1`, `attn2`, `ff`; its default patterns match no DiT/PixArt module): full steps 0..2, then every
   `interval`-th step (default 2), Taylor-extrapolated outputs in between.
-- `dbcache[:threshold]`: cache-dit's DBCache (`cache_dit.enable_cache(transformer,
-  cache_config=DBCacheConfig(...))`, the optional `peers` extra): its defaults (F8B0, 8 warm-up
-  steps, threshold 0.08) with Fn capped at the block count minus one. SD3/SD3.5, which cache-dit serves
-  only through its StableDiffusion3 pipeline adapter, take that adapter's blocks and forward pattern on
-  the transformer alone (`Family.cache_dit`).
+- `dbcache[:threshold]`: cache-dit's DBCache (`cache_dit.enable_cache(adapter,
+  cache_config=DBCacheConfig(...))`, the optional `peers` extra) through cache-dit's own BlockAdapter for the
+  transformer alone (FLUX, FLUX.2, Wan, Qwen-Image, Z-Image, HunyuanVideo 1.5, ...): its defaults (F8B0, 8 warm-up
+  steps, threshold 0.08). Each of cache-dit's block lists (FLUX.2: joint and single) computes its first Fn blocks:
+  Fn is capped at the longest list's length minus one and at the shortest's length (cache-dit asserts it), and a
+  model with no block past Fn (tiny FLUX.2's 1 + 1 layers) is a skip. Separate CFG forwards are off (cache-dit's
+  adapters turn them on for HunyuanVideo 1.5, Wan, Qwen-Image; the loop makes one forward a step, CFG as one batch).
+  SD3/SD3.5, which cache-dit serves only through its StableDiffusion3 pipeline adapter, take that adapter's blocks
+  and forward pattern (`Family.cache_dit`); a family cache-dit cannot run states why (`Family.cache_dit_skip`:
+  LTX-2, whose cache-dit 1.5.3 forward predates diffusers 0.42's).
 
 - `magcache[:threshold]`: diffusers' MagCache (threshold default 0.06, its default), only through
   `enable_cache`. Its magnitude ratios are checkpoint-dependent: one untimed generation in its calibration
@@ -158,33 +163,56 @@ class MagCache(DiffusersHooks):
 
 
 class CacheDiT(Peer):
-    """cache-dit's DBCache on the transformer alone; each generation refreshes its context. cache-dit 1.5.3's
-    `disable_cache` leaves its patched forward on the copy (which is dropped after the row)."""
+    """cache-dit's DBCache on the transformer alone, through cache-dit's own adapter for it (or the family's block
+    list and pattern, `Family.cache_dit`); each generation refreshes its context. cache-dit 1.5.3's `disable_cache`
+    leaves its patched forward on the copy (which is dropped after the row)."""
 
     clean_removal = False
 
     def __init__(self, transformer, threshold: float | None):
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
-        from cache_dit import DBCacheConfig
-
-        fields = {"Fn_compute_blocks": min(8, num_blocks(transformer) - 1)}
-        if threshold is not None:
-            fields["residual_diff_threshold"] = threshold
-        self.make_config = lambda steps: DBCacheConfig(**fields, num_inference_steps=steps)
-        self.description = f"DBCacheConfig({', '.join(f'{k}={v}' for k, v in fields.items())}, other fields default)"
+        self.threshold = threshold
         super().__init__(transformer)
 
+    def make_config(self, num_steps: int | None):
+        from cache_dit import DBCacheConfig
+
+        return DBCacheConfig(**self.fields, num_inference_steps=num_steps)
+
     def apply(self) -> None:
+        import cache_dit
+
+        adapter = self.block_adapter()
+        lengths = [len(blocks) for blocks in (adapter.blocks if isinstance(adapter.blocks, list) else [adapter.blocks])]
+        # the first Fn blocks run in each of cache-dit's block lists (at most its length, cache-dit asserts): capped
+        # so that the longest list has blocks to skip; the loop makes one forward per step (CFG in one batch),
+        # never cache-dit's separate CFG forwards
+        fn = max(1, min(8, max(lengths) - 1, min(lengths)))
+        if fn >= max(lengths):
+            raise PeerUnavailable(f"dbcache: cache-dit's DBCache skips no block of {type(self.transformer).__name__} "
+                                  f"(its block lists of {lengths} blocks each compute their first Fn >= 1)")
+        self.fields = {"Fn_compute_blocks": fn, "enable_separate_cfg": False}
+        if self.threshold is not None:
+            self.fields["residual_diff_threshold"] = self.threshold
+        self.description = (f"DBCacheConfig({', '.join(f'{k}={v}' for k, v in self.fields.items())}, other fields "
+                            "default)")
+        cache_dit.enable_cache(adapter, cache_config=self.make_config(None))
+
+    def block_adapter(self):
+        """cache-dit's BlockAdapter of the copy: the family's block list and pattern, else cache-dit's own."""
         import cache_dit
 
         target = self.transformer
         family = FAMILIES.get(type(target).__name__)
         if family is not None and family.cache_dit is not None:
             blocks, pattern = family.cache_dit
-            target = cache_dit.BlockAdapter(transformer=target, blocks=getattr(target, blocks),
-                                            forward_pattern=getattr(cache_dit.ForwardPattern, pattern),
-                                            check_forward_pattern=True)
-        cache_dit.enable_cache(target, cache_config=self.make_config(None))
+            return cache_dit.BlockAdapter(transformer=target, blocks=getattr(target, blocks),
+                                          forward_pattern=getattr(cache_dit.ForwardPattern, pattern),
+                                          check_forward_pattern=True)
+        adapter = cache_dit.BlockAdapterRegister.get_adapter(target)
+        if adapter is None:
+            raise PeerUnavailable(f"dbcache: cache-dit has no adapter for {type(target).__name__}")
+        return adapter
 
     @contextmanager
     def generation(self, num_steps: int):
@@ -205,6 +233,7 @@ def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer
     if config.kind == "dbcache":
         if importlib.util.find_spec("cache_dit") is None:
             raise PeerUnavailable("cache-dit not installed (pip install -e '.[peers]')")
+        stated_skip(transformer, "cache_dit_skip", "dbcache: cache-dit's DBCache")
         return CacheDiT(transformer, float(config.param) if config.param else None)
     try:
         from diffusers.hooks import (
@@ -230,16 +259,20 @@ def make_peer(config: Config, transformer, num_steps: int | None = None) -> Peer
                                   "TransformerBlockRegistry)")
         return MagCache(transformer, float(config.param) if config.param else MAGCACHE_THRESHOLD, num_steps)
     if config.kind == "fbcache":
-        family = FAMILIES.get(type(transformer).__name__)
-        if family is not None and family.first_block_cache is not None:
-            raise PeerUnavailable(f"fbcache: diffusers' First Block Cache does not run {family.transformer} "
-                                  f"({family.first_block_cache})")
+        stated_skip(transformer, "first_block_cache", "fbcache: diffusers' First Block Cache")
         threshold = float(config.param) if config.param else FBCACHE_THRESHOLD
         return DiffusersHooks(transformer, apply_first_block_cache, FirstBlockCacheConfig(threshold=threshold))
     interval = int(config.param) if config.param else TAYLORSEER_INTERVAL
     return DiffusersHooks(transformer, apply_taylorseer_cache, TaylorSeerCacheConfig(
         cache_interval=interval, disable_cache_before_step=TAYLORSEER_WARMUP, max_order=1,
         taylor_factors_dtype=transformer.dtype, cache_identifiers=[unit_pattern(transformer)]))
+
+
+def stated_skip(transformer, reason: str, peer: str) -> None:
+    """PeerUnavailable naming `peer` when the transformer's family states why it cannot run it (`Family.<reason>`)."""
+    family = FAMILIES.get(type(transformer).__name__)
+    if family is not None and getattr(family, reason) is not None:
+        raise PeerUnavailable(f"{peer} does not run {family.transformer} ({getattr(family, reason)})")
 
 
 def unregistered_block_classes(transformer) -> set:

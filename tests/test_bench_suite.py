@@ -19,7 +19,7 @@ from harmonica.bench.suite import MATRICES, FlowWorkload, SuiteOptions, _skip_re
 from harmonica.bench.timing import spread
 from harmonica.cli import main as cli_main
 from harmonica.macs import count_macs
-from harmonica.models import build_pipeline
+from harmonica.models import build_pipeline, build_transformer, preset
 from harmonica.samplers import dit_ddim_sample
 from harmonica.schedule import CacheSchedule
 
@@ -557,6 +557,52 @@ def test_dbcache_runs_z_image_through_cache_dits_own_adapter(tiny_z_image):
     assert torch.equal(tiny_z_image.loop(None, steps, tiny_z_image.pipe.transformer), reference)  # ran on a copy
 
 
+@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit (the peers extra) not installed")
+@pytest.mark.parametrize("name, layers, skipped", [
+    # its two block lists each run Fn = 1 (the longest list's length - 1): their second blocks are skipped;
+    # the preset's 1 + 1 layers leave no block past Fn to skip
+    ("tiny-flux2", {"num_layers": 2, "num_single_layers": 2}, [3, 4, 5, 7]),
+    # cache-dit's adapter says separate CFG forwards; the loop makes one forward per step
+    ("tiny-hunyuan-video15", {}, [3, 4, 5]),
+], ids=["flux2", "hunyuan-video15"])
+def test_dbcache_runs_through_cache_dits_own_adapter(monkeypatch, name, layers, skipped):
+    """FLUX.2 and HunyuanVideo 1.5 through cache-dit's own adapters: past DBCache's 8 warm-up steps, at a threshold
+    nothing stays under, each block list's blocks after its first are skipped (units by block: FLUX.2's joint
+    blocks attn, ff, ff_context, then its single blocks' attn_mlp; HunyuanVideo 1.5's 3 units per block)."""
+    for key, value in layers.items():
+        monkeypatch.setitem(preset(name).config, key, value)
+    steps = 10
+    workload = FlowWorkload(name, SuiteOptions(models=(name,), device="cpu"))
+    computed, cached, reference = dbcache_run(workload, steps)
+    expected = torch.ones_like(computed)
+    expected[8:, skipped] = False
+    assert torch.equal(computed, expected), computed.int()
+    assert not torch.equal(cached, reference)
+    assert torch.equal(workload.loop(None, steps, workload.pipe.transformer), reference)  # ran on a copy
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit (the peers extra) not installed")
+@pytest.mark.parametrize("name, message", [
+    ("tiny-ltx2", r"^dbcache: cache-dit's DBCache does not run LTX2VideoTransformer3DModel \(cache-dit 1\.5\.3's "
+                  r"LTX-2 adapter swaps the forward .* without this diffusers' `sigma` and `use_cross_timestep` "
+                  r"arguments\)$"),
+    ("tiny-flux2", r"^dbcache: cache-dit's DBCache skips no block of Flux2Transformer2DModel \(its block lists of "
+                   r"\[1, 1\] blocks each compute their first Fn >= 1\)$"),
+], ids=["ltx2", "flux2-1+1-layers"])
+def test_dbcache_stated_skips(name, message):
+    """A row cache-dit cannot cache is a skip with the reason, not a failure or an uncached row: cache-dit 1.5.3's
+    LTX-2 adapter swaps the forward for one without this diffusers' arguments (a TypeError on `sigma`); in tiny FLUX.2's
+    two 1-block lists nothing is past Fn."""
+    with pytest.raises(peers.PeerUnavailable, match=message):
+        make_peer(parse_config("dbcache"), build_transformer(name))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cache_dit") is None, reason="cache-dit (the peers extra) not installed")
+def test_dbcache_without_a_cache_dit_adapter_is_a_stated_skip():
+    with pytest.raises(peers.PeerUnavailable, match=r"^dbcache: cache-dit has no adapter for Linear$"):
+        make_peer(parse_config("dbcache"), torch.nn.Linear(2, 2))
+
+
 def test_magcache_calibrates_its_ratios(tiny_flux):
     peer = make_peer(parse_config("magcache"), tiny_flux.pipe.transformer, FLOW_STEPS)
     try:
@@ -577,8 +623,6 @@ def test_magcache_calibrates_its_ratios(tiny_flux):
 def test_magcache_on_a_block_diffusers_has_not_registered_is_a_stated_skip(name, block):
     """MagCache hooks read each block through diffusers' TransformerBlockRegistry: a transformer whose block class is
     not there is a skip with that reason before any work, not a failed row."""
-    from harmonica.models import build_transformer
-
     transformer = build_transformer(name)
     assert peers.unregistered_block_classes(transformer) == {block}
     with pytest.raises(peers.PeerUnavailable, match=f"^magcache: diffusers' MagCache does not run .* \\(its block "
@@ -623,7 +667,6 @@ def test_real_flow_presets_run_their_pipeline_steps_and_load_hub_transformers(mo
     """flux.1-dev etc. are bench models: their pipeline's default steps (the tiny ones 20), random weights by
     default, the hub transformer with --real-weights (a tiny preset has none: a clear error)."""
     from harmonica.bench import suite
-    from harmonica.models import build_transformer
 
     options = SuiteOptions(models=("flux.1-dev", "tiny-wan"), device="cpu")
     assert options.model_names == ["flux.1-dev", "tiny-wan"]
@@ -646,7 +689,6 @@ def test_real_flow_presets_run_their_pipeline_steps_and_load_hub_transformers(mo
 
 def test_random_weights_are_built_on_the_requested_device():
     """A real-size model is initialised where it runs (seconds on a GPU, not minutes of CPU work)."""
-    from harmonica.models import build_transformer
 
     meta = build_transformer("tiny-flux", device="meta")
     assert {p.device.type for p in meta.parameters()} == {"meta"}
@@ -660,7 +702,6 @@ def test_random_weights_are_built_on_the_requested_device():
 def test_fbcache_on_sd3_is_a_stated_skip():
     """diffusers' First Block Cache raises a TypeError inside its hook on SD3 (the last block returns no text
     stream): the row is skipped with the reason, not failed."""
-    from harmonica.models import build_transformer
 
     with pytest.raises(peers.PeerUnavailable, match="does not run SD3Transformer2DModel"):
         make_peer(parse_config("fbcache"), build_transformer("tiny-sd3"))

@@ -124,6 +124,7 @@ class Family:
         checked against the task's multiple.
     cache_dit: (the transformer's block list, cache-dit ForwardPattern name) for cache-dit's BlockAdapter, where
         cache-dit has no adapter for the transformer alone; None: cache-dit takes the transformer as it is.
+    cache_dit_skip: why cache-dit's DBCache cannot run this transformer, or None when it can.
     first_block_cache: why diffusers' First Block Cache cannot run this transformer, or None when it can.
     blocks: the names of the transformer's ModuleLists whose blocks are cached, in execution order; (): every
         ModuleList child named `*blocks` (`adapters.block_lists`).
@@ -170,6 +171,7 @@ class Family:
     models: dict = field(default_factory=dict)  # name -> FlowModel (hub configs at the native size)
     presets: dict = field(default_factory=dict)  # name -> FlowPreset or ModelPreset (real and tiny)
     cache_dit: tuple | None = None
+    cache_dit_skip: str | None = None
     first_block_cache: str | None = None
     blocks: tuple = ()
     arguments: tuple = ("hidden_states", "timestep", "encoder_hidden_states")

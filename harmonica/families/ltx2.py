@@ -367,5 +367,8 @@ PRESETS = {"ltx-2": FlowPreset.of(MODELS["ltx-2-512x768"], 30, 3.0),
 FAMILY = register(Family("ltx-2", TRANSFORMER, PIPELINE, "AutoencoderKLLTX2Video", LTX2Task, SCHEDULE, encode,
                          example_inputs, MODELS, PRESETS, frame_factor=FRAME_FACTOR, vae_factor=VIDEO_FACTOR,
                          forward_size=forward_size,
+                         cache_dit_skip="cache-dit 1.5.3's LTX-2 adapter swaps the forward for its copy of an "
+                                        "older diffusers' one, without this diffusers' `sigma` and "
+                                        "`use_cross_timestep` arguments",
                          first_block_cache="diffusers' cache hooks have no registration of its two-stream block "
                                            "LTX2VideoTransformerBlock"))
