@@ -55,7 +55,7 @@ from harmonica.models import (
     preset,
 )
 from harmonica.router import Router
-from harmonica.samplers import PIXART_PROMPT_KEYS, TABLE_SAMPLERS, default_steps
+from harmonica.samplers import PIXART_PROMPT_KEYS, TABLE_SAMPLERS
 from harmonica.schedule import CacheSchedule
 
 from .configs import (
@@ -165,9 +165,8 @@ class SuiteOptions:
         if name in FLOW_MODELS:
             return (FLOW_STEPS if name.startswith("tiny-") else FLOW_PRESETS[name].steps,)
         spec = preset(name)
-        native = default_steps(spec.sampler)
         if self.quick or spec.sampler != MATRIX_SAMPLER or name not in REAL_MODELS:
-            return (native,)
+            return (spec.steps,)
         return self.matrix.dit_steps
 
 

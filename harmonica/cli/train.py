@@ -96,14 +96,16 @@ def _train(args) -> int:
     digits = DIGITS_MODELS.get(args.model)
     spec = preset("tiny-dit" if digits is not None else args.model)  # (digits: past every check below)
     family = spec.family
-    experts = getattr(spec, "experts", 1)
+    experts = spec.experts
     if experts > 1 and args.objective != SEARCH:
         raise ValueError(f"--objective: expected {SEARCH} for a two-expert model ({args.model}: its pipeline switches "
                          f"between {experts} transformers by step; SDT and IEPO train one transformer's router), got "
                          f"{args.objective}")
     if family.text_conditional and not args.embeds and (family.loop == PIPELINE_LOOP or not args.random_weights):
         raise ValueError(MISSING_EMBEDS[family.loop].format(model=args.model))
-    default_guidance = digits.guidance if digits else TrainConfig.guidance if spec.guidance is None else spec.guidance
+    # a flow model trains at its pipeline's guidance; DiT and PixArt at TrainConfig's (L2C's), not their sampler's
+    default_guidance = (digits.guidance if digits else spec.guidance if family.loop == FLOW_LOOP else
+                        TrainConfig.guidance)
     guidance = default_guidance if args.guidance is None else args.guidance
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations,
                          batch=args.batch or TrainConfig.batch, lr=args.lr,
