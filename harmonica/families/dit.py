@@ -52,6 +52,18 @@ class DiTTask:
         """The same task sampled with another step count."""
         return DiTTask(self.transformer, num_steps, self.guidance)
 
+    def experts(self) -> list:
+        """[(transformer, first step)]: its one transformer runs every step."""
+        return [(self.transformer, 0)]
+
+    def macs(self):
+        """The `macs.MacCount` of one forward at the latents' size (PixArt's at `count_macs`' default caption
+        tokens)."""
+        from ..macs import VAE_FACTOR, count_macs
+
+        size = self.latent_shape[-1] * VAE_FACTOR
+        return count_macs(self.transformer, size, size)
+
     def begin(self):
         return None  # DDIM keeps no state between steps
 

@@ -68,6 +68,7 @@ class PixArtTask:
     output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
     text_dim = "caption_channels"  # config key of the text embeddings' width
     patch = staticmethod(DiTTask.patch)
+    experts, macs = DiTTask.experts, DiTTask.macs
 
     def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
@@ -77,6 +78,10 @@ class PixArtTask:
         cfg = transformer.config
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.embeddings = embeddings
+
+    def with_steps(self, num_steps: int) -> "PixArtTask":
+        """The same task sampled with another step count."""
+        return PixArtTask(self.transformer, self.begin(), self.embeddings, num_steps, self.guidance)
 
     def conditions(self, batch: int, generator: torch.Generator) -> dict:
         count = self.embeddings["prompt_embeds"].shape[0]
