@@ -201,7 +201,7 @@ def model_macs(name: str, transformer=None):
     """`count_macs` of a preset at its size: its height, width, frames and prompt tokens."""
     spec = preset(name)
     return count_macs(transformer if transformer is not None else name, spec.height, spec.width,
-                      caption_tokens=spec.text_tokens, frames=spec.frames)
+                      text_tokens=spec.text_tokens, frames=spec.frames)
 
 
 class Workload:

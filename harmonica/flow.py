@@ -122,7 +122,7 @@ class FlowTask:
         from .macs import count_macs
 
         tokens = self.embeddings[self.prompt_keys[0]].shape[1]
-        return count_macs(self.transformer, self.height, self.width, caption_tokens=tokens, frames=self.frames)
+        return count_macs(self.transformer, self.height, self.width, text_tokens=tokens, frames=self.frames)
 
     # ---- conditions ----
 

@@ -2,8 +2,8 @@
 flow-matching models (every family's hub configs and presets, `FLOW_MODELS` and `FLOW_PRESETS`) and tiny random
 models for tests and CPU runs.
 
-A preset gives the transformer config, its native size, the hub id of its pipeline, the pipeline class and the
-sampler defaults. `build_pipeline` loads the weights or, with `random_weights`, builds every part from its
+A preset (`families.Preset`) gives the transformer config, its native size, the hub id of its pipeline, the
+pipeline class and the sampler defaults. `build_pipeline` loads the weights or, with `random_weights`, builds every part from its
 config (no network): random weights make the same computation, so timing and caching behave alike.
 """
 

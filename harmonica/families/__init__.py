@@ -6,9 +6,11 @@ subclass, how its pipeline sets the scheduler's timesteps, how its pipeline enco
 forward (MAC counting), its hub models and presets, its VAE class and the peers' patterns for it. `dit.py` and
 `pixart.py` hold the same for DiT and PixArt, whose diffusers pipeline harmonica runs whole (`Family.loop`
 "pipeline": text encoder, its samplers, VAE decode): their presets, training task, MAC example inputs, prompt encoder,
-sampler swap and one generation. Each module ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers
-transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, `images`, the
-CLI, bench, profiling) asks `family_of` or a preset's `family` and never names a family's class.
+sampler swap and one generation. Every family's presets are `Preset`s (DiT's and PixArt's name their default sampler,
+whose steps and guidance are theirs); every training task is a `task.Task`. Each module ends with
+`FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer class name to its `Family`; generic code
+(`flow`, `solvers`, `prompts`, `macs`, `models`, `images`, the CLI, bench, profiling) asks `family_of` or a preset's
+`family` and never names a family's class.
 
 Adding a family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom of this
 file, plus its tests (tests/test_families.py checks that no other source file names its classes).
@@ -132,7 +134,7 @@ class Family:
         generation of the benchmark's fixed class or prompt at the default guidance (bench.suite).
     random_prompt: (preset name, generator, device, dtype) -> the pipeline's prompt kwargs for random prompt
         embeddings (random weights have no text encoder); None: no prompt.
-    train_task: (pipe, sampler, prompt embeddings or None, steps, guidance) -> its training task.
+    train_task: (pipe, sampler, prompt embeddings or None, steps, guidance) -> its training `task.Task`.
     read_embeddings: (path, transformer config) -> the prompt bank of a --embeds file; None: no prompts.
     enable_pipeline: whether `enable` takes the pipeline (its scheduler's set_timesteps starts each generation)
         rather than the transformer (harmonica's own loop, `samplers.dit_ddim_sample`, starts them).
@@ -142,7 +144,8 @@ class Family:
     transformer: str  # diffusers transformer class name (the key of `FAMILIES`)
     pipeline: str  # diffusers pipeline class whose loop the task is
     vae: str  # diffusers VAE class of its pipelines
-    task: type  # its training task: a flow.FlowTask subclass, DiTTask, PixArtTask (`patch(cfg)`, `text_dim` for MACs)
+    task: type  # its training task class (a `task.Task`): a flow.FlowTask subclass, DiTTask, PixArtTask (`patch(cfg)`,
+    # `text_dim` for MACs)
     scheduler: FlowMatchSchedule | None
     encode: Callable | None
     example_inputs: Callable
