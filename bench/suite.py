@@ -162,9 +162,9 @@ class SuiteOptions:
     def steps_for(self, name: str) -> tuple:
         if self.steps is not None:
             return tuple(self.steps)
-        if name in FLOW_MODELS:
-            return (FLOW_STEPS if name.startswith("tiny-") else FLOW_PRESETS[name].steps,)
-        spec = preset(name)
+        if name in FLOW_MODELS and name.startswith("tiny-"):
+            return (FLOW_STEPS,)
+        spec = preset(name)  # (a flow preset has no sampler: its own steps)
         if self.quick or spec.sampler != MATRIX_SAMPLER or name not in REAL_MODELS:
             return (spec.steps,)
         return self.matrix.dit_steps

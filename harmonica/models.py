@@ -3,8 +3,8 @@ flow-matching models (every family's hub configs and presets, `FLOW_MODELS` and 
 models for tests and CPU runs.
 
 A preset (`families.Preset`) gives the transformer config, its native size, the hub id of its pipeline, the
-pipeline class and the sampler defaults. `build_pipeline` loads the weights or, with `random_weights`, builds every part from its
-config (no network): random weights make the same computation, so timing and caching behave alike.
+pipeline class and the sampler defaults. `build_pipeline` loads the weights or, with `random_weights`, builds every
+part from its config (no network): random weights make the same computation, so timing and caching behave alike.
 """
 
 import contextlib
