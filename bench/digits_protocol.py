@@ -85,7 +85,6 @@ from harmonica.training import (
     alone,
     engine_attached,
     stop_signals,
-    task_macs,
 )
 from harmonica.units import cached_units
 
@@ -267,7 +266,7 @@ class Evaluator:
         self.digits, self.classifier = DIGITS_MODELS[config.model](), load_classifier()
         self.model, self.guidance = self.digits.transformer, self.digits.guidance
         self.noise, self.labels = eval_batch(config.samples, seed=EVAL_SEED)
-        self.macs = task_macs(self.digits.task(config.steps, self.guidance))
+        self.macs = self.digits.task(config.steps, self.guidance).macs()
         self.unit_names = list(self.macs.names)
         self.reference, self.base_seconds = self.timed(None, config.steps)
         with torch.no_grad():

@@ -30,8 +30,8 @@ def mac_table(presets=REAL_MODELS) -> list:
         patch = VAE_FACTOR * 2  # every preset has patch size 2
         rows.append({
             "model": name,
-            "resolution": spec.resolution,
-            "tokens": (spec.resolution // patch) ** 2,
+            "resolution": spec.height,
+            "tokens": (spec.height // patch) * (spec.width // patch),
             "units": len(count.names),
             "gmacs": count.total / 1e9,
             **{f"{kind}_share": kinds.get(kind, 0.0) / count.total for kind in ("attn1", "attn2", "ff")},

@@ -84,8 +84,7 @@ def decode_macs(name: str) -> float:
         return 0.0
     with torch.device("meta"):
         vae = getattr(diffusers, spec.family.vae)(**spec.vae)
-        side = spec.resolution // VAE_FACTOR
-        latents = torch.empty(1, vae.config.latent_channels, side, side)
+        latents = torch.empty(1, vae.config.latent_channels, spec.height // VAE_FACTOR, spec.width // VAE_FACTOR)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         vae.decode(latents)

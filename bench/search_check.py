@@ -30,7 +30,7 @@ from harmonica.digits import DIGITS_MODELS, PIXEL_RANGE, eval_batch
 from harmonica.files import check_out_file, write_file
 from harmonica.schedule import CacheSchedule
 from harmonica.search import Rollouts, SearchConfig, budget_for_cur, deployment, search_schedule, spread
-from harmonica.training import engine_attached, task_macs
+from harmonica.training import engine_attached
 
 from .machine import machine_info
 
@@ -45,7 +45,7 @@ def check(num_steps: int, seed: int, calibration: int = 64, held_out: int = 200,
           forecast_rounds: int = SearchConfig.forecast_rounds) -> dict:
     digits = DIGITS_MODELS[model]()
     task = digits.task(num_steps, digits.guidance)
-    macs = task_macs(task)
+    macs = task.macs()
     defaults = SearchConfig()
     with engine_attached(digits.transformer) as engine:
         units = len(engine.units)

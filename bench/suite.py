@@ -55,7 +55,7 @@ from harmonica.models import (
     preset,
 )
 from harmonica.router import Router
-from harmonica.samplers import PIXART_PROMPT_KEYS, TABLE_SAMPLERS, default_steps
+from harmonica.samplers import PIXART_PROMPT_KEYS, TABLE_SAMPLERS
 from harmonica.schedule import CacheSchedule
 
 from .configs import (
@@ -162,12 +162,11 @@ class SuiteOptions:
     def steps_for(self, name: str) -> tuple:
         if self.steps is not None:
             return tuple(self.steps)
-        if name in FLOW_MODELS:
-            return (FLOW_STEPS if name.startswith("tiny-") else FLOW_PRESETS[name].steps,)
-        spec = preset(name)
-        native = default_steps(spec.sampler)
+        if name in FLOW_MODELS and name.startswith("tiny-"):
+            return (FLOW_STEPS,)
+        spec = preset(name)  # (a flow preset has no sampler: its own steps)
         if self.quick or spec.sampler != MATRIX_SAMPLER or name not in REAL_MODELS:
-            return (native,)
+            return (spec.steps,)
         return self.matrix.dit_steps
 
 
@@ -202,7 +201,7 @@ def model_macs(name: str, transformer=None):
     """`count_macs` of a preset at its size: its height, width, frames and prompt tokens."""
     spec = preset(name)
     return count_macs(transformer if transformer is not None else name, spec.height, spec.width,
-                      caption_tokens=spec.text_tokens, frames=spec.frames)
+                      text_tokens=spec.text_tokens, frames=spec.frames)
 
 
 class Workload:

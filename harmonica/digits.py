@@ -268,7 +268,6 @@ def class_comparison(model, cache, num_steps: int, guidance: float, seed: int = 
     (`eval_batch(10, seed)`) sampled uncached and with `cache` (a Router or CacheSchedule; `enable_options`
     go to `harmonica.enable`), on the transformer's device."""
     from .api import disable, enable
-    from .training import task_macs
 
     device = model.transformer.device
     noise, labels = eval_batch(NUM_CLASSES, seed=seed)
@@ -282,7 +281,7 @@ def class_comparison(model, cache, num_steps: int, guidance: float, seed: int = 
             disable(model.transformer)
     schedule, task = engine.policy.schedule, model.task(num_steps, guidance)
     caption = (f"{model.name}, {task.sampler} {num_steps} steps, seed {seed}: top uncached, bottom {schedule.name}; "
-               f"CUR {schedule.cur:.1%}, {schedule.theoretical_speedup(task_macs(task)):.2f}x (MACs), PSNR "
+               f"CUR {schedule.cur:.1%}, {schedule.theoretical_speedup(task.macs()):.2f}x (MACs), PSNR "
                f"{psnr(cached, reference):.2f} dB (under each class: its pair's)")
     notes = [f"{label}: {psnr(c[None], r[None]):.1f}" for label, c, r in zip(labels.tolist(), cached, reference)]
     return comparison_grid(reference, cached, notes, caption), caption

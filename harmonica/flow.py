@@ -3,9 +3,8 @@
 A `FlowTask` is one model family's denoising loop as its diffusers 0.42 pipeline runs it, with the
 pipeline's `FlowMatchEulerDiscreteScheduler` as a coefficient table (`solvers.py`), so that the step
 is the fused `solver_step`: the latent shape for a size, the prompt conditions, each step's transformer
-arguments, classifier-free guidance on the velocity and the step. It has the interface `RouterTrainer`
-drives (`latent_shape`, `conditions`, `begin`, `model_kwargs`, `update`, `combined`, `sampler`,
-`timesteps`), and `flow_sample` runs it through `SolverLoop` for inference.
+arguments, classifier-free guidance on the velocity and the step. It is a `task.Task` (what `RouterTrainer`
+and the search drive), and `flow_sample` runs it through `SolverLoop` for inference.
 
 Each family's task (its model inputs per step, packing, guidance and decode) lives in its module of
 `harmonica/families`; CFG batches are [unconditional, conditional], guidance on every channel of the velocity,
@@ -123,7 +122,7 @@ class FlowTask:
         from .macs import count_macs
 
         tokens = self.embeddings[self.prompt_keys[0]].shape[1]
-        return count_macs(self.transformer, self.height, self.width, caption_tokens=tokens, frames=self.frames)
+        return count_macs(self.transformer, self.height, self.width, text_tokens=tokens, frames=self.frames)
 
     # ---- conditions ----
 

@@ -94,13 +94,13 @@ def _spec(model):
 
 
 def count_macs(model, height: int | None = None, width: int | None = None, *, batch: int = 1,
-               caption_tokens: int | None = None, frames: int | None = None,
+               text_tokens: int | None = None, frames: int | None = None,
                cross_attention: bool = True) -> MacCount:
     """MACs per image (video) per forward, per unit and for the always-run rest.
 
     model: a preset name (PRESETS, FLOW_PRESETS or FLOW_MODELS) or a diffusers transformer (only its config is used).
     height, width: pixels (default: the preset's size, or the config's sample_size x 8).
-    caption_tokens: text tokens (default: the preset's, else 120); frames: a video model's (default the preset's).
+    text_tokens: text tokens (default: the preset's, else 120); frames: a video model's (default the preset's).
     cross_attention: whether PixArt's `attn2` is a unit of its own (else it counts as always-run).
     """
     class_name, config, default_height, default_width, tokens, default_frames = _spec(model)
@@ -109,7 +109,7 @@ def count_macs(model, height: int | None = None, width: int | None = None, *, ba
     if height is None:
         raise ValueError(f"height: expected pixels for a {class_name} (its config has no sample_size), got None")
     meta_model = _meta_transformer(class_name, config)
-    inputs = _example_inputs(meta_model, batch, height, width, tokens if caption_tokens is None else caption_tokens,
+    inputs = _example_inputs(meta_model, batch, height, width, tokens if text_tokens is None else text_tokens,
                              frames or default_frames)
     counter = FlopCounterMode(display=False, depth=None)
     family = FAMILIES.get(class_name)
@@ -134,16 +134,16 @@ def count_macs_for_input(model, hidden_shape: tuple, text_tokens: int | None = N
     family = FAMILIES.get(type(model).__name__)
     if family is not None and family.forward_size is not None:
         height, width, frames = family.forward_size(model.config, sizes or {})
-        return count_macs(model, height, width, caption_tokens=text_tokens, frames=frames,
+        return count_macs(model, height, width, text_tokens=text_tokens, frames=frames,
                           cross_attention=cross_attention), f"{height}x{width}x{frames}"
     if len(hidden_shape) == 3:
         tokens = hidden_shape[1]
         side = VAE_FACTOR * PATCH
-        return count_macs(model, side, side * tokens, caption_tokens=text_tokens,
+        return count_macs(model, side, side * tokens, text_tokens=text_tokens,
                           cross_attention=cross_attention), f"{tokens} image tokens"
     family = FAMILIES.get(_spec(model)[0])
     height, width = (size * (VAE_FACTOR if family is None else family.vae_factor) for size in hidden_shape[-2:])
     frames = family_of(model).video_frames(hidden_shape[2]) if len(hidden_shape) == 5 else None
     where = f"{height}x{width}" + (f"x{frames}" if frames else "")
-    return count_macs(model, height, width, caption_tokens=text_tokens, frames=frames,
+    return count_macs(model, height, width, text_tokens=text_tokens, frames=frames,
                       cross_attention=cross_attention), where

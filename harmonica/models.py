@@ -2,9 +2,9 @@
 flow-matching models (every family's hub configs and presets, `FLOW_MODELS` and `FLOW_PRESETS`) and tiny random
 models for tests and CPU runs.
 
-A preset gives the transformer config, its native size, the hub id of its pipeline, the pipeline class and the
-sampler defaults. `build_pipeline` loads the weights or, with `random_weights`, builds every part from its
-config (no network): random weights make the same computation, so timing and caching behave alike.
+A preset (`families.Preset`) gives the transformer config, its native size, the hub id of its pipeline, the
+pipeline class and the sampler defaults. `build_pipeline` loads the weights or, with `random_weights`, builds every
+part from its config (no network): random weights make the same computation, so timing and caching behave alike.
 """
 
 import contextlib
@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from .families import FAMILIES, FLOW_LOOP, PIPELINE_LOOP, FlowPreset, ModelPreset, family_of
+from .families import FAMILIES, FLOW_LOOP, PIPELINE_LOOP, Preset, family_of
 
 
 def _presets(loop: str) -> dict:
@@ -28,7 +28,7 @@ FLOW_PRESETS = _presets(FLOW_LOOP)
 FLOW_MODELS = {name: model for family in FAMILIES.values() for name, model in family.models.items()}
 
 
-def preset(name: str) -> ModelPreset | FlowPreset:
+def preset(name: str) -> Preset:
     if name not in PRESETS and name not in FLOW_PRESETS:
         raise ValueError(f"model: expected one of {sorted({*PRESETS, *FLOW_PRESETS})}, got {name!r}")
     return PRESETS.get(name) or FLOW_PRESETS[name]
@@ -53,7 +53,7 @@ def load_transformer(name: str, *, weights: str | None = None, random_weights: b
     built on `device`. A preset of several experts (Wan 2.2 A14B) is refused: harmonica's own sampler, bench and
     profiling run one transformer (`load_experts` loads them all)."""
     spec = preset(name)
-    if getattr(spec, "experts", 1) > 1:
+    if spec.experts > 1:
         raise ValueError(f"model: expected one transformer, got {name}, whose pipeline switches between "
                          f"{spec.experts} by step (harmonica's sampler, bench and profiling run one); cache "
                          f"its diffusers pipeline with harmonica.enable(pipe, ...)")
@@ -62,13 +62,13 @@ def load_transformer(name: str, *, weights: str | None = None, random_weights: b
 
 def load_experts(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0,
                  device=None) -> list:
-    """A flow preset's transformers that take turns by step, in order (`FlowPreset.experts`; one for most): from the
+    """A flow preset's transformers that take turns by step, in order (`Preset.experts`; one for most): from the
     `transformer`, `transformer_2`, ... folders of `weights` (hub id or path; default the preset's hub id), or with
     `random_weights` from its config, the i-th seeded `seed + i`, built on `device`."""
     import diffusers
 
     spec = preset(name)
-    count = getattr(spec, "experts", 1)
+    count = spec.experts
     if random_weights:
         return [build_transformer(name, seed=seed + i, device=device) for i in range(count)]
     model_class = getattr(diffusers, spec.class_name)
@@ -156,4 +156,4 @@ def random_prompt_embeds(name: str, batch: int, generator: torch.Generator) -> t
     """(batch, caption tokens, caption channels) N(0, 1) prompt embeddings for a random PixArt."""
     spec = preset(name)
     channels = spec.config.get("caption_channels", 4096)
-    return torch.randn(batch, spec.caption_tokens, channels, generator=generator)
+    return torch.randn(batch, spec.text_tokens, channels, generator=generator)

@@ -51,10 +51,6 @@ def check_steps(sampler: str, steps: int, option: str = "--steps") -> None:
         raise ValueError(f"{option}: expected {low} to {high} for the sampler {sampler}, got {steps}")
 
 
-def default_steps(sampler: str) -> int:
-    return {**PIXART_SAMPLERS, **DIT_SAMPLERS}[sampler][1]
-
-
 def use_pixart_sampler(pipe, sampler: str):
     """Swap the pipeline's scheduler for `sampler` (keeping its config); returns the new scheduler."""
     import diffusers

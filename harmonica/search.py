@@ -29,6 +29,7 @@ import torch
 from .parallel import EVAL_CHUNK, sharded
 from .router import LOGIT_BOUND, Router, RouterInfo
 from .schedule import CacheSchedule
+from .task import Task
 
 
 def budget_for_cur(cur: float, num_steps: int, num_units: int) -> int:
@@ -197,19 +198,13 @@ class ExpertEngines:
         self.transformer = engine.transformer
 
 
-def task_experts(task) -> list:
-    """[(transformer, first step)]: the task's transformers that take turns by step (`task.experts()`, Wan 2.2 A14B's
-    two), or its one transformer from step 0."""
-    return task.experts() if hasattr(task, "experts") else [(task.transformer, 0)]
-
-
 @contextlib.contextmanager
-def task_engine(task):
+def task_engine(task: Task):
     """A training `CacheEngine` on the task's transformer (`training.engine_attached`), or `ExpertEngines` of one on
     each of its experts (`task.experts()`, where it has several)."""
     from .training import engine_attached
 
-    experts = task_experts(task)
+    experts = task.experts()
     with contextlib.ExitStack() as stack:
         engines = [stack.enter_context(engine_attached(transformer)) for transformer, _ in experts]
         yield engines[0] if len(engines) == 1 else ExpertEngines(engines, [first for _, first in experts])
@@ -219,14 +214,14 @@ class Rollouts:
     """Final samples of a fixed batch under static schedules, on a transformer attached to `engine`
     (a training `CacheEngine`, which runs them in its inference mode: reused units are skipped).
 
-    task: a training task (`begin`, `model_kwargs`, `update`; DiTTask, PixArtTask, the flow tasks).
+    task: a training `Task` (DiTTask, PixArtTask, the flow tasks).
     noise (B, *latent) and cond: the batch. clip: (low, high) the samples are clipped to before they
     are compared (a pixel-space model's image range), or None (latents).
     The states before every step of a base schedule are kept, so a table that first differs from it at
     row d samples steps d .. T-1 only (`loss`). Slots of the base run are written at every computed unit,
     so any row d can start from them."""
 
-    def __init__(self, task, engine, noise, cond, num_steps: int, *, clip=None, average=None):
+    def __init__(self, task: Task, engine, noise, cond, num_steps: int, *, clip=None, average=None):
         self.task, self.engine, self.cond, self.num_steps, self.clip = task, engine, cond, num_steps, clip
         self.average = average or (lambda value: value)  # across ranks (DDP)
         self.device = next(task.transformer.parameters()).device
@@ -312,14 +307,14 @@ class SearchConfig:
     clip: tuple | None = None  # (low, high) of a pixel-space model's images (digits-dit: (-1, 1)); None: latents
 
 
-def calibration_batch(task, count: int, seed: int, rank: int = 0) -> tuple:
+def calibration_batch(task: Task, count: int, seed: int, rank: int = 0) -> tuple:
     """(noise (count, *latent), conditions) drawn from a generator of `seed` and `rank`."""
     generator = torch.Generator().manual_seed(seed * 7919 + 1 + rank)
     noise = torch.randn(count, *task.latent_shape, generator=generator)
     return noise, task.conditions(count, generator)
 
 
-def search_router(task, config: SearchConfig, out_dir, macs, *, stopped=None, log=None):
+def search_router(task: Task, config: SearchConfig, out_dir, macs, *, stopped=None, log=None):
     """Search the schedule of `config.target_cur` for `task` on a calibration batch and save it as a router
     to `out_dir/router` (marked partial when `stopped()` ended the search early). Returns (router, result).
     macs: the task's `MacCount`. The cost is equal, in cells and in MACs: the cells are those of
@@ -336,7 +331,7 @@ def search_router(task, config: SearchConfig, out_dir, macs, *, stopped=None, lo
     info = RouterInfo.for_model(transformer, sampler=task.sampler, timesteps=list(task.timesteps), tau=config.tau)
     noise, cond = calibration_batch(task, config.batch, config.seed, rank)
     # row 0 and each later expert's first step compute every unit (no slot holds that transformer's outputs yet)
-    computing = tuple(first for _, first in task_experts(task))
+    computing = tuple(first for _, first in task.experts())
     with task_engine(task) as engine:
         num_units = len(engine.units)
         budget = budget_for_cur(config.target_cur, config.num_steps, num_units)
@@ -402,7 +397,7 @@ def deployment(rollouts, schedules: dict, *, judge=None, unit_cost=None, rounds:
 SELECTION_RANK = 2_000_003  # + rank: the generator of `keep_forecast`'s selection noises (no training rank's)
 
 
-def keep_forecast(task, router, batch: int, seed: int, clip=None, *, macs=None, rounds: int = 0,
+def keep_forecast(task: Task, router, batch: int, seed: int, clip=None, *, macs=None, rounds: int = 0,
                   candidates: int = 24, selection: int | None = None, log=None, stopped=None) -> tuple:
     """(router, `forecast.ForecastChoice`, refined, kept label): the router's schedule and its equal-cost start,
     each fitted with a linear forecast on the calibration batch (`batch` noises of `seed`, this rank's), kept with
@@ -453,7 +448,7 @@ def equal_cost_start(num_steps: int, num_units: int, cells: int, computing: tupl
 def static_rivals(num_steps: int, unit_names: list, table: torch.Tensor, computing: tuple = (0,)) -> list:
     """The static schedules a learned `table` is held against: the equal-cost start (FORA:n where the budget
     is whole rows), FORA:2 .. FORA:4, Δ-DiT (b = T/2, n = 2). Every rival computes the rows `computing` (each
-    expert's first step, `task_experts`): one that would reuse in row r has it computed, at its cost, and is
+    expert's first step, `Task.experts`): one that would reuse in row r has it computed, at its cost, and is
     named `<name>+row<r>`. Names unique, no duplicates."""
     num_units = len(unit_names)
     rivals = [equal_cost_start(num_steps, num_units, int(table.sum()), computing)]
@@ -481,25 +476,25 @@ class Row:
     learned: bool = False
 
 
-def compare(task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, fewer_steps=True,
+def compare(task: Task, engine, table: torch.Tensor, macs, noise, cond, *, clip=None, fewer_steps=True,
             name: str = "learned", chunk: int = EVAL_CHUNK, forecasts: dict | None = None) -> list:
     """Rows (`Row`) of the learned `table` and its static rivals of about its cost, each sampled on the
     held-out batch (noise (B, *latent), cond {key: (B,)}) and measured against the uncached samples of the same
-    noises; with `fewer_steps` and a task with `with_steps(n)`, the uncached sampler with the fewer steps of
+    noises; with `fewer_steps`, the uncached sampler with the fewer steps of
     about the same cost (n = round(T (1 - CUR)), T / n theoretical speedup) too. forecasts: schedule name (`name`
     for the learned table, a rival's name) -> its `forecast.Forecast`: the learned row samples with its own,
     and each rival that has one gets a second row `<rival>+forecast`. The batch is sampled `chunk` noises at a
     time, shared out over the ranks under torchrun (`parallel.sharded`: every rank calls this and gets the
-    one-process rows). A task of several experts (`task_experts`): the rivals compute each expert's first row, and
+    one-process rows). A task of several experts (`Task.experts`): the rivals compute each expert's first row, and
     there is no fewer-steps row (`engine` switches experts at the steps of `task`'s, not of the fewer steps')."""
     num_steps, forecasts = table.shape[0], forecasts or {}
     learned = CacheSchedule(table.clone(), name)
-    computing = tuple(first for _, first in task_experts(task))
+    computing = tuple(first for _, first in task.experts())
     rivals = static_rivals(num_steps, [n for n, _ in engine.units], table, computing)
     runs = [(name, learned, forecasts.get(name))] + [(s.name, s, None) for s in rivals]
     runs += [(f"{s.name}+forecast", s, forecasts[s.name]) for s in rivals if s.name in forecasts]
     fewer = max(1, round(num_steps * (1 - learned.cur)))
-    fewer = fewer if fewer_steps and hasattr(task, "with_steps") and fewer < num_steps and computing == (0,) else None
+    fewer = fewer if fewer_steps and fewer < num_steps and computing == (0,) else None
 
     def samples(start, stop):
         """(stop - start, S, *latent): the uncached samples, each run's, and the fewer steps' final samples."""

@@ -40,6 +40,7 @@ from .engine import CacheEngine
 from .files import append_line, file_bytes, write_file
 from .router import LOGIT_BOUND, Router, RouterInfo, describe_differences, load_tensors
 from .schedule import CacheSchedule
+from .task import Task
 from .units import cached_units
 
 OBJECTIVES = ("cumulative", "leave-one-out", "l2c")
@@ -131,17 +132,6 @@ def initial_logits(init: str, num_steps: int, num_units: int, generator: torch.G
         raise ValueError(f"init: expected random, compute or fora:N (N >= 1), got {init!r}")
     logits[0] = LOGIT_BOUND
     return logits
-
-
-def task_macs(task):
-    """The `MacCount` of one forward of the task's transformer (square DiT/PixArt latents; flow tasks count
-    their own size)."""
-    from .macs import VAE_FACTOR, count_macs
-
-    if hasattr(task, "macs"):
-        return task.macs()
-    size = task.latent_shape[-1] * VAE_FACTOR
-    return count_macs(task.transformer, size, size)
 
 
 @contextlib.contextmanager
@@ -296,7 +286,7 @@ def read_log(path) -> list:
 class RouterTrainer:
     """SDT + IEPO for one transformer and task; `run()` trains, checkpoints and saves the router."""
 
-    def __init__(self, task, config: TrainConfig, out_dir, *, router: Router | None = None):
+    def __init__(self, task: Task, config: TrainConfig, out_dir, *, router: Router | None = None):
         self.task, self.config = task, config
         self.out_dir = Path(out_dir)
         self.rank, self.world = _rank_world()
@@ -329,7 +319,7 @@ class RouterTrainer:
         self.trajectory = None
         self.stop_signal = None  # the SIGINT/SIGTERM that stopped the latest run()
         self.progress = False  # progress bars (rank 0 of a run() with progress)
-        self.macs = task_macs(task)
+        self.macs = task.macs()
 
     # ---- the patched transformer ----
 

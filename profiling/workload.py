@@ -22,7 +22,7 @@ from harmonica.families import FLOW_LOOP, PIPELINE_LOOP
 from harmonica.images import generate
 from harmonica.models import FLOW_PRESETS, PRESETS, build_pipeline, load_transformer, move_pipeline, preset
 from harmonica.router import Router
-from harmonica.samplers import check_steps, default_steps
+from harmonica.samplers import check_steps
 from harmonica.schedule import parse_schedule
 from harmonica.units import cached_units
 
@@ -66,7 +66,7 @@ def workload_argv(args) -> list:
 
 def _pipeline_generation(args, spec, device):
     """(pipeline, steps, one generation) of a DiT/PixArt preset, caching enabled."""
-    steps = args.steps or default_steps(spec.sampler)
+    steps = args.steps or spec.steps
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
     move_pipeline(pipe, device, torch.float16 if device == "cuda" else torch.float32)
     spec.family.use_sampler(pipe, spec.sampler)  # before enable, which hooks the scheduler

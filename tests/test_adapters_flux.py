@@ -70,7 +70,7 @@ def test_summary_counts_the_packed_tokens_of_the_latest_forward():
     run(model)
     report = harmonica.summary(model)
     harmonica.disable(model)
-    expected = CacheSchedule.fora(STEPS, UNITS, 2).theoretical_speedup(count_macs(model, 16, 16 * N, caption_tokens=M))
+    expected = CacheSchedule.fora(STEPS, UNITS, 2).theoretical_speedup(count_macs(model, 16, 16 * N, text_tokens=M))
     assert report.counted_at == f"{N} image tokens"
     assert report.theoretical_speedup == expected
     default_text = CacheSchedule.fora(STEPS, UNITS, 2).theoretical_speedup(count_macs(model, 16, 16 * N))

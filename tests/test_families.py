@@ -82,10 +82,14 @@ def test_the_dit_and_pixart_families_hold_their_presets_and_samplers():
     for name, spec in PRESETS.items():
         family = family_of(spec.class_name)
         assert spec.family is family and name in family.presets and spec.sampler in family.samplers
+        assert (spec.steps, spec.guidance) == family.samplers[spec.sampler][1:]  # the default sampler's defaults
+        assert (spec.height, spec.width) == (spec.config["sample_size"] * 8,) * 2
         assert module_of(family) == f"harmonica.families.{family.name}"
     assert family_of("DiTTransformer2DModel").text_conditional is False
     assert family_of("PixArtTransformer2DModel").text_conditional is True
     assert PRESETS["pixart-sigma-2048"].pipeline == "PixArtSigmaPipeline"
+    assert PRESETS["pixart-alpha-1024"].pipeline == family_of("PixArtTransformer2DModel").pipeline  # the family's
+    assert all(spec.sampler is None and spec.pipeline == spec.family.pipeline for spec in FLOW_PRESETS.values())
 
 
 @pytest.mark.parametrize("value", ["UNet2DConditionModel", torch.nn.Linear(1, 1), torch.nn.Linear])

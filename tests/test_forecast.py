@@ -33,7 +33,7 @@ from harmonica.search import (
     router_from_table,
     spread,
 )
-from harmonica.training import engine_attached, task_macs
+from harmonica.training import engine_attached
 
 STEPS = 7
 # unit 0: computes at 0, 1, 3 (the output of 0 is read by no reuse: no slot); unit 1: FORA-like with a lone reuse
@@ -412,7 +412,7 @@ def test_keep_forecast_deploys_the_forecast_search_where_it_lowers_the_error():
     does not: the search overfits 4 noises)."""
     model = load_digits_dit()
     task = DiTTask(model, 6, 1.5)
-    macs = task_macs(task)
+    macs = task.macs()
     start = equal_cost_start(6, 12, 36)
     router = router_from_table(start.table, RouterInfo.for_model(model))
     kept, choice, refined, label = keep_forecast(task, router, 4, 0, (-1, 1), selection=0)
@@ -520,7 +520,7 @@ def test_train_keeps_the_equal_cost_start_when_it_forecasts_better(tmp_path, cap
     args = SimpleNamespace(batch=2, out=str(tmp_path), objective="search", forecast_rounds=0, candidates=4)
     config = SimpleNamespace(num_steps=STEPS, seed=0)
     task = DiTTask(model, STEPS, 1.5)
-    kept = _fit_forecast(args, task, router, config, None, 0, task_macs(task))
+    kept = _fit_forecast(args, task, router, config, None, 0, task.macs())
     start = equal_cost_start(STEPS, learned.num_units, int(learned.table.sum()))
     assert offered == [["learned", start.name]] and not torch.equal(start.table, learned.table)
     assert f"the router keeps {start.name} with its forecast" in capsys.readouterr().out

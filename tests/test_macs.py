@@ -51,7 +51,7 @@ def test_pixart_has_cross_attention_units():
     assert without.total == pytest.approx(count.total)
     assert without.always_macs == pytest.approx(count.always_macs + kinds["attn2"])
     # longer captions cost cross-attention MACs only
-    longer = count_macs("pixart-alpha-256", caption_tokens=300).by_kind()
+    longer = count_macs("pixart-alpha-256", text_tokens=300).by_kind()
     assert longer["attn2"] > kinds["attn2"] and longer["attn1"] == kinds["attn1"]
 
 
@@ -93,7 +93,7 @@ def test_flux_dev_1024_counts_37_19_tmacs():
     config = {**FLOW_MODELS["flux.1-dev-1024"].config, "num_layers": 1, "num_single_layers": 1}
     with torch.device("meta"):
         model = diffusers.FluxTransformer2DModel(**config)
-    count = count_macs(model, 1024, caption_tokens=512)
+    count = count_macs(model, 1024, text_tokens=512)
     assert count.names == ("transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
                            "single_transformer_blocks.0.attn_mlp")
     image, text, d = 4096, 512, 3072
@@ -114,7 +114,7 @@ def test_flux2_dev_1024_counts_141_30_tmacs():
     config = {**FLOW_MODELS["flux.2-dev-1024"].config, "num_layers": 1, "num_single_layers": 1}
     with torch.device("meta"):
         model = diffusers.Flux2Transformer2DModel(**config)
-    count = count_macs(model, 1024, caption_tokens=512)
+    count = count_macs(model, 1024, text_tokens=512)
     assert count.names == ("transformer_blocks.0.attn", "transformer_blocks.0.ff", "transformer_blocks.0.ff_context",
                            "single_transformer_blocks.0.attn_mlp")
     image, text, d = 4096, 512, 6144
@@ -141,7 +141,7 @@ def test_sd3_units_are_its_sub_modules():
             sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8,
             pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
-    count = count_macs(model, 64, caption_tokens=5)
+    count = count_macs(model, 64, text_tokens=5)
     n, t, d = 16, 5, 16
     assert count.names == ("transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.0.ff",
                            "transformer_blocks.0.ff_context", "transformer_blocks.1.attn", "transformer_blocks.1.ff")
@@ -156,7 +156,7 @@ def test_wan_units_and_frames():
         model = diffusers.WanTransformer3DModel(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
             text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
-    count = count_macs(model, 32, caption_tokens=6, frames=5)
+    count = count_macs(model, 32, text_tokens=6, frames=5)
     n, t, d = 8, 6, 16
     assert count.names == tuple(f"blocks.{i}.{kind}" for i in range(2) for kind in ("attn1", "attn2", "ffn"))
     cross = 2 * n * d * d + 2 * t * d * d + 2 * n * t * d  # q and out of the video, k and v of the text, QK^T, PV
@@ -171,7 +171,7 @@ def test_qwen_image_units():
         model = diffusers.QwenImageTransformer2DModel(
             patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
             joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
-    count = count_macs(model, 64, caption_tokens=5)
+    count = count_macs(model, 64, text_tokens=5)
     n, t, d = 16, 5, 16
     assert count.names == ("transformer_blocks.0.attn", "transformer_blocks.0.img_mlp", "transformer_blocks.0.txt_mlp")
     assert count.unit_macs == (joint_attention_macs(n + t, d, n + t), 8 * n * d * d, 8 * t * d * d)
@@ -231,7 +231,7 @@ def test_z_image_units_are_its_main_layers():
         model = diffusers.ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
                                                    n_kv_heads=2, cap_feat_dim=16, axes_dims=(4, 6, 6),
                                                    axes_lens=(256, 32, 32))
-    count = count_macs(model, 64, caption_tokens=5)
+    count = count_macs(model, 64, text_tokens=5)
     d, hidden = 32, int(32 / 3 * 8)
     assert count.names == ("layers.0.attention", "layers.0.feed_forward", "layers.1.attention", "layers.1.feed_forward")
     assert count.unit_macs == z_image_block_macs(64, d, hidden) * 2
@@ -302,8 +302,8 @@ def test_ltx2_counts_a_forward_at_its_latent_grid():
         model = build_transformer("tiny-ltx2")
     count, where = count_macs_for_input(model, (2, 8, 8), 8, sizes={"num_frames": 2, "height": 2, "width": 2})
     assert where == "64x64x9"
-    assert count.unit_macs == count_macs("tiny-ltx2", 64, 64, caption_tokens=8, frames=9).unit_macs
-    assert count.total > count_macs("tiny-ltx2", 64, 64, caption_tokens=8, frames=1).total
+    assert count.unit_macs == count_macs("tiny-ltx2", 64, 64, text_tokens=8, frames=9).unit_macs
+    assert count.total > count_macs("tiny-ltx2", 64, 64, text_tokens=8, frames=1).total
     with pytest.raises(ValueError, match=r"forward: expected the int arguments num_frames, height, width of "
                                          r"LTX2VideoTransformer3DModel, missing \['num_frames'\]"):
         count_macs_for_input(model, (2, 8, 8), 8, sizes={"height": 2, "width": 2})

@@ -21,7 +21,7 @@ from harmonica.search import (
     spread,
     verdict,
 )
-from harmonica.training import engine_attached, task_macs
+from harmonica.training import engine_attached
 from harmonica.units import cached_units
 
 
@@ -122,7 +122,7 @@ def test_the_objective_is_the_deployed_schedules_final_error(digits):
 
 def test_the_default_search_holds_the_cells_and_the_macs_of_its_start(digits, tmp_path):
     task = DiTTask(digits, 4, 1.5)
-    macs = task_macs(task)
+    macs = task.macs()
     config = SearchConfig(num_steps=4, target_cur=0.5, batch=4, rounds=2, candidates=10, clip=(-1, 1))
     _, result = search_router(task, config, tmp_path, macs)
     fora = CacheSchedule.fora(4, 12, 2)
@@ -133,7 +133,7 @@ def test_the_default_search_holds_the_cells_and_the_macs_of_its_start(digits, tm
 
 def test_search_router_writes_the_searched_schedule_within_the_cost(digits, tmp_path):
     task = DiTTask(digits, 4, 1.5)
-    macs = task_macs(task)
+    macs = task.macs()
     fora = CacheSchedule.fora(4, 12, 2)
     config = SearchConfig(num_steps=4, target_cur=0.5, target_speedup=fora.theoretical_speedup(macs), batch=4,
                           rounds=1, candidates=10, clip=(-1, 1))
@@ -150,7 +150,7 @@ def test_compare_measures_each_rival_against_the_uncached_samples(digits):
     steps = 4
     noise, labels = eval_batch(4, seed=5)
     task = DiTTask(digits, steps, 1.5)
-    macs = task_macs(task)
+    macs = task.macs()
     fora = CacheSchedule.fora(steps, 12, 2)
     with engine_attached(digits) as engine:
         rows = compare(task, engine, fora.table, macs, noise, {"class_labels": labels}, clip=(-1, 1))
@@ -222,7 +222,7 @@ def test_a_stopped_search_saves_its_best_table_as_partial(digits, tmp_path):
     asked = []
     config = SearchConfig(num_steps=3, batch=2, clip=(-1, 1))
     task = DiTTask(digits, 3, 1.5)
-    router, result = search_router(task, config, tmp_path, task_macs(task),
+    router, result = search_router(task, config, tmp_path, task.macs(),
                                    stopped=lambda: asked.append(1) or len(asked) > 3)
     with pytest.warns(UserWarning, match="partial"):
         loaded = Router.from_pretrained(tmp_path / "router")

@@ -23,7 +23,7 @@ from harmonica.cli import main
 from harmonica.cli.train import HELD_OUT_RANK, closing_table, digits_report
 from harmonica.digits import DigitsDiT
 from harmonica.search import calibration_batch, compare
-from harmonica.training import engine_attached, task_macs
+from harmonica.training import engine_attached
 
 PROTOCOL = dict(objectives=("search", "harmonica"), seeds=1, workers=0, steps=2, iterations=2, batch=2, refresh=2,
                 lambda_batch=2, search_batch=2, search_rounds=1, search_candidates=1, samples=120, repeats=1,
@@ -60,7 +60,7 @@ def _evaluations():
         task = model.task(STEPS, model.guidance)
         noise, cond = calibration_batch(task, COUNT, 0, rank=HELD_OUT_RANK)
         with engine_attached(task.transformer) as engine:
-            rows = compare(task, engine, schedule.table, task_macs(task), noise, cond, clip=(-1, 1), chunk=CHUNK)
+            rows = compare(task, engine, schedule.table, task.macs(), noise, cond, clip=(-1, 1), chunk=CHUNK)
     finally:
         hook.remove()
     return report, seen, [asdict(row) for row in rows], sum(forwarded)
@@ -145,7 +145,7 @@ def test_train_under_torchrun_evaluates_on_every_rank_and_prints_once(ranks):
     task = model.task(2, model.guidance)
     with one_thread(), contextlib.redirect_stderr(io.StringIO()):
         report = digits_report(model, schedule, 2, forecast=router.forecast)
-        table = closing_table(task, schedule.table, task_macs(task), 120, 0, (-1.0, 1.0), router.forecast, 2)
+        table = closing_table(task, schedule.table, task.macs(), 120, 0, (-1.0, 1.0), router.forecast, 2)
     printed = found[0]["printed"].splitlines()  # the forecast's lines, the router's, then the evaluations
     after = next(i for i, line in enumerate(printed) if line.startswith("router after ")) + 1
     assert printed[0].startswith("forecast: fitted on 2 calibration noises")

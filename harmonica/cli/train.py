@@ -23,6 +23,7 @@ from ..models import (
     preset,
 )
 from ..search import SearchConfig
+from ..task import Task
 
 RANDOM_PROMPTS = 16  # the prompt bank of a random-weights flow model's training
 DIGITS_REPORT_SAMPLES = 500  # noises of the quality report that ends a digits model's training
@@ -87,7 +88,6 @@ def _train(args) -> int:
         check_resumable,
         check_run_dir,
         stop_signals,
-        task_macs,
     )
 
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any model is loaded
@@ -96,14 +96,16 @@ def _train(args) -> int:
     digits = DIGITS_MODELS.get(args.model)
     spec = preset("tiny-dit" if digits is not None else args.model)  # (digits: past every check below)
     family = spec.family
-    experts = getattr(spec, "experts", 1)
+    experts = spec.experts
     if experts > 1 and args.objective != SEARCH:
         raise ValueError(f"--objective: expected {SEARCH} for a two-expert model ({args.model}: its pipeline switches "
                          f"between {experts} transformers by step; SDT and IEPO train one transformer's router), got "
                          f"{args.objective}")
     if family.text_conditional and not args.embeds and (family.loop == PIPELINE_LOOP or not args.random_weights):
         raise ValueError(MISSING_EMBEDS[family.loop].format(model=args.model))
-    default_guidance = digits.guidance if digits else TrainConfig.guidance if spec.guidance is None else spec.guidance
+    # a flow model trains at its pipeline's guidance; DiT and PixArt at TrainConfig's (L2C's), not their sampler's
+    default_guidance = (digits.guidance if digits else spec.guidance if family.loop == FLOW_LOOP else
+                        TrainConfig.guidance)
     guidance = default_guidance if args.guidance is None else args.guidance
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations,
                          batch=args.batch or TrainConfig.batch, lr=args.lr,
@@ -126,7 +128,7 @@ def _train(args) -> int:
         task = digits.task(config.num_steps, config.guidance)
     else:
         task = TASKS[family.loop](args, spec, config, embeddings, device)
-    macs = task_macs(task)
+    macs = task.macs()
     if args.target_speedup is not None:  # the checkpoint records the CUR target it became
         config.target_cur = cur_for_speedup(macs, args.target_speedup, config.num_steps)
         print(f"target speedup {args.target_speedup}x: target CUR {config.target_cur:.1%} (at the average unit's MACs)")
@@ -197,7 +199,7 @@ def check_train_embeddings(args, spec, config) -> dict:
     return bank
 
 
-def _flow_task(args, spec, config, embeddings, device):
+def _flow_task(args, spec, config, embeddings, device) -> Task:
     """The flow task of a flow preset's transformer on `device` (random weights without --embeds: a random bank);
     a preset of two experts (Wan 2.2 A14B): the task of both, the second at the preset's `pipeline_config`
     (boundary_ratio) and `guidance_2`."""
@@ -214,7 +216,7 @@ def _flow_task(args, spec, config, embeddings, device):
     return flow_task(transformer, bank, config.num_steps, config.guidance, **second, **spec.size)
 
 
-def _pipeline_task(args, spec, config, embeddings, device):
+def _pipeline_task(args, spec, config, embeddings, device) -> Task:
     """The task of a DiT/PixArt preset's pipeline (its transformer on `device`) with --sampler (default the
     preset's)."""
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
@@ -242,7 +244,7 @@ class _StopFlag:
         self.stop_signal = signum
 
 
-def _search(args, task, config, macs, clip) -> tuple:
+def _search(args, task: Task, config, macs, clip) -> tuple:
     """--objective search: (router, rank, stop flag); the router saved under --out."""
     from ..search import search_router
     from ..training import _any_rank, _rank_world, check_run_dir, stop_signals
@@ -271,7 +273,7 @@ def _search(args, task, config, macs, clip) -> tuple:
     return router, rank, stop
 
 
-def _fit_forecast(args, task, router, config, clip, rank: int, macs):
+def _fit_forecast(args, task: Task, router, config, clip, rank: int, macs):
     """The linear forecast (the default; --no-forecast: none): `search.keep_forecast`, fitted on the calibration
     batch (--batch noises of --seed) and chosen on as many other noises (after the search objective,
     --forecast-rounds of `search.forecast_search`), the router it returns saved (rank 0) and returned."""
@@ -305,7 +307,7 @@ def _pairs(errors: dict) -> str:
     return ", ".join(f"{name} {before:.4g} -> {after:.4g}" for name, (before, after) in errors.items())
 
 
-def closing_table(task, table, macs, count: int, seed: int, clip, forecast=None, calibration: int = 0) -> str:
+def closing_table(task: Task, table, macs, count: int, seed: int, clip, forecast=None, calibration: int = 0) -> str:
     """The learned `table` (with its `forecast`, if any) against the static schedules of about its cost, on
     `count` held-out noises. With `calibration` (the forecast on, whether or not the router kept one) each static
     rival gets its own forecast too, fitted on the `calibration` noises of `seed` that rank 0 trained on (every

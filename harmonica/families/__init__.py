@@ -6,16 +6,18 @@ subclass, how its pipeline sets the scheduler's timesteps, how its pipeline enco
 forward (MAC counting), its hub models and presets, its VAE class and the peers' patterns for it. `dit.py` and
 `pixart.py` hold the same for DiT and PixArt, whose diffusers pipeline harmonica runs whole (`Family.loop`
 "pipeline": text encoder, its samplers, VAE decode): their presets, training task, MAC example inputs, prompt encoder,
-sampler swap and one generation. Each module ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers
-transformer class name to its `Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, `images`, the
-CLI, bench, profiling) asks `family_of` or a preset's `family` and never names a family's class.
+sampler swap and one generation. Every family's presets are `Preset`s (DiT's and PixArt's name their default sampler,
+whose steps and guidance are theirs); every training task is a `task.Task`. Each module ends with
+`FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer class name to its `Family`; generic code
+(`flow`, `solvers`, `prompts`, `macs`, `models`, `images`, the CLI, bench, profiling) asks `family_of` or a preset's
+`family` and never names a family's class.
 
 Adding a family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom of this
 file, plus its tests (tests/test_families.py checks that no other source file names its classes).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..flow import VAE_FACTOR
 from ..solvers import FlowMatchSchedule
@@ -44,10 +46,10 @@ class FlowModel:
 
 
 @dataclass(frozen=True)
-class FlowPreset:
-    """A flow-matching transformer to sample (harmonica/flow.py): its diffusers class and config, the size it
-    generates (pixels; frames for video), the text tokens of one prompt, the hub repository and the sampler
-    defaults of its pipeline."""
+class Preset:
+    """A transformer to sample: its diffusers class and config, the size it generates (pixels; frames for video),
+    the text tokens of one prompt (0: class-conditional), its sampler defaults (steps, guidance), the hub repository
+    and the VAE config of random weights (None: none; the real ones load theirs)."""
 
     class_name: str
     config: dict
@@ -58,19 +60,29 @@ class FlowPreset:
     guidance: float  # FLUX: the distilled guidance input; else the CFG scale (Qwen-Image: true_cfg_scale)
     hub_id: str | None = None
     frames: int | None = None
-    vae: dict | None = None  # config of a random VAE (the tiny presets; the real ones load theirs)
+    vae: dict | None = None
     # transformers of `config` its pipeline switches between by step (Wan 2.2 A14B's high- and low-noise experts: 2;
     # `Family.experts`), their pipeline config (boundary_ratio) and the guidance of the second's steps
     experts: int = 1
     pipeline_config: dict | None = None
     guidance_2: float | None = None
+    sampler: str | None = None  # the "pipeline" loop's default --sampler (a key of `Family.samplers`); None: flow
+    pipeline: str | None = None  # its diffusers pipeline class; None: its family's (`Family` fills it in)
 
     @classmethod
-    def of(cls, model: FlowModel, steps: int, guidance: float, **experts) -> "FlowPreset":
+    def of(cls, model: FlowModel, steps: int, guidance: float, **experts) -> "Preset":
         """The preset of a hub model at its native size, with its pipeline's (steps, guidance) defaults; experts:
         `experts`, `pipeline_config`, `guidance_2`."""
         return cls(model.class_name, model.config, model.height, model.width, model.text_tokens, steps, guidance,
                    model.source, model.frames, **experts)
+
+    @classmethod
+    def square(cls, class_name: str, config: dict, side: int, samplers: dict, sampler: str, **fields) -> "Preset":
+        """A `side` x `side` image preset sampled by `sampler`, at its (steps, guidance) defaults in `samplers`
+        (`Family.samplers`); fields: text_tokens (default 0), hub_id, vae, pipeline."""
+        _, steps, guidance = samplers[sampler]
+        return cls(class_name, config, side, side, fields.pop("text_tokens", 0), steps, guidance, sampler=sampler,
+                   **fields)
 
     @property
     def size(self) -> dict:
@@ -79,37 +91,6 @@ class FlowPreset:
     @property
     def family(self) -> "Family":
         return family_of(self.class_name)
-
-    @property
-    def pipeline(self) -> str:
-        """The diffusers pipeline class of the family."""
-        return self.family.pipeline
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    """A DiT or PixArt checkpoint, sampled through its diffusers pipeline (`Family.loop` "pipeline"): the transformer
-    config (overrides of diffusers' defaults, the XL/2 sizes), its native resolution, the caption tokens of one prompt
-    (PixArt), the hub id, the pipeline class, the default sampler and the VAE config of random weights."""
-
-    class_name: str
-    config: dict
-    resolution: int  # pixels per side
-    pipeline: str
-    sampler: str  # a key of its family's `samplers`
-    caption_tokens: int = 0  # PixArt text length
-    hub_id: str | None = None
-    vae: dict = field(default_factory=lambda: SD_VAE)
-
-    @property
-    def family(self) -> "Family":
-        return family_of(self.class_name)
-
-    # the sizes as a flow preset names them (square images, no frames)
-    height = width = property(lambda self: self.resolution)
-    text_tokens = property(lambda self: self.caption_tokens)
-    frames = None
-    guidance = None  # none of its own: training takes `TrainConfig.guidance`, sampling its sampler's
 
 
 @dataclass(frozen=True)
@@ -154,7 +135,7 @@ class Family:
         generation of the benchmark's fixed class or prompt at the default guidance (bench.suite).
     random_prompt: (preset name, generator, device, dtype) -> the pipeline's prompt kwargs for random prompt
         embeddings (random weights have no text encoder); None: no prompt.
-    train_task: (pipe, sampler, prompt embeddings or None, steps, guidance) -> its training task.
+    train_task: (pipe, sampler, prompt embeddings or None, steps, guidance) -> its training `task.Task`.
     read_embeddings: (path, transformer config) -> the prompt bank of a --embeds file; None: no prompts.
     enable_pipeline: whether `enable` takes the pipeline (its scheduler's set_timesteps starts each generation)
         rather than the transformer (harmonica's own loop, `samplers.dit_ddim_sample`, starts them).
@@ -164,12 +145,13 @@ class Family:
     transformer: str  # diffusers transformer class name (the key of `FAMILIES`)
     pipeline: str  # diffusers pipeline class whose loop the task is
     vae: str  # diffusers VAE class of its pipelines
-    task: type  # its training task: a flow.FlowTask subclass, DiTTask, PixArtTask (`patch(cfg)`, `text_dim` for MACs)
+    task: type  # its training task class (a `task.Task`): a flow.FlowTask subclass, DiTTask, PixArtTask (`patch(cfg)`,
+    # `text_dim` for MACs)
     scheduler: FlowMatchSchedule | None
     encode: Callable | None
     example_inputs: Callable
     models: dict = field(default_factory=dict)  # name -> FlowModel (hub configs at the native size)
-    presets: dict = field(default_factory=dict)  # name -> FlowPreset or ModelPreset (real and tiny)
+    presets: dict = field(default_factory=dict)  # name -> Preset (real and tiny)
     cache_dit: tuple | None = None
     cache_dit_skip: str | None = None
     first_block_cache: str | None = None
@@ -194,6 +176,11 @@ class Family:
     train_task: Callable | None = None
     read_embeddings: Callable | None = None
     enable_pipeline: bool = False
+
+    def __post_init__(self):
+        for name, spec in self.presets.items():  # a preset's pipeline: its own (PixArt-Sigma's), else the family's
+            if spec.pipeline is None:
+                self.presets[name] = replace(spec, pipeline=self.pipeline)
 
     @property
     def text_conditional(self) -> bool:

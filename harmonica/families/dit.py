@@ -12,7 +12,7 @@ from ..kernels import solver_step
 from ..router import dit_ddim_timesteps
 from ..samplers import DIT_SAMPLERS, dit_ddim_sample, dit_ddim_table, dit_guidance, dit_null_labels
 from ..solvers import first_output, guidance_combined
-from . import TINY_VAE, Family, ModelPreset, register
+from . import SD_VAE, TINY_VAE, Family, Preset, register
 
 TRANSFORMER, PIPELINE = "DiTTransformer2DModel", "DiTPipeline"
 PIPELINE_SAMPLER = "pipeline"  # DiTPipeline with its own scheduler
@@ -51,6 +51,18 @@ class DiTTask:
     def with_steps(self, num_steps: int) -> "DiTTask":
         """The same task sampled with another step count."""
         return DiTTask(self.transformer, num_steps, self.guidance)
+
+    def experts(self) -> list:
+        """[(transformer, first step)]: its one transformer runs every step."""
+        return [(self.transformer, 0)]
+
+    def macs(self):
+        """The `macs.MacCount` of one forward at the latents' size (PixArt's at `count_macs`' default caption
+        tokens)."""
+        from ..macs import VAE_FACTOR, count_macs
+
+        size = self.latent_shape[-1] * VAE_FACTOR
+        return count_macs(self.transformer, size, size)
 
     def begin(self):
         return None  # DDIM keeps no state between steps
@@ -119,13 +131,13 @@ def train_task(pipe, sampler: str, embeddings, steps: int, guidance: float) -> D
     return DiTTask(pipe.transformer, steps, guidance)
 
 
-def _dit(sample_size: int, hub_id: str) -> ModelPreset:
-    return ModelPreset(TRANSFORMER, {"sample_size": sample_size, "out_channels": 8}, sample_size * 8, PIPELINE,
-                       "dit-ddim", hub_id=hub_id)
+def _dit(sample_size: int, hub_id: str) -> Preset:
+    return Preset.square(TRANSFORMER, {"sample_size": sample_size, "out_channels": 8}, sample_size * 8, SAMPLERS,
+                         "dit-ddim", hub_id=hub_id, vae=SD_VAE)
 
 
 PRESETS = {"dit-xl-2-256": _dit(32, "facebook/DiT-XL-2-256"), "dit-xl-2-512": _dit(64, "facebook/DiT-XL-2-512"),
-           "tiny-dit": ModelPreset(TRANSFORMER, TINY_DIT, 64, PIPELINE, "dit-ddim", vae=TINY_VAE)}
+           "tiny-dit": Preset.square(TRANSFORMER, TINY_DIT, 64, SAMPLERS, "dit-ddim", vae=TINY_VAE)}
 
 FAMILY = register(Family(
     "dit", TRANSFORMER, PIPELINE, "AutoencoderKL", DiTTask, None, None, example_inputs, presets=PRESETS,

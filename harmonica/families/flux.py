@@ -18,7 +18,7 @@ from .. import adapters
 from ..adapters import Adapter
 from ..flow import VAE_FACTOR, FlowTask
 from ..solvers import FlowMatchSchedule
-from . import TINY_KL, Family, FlowModel, FlowPreset, register
+from . import TINY_KL, Family, FlowModel, Preset, register
 
 TRANSFORMER, PIPELINE = "FluxTransformer2DModel", "FluxPipeline"
 
@@ -198,8 +198,8 @@ TINY = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers"
 # a random VAE 8x like the real one, with its latent scaling and shift
 TINY_FLUX_VAE = {**TINY_KL, "latent_channels": 4, "scaling_factor": 0.3611, "shift_factor": 0.1159}
 # (steps, guidance): the pipeline's __call__ defaults (the distilled guidance input 3.5)
-PRESETS = {"flux.1-dev": FlowPreset.of(MODELS["flux.1-dev-1024"], 28, 3.5),
-           "tiny-flux": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 28, 3.5, vae=TINY_FLUX_VAE)}
+PRESETS = {"flux.1-dev": Preset.of(MODELS["flux.1-dev-1024"], 28, 3.5),
+           "tiny-flux": Preset(TRANSFORMER, TINY, 64, 64, 8, 28, 3.5, vae=TINY_FLUX_VAE)}
 
 FAMILY = register(Family("flux.1", TRANSFORMER, PIPELINE, "AutoencoderKL", FluxTask, SCHEDULE, encode,
                          example_inputs, MODELS, PRESETS))

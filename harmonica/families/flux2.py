@@ -27,7 +27,7 @@ from .. import adapters
 from ..adapters import Adapter
 from ..flow import VAE_FACTOR, FlowTask
 from ..solvers import FlowMatchSchedule
-from . import TINY_VAE, Family, FlowModel, FlowPreset, register
+from . import TINY_VAE, Family, FlowModel, Preset, register
 from .flux import SCHEDULE as FLUX1_SCHEDULE
 from .flux import _clip_fp16, _modulate, double_stream_units, image_mlp, refuse_negative, text_mlp
 
@@ -194,8 +194,8 @@ TINY = {"patch_size": 1, "in_channels": 16, "num_layers": 1, "num_single_layers"
 # a random VAE 8x like the real one (quant convs, BatchNorm over the 2 x 2 patches of its 4 latent channels)
 TINY_FLUX2_VAE = {**TINY_VAE, "latent_channels": 4}
 # (steps, guidance): the pipeline's __call__ defaults (the distilled guidance input 4)
-PRESETS = {"flux.2-dev": FlowPreset.of(MODELS["flux.2-dev-1024"], 50, 4.0),
-           "tiny-flux2": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 50, 4.0, vae=TINY_FLUX2_VAE)}
+PRESETS = {"flux.2-dev": Preset.of(MODELS["flux.2-dev-1024"], 50, 4.0),
+           "tiny-flux2": Preset(TRANSFORMER, TINY, 64, 64, 8, 50, 4.0, vae=TINY_FLUX2_VAE)}
 
 FAMILY = register(Family(
     "flux.2", TRANSFORMER, PIPELINE, "AutoencoderKLFlux2", Flux2Task, SCHEDULE, encode, example_inputs, MODELS,

@@ -35,7 +35,7 @@ from .. import adapters, parallel
 from ..adapters import Adapter
 from ..flow import FlowTask
 from ..solvers import FlowMatchSchedule
-from . import Family, FlowModel, FlowPreset, register
+from . import Family, FlowModel, Preset, register
 from .flux import _modulate, double_stream_units, image_mlp, text_mlp
 
 TRANSFORMER, PIPELINE = "HunyuanVideo15Transformer3DModel", "HunyuanVideo15Pipeline"
@@ -231,8 +231,8 @@ TINY = {"in_channels": 9, "out_channels": 4, "num_attention_heads": 2, "attentio
 # a random VAE 16x like the real one (4 latent channels), with its latent scaling
 TINY_VAE = {"latent_channels": 4, "block_out_channels": (8, 8, 8, 8, 8), "layers_per_block": 1}
 # (steps, guidance): the pipeline's __call__ defaults (50 steps, 121 frames) and the 480p t2v guider's scale
-PRESETS = {"hunyuan-video15-480p": FlowPreset.of(MODELS["hunyuan-video15-480p-t2v"], 50, 6.0),
-           "tiny-hunyuan-video15": FlowPreset(TRANSFORMER, TINY, 32, 48, 8, 50, 6.0, frames=5, vae=TINY_VAE)}
+PRESETS = {"hunyuan-video15-480p": Preset.of(MODELS["hunyuan-video15-480p-t2v"], 50, 6.0),
+           "tiny-hunyuan-video15": Preset(TRANSFORMER, TINY, 32, 48, 8, 50, 6.0, frames=5, vae=TINY_VAE)}
 
 FAMILY = register(Family(
     "hunyuan-video1.5", TRANSFORMER, PIPELINE, "AutoencoderKLHunyuanVideo15", HunyuanVideo15Task, SCHEDULE, encode,

@@ -32,7 +32,7 @@ from .. import adapters
 from ..adapters import Adapter
 from ..flow import FlowTask
 from ..solvers import FlowMatchSchedule
-from . import Family, FlowModel, FlowPreset, register
+from . import Family, FlowModel, Preset, register
 
 TRANSFORMER, PIPELINE = "LTX2VideoTransformer3DModel", "LTX2Pipeline"
 VIDEO_FACTOR, FRAME_FACTOR = 32, 8  # the video VAE's spatial and temporal compression
@@ -361,8 +361,8 @@ TINY_VAE = {"latent_channels": 8, "block_out_channels": (8, 16, 32, 64), "decode
             "layers_per_block": (1, 1, 1, 1, 1), "decoder_layers_per_block": (1, 1, 1, 1),
             "spatial_compression_ratio": VIDEO_FACTOR, "temporal_compression_ratio": FRAME_FACTOR}
 # (steps, guidance): the pipeline's __call__ defaults (guidance_scale 3); tiny-ltx2: 9 frames, 2 latent frames
-PRESETS = {"ltx-2": FlowPreset.of(MODELS["ltx-2-512x768"], 30, 3.0),
-           "tiny-ltx2": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 30, 3.0, frames=9, vae=TINY_VAE)}
+PRESETS = {"ltx-2": Preset.of(MODELS["ltx-2-512x768"], 30, 3.0),
+           "tiny-ltx2": Preset(TRANSFORMER, TINY, 64, 64, 8, 30, 3.0, frames=9, vae=TINY_VAE)}
 
 FAMILY = register(Family("ltx-2", TRANSFORMER, PIPELINE, "AutoencoderKLLTX2Video", LTX2Task, SCHEDULE, encode,
                          example_inputs, MODELS, PRESETS, frame_factor=FRAME_FACTOR, vae_factor=VIDEO_FACTOR,

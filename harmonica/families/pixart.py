@@ -13,7 +13,7 @@ import torch
 
 from ..samplers import PIXART_PROMPT_KEYS, PIXART_SAMPLERS, pixart_sample, use_pixart_sampler
 from ..solvers import first_output, guidance_combined
-from . import TINY_VAE, Family, ModelPreset, register
+from . import SD_VAE, TINY_VAE, Family, Preset, register
 from .dit import DiTTask
 
 TRANSFORMER, PIPELINE, SIGMA_PIPELINE = "PixArtTransformer2DModel", "PixArtAlphaPipeline", "PixArtSigmaPipeline"
@@ -68,6 +68,7 @@ class PixArtTask:
     output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
     text_dim = "caption_channels"  # config key of the text embeddings' width
     patch = staticmethod(DiTTask.patch)
+    experts, macs = DiTTask.experts, DiTTask.macs
 
     def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
@@ -77,6 +78,10 @@ class PixArtTask:
         cfg = transformer.config
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.embeddings = embeddings
+
+    def with_steps(self, num_steps: int) -> "PixArtTask":
+        """The same task sampled with another step count."""
+        return PixArtTask(self.transformer, self.begin(), self.embeddings, num_steps, self.guidance)
 
     def conditions(self, batch: int, generator: torch.Generator) -> dict:
         count = self.embeddings["prompt_embeds"].shape[0]
@@ -162,10 +167,10 @@ def generate(pipe, args, spec, sampler: str, steps: int, guidance: float, genera
             prompt = dict(zip(PIXART_PROMPT_KEYS, pipe.encode_prompt(prompt["prompt"], device=device)))
         prompt = {key: prompt[key] for key in PIXART_PROMPT_KEYS}
         latents = pixart_sample(pipe, **prompt, num_steps=steps, guidance_scale=guidance,
-                                generator=generator, height=spec.resolution, width=spec.resolution, progress=True)
+                                generator=generator, height=spec.height, width=spec.width, progress=True)
         return decode(pipe, latents)
     return to_pil(pipe(**prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                       height=spec.resolution, width=spec.resolution,
+                       height=spec.height, width=spec.width,
                        use_resolution_binning=not args.random_weights, output_type="np").images[0])
 
 
@@ -192,9 +197,10 @@ def read_embeddings(path, cfg) -> dict:
     return load_prompt_embeddings(path, cfg.caption_channels)
 
 
-def _pixart(sample_size, hub_id, pipeline=PIPELINE, tokens=120, **config) -> ModelPreset:
-    return ModelPreset(TRANSFORMER, {"sample_size": sample_size, "caption_channels": 4096, **config},
-                       sample_size * 8, pipeline, "dpm-solver++", tokens, hub_id)
+def _pixart(sample_size, hub_id, pipeline=None, tokens=120, **config) -> Preset:
+    return Preset.square(TRANSFORMER, {"sample_size": sample_size, "caption_channels": 4096, **config},
+                         sample_size * 8, SAMPLERS, "dpm-solver++", text_tokens=tokens, hub_id=hub_id, vae=SD_VAE,
+                         pipeline=pipeline)
 
 
 PRESETS = {
@@ -203,7 +209,7 @@ PRESETS = {
     "pixart-alpha-1024": _pixart(128, "PixArt-alpha/PixArt-XL-2-1024-MS"),
     "pixart-sigma-2048": _pixart(256, "PixArt-alpha/PixArt-Sigma-XL-2-2K-MS", SIGMA_PIPELINE, 300,
                                  use_additional_conditions=False),
-    "tiny-pixart": ModelPreset(TRANSFORMER, TINY_PIXART, 64, PIPELINE, "dpm-solver++", 8, vae=TINY_VAE),
+    "tiny-pixart": Preset.square(TRANSFORMER, TINY_PIXART, 64, SAMPLERS, "dpm-solver++", text_tokens=8, vae=TINY_VAE),
 }
 
 FAMILY = register(Family(

@@ -28,7 +28,7 @@ from .. import adapters
 from ..adapters import Adapter
 from ..flow import VAE_FACTOR, FlowTask, as_4d, denormalized
 from ..solvers import FlowMatchSchedule
-from . import Family, FlowModel, FlowPreset, register
+from . import Family, FlowModel, Preset, register
 from .flux import _clip_fp16, _modulate
 from .wan import TINY_VAE as TINY_WAN_VAE
 
@@ -217,8 +217,8 @@ MODELS = {"qwen-image-1328": FlowModel(TRANSFORMER, {
 TINY = {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
         "num_attention_heads": 2, "joint_attention_dim": 32, "axes_dims_rope": (8, 4, 4)}
 # (steps, guidance): the pipeline's __call__ defaults (true_cfg_scale 4); its VAE takes Wan's VAE's arguments
-PRESETS = {"qwen-image": FlowPreset.of(MODELS["qwen-image-1328"], 50, 4.0),
-           "tiny-qwen-image": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 50, 4.0, vae=TINY_WAN_VAE)}
+PRESETS = {"qwen-image": Preset.of(MODELS["qwen-image-1328"], 50, 4.0),
+           "tiny-qwen-image": Preset(TRANSFORMER, TINY, 64, 64, 8, 50, 4.0, vae=TINY_WAN_VAE)}
 
 FAMILY = register(Family("qwen-image", TRANSFORMER, PIPELINE, "AutoencoderKLQwenImage", QwenImageTask, SCHEDULE,
                          encode, example_inputs, MODELS, PRESETS))

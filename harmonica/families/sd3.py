@@ -21,7 +21,7 @@ from .. import adapters
 from ..adapters import Adapter
 from ..flow import FlowTask
 from ..solvers import FlowMatchSchedule
-from . import TINY_KL, Family, FlowModel, FlowPreset, register
+from . import TINY_KL, Family, FlowModel, Preset, register
 
 TRANSFORMER, PIPELINE = "SD3Transformer2DModel", "StableDiffusion3Pipeline"
 
@@ -144,9 +144,9 @@ TINY = {"sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 4, 
 # a random VAE 8x like the real one, with its latent scaling and shift
 TINY_SD3_VAE = {**TINY_KL, "latent_channels": 4, "scaling_factor": 1.5305, "shift_factor": 0.0609}
 # (steps, guidance): the pipeline's __call__ defaults; tiny-sd35: SD3.5's dual attention and qk norm
-PRESETS = {"sd3.5-large": FlowPreset.of(MODELS["sd3.5-large-1024"], 28, 7.0),
-           "tiny-sd3": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 28, 7.0, vae=TINY_SD3_VAE),
-           "tiny-sd35": FlowPreset(TRANSFORMER, {**TINY, "dual_attention_layers": (0,), "qk_norm": "rms_norm"},
+PRESETS = {"sd3.5-large": Preset.of(MODELS["sd3.5-large-1024"], 28, 7.0),
+           "tiny-sd3": Preset(TRANSFORMER, TINY, 64, 64, 8, 28, 7.0, vae=TINY_SD3_VAE),
+           "tiny-sd35": Preset(TRANSFORMER, {**TINY, "dual_attention_layers": (0,), "qk_norm": "rms_norm"},
                                    64, 64, 8, 28, 7.0, vae=TINY_SD3_VAE)}
 
 FAMILY = register(Family(

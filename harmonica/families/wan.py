@@ -22,7 +22,7 @@ from .. import adapters
 from ..adapters import Adapter
 from ..flow import FlowTask, denormalized
 from ..solvers import FlowMatchSchedule
-from . import Family, FlowModel, FlowPreset, register
+from . import Family, FlowModel, Preset, register
 
 TRANSFORMER, PIPELINE = "WanTransformer3DModel", "WanPipeline"
 
@@ -170,10 +170,10 @@ TINY_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 1, 1, 1], "num_res_blocks
 # expert) and guidance_scale_2 3.0 (low-noise), as diffusers' modular Wan 2.2 blocks default them
 A14B = {"experts": 2, "pipeline_config": {"boundary_ratio": 0.875}, "guidance_2": 3.0}
 # (steps, guidance): the pipeline's __call__ defaults
-PRESETS = {"wan2.1-1.3b": FlowPreset.of(MODELS["wan2.1-t2v-1.3b-480p"], 50, 5.0),
-           "wan2.2-t2v-a14b": FlowPreset.of(MODELS["wan2.2-t2v-a14b-720p"], 40, 4.0, **A14B),
-           "tiny-wan": FlowPreset(TRANSFORMER, TINY, 32, 32, 8, 50, 5.0, frames=5, vae=TINY_VAE),
-           "tiny-wan2.2": FlowPreset(TRANSFORMER, TINY, 32, 32, 8, 40, 4.0, frames=5, vae=TINY_VAE, **A14B)}
+PRESETS = {"wan2.1-1.3b": Preset.of(MODELS["wan2.1-t2v-1.3b-480p"], 50, 5.0),
+           "wan2.2-t2v-a14b": Preset.of(MODELS["wan2.2-t2v-a14b-720p"], 40, 4.0, **A14B),
+           "tiny-wan": Preset(TRANSFORMER, TINY, 32, 32, 8, 50, 5.0, frames=5, vae=TINY_VAE),
+           "tiny-wan2.2": Preset(TRANSFORMER, TINY, 32, 32, 8, 40, 4.0, frames=5, vae=TINY_VAE, **A14B)}
 
 FAMILY = register(Family("wan", TRANSFORMER, PIPELINE, "AutoencoderKLWan", WanTask, SCHEDULE, encode,
                          example_inputs, MODELS, PRESETS, frame_factor=4, experts=experts))

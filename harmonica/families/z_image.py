@@ -35,7 +35,7 @@ from .. import adapters
 from ..adapters import Adapter
 from ..flow import FlowTask
 from ..solvers import FlowMatchSchedule
-from . import Family, FlowModel, FlowPreset, register
+from . import Family, FlowModel, Preset, register
 from .flux import TINY_FLUX_VAE
 from .qwen_image import pad_prompts
 
@@ -181,8 +181,8 @@ TINY = {"in_channels": 4, "dim": 32, "n_layers": 2, "n_refiner_layers": 1, "n_he
         "cap_feat_dim": 16, "axes_dims": (4, 6, 6), "axes_lens": (256, 32, 32)}
 # (steps, guidance): Z-Image-Turbo's model card (9 steps, guidance 0: its CFG is distilled); tiny-z-image: the
 # pipeline's __call__ defaults (50, 5: CFG runs); the VAE is FLUX.1's
-PRESETS = {"z-image-turbo": FlowPreset.of(MODELS["z-image-turbo-1024"], 9, 0.0),
-           "tiny-z-image": FlowPreset(TRANSFORMER, TINY, 64, 64, 8, 50, 5.0, vae=TINY_FLUX_VAE)}
+PRESETS = {"z-image-turbo": Preset.of(MODELS["z-image-turbo-1024"], 9, 0.0),
+           "tiny-z-image": Preset(TRANSFORMER, TINY, 64, 64, 8, 50, 5.0, vae=TINY_FLUX_VAE)}
 
 FAMILY = register(Family(
     "z-image", TRANSFORMER, PIPELINE, "AutoencoderKL", ZImageTask, SCHEDULE, encode, example_inputs, MODELS, PRESETS,

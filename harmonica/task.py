@@ -1,0 +1,52 @@
+"""The training task: one family's denoising loop as `RouterTrainer`, the schedule search (`search.Rollouts`,
+`search_router`, `compare`), the forecast fit and `harmonica train` drive it. `DiTTask`, `PixArtTask` and the
+`flow.FlowTask` subclasses (harmonica/families) provide it; digits-dit's and digits-flux's tasks are DiT's and
+FLUX's.
+
+Shapes: B the batch, `latent_shape` one sample's latents (DiT/PixArt (C, h, w); packed flow latents (L, C); video
+(C, F, h, w)), T the steps.
+"""
+
+from typing import Protocol
+
+import torch
+
+
+class Task(Protocol):
+    transformer: torch.nn.Module
+    """The diffusers transformer of step 0 (of every step unless `experts` says otherwise)."""
+    sampler: str
+    """The sampler name a router records (the scheduler class, or "dit-ddim")."""
+    timesteps: list
+    """The T timesteps (ints) of the generation, in order, as a router records them."""
+    latent_shape: tuple
+    """One sample's latent shape: noise is (B, *latent_shape)."""
+
+    def conditions(self, batch: int, generator: torch.Generator) -> dict:
+        """A batch of random conditions, {name: tensor (B, ...)} (class labels, prompt indices)."""
+
+    def begin(self):
+        """A new generation's sampler state (None for a stateless one), which `update` advances."""
+
+    def model_kwargs(self, x: torch.Tensor, cond: dict, i: int) -> dict:
+        """The transformer's forward kwargs at step i for latents x (B, *latent_shape) and `cond`."""
+
+    def output(self, model_output):
+        """The model output the sampler steps, (B, ...) or its CFG batch (2B, ...), of the transformer's return
+        value: a tensor, or per sample a list of them where the transformer returns one (Z-Image)."""
+
+    def update(self, state, x: torch.Tensor, out: torch.Tensor, cond: dict, i: int) -> torch.Tensor:
+        """Latents (B, *latent_shape) after step i from x and the step's `output`."""
+
+    def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
+        """`out` as the sampler uses it, guidance applied (the training loss compares it): (B, ...), or DiT's and
+        PixArt's in out's shape (2B, ...), both CFG halves the combined eps; `channels`: x's latent channels."""
+
+    def with_steps(self, num_steps: int) -> "Task":
+        """The same task sampled with `num_steps` steps."""
+
+    def experts(self) -> list:
+        """[(transformer, first step)]: the transformers that take turns by step, in order (one for most)."""
+
+    def macs(self):
+        """The `macs.MacCount` of one forward of `transformer` at the task's size."""

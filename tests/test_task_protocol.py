@@ -1,0 +1,66 @@
+"""One `Task` protocol (harmonica/task.py): every family's training task, built as `harmonica train` builds it,
+provides each of its members and runs a generation through them alone, as `RouterTrainer` and the search do."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+
+from harmonica.cli.train import TASKS
+from harmonica.families import FAMILIES
+from harmonica.models import preset, random_prompt_embeds
+from harmonica.task import Task
+from harmonica.training import TrainConfig
+
+MEMBERS = {name for name in vars(Task) if not name.startswith("_")} | set(Task.__annotations__)
+TINY = [name for family in FAMILIES.values() for name in family.presets if name.startswith("tiny")]
+STEPS = 2
+
+
+def bank(name: str) -> dict:
+    """A prompt bank of two random prompts, as `harmonica embed` writes it for PixArt (`Family.read_embeddings`)."""
+    embeds = random_prompt_embeds(name, 2, torch.Generator().manual_seed(0))
+    return {"prompt_embeds": embeds, "prompt_attention_mask": torch.ones(embeds.shape[:2]),
+            "negative_embeds": torch.zeros_like(embeds[:1]), "negative_attention_mask": torch.ones(1, embeds.shape[1])}
+
+
+def train_task(name: str) -> Task:
+    """The task `harmonica train --model name --random-weights --steps STEPS` trains on (CPU)."""
+    spec = preset(name)
+    family = spec.family
+    args = Namespace(model=name, weights=None, random_weights=True, sampler=None)
+    config = TrainConfig(num_steps=STEPS, guidance=spec.guidance)
+    embeddings = bank(name) if family.read_embeddings is not None else None
+    return TASKS[family.loop](args, spec, config, embeddings, "cpu")
+
+
+def test_the_protocol_lists_what_the_trainer_and_the_search_use():
+    assert MEMBERS == {"transformer", "sampler", "timesteps", "latent_shape", "conditions", "begin", "model_kwargs",
+                       "output", "update", "combined", "with_steps", "experts", "macs"}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_familys_task_is_a_task(name):
+    task = train_task(name)
+    assert type(task) is preset(name).family.task
+    missing = MEMBERS - set(dir(task))
+    assert not missing, f"{name}: {type(task).__name__} lacks {sorted(missing)}"
+    assert len(task.timesteps) == STEPS and all(isinstance(t, int) for t in task.timesteps)
+    assert len(task.with_steps(STEPS + 1).timesteps) == STEPS + 1
+    experts = task.experts()
+    assert experts[0] == (task.transformer, 0) and [first for _, first in experts] == sorted({f for _, f in experts})
+    assert task.macs().total > 0 and isinstance(task.sampler, str) and task.sampler
+    # one generation of two samples through the protocol alone (`RouterTrainer.rollout`)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, *task.latent_shape, generator=generator)
+    cond = task.conditions(2, generator)
+    state = task.begin()
+    with torch.no_grad():
+        for i in range(STEPS):
+            transformer = next(t for t, first in reversed(experts) if first <= i)
+            out = task.output(transformer(**task.model_kwargs(x, cond, i)))
+            stacked = torch.stack(out) if isinstance(out, list) else out  # Z-Image's per-sample list
+            combined = task.combined(stacked.float(), x.shape[1])
+            assert combined.shape[0] in (2, stacked.shape[0]) and torch.isfinite(combined).all()
+            x = task.update(state, x, out, cond, i)
+    assert x.shape == (2, *task.latent_shape) and torch.isfinite(x).all()
