@@ -176,7 +176,8 @@ class FlowTask:
         """The transformer's keyword arguments at step i for the sample x (B, *latent_shape)."""
         model_in = torch.cat([x, x]) if self.guided else x
         t = self._on("timesteps", x.device)[i].expand(model_in.shape[0])
-        return {self.family.arguments[0]: self._latents_input(model_in), "return_dict": True,
+        # a tuple, as the pipelines ask: diffusers' context-parallel hooks pass only tensors through
+        return {self.family.arguments[0]: self._latents_input(model_in), "return_dict": False,
                 **self._model_inputs(model_in, t, self._prompts(cond, x.device))}
 
     def _latents_input(self, model_in: torch.Tensor):

@@ -175,9 +175,7 @@ def sample(task, cond: dict, latents: torch.Tensor, *, progress: bool = False) -
     with SolverLoop(transformer, table, as_4d(latents), task.solver_guidance, task.solver_output) as loop:
         for i in tqdm(range(len(task.timesteps)), disable=not progress, desc=task.sampler):
             loop.begin_step(i)
-            # a tuple, as the pipelines ask: diffusers' context-parallel hooks pass only tensors through
-            loop.end_step(transformer(**{**task.model_kwargs(loop.x.view(latents.shape), cond, i),
-                                         "return_dict": False}))
+            loop.end_step(transformer(**task.model_kwargs(loop.x.view(latents.shape), cond, i)))
     return loop.result().view(latents.shape)
 
 

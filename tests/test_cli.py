@@ -116,7 +116,7 @@ class ConstantEps(torch.nn.Module):
         self.dtype = torch.float32
         self.timesteps = []
 
-    def forward(self, hidden_states, timestep, class_labels, return_dict=True):
+    def forward(self, hidden_states, timestep, class_labels):
         self.timesteps.append(timestep.tolist())
         return ((class_labels != 1000).float()[:, None, None, None].expand(-1, 8, 2, 2),)
 
