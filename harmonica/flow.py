@@ -4,7 +4,8 @@ A `FlowTask` is one model family's denoising loop as its diffusers 0.42 pipeline
 pipeline's `FlowMatchEulerDiscreteScheduler` as a coefficient table (`solvers.py`), so that the step
 is the fused `solver_step`: the latent shape for a size, the prompt conditions, each step's transformer
 arguments, classifier-free guidance on the velocity and the step. It is a `task.Task` (what `RouterTrainer`
-and the search drive), and `flow_sample` runs it through `SolverLoop` for inference.
+and the search drive), and `flow_sample` runs it through `samplers.sample`, the loop
+of every table-driven task, for inference.
 
 Each family's task (its model inputs per step, packing, guidance and decode) lives in its module of
 `harmonica/families`; CFG batches are [unconditional, conditional], guidance on every channel of the velocity,
@@ -16,24 +17,14 @@ rank as 4-D views: (B, L, C) as (B, 1, L, C), (B, C, F, h, w) as (B, C, F h, w).
 """
 
 import math
-from types import SimpleNamespace
 
 import torch
-from tqdm.auto import tqdm
 
 from .kernels import solver_step
-from .solvers import first_output, flow_match_euler_table, set_flow_match_timesteps
+from .solvers import as_4d, first_output, flow_match_euler_table, set_flow_match_timesteps
 
 VAE_FACTOR = 8  # pixels per latent pixel: DiT, PixArt, and `Family.vae_factor` by default
 SAMPLER = "FlowMatchEulerDiscreteScheduler"
-
-
-def as_4d(t: torch.Tensor) -> torch.Tensor:
-    """A view of latents or a transformer output that `solver_step` steps: (B, L, C) -> (B, 1, L, C),
-    (B, C, H, W) as it is, (B, C, F, H, W) -> (B, C, F H, W)."""
-    if t.dim() == 3:
-        return t.unsqueeze(1)
-    return t if t.dim() == 4 else t.flatten(2, 3)
 
 
 class FlowTask:
@@ -185,7 +176,8 @@ class FlowTask:
         """The transformer's keyword arguments at step i for the sample x (B, *latent_shape)."""
         model_in = torch.cat([x, x]) if self.guided else x
         t = self._on("timesteps", x.device)[i].expand(model_in.shape[0])
-        return {self.family.arguments[0]: self._latents_input(model_in), "return_dict": True,
+        # a tuple, as the pipelines ask: diffusers' context-parallel hooks pass only tensors through
+        return {self.family.arguments[0]: self._latents_input(model_in), "return_dict": False,
                 **self._model_inputs(model_in, t, self._prompts(cond, x.device))}
 
     def _latents_input(self, model_in: torch.Tensor):
@@ -196,6 +188,11 @@ class FlowTask:
         raise NotImplementedError
 
     output = staticmethod(first_output)  # the model output the solver steps (B, *latent_shape)
+    step_in_graph = False  # the velocity step runs after the graph: scheduler_in_graph is refused
+
+    def solver_output(self, model_output) -> torch.Tensor:
+        """The 4-D velocity `samplers.sample` steps, of the transformer's return value."""
+        return self.velocity(self.output(model_output))
 
     def velocity(self, out: torch.Tensor) -> torch.Tensor:
         """The model output as the solver steps it (4-D): the raw output, guided by `solver_step` when
@@ -265,38 +262,19 @@ def load_flow_embeddings(path, option: str = "--prompt-embeddings") -> dict:
     return read_embeddings(path, option)
 
 
-@torch.no_grad()
 def flow_sample(task: FlowTask, prompt_index: torch.Tensor, *, latents: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """One generation of `task` through `SolverLoop` (the fused solver step; caching as enabled on the
+    """One generation of `task` through `samplers.sample` (the fused solver step; caching as enabled on the
     transformer); returns the final latents (B, *latent_shape), packed as the transformer sees them.
 
     prompt_index: (B,) prompts of the task's bank; latents: the initial noise, else N(0, 1) from `generator`."""
-    from .api import begin_generation, step_runner
-    from .samplers import SolverLoop
+    from .samplers import sample
 
-    transformer = task.transformer
-    if len(task.experts()) > 1:
-        raise ValueError(f"task: expected one transformer, got {len(task.experts())} that take turns by step "
-                         f"(flow_sample runs one; search_router and Rollouts run several)")
-    device, dtype = transformer.device, transformer.dtype
     if latents is None:
-        shape = (len(prompt_index), *task.latent_shape)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-    latents = latents.to(device, dtype)
-    if step_runner(transformer) is not None:
-        raise ValueError("scheduler_in_graph: expected off for a flow-matching model (its sampler step runs after "
-                         "the graph), got on")
-    cond = {"prompt_index": prompt_index}
-    begin_generation(transformer, task.sampler, task.timesteps)
-    with SolverLoop(transformer, task.table, as_4d(latents), task.solver_guidance) as loop:
-        for i in tqdm(range(task.num_steps), disable=not progress, desc=SAMPLER):
-            loop.begin_step(i)
-            # a tuple, as the pipelines ask: diffusers' context-parallel hooks pass only tensors through
-            out = task.output(transformer(**{**task.model_kwargs(loop.x.view(latents.shape), cond, i),
-                                             "return_dict": False}))
-            loop.end_step(SimpleNamespace(sample=task.velocity(out)))
-    return loop.result().view(latents.shape)
+        latents = torch.randn((len(prompt_index), *task.latent_shape), generator=generator, dtype=torch.float32)
+    transformer = task.transformer
+    return sample(task, {"prompt_index": prompt_index}, latents.to(transformer.device, transformer.dtype),
+                  progress=progress)
 
 
 def cur_for_speedup(macs, speedup: float, num_steps: int) -> float:

@@ -7,10 +7,11 @@
   "iddpm" (100 DDPM steps; the pipeline drops PixArt's learned variance, so the variance is the
   scheduler's fixed one).
 
-`dit_ddim_sample` and `pixart_sample` (the PixArt pipeline's denoising loop for DPM-Solver++) step
-through a coefficient table (`solvers.py`) held by `SolverLoop`: no host state and no device read in
-the loop; with `enable(..., cuda_graphs=True, scheduler_in_graph=True)` the step runs inside the
-captured graphs.
+`sample` is the one loop of every table-driven `task.Task` (DiT's "dit-ddim", PixArt's "dpm-solver++", the
+flow-matching Euler of `flow.FlowTask`): it steps the task's coefficient table (`solvers.py`) held by `SolverLoop`, no
+host state and no device read in the loop; with `enable(..., cuda_graphs=True, scheduler_in_graph=True)` the step
+runs inside the captured graphs where the task allows it (`step_in_graph`). `dit_ddim_sample`, `pixart_sample` and
+`flow.flow_sample` build their task and noise and call it.
 """
 
 import torch
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .kernels import solver_step
 from .router import dit_ddim_timesteps
-from .solvers import StepTable, ddim_table, dpm_solver_table
+from .solvers import StepTable, as_4d, ddim_table
 
 PIXART_SAMPLERS = {"dpm-solver++": ("DPMSolverMultistepScheduler", 20), "sa-solver": ("SASolverScheduler", 25),
                    "iddpm": ("DDPMScheduler", 100)}
@@ -95,14 +96,16 @@ class SolverLoop:
     eagerly. Use as a context manager around the step loop.
 
     table: the sampler's `StepTable`; latents: (B, C, H, W) initial sample; guidance: the `solver_step`
-    guidance options (empty without guidance), constants of a captured step.
+    guidance options (empty without guidance), constants of a captured step; output: the tensor the solver
+    steps, (B, C_out, H, W) or its CFG batch (2B, C_out, H, W), of the transformer's return value.
     """
 
-    def __init__(self, transformer, table: StepTable, latents: torch.Tensor, guidance: dict):
+    def __init__(self, transformer, table: StepTable, latents: torch.Tensor, guidance: dict, output):
         from .api import step_runner  # (the api imports the families, whose modules import this one)
 
         self.runner = step_runner(transformer)
         self.guidance, self.key = guidance, (table.name, tuple(sorted(guidance.items())))
+        self.output = output
         device = latents.device
         self.coefficients = table.tensor(device)
         make = self.runner.buffer if self.runner is not None else _new_buffer
@@ -133,8 +136,8 @@ class SolverLoop:
             self.advance(output)
 
     def advance(self, output) -> None:
-        """x <- x_next and x0_prev <- x0, in place, from the transformer output (one fused op)."""
-        solver_step(self.x, output.sample, self.step_coefficients, x0_prev=self.x0_prev, x_out=self.x,
+        """x <- x_next and x0_prev <- x0, in place, from the transformer's return value (one fused op)."""
+        solver_step(self.x, self.output(output), self.step_coefficients, x0_prev=self.x0_prev, x_out=self.x,
                     x0_out=self.x0_prev, **self.guidance)
 
     def result(self) -> torch.Tensor:
@@ -152,38 +155,50 @@ def dit_null_labels(class_labels: torch.Tensor, num_classes: int) -> torch.Tenso
 
 
 @torch.no_grad()
+def sample(task, cond: dict, latents: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
+    """One generation of a table-driven `task.Task` through `SolverLoop` (caching as enabled on its transformer);
+    returns the final latents (B, *latent_shape).
+
+    cond: the task's conditions ({name: (B, ...)}, as `task.conditions` makes them); latents: the initial noise
+    (B, *latent_shape) on the transformer's device, in its dtype."""
+    from .api import begin_generation, step_runner
+
+    transformer, experts = task.transformer, len(task.experts())
+    if experts > 1:
+        raise ValueError(f"task: expected one transformer, got {experts} that take turns by step (sample runs one; "
+                         "search_router and Rollouts run several)")
+    if not task.step_in_graph and step_runner(transformer) is not None:
+        raise ValueError(f"scheduler_in_graph: expected off for the sampler {task.sampler} (its step runs after the "
+                         "graph), got on")
+    table = task.table  # (PixArt's: a ValueError for a scheduler other than DPM-Solver++)
+    begin_generation(transformer, task.sampler, task.timesteps)
+    with SolverLoop(transformer, table, as_4d(latents), task.solver_guidance, task.solver_output) as loop:
+        for i in tqdm(range(len(task.timesteps)), disable=not progress, desc=task.sampler):
+            loop.begin_step(i)
+            loop.end_step(transformer(**task.model_kwargs(loop.x.view(latents.shape), cond, i)))
+    return loop.result().view(latents.shape)
+
+
 def dit_ddim_sample(transformer, class_labels: torch.Tensor, *, num_steps: int = 20, guidance_scale: float = 1.5,
                     generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                     progress: bool = False) -> torch.Tensor:
-    """The original DiT DDIM loop; returns latents (B, C, H, W) (decode with `vae.decode(x / 0.18215)`).
+    """The original DiT DDIM (`families.dit.DiTTask` through `sample`); returns latents (B, C, H, W) (decode with
+    `vae.decode(x / 0.18215)`).
 
     class_labels: (B,) classes on the transformer's device. With guidance_scale > 1 the model runs the
-    conditional and the null-class halves as one batch of 2B.
+    conditional and the null-class halves as one batch of 2B. latents: the initial noise, else N(0, 1) from
+    `generator`.
     """
-    cfg = transformer.config
-    device, dtype = class_labels.device, transformer.dtype
-    batch = class_labels.shape[0]
+    from .families.dit import DiTTask
+
+    task = DiTTask(transformer, num_steps, guidance_scale)
     if latents is None:
-        shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-    guided = guidance_scale > 1
-    labels = dit_null_labels(class_labels, cfg.num_embeds_ada_norm) if guided else class_labels
-    from .api import begin_generation
-
-    timesteps = dit_ddim_timesteps(num_steps)
-    begin_generation(transformer, "dit-ddim", timesteps)
-
-    guidance = dit_guidance(guidance_scale, cfg.in_channels)
-    with SolverLoop(transformer, dit_ddim_table(num_steps), latents, guidance) as loop:
-        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="dit-ddim")):
-            loop.begin_step(i)
-            model_in = torch.cat([loop.x, loop.x]) if guided else loop.x
-            t_batch = torch.full((model_in.shape[0],), t, device=device, dtype=torch.long)
-            loop.end_step(transformer(model_in, timestep=t_batch, class_labels=labels))
-    return loop.result()
+        shape = (class_labels.shape[0], *task.latent_shape)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(class_labels.device,
+                                                                                 transformer.dtype)
+    return sample(task, {"class_labels": class_labels}, latents, progress=progress)
 
 
-@torch.no_grad()
 def pixart_sample(pipe, prompt_embeds: torch.Tensor, prompt_attention_mask: torch.Tensor,
                   negative_prompt_embeds: torch.Tensor | None = None,
                   negative_prompt_attention_mask: torch.Tensor | None = None, *, num_steps: int = 20,
@@ -191,41 +206,25 @@ def pixart_sample(pipe, prompt_embeds: torch.Tensor, prompt_attention_mask: torc
                   generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                   progress: bool = False) -> torch.Tensor:
     """The denoising loop of diffusers' PixArt pipeline with its DPM-Solver++ scheduler as a coefficient
-    table; returns latents (B, C, h, w) (decode with `vae.decode(x / vae.config.scaling_factor)`).
+    table (`families.pixart.PixArtTask` through `sample`); returns latents (B, C, h, w) (decode with
+    `vae.decode(x / vae.config.scaling_factor)`).
 
     prompt_embeds (B, L, C) and prompt_attention_mask (B, L): the prompt; with guidance_scale > 1 the
     negative pair (B, L, C), (B, L) too (the empty prompt's embeddings for PixArt's unconditional half).
     `pipe.scheduler` must be a DPMSolverMultistepScheduler (`use_pixart_sampler(pipe, "dpm-solver++")`).
     """
-    transformer, scheduler = pipe.transformer, pipe.scheduler
-    cfg = transformer.config
-    device, dtype = transformer.device, transformer.dtype
+    from .families.pixart import PixArtTask
+
+    transformer = pipe.transformer
     guided = guidance_scale > 1
     if guided and (negative_prompt_embeds is None or negative_prompt_attention_mask is None):
         raise ValueError("negative_prompt_embeds: expected the unconditional embeddings and mask with "
                          f"guidance_scale {guidance_scale} > 1, got None")
-    batch = prompt_embeds.shape[0]
-    height = height or cfg.sample_size * pipe.vae_scale_factor
-    width = width or cfg.sample_size * pipe.vae_scale_factor
-    embeds, mask = prompt_embeds.to(device, dtype), prompt_attention_mask.to(device)
+    bank = {"prompt_embeds": prompt_embeds, "prompt_attention_mask": prompt_attention_mask}
     if guided:
-        embeds = torch.cat([negative_prompt_embeds.to(device, dtype), embeds])
-        mask = torch.cat([negative_prompt_attention_mask.to(device), mask])
-    conditions = {"resolution": None, "aspect_ratio": None}
-    if cfg.sample_size == 128:  # PixArt-alpha 1024's micro-conditions, as the pipeline sets them
-        rows = 2 * batch if guided else batch
-        conditions = {name: torch.tensor([value], dtype=dtype).repeat(rows, 1).to(device, non_blocking=True)
-                      for name, value in (("resolution", [height, width]), ("aspect_ratio", [height / width]))}
-    scheduler.set_timesteps(num_steps)  # on the host; starts the generation when harmonica is enabled
-    table = dpm_solver_table(scheduler)
-    timesteps = scheduler.timesteps.to(device, non_blocking=True)
-    latents = pipe.prepare_latents(batch, cfg.in_channels, height, width, dtype, device, generator, latents)
-    guidance = {"guidance_scale": guidance_scale, "cond_first": False} if guided else {}  # learned sigma: ignored
-    with SolverLoop(transformer, table, latents, guidance) as loop:
-        for i in tqdm(range(num_steps), disable=not progress, desc="dpm-solver++"):
-            loop.begin_step(i)
-            model_in = torch.cat([loop.x, loop.x]) if guided else loop.x
-            loop.end_step(transformer(model_in, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                                      timestep=timesteps[i:i + 1].expand(model_in.shape[0]),
-                                      added_cond_kwargs=conditions))
-    return loop.result()
+        bank.update(negative_embeds=negative_prompt_embeds, negative_attention_mask=negative_prompt_attention_mask)
+    task = PixArtTask(transformer, pipe.scheduler, bank, num_steps, guidance_scale)
+    batch, size = prompt_embeds.shape[0], transformer.config.sample_size * pipe.vae_scale_factor
+    latents = pipe.prepare_latents(batch, transformer.config.in_channels, height or size, width or size,
+                                   transformer.dtype, transformer.device, generator, latents)
+    return sample(task, {"prompt_index": torch.arange(batch)}, latents, progress=progress)

@@ -218,6 +218,14 @@ def scheduler_table(scheduler) -> StepTable:
     return builders[name](scheduler)
 
 
+def as_4d(t: torch.Tensor) -> torch.Tensor:
+    """A view of latents or a transformer output that `solver_step` steps: (B, L, C) -> (B, 1, L, C),
+    (B, C, H, W) as it is, (B, C, F, H, W) -> (B, C, F H, W)."""
+    if t.dim() == 3:
+        return t.unsqueeze(1)
+    return t if t.dim() == 4 else t.flatten(2, 3)
+
+
 def first_output(result) -> torch.Tensor:
     """The model output a solver steps, from a transformer forward's return (a tuple or a diffusers output): its
     first element (the tasks' `output`; LTX-2's task joins both of its streams instead)."""

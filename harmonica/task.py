@@ -1,7 +1,7 @@
 """The training task: one family's denoising loop as `RouterTrainer`, the schedule search (`search.Rollouts`,
 `search_router`, `compare`), the forecast fit and `harmonica train` drive it. `DiTTask`, `PixArtTask` and the
 `flow.FlowTask` subclasses (harmonica/families) provide it; digits-dit's and digits-flux's tasks are DiT's and
-FLUX's.
+FLUX's. `samplers.sample`, the one inference loop, runs a task whose sampler is a coefficient table.
 
 Shapes: B the batch, `latent_shape` one sample's latents (DiT/PixArt (C, h, w); packed flow latents (L, C); video
 (C, F, h, w)), T the steps.
@@ -10,6 +10,8 @@ Shapes: B the batch, `latent_shape` one sample's latents (DiT/PixArt (C, h, w); 
 from typing import Protocol
 
 import torch
+
+from .solvers import StepTable
 
 
 class Task(Protocol):
@@ -21,6 +23,12 @@ class Task(Protocol):
     """The T timesteps (ints) of the generation, in order, as a router records them."""
     latent_shape: tuple
     """One sample's latent shape: noise is (B, *latent_shape)."""
+    table: StepTable
+    """The sampler's coefficient table that `samplers.sample` steps (PixArt's other schedulers: a ValueError)."""
+    solver_guidance: dict
+    """`kernels.solver_step`'s guidance options of `samplers.sample` (empty without guidance)."""
+    step_in_graph: bool
+    """Whether the sampler step may run inside the transformer's CUDA graphs (`scheduler_in_graph`)."""
 
     def conditions(self, batch: int, generator: torch.Generator) -> dict:
         """A batch of random conditions, {name: tensor (B, ...)} (class labels, prompt indices)."""
@@ -34,6 +42,10 @@ class Task(Protocol):
     def output(self, model_output):
         """The model output the sampler steps, (B, ...) or its CFG batch (2B, ...), of the transformer's return
         value: a tensor, or per sample a list of them where the transformer returns one (Z-Image)."""
+
+    def solver_output(self, model_output) -> torch.Tensor:
+        """The 4-D tensor `samplers.sample` steps ((B, ...) or the CFG batch (2B, ...)) of the transformer's return
+        value."""
 
     def update(self, state, x: torch.Tensor, out: torch.Tensor, cond: dict, i: int) -> torch.Tensor:
         """Latents (B, *latent_shape) after step i from x and the step's `output`."""

@@ -554,9 +554,10 @@ def test_a_graph_captured_with_the_modulation_table_is_not_replayed_without_it()
     inputs = dit_inputs("cpu")
     latents, labels = inputs
 
-    def plain_loop():  # no timesteps announced: the modulation table is off
+    def plain_loop():  # no timesteps announced: the modulation table is off; the arguments passed as `sample` does
         harmonica.reset(model)
-        return [model(latents, timestep=torch.full((2,), t), class_labels=labels).sample for t in (999, 666, 333, 0)]
+        return [model(hidden_states=latents, timestep=torch.full((2,), t), class_labels=labels).sample
+                for t in (999, 666, 333, 0)]
 
     harmonica.enable(model, schedule)
     eager = plain_loop()

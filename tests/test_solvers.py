@@ -9,11 +9,20 @@ import torch
 
 import harmonica
 from harmonica import CacheSchedule
+from harmonica.api import begin_generation
 from harmonica.families import FAMILIES
-from harmonica.families.pixart import TINY_PIXART
+from harmonica.families.dit import DiTTask
+from harmonica.families.pixart import TINY_PIXART, PixArtTask
+from harmonica.flow import flow_task, random_flow_embeddings
 from harmonica.kernels import solver_step
-from harmonica.models import build_pipeline, random_prompt_embeds
-from harmonica.samplers import dit_alphas_cumprod, dit_ddim_table, pixart_sample, use_pixart_sampler
+from harmonica.models import FLOW_PRESETS, build_pipeline, build_transformer, random_prompt_embeds
+from harmonica.samplers import (
+    dit_alphas_cumprod,
+    dit_ddim_table,
+    pixart_sample,
+    sample,
+    use_pixart_sampler,
+)
 from harmonica.solvers import (
     FlowMatchSchedule,
     dpm_solver_table,
@@ -165,6 +174,94 @@ def test_pixart_sample_errors():
     use_pixart_sampler(pipe, "sa-solver")
     with pytest.raises(ValueError, match="expected a DPMSolverMultistepScheduler, got SASolverScheduler"):
         pixart_sample(pipe, **prompt, num_steps=2)
+
+
+def eager_loop(transformer, sampler: str, timesteps: list, table, guidance: dict, noise, forward):
+    """A table-driven generation spelled out, as the per-family loops before `samplers.sample` ran it: begin the
+    generation, then per step the output `forward(x, i)` (4-D) and an out-of-place `solver_step`."""
+    begin_generation(transformer, sampler, timesteps)
+    coefficients, x = table.tensor("cpu"), noise.clone()
+    x0_prev = torch.zeros_like(x) if table.multistep else None
+    for i in range(len(timesteps)):
+        x = solver_step(x, forward(x, i), coefficients[i], x0_prev=x0_prev, x0_out=x0_prev, **guidance)[0]
+    return x
+
+
+def dit_case(guidance: float):
+    """tiny-dit's task, its conditions and its reference: the classes then the null class, guidance on 3 eps
+    channels, conditional half first."""
+    transformer = build_pipeline("tiny-dit", random_weights=True).transformer
+    task, labels = DiTTask(transformer, 6, guidance), torch.tensor([3, 7])
+    null = torch.full_like(labels, transformer.config.num_embeds_ada_norm)
+
+    def forward(x, i):
+        t = torch.full((4,), task.timesteps[i], dtype=torch.long)
+        return transformer(torch.cat([x, x]), timestep=t, class_labels=torch.cat([labels, null])).sample
+
+    options = {"guidance_scale": guidance, "guided_channels": 3}
+    return task, {"class_labels": labels}, lambda noise: eager_loop(
+        transformer, "dit-ddim", task.timesteps, dit_ddim_table(6), options, noise, forward)
+
+
+def pixart_case(guidance: float):
+    """tiny-pixart's DPM-Solver++ task, its conditions and its reference: the negative prompt's half first, guidance
+    on every eps channel."""
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    prompt = pixart_prompt(2)
+    bank = {"prompt_embeds": prompt["prompt_embeds"], "prompt_attention_mask": prompt["prompt_attention_mask"],
+            "negative_embeds": prompt["negative_prompt_embeds"][:1],
+            "negative_attention_mask": prompt["negative_prompt_attention_mask"][:1]}
+    task = PixArtTask(pipe.transformer, pipe.scheduler, bank, 6, guidance)
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(6)
+    embeds = torch.cat([prompt["negative_prompt_embeds"], prompt["prompt_embeds"]])
+    mask = torch.cat([prompt["negative_prompt_attention_mask"], prompt["prompt_attention_mask"]])
+
+    def forward(x, i):
+        return pipe.transformer(torch.cat([x, x]), encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                timestep=scheduler.timesteps[i:i + 1].expand(4),
+                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+    options = {"guidance_scale": guidance, "cond_first": False}
+    return task, {"prompt_index": torch.arange(2)}, lambda noise: eager_loop(
+        pipe.transformer, "DPMSolverMultistepScheduler", task.timesteps, dpm_solver_table(scheduler), options, noise,
+        forward)
+
+
+def flux_case(guidance: float):
+    """tiny-flux's task, its conditions and its reference: the task's model inputs (the pipeline's, test_flow.py),
+    FLUX's distilled guidance (no CFG batch), the packed velocity (B, L, C) as (B, 1, L, C)."""
+    spec = FLOW_PRESETS["tiny-flux"]
+    transformer = build_transformer("tiny-flux")
+    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    task, cond = flow_task(transformer, bank, 6, guidance, **spec.size), {"prompt_index": torch.tensor([1, 0])}
+    table = flow_match_euler_table(task.scheduler)
+
+    def forward(x, i):
+        return transformer(**task.model_kwargs(x.squeeze(1), cond, i))[0].unsqueeze(1)
+
+    return task, cond, lambda noise: eager_loop(
+        transformer, task.sampler, task.timesteps, table, {}, noise.unsqueeze(1), forward).squeeze(1)
+
+
+LOOP_CASES = {"tiny-dit": (dit_case, 4.0), "tiny-pixart": (pixart_case, 4.5), "tiny-flux": (flux_case, 3.5)}
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["plain", "fora-2"])
+@pytest.mark.parametrize("name", LOOP_CASES)
+def test_the_one_loop_is_each_familys_loop_bitwise(name, cached):
+    """`samplers.sample` on DiT's, PixArt's and FLUX's task equals that family's generation spelled out (its own
+    CFG batch, guidance and table), bitwise, uncached and under FORA:2."""
+    case, guidance = LOOP_CASES[name]
+    task, cond, reference = case(guidance)
+    if cached:
+        harmonica.enable(task.transformer, CacheSchedule.fora(6, len(cached_units(task.transformer)), 2))
+    noise = torch.randn(2, *task.latent_shape, generator=torch.Generator().manual_seed(1))
+    ours = sample(task, cond, noise)
+    expected = reference(noise)
+    assert ours.shape == noise.shape
+    mismatched = (ours != expected).sum().item()
+    assert mismatched == 0, f"{mismatched} of {ours.numel()} elements differ, max {(ours - expected).abs().max():.3g}"
 
 
 # (scheduler config: the family of its transformer class, image tokens at the native size, CFG scale): FLUX.1-dev

@@ -34,9 +34,10 @@ def train_task(name: str) -> Task:
     return TASKS[family.loop](args, spec, config, embeddings, "cpu")
 
 
-def test_the_protocol_lists_what_the_trainer_and_the_search_use():
+def test_the_protocol_lists_what_the_trainer_the_search_and_the_sampling_loop_use():
     assert MEMBERS == {"transformer", "sampler", "timesteps", "latent_shape", "conditions", "begin", "model_kwargs",
-                       "output", "update", "combined", "with_steps", "experts", "macs"}
+                       "output", "update", "combined", "with_steps", "experts", "macs", "table", "solver_guidance",
+                       "step_in_graph", "solver_output"}
 
 
 @pytest.mark.parametrize("name", TINY)

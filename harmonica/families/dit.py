@@ -2,8 +2,9 @@
 
 Its blocks are diffusers' `BasicTransformerBlock` (`ada_norm_zero`), whose adapter, shared with PixArt, is
 `harmonica.adapters.basic`. Sampled through its pipeline (`Family.loop` "pipeline"): "dit-ddim", the original DiT
-sampler (`samplers.dit_ddim_sample`), or "pipeline", `DiTPipeline` with its own DDIM scheduler. Task: latents
-(B, C, h, w), class labels (B,), the timestep; guidance on the first 3 of the eps channels.
+sampler (`samplers.dit_ddim_sample`: `DiTTask` through `samplers.sample`), or "pipeline", `DiTPipeline` with its own
+DDIM scheduler. Task: latents (B, C, h, w), class labels (B,), the timestep; guidance on the first 3 of the eps
+channels.
 """
 
 import torch
@@ -26,7 +27,8 @@ TINY_DIT = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, 
 class DiTTask:
     """Class-conditional DiT sampled by the original DiT DDIM (guidance on 3 eps channels)."""
 
-    output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
+    output = solver_output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
+    step_in_graph = True  # the DDIM step may run inside the CUDA graphs (scheduler_in_graph)
 
     sampler = "dit-ddim"
     text_dim = None  # no text
@@ -42,6 +44,7 @@ class DiTTask:
         self.table = dit_ddim_table(num_steps)
         self.coefficients = None  # (T, 5) on the device of the first update
         cfg = transformer.config
+        self.solver_guidance = dit_guidance(guidance, cfg.in_channels)
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.num_classes = cfg.num_embeds_ada_norm
 
@@ -78,7 +81,7 @@ class DiTTask:
     def update(self, state, x, out, cond, i: int):
         if self.coefficients is None or self.coefficients.device != x.device:
             self.coefficients = self.table.tensor(x.device)
-        return solver_step(x, out, self.coefficients[i], **dit_guidance(self.guidance, x.shape[1]))[0]
+        return solver_step(x, out, self.coefficients[i], **self.solver_guidance)[0]
 
     def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
         """`out` as the sampler uses it: guidance on the first 3 eps channels (none at guidance <= 1)."""

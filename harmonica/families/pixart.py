@@ -11,8 +11,9 @@ negative_attention_mask (1, L).
 
 import torch
 
+from ..flow import VAE_FACTOR
 from ..samplers import PIXART_PROMPT_KEYS, PIXART_SAMPLERS, pixart_sample, use_pixart_sampler
-from ..solvers import first_output, guidance_combined
+from ..solvers import dpm_solver_table, first_output, guidance_combined
 from . import SD_VAE, TINY_VAE, Family, Preset, register
 from .dit import DiTTask
 
@@ -62,22 +63,30 @@ def load_prompt_embeddings(path, caption_channels: int | None = None, option: st
 
 
 class PixArtTask:
-    """Text-conditional PixArt sampled by a diffusers scheduler, as the PixArt pipelines run it:
-    [negative, positive] CFG batch, guidance on the eps channels, learned sigma dropped."""
+    """Text-conditional PixArt sampled by a diffusers scheduler, as the PixArt pipelines run it: with guidance > 1
+    the [negative, positive] CFG batch, guidance on the eps channels; learned sigma dropped."""
 
-    output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
+    output = solver_output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
+    step_in_graph = True  # the DPM-Solver++ step may run inside the CUDA graphs (scheduler_in_graph)
     text_dim = "caption_channels"  # config key of the text embeddings' width
     patch = staticmethod(DiTTask.patch)
     experts, macs = DiTTask.experts, DiTTask.macs
 
     def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
+        self.guided = guidance > 1
         self.scheduler_class, self.scheduler_config = type(scheduler), scheduler.config
         self.sampler = self.scheduler_class.__name__
         self.timesteps = [int(t) for t in self.begin().timesteps.tolist()]
         cfg = transformer.config
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.embeddings = embeddings
+        self.solver_guidance = {"guidance_scale": guidance, "cond_first": False} if self.guided else {}
+
+    @property
+    def table(self):
+        """The DPM-Solver++ coefficient table (a ValueError for the other schedulers, which step by `update`)."""
+        return dpm_solver_table(self.begin())
 
     def with_steps(self, num_steps: int) -> "PixArtTask":
         """The same task sampled with another step count."""
@@ -93,27 +102,35 @@ class PixArtTask:
         return scheduler
 
     def model_kwargs(self, x, cond, i: int) -> dict:
+        """The forward's kwargs for latents x (B, C, h, w): with guidance the CFG batch of 2B, the bank's negative
+        prompt (1 or B rows) first."""
         batch, e = x.shape[0], self.embeddings
         index = cond["prompt_index"]
         dtype = self.transformer.dtype
-        embeds = torch.cat([e["negative_embeds"].expand(batch, -1, -1), e["prompt_embeds"][index]])
-        mask = torch.cat([e["negative_attention_mask"].expand(batch, -1), e["prompt_attention_mask"][index]])
-        model_in = torch.cat([x, x])
+        embeds, mask = e["prompt_embeds"][index], e["prompt_attention_mask"][index]
+        if self.guided:
+            embeds = torch.cat([e["negative_embeds"].expand(batch, -1, -1), embeds])
+            mask = torch.cat([e["negative_attention_mask"].expand(batch, -1), mask])
+        model_in = torch.cat([x, x]) if self.guided else x
+        rows = model_in.shape[0]
         added = {"resolution": None, "aspect_ratio": None}
-        if self.transformer.use_additional_conditions:
-            size = float(x.shape[-1] * 8)
-            added = {"resolution": torch.tensor([[size, size]], device=x.device, dtype=dtype).repeat(2 * batch, 1),
-                     "aspect_ratio": torch.ones(2 * batch, 1, device=x.device, dtype=dtype)}
+        if self.transformer.use_additional_conditions:  # the pipeline's micro-conditions of the pixel size
+            height, width = x.shape[-2] * VAE_FACTOR, x.shape[-1] * VAE_FACTOR
+            added = {"resolution": torch.tensor([[height, width]], device=x.device, dtype=dtype).repeat(rows, 1),
+                     "aspect_ratio": torch.tensor([[height / width]], device=x.device, dtype=dtype).repeat(rows, 1)}
         return {"hidden_states": model_in, "encoder_hidden_states": embeds.to(x.device, dtype),
                 "encoder_attention_mask": mask.to(x.device), "added_cond_kwargs": added,
-                "timestep": torch.full((2 * batch,), self.timesteps[i], device=x.device)}
+                "timestep": torch.full((rows,), self.timesteps[i], device=x.device)}
 
     def update(self, state, x, out, cond, i: int):
         eps = self.combined(out, x.shape[1])[:x.shape[0], :x.shape[1]]
         return state.step(eps, self.timesteps[i], x).prev_sample
 
     def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
-        """`out` as the sampler uses it: [negative, positive] halves, guidance on every eps channel."""
+        """`out` as the sampler uses it: [negative, positive] halves, guidance on every eps channel (none at
+        guidance <= 1)."""
+        if not self.guided:
+            return out
         return guidance_combined(out, channels, self.guidance, cond_first=False)
 
 
