@@ -17,7 +17,7 @@ file, plus its tests (tests/test_families.py checks that no other source file na
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..flow import VAE_FACTOR
 from ..solvers import FlowMatchSchedule
@@ -67,7 +67,7 @@ class Preset:
     pipeline_config: dict | None = None
     guidance_2: float | None = None
     sampler: str | None = None  # the "pipeline" loop's default --sampler (a key of `Family.samplers`); None: flow
-    pipeline: str | None = None  # its diffusers pipeline class; None: its family's (`Family` fills it in)
+    own_pipeline: str | None = None  # its diffusers pipeline class where it is not its family's (PixArt-Sigma's)
 
     @classmethod
     def of(cls, model: FlowModel, steps: int, guidance: float, **experts) -> "Preset":
@@ -79,7 +79,7 @@ class Preset:
     @classmethod
     def square(cls, class_name: str, config: dict, side: int, samplers: dict, sampler: str, **fields) -> "Preset":
         """A `side` x `side` image preset sampled by `sampler`, at its (steps, guidance) defaults in `samplers`
-        (`Family.samplers`); fields: text_tokens (default 0), hub_id, vae, pipeline."""
+        (`Family.samplers`); fields: text_tokens (default 0), hub_id, vae, own_pipeline."""
         _, steps, guidance = samplers[sampler]
         return cls(class_name, config, side, side, fields.pop("text_tokens", 0), steps, guidance, sampler=sampler,
                    **fields)
@@ -91,6 +91,11 @@ class Preset:
     @property
     def family(self) -> "Family":
         return family_of(self.class_name)
+
+    @property
+    def pipeline(self) -> str:
+        """The diffusers pipeline class it is sampled with: its own, else its family's."""
+        return self.own_pipeline or self.family.pipeline
 
 
 @dataclass(frozen=True)
@@ -176,11 +181,6 @@ class Family:
     train_task: Callable | None = None
     read_embeddings: Callable | None = None
     enable_pipeline: bool = False
-
-    def __post_init__(self):
-        for name, spec in self.presets.items():  # a preset's pipeline: its own (PixArt-Sigma's), else the family's
-            if spec.pipeline is None:
-                self.presets[name] = replace(spec, pipeline=self.pipeline)
 
     @property
     def text_conditional(self) -> bool:

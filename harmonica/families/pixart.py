@@ -217,7 +217,7 @@ def read_embeddings(path, cfg) -> dict:
 def _pixart(sample_size, hub_id, pipeline=None, tokens=120, **config) -> Preset:
     return Preset.square(TRANSFORMER, {"sample_size": sample_size, "caption_channels": 4096, **config},
                          sample_size * 8, SAMPLERS, "dpm-solver++", text_tokens=tokens, hub_id=hub_id, vae=SD_VAE,
-                         pipeline=pipeline)
+                         own_pipeline=pipeline)
 
 
 PRESETS = {
