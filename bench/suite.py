@@ -2,12 +2,11 @@
 no-cache baseline of the same run, with the theoretical (MAC) speedup, quality and the gap between them.
 
 A generation has three timed phases: text encoding (PixArt with real weights; random weights have
-no text encoder and DiT is class-conditional: not timed), the transformer loop (DiT: the original
-DiT DDIM loop `samplers.dit_ddim_sample`; PixArt with DPM-Solver++: `samplers.pixart_sample`, the
-pipeline's loop with the scheduler as a coefficient table (equal to the pipeline's latents within fp32
-rounding); PixArt with another sampler: the diffusers pipeline with `output_type="latent"`; scheduler
-steps included) and the VAE decode. Each row warms up (`warmup` generations, which
-also capture CUDA graphs and count the units peers ran), then times `repeat` generations (CUDA
+no text encoder and DiT is class-conditional: not timed), the transformer loop (the preset's task,
+`Family.make_task`, through `samplers.sample`: DiT's original DDIM and PixArt's DPM-Solver++ as coefficient
+tables, equal to the pipelines' latents within fp32 rounding; PixArt's other samplers stepping their
+scheduler as the pipeline does; scheduler steps included) and the VAE decode. Each row warms up (`warmup`
+generations, which also capture CUDA graphs and count the units peers ran), then times `repeat` generations (CUDA
 events after a synchronise on a GPU, `perf_counter` on the CPU); medians, quartiles and extremes.
 
 Execution modes of a harmonica configuration (peers run once, as their hooks run):
@@ -42,7 +41,8 @@ from tqdm.auto import tqdm
 import harmonica
 from harmonica import parallel
 from harmonica.flow import SAMPLER as FLOW_SAMPLER
-from harmonica.flow import as_4d, flow_sample, flow_task, random_flow_embeddings
+from harmonica.flow import as_4d, flow_sample, flow_task
+from harmonica.images import default_guidance
 from harmonica.macs import count_macs
 from harmonica.models import (
     FLOW_PRESETS,
@@ -54,8 +54,9 @@ from harmonica.models import (
     move_pipeline,
     preset,
 )
+from harmonica.prompts import random_embeddings
 from harmonica.router import Router
-from harmonica.samplers import PIXART_PROMPT_KEYS, TABLE_SAMPLERS
+from harmonica.samplers import TABLE_SAMPLERS, initial_noise, sample
 from harmonica.schedule import CacheSchedule
 
 from .configs import (
@@ -214,34 +215,29 @@ class Workload:
         self.seed = options.seed
         pipe = build_pipeline(name, random_weights=not options.real_weights, seed=options.seed)
         move_pipeline(pipe, self.device, self.dtype)
-        family = self.spec.family
-        family.use_sampler(pipe, self.spec.sampler)
         self.pipe = pipe
         self.macs = count_macs(name)
-        self.has_text_encoder = family.text_conditional and options.real_weights
-        self.prompt = None
-        if family.text_conditional and not options.real_weights:
-            self.prompt = family.random_prompt(name, torch.Generator().manual_seed(options.seed), self.device,
-                                               self.dtype)
+        self.has_text_encoder = self.spec.family.text_conditional and options.real_weights
+        self.request = SimpleNamespace(prompt=PROMPT, class_label=None, random_weights=not options.real_weights)
+        self.prompt = None if self.has_text_encoder else self.encode()  # drawn once without a text encoder
 
     @property
     def sampler(self) -> str:
         return self.spec.sampler
 
-    def enable_target(self):
-        """What `harmonica.enable` takes: the pipeline for PixArt (its scheduler starts generations),
-        the transformer for DiT (the DDIM loop starts them): `Family.enable_pipeline`."""
-        return self.pipe if self.spec.family.enable_pipeline else self.pipe.transformer
+    def encode(self) -> tuple:
+        """(prompt bank or None, conditions) of the benchmark's class or prompt (`Family.conditions`): PixArt's
+        prompt through the text encoder (timed), or a random one of the seed."""
+        return self.spec.family.conditions(self.pipe, self.spec, self.request, torch.Generator().manual_seed(self.seed))
 
-    def encode(self):
-        """PixArt with a text encoder: the prompt's embeddings (timed); None for the others."""
-        values = self.pipe.encode_prompt(PROMPT, do_classifier_free_guidance=True, device=self.device)
-        return {**dict(zip(PIXART_PROMPT_KEYS, values)), "negative_prompt": None}
-
-    def loop(self, prompt, num_steps: int, transformer):
-        """Latents (1, C, h, w) after `num_steps` denoising steps of the seed's noise."""
+    def loop(self, prompt: tuple, num_steps: int, transformer):
+        """Latents (1, C, h, w) after `num_steps` denoising steps of the seed's noise through `transformer`, at the
+        sampler's default guidance."""
+        bank, cond = prompt
         generator = torch.Generator().manual_seed(self.seed)
-        return self.spec.family.latents(self.pipe, transformer, prompt, self.sampler, num_steps, generator)
+        task = self.spec.family.make_task(transformer, self.pipe.scheduler, self.sampler, bank, num_steps,
+                                          default_guidance(self.spec, self.sampler))
+        return sample(task, cond, initial_noise(task, 1, generator), generator=generator)
 
     def decode(self, latents):
         vae = self.pipe.vae
@@ -319,7 +315,7 @@ class FlowWorkload(Workload):
             self.device = torch.device(parallel.init_context_parallel(transformer, *options.parallel))
         move_pipeline(transformer, self.device, self.dtype)
         self.pipe = SimpleNamespace(transformer=transformer)
-        self.bank = random_flow_embeddings(transformer, 1, self.spec.text_tokens,
+        self.bank = random_embeddings(transformer, 1, self.spec.text_tokens,
                                            torch.Generator().manual_seed(options.seed))
         self.tasks = {}
         self.macs = model_macs(name, transformer)
@@ -517,7 +513,7 @@ class GroupRun:
         theoretical = self.steps / row_steps * schedule.theoretical_speedup(self.w.macs)
         cur = schedule.cur
         plain = mode == "eager" and config.kind == "fewer-steps"
-        target, enabled, report = self.w.enable_target(), False, None
+        target, enabled, report = self.w.pipe.transformer, False, None
         try:
             if not plain:
                 harmonica.enable(target, plan, **MODE_OPTIONS[mode])

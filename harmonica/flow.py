@@ -12,7 +12,7 @@ Each family's task (its model inputs per step, packing, guidance and decode) liv
 `v_u + s (v_c - v_u)` with s the task's `cfg_scale` of its guidance value, unless the task says otherwise.
 
 Prompt conditions come from a bank of embeddings: a file of the pipeline's `encode_prompt` outputs
-(`load_flow_embeddings`) or `random_flow_embeddings` for random weights. The solver steps latents of any
+(`load_flow_embeddings`) or `random_embeddings` for random weights. The solver steps latents of any
 rank as 4-D views: (B, L, C) as (B, 1, L, C), (B, C, F, h, w) as (B, C, F h, w).
 """
 
@@ -221,33 +221,11 @@ def denormalized(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents * std + mean
 
 
-POOLED_DIM = "pooled_projection_dim"
-
-
 def flow_task(transformer, embeddings: dict, num_steps: int, guidance: float, **size) -> FlowTask:
     """The task of the transformer's family; size: height, width (pixels), frames (video)."""
     from .families import family_of
 
     return family_of(transformer).task(transformer, embeddings, num_steps, guidance, **size)
-
-
-def random_flow_embeddings(transformer, count: int, tokens: int, generator: torch.Generator) -> dict:
-    """A bank of `count` N(0, 1) prompts of `tokens` tokens for a random-weights transformer, in the keys of
-    its family (the negative prompt: zeros; masks: ones)."""
-    from .families import family_of
-
-    task = family_of(transformer).task
-    cfg = transformer.config
-    bank = {}
-    for keys, rows in ((task.prompt_keys, count), (task.negative_keys, 1)):
-        for key in keys:
-            if "mask" in key:
-                bank[key] = torch.ones(rows, tokens, dtype=torch.long)
-                continue
-            width = cfg[task.text_dims.get(key.removeprefix("negative_"), task.text_dim)]
-            shape = (rows, cfg[POOLED_DIM]) if "pooled" in key else (rows, tokens, width)
-            bank[key] = torch.randn(shape, generator=generator) if rows == count else torch.zeros(shape)
-    return bank
 
 
 def load_flow_embeddings(path, option: str = "--prompt-embeddings") -> dict:

@@ -1,16 +1,23 @@
 """One image from a DiT/PixArt preset's pipeline, as `harmonica sample` and the profiled workload make it: the
-family's generation (`Family.generate`) at the sampler's default guidance, the decode and the check that every
-pixel is finite."""
+family's task (`Family.make_task`) on one generation's conditions (`Family.conditions`) through `samplers.sample`, at
+the sampler's default guidance, the decode and the check that every pixel is finite."""
 
 import numpy as np
 import torch
 
 
-def generate(pipe, args, spec, sampler: str, steps: int, generator: torch.Generator):
+def generate(pipe, args, spec, sampler: str, steps: int, generator: torch.Generator, progress: bool = True):
     """One PIL image of the preset's native resolution; RuntimeError when a pixel is not finite.
-    args: model, random_weights, prompt, class_label, guidance (None: the sampler's default)."""
+    args: random_weights, prompt, class_label, guidance (None: the sampler's default). generator: the conditions'
+    random draws, the noise, then a stochastic scheduler's steps."""
+    from .samplers import initial_noise, sample
+
+    family = spec.family
     guidance = default_guidance(spec, sampler) if args.guidance is None else args.guidance
-    return spec.family.generate(pipe, args, spec, sampler, steps, guidance, generator)
+    bank, cond = family.conditions(pipe, spec, args, generator)
+    task = family.make_task(pipe.transformer, pipe.scheduler, sampler, bank, steps, guidance)
+    latents = sample(task, cond, initial_noise(task, 1, generator), generator=generator, progress=progress)
+    return decode(pipe, latents)
 
 
 def default_guidance(spec, sampler: str) -> float:

@@ -125,7 +125,7 @@ def _from_hub(name: str, source: str | None, load, hint: str = RANDOM_HINT):
 def build_pipeline(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0):
     """The preset's diffusers pipeline: from `weights` (hub id or path; default the preset's hub id)
     or, with `random_weights`, from configs alone. A random PixArt pipeline has no text encoder:
-    pass prompt embeddings (see `random_prompt_embeds`)."""
+    pass prompt embeddings (`prompts.random_embeddings`)."""
     import diffusers
 
     spec = preset(name)
@@ -150,10 +150,3 @@ def move_pipeline(pipe, device, dtype: torch.dtype) -> None:
         pipe.to(device, dtype)
     finally:
         logger.setLevel(level)
-
-
-def random_prompt_embeds(name: str, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """(batch, caption tokens, caption channels) N(0, 1) prompt embeddings for a random PixArt."""
-    spec = preset(name)
-    channels = spec.config.get("caption_channels", 4096)
-    return torch.randn(batch, spec.text_tokens, channels, generator=generator)

@@ -12,6 +12,8 @@ import torch
 
 from .families import FAMILIES
 
+POOLED_DIM = "pooled_projection_dim"  # config key of the pooled text embedding's width (FLUX.1, SD3)
+
 
 def encoders() -> dict:
     """{pipeline class name: encoder (pipe, prompts, negative prompt or None, extra kwargs) -> {name: tensor}}:
@@ -36,6 +38,26 @@ def encode_prompts(pipe, prompts: list, negative_prompt: str | None = None,
     extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
     tensors = encoder(pipe, list(prompts), negative_prompt, extra)
     return {name: value.cpu().contiguous() for name, value in tensors.items()}
+
+
+def random_embeddings(transformer, count: int, tokens: int, generator: torch.Generator) -> dict:
+    """A bank of `count` N(0, 1) prompts of `tokens` tokens for a random-weights transformer (which has no text
+    encoder), in the keys of its family's task (`prompt_keys`, `negative_keys`): the negative prompt zeros, masks
+    ones."""
+    from .families import family_of
+
+    task = family_of(transformer).task
+    cfg = transformer.config
+    bank = {}
+    for keys, rows, random in ((task.prompt_keys, count, True), (task.negative_keys, 1, False)):
+        for key in keys:
+            if "mask" in key:
+                bank[key] = torch.ones(rows, tokens, dtype=torch.long)
+                continue
+            width = cfg[task.text_dims.get(key.removeprefix("negative_"), task.text_dim)]
+            shape = (rows, cfg[POOLED_DIM]) if "pooled" in key else (rows, tokens, width)
+            bank[key] = torch.randn(shape, generator=generator) if random else torch.zeros(shape)
+    return bank
 
 
 def save_prompt_embeddings(pipe, prompts: list, path, negative_prompt: str | None = None,

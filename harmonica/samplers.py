@@ -7,12 +7,16 @@
   "iddpm" (100 DDPM steps; the pipeline drops PixArt's learned variance, so the variance is the
   scheduler's fixed one).
 
-`sample` is the one loop of every table-driven `task.Task` (DiT's "dit-ddim", PixArt's "dpm-solver++", the
-flow-matching Euler of `flow.FlowTask`): it steps the task's coefficient table (`solvers.py`) held by `SolverLoop`, no
-host state and no device read in the loop; with `enable(..., cuda_graphs=True, scheduler_in_graph=True)` the step
-runs inside the captured graphs where the task allows it (`step_in_graph`). `dit_ddim_sample`, `pixart_sample` and
-`flow.flow_sample` build their task and noise and call it.
+`sample` is the one loop of every `task.Task`. A table-driven task (DiT's "dit-ddim", PixArt's "dpm-solver++", the
+flow-matching Euler of `flow.FlowTask`) steps its coefficient table (`solvers.py`) held by `SolverLoop`, no host
+state and no device read in the loop; with `enable(..., cuda_graphs=True, scheduler_in_graph=True)` the step runs
+inside the captured graphs where the task allows it (`step_in_graph`). A task with no table (PixArt's SA-Solver and
+IDDPM, DiT's "pipeline": its pipeline's DDIM) steps with its diffusers scheduler after each forward
+(`SchedulerSteps`), as its pipeline does. `dit_ddim_sample`, `pixart_sample` and `flow.flow_sample` build their task
+and noise and call it.
 """
+
+import inspect
 
 import torch
 from tqdm.auto import tqdm
@@ -52,14 +56,19 @@ def check_steps(sampler: str, steps: int, option: str = "--steps") -> None:
         raise ValueError(f"{option}: expected {low} to {high} for the sampler {sampler}, got {steps}")
 
 
-def use_pixart_sampler(pipe, sampler: str):
-    """Swap the pipeline's scheduler for `sampler` (keeping its config); returns the new scheduler."""
+def sampler_scheduler(scheduler, sampler: str):
+    """A new scheduler of PixArt's `sampler` (a key of `PIXART_SAMPLERS`) at `scheduler`'s config."""
     import diffusers
 
     if sampler not in PIXART_SAMPLERS:
         raise ValueError(f"sampler: expected one of {sorted(PIXART_SAMPLERS)} for PixArt, got {sampler!r}")
-    scheduler_class = getattr(diffusers, PIXART_SAMPLERS[sampler][0])
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    return getattr(diffusers, PIXART_SAMPLERS[sampler][0]).from_config(scheduler.config)
+
+
+def use_pixart_sampler(pipe, sampler: str):
+    """Swap the pipeline's scheduler for `sampler` (keeping its config), for the pipeline's own loop; returns the
+    new scheduler."""
+    pipe.scheduler = sampler_scheduler(pipe.scheduler, sampler)
     return pipe.scheduler
 
 
@@ -149,18 +158,46 @@ def _new_buffer(name, shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+class SchedulerSteps:
+    """A diffusers scheduler's own steps through one generation: a fresh copy of `scheduler` (its class and config)
+    set to `num_steps`, and the generator of a stochastic step's noise (SA-Solver's, DDPM's), which the pipelines
+    pass to `scheduler.step` as these do."""
+
+    def __init__(self, scheduler, num_steps: int, generator: torch.Generator | None = None):
+        self.scheduler = type(scheduler).from_config(scheduler.config)
+        self.scheduler.set_timesteps(num_steps)
+        self.timesteps = [int(t) for t in self.scheduler.timesteps.tolist()]
+        takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        self.noise = {"generator": generator} if takes_generator else {}
+
+    def step(self, eps: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        """x (B, ...) after step i from the model output eps (B, ...)."""
+        return self.scheduler.step(eps, self.scheduler.timesteps[i], x, **self.noise).prev_sample
+
+
+def initial_noise(task, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """N(0, 1) latents (batch, *task.latent_shape) drawn in fp32 on the CPU from `generator` (the same numbers on
+    every device), on the task's transformer's device in its dtype."""
+    transformer = task.transformer
+    noise = torch.randn((batch, *task.latent_shape), generator=generator, dtype=torch.float32)
+    return noise.to(transformer.device, transformer.dtype)
+
+
 def dit_null_labels(class_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(2B,) labels of the CFG batch: the classes, then the null class."""
     return torch.cat([class_labels, torch.full_like(class_labels, num_classes)])
 
 
 @torch.no_grad()
-def sample(task, cond: dict, latents: torch.Tensor, *, progress: bool = False) -> torch.Tensor:
-    """One generation of a table-driven `task.Task` through `SolverLoop` (caching as enabled on its transformer);
-    returns the final latents (B, *latent_shape).
+def sample(task, cond: dict, latents: torch.Tensor, *, generator: torch.Generator | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """One generation of a `task.Task` (caching as enabled on its transformer); returns the final latents
+    (B, *latent_shape). A table-driven task steps through `SolverLoop`; a task with no table (`task.table` None)
+    steps with its scheduler after each forward (`task.begin(generator)`, `task.update`).
 
     cond: the task's conditions ({name: (B, ...)}, as `task.conditions` makes them); latents: the initial noise
-    (B, *latent_shape) on the transformer's device, in its dtype."""
+    (B, *latent_shape) on the transformer's device, in its dtype; generator: the noise of a stochastic scheduler's
+    steps."""
     from .api import begin_generation, step_runner
 
     transformer, experts = task.transformer, len(task.experts())
@@ -170,10 +207,16 @@ def sample(task, cond: dict, latents: torch.Tensor, *, progress: bool = False) -
     if not task.step_in_graph and step_runner(transformer) is not None:
         raise ValueError(f"scheduler_in_graph: expected off for the sampler {task.sampler} (its step runs after the "
                          "graph), got on")
-    table = task.table  # (PixArt's: a ValueError for a scheduler other than DPM-Solver++)
+    table = task.table
     begin_generation(transformer, task.sampler, task.timesteps)
+    steps = tqdm(range(len(task.timesteps)), disable=not progress, desc=task.sampler)
+    if table is None:
+        state, x = task.begin(generator), latents
+        for i in steps:
+            x = task.update(state, x, task.output(transformer(**task.model_kwargs(x, cond, i))), cond, i)
+        return x
     with SolverLoop(transformer, table, as_4d(latents), task.solver_guidance, task.solver_output) as loop:
-        for i in tqdm(range(len(task.timesteps)), disable=not progress, desc=task.sampler):
+        for i in steps:
             loop.begin_step(i)
             loop.end_step(transformer(**task.model_kwargs(loop.x.view(latents.shape), cond, i)))
     return loop.result().view(latents.shape)
@@ -193,9 +236,7 @@ def dit_ddim_sample(transformer, class_labels: torch.Tensor, *, num_steps: int =
 
     task = DiTTask(transformer, num_steps, guidance_scale)
     if latents is None:
-        shape = (class_labels.shape[0], *task.latent_shape)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(class_labels.device,
-                                                                                 transformer.dtype)
+        latents = initial_noise(task, class_labels.shape[0], generator)
     return sample(task, {"class_labels": class_labels}, latents, progress=progress)
 
 
@@ -205,13 +246,13 @@ def pixart_sample(pipe, prompt_embeds: torch.Tensor, prompt_attention_mask: torc
                   guidance_scale: float = 4.5, height: int | None = None, width: int | None = None,
                   generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                   progress: bool = False) -> torch.Tensor:
-    """The denoising loop of diffusers' PixArt pipeline with its DPM-Solver++ scheduler as a coefficient
-    table (`families.pixart.PixArtTask` through `sample`); returns latents (B, C, h, w) (decode with
-    `vae.decode(x / vae.config.scaling_factor)`).
+    """The denoising loop of diffusers' PixArt pipeline with its scheduler (`families.pixart.PixArtTask` through
+    `sample`: DPM-Solver++ as a coefficient table, the others stepping themselves); returns latents (B, C, h, w)
+    (decode with `vae.decode(x / vae.config.scaling_factor)`).
 
     prompt_embeds (B, L, C) and prompt_attention_mask (B, L): the prompt; with guidance_scale > 1 the
     negative pair (B, L, C), (B, L) too (the empty prompt's embeddings for PixArt's unconditional half).
-    `pipe.scheduler` must be a DPMSolverMultistepScheduler (`use_pixart_sampler(pipe, "dpm-solver++")`).
+    generator: the initial noise (the pipeline's `prepare_latents`) and a stochastic scheduler's step noise.
     """
     from .families.pixart import PixArtTask
 
@@ -227,4 +268,4 @@ def pixart_sample(pipe, prompt_embeds: torch.Tensor, prompt_attention_mask: torc
     batch, size = prompt_embeds.shape[0], transformer.config.sample_size * pipe.vae_scale_factor
     latents = pipe.prepare_latents(batch, transformer.config.in_channels, height or size, width or size,
                                    transformer.dtype, transformer.device, generator, latents)
-    return sample(task, {"prompt_index": torch.arange(batch)}, latents, progress=progress)
+    return sample(task, {"prompt_index": torch.arange(batch)}, latents, generator=generator, progress=progress)

@@ -127,8 +127,9 @@ def _ranged(fn, label: str):
 class PipelineRanges:
     """Block, scheduler-step and VAE-decode ranges of a diffusers pipeline, or block and sampler-step
     ranges of a transformer alone (flow models' `flow_sample`); the step and unit ranges come from the
-    cache engine. Forward hooks on each transformer block; `pipe.scheduler.step`, `pipe.vae.decode` and
-    the table samplers' update (`harmonica.samplers.solver_step`, eager steps only) wrapped.
+    cache engine. Forward hooks on each transformer block; `pipe.vae.decode`, the sampler steps of
+    `samplers.sample` (the table samplers' `harmonica.samplers.solver_step`, eager steps only, and
+    `samplers.SchedulerSteps.step`) and `pipe.scheduler.step` (the pipeline's own loop) wrapped.
     Each costs one flag test while NVTX is off. `remove()` (or leaving a `with` block) undoes it all.
 
     Set the pipeline's scheduler before (a later `use_pixart_sampler` replaces the wrapped one).
@@ -147,6 +148,7 @@ class PipelineRanges:
             if getattr(pipe, part, None) is not None:
                 self._wrap(getattr(pipe, part), method, label)
         self._wrap(samplers, "solver_step", SCHEDULER_STEP)
+        self._wrap(samplers.SchedulerSteps, "step", SCHEDULER_STEP)
 
     def _wrap(self, owner, name: str, label: str) -> None:
         self._wrapped.append((owner, name, vars(owner).get(name)))

@@ -69,22 +69,22 @@ def _pipeline_generation(args, spec, device):
     steps = args.steps or spec.steps
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
     move_pipeline(pipe, device, torch.float16 if device == "cuda" else torch.float32)
-    spec.family.use_sampler(pipe, spec.sampler)  # before enable, which hooks the scheduler
-    enable(pipe, _cache(args, steps, pipe.transformer), **MODE_OPTIONS[args.mode])
+    enable(pipe.transformer, _cache(args, steps, pipe.transformer), **MODE_OPTIONS[args.mode])
     return pipe, steps, lambda: generate(pipe, args, spec, spec.sampler, steps,
-                                         torch.Generator().manual_seed(args.seed))
+                                         torch.Generator().manual_seed(args.seed), progress=False)
 
 
 def _flow_generation(args, spec, device):
     """(transformer, steps, one generation) of a flow-matching preset, caching enabled."""
-    from harmonica.flow import flow_sample, flow_task, load_flow_embeddings, random_flow_embeddings
+    from harmonica.flow import flow_sample, flow_task, load_flow_embeddings
+    from harmonica.prompts import random_embeddings
 
     steps = args.steps or spec.steps
     transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights,
                                    seed=args.seed)
     move_pipeline(transformer, device, torch.bfloat16 if device == "cuda" else torch.float32)
     bank = (load_flow_embeddings(args.prompt_embeddings) if args.prompt_embeddings else
-            random_flow_embeddings(transformer, 1, spec.text_tokens, torch.Generator().manual_seed(args.seed)))
+            random_embeddings(transformer, 1, spec.text_tokens, torch.Generator().manual_seed(args.seed)))
     task = flow_task(transformer, bank, steps, spec.guidance, **spec.size)
     enable(transformer, _cache(args, steps, transformer), **MODE_OPTIONS[args.mode])
     first = torch.zeros(1, dtype=torch.long)

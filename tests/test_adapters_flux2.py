@@ -16,8 +16,9 @@ from PIL import Image
 import harmonica
 from harmonica import CacheSchedule
 from harmonica.families import flux2
-from harmonica.flow import flow_sample, flow_task, random_flow_embeddings
+from harmonica.flow import flow_sample, flow_task
 from harmonica.models import FLOW_PRESETS, build_transformer, load_vae
+from harmonica.prompts import random_embeddings
 from harmonica.units import cached_units
 
 B, N, M, STEPS = 2, 16, 5, 4  # N: a 4 x 4 grid of packed 2 x 2 latent patches
@@ -78,7 +79,7 @@ def test_fora_sampling_is_close_to_the_uncached_sampling():
     quarter of what another prompt changes, and by less than over 4 steps (closer steps, closer unit outputs)."""
     spec = FLOW_PRESETS["tiny-flux2"]
     transformer = build_transformer("tiny-flux2")
-    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     errors, prompt_change = {}, None
     for steps in (4, 20):
         task = flow_task(transformer, bank, steps, spec.guidance, **spec.size)

@@ -17,9 +17,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import harmonica
 from harmonica import CacheSchedule
-from harmonica.flow import flow_task, random_flow_embeddings
+from harmonica.flow import flow_task
 from harmonica.macs import count_macs
 from harmonica.models import FLOW_PRESETS, build_transformer, load_vae
+from harmonica.prompts import random_embeddings
 from harmonica.units import cached_units
 
 NAME = "tiny-hunyuan-video15"
@@ -107,7 +108,7 @@ def test_the_pipelines_own_loop_under_enable():
         text_encoder=None, tokenizer=None, transformer=model, vae=load_vae(NAME, random_weights=True),
         scheduler=spec.family.scheduler.scheduler(), text_encoder_2=None, tokenizer_2=None,
         guider=diffusers.ClassifierFreeGuidance(guidance_scale=spec.guidance))
-    bank = random_flow_embeddings(model, 1, 6, torch.Generator().manual_seed(0))
+    bank = random_embeddings(model, 1, 6, torch.Generator().manual_seed(0))
     noise = torch.randn(1, 4, 2, 2, 3, generator=torch.Generator().manual_seed(1))
 
     def sample():
@@ -131,7 +132,7 @@ def test_macs_on_meta_tensors_are_a_real_forwards():
     matmuls, which the counter counts, as on meta tensors)."""
     spec = FLOW_PRESETS[NAME]
     model = build_transformer(NAME)
-    bank = random_flow_embeddings(model, 1, spec.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(model, 1, spec.text_tokens, torch.Generator().manual_seed(0))
     bank["prompt_embeds_2"] = torch.randn(1, 256, 12)
     bank["prompt_embeds_mask_2"] = torch.zeros(1, 256, dtype=torch.long)
     task = flow_task(model, bank, STEPS, 1.0, **spec.size)  # no CFG: one row
@@ -147,7 +148,7 @@ def test_image_to_video_transformers_are_refused():
     spec = FLOW_PRESETS[NAME]
     torch.manual_seed(0)
     model = diffusers.HunyuanVideo15Transformer3DModel(**{**spec.config, "task_type": "i2v"})
-    bank = random_flow_embeddings(model, 1, 4, torch.Generator().manual_seed(0))
+    bank = random_embeddings(model, 1, 4, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"^task_type: expected 't2v' for HunyuanVideo15Transformer3DModel "
                                          r"\(image-to-video conditioning is not supported by harmonica\), got 'i2v'$"):
         flow_task(model, bank, STEPS, spec.guidance, **spec.size)

@@ -11,10 +11,11 @@ from _helpers import rounding_bound
 
 import harmonica
 from harmonica import CacheSchedule, cli
-from harmonica.flow import flow_task, random_flow_embeddings
+from harmonica.flow import flow_task
 from harmonica.forecast import Forecast
 from harmonica.macs import count_macs
 from harmonica.models import FLOW_PRESETS, build_transformer
+from harmonica.prompts import random_embeddings
 from harmonica.router import Router
 from harmonica.search import Rollouts, SearchConfig, search_router, spread, task_engine
 from harmonica.units import cached_units
@@ -34,7 +35,7 @@ def make_pipe(boundary_ratio=SPEC.pipeline_config["boundary_ratio"]):
 
 def prompt_and_noise(pipe):
     """A bank of one random prompt and the noise (1, C, F, h, w) of a generation."""
-    bank = random_flow_embeddings(pipe.transformer, 1, SPEC.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(pipe.transformer, 1, SPEC.text_tokens, torch.Generator().manual_seed(0))
     noise = torch.randn(1, 4, SPEC.family.latent_frames(SPEC.frames), SPEC.height // 8, SPEC.width // 8,
                         generator=torch.Generator().manual_seed(1))
     return bank, noise

@@ -9,8 +9,7 @@ import torch
 from _helpers import patch_cli
 from safetensors.torch import save_file
 
-from harmonica import cli
-from harmonica.families import dit
+from harmonica import cli, samplers
 from harmonica.models import build_transformer
 from harmonica.router import Router, RouterInfo, dit_ddim_timesteps
 
@@ -154,20 +153,20 @@ def test_router_gives_its_steps_and_sampler(tmp_path, capsys):
 
 def test_guidance_zero_is_not_the_default(tmp_path, monkeypatch):
     seen = []
-    original = dit.dit_ddim_sample
+    original = samplers.sample
 
-    def spy(*args, guidance_scale, **kwargs):
-        seen.append(guidance_scale)
-        return original(*args, guidance_scale=guidance_scale, **kwargs)
+    def spy(task, *args, **kwargs):
+        seen.append(task.guidance)
+        return original(task, *args, **kwargs)
 
-    monkeypatch.setattr(dit, "dit_ddim_sample", spy)
+    monkeypatch.setattr(samplers, "sample", spy)
     for guidance in ([], ["--guidance", "0"]):
         assert cli.main(TINY_DIT + ["--steps", "2", "--out", str(tmp_path / "x.png")] + guidance) == 0
     assert seen == [1.5, 0.0]
 
 
 def test_non_finite_image_is_an_error_and_writes_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(dit, "dit_ddim_sample", lambda transformer, *a, **k: torch.full((1, 4, 8, 8), float("nan")))
+    monkeypatch.setattr(samplers, "sample", lambda task, *a, **k: torch.full((1, 4, 8, 8), float("nan")))
     out = tmp_path / "x.png"
     assert cli.main(TINY_DIT + ["--steps", "2", "--out", str(out)]) == 2
     assert "image: expected finite pixel values, got 12288 of 12288 NaN/inf" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from harmonica.cli import main
-from harmonica.models import build_pipeline, random_prompt_embeds
+from harmonica.models import build_pipeline
 from harmonica.samplers import dit_alphas_cumprod, dit_ddim_sample
 from harmonica.schedule import parse_schedule
 
@@ -28,13 +28,14 @@ def test_no_cache_image_is_the_plain_diffusers_image(tmp_path):
     assert main(["sample", "--model", "tiny-pixart", "--random-weights", "--no-cache", "--out", str(out)]) == 0
     pipe = build_pipeline("tiny-pixart", random_weights=True)
     generator = torch.Generator().manual_seed(0)
-    embeds = random_prompt_embeds("tiny-pixart", 1, generator)
+    embeds = torch.randn(1, 8, 32, generator=generator)  # tiny-pixart: 8 tokens of 32 channels
     mask = torch.ones(embeds.shape[:2])
     image = pipe(prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt=None,
                  negative_prompt_embeds=torch.zeros_like(embeds), negative_prompt_attention_mask=mask,
                  num_inference_steps=20, guidance_scale=4.5, generator=generator, height=64, width=64,
                  use_resolution_binning=False).images[0]
-    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(image))
+    # the DPM-Solver++ table equals the scheduler's step within fp32 rounding: at most one level of 255
+    assert np.abs(np.asarray(Image.open(out)).astype(int) - np.asarray(image)).max() <= 1
     cached = tmp_path / "cached.png"
     main(["sample", "--model", "tiny-pixart", "--random-weights", "--schedule", "fora:3", "--out", str(cached)])
     assert not np.array_equal(np.asarray(Image.open(cached)), np.asarray(image))
@@ -64,12 +65,13 @@ def test_scheduler_in_graph_flag_runs_the_table_loop(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(samplers.SolverLoop, "advance", advance)
     base = ["sample", "--model", "tiny-pixart", "--random-weights", "--schedule", "fora:2", "--steps", "4"]
-    assert main(base + ["--out", str(tmp_path / "pipeline.png")]) == 0
-    assert calls == []  # the pipeline's own loop
+    assert main(base + ["--out", str(tmp_path / "eager.png")]) == 0
+    assert calls == [False] * 4  # each step after the forward
+    calls.clear()
     assert main(base + ["--cuda-graphs", "--scheduler-in-graph", "--out", str(tmp_path / "table.png")]) == 0
     assert calls == [True] * 4  # every step through the runner's epilogue
-    pipeline, table = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("pipeline", "table"))
-    assert np.abs(pipeline - table).max() <= 1  # the same image up to fp32 rounding
+    eager, table = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("eager", "table"))
+    assert np.array_equal(eager, table)
     assert main(base + ["--scheduler-in-graph", "--out", str(tmp_path / "x.png")]) == 2
     assert main(base + ["--cuda-graphs", "--scheduler-in-graph", "--sampler", "sa-solver"]) == 2
     errors = capsys.readouterr().err

@@ -115,15 +115,16 @@ def _family(name, kind, rank):
 
     import harmonica
     from harmonica import parallel
-    from harmonica.flow import flow_task, random_flow_embeddings
+    from harmonica.flow import flow_task
     from harmonica.models import FLOW_PRESETS, build_transformer
+    from harmonica.prompts import random_embeddings
     from harmonica.router import Router, RouterInfo
     from harmonica.schedule import CacheSchedule
     from harmonica.training import RouterTrainer, TrainConfig, alone
 
     spec = FLOW_PRESETS[name]
     transformer = build_transformer(name)
-    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
     noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
     units = len(harmonica.units.cached_units(transformer))

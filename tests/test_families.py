@@ -9,8 +9,9 @@ from test_flow import STEPS, pipeline_latents
 
 from harmonica.adapters import ADAPTERS, blocks_of
 from harmonica.families import FAMILIES, FLOW_LOOP, PIPELINE_LOOP, family_of, register
-from harmonica.flow import flow_task, random_flow_embeddings
+from harmonica.flow import flow_task
 from harmonica.models import FLOW_MODELS, FLOW_PRESETS, PRESETS, build_transformer
+from harmonica.prompts import random_embeddings
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(path for folder in ("harmonica", "bench", "profiling") for path in (ROOT / folder).rglob("*.py"))
@@ -51,7 +52,7 @@ def test_a_tiny_presets_blocks_and_task_are_its_familys(name):
     family = FLOW_PRESETS[name].family
     transformer = build_transformer(name)
     assert {block.adapter_class for block in blocks_of(transformer)} <= set(family_adapters(family))
-    bank = random_flow_embeddings(transformer, 1, 4, torch.Generator().manual_seed(0))
+    bank = random_embeddings(transformer, 1, 4, torch.Generator().manual_seed(0))
     task = flow_task(transformer, bank, STEPS, FLOW_PRESETS[name].guidance, **FLOW_PRESETS[name].size)
     assert type(task) is family.task and task.family is family
 
@@ -61,7 +62,7 @@ def test_the_task_steps_at_the_pipelines_own_timesteps_and_sigmas(name):
     """The family's scheduler spec through the task, against the scheduler its diffusers pipeline has set."""
     spec = FLOW_PRESETS[name]
     transformer = build_transformer(name)
-    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
     scheduler = spec.family.scheduler.scheduler()
     noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))

@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import harmonica
 from harmonica import cli
-from harmonica.flow import cur_for_speedup, flow_sample, flow_task, random_flow_embeddings
+from harmonica.flow import cur_for_speedup, flow_sample, flow_task
 from harmonica.macs import MacCount
 from harmonica.models import FLOW_PRESETS, build_transformer, load_vae
+from harmonica.prompts import random_embeddings
 from harmonica.router import Router
 from harmonica.schedule import CacheSchedule
 
@@ -143,7 +144,7 @@ def test_loop_without_caching_is_the_pipelines(name):
     pipeline's loop (scheduler.step on the same transformer) from the same noise and prompt."""
     spec = FLOW_PRESETS[name]
     transformer = build_transformer(name)
-    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
     noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
     reference = pipeline_latents(name, transformer, bank, noise)
@@ -175,7 +176,7 @@ def test_decode_is_the_pipelines(name):
     if "latents_mean" in buffers:  # LTX-2's latent statistics
         buffers["latents_mean"].normal_(generator=torch.Generator().manual_seed(2))
         buffers["latents_std"].uniform_(0.5, 2, generator=torch.Generator().manual_seed(3))
-    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
     noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
     reference = torch.from_numpy(pipeline_latents(name, transformer, bank, noise, vae))
@@ -217,7 +218,7 @@ def test_sample_with_fora(name, tmp_path, capsys):
     spec = FLOW_PRESETS[name]
     with torch.device("meta"):
         transformer = build_transformer(name)
-    task = flow_task(transformer, random_flow_embeddings(transformer, 1, spec.text_tokens, torch.Generator()),
+    task = flow_task(transformer, random_embeddings(transformer, 1, spec.text_tokens, torch.Generator()),
                      STEPS, spec.guidance, **spec.size)
     assert fora.shape == task.unpack(torch.zeros(1, *task.latent_shape)).shape  # unpacked
     assert torch.isfinite(fora).all()
@@ -235,7 +236,7 @@ def test_train_writes_a_router_that_samples(name, tmp_path, capsys):
         with torch.device("meta"):
             transformer = build_transformer(name)
         spec = FLOW_PRESETS[name]
-        task = flow_task(transformer, random_flow_embeddings(transformer, 1, spec.text_tokens, torch.Generator()),
+        task = flow_task(transformer, random_embeddings(transformer, 1, spec.text_tokens, torch.Generator()),
                          STEPS, spec.guidance, **spec.size)
         target = torch.load(out / "checkpoint-rank0.pt", weights_only=True)["config"]["target_cur"]
         assert target == pytest.approx(cur_for_speedup(task.macs(), 1.2, STEPS), rel=1e-12)
@@ -278,7 +279,7 @@ def write_flux_router(directory):
     spec = FLOW_PRESETS["tiny-flux"]
     with torch.device("meta"):
         transformer = build_transformer("tiny-flux")
-    bank = random_flow_embeddings(transformer, 1, spec.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(transformer, 1, spec.text_tokens, torch.Generator().manual_seed(0))
     task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
     info = RouterInfo.for_model(transformer, sampler=task.sampler, timesteps=task.timesteps)
     Router(STEPS, len(info.units), info=info).save_pretrained(directory)
@@ -349,7 +350,7 @@ def test_weights_from_a_pipeline_folder_and_prompt_file(tmp_path, capsys):
     spec = FLOW_PRESETS["tiny-flux"]
     transformer = build_transformer("tiny-flux", seed=0)  # what --random-weights --seed 0 builds
     transformer.save_pretrained(tmp_path / "pipe" / "transformer")
-    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(5))
+    bank = random_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(5))
     save_file(bank, str(tmp_path / "prompts.safetensors"))
     base = ["sample", "--model", "tiny-flux", "--steps", str(STEPS), "--schedule", "fora:2",
             "--prompt-embeddings", str(tmp_path / "prompts.safetensors")]
@@ -420,7 +421,7 @@ def test_sample_decodes_to_an_image_or_an_animation(name, out, size, tmp_path, c
     run_cli(base + ["--out", str(tmp_path / "x.safetensors")], capsys)
     spec = FLOW_PRESETS[name]
     latents = load_file(str(tmp_path / "x.safetensors"))["latents"]
-    task = flow_task(build_transformer(name), random_flow_embeddings(build_transformer(name), 1, spec.text_tokens,
+    task = flow_task(build_transformer(name), random_embeddings(build_transformer(name), 1, spec.text_tokens,
                                                                       torch.Generator()), STEPS, spec.guidance,
                      **spec.size)
     task.unpack = lambda x: x  # the file holds unpacked latents already

@@ -9,8 +9,9 @@ from graph_standin import StandInGraphs, runner_inputs
 
 import harmonica
 from harmonica import CacheSchedule
-from harmonica.flow import VAE_FACTOR, flow_sample, flow_task, random_flow_embeddings
+from harmonica.flow import VAE_FACTOR, flow_sample, flow_task
 from harmonica.models import FLOW_PRESETS, build_transformer
+from harmonica.prompts import random_embeddings
 from harmonica.units import cached_units
 
 TINY = ("tiny-flux", "tiny-sd3", "tiny-sd35", "tiny-wan", "tiny-qwen-image", "tiny-flux2", "tiny-z-image",
@@ -22,7 +23,7 @@ def case(name: str, device: str):
     """(transformer, task, noise, FORA:2 schedule) of a tiny preset on `device`."""
     spec = FLOW_PRESETS[name]
     transformer = build_transformer(name).to(device)
-    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     task = flow_task(transformer, bank, STEPS, spec.guidance, **spec.size)
     noise = torch.randn(1, *task.latent_shape, generator=torch.Generator().manual_seed(1))
     return transformer, task, noise, CacheSchedule.fora(STEPS, len(cached_units(transformer)), 2)

@@ -204,10 +204,8 @@ def test_dit_sampler_step_inside_the_graphs_equals_the_eager_sampler_bitwise():
 
 
 def pixart_inputs(device):
-    """Prompt embeddings (2, 5, 32) and mask, the unconditional pair and latents (2, 4, 8, 8), on `device`."""
-    from harmonica.models import random_prompt_embeds
-
-    embeds = random_prompt_embeds("tiny-pixart", 2, torch.Generator().manual_seed(0)).to(device)
+    """Prompt embeddings (2, 8, 32) and mask, the unconditional pair and latents (2, 4, 8, 8), on `device`."""
+    embeds = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones(embeds.shape[:2], device=device)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)).to(device)
     return embeds, mask, torch.zeros_like(embeds), mask, latents

@@ -16,7 +16,7 @@ import torch
 
 from harmonica import events, samplers
 from harmonica.cli import build_parser, main
-from harmonica.models import build_pipeline
+from harmonica.models import build_pipeline, preset
 from harmonica.profiling import ncu, nsys, nvtx, session, workload
 from harmonica.profiling.tables import read_csv
 
@@ -108,13 +108,28 @@ def test_nothing_is_pushed_when_off(ranges):
     assert ranges == []
 
 
+def test_a_stepping_schedulers_steps_are_ranged(ranges):
+    """PixArt's SA-Solver has no table: `samplers.sample` steps a copy of the scheduler, whose steps are ranged."""
+    from harmonica.families.pixart import conditions, make_task
+
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    bank, cond = conditions(pipe, preset("tiny-pixart"), argparse.Namespace(random_weights=True),
+                            torch.Generator().manual_seed(0))
+    task = make_task(pipe.transformer, pipe.scheduler, "sa-solver", bank, 3, 4.5)
+    with nvtx.PipelineRanges(pipe):
+        samplers.sample(task, cond, samplers.initial_noise(task, 1))
+    assert [label for label, _ in tree(ranges) if not label.startswith("transformer_blocks")] == ["scheduler step"] * 3
+
+
 def test_pipeline_ranges_are_removed():
     pipe = build_pipeline("tiny-dit", random_weights=True)
     solver_step, step, decode = samplers.solver_step, pipe.scheduler.step, pipe.vae.decode
+    scheduler_step = samplers.SchedulerSteps.step
     with nvtx.PipelineRanges(pipe):
         assert samplers.solver_step is not solver_step and "step" in vars(pipe.scheduler)
+        assert samplers.SchedulerSteps.step is not scheduler_step
         assert len(pipe.transformer.transformer_blocks[0]._forward_pre_hooks) == 1
-    assert samplers.solver_step is solver_step
+    assert samplers.solver_step is solver_step and samplers.SchedulerSteps.step is scheduler_step
     assert "step" not in vars(pipe.scheduler) and pipe.scheduler.step == step
     assert "decode" not in vars(pipe.vae) and pipe.vae.decode == decode
     assert not pipe.transformer.transformer_blocks[0]._forward_pre_hooks

@@ -13,9 +13,10 @@ from harmonica.api import begin_generation
 from harmonica.families import FAMILIES
 from harmonica.families.dit import DiTTask
 from harmonica.families.pixart import TINY_PIXART, PixArtTask
-from harmonica.flow import flow_task, random_flow_embeddings
+from harmonica.flow import flow_task
 from harmonica.kernels import solver_step
-from harmonica.models import FLOW_PRESETS, build_pipeline, build_transformer, random_prompt_embeds
+from harmonica.models import FLOW_PRESETS, build_pipeline, build_transformer
+from harmonica.prompts import random_embeddings
 from harmonica.samplers import (
     dit_alphas_cumprod,
     dit_ddim_table,
@@ -126,7 +127,7 @@ def test_dit_ddim_table_is_the_original_ddim_update():
 
 
 def pixart_prompt(batch: int = 1) -> dict:
-    embeds = random_prompt_embeds("tiny-pixart", batch, torch.Generator().manual_seed(0))
+    embeds = torch.randn(batch, 8, 32, generator=torch.Generator().manual_seed(0))  # tiny-pixart: 8 tokens x 32
     mask = torch.ones(embeds.shape[:2])
     return {"prompt_embeds": embeds, "prompt_attention_mask": mask,
             "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
@@ -171,9 +172,52 @@ def test_pixart_sample_errors():
     prompt = pixart_prompt()
     with pytest.raises(ValueError, match="negative_prompt_embeds: expected the unconditional embeddings"):
         pixart_sample(pipe, prompt["prompt_embeds"], prompt["prompt_attention_mask"], num_steps=2)
-    use_pixart_sampler(pipe, "sa-solver")
-    with pytest.raises(ValueError, match="expected a DPMSolverMultistepScheduler, got SASolverScheduler"):
-        pixart_sample(pipe, **prompt, num_steps=2)
+
+
+def mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    return f"{(actual != expected).sum().item()} of {actual.numel()} differ, max {(actual - expected).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("sampler", ["sa-solver", "iddpm"])
+def test_pixart_sample_with_a_stepping_scheduler_is_the_pipeline_bitwise(sampler):
+    """SA-Solver and IDDPM have no coefficient table: `sample` steps the scheduler after each forward with the
+    generator's noise, as the pipeline does; another generator gives other latents (the steps are stochastic)."""
+    pipe = build_pipeline("tiny-pixart", random_weights=True)
+    use_pixart_sampler(pipe, sampler)
+    harmonica.enable(pipe.transformer, CacheSchedule.fora(5, len(cached_units(pipe.transformer)), 2))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    options = {"num_steps": 5, "guidance_scale": 4.5, "latents": noise}
+
+    def ours(seed):
+        return pixart_sample(pipe, **pixart_prompt(2), generator=torch.Generator().manual_seed(seed), **options)
+
+    expected = pipe(**pixart_prompt(2), negative_prompt=None, num_inference_steps=5, guidance_scale=4.5,
+                    use_resolution_binning=False, latents=noise, generator=torch.Generator().manual_seed(1),
+                    output_type="latent").images
+    actual = ours(1)
+    assert torch.equal(actual, expected), mismatch(actual, expected)
+    assert (ours(2) != actual).float().mean() > 0.5  # (IDDPM clips to [-1, 1]: some elements are 1 in both)
+
+
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+def test_dits_pipeline_sampler_is_dit_pipeline_bitwise(guidance, monkeypatch):
+    """DiT's "pipeline" sampler: `DiTTask` with DiTPipeline's DDIM scheduler through `sample` (guidance on every eps
+    channel) equals DiTPipeline's loop (the latents it decodes), under FORA:2."""
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    from harmonica.samplers import initial_noise
+
+    pipe = build_pipeline("tiny-dit", random_weights=True)
+    harmonica.enable(pipe.transformer, CacheSchedule.fora(5, len(cached_units(pipe.transformer)), 2))
+    task = DiTTask(pipe.transformer, 5, guidance, pipe.scheduler)
+    assert (task.sampler, task.table, task.step_in_graph) == ("DDIMScheduler", None, False)
+    noise = initial_noise(task, 2, torch.Generator().manual_seed(1))
+    actual = 1 / pipe.vae.config.scaling_factor * sample(task, {"class_labels": torch.tensor([5, 9])}, noise)
+    decoded = []
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: decoded.append(z) or DecoderOutput(torch.zeros(2, 3, 64, 64)))
+    pipe(class_labels=[5, 9], num_inference_steps=5, guidance_scale=guidance,
+         generator=torch.Generator().manual_seed(1), output_type="np")
+    assert torch.equal(actual, decoded[0]), mismatch(actual, decoded[0])
 
 
 def eager_loop(transformer, sampler: str, timesteps: list, table, guidance: dict, noise, forward):
@@ -233,7 +277,7 @@ def flux_case(guidance: float):
     FLUX's distilled guidance (no CFG batch), the packed velocity (B, L, C) as (B, 1, L, C)."""
     spec = FLOW_PRESETS["tiny-flux"]
     transformer = build_transformer("tiny-flux")
-    bank = random_flow_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
+    bank = random_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     task, cond = flow_task(transformer, bank, 6, guidance, **spec.size), {"prompt_index": torch.tensor([1, 0])}
     table = flow_match_euler_table(task.scheduler)
 

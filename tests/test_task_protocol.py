@@ -6,9 +6,10 @@ from argparse import Namespace
 import pytest
 import torch
 
-from harmonica.cli.train import TASKS
+from harmonica.cli.train import train_task as cli_train_task
 from harmonica.families import FAMILIES
-from harmonica.models import preset, random_prompt_embeds
+from harmonica.models import build_transformer, preset
+from harmonica.prompts import random_embeddings
 from harmonica.task import Task
 from harmonica.training import TrainConfig
 
@@ -19,9 +20,9 @@ STEPS = 2
 
 def bank(name: str) -> dict:
     """A prompt bank of two random prompts, as `harmonica embed` writes it for PixArt (`Family.read_embeddings`)."""
-    embeds = random_prompt_embeds(name, 2, torch.Generator().manual_seed(0))
-    return {"prompt_embeds": embeds, "prompt_attention_mask": torch.ones(embeds.shape[:2]),
-            "negative_embeds": torch.zeros_like(embeds[:1]), "negative_attention_mask": torch.ones(1, embeds.shape[1])}
+    with torch.device("meta"):
+        transformer = build_transformer(name)
+    return random_embeddings(transformer, 2, preset(name).text_tokens, torch.Generator().manual_seed(0))
 
 
 def train_task(name: str) -> Task:
@@ -31,7 +32,7 @@ def train_task(name: str) -> Task:
     args = Namespace(model=name, weights=None, random_weights=True, sampler=None)
     config = TrainConfig(num_steps=STEPS, guidance=spec.guidance)
     embeddings = bank(name) if family.read_embeddings is not None else None
-    return TASKS[family.loop](args, spec, config, embeddings, "cpu")
+    return cli_train_task(args, spec, config, embeddings, "cpu")
 
 
 def test_the_protocol_lists_what_the_trainer_the_search_and_the_sampling_loop_use():

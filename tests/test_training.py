@@ -191,8 +191,9 @@ def test_pixart_router_trains_on_embeddings_and_runs_in_the_pipeline(tmp_path):
              num_inference_steps=6, height=64, width=64, use_resolution_binning=False, output_type="latent")
 
 
-def test_pixart_training_needs_embeddings(capsys):
+def test_pixart_training_on_weights_needs_embeddings(tmp_path, capsys):
+    """Weights train on the prompts of a --embeds file (random weights may take random prompts)."""
     from harmonica.cli import main
 
-    assert main(["train", "--model", "tiny-pixart", "--random-weights", "--out", "unused"]) == 2
-    assert "--embeds: tiny-pixart trains on precomputed prompt embeddings" in capsys.readouterr().err
+    assert main(["train", "--model", "tiny-pixart", "--out", str(tmp_path / "run")]) == 2
+    assert "--embeds: the weights of tiny-pixart train on precomputed prompt embeddings" in capsys.readouterr().err

@@ -145,18 +145,18 @@ def sample(args) -> int:
 
 
 def sample_pipeline(args, spec, context_parallel) -> int:
-    """`harmonica sample` for a DiT/PixArt preset: one image through its pipeline (context parallelism: refused
-    by `parallel.check_option`)."""
+    """`harmonica sample` for a DiT/PixArt preset: one image of its task through `samplers.sample`, its prompt
+    through the pipeline's text encoder, decoded by its VAE (context parallelism: refused by
+    `parallel.check_option`)."""
     args.out = args.out or "out.png"
     plan = plan_sample(args, spec)
     pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" and not args.fp32 else torch.float32
     move_pipeline(pipe, device, dtype)
-    spec.family.use_sampler(pipe, plan.sampler)  # before enable, which hooks the scheduler
     execution = {"cuda_graphs": args.cuda_graphs, "scheduler_in_graph": args.scheduler_in_graph,
                  "compile": args.compile}
-    enable(pipe, plan.cache, tau=args.tau, **execution)
+    enable(pipe.transformer, plan.cache, tau=args.tau, **execution)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -213,7 +213,8 @@ def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
     """`plan_sample` for a flow-matching model: (prompt bank, steps, guidance, cache) with every option checked
     against the model's config (a meta-device transformer), the prompt embeddings and the router, before any
     weights load. The random prompt of random weights is drawn from `generator`."""
-    from ..flow import SAMPLER, flow_task, load_flow_embeddings, random_flow_embeddings
+    from ..flow import SAMPLER, flow_task, load_flow_embeddings
+    from ..prompts import random_embeddings
 
     if spec.frames:  # video: its frames as an animation
         check_out_file(args.out, "--out", VIDEO_SUFFIXES, "a .safetensors (the final latents), .gif or .webp file name")
@@ -246,7 +247,7 @@ def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
         if not args.random_weights:
             raise ValueError(f"--prompt-embeddings: expected a file of the pipeline's prompt embeddings for the "
                              f"weights of {args.model} (random ones only suit --random-weights), got none")
-        bank = random_flow_embeddings(transformer, 1, spec.text_tokens, generator)
+        bank = random_embeddings(transformer, 1, spec.text_tokens, generator)
     try:
         task = flow_task(transformer, bank, steps, guidance, **spec.size)
     except ValueError as error:

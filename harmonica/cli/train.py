@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .. import parallel
 from ..api import enable
 from ..digits import DIGITS_MODELS, PIXEL_RANGE
-from ..families import FLOW_LOOP, PIPELINE_LOOP
+from ..families import PIPELINE_LOOP
 from ..files import RunLock
 from ..flow import cur_for_speedup
 from ..models import (
@@ -25,7 +25,7 @@ from ..models import (
 from ..search import SearchConfig
 from ..task import Task
 
-RANDOM_PROMPTS = 16  # the prompt bank of a random-weights flow model's training
+RANDOM_PROMPTS = 16  # the prompt bank of a random-weights text-conditional model's training
 DIGITS_REPORT_SAMPLES = 500  # noises of the quality report that ends a digits model's training
 
 
@@ -101,11 +101,11 @@ def _train(args) -> int:
         raise ValueError(f"--objective: expected {SEARCH} for a two-expert model ({args.model}: its pipeline switches "
                          f"between {experts} transformers by step; SDT and IEPO train one transformer's router), got "
                          f"{args.objective}")
-    if family.text_conditional and not args.embeds and (family.loop == PIPELINE_LOOP or not args.random_weights):
-        raise ValueError(MISSING_EMBEDS[family.loop].format(model=args.model))
-    # a flow model trains at its pipeline's guidance; DiT and PixArt at TrainConfig's (L2C's), not their sampler's
-    default_guidance = (digits.guidance if digits else spec.guidance if family.loop == FLOW_LOOP else
-                        TrainConfig.guidance)
+    if family.text_conditional and not args.embeds and not args.random_weights:
+        raise ValueError(f"--embeds: the weights of {args.model} train on precomputed prompt embeddings; expected a "
+                         "file of the pipeline's encode_prompt outputs (harmonica embed writes one; random ones only "
+                         "suit --random-weights), got none")
+    default_guidance = digits.guidance if digits else family.train_guidance or spec.guidance
     guidance = default_guidance if args.guidance is None else args.guidance
     config = TrainConfig(num_steps=args.steps, iterations=args.iterations,
                          batch=args.batch or TrainConfig.batch, lr=args.lr,
@@ -127,7 +127,7 @@ def _train(args) -> int:
         digits.transformer.to(device)
         task = digits.task(config.num_steps, config.guidance)
     else:
-        task = TASKS[family.loop](args, spec, config, embeddings, device)
+        task = train_task(args, spec, config, embeddings, device)
     macs = task.macs()
     if args.target_speedup is not None:  # the checkpoint records the CUR target it became
         config.target_cur = cur_for_speedup(macs, args.target_speedup, config.num_steps)
@@ -199,37 +199,34 @@ def check_train_embeddings(args, spec, config) -> dict:
     return bank
 
 
-def _flow_task(args, spec, config, embeddings, device) -> Task:
-    """The flow task of a flow preset's transformer on `device` (random weights without --embeds: a random bank);
-    a preset of two experts (Wan 2.2 A14B): the task of both, the second at the preset's `pipeline_config`
-    (boundary_ratio) and `guidance_2`."""
-    from ..flow import flow_task, random_flow_embeddings
+def train_task(args, spec, config, embeddings, device) -> Task:
+    """The task of a preset's transformer on `device` (random weights without --embeds: a bank of random prompts);
+    DiT and PixArt through their pipeline's scheduler with --sampler (default the preset's); a preset of two experts
+    (Wan 2.2 A14B): the task of both, the second at the preset's `pipeline_config` (boundary_ratio) and
+    `guidance_2`."""
+    from ..flow import flow_task
+    from ..prompts import random_embeddings
 
-    transformers = [transformer.to(device) for transformer in
-                    load_experts(args.model, weights=args.weights, random_weights=args.random_weights)]
+    family = spec.family
+    if family.make_task is not None:
+        pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
+        transformers = [pipe.transformer.to(device)]
+    else:
+        transformers = [transformer.to(device) for transformer in
+                        load_experts(args.model, weights=args.weights, random_weights=args.random_weights)]
     transformer = transformers[0]
-    bank = (embeddings if embeddings is not None else
-            random_flow_embeddings(transformer, RANDOM_PROMPTS, spec.text_tokens,
-                                   torch.Generator().manual_seed(config.seed)))
+    bank = embeddings
+    if bank is None and family.text_conditional:
+        bank = random_embeddings(transformer, RANDOM_PROMPTS, spec.text_tokens,
+                                 torch.Generator().manual_seed(config.seed))
+    if family.make_task is not None:
+        return family.make_task(transformer, pipe.scheduler, args.sampler or spec.sampler, bank, config.num_steps,
+                                config.guidance)
     second = ({} if len(transformers) == 1 else
               {"transformer_2": transformers[1], "guidance_2": spec.guidance_2, **spec.pipeline_config})
     return flow_task(transformer, bank, config.num_steps, config.guidance, **second, **spec.size)
 
 
-def _pipeline_task(args, spec, config, embeddings, device) -> Task:
-    """The task of a DiT/PixArt preset's pipeline (its transformer on `device`) with --sampler (default the
-    preset's)."""
-    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
-    pipe.transformer.to(device)
-    return spec.family.train_task(pipe, args.sampler or spec.sampler, embeddings, config.num_steps, config.guidance)
-
-
-TASKS = {FLOW_LOOP: _flow_task, PIPELINE_LOOP: _pipeline_task}  # by `Family.loop`
-MISSING_EMBEDS = {  # by `Family.loop`: PixArt's task reads a bank of prompts; a flow task may take random ones
-    PIPELINE_LOOP: "--embeds: {model} trains on precomputed prompt embeddings; expected a file (harmonica embed writes "
-                   "one), got none",
-    FLOW_LOOP: "--embeds: the weights of {model} train on precomputed prompt embeddings; expected a file of the "
-               "pipeline's encode_prompt outputs (random ones only suit --random-weights), got none"}
 SEARCH = "search"  # the default objective (harmonica.search)
 IEPO_NAMES = {"iepo": "cumulative"}  # the paper's objective, as the official code computes lambda
 

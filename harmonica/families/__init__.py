@@ -124,26 +124,19 @@ class Family:
         pipeline's `transformer` runs every step.
     meta_mode: () -> a context (a TorchDispatchMode) under which its forward runs on meta tensors (MAC counting),
         for a forward with data-dependent steps; None: the forward runs on meta tensors as it is.
-    loop: how harmonica samples it: "flow" (the transformer alone in `flow.flow_sample`, latents out, prompts as
-        embedding files; `FLOW_LOOP`) or "pipeline" (its diffusers pipeline whole: text encoder, its samplers, VAE
-        decode; `PIPELINE_LOOP`).
+    loop: what `harmonica sample` takes and makes: "flow" (the transformer alone, prompts as embedding files,
+        latents out; `FLOW_LOOP`) or "pipeline" (its pipeline's parts: prompts through its text encoder or a class
+        label, an image decoded by its VAE; `PIPELINE_LOOP`). Both sample through `samplers.sample`.
     kind: what `harmonica.options`' rules call the --model (`options.MODEL_KINDS`).
     The "pipeline" loop's:
     samplers: {--sampler name: (the sampler name a router records, default steps, default guidance)}, the first the
         default.
-    use_sampler: (pipe, sampler name) -> the scheduler the pipeline samples with after it (PixArt swaps it; DiT keeps
-        its own); called before `enable`, which hooks the scheduler.
     random_pipeline: (pipeline class, transformer, VAE) -> the pipeline of random weights, without text encoder.
-    generate: (pipe, args, preset, sampler, steps, guidance, generator) -> one PIL image, as `harmonica sample` makes
-        it (`images.generate`; args: prompt, class_label, random_weights, model).
-    latents: (pipe, transformer, prompt kwargs or None, sampler, steps, generator) -> latents (1, C, h, w) of one
-        generation of the benchmark's fixed class or prompt at the default guidance (bench.suite).
-    random_prompt: (preset name, generator, device, dtype) -> the pipeline's prompt kwargs for random prompt
-        embeddings (random weights have no text encoder); None: no prompt.
-    train_task: (pipe, sampler, prompt embeddings or None, steps, guidance) -> its training `task.Task`.
+    make_task: (transformer, the pipeline's scheduler, sampler, prompt bank or None, steps, guidance) -> the
+        `task.Task` of the sampler (sampling and training): its scheduler at the pipeline scheduler's config.
+    conditions: (pipe, preset, args, generator) -> (prompt bank or None, conditions (1, ...)) of one generation, as
+        `harmonica sample` makes it (`images.generate`; args: prompt, class_label, random_weights).
     read_embeddings: (path, transformer config) -> the prompt bank of a --embeds file; None: no prompts.
-    enable_pipeline: whether `enable` takes the pipeline (its scheduler's set_timesteps starts each generation)
-        rather than the transformer (harmonica's own loop, `samplers.dit_ddim_sample`, starts them).
     """
 
     name: str  # short name, e.g. "qwen-image"
@@ -173,14 +166,11 @@ class Family:
     loop: str = "flow"
     kind: str = "flow"
     samplers: dict = field(default_factory=dict)
-    use_sampler: Callable | None = None
     random_pipeline: Callable | None = None
-    generate: Callable | None = None
-    latents: Callable | None = None
-    random_prompt: Callable | None = None
-    train_task: Callable | None = None
+    make_task: Callable | None = None
+    conditions: Callable | None = None
     read_embeddings: Callable | None = None
-    enable_pipeline: bool = False
+    train_guidance: float | None = None  # the guidance `harmonica train` trains at by default; None: the preset's
 
     @property
     def text_conditional(self) -> bool:

@@ -11,7 +11,7 @@ import torch
 
 from ..kernels import solver_step
 from ..router import dit_ddim_timesteps
-from ..samplers import DIT_SAMPLERS, dit_ddim_sample, dit_ddim_table, dit_guidance, dit_null_labels
+from ..samplers import DIT_SAMPLERS, SchedulerSteps, dit_ddim_table, dit_guidance, dit_null_labels
 from ..solvers import first_output, guidance_combined
 from . import SD_VAE, TINY_VAE, Family, Preset, register
 
@@ -20,17 +20,17 @@ PIPELINE_SAMPLER = "pipeline"  # DiTPipeline with its own scheduler
 # {--sampler: (the name a router records, default steps, default guidance)}
 SAMPLERS = {name: (recorded, steps, 1.5) for name, (recorded, steps) in DIT_SAMPLERS.items()}
 SAMPLERS[PIPELINE_SAMPLER] = ("DDIMScheduler", 20, 4.0)
+TRAIN_GUIDANCE = 1.5  # L2C's, for DiT and PixArt (not their samplers' defaults)
 CLASS_LABEL = 207  # the default ImageNet class (golden retriever)
 TINY_DIT = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "sample_size": 8, "out_channels": 8}
 
 
 class DiTTask:
-    """Class-conditional DiT sampled by the original DiT DDIM (guidance on 3 eps channels)."""
+    """Class-conditional DiT: by the original DiT DDIM (guidance on 3 eps channels, a coefficient table whose step
+    may run inside the CUDA graphs), or with `scheduler` as `DiTPipeline` samples (its DDIM: guidance on every eps
+    channel, the scheduler stepping itself, `samplers.SchedulerSteps`)."""
 
     output = solver_output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
-    step_in_graph = True  # the DDIM step may run inside the CUDA graphs (scheduler_in_graph)
-
-    sampler = "dit-ddim"
     text_dim = None  # no text
 
     @staticmethod
@@ -38,13 +38,19 @@ class DiTTask:
         """Latent pixels per token side."""
         return cfg.patch_size
 
-    def __init__(self, transformer, num_steps: int, guidance: float):
-        self.transformer, self.guidance = transformer, guidance
-        self.timesteps = dit_ddim_timesteps(num_steps)
-        self.table = dit_ddim_table(num_steps)
-        self.coefficients = None  # (T, 5) on the device of the first update
+    def __init__(self, transformer, num_steps: int, guidance: float, scheduler=None):
+        self.transformer, self.guidance, self.num_steps, self.scheduler = transformer, guidance, num_steps, scheduler
         cfg = transformer.config
-        self.solver_guidance = dit_guidance(guidance, cfg.in_channels)
+        if scheduler is None:
+            self.sampler, self.timesteps = "dit-ddim", dit_ddim_timesteps(num_steps)
+            self.table, self.solver_guidance = dit_ddim_table(num_steps), dit_guidance(guidance, cfg.in_channels)
+        else:
+            self.sampler, self.timesteps = type(scheduler).__name__, SchedulerSteps(scheduler, num_steps).timesteps
+            self.table = None
+            self.solver_guidance = {"guidance_scale": guidance, "guided_channels": cfg.in_channels} if guidance > 1 \
+                else {}
+        self.step_in_graph = self.table is not None
+        self.coefficients = None  # (T, 5) on the device of the first update
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.num_classes = cfg.num_embeds_ada_norm
 
@@ -53,7 +59,7 @@ class DiTTask:
 
     def with_steps(self, num_steps: int) -> "DiTTask":
         """The same task sampled with another step count."""
-        return DiTTask(self.transformer, num_steps, self.guidance)
+        return DiTTask(self.transformer, num_steps, self.guidance, self.scheduler)
 
     def experts(self) -> list:
         """[(transformer, first step)]: its one transformer runs every step."""
@@ -67,8 +73,9 @@ class DiTTask:
         size = self.latent_shape[-1] * VAE_FACTOR
         return count_macs(self.transformer, size, size)
 
-    def begin(self):
-        return None  # DDIM keeps no state between steps
+    def begin(self, generator: torch.Generator | None = None) -> SchedulerSteps | None:
+        """None for the original DDIM (the table holds every step)."""
+        return None if self.scheduler is None else SchedulerSteps(self.scheduler, self.num_steps, generator)
 
     def model_kwargs(self, x, cond, i: int) -> dict:
         labels = cond["class_labels"].to(x.device)
@@ -79,16 +86,17 @@ class DiTTask:
                 "class_labels": dit_null_labels(labels, self.num_classes) if guided else labels}
 
     def update(self, state, x, out, cond, i: int):
+        if state is not None:
+            return state.step(self.combined(out, x.shape[1])[:x.shape[0], :x.shape[1]], i, x)
         if self.coefficients is None or self.coefficients.device != x.device:
             self.coefficients = self.table.tensor(x.device)
         return solver_step(x, out, self.coefficients[i], **self.solver_guidance)[0]
 
     def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
-        """`out` as the sampler uses it: guidance on the first 3 eps channels (none at guidance <= 1)."""
-        guidance = dit_guidance(self.guidance, channels)
-        if not guidance:
+        """`out` as the sampler uses it: guidance on the guided eps channels (none at guidance <= 1)."""
+        if not self.solver_guidance:
             return out
-        return guidance_combined(out, guidance["guided_channels"], self.guidance, cond_first=True)
+        return guidance_combined(out, self.solver_guidance["guided_channels"], self.guidance, cond_first=True)
 
 
 def example_inputs(cfg, batch: int, h: int, w: int, text, frames) -> dict:
@@ -105,33 +113,14 @@ def random_pipeline(pipeline_class, transformer, vae):
     return pipeline_class(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler())
 
 
-def keep_sampler(pipe, sampler: str):
-    """DiT keeps its pipeline's scheduler ("pipeline"; "dit-ddim" runs its own table); returns it."""
-    return pipe.scheduler
+def make_task(transformer, scheduler, sampler: str, embeddings, steps: int, guidance: float) -> DiTTask:
+    """"dit-ddim": the original DiT DDIM; "pipeline": `scheduler` (the pipeline's DDIM) as DiTPipeline samples."""
+    return DiTTask(transformer, steps, guidance, None if sampler == "dit-ddim" else scheduler)
 
 
-def generate(pipe, args, spec, sampler: str, steps: int, guidance: float, generator: torch.Generator):
-    """One PIL image of the class `args.class_label` (default `CLASS_LABEL`)."""
-    from ..images import decode, to_pil
-
-    label = CLASS_LABEL if args.class_label is None else args.class_label
-    if sampler == PIPELINE_SAMPLER:
-        return to_pil(pipe(class_labels=[label], num_inference_steps=steps, guidance_scale=guidance,
-                           generator=generator, output_type="np").images[0])
-    latents = dit_ddim_sample(pipe.transformer, torch.tensor([label], device=pipe.transformer.device),
-                              num_steps=steps, guidance_scale=guidance, generator=generator, progress=True)
-    return decode(pipe, latents)
-
-
-def latents(pipe, transformer, prompt, sampler: str, steps: int, generator: torch.Generator) -> torch.Tensor:
-    """The "dit-ddim" latents (1, C, h, w) of `CLASS_LABEL` through `transformer`, at the default guidance."""
-    labels = torch.tensor([CLASS_LABEL], device=transformer.device)
-    return dit_ddim_sample(transformer, labels, num_steps=steps, guidance_scale=SAMPLERS["dit-ddim"][2],
-                           generator=generator)
-
-
-def train_task(pipe, sampler: str, embeddings, steps: int, guidance: float) -> DiTTask:
-    return DiTTask(pipe.transformer, steps, guidance)
+def conditions(pipe, spec, args, generator: torch.Generator) -> tuple:
+    """(no prompt bank, the class `args.class_label` (default `CLASS_LABEL`) (1,))."""
+    return None, {"class_labels": torch.tensor([CLASS_LABEL if args.class_label is None else args.class_label])}
 
 
 def _dit(sample_size: int, hub_id: str) -> Preset:
@@ -144,5 +133,5 @@ PRESETS = {"dit-xl-2-256": _dit(32, "facebook/DiT-XL-2-256"), "dit-xl-2-512": _d
 
 FAMILY = register(Family(
     "dit", TRANSFORMER, PIPELINE, "AutoencoderKL", DiTTask, None, None, example_inputs, presets=PRESETS,
-    loop="pipeline", kind="dit", samplers=SAMPLERS, use_sampler=keep_sampler, random_pipeline=random_pipeline,
-    generate=generate, latents=latents, train_task=train_task))
+    loop="pipeline", kind="dit", samplers=SAMPLERS, random_pipeline=random_pipeline, make_task=make_task,
+    conditions=conditions, train_guidance=TRAIN_GUIDANCE))

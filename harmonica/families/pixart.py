@@ -12,12 +12,13 @@ negative_attention_mask (1, L).
 import torch
 
 from ..flow import VAE_FACTOR
-from ..samplers import PIXART_PROMPT_KEYS, PIXART_SAMPLERS, pixart_sample, use_pixart_sampler
+from ..samplers import PIXART_SAMPLERS, SchedulerSteps, sampler_scheduler
 from ..solvers import dpm_solver_table, first_output, guidance_combined
 from . import SD_VAE, TINY_VAE, Family, Preset, register
-from .dit import DiTTask
+from .dit import TRAIN_GUIDANCE, DiTTask
 
 TRANSFORMER, PIPELINE, SIGMA_PIPELINE = "PixArtTransformer2DModel", "PixArtAlphaPipeline", "PixArtSigmaPipeline"
+DPM_SOLVER = PIXART_SAMPLERS["dpm-solver++"][0]  # the scheduler sampled by a coefficient table
 GUIDANCE = 4.5  # every sampler's default
 # {--sampler: (the name a router records: the scheduler class, default steps, default guidance)}
 SAMPLERS = {name: (scheduler, steps, GUIDANCE) for name, (scheduler, steps) in PIXART_SAMPLERS.items()}
@@ -64,42 +65,41 @@ def load_prompt_embeddings(path, caption_channels: int | None = None, option: st
 
 class PixArtTask:
     """Text-conditional PixArt sampled by a diffusers scheduler, as the PixArt pipelines run it: with guidance > 1
-    the [negative, positive] CFG batch, guidance on the eps channels; learned sigma dropped."""
+    the [negative, positive] CFG batch, guidance on the eps channels; learned sigma dropped. DPM-Solver++ is a
+    coefficient table (its step may run inside the CUDA graphs); the other schedulers step themselves
+    (`samplers.SchedulerSteps`)."""
 
     output = solver_output = staticmethod(first_output)  # the model output the solver steps (B, C, H, W)
-    step_in_graph = True  # the DPM-Solver++ step may run inside the CUDA graphs (scheduler_in_graph)
     text_dim = "caption_channels"  # config key of the text embeddings' width
+    text_dims = {}
+    prompt_keys = EMBEDDING_KEYS[:2]  # (P, L, D), (P, L): the bank's prompts
+    negative_keys = EMBEDDING_KEYS[2:]  # (1, L, D), (1, L): the unconditional prompt
     patch = staticmethod(DiTTask.patch)
     experts, macs = DiTTask.experts, DiTTask.macs
 
     def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
         self.guided = guidance > 1
-        self.scheduler_class, self.scheduler_config = type(scheduler), scheduler.config
-        self.sampler = self.scheduler_class.__name__
-        self.timesteps = [int(t) for t in self.begin().timesteps.tolist()]
+        self.scheduler, self.sampler = scheduler, type(scheduler).__name__  # each generation steps a fresh copy
+        steps = SchedulerSteps(scheduler, num_steps)
+        self.timesteps = steps.timesteps
+        self.table = dpm_solver_table(steps.scheduler) if self.sampler == DPM_SOLVER else None
+        self.step_in_graph = self.table is not None
         cfg = transformer.config
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.embeddings = embeddings
         self.solver_guidance = {"guidance_scale": guidance, "cond_first": False} if self.guided else {}
 
-    @property
-    def table(self):
-        """The DPM-Solver++ coefficient table (a ValueError for the other schedulers, which step by `update`)."""
-        return dpm_solver_table(self.begin())
-
     def with_steps(self, num_steps: int) -> "PixArtTask":
         """The same task sampled with another step count."""
-        return PixArtTask(self.transformer, self.begin(), self.embeddings, num_steps, self.guidance)
+        return PixArtTask(self.transformer, self.scheduler, self.embeddings, num_steps, self.guidance)
 
     def conditions(self, batch: int, generator: torch.Generator) -> dict:
         count = self.embeddings["prompt_embeds"].shape[0]
         return {"prompt_index": torch.randint(0, count, (batch,), generator=generator)}
 
-    def begin(self):
-        scheduler = self.scheduler_class.from_config(self.scheduler_config)
-        scheduler.set_timesteps(self.num_steps)
-        return scheduler
+    def begin(self, generator: torch.Generator | None = None) -> SchedulerSteps:
+        return SchedulerSteps(self.scheduler, self.num_steps, generator)
 
     def model_kwargs(self, x, cond, i: int) -> dict:
         """The forward's kwargs for latents x (B, C, h, w): with guidance the CFG batch of 2B, the bank's negative
@@ -124,7 +124,7 @@ class PixArtTask:
 
     def update(self, state, x, out, cond, i: int):
         eps = self.combined(out, x.shape[1])[:x.shape[0], :x.shape[1]]
-        return state.step(eps, self.timesteps[i], x).prev_sample
+        return state.step(eps, i, x)
 
     def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
         """`out` as the sampler uses it: [negative, positive] halves, guidance on every eps channel (none at
@@ -157,57 +157,22 @@ def random_pipeline(pipeline_class, transformer, vae):
                           scheduler=diffusers.DPMSolverMultistepScheduler())
 
 
-def random_prompt(name: str, generator: torch.Generator, device, dtype) -> dict:
-    """The pipeline's prompt kwargs of random prompt embeddings (`models.random_prompt_embeds`), the negative ones
-    zero."""
-    from ..models import random_prompt_embeds
-
-    embeds = random_prompt_embeds(name, 1, generator).to(device, dtype)
-    mask = torch.ones(embeds.shape[:2], device=device)
-    return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_prompt": None,
-            "negative_prompt_embeds": torch.zeros_like(embeds), "negative_prompt_attention_mask": mask}
+def make_task(transformer, scheduler, sampler: str, embeddings: dict, steps: int, guidance: float) -> PixArtTask:
+    """The task of `sampler` (a key of `SAMPLERS`): its scheduler class at the config of `scheduler` (the
+    pipeline's)."""
+    return PixArtTask(transformer, sampler_scheduler(scheduler, sampler), embeddings, steps, guidance)
 
 
-def generate(pipe, args, spec, sampler: str, steps: int, guidance: float, generator: torch.Generator):
-    """One PIL image of `args.prompt` (default `DEFAULT_PROMPT`; random embeddings with random weights). With the
-    sampler step inside the CUDA graphs (`enable(..., scheduler_in_graph=True)`), `pixart_sample` runs instead of
-    the pipeline."""
-    from ..api import step_runner
-    from ..images import decode, to_pil
+def conditions(pipe, spec, args, generator: torch.Generator) -> tuple:
+    """(a bank of one prompt, its index (1,)): `args.prompt` (default `DEFAULT_PROMPT`) through the pipeline's text
+    encoder, or with `args.random_weights` (no text encoder) a random prompt of the preset's tokens."""
+    from ..prompts import random_embeddings
 
-    device = pipe.transformer.device
-    prompt = {"prompt": args.prompt or DEFAULT_PROMPT}
-    if args.random_weights:  # no text encoder: embeddings of a random prompt
-        prompt = random_prompt(args.model, generator, device, pipe.transformer.dtype)
-    if step_runner(pipe.transformer) is not None:
-        if "prompt" in prompt:
-            prompt = dict(zip(PIXART_PROMPT_KEYS, pipe.encode_prompt(prompt["prompt"], device=device)))
-        prompt = {key: prompt[key] for key in PIXART_PROMPT_KEYS}
-        latents = pixart_sample(pipe, **prompt, num_steps=steps, guidance_scale=guidance,
-                                generator=generator, height=spec.height, width=spec.width, progress=True)
-        return decode(pipe, latents)
-    return to_pil(pipe(**prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
-                       height=spec.height, width=spec.width,
-                       use_resolution_binning=not args.random_weights, output_type="np").images[0])
-
-
-def latents(pipe, transformer, prompt: dict, sampler: str, steps: int, generator: torch.Generator) -> torch.Tensor:
-    """The latents (1, C, h, w) of `prompt` (the pipeline's prompt kwargs) through `transformer` in `pipe`, at the
-    default guidance: `pixart_sample` for "dpm-solver++", else the pipeline's loop."""
-    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
-    original, pipe.transformer = pipe.transformer, transformer
-    try:
-        if sampler == "dpm-solver++":
-            return pixart_sample(pipe, **{k: prompt[k] for k in PIXART_PROMPT_KEYS}, num_steps=steps,
-                                 guidance_scale=GUIDANCE, generator=generator, height=size, width=size)
-        return pipe(**prompt, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=generator,
-                    height=size, width=size, use_resolution_binning=False, output_type="latent").images
-    finally:
-        pipe.transformer = original
-
-
-def train_task(pipe, sampler: str, embeddings: dict, steps: int, guidance: float) -> "PixArtTask":
-    return PixArtTask(pipe.transformer, use_pixart_sampler(pipe, sampler), embeddings, steps, guidance)
+    if args.random_weights:
+        bank = random_embeddings(pipe.transformer, 1, spec.text_tokens, generator)
+    else:
+        bank = encode(pipe, [args.prompt or DEFAULT_PROMPT], None, {})
+    return bank, {"prompt_index": torch.zeros(1, dtype=torch.long)}
 
 
 def read_embeddings(path, cfg) -> dict:
@@ -231,6 +196,5 @@ PRESETS = {
 
 FAMILY = register(Family(
     "pixart", TRANSFORMER, PIPELINE, "AutoencoderKL", PixArtTask, None, encode, example_inputs, presets=PRESETS,
-    loop="pipeline", kind="pixart", samplers=SAMPLERS, use_sampler=use_pixart_sampler, random_pipeline=random_pipeline,
-    generate=generate, latents=latents, random_prompt=random_prompt, train_task=train_task,
-    read_embeddings=read_embeddings, enable_pipeline=True))
+    loop="pipeline", kind="pixart", samplers=SAMPLERS, random_pipeline=random_pipeline, make_task=make_task,
+    conditions=conditions, read_embeddings=read_embeddings, train_guidance=TRAIN_GUIDANCE))
