@@ -23,13 +23,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from harmonica import parallel
-from harmonica.families import FLOW_LOOP
 from harmonica.macs import VAE_FACTOR, count_macs
 from harmonica.models import preset
 from harmonica.schedule import CacheSchedule
 
 from .kernel_bench import PROVIDERS, default_cases
-from .suite import PlannedRow, SuiteOptions, plan_group, resolution
+from .suite import FLOW_MODELS, PlannedRow, SuiteOptions, plan_group, resolution
 
 CFG_BATCH = 2  # images per transformer forward: DiT (guidance 1.5) and PixArt (4.5) run guidance as a batch of 2
 H100_PEAK_FLOPS = 989e12  # H100 SXM, fp16/bf16 dense tensor-core peak (NVIDIA datasheet)
@@ -76,12 +75,12 @@ class PlanLine:
 @functools.cache
 def decode_macs(name: str) -> float:
     """MACs of the preset's VAE decoding one image at its resolution (FlopCounterMode on the meta device);
-    0 for a flow preset (the suite runs its transformer alone)."""
+    0 for a flow preset (the suite runs its transformer alone, `FlowWorkload`)."""
     import diffusers
 
-    spec = preset(name)
-    if spec.family.loop == FLOW_LOOP:
+    if name in FLOW_MODELS:
         return 0.0
+    spec = preset(name)
     with torch.device("meta"):
         vae = getattr(diffusers, spec.family.vae)(**spec.vae)
         latents = torch.empty(1, vae.config.latent_channels, spec.height // VAE_FACTOR, spec.width // VAE_FACTOR)

@@ -42,7 +42,7 @@ import harmonica
 from harmonica import parallel
 from harmonica.flow import SAMPLER as FLOW_SAMPLER
 from harmonica.flow import as_4d, flow_sample, flow_task
-from harmonica.images import default_guidance
+from harmonica.generation import default_guidance
 from harmonica.macs import count_macs
 from harmonica.models import (
     FLOW_PRESETS,

@@ -221,6 +221,16 @@ def denormalized(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents * std + mean
 
 
+def preset_task(spec, transformers: list, scheduler, sampler: str, embeddings: dict, num_steps: int,
+                guidance: float) -> FlowTask:
+    """A flow family's `Family.make_task`: the task of preset `spec` on its transformers (`models.load_experts`) at
+    the preset's size; of two experts (Wan 2.2 A14B), the second at the preset's boundary (`pipeline_config`) and
+    `guidance_2`. Its scheduler is the family's (`Family.scheduler`): `scheduler` is None, `sampler` `SAMPLER`."""
+    second = ({} if len(transformers) == 1 else
+              {"transformer_2": transformers[1], "guidance_2": spec.guidance_2, **spec.pipeline_config})
+    return spec.family.task(transformers[0], embeddings, num_steps, guidance, **second, **spec.size)
+
+
 def flow_task(transformer, embeddings: dict, num_steps: int, guidance: float, **size) -> FlowTask:
     """The task of the transformer's family; size: height, width (pixels), frames (video)."""
     from .families import family_of

@@ -143,7 +143,8 @@ def count_macs_for_input(model, hidden_shape: tuple, text_tokens: int | None = N
                           cross_attention=cross_attention), f"{tokens} image tokens"
     family = FAMILIES.get(_spec(model)[0])
     height, width = (size * (VAE_FACTOR if family is None else family.vae_factor) for size in hidden_shape[-2:])
-    frames = family_of(model).video_frames(hidden_shape[2]) if len(hidden_shape) == 5 else None
+    video = len(hidden_shape) == 5 and family_of(model).frame_factor is not None  # (Z-Image's images are 5-D)
+    frames = family_of(model).video_frames(hidden_shape[2]) if video else None
     where = f"{height}x{width}" + (f"x{frames}" if frames else "")
     return count_macs(model, height, width, text_tokens=text_tokens, frames=frames,
                       cross_attention=cross_attention), where

@@ -12,19 +12,20 @@ import logging
 
 import torch
 
-from .families import FAMILIES, FLOW_LOOP, PIPELINE_LOOP, Preset, family_of
+from .families import FAMILIES, Preset, family_of
 
 
-def _presets(loop: str) -> dict:
-    """{name: preset} of the families sampled by `loop` (`Family.loop`), the real ones first."""
-    return {name: spec for real in (True, False) for family in FAMILIES.values() if family.loop == loop
+def _presets(flow_matching: bool) -> dict:
+    """{name: preset} of the flow-matching families (a `Family.scheduler`) or of the others, the real ones first."""
+    return {name: spec for real in (True, False) for family in FAMILIES.values()
+            if (family.scheduler is not None) == flow_matching
             for name, spec in family.presets.items() if (name.startswith("tiny")) != real}
 
 
-PRESETS = _presets(PIPELINE_LOOP)  # DiT's and PixArt's (harmonica/families/dit.py, pixart.py)
+PRESETS = _presets(False)  # DiT's and PixArt's (harmonica/families/dit.py, pixart.py): their pipelines' samplers
 REAL_MODELS = tuple(name for name in PRESETS if not name.startswith("tiny"))
 # every flow-matching family's presets (harmonica/families), the real ones first
-FLOW_PRESETS = _presets(FLOW_LOOP)
+FLOW_PRESETS = _presets(True)
 FLOW_MODELS = {name: model for family in FAMILIES.values() for name, model in family.models.items()}
 
 
@@ -48,7 +49,7 @@ def build_transformer(name: str, *, seed: int = 0, device=None):
 
 def load_transformer(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0,
                      device=None):
-    """A flow preset's transformer alone (no text encoders, no VAE): from the `transformer` folder of
+    """A preset's transformer alone (no text encoders, no VAE): from the `transformer` folder of
     `weights` (hub id or path; default the preset's hub id), or with `random_weights` from its config,
     built on `device`. A preset of several experts (Wan 2.2 A14B) is refused: harmonica's own sampler, bench and
     profiling run one transformer (`load_experts` loads them all)."""
@@ -62,7 +63,7 @@ def load_transformer(name: str, *, weights: str | None = None, random_weights: b
 
 def load_experts(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0,
                  device=None) -> list:
-    """A flow preset's transformers that take turns by step, in order (`Preset.experts`; one for most): from the
+    """A preset's transformers that take turns by step, in order (`Preset.experts`; one for most): from the
     `transformer`, `transformer_2`, ... folders of `weights` (hub id or path; default the preset's hub id), or with
     `random_weights` from its config, the i-th seeded `seed + i`, built on `device`."""
     import diffusers
@@ -78,7 +79,7 @@ def load_experts(name: str, *, weights: str | None = None, random_weights: bool 
 
 
 def load_vae(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0):
-    """A flow preset's VAE: the `vae` folder of `weights` (hub id or path; default the preset's hub id), or
+    """A preset's VAE: the `vae` folder of `weights` (hub id or path; default the preset's hub id), or
     with `random_weights` a random one from the preset's config (tiny presets only)."""
     import diffusers
 
@@ -92,6 +93,34 @@ def load_vae(name: str, *, weights: str | None = None, random_weights: bool = Fa
         return vae_class(**spec.vae).eval()
     return _from_hub(name, weights or spec.hub_id, lambda source: vae_class.from_pretrained(
         source, subfolder="vae")).eval()
+
+
+def load_scheduler(name: str, *, weights: str | None = None, random_weights: bool = False):
+    """The scheduler of a DiT/PixArt preset's pipeline (`Family.pipeline_scheduler`), whose config its samplers start
+    from: the `scheduler` folder of `weights` (hub id or path; default the preset's hub id), or with `random_weights`
+    the class's defaults; None for a flow family (its task holds its scheduler, `Family.scheduler`)."""
+    import diffusers
+
+    spec = preset(name)
+    if spec.family.pipeline_scheduler is None:
+        return None
+    scheduler_class = getattr(diffusers, spec.family.pipeline_scheduler)
+    if random_weights:
+        return scheduler_class()
+    return _from_hub(name, weights or spec.hub_id, lambda source: scheduler_class.from_pretrained(
+        source, subfolder="scheduler"))
+
+
+def preset_task(name: str, transformers: list, scheduler, bank: dict | None, steps: int, guidance: float,
+                sampler: str | None = None):
+    """The `task.Task` of preset `name` on its transformers (`load_experts`), its pipeline's `scheduler`
+    (`load_scheduler`; None for a flow family), a prompt bank (None: class-conditional), `sampler` (default the
+    preset's), steps and guidance (`Family.make_task`)."""
+    from .flow import SAMPLER
+
+    spec = preset(name)
+    return spec.family.make_task(spec, transformers, scheduler, sampler or spec.sampler or SAMPLER, bank, steps,
+                                 guidance)
 
 
 def load_text_encoders(name: str, *, weights: str | None = None, dtype: torch.dtype = torch.float32):
@@ -133,8 +162,8 @@ def build_pipeline(name: str, *, weights: str | None = None, random_weights: boo
     if not random_weights:
         return _from_hub(name, weights or spec.hub_id, pipeline_class.from_pretrained)
     transformer = build_transformer(name, seed=seed)
-    vae = getattr(diffusers, spec.family.vae)(**spec.vae).eval()
-    return spec.family.random_pipeline(pipeline_class, transformer, vae)
+    vae = load_vae(name, random_weights=True, seed=seed)
+    return spec.family.random_pipeline(pipeline_class, transformer, vae, load_scheduler(name, random_weights=True))
 
 
 def move_pipeline(pipe, device, dtype: torch.dtype) -> None:

@@ -92,7 +92,7 @@ SEED = count(0, high=SEED_MAX)
 TAU = number(low=0, high=1, open_low=True, open_high=True, expected=TAU_RANGE)
 GUIDANCE = number(low=0, expected="a finite scale >= 0")
 STEPS = count(1, high=TRAIN_TIMESTEPS, expected=f"1 to {TRAIN_TIMESTEPS} (the model's training timesteps)")
-FLOW_ONLY = {"model": ("flow",)}
+TEXT_CONDITIONAL = {"model": ("pixart", "flow")}
 SDT_ONLY = {"objective": ("lambda", "l2c")}
 LAMBDA_ONLY = {"objective": ("lambda",)}
 SEARCH_ONLY = {"objective": ("search",)}
@@ -100,15 +100,17 @@ SAMPLING_ONLY = {"suite": ("sampling",)}
 
 PROFILE = {
     "model": FLAG, "weights": WEIGHTS, "random_weights": RANDOM_WEIGHTS, "config": TEXT, "router": TEXT,
-    "mode": FLAG, "steps": STEPS, "warmup": count(0), "seed": SEED, "prompt_embeddings": Rule(str, only=FLOW_ONLY),
+    "mode": FLAG, "steps": STEPS, "warmup": count(0), "seed": SEED,
+    "prompt_embeddings": Rule(str, only=TEXT_CONDITIONAL),
     "out": TEXT, "kernel": TEXT, "nvtx_include": TEXT, "launch_count": count(1),
 }
 RULES = {
     "sample": {
         "model": FLAG, "weights": WEIGHTS, "random_weights": RANDOM_WEIGHTS, "router": TEXT, "schedule": TEXT,
         "no_cache": FLAG, "tau": TAU, "sampler": Rule(str, only=PIPELINES), "steps": STEPS, "seed": SEED,
-        "class_label": Rule(int, only={"model": ("dit",)}), "prompt": Rule(str, only={"model": ("pixart",)}),
-        "prompt_embeddings": Rule(str, only=FLOW_ONLY), "guidance": GUIDANCE, "fp32": FLAG, "cuda_graphs": FLAG,
+        "class_label": Rule(int, only={"model": ("dit",)}), "prompt": Rule(str, only=TEXT_CONDITIONAL),
+        "prompt_embeddings": Rule(str, only=TEXT_CONDITIONAL), "guidance": GUIDANCE, "fp32": FLAG,
+        "cuda_graphs": FLAG,
         "scheduler_in_graph": Rule(only=PIPELINES), "compile": FLAG, "out": TEXT,
         "context_parallel": TEXT,  # which models: parallel.py says (those with a cp plan)
     },
@@ -119,7 +121,7 @@ RULES = {
                        f"model has {TRAIN_TIMESTEPS} training timesteps)"),
         "iterations": count(1, only=SDT_ONLY), "batch": count(1), "lr": number(low=0, open_low=True, only=SDT_ONLY),
         "beta": number(low=0, only=SDT_ONLY), "tau": TAU, "refresh": count(1, only=LAMBDA_ONLY), "guidance": GUIDANCE,
-        "embeds": Rule(str, only={"model": ("pixart", "flow")}),
+        "embeds": Rule(str, only=TEXT_CONDITIONAL),
         "sampler": Rule(str, choices=("dpm-solver++", "sa-solver", "iddpm"), only={"model": ("pixart",)}),
         "objective": FLAG, "rounds": count(1, only=SEARCH_ONLY), "candidates": count(1, only=SEARCH_ONLY),
         "forecast_rounds": count(0, only=SEARCH_ONLY),

@@ -5,24 +5,37 @@ cudaProfilerStart and cudaProfilerStop (what `nsys profile -c cudaProfilerApi` a
     HARMONICA_NVTX=1 python -m harmonica.profiling.workload --model dit-xl-2-256 --config fora:2 --steps 20
 
 `harmonica profile nsys|ncu` runs it in a subprocess with the same options. On the CPU it runs the
-same way without the profiler calls (the tests use the tiny presets). A flow-matching preset (FLUX.1,
-SD3/SD3.5, Wan, Qwen-Image) runs `flow.flow_sample` on its transformer alone (bf16 on CUDA), with the first
-prompt of `--prompt-embeddings` or a random one: no text encoder, no VAE.
+same way without the profiler calls (the tests use the tiny presets). A generation is `harmonica sample`'s
+(`harmonica.generation`): the preset's task through `samplers.sample` on its transformer (fp16 for DiT and PixArt,
+bf16 for the flow families on CUDA) with its sampler's defaults, the class or the first prompt of
+`--prompt-embeddings` (default: a random one for random weights, else the default prompt through the text encoders,
+not timed), and the VAE decode where the preset has a VAE to decode with (real weights, or a random VAE).
 """
 
 import argparse
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
 from harmonica.api import enable, summary
 from harmonica.bench.configs import MODE_OPTIONS
-from harmonica.families import FLOW_LOOP, PIPELINE_LOOP
-from harmonica.images import generate
-from harmonica.models import FLOW_PRESETS, PRESETS, build_pipeline, load_transformer, move_pipeline, preset
+from harmonica.flow import SAMPLER
+from harmonica.generation import DEFAULT_PROMPT, default_guidance, encoded_bank, first_conditions, read_bank
+from harmonica.models import (
+    FLOW_PRESETS,
+    PRESETS,
+    load_scheduler,
+    load_transformer,
+    load_vae,
+    move_pipeline,
+    preset,
+    preset_task,
+)
+from harmonica.prompts import random_embeddings
 from harmonica.router import Router
-from harmonica.samplers import check_steps
+from harmonica.samplers import check_steps, initial_noise, sample
 from harmonica.schedule import parse_schedule
 from harmonica.units import cached_units
 
@@ -46,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed generations first (Triton autotuning, graph capture, compilation)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompt-embeddings", help="flow models: safetensors file of prompt embeddings (harmonica "
-                        "embed writes one; its first prompt is used; default: a random prompt)")
-    parser.set_defaults(prompt="a photo of a cat", guidance=None, class_label=207)  # what images.generate reads
+    parser.add_argument("--prompt-embeddings", help="PixArt and flow models: safetensors file of prompt embeddings "
+                        "(harmonica embed writes one; its first prompt is used; default: a random prompt with random "
+                        "weights, else the default prompt through the text encoders)")
 
 
 def workload_argv(args) -> list:
@@ -64,42 +77,43 @@ def workload_argv(args) -> list:
     return argv + (["--steps", str(args.steps)] if args.steps else [])
 
 
-def _pipeline_generation(args, spec, device):
-    """(pipeline, steps, one generation) of a DiT/PixArt preset, caching enabled."""
+def _generation(args, spec, device) -> tuple:
+    """(what the ranges hook: the transformer and the VAE or None, steps, one generation) of a preset, caching
+    enabled."""
     steps = args.steps or spec.steps
-    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
-    move_pipeline(pipe, device, torch.float16 if device == "cuda" else torch.float32)
-    enable(pipe.transformer, _cache(args, steps, pipe.transformer), **MODE_OPTIONS[args.mode])
-    return pipe, steps, lambda: generate(pipe, args, spec, spec.sampler, steps,
-                                         torch.Generator().manual_seed(args.seed), progress=False)
-
-
-def _flow_generation(args, spec, device):
-    """(transformer, steps, one generation) of a flow-matching preset, caching enabled."""
-    from harmonica.flow import flow_sample, flow_task, load_flow_embeddings
-    from harmonica.prompts import random_embeddings
-
-    steps = args.steps or spec.steps
+    sampler = spec.sampler or SAMPLER
     transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights,
                                    seed=args.seed)
-    move_pipeline(transformer, device, torch.bfloat16 if device == "cuda" else torch.float32)
-    bank = (load_flow_embeddings(args.prompt_embeddings) if args.prompt_embeddings else
-            random_embeddings(transformer, 1, spec.text_tokens, torch.Generator().manual_seed(args.seed)))
-    task = flow_task(transformer, bank, steps, spec.guidance, **spec.size)
+    dtype = spec.family.half if device == "cuda" else torch.float32
+    move_pipeline(transformer, device, dtype)
+    bank = None
+    if args.prompt_embeddings:
+        bank = read_bank(spec, args.prompt_embeddings, transformer.config, "--prompt-embeddings")
+    elif spec.family.text_conditional and args.random_weights:
+        bank = random_embeddings(transformer, 1, spec.text_tokens, torch.Generator().manual_seed(args.seed))
+    elif spec.family.text_conditional:
+        bank = encoded_bank(args.model, DEFAULT_PROMPT, weights=args.weights, device=device, dtype=dtype)
+    scheduler = load_scheduler(args.model, weights=args.weights, random_weights=args.random_weights)
+    task = preset_task(args.model, [transformer], scheduler, bank, steps, default_guidance(spec, sampler), sampler)
     enable(transformer, _cache(args, steps, transformer), **MODE_OPTIONS[args.mode])
-    first = torch.zeros(1, dtype=torch.long)
-    return transformer, steps, lambda: flow_sample(task, first, generator=torch.Generator().manual_seed(args.seed))
+    vae = None
+    if not args.random_weights or spec.vae is not None:
+        vae = load_vae(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
+        move_pipeline(vae, device, torch.float32)
+    cond = first_conditions(spec)
 
+    def generation():
+        generator = torch.Generator().manual_seed(args.seed)
+        latents = sample(task, cond, initial_noise(task, 1, generator), generator=generator)
+        return latents if vae is None else task.decode(vae, latents)
 
-GENERATIONS = {FLOW_LOOP: _flow_generation, PIPELINE_LOOP: _pipeline_generation}  # by `Family.loop`
-TIMED = {FLOW_LOOP: "latents only", PIPELINE_LOOP: "decode included"}  # what a generation of each loop makes
+    return SimpleNamespace(transformer=transformer, vae=vae), steps, generation
 
 
 def check_workload_steps(model: str, steps: int | None) -> None:
-    """--steps against the sampler of the workload: a DiT/PixArt preset's own (the flow sampler takes any)."""
-    spec = preset(model)
-    if steps is not None and spec.family.loop == PIPELINE_LOOP:
-        check_steps(spec.sampler, steps)
+    """--steps against the preset's sampler (DiT's and PixArt's have their ranges; the flow sampler takes any)."""
+    if steps is not None:
+        check_steps(preset(model).sampler or SAMPLER, steps)
 
 
 def _cache(args, steps: int, transformer):
@@ -110,16 +124,15 @@ def _cache(args, steps: int, transformer):
 
 
 def run(args) -> float:
-    """Build, warm up and time one generation; returns its seconds (decode included)."""
+    """Build, warm up and time one generation; returns its seconds (decode included where there is a VAE)."""
     spec = preset(args.model)
-    loop = spec.family.loop
-    if args.prompt_embeddings and loop != FLOW_LOOP:
-        raise ValueError(f"--prompt-embeddings: expected only with a flow model, got {args.model}")
+    if args.prompt_embeddings and not spec.family.text_conditional:
+        raise ValueError(f"--prompt-embeddings: expected only with a text-conditional model, got {args.model}")
     check_workload_steps(args.model, args.steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe, steps, generation = GENERATIONS[loop](args, spec, device)
+    parts, steps, generation = _generation(args, spec, device)
     profiled = device == "cuda"
-    with nvtx.PipelineRanges(pipe), torch.inference_mode():
+    with nvtx.PipelineRanges(parts), torch.inference_mode():
         for _ in range(args.warmup):
             generation()
         if profiled:
@@ -135,9 +148,9 @@ def run(args) -> float:
             torch.cuda.profiler.stop()
         elapsed = time.perf_counter() - start
     print(f"model {args.model}, mode {args.mode}, {steps} steps, {device}")
-    print(summary(pipe))
+    print(summary(parts.transformer))
     print(f"timed generation: {elapsed * 1e3:.1f} ms after {args.warmup} warm-up "
-          f"({TIMED[loop]})")
+          f"({'latents only: no VAE' if parts.vae is None else 'decode included'})")
     return elapsed
 
 

@@ -8,7 +8,7 @@ import torch
 from test_flow import STEPS, pipeline_latents
 
 from harmonica.adapters import ADAPTERS, blocks_of
-from harmonica.families import FAMILIES, FLOW_LOOP, PIPELINE_LOOP, family_of, register
+from harmonica.families import FAMILIES, family_of, register
 from harmonica.flow import flow_task
 from harmonica.models import FLOW_MODELS, FLOW_PRESETS, PRESETS, build_transformer
 from harmonica.prompts import random_embeddings
@@ -16,7 +16,7 @@ from harmonica.prompts import random_embeddings
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted(path for folder in ("harmonica", "bench", "profiling") for path in (ROOT / folder).rglob("*.py"))
 SHARED_VAE = "AutoencoderKL"  # DiT's, PixArt's, FLUX.1's and SD3's: no family's alone
-FLOW_FAMILIES = {name: family for name, family in FAMILIES.items() if family.loop == FLOW_LOOP}
+FLOW_FAMILIES = {name: family for name, family in FAMILIES.items() if family.scheduler is not None}
 TINY = {family.transformer: [name for name in family.presets if name.startswith("tiny")]
         for family in FLOW_FAMILIES.values()}
 
@@ -73,9 +73,10 @@ def test_the_task_steps_at_the_pipelines_own_timesteps_and_sigmas(name):
 
 
 def test_the_dit_and_pixart_families_hold_their_presets_and_samplers():
-    """DiT and PixArt are families sampled through their pipelines: `models.PRESETS` is theirs, in the order
-    it had as a table of its own (real ones first), each preset's sampler one of its family's."""
-    pipeline_families = [family for family in FAMILIES.values() if family.loop == PIPELINE_LOOP]
+    """DiT and PixArt are the families sampled by their pipelines' schedulers (no flow-matching schedule):
+    `models.PRESETS` is theirs, in the order it had as a table of its own (real ones first), each preset's sampler
+    one of its family's."""
+    pipeline_families = [family for family in FAMILIES.values() if family.scheduler is None]
     assert [(family.name, family.transformer, family.kind) for family in pipeline_families] == [
         ("dit", "DiTTransformer2DModel", "dit"), ("pixart", "PixArtTransformer2DModel", "pixart")]
     assert list(PRESETS) == ["dit-xl-2-256", "dit-xl-2-512", "pixart-alpha-256", "pixart-alpha-512",

@@ -1,5 +1,5 @@
-"""`harmonica sample`: one image from a DiT/PixArt model, a video or the latents of a flow-matching model, or a digits
-model's grid, with a router, a baseline schedule or no cache."""
+"""`harmonica sample`: one image (a video) or the final latents of any preset, or a digits model's grid, with a
+router, a baseline schedule or no cache (`generation` names the steps)."""
 
 import dataclasses
 import time
@@ -7,25 +7,26 @@ from pathlib import Path
 
 import torch
 
-from .. import parallel
+from .. import parallel, samplers
 from ..api import enable, summary
 from ..digits import DIGITS_MODELS
-from ..families import FLOW_LOOP, PIPELINE_LOOP
 from ..families.dit import CLASS_LABEL
-from ..families.pixart import DEFAULT_PROMPT
 from ..files import check_out_file, file_bytes, write_file
-from ..images import generate, to_pil
+from ..flow import SAMPLER
+from ..generation import DEFAULT_PROMPT, default_guidance, encoded_bank, first_conditions, read_bank, to_pil
 from ..models import (
     FLOW_PRESETS,
     PRESETS,
-    build_pipeline,
     build_transformer,
+    load_scheduler,
     load_transformer,
     load_vae,
     move_pipeline,
     preset,
+    preset_task,
 )
-from ..router import Router, RouterInfo, dit_ddim_timesteps, load_router
+from ..prompts import random_embeddings
+from ..router import Router, RouterInfo, load_router
 from ..samplers import TABLE_SAMPLERS, check_steps, step_ranges_text
 from ..schedule import parse_schedule
 from ..units import cached_units
@@ -62,49 +63,104 @@ def image_suffixes() -> set:
 
 
 @dataclasses.dataclass
-
-
 class SamplePlan:
-    """What `harmonica sample` runs, every option checked: the sampler, step count, router or schedule."""
+    """What `harmonica sample` runs, every option checked: the sampler, step count, guidance, router or schedule,
+    the pipeline's scheduler (DiT, PixArt; None for a flow family), the prompt bank (None: class-conditional, or the
+    prompt is encoded once the text encoders load) and the conditions of the generation."""
 
     sampler: str
     steps: int
+    guidance: float
     cache: object  # a Router or a CacheSchedule
+    scheduler: object
+    bank: dict | None
+    cond: dict
 
 
-def plan_sample(args, spec) -> SamplePlan:
+def default_out(args, spec) -> str:
+    """--out's default: an image (a video: an animated GIF) decoded by the preset's VAE, or the final latents where
+    there is none to decode with (random weights of a preset without a random VAE)."""
+    if args.random_weights and spec.vae is None:
+        return "out.safetensors"
+    return "out.gif" if spec.frames else "out.png"
+
+
+def check_out(args, spec) -> None:
+    """--out: its suffix (an image, a video's animation, or .safetensors for the final latents) and, with random
+    weights, a random VAE to decode with."""
+    if spec.frames:
+        check_out_file(args.out, "--out", VIDEO_SUFFIXES, "a .safetensors (the final latents), .gif or .webp file name")
+    else:
+        check_out_file(args.out, "--out", {".safetensors"} | image_suffixes(),
+                       "an image file name (.png, .jpg, ...) or a .safetensors file name (the final latents)")
+    if args.random_weights and Path(args.out).suffix.lower() != ".safetensors" and spec.vae is None:
+        raise ValueError(f"--out: {args.model} has no random VAE to decode with (decoding needs its weights); "
+                         f"expected a .safetensors file name (the final latents), got {args.out!r}")
+
+
+def plan_sample(args, spec, generator: torch.Generator) -> SamplePlan:
     """Check every option of `harmonica sample` against each other, the model's config (a meta-device
-    transformer, no weights) and the router's files, before any model is built; ValueError naming the
-    option to change."""
-    check_out_file(args.out, "--out", image_suffixes(), "an image file name (.png, .jpg or another suffix PIL writes)")
+    transformer, no weights), the prompt embeddings and the router's files, before any weights load; ValueError
+    naming the option to change. The random prompt of random weights is drawn from `generator`."""
+    check_out(args, spec)
     check_tau(args)
+    family = spec.family
     with torch.device("meta"):
         transformer = build_transformer(args.model)
     if args.class_label is not None and not 0 <= args.class_label < transformer.config.num_embeds_ada_norm:
         raise ValueError(f"--class-label: expected a class in [0, {transformer.config.num_embeds_ada_norm - 1}] "
                          f"for {args.model}, got {args.class_label}")
     router = load_router(args.router) if args.router else None
-    choices = spec.family.samplers
-    trained = _router_sampler(router, spec, args.router) if router else None
-    if args.sampler is not None and trained is not None and args.sampler != trained:
-        raise ValueError(f"--sampler: the router {args.router} was trained with {trained}, got --sampler "
-                         f"{args.sampler}; leave --sampler out")
-    sampler = args.sampler or trained or spec.sampler
-    if sampler not in choices:
-        raise ValueError(f"--sampler: expected one of {sorted(choices)} for {args.model}, got {sampler!r}")
+    sampler = plan_sampler(args, spec, router)
     if args.steps is not None:
         check_steps(sampler, args.steps)
     if router is not None and args.steps is not None and args.steps != router.num_steps:
         raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
                          f"{args.steps}; leave --steps out")
-    steps = args.steps or (router.num_steps if router else choices[sampler][1])
-    if args.scheduler_in_graph and sampler not in TABLE_SAMPLERS:
-        raise ValueError(f"--scheduler-in-graph: expected a sampler from {list(TABLE_SAMPLERS)}, got {sampler!r}")
+    steps = args.steps or (router.num_steps if router else family.samplers[sampler][1] if family.samplers else
+                           spec.steps)
+    guidance = default_guidance(spec, sampler) if args.guidance is None else args.guidance
+    if args.prompt is not None and (args.prompt_embeddings or args.random_weights):
+        other = "--prompt-embeddings" if args.prompt_embeddings else "--random-weights (no text encoders)"
+        raise ValueError(f"--prompt: expected it alone, with the weights' text encoders, got --prompt {args.prompt!r} "
+                         f"with {other}")
+    bank = None
+    if args.prompt_embeddings:
+        bank = read_bank(spec, args.prompt_embeddings, transformer.config, "--prompt-embeddings")
+    elif family.text_conditional and args.random_weights:
+        bank = random_embeddings(transformer, 1, spec.text_tokens, generator)
+    scheduler = load_scheduler(args.model, weights=args.weights, random_weights=args.random_weights)
+    # a stand-in bank where the prompt is encoded later: the task's steps do not depend on it
+    stand_in = random_embeddings(transformer, 1, spec.text_tokens, torch.Generator()) if (
+        family.text_conditional and bank is None) else bank
+    try:
+        task = preset_task(args.model, [transformer], scheduler, stand_in, steps, guidance, sampler)
+    except ValueError as error:
+        raise ValueError(f"--prompt-embeddings: {error}") from None
+    if args.scheduler_in_graph and not task.step_in_graph:
+        raise ValueError(f"--scheduler-in-graph: expected a sampler whose step can run inside the graphs "
+                         f"({', '.join(TABLE_SAMPLERS)}), got {sampler}")
     if router is None:
         units = [name for name, _ in cached_units(transformer)]
-        return SamplePlan(sampler, steps, parse_schedule(args.schedule or "no-cache", steps, units))
-    check_router_model(router, args, transformer, timesteps=dit_ddim_timesteps(steps) if sampler == "dit-ddim" else [])
-    return SamplePlan(sampler, steps, router)
+        cache = parse_schedule(args.schedule or "no-cache", steps, units)
+    else:
+        check_router_model(router, args, transformer, sampler=task.sampler, timesteps=task.timesteps)
+        cache = router
+    return SamplePlan(sampler, steps, guidance, cache, scheduler, bank, first_conditions(spec, args.class_label))
+
+
+def plan_sampler(args, spec, router: Router | None) -> str:
+    """--sampler, else the router's, else the preset's: one of the family's samplers (a flow family: its
+    flow-matching Euler)."""
+    choices = spec.family.samplers or {SAMPLER: None}
+    trained = _router_sampler(router, spec, args.router) if router and spec.family.samplers else None
+    if args.sampler is not None and trained is not None and args.sampler != trained:
+        raise ValueError(f"--sampler: the router {args.router} was trained with {trained}, got --sampler "
+                         f"{args.sampler}; leave --sampler out")
+    sampler = args.sampler or trained or spec.sampler or SAMPLER
+    if sampler not in choices:
+        raise ValueError(f"--sampler: expected one of {sorted(choices)} for {args.model}, got {sampler!r}")
+    return sampler
 
 
 def check_router_model(router: Router, args, transformer, **fields) -> None:
@@ -137,40 +193,67 @@ def _router_sampler(router: Router, spec, directory: str) -> str | None:
 
 
 def sample(args) -> int:
+    """`harmonica sample`: preset -> transformer -> task -> enable -> `samplers.sample` -> decode, for every family;
+    the final latents go to --out, or the image (a video's frames as an animation) its VAE decodes. Under torchrun
+    with --context-parallel (parallel.py), rank 0 writes and prints."""
     if args.model in DIGITS_MODELS:
         return sample_digits(args)
     spec = preset(args.model)
     context_parallel = parallel.check_option(args.context_parallel, {args.model: spec.class_name})
-    return {FLOW_LOOP: sample_flow, PIPELINE_LOOP: sample_pipeline}[spec.family.loop](args, spec, context_parallel)
-
-
-def sample_pipeline(args, spec, context_parallel) -> int:
-    """`harmonica sample` for a DiT/PixArt preset: one image of its task through `samplers.sample`, its prompt
-    through the pipeline's text encoder, decoded by its VAE (context parallelism: refused by
-    `parallel.check_option`)."""
-    args.out = args.out or "out.png"
-    plan = plan_sample(args, spec)
-    pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" and not args.fp32 else torch.float32
-    move_pipeline(pipe, device, dtype)
-    execution = {"cuda_graphs": args.cuda_graphs, "scheduler_in_graph": args.scheduler_in_graph,
-                 "compile": args.compile}
-    enable(pipe.transformer, plan.cache, tau=args.tau, **execution)
+    args.out = args.out or default_out(args, spec)
     generator = torch.Generator().manual_seed(args.seed)
+    plan = plan_sample(args, spec, generator)
+    transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights,
+                                   seed=args.seed)
+    device = (parallel.init_context_parallel(transformer, *context_parallel) if context_parallel else
+              "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = spec.family.half if device.startswith("cuda") and not args.fp32 else torch.float32
+    move_pipeline(transformer, device, dtype)
+    bank = plan.bank
+    if bank is None and spec.family.text_conditional:
+        bank = encoded_bank(args.model, args.prompt or DEFAULT_PROMPT, weights=args.weights, device=device,
+                            dtype=dtype)
+    task = preset_task(args.model, [transformer], plan.scheduler, bank, plan.steps, plan.guidance, plan.sampler)
+    engine = enable(transformer, plan.cache, tau=args.tau, cuda_graphs=args.cuda_graphs,
+                    scheduler_in_graph=args.scheduler_in_graph, compile=args.compile)
     start = time.perf_counter()
     with torch.inference_mode():
-        image = generate(pipe, args, spec, plan.sampler, plan.steps, generator)
-    if device == "cuda":
+        latents = samplers.sample(task, plan.cond, samplers.initial_noise(task, 1, generator), generator=generator,
+                                  progress=True)
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    write_images([image], args.out)
+    bad = int((~torch.isfinite(latents)).sum())
+    if bad:
+        raise RuntimeError(f"latents: expected finite values, got {bad} of {latents.numel()} NaN/inf (the sampling "
+                           "diverged; nothing was written)")
+    if parallel.rank():  # every rank holds the gathered latents; rank 0 writes and reports
+        return 0
+    write_output(args, task, latents, device)
     weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
-    print(f"model {args.model} ({weights}), sampler {plan.sampler}, {plan.steps} steps, seed {args.seed}, "
-          f"{device} {dtype}")
-    print(summary(pipe))
-    print(f"measured {elapsed:.2f} s (whole generation, decode included); image written to {args.out}")
+    print(f"model {args.model} ({weights}), sampler {plan.sampler}, {plan.steps} steps, guidance {plan.guidance}, "
+          f"seed {args.seed}, {device} {dtype}")
+    print(summary(transformer))
+    if context_parallel:
+        print(parallel.summary_line(args.model, transformer, engine.policy.schedule, 2 if task.guided else 1,
+                                    dtype.itemsize, engine.cache_bytes()))
+    print(f"measured {elapsed:.2f} s (the denoising loop); latents {tuple(latents.shape)}, "
+          f"{'latents' if args.out.endswith('.safetensors') else 'decoded'} written to {args.out}")
     return 0
+
+
+def write_output(args, task, latents: torch.Tensor, device) -> None:
+    """The final latents (unpacked, as the pipeline hands them to its VAE) to a .safetensors --out, else the image
+    or video the preset's VAE decodes (in fp32, as the pipelines keep Wan's; cheap next to the loop)."""
+    from safetensors.torch import save
+
+    if Path(args.out).suffix.lower() == ".safetensors":
+        write_file(args.out, save({"latents": task.unpack(latents).float().cpu().contiguous()}))
+        return
+    vae = load_vae(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
+    move_pipeline(vae, device, torch.float32)
+    with torch.inference_mode():
+        save_decoded(task.decode(vae, latents), args.out)
 
 
 def sample_digits(args) -> int:
@@ -209,110 +292,6 @@ def sample_digits(args) -> int:
     return 0
 
 
-def plan_flow_sample(args, spec, generator: torch.Generator) -> tuple:
-    """`plan_sample` for a flow-matching model: (prompt bank, steps, guidance, cache) with every option checked
-    against the model's config (a meta-device transformer), the prompt embeddings and the router, before any
-    weights load. The random prompt of random weights is drawn from `generator`."""
-    from ..flow import SAMPLER, flow_task, load_flow_embeddings
-    from ..prompts import random_embeddings
-
-    if spec.frames:  # video: its frames as an animation
-        check_out_file(args.out, "--out", VIDEO_SUFFIXES, "a .safetensors (the final latents), .gif or .webp file name")
-    else:
-        check_out_file(args.out, "--out", {".safetensors"} | image_suffixes(),
-                       "a .safetensors file name (the final latents) or an image file name (.png, .jpg, ...)")
-    if args.random_weights and Path(args.out).suffix.lower() != ".safetensors" and spec.vae is None:
-        raise ValueError(f"--out: {args.model} has no random VAE to decode with (decoding needs its weights); "
-                         f"expected a .safetensors file name (the final latents), got {args.out!r}")
-    check_tau(args)
-    if args.sampler not in (None, SAMPLER):
-        raise ValueError(f"--sampler: expected {SAMPLER} (the pipeline's) for --model {args.model}, got "
-                         f"{args.sampler!r}")
-    if args.scheduler_in_graph:
-        raise ValueError(f"--scheduler-in-graph: expected off for --model {args.model} (its sampler step runs after "
-                         f"the graph), got on")
-    if args.steps is not None:
-        check_steps(SAMPLER, args.steps)
-    router = load_router(args.router) if args.router else None
-    if router is not None and args.steps is not None and args.steps != router.num_steps:
-        raise ValueError(f"--steps: the router {args.router} was trained for {router.num_steps} steps, got --steps "
-                         f"{args.steps}; leave --steps out")
-    steps = args.steps or (router.num_steps if router else spec.steps)
-    guidance = spec.guidance if args.guidance is None else args.guidance
-    with torch.device("meta"):
-        transformer = build_transformer(args.model)
-    if args.prompt_embeddings:
-        bank = load_flow_embeddings(args.prompt_embeddings)
-    else:
-        if not args.random_weights:
-            raise ValueError(f"--prompt-embeddings: expected a file of the pipeline's prompt embeddings for the "
-                             f"weights of {args.model} (random ones only suit --random-weights), got none")
-        bank = random_embeddings(transformer, 1, spec.text_tokens, generator)
-    try:
-        task = flow_task(transformer, bank, steps, guidance, **spec.size)
-    except ValueError as error:
-        raise ValueError(f"--prompt-embeddings: {error}") from None
-    if router is None:
-        units = [name for name, _ in cached_units(transformer)]
-        return bank, steps, guidance, parse_schedule(args.schedule or "no-cache", steps, units)
-    check_router_model(router, args, transformer, sampler=SAMPLER, timesteps=task.timesteps)
-    return bank, steps, guidance, router
-
-
-def sample_flow(args, spec, context_parallel=None) -> int:
-    """`harmonica sample` for a flow-matching model: the transformer alone, driven by `flow.flow_sample` on the
-    first prompt of the bank; the final latents (unpacked, as the pipeline hands them to its VAE) go to --out.
-    context_parallel: (kind, degree) under torchrun (parallel.py); rank 0 writes and prints."""
-    from safetensors.torch import save
-
-    from ..api import Summary
-    from ..flow import SAMPLER, flow_sample, flow_task
-
-    args.out = args.out or "out.safetensors"
-    generator = torch.Generator().manual_seed(args.seed)
-    bank, steps, guidance, cache = plan_flow_sample(args, spec, generator)
-    transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights,
-                                   seed=args.seed)
-    device = (parallel.init_context_parallel(transformer, *context_parallel) if context_parallel else
-              "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") and not args.fp32 else torch.float32
-    move_pipeline(transformer, device, dtype)
-    task = flow_task(transformer, bank, steps, guidance, **spec.size)
-    engine = enable(transformer, cache, tau=args.tau, cuda_graphs=args.cuda_graphs, compile=args.compile)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        latents = flow_sample(task, torch.zeros(1, dtype=torch.long), generator=generator, progress=True)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    bad = int((~torch.isfinite(latents)).sum())
-    if bad:
-        raise RuntimeError(f"latents: expected finite values, got {bad} of {latents.numel()} NaN/inf (the sampling "
-                           "diverged; nothing was written)")
-    if parallel.rank():  # every rank holds the gathered latents; rank 0 writes and reports
-        return 0
-    if Path(args.out).suffix.lower() == ".safetensors":
-        write_file(args.out, save({"latents": task.unpack(latents).float().cpu().contiguous()}))
-    else:
-        vae = load_vae(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
-        move_pipeline(vae, device, torch.float32)  # the pipelines keep Wan's VAE in fp32; cheap next to the loop
-        with torch.inference_mode():
-            save_decoded(task.decode(vae, latents), args.out)
-    schedule = engine.policy.schedule
-    weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
-    print(f"model {args.model} ({weights}), sampler {SAMPLER}, {steps} steps, guidance {guidance}, seed {args.seed}, "
-          f"{device} {dtype}")
-    size = f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else "")
-    print(Summary(schedule.name, SAMPLER, steps, schedule.num_units, schedule.cur,
-                  schedule.theoretical_speedup(task.macs()), size, engine.cache_bytes()))
-    if context_parallel:
-        print(parallel.summary_line(args.model, transformer, schedule, 2 if task.guided else 1, dtype.itemsize,
-                                    engine.cache_bytes()))
-    print(f"measured {elapsed:.2f} s (whole generation, decode not included); latents {tuple(latents.shape)}, "
-          f"{'latents' if args.out.endswith('.safetensors') else 'decoded'} written to {args.out}")
-    return 0
-
-
 def add_parser(commands) -> None:
     s = commands.add_parser("sample", help="generate one image")
     s.add_argument("--model", required=True, choices=sorted(PRESETS) + sorted(FLOW_PRESETS) + sorted(DIGITS_MODELS))
@@ -330,19 +309,21 @@ def add_parser(commands) -> None:
                    "sampler's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--class-label", type=int, help=f"ImageNet class (DiT; default {CLASS_LABEL})")
-    s.add_argument("--prompt", help=f"PixArt prompt (default {DEFAULT_PROMPT!r})")
-    s.add_argument("--prompt-embeddings", help="flow models: safetensors file of the pipeline's encode_prompt outputs "
-                   "(harmonica embed writes one; the first prompt is sampled; default with --random-weights: a random "
-                   "prompt)")
+    s.add_argument("--prompt", help=f"PixArt and flow models: the prompt, through the pipeline's text encoders "
+                   f"(default {DEFAULT_PROMPT!r}; with --random-weights: a random prompt)")
+    s.add_argument("--prompt-embeddings", help="PixArt and flow models: safetensors file of the pipeline's "
+                   "encode_prompt outputs instead (harmonica embed writes one; the first prompt is sampled)")
     s.add_argument("--guidance", type=float,
-                   help="classifier-free guidance, 0 or 1 for none (default: 1.5 dit-ddim, 4.0 pipeline, 4.5 PixArt)")
-    s.add_argument("--fp32", action="store_true", help="fp32 on CUDA (default fp16; CPU always fp32)")
+                   help="classifier-free guidance, 0 or 1 for none (default: 1.5 dit-ddim, 4.0 pipeline, 4.5 PixArt, "
+                   "the pipeline's for flow models)")
+    s.add_argument("--fp32", action="store_true", help="fp32 on CUDA (default fp16 for DiT and PixArt, bf16 for flow "
+                   "models; CPU always fp32)")
     s.add_argument("--cuda-graphs", action="store_true", help="one CUDA graph per distinct schedule row")
     s.add_argument("--scheduler-in-graph", action="store_true",
                    help="with --cuda-graphs: the sampler step inside each graph (dit-ddim, dpm-solver++)")
     s.add_argument("--compile", action="store_true", help="torch.compile each unit kind once (all blocks share it)")
     s.add_argument("--context-parallel", metavar="ulysses=N|ring=N", help="under torchrun, N = the world size: "
                    "diffusers' context parallelism (FLUX, Wan, Qwen-Image)")
-    s.add_argument("--out", help="image file (.png, .jpg, ...; default out.png) in an existing directory; flow models: "
-                   ".safetensors file of the final latents (default out.safetensors), or an image file decoded by "
-                   "the model's VAE (Wan: .gif or .webp)")
+    s.add_argument("--out", help="in an existing directory: an image file (.png, .jpg, ...; default out.png) or a "
+                   "video's animation (.gif, .webp; default out.gif) decoded by the model's VAE, or a .safetensors "
+                   "file of the final latents (the default for random weights without a random VAE)")

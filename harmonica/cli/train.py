@@ -11,17 +11,19 @@ from tqdm.auto import tqdm
 from .. import parallel
 from ..api import enable
 from ..digits import DIGITS_MODELS, PIXEL_RANGE
-from ..families import PIPELINE_LOOP
 from ..files import RunLock
 from ..flow import cur_for_speedup
+from ..generation import read_bank
 from ..models import (
     FLOW_PRESETS,
     PRESETS,
-    build_pipeline,
     build_transformer,
     load_experts,
+    load_scheduler,
     preset,
+    preset_task,
 )
+from ..prompts import random_embeddings
 from ..search import SearchConfig
 from ..task import Task
 
@@ -183,48 +185,31 @@ def _train(args) -> int:
 
 
 def check_train_embeddings(args, spec, config) -> dict:
-    """The --embeds file, checked against the model's config (a meta-device transformer: no weights): its
-    tensors (`prompts.read_embeddings`), keys and widths. ValueError naming --embeds and the file."""
-    from ..flow import flow_task, load_flow_embeddings
-
+    """The --embeds file, checked against the model's config (a meta-device transformer: no weights) and its task:
+    its tensors (`prompts.read_embeddings`), keys and widths. ValueError naming --embeds and the file."""
     with torch.device("meta"):
         transformer = build_transformer(args.model)
-    if spec.family.loop == PIPELINE_LOOP:
-        return spec.family.read_embeddings(args.embeds, transformer.config)
-    bank = load_flow_embeddings(args.embeds, "--embeds")
+    bank = read_bank(spec, args.embeds, transformer.config, "--embeds")
     try:
-        flow_task(transformer, bank, config.num_steps, config.guidance, **spec.size)
+        preset_task(args.model, [transformer], load_scheduler(args.model, random_weights=True), bank,
+                    config.num_steps, config.guidance, args.sampler)
     except ValueError as error:
         raise ValueError(f"--embeds: {args.embeds}: {error}") from None
     return bank
 
 
 def train_task(args, spec, config, embeddings, device) -> Task:
-    """The task of a preset's transformer on `device` (random weights without --embeds: a bank of random prompts);
-    DiT and PixArt through their pipeline's scheduler with --sampler (default the preset's); a preset of two experts
-    (Wan 2.2 A14B): the task of both, the second at the preset's `pipeline_config` (boundary_ratio) and
-    `guidance_2`."""
-    from ..flow import flow_task
-    from ..prompts import random_embeddings
-
-    family = spec.family
-    if family.make_task is not None:
-        pipe = build_pipeline(args.model, weights=args.weights, random_weights=args.random_weights)
-        transformers = [pipe.transformer.to(device)]
-    else:
-        transformers = [transformer.to(device) for transformer in
-                        load_experts(args.model, weights=args.weights, random_weights=args.random_weights)]
-    transformer = transformers[0]
+    """The task of a preset's transformers on `device` (`models.preset_task`; random weights without --embeds: a
+    bank of random prompts): DiT's and PixArt's --sampler (default the preset's) from their pipeline's scheduler; a
+    preset of two experts (Wan 2.2 A14B): the task of both."""
+    transformers = [transformer.to(device) for transformer in
+                    load_experts(args.model, weights=args.weights, random_weights=args.random_weights)]
     bank = embeddings
-    if bank is None and family.text_conditional:
-        bank = random_embeddings(transformer, RANDOM_PROMPTS, spec.text_tokens,
+    if bank is None and spec.family.text_conditional:
+        bank = random_embeddings(transformers[0], RANDOM_PROMPTS, spec.text_tokens,
                                  torch.Generator().manual_seed(config.seed))
-    if family.make_task is not None:
-        return family.make_task(transformer, pipe.scheduler, args.sampler or spec.sampler, bank, config.num_steps,
-                                config.guidance)
-    second = ({} if len(transformers) == 1 else
-              {"transformer_2": transformers[1], "guidance_2": spec.guidance_2, **spec.pipeline_config})
-    return flow_task(transformer, bank, config.num_steps, config.guidance, **second, **spec.size)
+    scheduler = load_scheduler(args.model, weights=args.weights, random_weights=args.random_weights)
+    return preset_task(args.model, transformers, scheduler, bank, config.num_steps, config.guidance, args.sampler)
 
 
 SEARCH = "search"  # the default objective (harmonica.search)

@@ -4,13 +4,13 @@ A flow-matching family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`,
 `hunyuan_video15.py`, `ltx2.py`) holds its block adapters (registered in `harmonica.adapters`), its `flow.FlowTask`
 subclass, how its pipeline sets the scheduler's timesteps, how its pipeline encodes prompts, the meta inputs of one
 forward (MAC counting), its hub models and presets, its VAE class and the peers' patterns for it. `dit.py` and
-`pixart.py` hold the same for DiT and PixArt, whose diffusers pipeline harmonica runs whole (`Family.loop`
-"pipeline": text encoder, its samplers, VAE decode): their presets, training task, MAC example inputs, prompt encoder,
-sampler swap and one generation. Every family's presets are `Preset`s (DiT's and PixArt's name their default sampler,
-whose steps and guidance are theirs); every training task is a `task.Task`. Each module ends with
-`FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer class name to its `Family`; generic code
-(`flow`, `solvers`, `prompts`, `macs`, `models`, `images`, the CLI, bench, profiling) asks `family_of` or a preset's
-`family` and never names a family's class.
+`pixart.py` hold the same for DiT and PixArt, sampled by their pipelines' schedulers (`Family.samplers`: the
+original DiT DDIM, DPM-Solver++, SA-Solver, IDDPM, DiTPipeline's DDIM) instead of a flow-matching schedule. Every
+family's presets are `Preset`s (DiT's and PixArt's name their default sampler, whose steps and guidance are theirs);
+every family makes its `task.Task` (`Family.make_task`), which `samplers.sample` samples and the trainer trains on.
+Each module ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer class name to its
+`Family`; generic code (`flow`, `solvers`, `prompts`, `macs`, `models`, `generation`, the CLI, bench, profiling) asks
+`family_of` or a preset's `family` and never names a family's class.
 
 Adding a family is one module here that ends with `FAMILY = register(Family(...))`, imported at the bottom of this
 file, plus its tests (tests/test_families.py checks that no other source file names its classes).
@@ -19,7 +19,9 @@ file, plus its tests (tests/test_families.py checks that no other source file na
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..flow import VAE_FACTOR
+import torch
+
+from ..flow import VAE_FACTOR, preset_task
 from ..solvers import FlowMatchSchedule
 
 # the VAE of the real DiT and PixArt checkpoints (SD's), AutoencoderKL's defaults otherwise
@@ -66,7 +68,7 @@ class Preset:
     experts: int = 1
     pipeline_config: dict | None = None
     guidance_2: float | None = None
-    sampler: str | None = None  # the "pipeline" loop's default --sampler (a key of `Family.samplers`); None: flow
+    sampler: str | None = None  # DiT's and PixArt's default --sampler (a key of `Family.samplers`); None: flow
     own_pipeline: str | None = None  # its diffusers pipeline class where it is not its family's (PixArt-Sigma's)
 
     @classmethod
@@ -102,7 +104,7 @@ class Preset:
 class Family:
     """One model family, keyed by its diffusers transformer class.
 
-    scheduler: how its pipeline sets the flow-matching timesteps; None for the "pipeline" loop (its samplers).
+    scheduler: how its pipeline sets the flow-matching timesteps; None for DiT and PixArt (their `samplers`).
     encode: (pipe, prompts (P strings), negative prompt or None, extra encode_prompt kwargs) -> {name: tensor}, the
         pipeline's `encode_prompt` outputs under the names the task reads (`prompts.encode_prompts`).
     example_inputs: (config, batch, latent h, latent w, text (B, L, D) meta tensor or None where the task's text_dim
@@ -124,19 +126,19 @@ class Family:
         pipeline's `transformer` runs every step.
     meta_mode: () -> a context (a TorchDispatchMode) under which its forward runs on meta tensors (MAC counting),
         for a forward with data-dependent steps; None: the forward runs on meta tensors as it is.
-    loop: what `harmonica sample` takes and makes: "flow" (the transformer alone, prompts as embedding files,
-        latents out; `FLOW_LOOP`) or "pipeline" (its pipeline's parts: prompts through its text encoder or a class
-        label, an image decoded by its VAE; `PIPELINE_LOOP`). Both sample through `samplers.sample`.
     kind: what `harmonica.options`' rules call the --model (`options.MODEL_KINDS`).
-    The "pipeline" loop's:
+    make_task: (preset, its transformers (`models.load_experts`), the pipeline's scheduler or None, sampler, prompt
+        bank or None, steps, guidance) -> the `task.Task` that samples and trains it (`models.preset_task`); the flow
+        families': `flow.preset_task`.
+    DiT's and PixArt's (no flow-matching `scheduler`):
     samplers: {--sampler name: (the sampler name a router records, default steps, default guidance)}, the first the
         default.
-    random_pipeline: (pipeline class, transformer, VAE) -> the pipeline of random weights, without text encoder.
-    make_task: (transformer, the pipeline's scheduler, sampler, prompt bank or None, steps, guidance) -> the
-        `task.Task` of the sampler (sampling and training): its scheduler at the pipeline scheduler's config.
-    conditions: (pipe, preset, args, generator) -> (prompt bank or None, conditions (1, ...)) of one generation, as
-        `harmonica sample` makes it (`images.generate`; args: prompt, class_label, random_weights).
-    read_embeddings: (path, transformer config) -> the prompt bank of a --embeds file; None: no prompts.
+    pipeline_scheduler: the diffusers scheduler class of its pipelines, whose config its samplers start from
+        (`models.load_scheduler`).
+    random_pipeline: (pipeline class, transformer, VAE, scheduler) -> the pipeline of random weights, without text
+        encoder.
+    read_embeddings: (path, transformer config, option) -> the prompt bank of an embeddings file; None: a flow
+        family's (`flow.load_flow_embeddings`, checked by its task).
     """
 
     name: str  # short name, e.g. "qwen-image"
@@ -158,17 +160,17 @@ class Family:
     timestep_rises: bool = False
     frame_factor: int | None = None  # video: its VAE's temporal compression f (latent frames = (frames - 1) / f + 1)
     vae_factor: int = VAE_FACTOR
+    half: torch.dtype = torch.bfloat16  # the dtype it samples in on CUDA (the pipelines'), unless --fp32
     meta_mode: Callable | None = None
     # (config, the forward's int arguments) -> (height, width, frames) pixels of the forward, where its hidden_states'
     # shape does not tell them (LTX-2's packed video tokens: its num_frames, height, width); None: the shape tells
     forward_size: Callable | None = None
     experts: Callable | None = None
-    loop: str = "flow"
     kind: str = "flow"
     samplers: dict = field(default_factory=dict)
+    make_task: Callable = preset_task
+    pipeline_scheduler: str | None = None
     random_pipeline: Callable | None = None
-    make_task: Callable | None = None
-    conditions: Callable | None = None
     read_embeddings: Callable | None = None
     train_guidance: float | None = None  # the guidance `harmonica train` trains at by default; None: the preset's
 
@@ -191,7 +193,6 @@ class Family:
         return (latent_frames - 1) * self.frame_factor + 1
 
 
-FLOW_LOOP, PIPELINE_LOOP = "flow", "pipeline"  # the values of `Family.loop`
 FAMILIES = {}  # diffusers transformer class name -> Family
 DIFFUSERS_ARGUMENTS = Family.arguments  # the usual names, DiT's and PixArt's too
 

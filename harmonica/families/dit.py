@@ -1,10 +1,9 @@
 """The DiT family: `DiTTransformer2DModel` (class-conditional, ImageNet) in `DiTPipeline`, its VAE `AutoencoderKL`.
 
 Its blocks are diffusers' `BasicTransformerBlock` (`ada_norm_zero`), whose adapter, shared with PixArt, is
-`harmonica.adapters.basic`. Sampled through its pipeline (`Family.loop` "pipeline"): "dit-ddim", the original DiT
-sampler (`samplers.dit_ddim_sample`: `DiTTask` through `samplers.sample`), or "pipeline", `DiTPipeline` with its own
-DDIM scheduler. Task: latents (B, C, h, w), class labels (B,), the timestep; guidance on the first 3 of the eps
-channels.
+`harmonica.adapters.basic`. Samplers: "dit-ddim", the original DiT sampler (`DiTTask`'s coefficient table; guidance
+on the first 3 of the eps channels), or "pipeline", `DiTPipeline`'s own DDIM scheduler (guidance on every eps
+channel), both through `samplers.sample`. Task: latents (B, C, h, w), class labels (B,), the timestep.
 """
 
 import torch
@@ -49,7 +48,7 @@ class DiTTask:
             self.table = None
             self.solver_guidance = {"guidance_scale": guidance, "guided_channels": cfg.in_channels} if guidance > 1 \
                 else {}
-        self.step_in_graph = self.table is not None
+        self.step_in_graph, self.guided = self.table is not None, guidance > 1
         self.coefficients = None  # (T, 5) on the device of the first update
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.num_classes = cfg.num_embeds_ada_norm
@@ -92,6 +91,16 @@ class DiTTask:
             self.coefficients = self.table.tensor(x.device)
         return solver_step(x, out, self.coefficients[i], **self.solver_guidance)[0]
 
+    @staticmethod
+    def unpack(latents: torch.Tensor) -> torch.Tensor:
+        """The latents as the VAE takes them: as they are."""
+        return latents
+
+    @staticmethod
+    def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's decode of final latents (B, C, h, w): images (B, 3, H, W) in [-1, 1], in the VAE's dtype."""
+        return vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+
     def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:
         """`out` as the sampler uses it: guidance on the guided eps channels (none at guidance <= 1)."""
         if not self.solver_guidance:
@@ -107,20 +116,13 @@ def example_inputs(cfg, batch: int, h: int, w: int, text, frames) -> dict:
             "class_labels": torch.zeros(batch, dtype=torch.long, **meta)}
 
 
-def random_pipeline(pipeline_class, transformer, vae):
-    import diffusers
-
-    return pipeline_class(transformer=transformer, vae=vae, scheduler=diffusers.DDIMScheduler())
+def random_pipeline(pipeline_class, transformer, vae, scheduler):
+    return pipeline_class(transformer=transformer, vae=vae, scheduler=scheduler)
 
 
-def make_task(transformer, scheduler, sampler: str, embeddings, steps: int, guidance: float) -> DiTTask:
+def make_task(spec, transformers: list, scheduler, sampler: str, embeddings, steps: int, guidance: float) -> DiTTask:
     """"dit-ddim": the original DiT DDIM; "pipeline": `scheduler` (the pipeline's DDIM) as DiTPipeline samples."""
-    return DiTTask(transformer, steps, guidance, None if sampler == "dit-ddim" else scheduler)
-
-
-def conditions(pipe, spec, args, generator: torch.Generator) -> tuple:
-    """(no prompt bank, the class `args.class_label` (default `CLASS_LABEL`) (1,))."""
-    return None, {"class_labels": torch.tensor([CLASS_LABEL if args.class_label is None else args.class_label])}
+    return DiTTask(transformers[0], steps, guidance, None if sampler == "dit-ddim" else scheduler)
 
 
 def _dit(sample_size: int, hub_id: str) -> Preset:
@@ -133,5 +135,5 @@ PRESETS = {"dit-xl-2-256": _dit(32, "facebook/DiT-XL-2-256"), "dit-xl-2-512": _d
 
 FAMILY = register(Family(
     "dit", TRANSFORMER, PIPELINE, "AutoencoderKL", DiTTask, None, None, example_inputs, presets=PRESETS,
-    loop="pipeline", kind="dit", samplers=SAMPLERS, random_pipeline=random_pipeline, make_task=make_task,
-    conditions=conditions, train_guidance=TRAIN_GUIDANCE))
+    kind="dit", make_task=make_task, samplers=SAMPLERS, pipeline_scheduler="DDIMScheduler",
+    random_pipeline=random_pipeline, half=torch.float16, train_guidance=TRAIN_GUIDANCE))

@@ -2,11 +2,11 @@
 `PixArtSigmaPipeline`, their VAE `AutoencoderKL`.
 
 Its blocks are diffusers' `BasicTransformerBlock` (`ada_norm_single`), whose adapter, shared with DiT, is
-`harmonica.adapters.basic`. Sampled through its pipeline (`Family.loop` "pipeline") with one of
-`samplers.PIXART_SAMPLERS` swapped in as its scheduler; "dpm-solver++" through `samplers.pixart_sample` when the
-sampler step runs inside the CUDA graphs. Task: latents (B, C, h, w), the prompt bank of a `harmonica embed` file
-(P prompts, L tokens): prompt_embeds (P, L, 4096), prompt_attention_mask (P, L), negative_embeds (1, L, 4096),
-negative_attention_mask (1, L).
+`harmonica.adapters.basic`. Samplers (`samplers.PIXART_SAMPLERS`, each at its pipeline scheduler's config):
+"dpm-solver++" as a coefficient table (its step may run inside the CUDA graphs), "sa-solver" and "iddpm" stepping
+their scheduler, all through `samplers.sample`. Task: latents (B, C, h, w), a prompt bank (P prompts, L tokens; a
+`harmonica embed` file or random ones): prompt_embeds (P, L, 4096), prompt_attention_mask (P, L), negative_embeds
+(1, L, 4096), negative_attention_mask (1, L).
 """
 
 import torch
@@ -22,7 +22,6 @@ DPM_SOLVER = PIXART_SAMPLERS["dpm-solver++"][0]  # the scheduler sampled by a co
 GUIDANCE = 4.5  # every sampler's default
 # {--sampler: (the name a router records: the scheduler class, default steps, default guidance)}
 SAMPLERS = {name: (scheduler, steps, GUIDANCE) for name, (scheduler, steps) in PIXART_SAMPLERS.items()}
-DEFAULT_PROMPT = "A small cactus with a happy face in the Sahara desert."
 TINY_PIXART = {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2, "sample_size": 8,
                "cross_attention_dim": 16, "caption_channels": 32}
 
@@ -76,6 +75,7 @@ class PixArtTask:
     negative_keys = EMBEDDING_KEYS[2:]  # (1, L, D), (1, L): the unconditional prompt
     patch = staticmethod(DiTTask.patch)
     experts, macs = DiTTask.experts, DiTTask.macs
+    unpack, decode = staticmethod(DiTTask.unpack), staticmethod(DiTTask.decode)
 
     def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
@@ -150,33 +150,19 @@ def example_inputs(cfg, batch: int, h: int, w: int, text: torch.Tensor, frames) 
                                   else {"resolution": None, "aspect_ratio": None})}
 
 
-def random_pipeline(pipeline_class, transformer, vae):
-    import diffusers
-
-    return pipeline_class(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                          scheduler=diffusers.DPMSolverMultistepScheduler())
+def random_pipeline(pipeline_class, transformer, vae, scheduler):
+    return pipeline_class(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
 
 
-def make_task(transformer, scheduler, sampler: str, embeddings: dict, steps: int, guidance: float) -> PixArtTask:
+def make_task(spec, transformers: list, scheduler, sampler: str, embeddings: dict, steps: int,
+              guidance: float) -> PixArtTask:
     """The task of `sampler` (a key of `SAMPLERS`): its scheduler class at the config of `scheduler` (the
     pipeline's)."""
-    return PixArtTask(transformer, sampler_scheduler(scheduler, sampler), embeddings, steps, guidance)
+    return PixArtTask(transformers[0], sampler_scheduler(scheduler, sampler), embeddings, steps, guidance)
 
 
-def conditions(pipe, spec, args, generator: torch.Generator) -> tuple:
-    """(a bank of one prompt, its index (1,)): `args.prompt` (default `DEFAULT_PROMPT`) through the pipeline's text
-    encoder, or with `args.random_weights` (no text encoder) a random prompt of the preset's tokens."""
-    from ..prompts import random_embeddings
-
-    if args.random_weights:
-        bank = random_embeddings(pipe.transformer, 1, spec.text_tokens, generator)
-    else:
-        bank = encode(pipe, [args.prompt or DEFAULT_PROMPT], None, {})
-    return bank, {"prompt_index": torch.zeros(1, dtype=torch.long)}
-
-
-def read_embeddings(path, cfg) -> dict:
-    return load_prompt_embeddings(path, cfg.caption_channels)
+def read_embeddings(path, cfg, option: str) -> dict:
+    return load_prompt_embeddings(path, cfg.caption_channels, option)
 
 
 def _pixart(sample_size, hub_id, pipeline=None, tokens=120, **config) -> Preset:
@@ -196,5 +182,6 @@ PRESETS = {
 
 FAMILY = register(Family(
     "pixart", TRANSFORMER, PIPELINE, "AutoencoderKL", PixArtTask, None, encode, example_inputs, presets=PRESETS,
-    loop="pipeline", kind="pixart", samplers=SAMPLERS, random_pipeline=random_pipeline, make_task=make_task,
-    conditions=conditions, read_embeddings=read_embeddings, train_guidance=TRAIN_GUIDANCE))
+    kind="pixart", make_task=make_task, samplers=SAMPLERS,
+    pipeline_scheduler="DPMSolverMultistepScheduler", random_pipeline=random_pipeline, half=torch.float16,
+    read_embeddings=read_embeddings, train_guidance=TRAIN_GUIDANCE))
