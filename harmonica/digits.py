@@ -358,8 +358,8 @@ def fit_flux(images, labels, *, iterations: int = 4000, batch: int = 128, seed: 
         noise = torch.randn(x0.shape, generator=gen)
         s = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal, as SD3 and FLUX train
         xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
-        prompts = {key: value[labels[index]] for key, value in classes.items()}
-        velocity = model(hidden_states=xs, **task._model_inputs(xs, s * 1000, prompts)).sample
+        inputs = task.prepare({"prompt_index": labels[index]}, xs.device)  # the class prompts, differentiable
+        velocity = model(hidden_states=xs, timestep=task._timestep_input(s * 1000), **inputs["kwargs"])[0]
         loss = F.mse_loss(velocity, noise - x0)
         optimizer.zero_grad()
         loss.backward()

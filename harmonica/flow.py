@@ -29,9 +29,9 @@ SAMPLER = "FlowMatchEulerDiscreteScheduler"
 
 class FlowTask:
     """One family's generation at one size and step count. Subclasses (one per family, harmonica/families) set the
-    class attributes and `_model_inputs`; `embeddings` is a bank of prompts (the family's `prompt_keys` and
-    `negative_keys`, see `load_flow_embeddings`), `guidance` the scale (FLUX: the distilled guidance input). The
-    scheduler is the family's (`Family.scheduler`)."""
+    class attributes and `_inputs` (and where theirs differ, `_timestep_input` and `_step_inputs`); `embeddings` is a
+    bank of prompts (the family's `prompt_keys` and `negative_keys`, see `load_flow_embeddings`), `guidance` the
+    scale (FLUX: the distilled guidance input). The scheduler is the family's (`Family.scheduler`)."""
 
     packed = False  # FLUX and Qwen-Image: 2 x 2 latent patches packed into tokens of 4C channels
     cfg = True  # whether guidance > 1 runs an unconditional half
@@ -166,26 +166,45 @@ class FlowTask:
         return None  # the table holds every step: no sampler state
 
     def _on(self, name: str, device) -> torch.Tensor:
-        """The scheduler's timesteps or the table's coefficients on `device` (uploaded once)."""
-        if (name, device) not in self._device_tensors:
-            value = self.scheduler.timesteps if name == "timesteps" else self.table.tensor(device)
-            self._device_tensors[(name, device)] = value.to(device)
-        return self._device_tensors[(name, device)]
+        """The forward's timesteps (`_timestep_input` of the scheduler's, at the transformer's dtype) or the table's
+        coefficients on `device` (made once)."""
+        key = (name, device, self.transformer.dtype)
+        if key not in self._device_tensors:
+            self._device_tensors[key] = (
+                self._timestep_input(self.scheduler.timesteps.to(device)) if name == "timesteps"
+                else self.table.tensor(device))
+        return self._device_tensors[key]
 
-    def model_kwargs(self, x, cond, i: int) -> dict:
-        """The transformer's keyword arguments at step i for the sample x (B, *latent_shape)."""
+    def prepare(self, cond, device) -> dict:
+        """The generation's fixed forward inputs on `device` (`task.Task.prepare`): the prompts of
+        cond["prompt_index"] (B,), the CFG batch (2B, ...) when guided, and the family's `_inputs`."""
+        prompts = self._prompts(cond, device)
+        return {"timesteps": self._on("timesteps", device),
+                "kwargs": {"return_dict": False, **self._inputs(prompts, device)}}
+
+    def model_kwargs(self, x, inputs, i: int) -> dict:
+        """The transformer's keyword arguments at step i for the sample x (B, *latent_shape) and `prepare`'s
+        inputs."""
         model_in = torch.cat([x, x]) if self.guided else x
-        t = self._on("timesteps", x.device)[i].expand(model_in.shape[0])
-        # a tuple, as the pipelines ask: diffusers' context-parallel hooks pass only tensors through
-        return {self.family.arguments[0]: self._latents_input(model_in), "return_dict": False,
-                **self._model_inputs(model_in, t, self._prompts(cond, x.device))}
+        t = inputs["timesteps"][i].expand(model_in.shape[0])
+        # return_dict False (in inputs): a tuple, as the pipelines ask; diffusers' context-parallel hooks pass only
+        # tensors through
+        return {**inputs["kwargs"], **self._step_inputs(model_in, t, inputs)}
 
-    def _latents_input(self, model_in: torch.Tensor):
-        """The forward's latents argument for the batch model_in (B, *latent_shape): model_in itself."""
-        return model_in
+    def _timestep_input(self, t: torch.Tensor) -> torch.Tensor:
+        """The forward's timestep argument of scheduler timesteps t (any shape, elementwise): t itself."""
+        return t
 
-    def _model_inputs(self, model_in, t, prompts: dict) -> dict:
+    def _inputs(self, prompts: dict, device) -> dict:
+        """The family's forward kwargs that do not change by step, of the batch's `_prompts` (R rows: B, or 2B
+        under CFG) on `device`."""
         raise NotImplementedError
+
+    def _step_inputs(self, model_in: torch.Tensor, t: torch.Tensor, inputs: dict) -> dict:
+        """The forward kwargs of step i: the latents argument for the batch model_in (R, *latent_shape) and the
+        timestep t (R,) (views and concatenations only)."""
+        arguments = self.family.arguments
+        return {arguments[0]: model_in, arguments[1]: t}
 
     output = staticmethod(first_output)  # the model output the solver steps (B, *latent_shape)
     step_in_graph = False  # the velocity step runs after the graph: scheduler_in_graph is refused
@@ -199,7 +218,7 @@ class FlowTask:
         `solver_guidance` says so."""
         return as_4d(out)
 
-    def update(self, state, x, out, cond, i: int) -> torch.Tensor:
+    def update(self, state, x, out, i: int) -> torch.Tensor:
         """x at step i + 1 from x (B, *latent_shape) and the transformer output `out` at step i."""
         step = solver_step(as_4d(x), self.velocity(out), self._on("coefficients", x.device)[i], **self.guidance_at(i))
         return step[0].view(x.shape)

@@ -193,7 +193,8 @@ def sample(task, cond: dict, latents: torch.Tensor, *, generator: torch.Generato
            progress: bool = False) -> torch.Tensor:
     """One generation of a `task.Task` (caching as enabled on its transformer); returns the final latents
     (B, *latent_shape). A table-driven task steps through `SolverLoop`; a task with no table (`task.table` None)
-    steps with its scheduler after each forward (`task.begin(generator)`, `task.update`).
+    steps with its scheduler after each forward (`task.begin(generator)`, `task.update`). The forward inputs of
+    `cond` are built once (`task.prepare`), each step's from them.
 
     cond: the task's conditions ({name: (B, ...)}, as `task.conditions` makes them); latents: the initial noise
     (B, *latent_shape) on the transformer's device, in its dtype; generator: the noise of a stochastic scheduler's
@@ -207,18 +208,18 @@ def sample(task, cond: dict, latents: torch.Tensor, *, generator: torch.Generato
     if not task.step_in_graph and step_runner(transformer) is not None:
         raise ValueError(f"scheduler_in_graph: expected off for the sampler {task.sampler} (its step runs after the "
                          "graph), got on")
-    table = task.table
+    table, inputs = task.table, task.prepare(cond, latents.device)
     begin_generation(transformer, task.sampler, task.timesteps)
     steps = tqdm(range(len(task.timesteps)), disable=not progress, desc=task.sampler)
     if table is None:
         state, x = task.begin(generator), latents
         for i in steps:
-            x = task.update(state, x, task.output(transformer(**task.model_kwargs(x, cond, i))), cond, i)
+            x = task.update(state, x, task.output(transformer(**task.model_kwargs(x, inputs, i))), i)
         return x
     with SolverLoop(transformer, table, as_4d(latents), task.solver_guidance, task.solver_output) as loop:
         for i in steps:
             loop.begin_step(i)
-            loop.end_step(transformer(**task.model_kwargs(loop.x.view(latents.shape), cond, i)))
+            loop.end_step(transformer(**task.model_kwargs(loop.x.view(latents.shape), inputs, i)))
     return loop.result().view(latents.shape)
 
 
@@ -264,8 +265,9 @@ def pixart_sample(pipe, prompt_embeds: torch.Tensor, prompt_attention_mask: torc
     bank = {"prompt_embeds": prompt_embeds, "prompt_attention_mask": prompt_attention_mask}
     if guided:
         bank.update(negative_embeds=negative_prompt_embeds, negative_attention_mask=negative_prompt_attention_mask)
-    task = PixArtTask(transformer, pipe.scheduler, bank, num_steps, guidance_scale)
     batch, size = prompt_embeds.shape[0], transformer.config.sample_size * pipe.vae_scale_factor
     latents = pipe.prepare_latents(batch, transformer.config.in_channels, height or size, width or size,
                                    transformer.dtype, transformer.device, generator, latents)
+    task = PixArtTask(transformer, pipe.scheduler, bank, num_steps, guidance_scale,
+                      latent_size=tuple(latents.shape[-2:]))
     return sample(task, {"prompt_index": torch.arange(batch)}, latents, generator=generator, progress=progress)

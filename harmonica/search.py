@@ -215,16 +215,17 @@ class Rollouts:
     (a training `CacheEngine`, which runs them in its inference mode: reused units are skipped).
 
     task: a training `Task` (DiTTask, PixArtTask, the flow tasks).
-    noise (B, *latent) and cond: the batch. clip: (low, high) the samples are clipped to before they
-    are compared (a pixel-space model's image range), or None (latents).
+    noise (B, *latent) and cond: the batch (its forward inputs prepared once, `Task.prepare`). clip: (low, high)
+    the samples are clipped to before they are compared (a pixel-space model's image range), or None (latents).
     The states before every step of a base schedule are kept, so a table that first differs from it at
     row d samples steps d .. T-1 only (`loss`). Slots of the base run are written at every computed unit,
     so any row d can start from them."""
 
     def __init__(self, task: Task, engine, noise, cond, num_steps: int, *, clip=None, average=None):
-        self.task, self.engine, self.cond, self.num_steps, self.clip = task, engine, cond, num_steps, clip
+        self.task, self.engine, self.num_steps, self.clip = task, engine, num_steps, clip
         self.average = average or (lambda value: value)  # across ranks (DDP)
         self.device = next(task.transformer.parameters()).device
+        self.inputs = task.prepare(cond, self.device)
         self.noise = noise.to(self.device, task.transformer.dtype)
         self.reference = self._clipped(self.sample(None))
         self.base, self.states = None, None
@@ -260,8 +261,8 @@ class Rollouts:
             if keep:
                 states[i] = (x.clone(), copied_slots(engine.slots), copy.deepcopy(state))
             engine.seek(i)
-            out = self.task.output(engine.transformer(**self.task.model_kwargs(x, self.cond, i)))
-            x = self.task.update(state, x, out, self.cond, i)
+            out = self.task.output(engine.transformer(**self.task.model_kwargs(x, self.inputs, i)))
+            x = self.task.update(state, x, out, i)
         if keep:
             self.states = states
         return x

@@ -3,6 +3,11 @@
 `flow.FlowTask` subclasses (harmonica/families) provide it; digits-dit's and digits-flux's tasks are DiT's and
 FLUX's. `samplers.sample`, the one inference loop, runs a task whose sampler is a coefficient table.
 
+A generation calls `prepare` once, on the transformer's device, and `model_kwargs` at every step with its result (named
+"inputs"): what does not change by step (the CFG batch of prompts or labels, masks, position ids, guidance inputs,
+micro-conditions, the timesteps as the forward takes them) is built and uploaded once, so a step launches no host
+copy and no factory op, only what depends on the latents or the step (the CFG batch of the latents, views).
+
 Shapes: B the batch, `latent_shape` one sample's latents (DiT/PixArt (C, h, w); packed flow latents (L, C); video
 (C, F, h, w)), T the steps.
 """
@@ -36,8 +41,15 @@ class Task(Protocol):
     def begin(self):
         """A new generation's sampler state (None for a stateless one), which `update` advances."""
 
-    def model_kwargs(self, x: torch.Tensor, cond: dict, i: int) -> dict:
-        """The transformer's forward kwargs at step i for latents x (B, *latent_shape) and `cond`."""
+    def prepare(self, cond: dict, device) -> dict:
+        """A generation's forward inputs that do not change by step, of `cond` (as `conditions` makes them), built
+        once on `device` (floating point in the transformer's dtype): {"timesteps": (T,) the forward's timestep
+        argument of every step, "kwargs": the forward's other fixed keyword arguments (the CFG batch (2B, ...) of the
+        prompts or labels when guided), and what a family's step reads besides}."""
+
+    def model_kwargs(self, x: torch.Tensor, inputs: dict, i: int) -> dict:
+        """The transformer's forward kwargs at step i for latents x (B, *latent_shape) and the generation's `inputs`
+        (`prepare`): the CFG batch of x, the step's timestep (a view of inputs["timesteps"]), inputs["kwargs"]."""
 
     def output(self, model_output):
         """The model output the sampler steps, (B, ...) or its CFG batch (2B, ...), of the transformer's return
@@ -47,7 +59,7 @@ class Task(Protocol):
         """The 4-D tensor `samplers.sample` steps ((B, ...) or the CFG batch (2B, ...)) of the transformer's return
         value."""
 
-    def update(self, state, x: torch.Tensor, out: torch.Tensor, cond: dict, i: int) -> torch.Tensor:
+    def update(self, state, x: torch.Tensor, out: torch.Tensor, i: int) -> torch.Tensor:
         """Latents (B, *latent_shape) after step i from x and the step's `output`."""
 
     def combined(self, out: torch.Tensor, channels: int) -> torch.Tensor:

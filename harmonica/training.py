@@ -17,7 +17,8 @@ Checkpoints (one file per rank, written atomically, every `checkpoint_every` ite
 `checkpoint_minutes` and on SIGINT/SIGTERM) hold the router, optimizer, lambda, beta, the noise
 generator, the current trajectory as its noise, conditions and the gate rows it used, and what they
 were trained for (model, units, sampler, timesteps, world size, settings: resuming anything else is
-an error). Resuming replays the rows to rebuild x_i and the cache slots exactly, so no slot is saved.
+an error). Resuming prepares the trajectory's forward inputs from its conditions and replays the rows to rebuild
+x_i and the cache slots exactly, so no slot is saved.
 Under torchrun, router gradients and lambda are averaged over ranks; each rank has its own noise, and
 the ranks agree after every iteration on whether to checkpoint or stop.
 """
@@ -212,11 +213,12 @@ def stop_signals(handler):
 @dataclass
 class Trajectory:
     noise: torch.Tensor  # x at step 0
-    cond: dict
+    cond: dict  # what a checkpoint saves; `inputs` are prepared from it when the trajectory (re)starts
     rows: list  # gate rows (K,) used at steps 1 .. step-1
     x: torch.Tensor = None
     state: object = None  # the sampler's state
     step: int = 0
+    inputs: dict = None  # the forward inputs of cond (`Task.prepare`)
 
 
 def check_run_dir(out_dir, *, resume: bool, overwrite: bool) -> list:
@@ -312,7 +314,7 @@ class RouterTrainer:
         self.noise_gen = torch.Generator().manual_seed(config.seed * 7919 + 1 + self.rank)
         lambda_gen = torch.Generator().manual_seed(config.seed * 7919 + 100003 + self.rank)
         self.lambda_noise = torch.randn(config.lambda_batch, *task.latent_shape, generator=lambda_gen)
-        self.lambda_cond = task.conditions(config.lambda_batch, lambda_gen)
+        self.lambda_inputs = task.prepare(task.conditions(config.lambda_batch, lambda_gen), self.device)
         self.lam = torch.ones(config.num_steps)
         self.beta = config.beta
         self.iteration = 0
@@ -338,7 +340,7 @@ class RouterTrainer:
 
     # ---- forwards ----
 
-    def _forward(self, x, cond, i, gates=None):
+    def _forward(self, x, inputs, i, gates=None):
         """Model output at step i: caching off (gates None) or soft gating with `gates` (T, K); a per-sample list of
         outputs (Z-Image's) stacked into one tensor."""
         if gates is None:
@@ -346,15 +348,16 @@ class RouterTrainer:
         else:
             self.engine.set_training(gates, self.config.tau)
         self.engine.seek(i)
-        out = self.task.output(self.transformer(**self.task.model_kwargs(x, cond, i)))
+        out = self.task.output(self.transformer(**self.task.model_kwargs(x, inputs, i)))
         return torch.stack(out) if isinstance(out, list) else out
 
     @torch.no_grad()
-    def rollout(self, noise, cond, gates=None) -> torch.Tensor:
-        """A whole trajectory from `noise`: caching off, or soft gating with `gates` (T, K)."""
+    def rollout(self, noise, inputs, gates=None) -> torch.Tensor:
+        """A whole trajectory from `noise` and the forward `inputs` (`Task.prepare`): caching off, or soft gating
+        with `gates` (T, K)."""
         state, x = self.task.begin(), noise.to(self.device, self.transformer.dtype)
         for i in range(self.config.num_steps):
-            x = self.task.update(state, x, self._forward(x, cond, i, gates), cond, i)
+            x = self.task.update(state, x, self._forward(x, inputs, i, gates), i)
         return x
 
     # ---- IEPO ----
@@ -371,7 +374,7 @@ class RouterTrainer:
         def rollout(gates=None):
             if _any_rank([self.stop_signal is not None], self.device)[0]:
                 raise _Stopped
-            x = self.rollout(self.lambda_noise, self.lambda_cond, gates)
+            x = self.rollout(self.lambda_noise, self.lambda_inputs, gates)
             bar.update(1)
             return x
 
@@ -411,12 +414,14 @@ class RouterTrainer:
 
     @torch.no_grad()
     def _start(self, trajectory: Trajectory) -> Trajectory:
-        """Step 0 (full compute, slots filled), then replay the recorded rows of steps 1 .. len(rows)."""
+        """The forward inputs of its cond, step 0 (full compute, slots filled), then replay the recorded rows of steps
+        1 .. len(rows)."""
         trajectory.state = self.task.begin()
+        trajectory.inputs = self.task.prepare(trajectory.cond, self.device)
         x = trajectory.noise.to(self.device, self.transformer.dtype)
         table = self._gate_table(trajectory.rows)
         for i in range(len(trajectory.rows) + 1):
-            x = self.task.update(trajectory.state, x, self._forward(x, trajectory.cond, i, table), trajectory.cond, i)
+            x = self.task.update(trajectory.state, x, self._forward(x, trajectory.inputs, i, table), i)
         trajectory.x, trajectory.step = x, len(trajectory.rows) + 1
         return trajectory
 
@@ -457,9 +462,9 @@ class RouterTrainer:
             self.trajectory = self._new_trajectory()
         traj, i = self.trajectory, self.trajectory.step
         with torch.no_grad():
-            teacher = self._forward(traj.x, traj.cond, i)
+            teacher = self._forward(traj.x, traj.inputs, i)
         gates, param = self._trained_gates(i)
-        student = self._forward(traj.x, traj.cond, i, gates)
+        student = self._forward(traj.x, traj.inputs, i, gates)
         mse = torch.mean((self._loss_output(teacher, traj.x) - self._loss_output(student, traj.x)) ** 2)
         l1 = gates[i].sum()
         loss = self.lam[i].item() * mse + self.beta * l1
@@ -474,7 +479,7 @@ class RouterTrainer:
         self._store_row(i)
         traj.rows.append(gates[i].detach().cpu())
         with torch.no_grad():
-            traj.x = self.task.update(traj.state, traj.x, student.detach(), traj.cond, i)
+            traj.x = self.task.update(traj.state, traj.x, student.detach(), i)
         traj.step += 1
         self.iteration += 1
         if cfg.target_cur is not None and traj.step == cfg.num_steps:

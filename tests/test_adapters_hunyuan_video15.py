@@ -138,7 +138,8 @@ def test_macs_on_meta_tensors_are_a_real_forwards():
     task = flow_task(model, bank, STEPS, 1.0, **spec.size)  # no CFG: one row
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-        model(**task.model_kwargs(torch.randn(1, *task.latent_shape), {"prompt_index": torch.tensor([0])}, 0))
+        model(**task.model_kwargs(torch.randn(1, *task.latent_shape),
+                                  task.prepare({"prompt_index": torch.tensor([0])}, "cpu"), 0))
     macs = count_macs(NAME)
     assert macs.total == counter.get_total_flops() / 2
     assert len(macs.names) == UNITS and all(m > 0 for m in macs.unit_macs)

@@ -279,10 +279,10 @@ def flux_case(guidance: float):
     transformer = build_transformer("tiny-flux")
     bank = random_embeddings(transformer, 2, spec.text_tokens, torch.Generator().manual_seed(0))
     task, cond = flow_task(transformer, bank, 6, guidance, **spec.size), {"prompt_index": torch.tensor([1, 0])}
-    table = flow_match_euler_table(task.scheduler)
+    table, inputs = flow_match_euler_table(task.scheduler), task.prepare(cond, "cpu")
 
     def forward(x, i):
-        return transformer(**task.model_kwargs(x.squeeze(1), cond, i))[0].unsqueeze(1)
+        return transformer(**task.model_kwargs(x.squeeze(1), inputs, i))[0].unsqueeze(1)
 
     return task, cond, lambda noise: eager_loop(
         transformer, task.sampler, task.timesteps, table, {}, noise.unsqueeze(1), forward).squeeze(1)

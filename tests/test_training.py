@@ -140,11 +140,11 @@ def test_cumulative_lambda_switches_steps_on_one_by_one(tmp_path):
     def routed_through(i):
         table = torch.ones_like(gates)
         table[1:i + 1] = gates[1:i + 1]
-        return run.rollout(run.lambda_noise, run.lambda_cond, table)
+        return run.rollout(run.lambda_noise, run.lambda_inputs, table)
 
     with run.attached():
         run.refresh_lambda()
-        off = run.rollout(run.lambda_noise, run.lambda_cond)
+        off = run.rollout(run.lambda_noise, run.lambda_inputs)
         torch.testing.assert_close(run.lam[1], torch.mean((routed_through(1) - off) ** 2))
         torch.testing.assert_close(run.lam[2], torch.mean((routed_through(2) - routed_through(1)) ** 2))
 

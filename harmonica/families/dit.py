@@ -39,6 +39,7 @@ class DiTTask:
 
     def __init__(self, transformer, num_steps: int, guidance: float, scheduler=None):
         self.transformer, self.guidance, self.num_steps, self.scheduler = transformer, guidance, num_steps, scheduler
+        self.guided = guidance > 1
         cfg = transformer.config
         if scheduler is None:
             self.sampler, self.timesteps = "dit-ddim", dit_ddim_timesteps(num_steps)
@@ -76,15 +77,20 @@ class DiTTask:
         """None for the original DDIM (the table holds every step)."""
         return None if self.scheduler is None else SchedulerSteps(self.scheduler, self.num_steps, generator)
 
-    def model_kwargs(self, x, cond, i: int) -> dict:
-        labels = cond["class_labels"].to(x.device)
-        guided = self.guidance > 1
-        model_in = torch.cat([x, x]) if guided else x
-        return {"hidden_states": model_in, "timestep": torch.full((model_in.shape[0],), self.timesteps[i],
-                                                                   device=x.device, dtype=torch.long),
-                "class_labels": dit_null_labels(labels, self.num_classes) if guided else labels}
+    def prepare(self, cond, device) -> dict:
+        """The timesteps (T,) and the class labels cond["class_labels"] (B,) on `device`, with guidance the CFG
+        batch's (2B,): the classes, then the null class."""
+        labels = cond["class_labels"].to(device)
+        return {"timesteps": torch.tensor(self.timesteps, dtype=torch.long, device=device),
+                "kwargs": {"class_labels": dit_null_labels(labels, self.num_classes) if self.guided else labels}}
 
-    def update(self, state, x, out, cond, i: int):
+    def model_kwargs(self, x, inputs, i: int) -> dict:
+        """The forward's kwargs for latents x (B, C, h, w) and `prepare`'s inputs: with guidance the CFG batch of
+        2B."""
+        model_in = torch.cat([x, x]) if self.guided else x
+        return {**inputs["kwargs"], "hidden_states": model_in, "timestep": inputs["timesteps"][i].expand(len(model_in))}
+
+    def update(self, state, x, out, i: int):
         if state is not None:
             return state.step(self.combined(out, x.shape[1])[:x.shape[0], :x.shape[1]], i, x)
         if self.coefficients is None or self.coefficients.device != x.device:

@@ -138,17 +138,20 @@ class FluxTask(FlowTask):
     packed, cfg = True, False
     prompt_keys, negative_keys = ("prompt_embeds", "pooled_prompt_embeds"), ()
 
-    def _model_inputs(self, model_in, t, prompts):
+    def _timestep_input(self, t):
+        return t.to(self.transformer.dtype) / 1000
+
+    def _inputs(self, prompts, device):
         import diffusers
 
-        device, dtype = model_in.device, self.transformer.dtype
-        embeds = prompts["prompt_embeds"]
+        dtype, embeds = self.transformer.dtype, prompts["prompt_embeds"]
+        rows = embeds.shape[0]
         ids = getattr(diffusers, PIPELINE)._prepare_latent_image_ids(
-            model_in.shape[0], self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2, device, dtype)
+            rows, self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2, device, dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], self.guidance, device=device, dtype=torch.float32).expand(model_in.shape[0])
-        return {"timestep": t.to(dtype) / 1000, "guidance": guidance, "encoder_hidden_states": embeds,
+            guidance = torch.full([1], self.guidance, device=device, dtype=torch.float32).expand(rows)
+        return {"guidance": guidance, "encoder_hidden_states": embeds,
                 "pooled_projections": prompts["pooled_prompt_embeds"], "img_ids": ids,
                 "txt_ids": torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype)}
 

@@ -128,11 +128,13 @@ class Flux2Task(FlowTask):
         side = (self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2)
         return _pipeline()._prepare_latent_ids(torch.empty(batch, 0, *side, device="meta"))
 
-    def _model_inputs(self, model_in, t, prompts):
-        device, embeds = model_in.device, prompts["prompt_embeds"]
-        guidance = torch.full([1], self.guidance, device=device, dtype=torch.float32).expand(model_in.shape[0])
-        return {"timestep": t.to(self.transformer.dtype) / 1000, "guidance": guidance, "encoder_hidden_states": embeds,
-                "img_ids": self._image_ids(1)[0].to(device),
+    def _timestep_input(self, t):
+        return t.to(self.transformer.dtype) / 1000
+
+    def _inputs(self, prompts, device):
+        embeds = prompts["prompt_embeds"]
+        guidance = torch.full([1], self.guidance, device=device, dtype=torch.float32).expand(embeds.shape[0])
+        return {"guidance": guidance, "encoder_hidden_states": embeds, "img_ids": self._image_ids(1)[0].to(device),
                 "txt_ids": _pipeline()._prepare_text_ids(embeds[:1])[0].to(device)}
 
     def unpack(self, latents):

@@ -173,19 +173,29 @@ class HunyuanVideo15Task(FlowTask):
     def image_seq_len(self):
         return None  # the pipeline passes its sigmas without mu
 
-    def _latents_input(self, model_in):
-        """The pipeline's latent_model_input (B, 2C + 1, F, h, w): the latents, then the zero condition latents
-        (C) and mask (1) of text-to-video."""
-        batch, channels, *rest = model_in.shape
-        return torch.cat([model_in, model_in.new_zeros(batch, channels + 1, *rest)], dim=1)
+    def _timestep_input(self, t):
+        return t.to(self.transformer.dtype)
 
-    def _model_inputs(self, model_in, t, prompts):
-        batch = model_in.shape[0]
-        image = model_in.new_zeros(batch, IMAGE_TOKENS, self.transformer.config.image_embed_dim)
-        return {"timestep": t.to(model_in.dtype), "encoder_hidden_states": prompts["prompt_embeds"],
+    def prepare(self, cond, device):
+        """`FlowTask.prepare`'s inputs and "condition": text-to-video's zero condition latents (C) and mask (1),
+        (R, C + 1, F, h, w)."""
+        inputs = super().prepare(cond, device)
+        channels, *rest = self.latent_shape
+        rows = inputs["kwargs"]["encoder_hidden_states"].shape[0]
+        return {**inputs, "condition": torch.zeros(rows, channels + 1, *rest, device=device,
+                                                   dtype=self.transformer.dtype)}
+
+    def _inputs(self, prompts, device):
+        rows, cfg = prompts["prompt_embeds"].shape[0], self.transformer.config
+        image = torch.zeros(rows, IMAGE_TOKENS, cfg.image_embed_dim, device=device, dtype=self.transformer.dtype)
+        return {"encoder_hidden_states": prompts["prompt_embeds"],
                 "encoder_attention_mask": prompts["prompt_embeds_mask"],
                 "encoder_hidden_states_2": prompts["prompt_embeds_2"],
                 "encoder_attention_mask_2": prompts["prompt_embeds_mask_2"], "image_embeds": image}
+
+    def _step_inputs(self, model_in, t, inputs):
+        """The pipeline's latent_model_input (R, 2C + 1, F, h, w): the latents, then the condition."""
+        return {"hidden_states": torch.cat([model_in, inputs["condition"]], dim=1), "timestep": t}
 
     def _vae_latents(self, vae, latents):
         return latents / vae.config.scaling_factor

@@ -251,19 +251,19 @@ class LTX2Task(FlowTask):
     def image_seq_len(self) -> int:
         return self.video_tokens  # the pipeline's mu: the packed video latents' length
 
-    def _latents_input(self, model_in):
-        return model_in[:, :self.video_tokens]
-
-    def _model_inputs(self, model_in, t, prompts):
+    def _inputs(self, prompts, device):
         frames, height, width = self.grid
-        mask = prompts["prompt_attention_mask"]
-        return {"audio_hidden_states": model_in[:, self.video_tokens:], "timestep": t, "sigma": t,
-                "encoder_hidden_states": prompts["prompt_embeds"],
+        mask, rows = prompts["prompt_attention_mask"], prompts["prompt_embeds"].shape[0]
+        return {"encoder_hidden_states": prompts["prompt_embeds"],
                 "audio_encoder_hidden_states": prompts["audio_prompt_embeds"], "encoder_attention_mask": mask,
                 "audio_encoder_attention_mask": mask, "num_frames": frames, "height": height, "width": width,
                 "fps": FPS, "audio_num_frames": self.audio_frames, "use_cross_timestep": True,
-                **{key: self._coords(key, model_in.device).expand(model_in.shape[0], -1, -1, -1)
-                   for key in ("video_coords", "audio_coords")}}
+                **{key: self._coords(key, device).expand(rows, -1, -1, -1) for key in ("video_coords", "audio_coords")}}
+
+    def _step_inputs(self, model_in, t, inputs):
+        """The video tokens and the audio tokens of model_in (R, F h w + A, C); t as the timestep and the sigma."""
+        video, audio = model_in[:, :self.video_tokens], model_in[:, self.video_tokens:]
+        return {"hidden_states": video, "audio_hidden_states": audio, "timestep": t, "sigma": t}
 
     def _coords(self, key, device):
         """The pipeline's video or audio position coordinates (1, 3, F h w, 2) or (1, 1, A, 2) on `device`, made

@@ -74,10 +74,11 @@ class PixArtTask:
     prompt_keys = EMBEDDING_KEYS[:2]  # (P, L, D), (P, L): the bank's prompts
     negative_keys = EMBEDDING_KEYS[2:]  # (1, L, D), (1, L): the unconditional prompt
     patch = staticmethod(DiTTask.patch)
-    experts, macs = DiTTask.experts, DiTTask.macs
+    experts, macs, model_kwargs = DiTTask.experts, DiTTask.macs, DiTTask.model_kwargs
     unpack, decode = staticmethod(DiTTask.unpack), staticmethod(DiTTask.decode)
 
-    def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float):
+    def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float, *,
+                 latent_size: tuple | None = None):
         self.transformer, self.guidance, self.num_steps = transformer, guidance, num_steps
         self.guided = guidance > 1
         self.scheduler, self.sampler = scheduler, type(scheduler).__name__  # each generation steps a fresh copy
@@ -86,13 +87,15 @@ class PixArtTask:
         self.table = dpm_solver_table(steps.scheduler) if self.sampler == DPM_SOLVER else None
         self.step_in_graph = self.table is not None
         cfg = transformer.config
-        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.latent_size = latent_size  # (h, w) of the latents, by default the model's (sample_size, sample_size)
+        self.latent_shape = (cfg.in_channels, *(latent_size or (cfg.sample_size, cfg.sample_size)))
         self.embeddings = embeddings
         self.solver_guidance = {"guidance_scale": guidance, "cond_first": False} if self.guided else {}
 
     def with_steps(self, num_steps: int) -> "PixArtTask":
         """The same task sampled with another step count."""
-        return PixArtTask(self.transformer, self.scheduler, self.embeddings, num_steps, self.guidance)
+        return PixArtTask(self.transformer, self.scheduler, self.embeddings, num_steps, self.guidance,
+                          latent_size=self.latent_size)
 
     def conditions(self, batch: int, generator: torch.Generator) -> dict:
         count = self.embeddings["prompt_embeds"].shape[0]
@@ -101,28 +104,26 @@ class PixArtTask:
     def begin(self, generator: torch.Generator | None = None) -> SchedulerSteps:
         return SchedulerSteps(self.scheduler, self.num_steps, generator)
 
-    def model_kwargs(self, x, cond, i: int) -> dict:
-        """The forward's kwargs for latents x (B, C, h, w): with guidance the CFG batch of 2B, the bank's negative
-        prompt (1 or B rows) first."""
-        batch, e = x.shape[0], self.embeddings
-        index = cond["prompt_index"]
-        dtype = self.transformer.dtype
+    def prepare(self, cond, device) -> dict:
+        """The timesteps (T,) and the prompts of cond["prompt_index"] (B,) on `device`: with guidance the CFG batch
+        of 2B, the bank's negative prompt first; the micro-conditions of the pixel size where the model reads them."""
+        index, e, dtype = cond["prompt_index"], self.embeddings, self.transformer.dtype
+        batch = len(index)
         embeds, mask = e["prompt_embeds"][index], e["prompt_attention_mask"][index]
         if self.guided:
             embeds = torch.cat([e["negative_embeds"].expand(batch, -1, -1), embeds])
             mask = torch.cat([e["negative_attention_mask"].expand(batch, -1), mask])
-        model_in = torch.cat([x, x]) if self.guided else x
-        rows = model_in.shape[0]
+        rows = embeds.shape[0]
         added = {"resolution": None, "aspect_ratio": None}
         if self.transformer.use_additional_conditions:  # the pipeline's micro-conditions of the pixel size
-            height, width = x.shape[-2] * VAE_FACTOR, x.shape[-1] * VAE_FACTOR
-            added = {"resolution": torch.tensor([[height, width]], device=x.device, dtype=dtype).repeat(rows, 1),
-                     "aspect_ratio": torch.tensor([[height / width]], device=x.device, dtype=dtype).repeat(rows, 1)}
-        return {"hidden_states": model_in, "encoder_hidden_states": embeds.to(x.device, dtype),
-                "encoder_attention_mask": mask.to(x.device), "added_cond_kwargs": added,
-                "timestep": torch.full((rows,), self.timesteps[i], device=x.device)}
+            height, width = self.latent_shape[-2] * VAE_FACTOR, self.latent_shape[-1] * VAE_FACTOR
+            added = {"resolution": torch.tensor([[height, width]], device=device, dtype=dtype).repeat(rows, 1),
+                     "aspect_ratio": torch.tensor([[height / width]], device=device, dtype=dtype).repeat(rows, 1)}
+        return {"timesteps": torch.tensor(self.timesteps, dtype=torch.long, device=device),
+                "kwargs": {"encoder_hidden_states": embeds.to(device, dtype), "encoder_attention_mask": mask.to(device),
+                           "added_cond_kwargs": added}}
 
-    def update(self, state, x, out, cond, i: int):
+    def update(self, state, x, out, i: int):
         eps = self.combined(out, x.shape[1])[:x.shape[0], :x.shape[1]]
         return state.step(eps, i, x)
 

@@ -141,11 +141,14 @@ class QwenImageTask(FlowTask):
         super().__init__(transformer, pad_prompts(embeddings), *args, **kwargs)
         self.solver_guidance = {}  # the norm-rescaled true CFG is applied in `velocity`
 
-    def _model_inputs(self, model_in, t, prompts):
+    def _timestep_input(self, t):
+        return t.to(self.transformer.dtype) / 1000
+
+    def _inputs(self, prompts, device):
         side = (self.height // VAE_FACTOR // 2, self.width // VAE_FACTOR // 2)
-        return {"timestep": t.to(self.transformer.dtype) / 1000, "encoder_hidden_states": prompts["prompt_embeds"],
-                "encoder_hidden_states_mask": prompts["prompt_embeds_mask"],
-                "img_shapes": [[(1, *side)]] * model_in.shape[0]}
+        embeds = prompts["prompt_embeds"]
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": prompts["prompt_embeds_mask"],
+                "img_shapes": [[(1, *side)]] * embeds.shape[0]}
 
     def velocity(self, out):
         """The pipeline's true CFG: v = v_u + s (v_c - v_u), rescaled to |v_c| over channels per token."""

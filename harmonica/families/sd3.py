@@ -107,8 +107,8 @@ class SD3Task(FlowTask):
     prompt_keys = ("prompt_embeds", "pooled_prompt_embeds")
     negative_keys = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
 
-    def _model_inputs(self, model_in, t, prompts):
-        return {"timestep": t, "encoder_hidden_states": prompts["prompt_embeds"],
+    def _inputs(self, prompts, device):
+        return {"encoder_hidden_states": prompts["prompt_embeds"],
                 "pooled_projections": prompts["pooled_prompt_embeds"]}
 
 

@@ -112,8 +112,8 @@ class WanTask(FlowTask):
     def image_seq_len(self):
         return None  # the pipeline sets the timesteps without mu
 
-    def _model_inputs(self, model_in, t, prompts):
-        return {"timestep": t, "encoder_hidden_states": prompts["prompt_embeds"]}
+    def _inputs(self, prompts, device):
+        return {"encoder_hidden_states": prompts["prompt_embeds"]}
 
     def _vae_latents(self, vae, latents):
         return denormalized(vae, latents)

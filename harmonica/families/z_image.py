@@ -129,12 +129,15 @@ class ZImageTask(FlowTask):
         prompts["lengths"] = lengths.tolist()
         return prompts
 
-    def _latents_input(self, model_in):
-        return list(model_in.unsqueeze(2).unbind(0))  # per sample (C, 1, h, w)
+    def _timestep_input(self, t):
+        return (1000 - t) / 1000
 
-    def _model_inputs(self, model_in, t, prompts):
+    def _inputs(self, prompts, device):
         embeds = prompts["prompt_embeds"]
-        return {"t": (1000 - t) / 1000, "cap_feats": [e[:n] for e, n in zip(embeds, prompts["lengths"], strict=True)]}
+        return {"cap_feats": [e[:n] for e, n in zip(embeds, prompts["lengths"], strict=True)]}
+
+    def _step_inputs(self, model_in, t, inputs):
+        return {"x": list(model_in.unsqueeze(2).unbind(0)), "t": t}  # latents per sample (C, 1, h, w)
 
     def velocity(self, out):
         """The velocity (B, C, h, w): the outputs, per sample [(C, 1, h, w)] or stacked (B, C, 1, h, w), negated as
