@@ -42,7 +42,7 @@ import harmonica
 from harmonica import parallel
 from harmonica.flow import SAMPLER as FLOW_SAMPLER
 from harmonica.flow import as_4d, flow_sample, flow_task
-from harmonica.generation import default_guidance
+from harmonica.generation import default_guidance, first_conditions
 from harmonica.macs import count_macs
 from harmonica.models import (
     FLOW_PRESETS,
@@ -53,6 +53,7 @@ from harmonica.models import (
     load_transformer,
     move_pipeline,
     preset,
+    preset_task,
 )
 from harmonica.prompts import random_embeddings
 from harmonica.router import Router
@@ -218,7 +219,6 @@ class Workload:
         self.pipe = pipe
         self.macs = count_macs(name)
         self.has_text_encoder = self.spec.family.text_conditional and options.real_weights
-        self.request = SimpleNamespace(prompt=PROMPT, class_label=None, random_weights=not options.real_weights)
         self.prompt = None if self.has_text_encoder else self.encode()  # drawn once without a text encoder
 
     @property
@@ -226,17 +226,25 @@ class Workload:
         return self.spec.sampler
 
     def encode(self) -> tuple:
-        """(prompt bank or None, conditions) of the benchmark's class or prompt (`Family.conditions`): PixArt's
-        prompt through the text encoder (timed), or a random one of the seed."""
-        return self.spec.family.conditions(self.pipe, self.spec, self.request, torch.Generator().manual_seed(self.seed))
+        """(prompt bank or None, conditions) of the benchmark's class or prompt: PixArt's prompt through the text
+        encoder (timed), or a random one of the seed."""
+        spec = self.spec
+        if not spec.family.text_conditional:
+            bank = None
+        elif self.has_text_encoder:
+            bank = spec.family.encode(self.pipe, [PROMPT], None, {})
+        else:
+            bank = random_embeddings(self.pipe.transformer, 1, spec.text_tokens,
+                                     torch.Generator().manual_seed(self.seed))
+        return bank, first_conditions(spec)
 
     def loop(self, prompt: tuple, num_steps: int, transformer):
         """Latents (1, C, h, w) after `num_steps` denoising steps of the seed's noise through `transformer`, at the
         sampler's default guidance."""
         bank, cond = prompt
         generator = torch.Generator().manual_seed(self.seed)
-        task = self.spec.family.make_task(transformer, self.pipe.scheduler, self.sampler, bank, num_steps,
-                                          default_guidance(self.spec, self.sampler))
+        task = preset_task(self.name, [transformer], self.pipe.scheduler, bank, num_steps,
+                           default_guidance(self.spec, self.sampler), self.sampler)
         return sample(task, cond, initial_noise(task, 1, generator), generator=generator)
 
     def decode(self, latents):

@@ -1,5 +1,5 @@
 """Bad command lines of `harmonica sample` and `harmonica bench`: one line naming the option, exit status 2,
-raised before any model is built (build_pipeline is replaced by a function that fails the test)."""
+raised before any model is built (load_transformer is replaced by a function that fails the test)."""
 
 import json
 import re
@@ -87,7 +87,8 @@ CASES = {
     "class-negative": (TINY_DIT + ["--class-label", "-1"], r"--class-label: expected a class in \[0, 999\].*got -1"),
     "class-on-pixart": (TINY_PIXART + ["--class-label", "3"],
                         r"--class-label: expected only with a DiT model, got --class-label 3 with --model tiny-pixart"),
-    "prompt-on-dit": (TINY_DIT + ["--prompt", "a cat"], r"--prompt: expected only with a PixArt model"),
+    "prompt-on-dit": (TINY_DIT + ["--prompt", "a cat"],
+                      r"--prompt: expected only with a PixArt or flow-matching model"),
     "out-missing-dir": (TINY_DIT + ["--out", "/nonexistent/x.png"],
                         r"--out: expected an existing directory, got /nonexistent \(does not exist\)"),
     "out-is-dir": (TINY_DIT + ["--out", "TMP"], r"--out: expected an image file name .*, got the directory \S+"),
@@ -120,7 +121,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the error")
 
-    patch_cli(monkeypatch, "build_pipeline", refuse)
+    patch_cli(monkeypatch, "load_transformer", refuse)
     from harmonica.bench import command
 
     monkeypatch.setattr(command, "machine_info", refuse)
@@ -169,7 +170,7 @@ def test_non_finite_image_is_an_error_and_writes_nothing(tmp_path, monkeypatch, 
     monkeypatch.setattr(samplers, "sample", lambda task, *a, **k: torch.full((1, 4, 8, 8), float("nan")))
     out = tmp_path / "x.png"
     assert cli.main(TINY_DIT + ["--steps", "2", "--out", str(out)]) == 2
-    assert "image: expected finite pixel values, got 12288 of 12288 NaN/inf" in capsys.readouterr().err
+    assert "latents: expected finite values, got 256 of 256 NaN/inf" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -295,21 +295,24 @@ CASES = {
     "router-steps": (TINY_FLUX + ["--router", "ROUTER", "--steps", "8"],
                      r"--steps: the router \S+ was trained for 4 steps, got --steps 8; leave --steps out"),
     "bad-out": (TINY_FLUX + ["--out", "TMP/x.latents"],
-                r"--out: expected a .safetensors file name \(the final latents\) or an image file name \(.png, .jpg, "
-                r"...\), got '\S+x.latents'"),
-    "prompt": (TINY_FLUX + ["--prompt", "a cat"], r"--prompt: expected only with a PixArt model, got --prompt 'a cat' "
-                                                  r"with --model tiny-flux"),
+                r"--out: expected an image file name \(.png, .jpg, ...\) or a .safetensors file name \(the final "
+                r"latents\), got '\S+x.latents'"),
+    "prompt": (TINY_FLUX + ["--prompt", "a cat"], r"--prompt: expected it alone, with the weights' text encoders, got "
+                                                  r"--prompt 'a cat' with --random-weights \(no text encoders\)"),
     "class-label": (TINY_FLUX + ["--class-label", "3"], r"--class-label: expected only with a DiT model"),
-    "sampler": (TINY_FLUX + ["--sampler", "dpm-solver++"], r"--sampler: expected FlowMatchEulerDiscreteScheduler"),
-    "graph-step": (TINY_FLUX + ["--cuda-graphs", "--scheduler-in-graph"], r"--scheduler-in-graph: expected off"),
+    "sampler": (TINY_FLUX + ["--sampler", "dpm-solver++"], r"--sampler: expected one of "
+                                                           r"\['FlowMatchEulerDiscreteScheduler'\] for tiny-flux"),
+    "graph-step": (TINY_FLUX + ["--cuda-graphs", "--scheduler-in-graph"],
+                   r"--scheduler-in-graph: expected a sampler whose step can run inside the graphs \(dit-ddim, "
+                   r"dpm-solver\+\+\), got FlowMatchEulerDiscreteScheduler"),
     "embeddings-keys": (TINY_FLUX + ["--prompt-embeddings", "EMBEDS"],
                         r"--prompt-embeddings: embeddings: expected the keys \['prompt_embeds', "
                         r"'pooled_prompt_embeds'\] for FluxTransformer2DModel, missing \['pooled_prompt_embeds'\]"),
     "embeddings-width": (["sample", "--model", "tiny-wan", "--random-weights", "--prompt-embeddings", "EMBEDS"],
                          r"embeddings: expected prompt_embeds of shape \(prompts, tokens, 32\) for "
                          r"WanTransformer3DModel, got \(1, 3, 5\)"),
-    "hub-weights-random-prompt": (["sample", "--model", "tiny-flux"], r"--prompt-embeddings: expected a file of the "
-                                                                      r"pipeline's prompt embeddings"),
+    "no-published-weights": (["sample", "--model", "tiny-flux"], r"--random-weights: tiny-flux has no published "
+                                                                 r"weights; expected --random-weights or --weights"),
     "train-sampler": (TRAIN_FLUX + ["--sampler", "iddpm"], r"--sampler: expected only with a PixArt model, got "
                                                            r"--sampler 'iddpm' with --model tiny-flux"),
     "train-speedup": (TRAIN_FLUX + ["--target-speedup", "0.5"],

@@ -78,8 +78,8 @@ CASES = {
                                                         r"100000000000000000000"),
     "sample-seed-negative": (DIT + ["--seed", "-1"], r"--seed: expected an integer in \[0, 4294967295\], got -1"),
     "sample-prompt-embeddings-on-dit": (DIT + ["--prompt-embeddings", "x"], r"--prompt-embeddings: expected only "
-                                        r"with a flow-matching model, got --prompt-embeddings 'x' with --model "
-                                        r"tiny-dit"),
+                                        r"with a PixArt or flow-matching model, got --prompt-embeddings 'x' with "
+                                        r"--model tiny-dit"),
     "sample-class-label-on-flux": (FLUX + ["--class-label", "3"], r"--class-label: expected only with a DiT model"),
     "embed-max-sequence-length-0": (EMBED + ["--max-sequence-length", "0"], r"--max-sequence-length: expected an "
                                                                             r"integer >= 1, got 0"),
@@ -161,7 +161,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the error")
 
-    for name in ("build_pipeline", "load_transformer", "load_text_encoders"):
+    for name in ("load_transformer", "load_experts", "load_text_encoders"):
         patch_cli(monkeypatch, name, refuse)
     import harmonica.digits
 

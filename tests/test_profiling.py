@@ -83,7 +83,7 @@ def test_workload_ranges_follow_the_schedule(ranges, capsys, model, kinds, print
 
 
 def test_flow_workload_ranges_follow_the_schedule(ranges, capsys):
-    """A flow preset: its transformer alone, both FLUX block lists ranged, the solver step ranged, no VAE."""
+    """A flow preset: both FLUX block lists ranged, the solver step ranged, its (random) VAE's decode."""
     assert workload.main(["--model", "tiny-flux", "--random-weights", "--config", "fora:2", "--steps", "2",
                           "--warmup", "0"]) == 0
     blocks = {"transformer_blocks.0": ("attn", "ff", "ff_context"), "single_transformer_blocks.0": ("attn_mlp",)}
@@ -93,11 +93,12 @@ def test_flow_workload_ranges_follow_the_schedule(ranges, capsys):
                               for block, kinds in blocks.items()])
 
     assert tree(ranges) == [("generation", [step(0, "compute"), ("scheduler step", []), step(1, "reuse"),
-                                            ("scheduler step", [])])]
+                                            ("scheduler step", []), ("vae decode", [])])]
     out = capsys.readouterr().out
     assert "fora:2 (FlowMatchEulerDiscreteScheduler): 2 steps x 4 units, CUR 50.0%" in out
-    assert "(latents only)" in out
-    with pytest.raises(ValueError, match="--prompt-embeddings: expected only with a flow model, got tiny-dit"):
+    assert "(decode included)" in out
+    with pytest.raises(ValueError, match="--prompt-embeddings: expected only with a text-conditional model, got "
+                                         "tiny-dit"):
         workload.main(["--model", "tiny-dit", "--random-weights", "--prompt-embeddings", "p.safetensors"])
 
 
@@ -110,14 +111,15 @@ def test_nothing_is_pushed_when_off(ranges):
 
 def test_a_stepping_schedulers_steps_are_ranged(ranges):
     """PixArt's SA-Solver has no table: `samplers.sample` steps a copy of the scheduler, whose steps are ranged."""
-    from harmonica.families.pixart import conditions, make_task
+    from harmonica.generation import first_conditions
+    from harmonica.models import preset_task
+    from harmonica.prompts import random_embeddings
 
     pipe = build_pipeline("tiny-pixart", random_weights=True)
-    bank, cond = conditions(pipe, preset("tiny-pixart"), argparse.Namespace(random_weights=True),
-                            torch.Generator().manual_seed(0))
-    task = make_task(pipe.transformer, pipe.scheduler, "sa-solver", bank, 3, 4.5)
+    bank = random_embeddings(pipe.transformer, 1, 8, torch.Generator().manual_seed(0))
+    task = preset_task("tiny-pixart", [pipe.transformer], pipe.scheduler, bank, 3, 4.5, "sa-solver")
     with nvtx.PipelineRanges(pipe):
-        samplers.sample(task, cond, samplers.initial_noise(task, 1))
+        samplers.sample(task, first_conditions(preset("tiny-pixart")), samplers.initial_noise(task, 1))
     assert [label for label, _ in tree(ranges) if not label.startswith("transformer_blocks")] == ["scheduler step"] * 3
 
 

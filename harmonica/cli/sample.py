@@ -102,6 +102,9 @@ def plan_sample(args, spec, generator: torch.Generator) -> SamplePlan:
     """Check every option of `harmonica sample` against each other, the model's config (a meta-device
     transformer, no weights), the prompt embeddings and the router's files, before any weights load; ValueError
     naming the option to change. The random prompt of random weights is drawn from `generator`."""
+    if not (args.random_weights or args.weights or spec.hub_id):
+        raise ValueError(f"--random-weights: {args.model} has no published weights; expected --random-weights or "
+                         "--weights, got neither")
     check_out(args, spec)
     check_tau(args)
     family = spec.family

@@ -5,7 +5,7 @@ A flow-matching family module (`qwen_image.py`, `flux.py`, `flux2.py`, `sd3.py`,
 subclass, how its pipeline sets the scheduler's timesteps, how its pipeline encodes prompts, the meta inputs of one
 forward (MAC counting), its hub models and presets, its VAE class and the peers' patterns for it. `dit.py` and
 `pixart.py` hold the same for DiT and PixArt, sampled by their pipelines' schedulers (`Family.samplers`: the
-original DiT DDIM, DPM-Solver++, SA-Solver, IDDPM, DiTPipeline's DDIM) instead of a flow-matching schedule. Every
+original DiT DDIM, DPM-Solver++, SA-Solver, IDDPM, the DiT pipeline's DDIM) instead of a flow-matching schedule. Every
 family's presets are `Preset`s (DiT's and PixArt's name their default sampler, whose steps and guidance are theirs);
 every family makes its `task.Task` (`Family.make_task`), which `samplers.sample` samples and the trainer trains on.
 Each module ends with `FAMILY = register(Family(...))`. `FAMILIES` maps the diffusers transformer class name to its
