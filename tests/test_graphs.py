@@ -553,8 +553,8 @@ def test_a_graph_captured_with_the_modulation_table_is_not_replayed_without_it()
     latents, labels = inputs
 
     def plain_loop():  # no timesteps announced: the modulation table is off; the arguments passed as `sample` does
-        harmonica.reset(model)
-        return [model(hidden_states=latents, timestep=torch.full((2,), t), class_labels=labels).sample
+        harmonica.reset(model)  # (the timestep a view of one element, as DiTPipeline passes it too)
+        return [model(hidden_states=latents, timestep=torch.tensor(t).expand(2), class_labels=labels).sample
                 for t in (999, 666, 333, 0)]
 
     harmonica.enable(model, schedule)
