@@ -324,16 +324,20 @@ def _format_bytes(size: int) -> str:
     return f"{size:.2f} GiB"
 
 
-def summary(pipe_or_transformer) -> Summary:
+def summary(pipe_or_transformer, counted: tuple | None = None) -> Summary:
     """CUR, theoretical MAC speedup (at the latest generation's resolution, else the model's native
     one) and cache memory of an enabled pipeline or transformer. A pipeline whose transformers take turns by step
-    (Wan 2.2 A14B's experts): the memory of all of them, the MACs of the first (the experts share one config)."""
+    (Wan 2.2 A14B's experts): the memory of all of them, the MACs of the first (the experts share one config).
+    counted: (MacCount, where) to give the speedup at instead, e.g. a task's `macs()` at its pixel size (packed
+    latents only tell their tokens)."""
     from .macs import count_macs, count_macs_for_input
 
     state = _state(pipe_or_transformer)
     engine = state.engine
     transformer = engine.transformer
-    if engine.last_input_shape is not None:
+    if counted is not None:
+        macs, where = counted
+    elif engine.last_input_shape is not None:
         macs, where = count_macs_for_input(transformer, engine.last_input_shape, engine.last_text_tokens,
                                            cross_attention=engine.cross_attention, sizes=engine.last_sizes)
     else:

@@ -236,7 +236,8 @@ def sample(args) -> int:
     weights = "random weights" if args.random_weights else (args.weights or spec.hub_id)
     print(f"model {args.model} ({weights}), sampler {plan.sampler}, {plan.steps} steps, guidance {plan.guidance}, "
           f"seed {args.seed}, {device} {dtype}")
-    print(summary(transformer))
+    size = f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else "")
+    print(summary(transformer, counted=(task.macs(), size)))
     if context_parallel:
         print(parallel.summary_line(args.model, transformer, engine.policy.schedule, 2 if task.guided else 1,
                                     dtype.itemsize, engine.cache_bytes()))

@@ -66,8 +66,7 @@ class DiTTask:
         return [(self.transformer, 0)]
 
     def macs(self):
-        """The `macs.MacCount` of one forward at the latents' size (PixArt's at `count_macs`' default caption
-        tokens)."""
+        """The `macs.MacCount` of one forward at the latents' size."""
         from ..macs import VAE_FACTOR, count_macs
 
         size = self.latent_shape[-1] * VAE_FACTOR

@@ -74,7 +74,7 @@ class PixArtTask:
     prompt_keys = EMBEDDING_KEYS[:2]  # (P, L, D), (P, L): the bank's prompts
     negative_keys = EMBEDDING_KEYS[2:]  # (1, L, D), (1, L): the unconditional prompt
     patch = staticmethod(DiTTask.patch)
-    experts, macs, model_kwargs = DiTTask.experts, DiTTask.macs, DiTTask.model_kwargs
+    experts, model_kwargs = DiTTask.experts, DiTTask.model_kwargs
     unpack, decode = staticmethod(DiTTask.unpack), staticmethod(DiTTask.decode)
 
     def __init__(self, transformer, scheduler, embeddings: dict, num_steps: int, guidance: float, *,
@@ -91,6 +91,13 @@ class PixArtTask:
         self.latent_shape = (cfg.in_channels, *(latent_size or (cfg.sample_size, cfg.sample_size)))
         self.embeddings = embeddings
         self.solver_guidance = {"guidance_scale": guidance, "cond_first": False} if self.guided else {}
+
+    def macs(self):
+        """The `macs.MacCount` of one forward at the latents' size and the bank's prompt tokens."""
+        from ..macs import count_macs
+
+        height, width = (side * VAE_FACTOR for side in self.latent_shape[-2:])
+        return count_macs(self.transformer, height, width, text_tokens=self.embeddings["prompt_embeds"].shape[1])
 
     def with_steps(self, num_steps: int) -> "PixArtTask":
         """The same task sampled with another step count."""
