@@ -29,6 +29,21 @@ def read_bank(spec, path, config, option: str) -> dict:
     return reader(path, config, option) if reader is not None else load_flow_embeddings(path, option)
 
 
+def given_bank(spec, transformer, *, path=None, random_weights: bool = False,
+               generator: torch.Generator | None = None, option: str = "--prompt-embeddings") -> dict | None:
+    """The prompt bank known before any weights load: the embeddings file `path` (`read_bank`; errors name
+    `option`), else with random weights a random prompt (`prompts.random_embeddings`, from `generator`). None for a
+    class-conditional model, or where the text encoders will encode the prompt (`encoded_bank`). transformer: the
+    preset's, its config is all that is read (a meta one will do)."""
+    from .prompts import random_embeddings
+
+    if path:
+        return read_bank(spec, path, transformer.config, option)
+    if spec.family.text_conditional and random_weights:
+        return random_embeddings(transformer, 1, spec.text_tokens, generator)
+    return None
+
+
 def encoded_bank(name: str, prompt: str, *, weights: str | None = None, device="cpu",
                  dtype: torch.dtype = torch.float32) -> dict:
     """A bank of one prompt, `prompt` through the preset's pipeline's text encoders (`prompts.encode_prompts`; loaded
@@ -39,6 +54,18 @@ def encoded_bank(name: str, prompt: str, *, weights: str | None = None, device="
     encoders = load_text_encoders(name, weights=weights, dtype=dtype)
     move_pipeline(encoders, device, dtype)
     return encode_prompts(encoders, [prompt])
+
+
+def generation_task(name: str, transformer, scheduler, bank: dict | None, steps: int, guidance: float, sampler: str,
+                    *, prompt: str | None = None, weights: str | None = None, device="cpu",
+                    dtype: torch.dtype = torch.float32):
+    """The task of one generation (`models.preset_task`) on `bank`, else, for a text-conditional model without
+    one, on `prompt` (default `DEFAULT_PROMPT`) through the text encoders of `weights` (`encoded_bank`)."""
+    from .models import preset, preset_task
+
+    if bank is None and preset(name).family.text_conditional:
+        bank = encoded_bank(name, prompt or DEFAULT_PROMPT, weights=weights, device=device, dtype=dtype)
+    return preset_task(name, [transformer], scheduler, bank, steps, guidance, sampler)
 
 
 def first_conditions(spec, class_label: int | None = None) -> dict:

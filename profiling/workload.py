@@ -22,18 +22,8 @@ import torch
 from harmonica.api import enable, summary
 from harmonica.bench.configs import MODE_OPTIONS
 from harmonica.flow import SAMPLER
-from harmonica.generation import DEFAULT_PROMPT, default_guidance, encoded_bank, first_conditions, read_bank
-from harmonica.models import (
-    FLOW_PRESETS,
-    PRESETS,
-    load_scheduler,
-    load_transformer,
-    load_vae,
-    move_pipeline,
-    preset,
-    preset_task,
-)
-from harmonica.prompts import random_embeddings
+from harmonica.generation import default_guidance, first_conditions, generation_task, given_bank
+from harmonica.models import FLOW_PRESETS, PRESETS, load_scheduler, load_transformer, load_vae, move_pipeline, preset
 from harmonica.router import Router
 from harmonica.samplers import check_steps, initial_noise, sample
 from harmonica.schedule import parse_schedule
@@ -86,15 +76,11 @@ def _generation(args, spec, device) -> tuple:
                                    seed=args.seed)
     dtype = spec.family.half if device == "cuda" else torch.float32
     move_pipeline(transformer, device, dtype)
-    bank = None
-    if args.prompt_embeddings:
-        bank = read_bank(spec, args.prompt_embeddings, transformer.config, "--prompt-embeddings")
-    elif spec.family.text_conditional and args.random_weights:
-        bank = random_embeddings(transformer, 1, spec.text_tokens, torch.Generator().manual_seed(args.seed))
-    elif spec.family.text_conditional:
-        bank = encoded_bank(args.model, DEFAULT_PROMPT, weights=args.weights, device=device, dtype=dtype)
+    bank = given_bank(spec, transformer, path=args.prompt_embeddings, random_weights=args.random_weights,
+                      generator=torch.Generator().manual_seed(args.seed))
     scheduler = load_scheduler(args.model, weights=args.weights, random_weights=args.random_weights)
-    task = preset_task(args.model, [transformer], scheduler, bank, steps, default_guidance(spec, sampler), sampler)
+    task = generation_task(args.model, transformer, scheduler, bank, steps, default_guidance(spec, sampler), sampler,
+                           weights=args.weights, device=device, dtype=dtype)
     enable(transformer, _cache(args, steps, transformer), **MODE_OPTIONS[args.mode])
     vae = None
     if not args.random_weights or spec.vae is not None:

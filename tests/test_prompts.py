@@ -232,6 +232,24 @@ def test_pixart_embeddings_drive_the_pipeline_as_the_strings_do(tmp_path):
     assert (swapped - reference).abs().max().item() > 100 * tolerance
 
 
+def test_sample_with_a_prompt_runs_the_text_encoders_of_the_weights(tmp_path, capsys):
+    """`harmonica sample --weights DIR --prompt P` encodes P with the folder's text encoders: the latents of the
+    file `harmonica embed` writes for P, up to the encoders' rounding; another prompt gives other latents."""
+    pipe = pipeline("tiny-pixart", build_transformer("tiny-pixart"))
+    pipe.save_pretrained(tmp_path / "pipe")
+    save_prompt_embeddings(pipe, PROMPTS[:1], tmp_path / "e.safetensors")
+    base = ["sample", "--model", "tiny-pixart", "--weights", str(tmp_path / "pipe"), "--steps", str(STEPS)]
+    for out, source in (("prompt", ["--prompt", PROMPTS[0]]), ("file", ["--prompt-embeddings",
+                                                                         str(tmp_path / "e.safetensors")]),
+                        ("other", ["--prompt", PROMPTS[1]])):
+        assert cli.main(base + source + ["--out", str(tmp_path / f"{out}.safetensors")]) == 0, capsys.readouterr().err
+    prompt, file, other = (load_file(str(tmp_path / f"{name}.safetensors"))["latents"]
+                           for name in ("prompt", "file", "other"))
+    tolerance = rounding_bound(file, 8 * STEPS + ENCODER_TERMS)
+    assert (prompt - file).abs().max().item() <= tolerance
+    assert (other - file).abs().max().item() > 100 * tolerance
+
+
 def test_bad_input_is_a_clear_error():
     pipe = pipeline("tiny-flux")
     with pytest.raises(ValueError, match=r"negative_prompt: expected none for FluxPipeline .*got 'blurry'"):

@@ -13,7 +13,7 @@ from ..digits import DIGITS_MODELS
 from ..families.dit import CLASS_LABEL
 from ..files import check_out_file, file_bytes, write_file
 from ..flow import SAMPLER
-from ..generation import DEFAULT_PROMPT, default_guidance, encoded_bank, first_conditions, read_bank, to_pil
+from ..generation import DEFAULT_PROMPT, default_guidance, first_conditions, generation_task, given_bank, to_pil
 from ..models import (
     FLOW_PRESETS,
     PRESETS,
@@ -127,11 +127,8 @@ def plan_sample(args, spec, generator: torch.Generator) -> SamplePlan:
         other = "--prompt-embeddings" if args.prompt_embeddings else "--random-weights (no text encoders)"
         raise ValueError(f"--prompt: expected it alone, with the weights' text encoders, got --prompt {args.prompt!r} "
                          f"with {other}")
-    bank = None
-    if args.prompt_embeddings:
-        bank = read_bank(spec, args.prompt_embeddings, transformer.config, "--prompt-embeddings")
-    elif family.text_conditional and args.random_weights:
-        bank = random_embeddings(transformer, 1, spec.text_tokens, generator)
+    bank = given_bank(spec, transformer, path=args.prompt_embeddings, random_weights=args.random_weights,
+                      generator=generator)
     scheduler = load_scheduler(args.model, weights=args.weights, random_weights=args.random_weights)
     # a stand-in bank where the prompt is encoded later: the task's steps do not depend on it
     stand_in = random_embeddings(transformer, 1, spec.text_tokens, torch.Generator()) if (
@@ -212,11 +209,8 @@ def sample(args) -> int:
               "cuda" if torch.cuda.is_available() else "cpu")
     dtype = spec.family.half if device.startswith("cuda") and not args.fp32 else torch.float32
     move_pipeline(transformer, device, dtype)
-    bank = plan.bank
-    if bank is None and spec.family.text_conditional:
-        bank = encoded_bank(args.model, args.prompt or DEFAULT_PROMPT, weights=args.weights, device=device,
-                            dtype=dtype)
-    task = preset_task(args.model, [transformer], plan.scheduler, bank, plan.steps, plan.guidance, plan.sampler)
+    task = generation_task(args.model, transformer, plan.scheduler, plan.bank, plan.steps, plan.guidance,
+                           plan.sampler, prompt=args.prompt, weights=args.weights, device=device, dtype=dtype)
     engine = enable(transformer, plan.cache, tau=args.tau, cuda_graphs=args.cuda_graphs,
                     scheduler_in_graph=args.scheduler_in_graph, compile=args.compile)
     start = time.perf_counter()
