@@ -124,8 +124,8 @@ def preset_task(name: str, transformers: list, scheduler, bank: dict | None, ste
 
 
 def load_text_encoders(name: str, *, weights: str | None = None, dtype: torch.dtype = torch.float32):
-    """A PixArt or flow preset's pipeline with its tokenizers and text encoders only (no transformer, no VAE),
-    from `weights` (hub id or path; default the preset's hub id)."""
+    """A PixArt or flow preset's pipeline with its tokenizers and text encoders only (no transformer, none of its
+    experts, no VAE), from `weights` (hub id or path; default the preset's hub id)."""
     import diffusers
 
     spec = preset(name)
@@ -133,8 +133,9 @@ def load_text_encoders(name: str, *, weights: str | None = None, dtype: torch.dt
         raise ValueError(f"model: expected a text-conditional model (PixArt or a flow model), got {name} (class-"
                          f"conditional: no text encoder)")
     pipeline_class = getattr(diffusers, spec.pipeline)
+    experts = {f"transformer_{i}": None for i in range(2, spec.experts + 1)}  # Wan 2.2 A14B's transformer_2
     return _from_hub(name, weights or spec.hub_id, lambda source: pipeline_class.from_pretrained(
-        source, transformer=None, vae=None, dtype=dtype), hint="")
+        source, transformer=None, vae=None, dtype=dtype, **experts), hint="")
 
 
 RANDOM_HINT = "\nWithout weights, run with --random-weights."

@@ -250,6 +250,18 @@ def test_sample_with_a_prompt_runs_the_text_encoders_of_the_weights(tmp_path, ca
     assert (other - file).abs().max().item() > 100 * tolerance
 
 
+def test_the_text_encoders_of_two_experts_load_neither_expert(tmp_path):
+    """Wan 2.2 A14B's folder holds `transformer` and `transformer_2`: `load_text_encoders` loads neither."""
+    from harmonica.models import load_text_encoders
+
+    pipe = pipeline("tiny-wan2.2", build_transformer("tiny-wan2.2"))
+    pipe.register_modules(transformer_2=build_transformer("tiny-wan2.2", seed=1))
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "transformer_2").is_dir()
+    encoders = load_text_encoders("tiny-wan2.2", weights=str(tmp_path / "pipe"))
+    assert encoders.transformer is None and encoders.transformer_2 is None and encoders.text_encoder is not None
+
+
 def test_bad_input_is_a_clear_error():
     pipe = pipeline("tiny-flux")
     with pytest.raises(ValueError, match=r"negative_prompt: expected none for FluxPipeline .*got 'blurry'"):
