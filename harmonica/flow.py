@@ -240,8 +240,8 @@ def denormalized(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents * std + mean
 
 
-def preset_task(spec, transformers: list, scheduler, sampler: str, embeddings: dict, num_steps: int,
-                guidance: float) -> FlowTask:
+def make_flow_task(spec, transformers: list, scheduler, sampler: str, embeddings: dict, num_steps: int,
+                   guidance: float) -> FlowTask:
     """A flow family's `Family.make_task`: the task of preset `spec` on its transformers (`models.load_experts`) at
     the preset's size; of two experts (Wan 2.2 A14B), the second at the preset's boundary (`pipeline_config`) and
     `guidance_2`. Its scheduler is the family's (`Family.scheduler`): `scheduler` is None, `sampler` `SAMPLER`."""

@@ -29,9 +29,6 @@ PIXART_SAMPLERS = {"dpm-solver++": ("DPMSolverMultistepScheduler", 20), "sa-solv
                    "iddpm": ("DDPMScheduler", 100)}
 DIT_SAMPLERS = {"dit-ddim": ("dit-ddim", 20)}
 TABLE_SAMPLERS = ("dit-ddim", "dpm-solver++")  # run by SolverLoop: their step can be inside a CUDA graph
-# what `pixart_sample` takes, in the order of the pipeline's `encode_prompt` results
-PIXART_PROMPT_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
-                      "negative_prompt_attention_mask")
 DIT_GUIDED_CHANNELS = 3
 DIT_TRAIN_STEPS = 1000
 # each sampler's step range: from its fewest (DPM-Solver++ and SA-Solver are multistep: their first update
@@ -63,13 +60,6 @@ def sampler_scheduler(scheduler, sampler: str):
     if sampler not in PIXART_SAMPLERS:
         raise ValueError(f"sampler: expected one of {sorted(PIXART_SAMPLERS)} for PixArt, got {sampler!r}")
     return getattr(diffusers, PIXART_SAMPLERS[sampler][0]).from_config(scheduler.config)
-
-
-def use_pixart_sampler(pipe, sampler: str):
-    """Swap the pipeline's scheduler for `sampler` (keeping its config), for the pipeline's own loop; returns the
-    new scheduler."""
-    pipe.scheduler = sampler_scheduler(pipe.scheduler, sampler)
-    return pipe.scheduler
 
 
 def dit_alphas_cumprod() -> torch.Tensor:

@@ -132,7 +132,7 @@ class PipelineRanges:
     `samplers.SchedulerSteps.step`) and `pipe.scheduler.step` (the pipeline's own loop) wrapped.
     Each costs one flag test while NVTX is off. `remove()` (or leaving a `with` block) undoes it all.
 
-    Set the pipeline's scheduler before (a later `use_pixart_sampler` replaces the wrapped one).
+    Set the pipeline's scheduler before (a scheduler set later replaces the wrapped one).
     """
 
     def __init__(self, pipe):

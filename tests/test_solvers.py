@@ -22,7 +22,7 @@ from harmonica.samplers import (
     dit_ddim_table,
     pixart_sample,
     sample,
-    use_pixart_sampler,
+    sampler_scheduler,
 )
 from harmonica.solvers import (
     FlowMatchSchedule,
@@ -183,7 +183,7 @@ def test_pixart_sample_with_a_stepping_scheduler_is_the_pipeline_bitwise(sampler
     """SA-Solver and IDDPM have no coefficient table: `sample` steps the scheduler after each forward with the
     generator's noise, as the pipeline does; another generator gives other latents (the steps are stochastic)."""
     pipe = build_pipeline("tiny-pixart", random_weights=True)
-    use_pixart_sampler(pipe, sampler)
+    pipe.scheduler = sampler_scheduler(pipe.scheduler, sampler)
     harmonica.enable(pipe.transformer, CacheSchedule.fora(5, len(cached_units(pipe.transformer)), 2))
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     options = {"num_steps": 5, "guidance_scale": 4.5, "latents": noise}

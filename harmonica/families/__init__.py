@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..flow import VAE_FACTOR, preset_task
+from ..flow import VAE_FACTOR, make_flow_task
 from ..solvers import FlowMatchSchedule
 
 # the VAE of the real DiT and PixArt checkpoints (SD's), AutoencoderKL's defaults otherwise
@@ -129,7 +129,7 @@ class Family:
     kind: what `harmonica.options`' rules call the --model (`options.MODEL_KINDS`).
     make_task: (preset, its transformers (`models.load_experts`), the pipeline's scheduler or None, sampler, prompt
         bank or None, steps, guidance) -> the `task.Task` that samples and trains it (`models.preset_task`); the flow
-        families': `flow.preset_task`.
+        families': `flow.make_flow_task`.
     DiT's and PixArt's (no flow-matching `scheduler`):
     samplers: {--sampler name: (the sampler name a router records, default steps, default guidance)}, the first the
         default.
@@ -168,7 +168,7 @@ class Family:
     experts: Callable | None = None
     kind: str = "flow"
     samplers: dict = field(default_factory=dict)
-    make_task: Callable = preset_task
+    make_task: Callable = make_flow_task
     pipeline_scheduler: str | None = None
     random_pipeline: Callable | None = None
     read_embeddings: Callable | None = None
