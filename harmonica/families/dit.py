@@ -47,9 +47,9 @@ class DiTTask:
         else:
             self.sampler, self.timesteps = type(scheduler).__name__, SchedulerSteps(scheduler, num_steps).timesteps
             self.table = None
-            self.solver_guidance = {"guidance_scale": guidance, "guided_channels": cfg.in_channels} if guidance > 1 \
+            self.solver_guidance = {"guidance_scale": guidance, "guided_channels": cfg.in_channels} if self.guided \
                 else {}
-        self.step_in_graph, self.guided = self.table is not None, guidance > 1
+        self.step_in_graph = self.table is not None
         self.coefficients = None  # (T, 5) on the device of the first update
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.num_classes = cfg.num_embeds_ada_norm
