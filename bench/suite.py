@@ -42,7 +42,7 @@ import harmonica
 from harmonica import parallel
 from harmonica.flow import SAMPLER as FLOW_SAMPLER
 from harmonica.flow import as_4d, flow_sample, flow_task
-from harmonica.generation import default_guidance, first_conditions
+from harmonica.generation import default_guidance, first_conditions, given_bank
 from harmonica.macs import count_macs
 from harmonica.models import (
     FLOW_PRESETS,
@@ -55,7 +55,6 @@ from harmonica.models import (
     preset,
     preset_task,
 )
-from harmonica.prompts import random_embeddings
 from harmonica.router import Router
 from harmonica.samplers import TABLE_SAMPLERS, initial_noise, sample
 from harmonica.schedule import CacheSchedule
@@ -229,13 +228,9 @@ class Workload:
         """(prompt bank or None, conditions) of the benchmark's class or prompt: PixArt's prompt through the text
         encoder (timed), or a random one of the seed."""
         spec = self.spec
-        if not spec.family.text_conditional:
-            bank = None
-        elif self.has_text_encoder:
-            bank = spec.family.encode(self.pipe, [PROMPT], None, {})
-        else:
-            bank = random_embeddings(self.pipe.transformer, 1, spec.text_tokens,
-                                     torch.Generator().manual_seed(self.seed))
+        bank = (spec.family.encode(self.pipe, [PROMPT], None, {}) if self.has_text_encoder else
+                given_bank(spec, self.pipe.transformer, random_weights=True,
+                           generator=torch.Generator().manual_seed(self.seed)))
         return bank, first_conditions(spec)
 
     def loop(self, prompt: tuple, num_steps: int, transformer):
@@ -323,8 +318,8 @@ class FlowWorkload(Workload):
             self.device = torch.device(parallel.init_context_parallel(transformer, *options.parallel))
         move_pipeline(transformer, self.device, self.dtype)
         self.pipe = SimpleNamespace(transformer=transformer)
-        self.bank = random_embeddings(transformer, 1, self.spec.text_tokens,
-                                           torch.Generator().manual_seed(options.seed))
+        self.bank = given_bank(self.spec, transformer, random_weights=True,
+                               generator=torch.Generator().manual_seed(options.seed))
         self.tasks = {}
         self.macs = model_macs(name, transformer)
         self.has_text_encoder, self.prompt = False, None

@@ -30,17 +30,18 @@ def read_bank(spec, path, config, option: str) -> dict:
 
 
 def given_bank(spec, transformer, *, path=None, random_weights: bool = False,
-               generator: torch.Generator | None = None, option: str = "--prompt-embeddings") -> dict | None:
+               generator: torch.Generator | None = None, option: str = "--prompt-embeddings",
+               count: int = 1) -> dict | None:
     """The prompt bank known before any weights load: the embeddings file `path` (`read_bank`; errors name
-    `option`), else with random weights a random prompt (`prompts.random_embeddings`, from `generator`). None for a
-    class-conditional model, or where the text encoders will encode the prompt (`encoded_bank`). transformer: the
-    preset's, its config is all that is read (a meta one will do)."""
+    `option`), else with random weights `count` random prompts (`prompts.random_embeddings`, from `generator`). None
+    for a class-conditional model, or where the text encoders will encode the prompt (`encoded_bank`). transformer:
+    the preset's, its config is all that is read (a meta one will do)."""
     from .prompts import random_embeddings
 
     if path:
         return read_bank(spec, path, transformer.config, option)
     if spec.family.text_conditional and random_weights:
-        return random_embeddings(transformer, 1, spec.text_tokens, generator)
+        return random_embeddings(transformer, count, spec.text_tokens, generator)
     return None
 
 

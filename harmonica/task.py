@@ -1,7 +1,8 @@
 """The training task: one family's denoising loop as `RouterTrainer`, the schedule search (`search.Rollouts`,
 `search_router`, `compare`), the forecast fit and `harmonica train` drive it. `DiTTask`, `PixArtTask` and the
 `flow.FlowTask` subclasses (harmonica/families) provide it; digits-dit's and digits-flux's tasks are DiT's and
-FLUX's. `samplers.sample`, the one inference loop, runs a task whose sampler is a coefficient table.
+FLUX's; every family makes its own (`Family.make_task`). `samplers.sample`, the one inference loop, runs every task:
+through its coefficient table (`table`), or, without one, stepping its scheduler (`begin`, `update`).
 
 A generation calls `prepare` once, on the transformer's device, and `model_kwargs` at every step with its result (named
 "inputs"): what does not change by step (the CFG batch of prompts or labels, masks, position ids, guidance inputs,
@@ -28,8 +29,9 @@ class Task(Protocol):
     """The T timesteps (ints) of the generation, in order, as a router records them."""
     latent_shape: tuple
     """One sample's latent shape: noise is (B, *latent_shape)."""
-    table: StepTable
-    """The sampler's coefficient table that `samplers.sample` steps (PixArt's other schedulers: a ValueError)."""
+    table: StepTable | None
+    """The sampler's coefficient table that `samplers.sample` steps; None where the scheduler steps itself
+    (PixArt's SA-Solver and IDDPM, DiT's "pipeline" DDIM: `samplers.SchedulerSteps`)."""
     solver_guidance: dict
     """`kernels.solver_step`'s guidance options of `samplers.sample` (empty without guidance)."""
     step_in_graph: bool
@@ -38,8 +40,9 @@ class Task(Protocol):
     def conditions(self, batch: int, generator: torch.Generator) -> dict:
         """A batch of random conditions, {name: tensor (B, ...)} (class labels, prompt indices)."""
 
-    def begin(self):
-        """A new generation's sampler state (None for a stateless one), which `update` advances."""
+    def begin(self, generator: torch.Generator | None = None):
+        """A new generation's sampler state (None for a stateless one), which `update` advances; `generator`: the
+        noise of a stochastic scheduler's steps."""
 
     def prepare(self, cond: dict, device) -> dict:
         """A generation's forward inputs that do not change by step, of `cond` (as `conditions` makes them), built

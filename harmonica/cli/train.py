@@ -13,7 +13,7 @@ from ..api import enable
 from ..digits import DIGITS_MODELS, PIXEL_RANGE
 from ..files import RunLock
 from ..flow import cur_for_speedup
-from ..generation import read_bank
+from ..generation import given_bank, read_bank
 from ..models import (
     FLOW_PRESETS,
     PRESETS,
@@ -23,7 +23,6 @@ from ..models import (
     preset,
     preset_task,
 )
-from ..prompts import random_embeddings
 from ..search import SearchConfig
 from ..task import Task
 
@@ -204,10 +203,9 @@ def train_task(args, spec, config, embeddings, device) -> Task:
     preset of two experts (Wan 2.2 A14B): the task of both."""
     transformers = [transformer.to(device) for transformer in
                     load_experts(args.model, weights=args.weights, random_weights=args.random_weights)]
-    bank = embeddings
-    if bank is None and spec.family.text_conditional:
-        bank = random_embeddings(transformers[0], RANDOM_PROMPTS, spec.text_tokens,
-                                 torch.Generator().manual_seed(config.seed))
+    bank = embeddings if embeddings is not None else given_bank(
+        spec, transformers[0], random_weights=args.random_weights, generator=torch.Generator().manual_seed(config.seed),
+        count=RANDOM_PROMPTS)
     scheduler = load_scheduler(args.model, weights=args.weights, random_weights=args.random_weights)
     return preset_task(args.model, transformers, scheduler, bank, config.num_steps, config.guidance, args.sampler)
 
