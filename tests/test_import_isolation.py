@@ -83,7 +83,9 @@ def test_the_scan_finds_every_form_of_import(module, source, found):
 
 
 def test_importing_core_loads_no_tool():
-    """In a fresh interpreter: `import harmonica`, then every core module; no tool module may be loaded."""
+    """In a fresh interpreter: `import harmonica`, then every core module; no tool module may be loaded, nor
+    diffusers or transformers (a family imports them when it is used: importing diffusers costs every CLI call,
+    and every subprocess of this suite, about 1.5 s)."""
     modules = sorted(core_files().values())
     code = ("import sys, importlib, harmonica\n"
             f"for name in {modules!r}:\n"
@@ -94,3 +96,4 @@ def test_importing_core_loads_no_tool():
     loaded = result.stdout.split()
     assert "harmonica.engine" in loaded and "harmonica.kernels.aot" in loaded
     assert [name for name in loaded if is_tool(name)] == []
+    assert [name for name in loaded if name.partition(".")[0] in ("diffusers", "transformers")] == []

@@ -27,8 +27,6 @@ four. Not supported, refused: image-to-video transformers (`task_type` "i2v": th
 import types
 
 import torch
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.utils import apply_lora_scale
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import adapters, parallel
@@ -63,7 +61,6 @@ def joined_text(text, text_mask, glyphs, glyph_mask, image, image_mask):
     return tokens.gather(1, order[..., None].expand_as(tokens)), mask.gather(1, order)
 
 
-@apply_lora_scale("attention_kwargs")
 def capturable_forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, timestep_r=None,
                        encoder_hidden_states_2=None, encoder_attention_mask_2=None, image_embeds=None,
                        attention_kwargs=None, return_dict=True):
@@ -89,7 +86,10 @@ def capturable_forward(self, hidden_states, timestep, encoder_hidden_states, enc
     x = self.proj_out(self.norm_out(x, temb))
     x = x.reshape(batch, frames // p_t, height // p, width // p, -1, p_t, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
     x = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
-    return Transformer2DModelOutput(sample=x) if return_dict else (x,)
+    if not return_dict:
+        return (x,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput  # importing harmonica loads no diffusers
+    return Transformer2DModelOutput(sample=x)
 
 
 class HunyuanVideo15BlockAdapter(Adapter):
@@ -98,10 +98,12 @@ class HunyuanVideo15BlockAdapter(Adapter):
     bodies = {"attn": joint_attention, "ff": image_mlp, "ff_context": text_mlp}
 
     def setup(self, engine, blocks: list) -> None:
-        """The transformer's forward becomes `capturable_forward`."""
+        """The transformer's forward becomes `capturable_forward`, under diffusers' LoRA scaling as its own is."""
+        from diffusers.utils import apply_lora_scale  # here, not at import: importing harmonica loads no diffusers
+        forward = apply_lora_scale("attention_kwargs")(capturable_forward)
         with parallel.lifted_hooks(engine.transformer):  # diffusers' hooks stay outermost
             self.own_forward = vars(engine.transformer).get("forward")  # the instance's own; None: the class's
-            engine.transformer.forward = types.MethodType(capturable_forward, engine.transformer)
+            engine.transformer.forward = types.MethodType(forward, engine.transformer)
 
     def teardown(self, engine, blocks: list) -> None:
         with parallel.lifted_hooks(engine.transformer):
