@@ -12,8 +12,6 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import diffusers
-
 from harmonica.families import family_of
 from harmonica.files import write_file
 from harmonica.macs import VAE_FACTOR, count_macs
@@ -44,6 +42,8 @@ def mac_table(presets=REAL_MODELS) -> list:
 def image_tokens(spec) -> int:
     """The image (video) tokens of one forward of a `FlowModel` at its native size: latent frames x the latent grid
     over the family's token side (its VAE factor x the task's patch; the config's defaults filled from its class)."""
+    import diffusers  # here: the `harmonica` command imports this module, and diffusers costs every call ~1.5 s
+
     family = family_of(spec.class_name)
     parameters = inspect.signature(getattr(diffusers, spec.class_name).__init__).parameters
     config = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}

@@ -82,18 +82,27 @@ def test_the_scan_finds_every_form_of_import(module, source, found):
     assert names == found
 
 
+def heavy(loaded: list) -> list:
+    return [name for name in loaded if name.partition(".")[0] in ("diffusers", "transformers")]
+
+
 def test_importing_core_loads_no_tool():
     """In a fresh interpreter: `import harmonica`, then every core module; no tool module may be loaded, nor
-    diffusers or transformers (a family imports them when it is used: importing diffusers costs every CLI call,
-    and every subprocess of this suite, about 1.5 s)."""
+    diffusers or transformers (a family imports them when it is used). Then the `harmonica` command's parser (every
+    subcommand's module): still no diffusers, which costs every call of the command, and every subprocess of this
+    suite, about 1.5 s."""
     modules = sorted(core_files().values())
     code = ("import sys, importlib, harmonica\n"
             f"for name in {modules!r}:\n"
             "    importlib.import_module(name)\n"
+            "print(' '.join(sys.modules))\n"
+            "from harmonica.cli import build_parser\n"
+            "build_parser()\n"
             "print(' '.join(sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    loaded = result.stdout.split()
-    assert "harmonica.engine" in loaded and "harmonica.kernels.aot" in loaded
-    assert [name for name in loaded if is_tool(name)] == []
-    assert [name for name in loaded if name.partition(".")[0] in ("diffusers", "transformers")] == []
+    core, command = (line.split() for line in result.stdout.splitlines())
+    assert "harmonica.engine" in core and "harmonica.kernels.aot" in core
+    assert [name for name in core if is_tool(name)] == [] and heavy(core) == []
+    assert "harmonica.bench.command" in command and "harmonica.profiling.session" in command
+    assert heavy(command) == []
