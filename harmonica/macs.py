@@ -2,7 +2,8 @@
 PixArt presets (`models.PRESETS`) and the flow-matching models (`models.FLOW_MODELS` and `models.FLOW_PRESETS`).
 
 Counted by `torch.utils.flop_counter.FlopCounterMode` on the meta device: no weights, no compute,
-seconds at any resolution (4-9 s for each real flow model on 2 CPU cores). MACs = FLOPs / 2. A unit's
+seconds at any resolution (4-9 s for each real flow model on 2 CPU cores), each count kept for the process (a
+`MacCount` is frozen; training, the bench plan and the tables ask for the same ones). MACs = FLOPs / 2. A unit's
 MACs are those of the modules a reused unit skips (`harmonica.units`); everything else (patch embedding,
 timestep/text embeddings, adaLN, final layer) is the part that always runs.
 
@@ -22,6 +23,7 @@ from .models import FLOW_MODELS, FLOW_PRESETS, PRESETS
 from .units import units_of
 
 PATCH = 2  # latent pixels per token side of packed latents (2 x 2 latents in one token)
+_COUNTS = {}  # (class name, frozen config, batch, height, width, text tokens, frames, cross_attention) -> MacCount
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,28 @@ def count_macs(model, height: int | None = None, width: int | None = None, *, ba
     width = width or (height if height != default_height else default_width)
     if height is None:
         raise ValueError(f"height: expected pixels for a {class_name} (its config has no sample_size), got None")
-    meta_model = _meta_transformer(class_name, config)
-    inputs = _example_inputs(meta_model, batch, height, width, tokens if text_tokens is None else text_tokens,
-                             frames or default_frames)
+    tokens = tokens if text_tokens is None else text_tokens
+    frames = frames or default_frames
+    key = (class_name, _frozen(config), batch, height, width, tokens, frames, cross_attention)
+    if key not in _COUNTS:
+        _COUNTS[key] = _count(_meta_transformer(class_name, config), batch, height, width, tokens, frames,
+                              cross_attention)
+    return _COUNTS[key]
+
+
+def _frozen(value):
+    """A hashable copy of a config value: dicts as sorted (key, value) tuples, lists as tuples."""
+    if isinstance(value, dict):
+        return tuple(sorted((key, _frozen(item)) for key, item in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    return value
+
+
+def _count(meta_model, batch, height, width, tokens, frames, cross_attention) -> MacCount:
+    """`count_macs` of the meta transformer: one forward under the flop counter."""
+    class_name = type(meta_model).__name__
+    inputs = _example_inputs(meta_model, batch, height, width, tokens, frames)
     counter = FlopCounterMode(display=False, depth=None)
     family = FAMILIES.get(class_name)
     meta_mode = family.meta_mode() if family is not None and family.meta_mode is not None else nullcontext()

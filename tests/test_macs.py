@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
+import harmonica.macs
 from harmonica.bench.macs import (
     MACS_BEGIN,
     MACS_END,
@@ -307,3 +308,23 @@ def test_ltx2_counts_a_forward_at_its_latent_grid():
     with pytest.raises(ValueError, match=r"forward: expected the int arguments num_frames, height, width of "
                                          r"LTX2VideoTransformer3DModel, missing \['num_frames'\]"):
         count_macs_for_input(model, (2, 8, 8), 8, sizes={"height": 2, "width": 2})
+
+
+def test_a_count_is_kept_for_the_process_per_config_and_size(monkeypatch):
+    """The second ask of one count is the first's object, no forward again; another size, config or
+    cross_attention is counted afresh, and a kept count equals one made without the store."""
+    counted = []
+    count = harmonica.macs._count
+    monkeypatch.setattr(harmonica.macs, "_COUNTS", {})
+    monkeypatch.setattr(harmonica.macs, "_count", lambda *args: counted.append(args[1:]) or count(*args))
+    first = count_macs("tiny-flux", 64, 96)
+    assert count_macs("tiny-flux", 64, 96) is first and len(counted) == 1
+    wider = count_macs("tiny-flux", 64, 128)
+    assert wider.total > first.total and len(counted) == 2
+    with torch.device("meta"):
+        deeper, shallower = (DiTTransformer2DModel(num_layers=layers, num_attention_heads=2, attention_head_dim=8,
+                                                   sample_size=8) for layers in (3, 2))
+    assert len(count_macs(deeper).names) == 6 and len(count_macs(shallower).names) == 4 and len(counted) == 4
+    assert count_macs(deeper, cross_attention=False) == count_macs(deeper) and len(counted) == 5
+    with torch.device("meta"):
+        assert count(build_transformer("tiny-flux"), 1, 64, 128, 8, None, True) == wider
