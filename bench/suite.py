@@ -173,13 +173,19 @@ class SuiteOptions:
 
 def select_models(models, resolutions, defaults: tuple) -> list:
     """Preset names to run (`models`, else `defaults`); ValueError naming --models or --resolutions for a
-    name or resolution that does not exist or that a named model cannot take."""
+    name or resolution that does not exist or that a named model cannot take, and for a model of several experts
+    (Wan 2.2 A14B), which the suite's one-transformer loop cannot run."""
     explicit = models is not None
     names = []
     for name in (models if explicit else defaults):
         if name not in PRESETS and name not in FAMILIES and name not in FLOW_MODELS:
             raise ValueError(f"--models: expected preset or family names from {sorted(PRESETS)}, "
                              f"{sorted(FAMILIES)} or {list(FLOW_MODELS)}, got {name!r}")
+        experts = preset(name).experts if name in FLOW_MODELS else 1
+        if experts > 1:
+            raise ValueError(f"--models: expected models of one transformer, got {name!r}, whose pipeline switches "
+                             f"between {experts} by step (the suite's loop runs one; harmonica.enable(pipe) caches "
+                             "the diffusers pipeline)")
         members = [name] if name in PRESETS or name in FLOW_MODELS else FAMILIES[name]
         if resolutions:
             taken = [m for m in members if resolution(m) in resolutions]
