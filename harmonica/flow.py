@@ -162,7 +162,7 @@ class FlowTask:
         """`solver_step`'s guidance options at step i: `solver_guidance` (Wan 2.2's low-noise steps: guidance_2)."""
         return self.solver_guidance
 
-    def begin(self):
+    def begin(self, generator: torch.Generator | None = None):
         return None  # the table holds every step: no sampler state
 
     def _on(self, name: str, device) -> torch.Tensor:

@@ -16,6 +16,7 @@ IDDPM, DiT's "pipeline": its pipeline's DDIM) steps with its diffusers scheduler
 and noise and call it.
 """
 
+import bisect
 import inspect
 
 import torch
@@ -183,7 +184,8 @@ def sample(task, cond: dict, latents: torch.Tensor, *, generator: torch.Generato
            progress: bool = False) -> torch.Tensor:
     """One generation of a `task.Task` (caching as enabled on its transformer); returns the final latents
     (B, *latent_shape). A table-driven task steps through `SolverLoop`; a task with no table (`task.table` None)
-    steps with its scheduler after each forward (`task.begin(generator)`, `task.update`). The forward inputs of
+    steps with its scheduler after each forward (`task.begin(generator)`, `task.update`), and so does a task of
+    transformers that take turns by step (Wan 2.2 A14B's experts), each step on its own. The forward inputs of
     `cond` are built once (`task.prepare`), each step's from them.
 
     cond: the task's conditions ({name: (B, ...)}, as `task.conditions` makes them); latents: the initial noise
@@ -191,10 +193,9 @@ def sample(task, cond: dict, latents: torch.Tensor, *, generator: torch.Generato
     steps."""
     from .api import begin_generation, step_runner
 
-    transformer, experts = task.transformer, len(task.experts())
-    if experts > 1:
-        raise ValueError(f"task: expected one transformer, got {experts} that take turns by step (sample runs one; "
-                         "search_router and Rollouts run several)")
+    transformer, experts = task.transformer, task.experts()
+    if len(experts) > 1:
+        return _sample_experts(task, experts, cond, latents, generator, progress)
     if not task.step_in_graph and step_runner(transformer) is not None:
         raise ValueError(f"scheduler_in_graph: expected off for the sampler {task.sampler} (its step runs after the "
                          "graph), got on")
@@ -211,6 +212,27 @@ def sample(task, cond: dict, latents: torch.Tensor, *, generator: torch.Generato
             loop.begin_step(i)
             loop.end_step(transformer(**task.model_kwargs(loop.x.view(latents.shape), inputs, i)))
     return loop.result().view(latents.shape)
+
+
+def _sample_experts(task, experts: list, cond: dict, latents: torch.Tensor, generator, progress: bool):
+    """`sample` of a task whose transformers take turns by step (`task.experts()`: [(transformer, first step)], Wan
+    2.2 A14B's two): each step on its transformer (each begins its generation at its first step, whose row must
+    compute: `CacheEngine.begin`), the sampler's update after each forward with that step's guidance
+    (`task.update`)."""
+    from .api import begin_generation, step_runner
+
+    if any(step_runner(expert) is not None for expert, _ in experts):
+        raise ValueError(f"scheduler_in_graph: expected off for a task of {len(experts)} transformers that take turns "
+                         "by step (the sampler steps after each forward), got on")
+    inputs = task.prepare(cond, latents.device)
+    for expert, first in experts:
+        begin_generation(expert, task.sampler, task.timesteps, first)
+    firsts = [first for _, first in experts]
+    state, x = task.begin(generator), latents
+    for i in tqdm(range(len(task.timesteps)), disable=not progress, desc=task.sampler):
+        expert = experts[bisect.bisect_right(firsts, i) - 1][0]
+        x = task.update(state, x, task.output(expert(**task.model_kwargs(x, inputs, i))), i)
+    return x
 
 
 def dit_ddim_sample(transformer, class_labels: torch.Tensor, *, num_steps: int = 20, guidance_scale: float = 1.5,

@@ -268,3 +268,40 @@ def test_the_closing_comparison_runs_each_step_on_its_expert():
     boundary = SPEC.pipeline_config["boundary_ratio"] * 1000
     assert seen[0] and seen[1] and min(seen[0]) >= boundary > max(seen[1])
     assert "fora:3+row2" in text
+
+
+def test_the_one_loop_runs_each_step_on_its_expert_as_the_pipeline_does():
+    """`samplers.sample` of the task of both experts: caching off, the pipeline's generation (within the rounding of
+    the two step forms, as above); with FORA:2 enabled on each expert, each runs the rows of its global steps (the
+    low-noise expert from its first, computing, step): the generation of the pipeline enabled with FORA:2."""
+    from harmonica import samplers
+
+    pipe = make_pipe()
+    task = expert_task(pipe)
+    _, noise = prompt_and_noise(pipe)
+    cond = {"prompt_index": torch.tensor([0])}
+    plain = generate(pipe)
+    tolerance = rounding_bound(plain, 8 * STEPS)
+    seen = {0: [], 1: []}
+    hooks = [expert.register_forward_pre_hook(lambda module, args, kwargs, k=k: seen[k].append(
+        float(kwargs["timestep"][0])), with_kwargs=True) for k, expert in enumerate((pipe.transformer,
+                                                                                     pipe.transformer_2))]
+    sampled = samplers.sample(task, cond, noise)
+    for hook in hooks:
+        hook.remove()
+    assert {k: [int(t) for t in ts] for k, ts in seen.items()} == {0: task.timesteps[:BOUNDARY],
+                                                                   1: task.timesteps[BOUNDARY:]}
+    assert (sampled - plain).abs().max().item() <= tolerance
+    schedule = CacheSchedule.fora(STEPS, UNITS, 2)
+    for expert in (pipe.transformer, pipe.transformer_2):
+        harmonica.enable(expert, schedule)
+    cached = samplers.sample(task, cond, noise)
+    calls = [harmonica.summary(expert).cur for expert in (pipe.transformer, pipe.transformer_2)]
+    for expert in (pipe.transformer, pipe.transformer_2):
+        harmonica.disable(expert)
+    harmonica.enable(pipe, schedule)
+    piped = generate(pipe)
+    harmonica.disable(pipe)
+    assert (cached - piped).abs().max().item() <= tolerance
+    assert (cached - plain).abs().max().item() > tolerance  # FORA:2 reuses
+    assert calls == [0.5, 0.5]

@@ -76,17 +76,18 @@ def test_cuda_flow_sample_under_graphs_and_compile_equals_eager(name, compile):
         torch.testing.assert_close(latents, eager, rtol=0, atol=(1e-3 if compile else 1e-5) * scale)
 
 
-def test_flow_sample_refuses_the_step_inside_the_graphs_and_several_experts():
-    """The one loop runs one transformer, and a flow task's velocity step after the graph: both refused before any
-    step."""
+def test_flow_sample_refuses_the_step_inside_the_graphs_one_transformer_or_several():
+    """A flow task's velocity step runs after the graph, on one transformer as on experts that take turns by step
+    (Wan 2.2 A14B's two, here one transformer twice): refused before any step."""
     transformer, task, noise, schedule = case("tiny-flux", "cpu")
     harmonica.enable(transformer, schedule, cuda_graphs=True, scheduler_in_graph=True)
     try:
         with pytest.raises(ValueError, match="scheduler_in_graph: expected off for the sampler "
                                              "FlowMatchEulerDiscreteScheduler"):
             flow_sample(task, torch.tensor([1]), latents=noise)
+        task.experts = lambda: [(transformer, 0), (transformer, 2)]
+        with pytest.raises(ValueError, match="scheduler_in_graph: expected off for a task of 2 transformers that "
+                                             "take turns by step"):
+            flow_sample(task, torch.tensor([1]), latents=noise)
     finally:
         harmonica.disable(transformer)
-    task.experts = lambda: [(transformer, 0), (transformer, 2)]  # as Wan 2.2 A14B's two
-    with pytest.raises(ValueError, match="task: expected one transformer, got 2 that take turns by step"):
-        flow_sample(task, torch.tensor([1]), latents=noise)
