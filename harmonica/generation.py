@@ -57,16 +57,17 @@ def encoded_bank(name: str, prompt: str, *, weights: str | None = None, device="
     return encode_prompts(encoders, [prompt])
 
 
-def generation_task(name: str, transformer, scheduler, bank: dict | None, steps: int, guidance: float, sampler: str,
-                    *, prompt: str | None = None, weights: str | None = None, device="cpu",
+def generation_task(name: str, transformers: list, scheduler, bank: dict | None, steps: int, guidance: float,
+                    sampler: str, *, prompt: str | None = None, weights: str | None = None, device="cpu",
                     dtype: torch.dtype = torch.float32):
-    """The task of one generation (`models.preset_task`) on `bank`, else, for a text-conditional model without
-    one, on `prompt` (default `DEFAULT_PROMPT`) through the text encoders of `weights` (`encoded_bank`)."""
+    """The task of one generation on the preset's transformers (`models.load_experts`; `models.preset_task`) on
+    `bank`, else, for a text-conditional model without one, on `prompt` (default `DEFAULT_PROMPT`) through the text
+    encoders of `weights` (`encoded_bank`)."""
     from .models import preset, preset_task
 
     if bank is None and preset(name).family.text_conditional:
         bank = encoded_bank(name, prompt or DEFAULT_PROMPT, weights=weights, device=device, dtype=dtype)
-    return preset_task(name, [transformer], scheduler, bank, steps, guidance, sampler)
+    return preset_task(name, transformers, scheduler, bank, steps, guidance, sampler)
 
 
 def first_conditions(spec, class_label: int | None = None) -> dict:

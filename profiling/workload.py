@@ -79,7 +79,7 @@ def _generation(args, spec, device) -> tuple:
     bank = given_bank(spec, transformer, path=args.prompt_embeddings, random_weights=args.random_weights,
                       generator=torch.Generator().manual_seed(args.seed))
     scheduler = load_scheduler(args.model, weights=args.weights, random_weights=args.random_weights)
-    task = generation_task(args.model, transformer, scheduler, bank, steps, default_guidance(spec, sampler), sampler,
+    task = generation_task(args.model, [transformer], scheduler, bank, steps, default_guidance(spec, sampler), sampler,
                            weights=args.weights, device=device, dtype=dtype)
     enable(transformer, _cache(args, steps, transformer), **MODE_OPTIONS[args.mode])
     vae = None

@@ -178,11 +178,36 @@ def test_the_a14b_macs_per_step_are_one_experts():
     assert count_macs("wan2.2-t2v-a14b-720p").total == count.total
 
 
-def test_harmonica_sample_refuses_a_two_expert_preset(tmp_path, capsys):
-    """`harmonica sample` loads one transformer: a two-expert preset is an error before any work."""
-    assert cli.main(["sample", "--model", NAME, "--random-weights", "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert ("model: expected one transformer, got tiny-wan2.2, whose pipeline switches between 2 by step"
-            in capsys.readouterr().err)
+def test_harmonica_sample_runs_both_experts(tmp_path, capsys):
+    """`harmonica sample` on tiny-wan2.2 loads both experts (random weights, seeds s and s + 1), one engine each on
+    the one schedule: it writes `samplers.sample`'s latents of the two-expert task on the same prompt and noise. A
+    schedule that reuses at the boundary step (the low-noise expert's first: 3 of 6 steps) is refused before any
+    weights load."""
+    from safetensors.torch import load_file
+
+    from harmonica import samplers
+    from harmonica.generation import first_conditions, given_bank
+    from harmonica.models import load_experts, preset_task
+
+    out = tmp_path / "x.safetensors"
+    argv = ["sample", "--model", NAME, "--random-weights", "--schedule", "fora:2", "--out", str(out)]
+    assert cli.main(argv + ["--steps", str(STEPS)]) == 0
+    assert "fora:2 (FlowMatchEulerDiscreteScheduler): 4 steps x 6 units, CUR 50.0%" in capsys.readouterr().out
+    generator = torch.Generator().manual_seed(0)  # the command's: the random prompt, then the noise
+    with torch.device("meta"):
+        meta = build_transformer(NAME)
+    bank = given_bank(SPEC, meta, random_weights=True, generator=generator)
+    experts = load_experts(NAME, random_weights=True)
+    task = preset_task(NAME, experts, None, bank, STEPS, SPEC.guidance)
+    noise = samplers.initial_noise(task, 1, generator)
+    for expert in experts:
+        harmonica.enable(expert, CacheSchedule.fora(STEPS, UNITS, 2))
+    expected = samplers.sample(task, first_conditions(SPEC), noise)
+    assert torch.equal(load_file(str(out))["latents"], task.unpack(expected))
+    out.unlink()
+    assert cli.main(argv + ["--steps", "6"]) == 2
+    assert ("--schedule: expected every unit computed at step 3, where tiny-wan2.2's next transformer begins (its "
+            "slots are empty), got 6 of 6 reused by --schedule fora:2 at 6 steps") in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 

@@ -1,5 +1,5 @@
 """Bad command lines of `harmonica sample` and `harmonica bench`: one line naming the option, exit status 2,
-raised before any model is built (load_transformer is replaced by a function that fails the test)."""
+raised before any model is built (load_experts is replaced by a function that fails the test)."""
 
 import json
 import re
@@ -121,7 +121,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the error")
 
-    patch_cli(monkeypatch, "load_transformer", refuse)
+    patch_cli(monkeypatch, "load_experts", refuse)
     from harmonica.bench import command
 
     monkeypatch.setattr(command, "machine_info", refuse)

@@ -432,7 +432,9 @@ def test_sample_option_refused(value, message, capsys, tmp_path, monkeypatch):
                                                       "(DiTTransformer2DModel)"),
     ("tiny-wan", ["--context-parallel", "ring=2"], "--context-parallel: expected ulysses=N without CUDA (diffusers' "
                                                    "ring attention needs a flash or cuDNN backend), got ring=2"),
-], ids=["sd3", "dit", "ring-cpu"])
+    ("tiny-wan2.2", ["--context-parallel", "ulysses=2"], "--context-parallel: expected a model of one transformer, "
+                                                         "got tiny-wan2.2, whose pipeline switches between 2 by step"),
+], ids=["sd3", "dit", "ring-cpu", "two-experts"])
 def test_sample_option_refused_under_torchrun_env(model, argv, message, capsys, tmp_path, monkeypatch):
     from harmonica import cli
 

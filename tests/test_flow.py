@@ -330,7 +330,7 @@ def test_bad_input_is_one_line_before_any_work(argv, message, tmp_path, capsys, 
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the error")
 
-    patch_cli(monkeypatch, "load_transformer", refuse)
+    patch_cli(monkeypatch, "load_experts", refuse)
     save_file({"prompt_embeds": torch.zeros(1, 3, 5), "negative_prompt_embeds": torch.zeros(1, 3, 5)},
               str(tmp_path / "embeds.safetensors"))
     replace = {"ROUTER": str(write_flux_router(tmp_path / "router")), "EMBEDS": str(tmp_path / "embeds.safetensors")}

@@ -161,7 +161,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the error")
 
-    for name in ("load_transformer", "load_experts", "load_text_encoders"):
+    for name in ("load_experts", "load_text_encoders"):
         patch_cli(monkeypatch, name, refuse)
     import harmonica.digits
 

@@ -18,8 +18,8 @@ from ..models import (
     FLOW_PRESETS,
     PRESETS,
     build_transformer,
+    load_experts,
     load_scheduler,
-    load_transformer,
     load_vae,
     move_pipeline,
     preset,
@@ -133,8 +133,8 @@ def plan_sample(args, spec, generator: torch.Generator) -> SamplePlan:
     # a stand-in bank where the prompt is encoded later: the task's steps do not depend on it
     stand_in = random_embeddings(transformer, 1, spec.text_tokens, torch.Generator()) if (
         family.text_conditional and bank is None) else bank
-    try:
-        task = preset_task(args.model, [transformer], scheduler, stand_in, steps, guidance, sampler)
+    try:  # a preset of experts (Wan 2.2 A14B): the meta transformer for each, which places the boundary step
+        task = preset_task(args.model, [transformer] * spec.experts, scheduler, stand_in, steps, guidance, sampler)
     except ValueError as error:
         raise ValueError(f"--prompt-embeddings: {error}") from None
     if args.scheduler_in_graph and not task.step_in_graph:
@@ -146,7 +146,20 @@ def plan_sample(args, spec, generator: torch.Generator) -> SamplePlan:
     else:
         check_router_model(router, args, transformer, sampler=task.sampler, timesteps=task.timesteps)
         cache = router
+    check_expert_starts(args, task, cache)
     return SamplePlan(sampler, steps, guidance, cache, scheduler, bank, first_conditions(spec, args.class_label))
+
+
+def check_expert_starts(args, task, cache) -> None:
+    """A later expert's first step (Wan 2.2 A14B's low-noise one, from the boundary step on) must compute every
+    unit: its slots hold nothing yet. ValueError naming --schedule or --router."""
+    table = cache.schedule(args.tau).table if isinstance(cache, Router) else cache.table
+    for _, first in task.experts()[1:]:
+        if not table[first].all():
+            option = f"--router {args.router}" if isinstance(cache, Router) else f"--schedule {args.schedule}"
+            raise ValueError(f"{option.split()[0]}: expected every unit computed at step {first}, where {args.model}'s "
+                             f"next transformer begins (its slots are empty), got {int((~table[first]).sum())} of "
+                             f"{table.shape[1]} reused by {option} at {task.num_steps} steps")
 
 
 def plan_sampler(args, spec, router: Router | None) -> str:
@@ -193,26 +206,33 @@ def _router_sampler(router: Router, spec, directory: str) -> str | None:
 
 
 def sample(args) -> int:
-    """`harmonica sample`: preset -> transformer -> task -> enable -> `samplers.sample` -> decode, for every family;
+    """`harmonica sample`: preset -> transformers -> task -> enable -> `samplers.sample` -> decode, for every family
+    (a preset of experts that take turns by step, Wan 2.2 A14B: both, one engine each);
     the final latents go to --out, or the image (a video's frames as an animation) its VAE decodes. Under torchrun
     with --context-parallel (parallel.py), rank 0 writes and prints."""
     if args.model in DIGITS_MODELS:
         return sample_digits(args)
     spec = preset(args.model)
     context_parallel = parallel.check_option(args.context_parallel, {args.model: spec.class_name})
+    if context_parallel and spec.experts > 1:
+        raise ValueError(f"--context-parallel: expected a model of one transformer, got {args.model}, whose "
+                         f"pipeline switches between {spec.experts} by step")
     args.out = args.out or default_out(args, spec)
     generator = torch.Generator().manual_seed(args.seed)
     plan = plan_sample(args, spec, generator)
-    transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights,
-                                   seed=args.seed)
+    transformers = load_experts(args.model, weights=args.weights, random_weights=args.random_weights,
+                                seed=args.seed)
+    transformer = transformers[0]
     device = (parallel.init_context_parallel(transformer, *context_parallel) if context_parallel else
               "cuda" if torch.cuda.is_available() else "cpu")
     dtype = spec.family.half if device.startswith("cuda") and not args.fp32 else torch.float32
-    move_pipeline(transformer, device, dtype)
-    task = generation_task(args.model, transformer, plan.scheduler, plan.bank, plan.steps, plan.guidance,
+    for expert in transformers:
+        move_pipeline(expert, device, dtype)
+    task = generation_task(args.model, transformers, plan.scheduler, plan.bank, plan.steps, plan.guidance,
                            plan.sampler, prompt=args.prompt, weights=args.weights, device=device, dtype=dtype)
-    engine = enable(transformer, plan.cache, tau=args.tau, cuda_graphs=args.cuda_graphs,
-                    scheduler_in_graph=args.scheduler_in_graph, compile=args.compile)
+    # one engine per transformer on the one schedule (Wan 2.2 A14B's experts: each runs the rows of its steps)
+    engines = [enable(expert, plan.cache, tau=args.tau, cuda_graphs=args.cuda_graphs,
+                      scheduler_in_graph=args.scheduler_in_graph, compile=args.compile) for expert in transformers]
     start = time.perf_counter()
     with torch.inference_mode():
         latents = samplers.sample(task, plan.cond, samplers.initial_noise(task, 1, generator), generator=generator,
@@ -233,8 +253,8 @@ def sample(args) -> int:
     size = f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else "")
     print(summary(transformer, counted=(task.macs(), size)))
     if context_parallel:
-        print(parallel.summary_line(args.model, transformer, engine.policy.schedule, 2 if task.guided else 1,
-                                    dtype.itemsize, engine.cache_bytes()))
+        print(parallel.summary_line(args.model, transformer, engines[0].policy.schedule, 2 if task.guided else 1,
+                                    dtype.itemsize, engines[0].cache_bytes()))
     print(f"measured {elapsed:.2f} s (the denoising loop); latents {tuple(latents.shape)}, "
           f"{'latents' if args.out.endswith('.safetensors') else 'decoded'} written to {args.out}")
     return 0
