@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 import harmonica
 from harmonica import parallel
 from harmonica.flow import SAMPLER as FLOW_SAMPLER
-from harmonica.flow import as_4d, flow_sample, flow_task
+from harmonica.flow import as_4d, flow_sample
 from harmonica.generation import default_guidance, first_conditions, given_bank
 from harmonica.macs import count_macs
 from harmonica.models import (
@@ -50,11 +50,12 @@ from harmonica.models import (
     REAL_MODELS,
     build_pipeline,
     build_transformer,
-    load_transformer,
+    load_experts,
     move_pipeline,
     preset,
     preset_task,
 )
+from harmonica.prompts import random_embeddings
 from harmonica.router import Router
 from harmonica.samplers import TABLE_SAMPLERS, initial_noise, sample
 from harmonica.schedule import CacheSchedule
@@ -159,6 +160,10 @@ class SuiteOptions:
         self.model_names = select_models(self.models, self.resolutions, self.matrix.models)
         self.parallel = parallel.check_option(self.context_parallel,
                                               {name: preset(name).class_name for name in self.model_names})
+        experts = [name for name in self.model_names if preset(name).experts > 1]
+        if self.parallel and experts:
+            raise ValueError(f"--context-parallel: expected models of one transformer, got {experts[0]}, whose "
+                             f"pipeline switches between {preset(experts[0]).experts} by step")
 
     def steps_for(self, name: str) -> tuple:
         if self.steps is not None:
@@ -173,19 +178,13 @@ class SuiteOptions:
 
 def select_models(models, resolutions, defaults: tuple) -> list:
     """Preset names to run (`models`, else `defaults`); ValueError naming --models or --resolutions for a
-    name or resolution that does not exist or that a named model cannot take, and for a model of several experts
-    (Wan 2.2 A14B), which the suite's one-transformer loop cannot run."""
+    name or resolution that does not exist or that a named model cannot take."""
     explicit = models is not None
     names = []
     for name in (models if explicit else defaults):
         if name not in PRESETS and name not in FAMILIES and name not in FLOW_MODELS:
             raise ValueError(f"--models: expected preset or family names from {sorted(PRESETS)}, "
                              f"{sorted(FAMILIES)} or {list(FLOW_MODELS)}, got {name!r}")
-        experts = preset(name).experts if name in FLOW_MODELS else 1
-        if experts > 1:
-            raise ValueError(f"--models: expected models of one transformer, got {name!r}, whose pipeline switches "
-                             f"between {experts} by step (the suite's loop runs one; harmonica.enable(pipe) caches "
-                             "the diffusers pipeline)")
         members = [name] if name in PRESETS or name in FLOW_MODELS else FAMILIES[name]
         if resolutions:
             taken = [m for m in members if resolution(m) in resolutions]
@@ -197,6 +196,18 @@ def select_models(models, resolutions, defaults: tuple) -> list:
     if not names:
         raise ValueError(f"--resolutions: none of the default models takes {list(resolutions)}")
     return names
+
+
+def later_firsts(name: str, num_steps: int, transformer) -> tuple:
+    """The first step of each transformer after the first of a preset whose experts take turns by step (Wan 2.2
+    A14B: the low-noise expert's, the boundary step) at `num_steps`: rows every schedule must compute; () for a
+    preset of one. transformer: one expert (its config; meta is enough)."""
+    spec = preset(name)
+    if spec.experts == 1:
+        return ()
+    bank = random_embeddings(transformer, 1, spec.text_tokens, torch.Generator())
+    task = preset_task(name, [transformer] * spec.experts, None, bank, num_steps, spec.guidance)
+    return tuple(first for _, first in task.experts()[1:])
 
 
 def resolution(name: str) -> int:
@@ -222,6 +233,7 @@ class Workload:
         pipe = build_pipeline(name, random_weights=not options.real_weights, seed=options.seed)
         move_pipeline(pipe, self.device, self.dtype)
         self.pipe = pipe
+        self.transformers = [pipe.transformer]  # what the engine rows enable
         self.macs = count_macs(name)
         self.has_text_encoder = self.spec.family.text_conditional and options.real_weights
         self.prompt = None if self.has_text_encoder else self.encode()  # drawn once without a text encoder
@@ -305,10 +317,10 @@ class Workload:
 
 
 class FlowWorkload(Workload):
-    """A flow preset: its transformer alone on the device (random weights, or the hub's with `real_weights`;
-    bf16 on CUDA), one random prompt of the preset's text length, `flow_sample` as the loop (seed's noise, the
-    preset's guidance); the "decode" is the final latents unpacked to (1, C, H, W) (video: frames along H),
-    not timed work."""
+    """A flow preset: its transformer alone (Wan 2.2 A14B: both experts, each step on its own) on the device (random
+    weights, or the hub's with `real_weights`; bf16 on CUDA), one random prompt of the preset's text length,
+    `flow_sample` as the loop (seed's noise, the preset's guidance); the "decode" is the final latents unpacked to
+    (1, C, H, W) (video: frames along H), not timed work."""
 
     def __init__(self, name: str, options: SuiteOptions):
         self.name, self.spec, self.resolution = name, preset(name), resolution(name)
@@ -318,11 +330,13 @@ class FlowWorkload(Workload):
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.seed = options.seed
         # random weights are built on the device, except under context parallelism (its rank picks the device)
-        transformer = load_transformer(name, random_weights=not options.real_weights, seed=options.seed,
-                                       device="cpu" if options.parallel else self.device)
-        if options.parallel:  # the rank's device, diffusers' context parallelism on the transformer
+        self.transformers = load_experts(name, random_weights=not options.real_weights, seed=options.seed,
+                                         device="cpu" if options.parallel else self.device)
+        transformer = self.transformers[0]
+        if options.parallel:  # the rank's device, diffusers' context parallelism on the transformer (one: checked)
             self.device = torch.device(parallel.init_context_parallel(transformer, *options.parallel))
-        move_pipeline(transformer, self.device, self.dtype)
+        for expert in self.transformers:
+            move_pipeline(expert, self.device, self.dtype)
         self.pipe = SimpleNamespace(transformer=transformer)
         self.bank = given_bank(self.spec, transformer, random_weights=True,
                                generator=torch.Generator().manual_seed(options.seed))
@@ -333,9 +347,9 @@ class FlowWorkload(Workload):
     sampler = FLOW_SAMPLER
 
     def task(self, num_steps: int):
-        if num_steps not in self.tasks:
-            self.tasks[num_steps] = flow_task(self.pipe.transformer, self.bank, num_steps, self.spec.guidance,
-                                              **self.spec.size)
+        if num_steps not in self.tasks:  # of every expert (Wan 2.2 A14B's two take turns by step)
+            self.tasks[num_steps] = preset_task(self.name, self.transformers, None, self.bank, num_steps,
+                                                self.spec.guidance)
         return self.tasks[num_steps]
 
     def loop(self, prompt, num_steps: int, transformer):
@@ -421,12 +435,15 @@ def plan_group(name: str, num_steps: int, options: SuiteOptions, router: Router 
     macs = macs or model_macs(name, transformer)
     sampler = FLOW_SAMPLER if name in FLOW_MODELS else preset(name).sampler
     matched = matched_speedup(options.configs, transformer, macs, num_steps, router)
+    experts = preset(name).experts
 
     def planned(config: Config, mode: str) -> PlannedRow:
         row_steps = fewer_steps(config, num_steps, matched) if config.kind == "fewer-steps" else num_steps
         if config.is_peer:
-            return PlannedRow(config, mode, row_steps,
-                              reason="not under context parallelism" if options.parallel else None)
+            reason = ("not under context parallelism" if options.parallel else
+                      f"{name}'s pipeline switches between {experts} transformers by step; a peer runs on one"
+                      if experts > 1 else None)
+            return PlannedRow(config, mode, row_steps, reason=reason)
         reason = _skip_reason(config, mode, options.device, sampler, options.parallel)
         if reason:
             return PlannedRow(config, mode, row_steps, reason=reason)
@@ -435,6 +452,12 @@ def plan_group(name: str, num_steps: int, options: SuiteOptions, router: Router 
                                                   router if config.kind in LEARNED_RULES else None)
         except ValueError as error:
             return PlannedRow(config, mode, row_steps, reason=str(error))
+        firsts = later_firsts(name, row_steps, transformer)
+        if isinstance(schedule, CacheSchedule):  # each later expert's first row computes (its slots are empty)
+            schedule = schedule.computing(firsts)
+        elif not schedule.schedule().table[list(firsts)].all():
+            return PlannedRow(config, mode, row_steps, reason=f"the router reuses at step "
+                              f"{', '.join(map(str, firsts))}, where a later expert begins (its slots are empty)")
         row = PlannedRow(config, mode, row_steps, schedule, synthetic)
         limit = options.max_compiled_graphs
         if mode == "compile" and limit and row.graphs > limit:
@@ -522,19 +545,20 @@ class GroupRun:
         theoretical = self.steps / row_steps * schedule.theoretical_speedup(self.w.macs)
         cur = schedule.cur
         plain = mode == "eager" and config.kind == "fewer-steps"
-        target, enabled, report = self.w.pipe.transformer, False, None
+        enabled, report = [], None
         try:
-            if not plain:
-                harmonica.enable(target, plan, **MODE_OPTIONS[mode])
-                enabled = True
+            if not plain:  # one engine per transformer on the one schedule (experts: each runs its steps' rows)
+                for target in self.w.transformers:
+                    harmonica.enable(target, plan, **MODE_OPTIONS[mode])
+                    enabled.append(target)
             measurement = self.w.measure(row_steps, self.options.repeat, self.options.warmup)
             if enabled:
-                report = harmonica.summary(target)
+                report = harmonica.summary(enabled[0])
         except Exception as error:  # a failing row is recorded, the suite goes on
             self.skip(config.name, mode, f"failed: {type(error).__name__}: {error}")
             return
         finally:
-            if enabled:
+            for target in enabled:
                 harmonica.disable(target)
         self.measured(config.name, mode, measurement, cur=cur, theoretical=theoretical, row_steps=row_steps,
                       synthetic=planned.synthetic, schedule=schedule.name,

@@ -58,6 +58,16 @@ class CacheSchedule:
         """Indices of the units whose slot is ever written (those need cache memory)."""
         return [k for k in range(self.num_units) if any(row[k] for row in self.writes)]
 
+    def computing(self, rows) -> "CacheSchedule":
+        """This schedule with every unit computed at `rows` (each later expert's first step, `Task.experts`): itself
+        where it already does, else a copy named `<name>+row<r>` for each row it reused in."""
+        reusing = [row for row in rows if not self.table[row].all()]
+        if not reusing:
+            return self
+        forced = self.table.clone()
+        forced[reusing] = True
+        return CacheSchedule(forced, self.name + "".join(f"+row{row}" for row in reusing))
+
     def theoretical_speedup(self, macs) -> float:
         """MACs of the full trajectory over MACs of this one, from a `MacCount` of the same units."""
         if len(macs.unit_macs) != self.num_units:

@@ -456,12 +456,7 @@ def static_rivals(num_steps: int, unit_names: list, table: torch.Tensor, computi
     rivals += [CacheSchedule.fora(num_steps, num_units, n) for n in range(2, 5) if n < num_steps]
     rivals.append(CacheSchedule.delta_dit(unit_names, num_steps, num_steps // 2, 2))
     unique = []
-    for schedule in rivals:
-        reusing = [row for row in computing if not schedule.table[row].all()]
-        if reusing:
-            forced = schedule.table.clone()
-            forced[reusing] = True
-            schedule = CacheSchedule(forced, schedule.name + "".join(f"+row{row}" for row in reusing))
+    for schedule in (rival.computing(computing) for rival in rivals):
         if not any(kept == schedule for kept in unique):
             unique.append(schedule)
     return unique

@@ -144,11 +144,30 @@ def test_plan_of_z_image_turbo_at_its_real_size():
                                                 for line in lines]
 
 
-@pytest.mark.parametrize("name", ["wan2.2-t2v-a14b", "tiny-wan2.2"])
-def test_a_model_of_two_experts_is_refused_before_any_plan_or_row(name):
-    """Wan 2.2 A14B's pipeline switches transformers by step; the suite's loop runs one, so its plan and its run
-    refuse it at once (the run used to refuse it when it came to build it, after the models before it ran)."""
-    message = (rf"--models: expected models of one transformer, got '{name}', whose pipeline switches between 2 by "
-               r"step \(the suite's loop runs one; harmonica.enable\(pipe\) caches the diffusers pipeline\)")
-    with pytest.raises(ValueError, match=message):
-        SuiteOptions(models=("tiny-flux", name), configs=("fora:2",), modes=("eager",), repeat=1, device="cpu")
+def test_plan_of_wan22_a14b_computes_the_boundary_row_and_counts_one_expert_per_step():
+    """Wan 2.2 A14B's rows: 720p, 81 frames at its 40 steps; every schedule computes step 17, where the low-noise
+    expert begins (FORA:2 is planned as fora:2+row17); each step's estimate from one expert's MACs (a step runs the
+    high- or the low-noise expert, never both); a peer, which runs on one transformer, is a stated skip."""
+    options = SuiteOptions(models=("wan2.2-t2v-a14b",), configs=("fora:2", "fbcache"), modes=("eager",), repeat=1,
+                           device="cuda")
+    lines = plan(options)
+    assert [(line.resolution, line.steps, line.row.config.name) for line in lines] == [
+        (720, 40, "no-cache"), (720, 40, "fora:2"), (720, 40, "fbcache"), (720, 40, "skeleton")]
+    fora, peer, skeleton = (line.row for line in lines[1:])
+    assert fora.schedule == CacheSchedule.fora(40, 120, 2).computing((17,)) and fora.schedule.name == "fora:2+row17"
+    table = skeleton.table.table
+    assert table[[0, 17]].all() and not table[1:17].any() and not table[18:].any()
+    assert peer.reason == "wan2.2-t2v-a14b's pipeline switches between 2 transformers by step; a peer runs on one"
+    macs = count_macs("wan2.2-t2v-a14b")
+    assert macs.total == count_macs("wan2.2-t2v-a14b-720p").total
+    assert [line.seconds for line in lines] == [row_seconds(line.row, macs, 0.0, options, COSTS["cuda"])
+                                                for line in lines]
+
+
+def test_two_experts_are_refused_under_context_parallelism(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--context-parallel: expected models of one transformer, got tiny-wan2.2, "
+                                         r"whose pipeline switches between 2 by step"):
+        SuiteOptions(models=("tiny-wan", "tiny-wan2.2"), configs=("fora:2",), modes=("eager",), repeat=1,
+                     device="cpu", context_parallel="ulysses=2")

@@ -15,7 +15,15 @@ from harmonica.bench.gap import attribute_gap
 from harmonica.bench.macs import mac_table
 from harmonica.bench.peers import UnitCounter, make_peer
 from harmonica.bench.quality import psnr, ssim
-from harmonica.bench.suite import MATRICES, FlowWorkload, SuiteOptions, _skip_reason, run_suite, select_models
+from harmonica.bench.suite import (
+    MATRICES,
+    FlowWorkload,
+    SuiteOptions,
+    _skip_reason,
+    latent_psnr,
+    run_suite,
+    select_models,
+)
 from harmonica.bench.timing import spread
 from harmonica.cli import main as cli_main
 from harmonica.macs import count_macs
@@ -644,6 +652,29 @@ def test_leftovers_names_a_patched_forward(tiny_dit):
     handle.remove()
 
 
+def test_quick_run_on_two_experts():
+    """tiny-wan2.2's rows run both experts, one engine each: at 6 steps the low-noise expert begins at step 3, where
+    FORA:2 would reuse, so the row runs fora:2+row3 (CUR 2/6) and reuses; a peer, which runs on one transformer, is
+    a stated skip."""
+    options = SuiteOptions(models=("tiny-wan2.2",), configs=("no-cache", "fora:2", "fbcache"), modes=("eager",),
+                           steps=(6,), repeat=1, device="cpu")
+    rows = {(r["config"], r["mode"]): r for r in run_suite(options, progress=False)}
+    assert list(rows) == [("no-cache", "eager"), ("fora:2", "eager"), ("fbcache", "eager"), ("skeleton", "eager")]
+    fora, peer = rows[("fora:2", "eager")], rows[("fbcache", "eager")]
+    assert fora["status"] == "ok" and fora["schedule"] == "fora:2+row3" and fora["cur"] == pytest.approx(2 / 6)
+    assert math.isfinite(fora["psnr"]) and rows[("skeleton", "eager")]["status"] == "ok"
+    assert peer["status"] == "skipped" and peer["reason"] == ("tiny-wan2.2's pipeline switches between 2 "
+                                                              "transformers by step; a peer runs on one")
+    workload = FlowWorkload("tiny-wan2.2", options)  # the row's generation by hand: both experts enabled
+    plain = workload.decode(workload.loop(workload.prompt, 6, workload.pipe.transformer))
+    for expert in workload.transformers:
+        harmonica.enable(expert, CacheSchedule.fora(6, 6, 2).computing((3,)), fused=False)
+    cached = workload.decode(workload.loop(workload.prompt, 6, workload.pipe.transformer))
+    for expert in workload.transformers:
+        harmonica.disable(expert)
+    assert fora["psnr"] == latent_psnr(cached, plain)
+
+
 def test_quick_run_on_tiny_flux():
     options = SuiteOptions(models=("tiny-flux",), configs=("no-cache", "fora:2", "harmonica", "magcache"),
                            modes=("eager",), steps=(FLOW_STEPS,), repeat=1, device="cpu")
@@ -675,9 +706,9 @@ def test_real_flow_presets_run_their_pipeline_steps_and_load_hub_transformers(mo
 
     def load(name, *, random_weights, seed, device):  # the tiny transformer of the family stands in for the real one
         loads.append((name, random_weights, device))
-        return build_transformer("tiny-flux", seed=seed, device=device)
+        return [build_transformer("tiny-flux", seed=seed, device=device)]
 
-    monkeypatch.setattr(suite, "load_transformer", load)
+    monkeypatch.setattr(suite, "load_experts", load)
     FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu", real_weights=True))
     random = FlowWorkload("flux.1-dev", SuiteOptions(models=("flux.1-dev",), device="cpu"))
     cpu = torch.device("cpu")
