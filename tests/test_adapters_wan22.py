@@ -330,3 +330,64 @@ def test_the_one_loop_runs_each_step_on_its_expert_as_the_pipeline_does():
     assert (cached - piped).abs().max().item() <= tolerance
     assert (cached - plain).abs().max().item() > tolerance  # FORA:2 reuses
     assert calls == [0.5, 0.5]
+
+
+def test_the_one_loop_under_graphs_on_the_stand_in_is_the_eager_engines():
+    """Both experts under cuda_graphs on the strict graph stand-in (capture rules and graph semantics): each captures
+    its computing and reusing rows once and replays them (2 of its 4 forwards over two generations), and the
+    latents are bitwise the eager engines'."""
+    from graph_standin import StandInGraphs, runner_inputs
+    from test_flow_graphs import cached_tables
+
+    from harmonica import samplers
+
+    pipe = make_pipe()
+    task, (_, noise), experts = expert_task(pipe), prompt_and_noise(pipe), (pipe.transformer, pipe.transformer_2)
+    cond, schedule = {"prompt_index": torch.tensor([0])}, CacheSchedule.fora(STEPS, UNITS, 2)
+    with torch.no_grad():
+        for expert in experts:
+            harmonica.enable(expert, schedule)
+        eager = samplers.sample(task, cond, noise)
+        runners = []
+        for expert in experts:
+            harmonica.enable(expert, schedule, cuda_graphs=True)
+            runner = expert._harmonica.graphs
+            runner.backend = StandInGraphs(lambda runner=runner, expert=expert: runner_inputs(runner) +
+                                           cached_tables(expert, task))
+            runners.append(runner)
+        runs = [samplers.sample(task, cond, noise) for _ in range(2)]
+    for expert in experts:
+        harmonica.disable(expert)
+    assert [(runner.captures, runner.replays) for runner in runners] == [(2, 2), (2, 2)]
+    assert all(torch.equal(latents, eager) for latents in runs)
+
+
+def test_the_one_loop_compiles_once_per_unit_kind_of_each_expert():
+    """Both experts with their unit bodies compiled (counting backend): one graph per unit kind of each expert's
+    engine (3 each), all from the first generation, none after, no graph break; the latents bitwise the eager
+    engines'."""
+    from test_compile import CountingBackend
+    from test_compile_flow import entries_per_kind
+    from torch._dynamo.utils import counters
+
+    from harmonica import samplers
+
+    pipe = make_pipe()
+    task, (_, noise), experts = expert_task(pipe), prompt_and_noise(pipe), (pipe.transformer, pipe.transformer_2)
+    cond, schedule = {"prompt_index": torch.tensor([0])}, CacheSchedule.fora(STEPS, UNITS, 2)
+    with torch.no_grad():
+        for expert in experts:
+            harmonica.enable(expert, schedule)
+        eager = samplers.sample(task, cond, noise)
+        backend, counts, runs = CountingBackend(), [], []
+        counters.clear()
+        engines = [harmonica.enable(expert, schedule, compile={"backend": backend}) for expert in experts]
+        for _ in range(2):
+            runs.append(samplers.sample(task, cond, noise))
+            counts.append(len(backend.graphs))
+    per_engine = [entries_per_kind(engine) for engine in engines]
+    for expert in experts:
+        harmonica.disable(expert)
+    assert counts == [6, 6] and not counters["graph_break"]
+    assert per_engine == [{("WanTransformerBlock", kind): 1 for kind in ("attn1", "attn2", "ffn")}] * 2
+    assert all(torch.equal(latents, eager) for latents in runs)
