@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .kernels import solver_step
+from . import samplers  # its solver_step, looked up at each step (the profiler's ranges wrap it there)
 from .solvers import as_4d, first_output, flow_match_euler_table, set_flow_match_timesteps
 
 VAE_FACTOR = 8  # pixels per latent pixel: DiT, PixArt, and `Family.vae_factor` by default
@@ -220,7 +220,8 @@ class FlowTask:
 
     def update(self, state, x, out, i: int) -> torch.Tensor:
         """x at step i + 1 from x (B, *latent_shape) and the transformer output `out` at step i."""
-        step = solver_step(as_4d(x), self.velocity(out), self._on("coefficients", x.device)[i], **self.guidance_at(i))
+        step = samplers.solver_step(as_4d(x), self.velocity(out), self._on("coefficients", x.device)[i],
+                                    **self.guidance_at(i))
         return step[0].view(x.shape)
 
     def combined(self, out: torch.Tensor, channels=None) -> torch.Tensor:

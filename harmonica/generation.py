@@ -1,5 +1,5 @@
-"""One generation of a preset, as `harmonica sample` and the profiled workload make it: preset -> transformer and
-scheduler (`models.load_transformer`, `models.load_scheduler`) -> prompt bank and conditions -> task
+"""One generation of a preset, as `harmonica sample` and the profiled workload make it: preset -> transformers and
+scheduler (`models.load_experts`, `models.load_scheduler`) -> prompt bank and conditions -> task
 (`models.preset_task`) -> `harmonica.enable` -> `samplers.sample` -> decode (`task.decode`). Every family goes
 through the same steps; what differs is in its module (harmonica/families).
 

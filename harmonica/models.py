@@ -47,20 +47,6 @@ def build_transformer(name: str, *, seed: int = 0, device=None):
         return getattr(diffusers, spec.class_name)(**spec.config).eval()
 
 
-def load_transformer(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0,
-                     device=None):
-    """A preset's transformer alone (no text encoders, no VAE): from the `transformer` folder of
-    `weights` (hub id or path; default the preset's hub id), or with `random_weights` from its config,
-    built on `device`. A preset of several experts (Wan 2.2 A14B) is refused: profiling runs one transformer
-    (`load_experts` loads them all)."""
-    spec = preset(name)
-    if spec.experts > 1:
-        raise ValueError(f"model: expected one transformer, got {name}, whose pipeline switches between "
-                         f"{spec.experts} by step (profiling runs one); cache "
-                         f"its diffusers pipeline with harmonica.enable(pipe, ...)")
-    return load_experts(name, weights=weights, random_weights=random_weights, seed=seed, device=device)[0]
-
-
 def load_experts(name: str, *, weights: str | None = None, random_weights: bool = False, seed: int = 0,
                  device=None) -> list:
     """A preset's transformers that take turns by step, in order (`Preset.experts`; one for most): from the

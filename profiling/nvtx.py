@@ -127,7 +127,8 @@ def _ranged(fn, label: str):
 class PipelineRanges:
     """Block, scheduler-step and VAE-decode ranges of a diffusers pipeline, or block and sampler-step
     ranges of a transformer alone (flow models' `flow_sample`); the step and unit ranges come from the
-    cache engine. Forward hooks on each transformer block; `pipe.vae.decode`, the sampler steps of
+    cache engine. Forward hooks on each transformer block (of `transformer_2` too where there is one);
+    `pipe.vae.decode`, the sampler steps of
     `samplers.sample` (the table samplers' `harmonica.samplers.solver_step`, eager steps only, and
     `samplers.SchedulerSteps.step`) and `pipe.scheduler.step` (the pipeline's own loop) wrapped.
     Each costs one flag test while NVTX is off. `remove()` (or leaving a `with` block) undoes it all.
@@ -140,7 +141,10 @@ class PipelineRanges:
         from harmonica.adapters import blocks_of
 
         self._hooks = []
-        for block in blocks_of(getattr(pipe, "transformer", pipe)):  # a pipeline, or a transformer alone
+        # a pipeline (Wan 2.2 A14B's: its transformer_2 too), or a transformer alone
+        transformers = [getattr(pipe, "transformer", pipe), getattr(pipe, "transformer_2", None)]
+        for block in (block for transformer in transformers if transformer is not None
+                      for block in blocks_of(transformer)):
             self._hooks.append(block.module.register_forward_pre_hook(_open_block(block.name)))
             self._hooks.append(block.module.register_forward_hook(_close_block))
         self._wrapped = []  # (object, attribute, its own value before or None)

@@ -23,7 +23,7 @@ from harmonica.api import enable, summary
 from harmonica.bench.configs import MODE_OPTIONS
 from harmonica.flow import SAMPLER
 from harmonica.generation import default_guidance, first_conditions, generation_task, given_bank
-from harmonica.models import FLOW_PRESETS, PRESETS, load_scheduler, load_transformer, load_vae, move_pipeline, preset
+from harmonica.models import FLOW_PRESETS, PRESETS, load_experts, load_scheduler, load_vae, move_pipeline, preset
 from harmonica.router import Router
 from harmonica.samplers import check_steps, initial_noise, sample
 from harmonica.schedule import parse_schedule
@@ -72,16 +72,20 @@ def _generation(args, spec, device) -> tuple:
     enabled."""
     steps = args.steps or spec.steps
     sampler = spec.sampler or SAMPLER
-    transformer = load_transformer(args.model, weights=args.weights, random_weights=args.random_weights,
-                                   seed=args.seed)
+    transformers = load_experts(args.model, weights=args.weights, random_weights=args.random_weights,
+                                seed=args.seed)
+    transformer = transformers[0]
     dtype = spec.family.half if device == "cuda" else torch.float32
-    move_pipeline(transformer, device, dtype)
+    for expert in transformers:
+        move_pipeline(expert, device, dtype)
     bank = given_bank(spec, transformer, path=args.prompt_embeddings, random_weights=args.random_weights,
                       generator=torch.Generator().manual_seed(args.seed))
     scheduler = load_scheduler(args.model, weights=args.weights, random_weights=args.random_weights)
-    task = generation_task(args.model, [transformer], scheduler, bank, steps, default_guidance(spec, sampler), sampler,
+    task = generation_task(args.model, transformers, scheduler, bank, steps, default_guidance(spec, sampler), sampler,
                            weights=args.weights, device=device, dtype=dtype)
-    enable(transformer, _cache(args, steps, transformer), **MODE_OPTIONS[args.mode])
+    cache = _cache(args, steps, transformer)
+    for expert in transformers:  # one engine each on the one schedule (Wan 2.2 A14B: each runs its steps' rows)
+        enable(expert, cache, **MODE_OPTIONS[args.mode])
     vae = None
     if not args.random_weights or spec.vae is not None:
         vae = load_vae(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)
@@ -93,7 +97,8 @@ def _generation(args, spec, device) -> tuple:
         latents = sample(task, cond, initial_noise(task, 1, generator), generator=generator)
         return latents if vae is None else task.decode(vae, latents)
 
-    return SimpleNamespace(transformer=transformer, vae=vae), steps, generation
+    return SimpleNamespace(transformer=transformer, transformer_2=transformers[1] if len(transformers) > 1 else None,
+                           vae=vae), steps, generation
 
 
 def check_workload_steps(model: str, steps: int | None) -> None:

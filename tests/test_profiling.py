@@ -396,3 +396,16 @@ def test_the_cli_loads_the_nvtx_ranges():
     # HARMONICA_NVTX=1 harmonica ...: the CLI imports harmonica.profiling.nvtx, whose import reads the variable
     import harmonica.cli as cli
     assert cli.nvtx is nvtx
+
+
+def test_workload_of_two_experts_ranges_both(ranges, capsys):
+    """Wan 2.2 A14B (tiny): both experts run, one engine each; the block ranges of the high-noise expert at steps 0
+    and 1, of the low-noise one from its first step (2, computing) on, the solver step ranged after each."""
+    assert workload.main(["--model", "tiny-wan2.2", "--random-weights", "--config", "fora:2", "--steps", "4",
+                          "--warmup", "0"]) == 0
+    kinds = ("attn1", "attn2", "ffn")
+    steps = [(f"step {i}", [(f"blocks.{b}", [(f"blocks.{b}.{kind} {path}", []) for kind in kinds]) for b in range(2)])
+             for i, path in enumerate(("compute", "reuse") * 2)]
+    assert tree(ranges) == [("generation", [part for step in steps for part in (step, ("scheduler step", []))]
+                             + [("vae decode", [])])]
+    assert "fora:2 (FlowMatchEulerDiscreteScheduler): 4 steps x 6 units, CUR 50.0%" in capsys.readouterr().out
