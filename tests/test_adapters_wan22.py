@@ -332,13 +332,10 @@ def test_the_one_loop_runs_each_step_on_its_expert_as_the_pipeline_does():
     assert calls == [0.5, 0.5]
 
 
-def test_the_one_loop_under_graphs_on_the_stand_in_is_the_eager_engines():
-    """Both experts under cuda_graphs on the strict graph stand-in (capture rules and graph semantics): each captures
-    its computing and reusing rows once and replays them (2 of its 4 forwards over two generations), and the
-    latents are bitwise the eager engines'."""
-    from graph_standin import StandInGraphs, runner_inputs
-    from test_flow_graphs import cached_tables
-
+def experts_under_fora(setup=lambda expert, task: None, **options):
+    """The two-expert task's generation with FORA:2 enabled on each expert: (the eager engines' latents, the latents
+    of two generations with `options` passed to enable, the experts, still enabled: the caller disables them, the
+    task); `setup(expert, task)` runs after each expert's enable (e.g. a graph stand-in)."""
     from harmonica import samplers
 
     pipe = make_pipe()
@@ -348,14 +345,28 @@ def test_the_one_loop_under_graphs_on_the_stand_in_is_the_eager_engines():
         for expert in experts:
             harmonica.enable(expert, schedule)
         eager = samplers.sample(task, cond, noise)
-        runners = []
         for expert in experts:
-            harmonica.enable(expert, schedule, cuda_graphs=True)
-            runner = expert._harmonica.graphs
-            runner.backend = StandInGraphs(lambda runner=runner, expert=expert: runner_inputs(runner) +
-                                           cached_tables(expert, task))
-            runners.append(runner)
+            harmonica.enable(expert, schedule, **options)
+            setup(expert, task)
         runs = [samplers.sample(task, cond, noise) for _ in range(2)]
+    return eager, runs, experts, task
+
+
+def test_the_one_loop_under_graphs_on_the_stand_in_is_the_eager_engines():
+    """Both experts under cuda_graphs on the strict graph stand-in (capture rules and graph semantics): each captures
+    its computing and reusing rows once and replays them (2 of its 4 forwards over two generations), and the
+    latents are bitwise the eager engines'."""
+    from graph_standin import StandInGraphs, runner_inputs
+    from test_flow_graphs import cached_tables
+
+    runners = []
+
+    def stand_in(expert, task):
+        runner = expert._harmonica.graphs
+        runner.backend = StandInGraphs(lambda: runner_inputs(runner) + cached_tables(expert, task))
+        runners.append(runner)
+
+    eager, runs, experts, _ = experts_under_fora(cuda_graphs=True, setup=stand_in)
     for expert in experts:
         harmonica.disable(expert)
     assert [(runner.captures, runner.replays) for runner in runners] == [(2, 2), (2, 2)]
@@ -370,24 +381,12 @@ def test_the_one_loop_compiles_once_per_unit_kind_of_each_expert():
     from test_compile_flow import entries_per_kind
     from torch._dynamo.utils import counters
 
-    from harmonica import samplers
-
-    pipe = make_pipe()
-    task, (_, noise), experts = expert_task(pipe), prompt_and_noise(pipe), (pipe.transformer, pipe.transformer_2)
-    cond, schedule = {"prompt_index": torch.tensor([0])}, CacheSchedule.fora(STEPS, UNITS, 2)
-    with torch.no_grad():
-        for expert in experts:
-            harmonica.enable(expert, schedule)
-        eager = samplers.sample(task, cond, noise)
-        backend, counts, runs = CountingBackend(), [], []
-        counters.clear()
-        engines = [harmonica.enable(expert, schedule, compile={"backend": backend}) for expert in experts]
-        for _ in range(2):
-            runs.append(samplers.sample(task, cond, noise))
-            counts.append(len(backend.graphs))
-    per_engine = [entries_per_kind(engine) for engine in engines]
+    backend = CountingBackend()
+    counters.clear()
+    eager, runs, experts, _ = experts_under_fora(compile={"backend": backend})
+    per_engine = [entries_per_kind(expert._harmonica.engine) for expert in experts]
     for expert in experts:
         harmonica.disable(expert)
-    assert counts == [6, 6] and not counters["graph_break"]
+    assert len(backend.graphs) == 6 and not counters["graph_break"]
     assert per_engine == [{("WanTransformerBlock", kind): 1 for kind in ("attn1", "attn2", "ffn")}] * 2
     assert all(torch.equal(latents, eager) for latents in runs)
