@@ -545,20 +545,19 @@ class GroupRun:
         theoretical = self.steps / row_steps * schedule.theoretical_speedup(self.w.macs)
         cur = schedule.cur
         plain = mode == "eager" and config.kind == "fewer-steps"
-        enabled, report = [], None
+        target, enabled, report = self.w.transformers, False, None  # experts: one engine each, one schedule
         try:
-            if not plain:  # one engine per transformer on the one schedule (experts: each runs its steps' rows)
-                for target in self.w.transformers:
-                    harmonica.enable(target, plan, **MODE_OPTIONS[mode])
-                    enabled.append(target)
+            if not plain:
+                harmonica.enable(target, plan, **MODE_OPTIONS[mode])
+                enabled = True
             measurement = self.w.measure(row_steps, self.options.repeat, self.options.warmup)
             if enabled:
-                report = harmonica.summary(enabled[0])
+                report = harmonica.summary(target)
         except Exception as error:  # a failing row is recorded, the suite goes on
             self.skip(config.name, mode, f"failed: {type(error).__name__}: {error}")
             return
         finally:
-            for target in enabled:
+            if enabled:
                 harmonica.disable(target)
         self.measured(config.name, mode, measurement, cur=cur, theoretical=theoretical, row_steps=row_steps,
                       synthetic=planned.synthetic, schedule=schedule.name,

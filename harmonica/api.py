@@ -57,17 +57,24 @@ def _restore(owner, name: str, ours, replaced) -> None:
 
 
 def _parts(pipe_or_transformer):
-    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
-    if not (hasattr(transformer, "named_children") and block_lists(transformer)):
-        raise ValueError(f"pipe_or_transformer: expected a diffusers pipeline or transformer with blocks of "
-                         f"{', '.join(supported())}, got {type(pipe_or_transformer).__name__}")
-    return transformer, getattr(pipe_or_transformer, "scheduler", None)
+    """(the transformer, the pipeline's scheduler or None) of a pipeline, a transformer, or a list of transformers
+    that take turns by step (the first; no scheduler)."""
+    group = pipe_or_transformer if isinstance(pipe_or_transformer, (list, tuple)) else [pipe_or_transformer]
+    for part in group or [None]:
+        transformer = getattr(part, "transformer", part)
+        if not (hasattr(transformer, "named_children") and block_lists(transformer)):
+            raise ValueError(f"pipe_or_transformer: expected a diffusers pipeline, transformer or list of transformers "
+                             f"with blocks of {', '.join(supported())}, got {type(part).__name__}")
+    first = group[0]
+    return getattr(first, "transformer", first), getattr(pipe_or_transformer, "scheduler", None)
 
 
 def _experts(pipe_or_transformer) -> list:
     """[(transformer, serves)]: a pipeline's transformers that take turns by step (its family's `experts`, e.g. Wan
     2.2's two), serves(t) whether one runs the step of timestep t; else [(transformer, None)], which runs every
     step."""
+    if isinstance(pipe_or_transformer, (list, tuple)):  # a task's experts: `samplers.sample` begins each
+        return [(transformer, None) for transformer in pipe_or_transformer]
     transformer, scheduler = _parts(pipe_or_transformer)
     family = FAMILIES.get(type(transformer).__name__)
     if scheduler is None or family is None or family.experts is None:
@@ -136,7 +143,8 @@ def enable(pipe_or_transformer, router_or_schedule, tau: float | None = None, *,
     gets one engine per transformer on the one schedule of the generation's steps: each runs the rows of the steps
     it serves (its step counter begins at its first step), the first of which must compute every unit (no slot
     holds another transformer's outputs; else set_timesteps raises). The returned engine is `pipe.transformer`'s;
-    `disable` undoes all.
+    `disable` undoes all. Outside a pipeline, pass such transformers as a list (a task's experts, `Task.experts`):
+    the same engines, each begun at its first step by `samplers.sample`.
     Under diffusers' context parallelism (`transformer.enable_parallelism`, before or after this call; FLUX, Wan,
     Qwen-Image) each rank's slots hold its shard of the tokens, and the schedule is checked equal on every rank of
     the group (see parallel.py); with cuda_graphs each rank captures its graphs, the collectives of each checked

@@ -83,9 +83,7 @@ def _generation(args, spec, device) -> tuple:
     scheduler = load_scheduler(args.model, weights=args.weights, random_weights=args.random_weights)
     task = generation_task(args.model, transformers, scheduler, bank, steps, default_guidance(spec, sampler), sampler,
                            weights=args.weights, device=device, dtype=dtype)
-    cache = _cache(args, steps, transformer)
-    for expert in transformers:  # one engine each on the one schedule (Wan 2.2 A14B: each runs its steps' rows)
-        enable(expert, cache, **MODE_OPTIONS[args.mode])
+    enable(transformers, _cache(args, steps, transformer), **MODE_OPTIONS[args.mode])
     vae = None
     if not args.random_weights or spec.vae is not None:
         vae = load_vae(args.model, weights=args.weights, random_weights=args.random_weights, seed=args.seed)

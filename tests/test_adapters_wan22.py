@@ -144,12 +144,14 @@ def test_a_schedule_that_reuses_at_the_boundary_is_refused_before_any_work():
     harmonica.disable(pipe)
 
 
-def test_a_forecast_is_refused_for_two_experts():
+@pytest.mark.parametrize("as_list", [False, True], ids=["pipeline", "list"])
+def test_a_forecast_is_refused_for_two_experts(as_list):
+    """The pipeline's experts, or the same transformers given as a list (a task's experts)."""
     pipe = make_pipe()
     schedule = CacheSchedule.fora(STEPS, UNITS, 2)
     forecast = Forecast(torch.ones(STEPS, UNITS), torch.zeros(STEPS, UNITS), schedule.table)
     with pytest.raises(ValueError, match="forecast: expected none for a pipeline of 2 transformers that take turns"):
-        harmonica.enable(pipe, schedule, forecast=forecast)
+        harmonica.enable([pipe.transformer, pipe.transformer_2] if as_list else pipe, schedule, forecast=forecast)
     assert not hasattr(pipe.transformer, "_harmonica") and not hasattr(pipe.transformer_2, "_harmonica")
 
 
@@ -200,8 +202,7 @@ def test_harmonica_sample_runs_both_experts(tmp_path, capsys):
     experts = load_experts(NAME, random_weights=True)
     task = preset_task(NAME, experts, None, bank, STEPS, SPEC.guidance)
     noise = samplers.initial_noise(task, 1, generator)
-    for expert in experts:
-        harmonica.enable(expert, CacheSchedule.fora(STEPS, UNITS, 2))
+    harmonica.enable(experts, CacheSchedule.fora(STEPS, UNITS, 2))
     expected = samplers.sample(task, first_conditions(SPEC), noise)
     assert torch.equal(load_file(str(out))["latents"], task.unpack(expected))
     out.unlink()
@@ -297,8 +298,9 @@ def test_the_closing_comparison_runs_each_step_on_its_expert():
 
 def test_the_one_loop_runs_each_step_on_its_expert_as_the_pipeline_does():
     """`samplers.sample` of the task of both experts: caching off, the pipeline's generation (within the rounding of
-    the two step forms, as above); with FORA:2 enabled on each expert, each runs the rows of its global steps (the
-    low-noise expert from its first, computing, step): the generation of the pipeline enabled with FORA:2."""
+    the two step forms, as above); with FORA:2 enabled on the list of both experts (one engine each, disabled
+    together), each runs the rows of its global steps (the low-noise expert from its first, computing, step): the
+    generation of the pipeline enabled with FORA:2."""
     from harmonica import samplers
 
     pipe = make_pipe()
@@ -318,35 +320,33 @@ def test_the_one_loop_runs_each_step_on_its_expert_as_the_pipeline_does():
                                                                    1: task.timesteps[BOUNDARY:]}
     assert (sampled - plain).abs().max().item() <= tolerance
     schedule = CacheSchedule.fora(STEPS, UNITS, 2)
-    for expert in (pipe.transformer, pipe.transformer_2):
-        harmonica.enable(expert, schedule)
+    harmonica.enable([pipe.transformer, pipe.transformer_2], schedule)
     cached = samplers.sample(task, cond, noise)
-    calls = [harmonica.summary(expert).cur for expert in (pipe.transformer, pipe.transformer_2)]
-    for expert in (pipe.transformer, pipe.transformer_2):
-        harmonica.disable(expert)
+    report = harmonica.summary(pipe.transformer_2)
+    harmonica.disable(pipe.transformer_2)  # both
+    assert not hasattr(pipe.transformer, "_harmonica") and not hasattr(pipe.transformer_2, "_harmonica")
     harmonica.enable(pipe, schedule)
     piped = generate(pipe)
     harmonica.disable(pipe)
     assert (cached - piped).abs().max().item() <= tolerance
     assert (cached - plain).abs().max().item() > tolerance  # FORA:2 reuses
-    assert calls == [0.5, 0.5]
+    assert (report.cur, report.experts) == (0.5, 2)
 
 
 def experts_under_fora(setup=lambda expert, task: None, **options):
-    """The two-expert task's generation with FORA:2 enabled on each expert: (the eager engines' latents, the latents
+    """The two-expert task's generation with FORA:2 enabled on both experts: (the eager engines' latents, the latents
     of two generations with `options` passed to enable, the experts, still enabled: the caller disables them, the
-    task); `setup(expert, task)` runs after each expert's enable (e.g. a graph stand-in)."""
+    task); `setup(expert, task)` runs for each expert after the enable (e.g. a graph stand-in)."""
     from harmonica import samplers
 
     pipe = make_pipe()
     task, (_, noise), experts = expert_task(pipe), prompt_and_noise(pipe), (pipe.transformer, pipe.transformer_2)
     cond, schedule = {"prompt_index": torch.tensor([0])}, CacheSchedule.fora(STEPS, UNITS, 2)
     with torch.no_grad():
-        for expert in experts:
-            harmonica.enable(expert, schedule)
+        harmonica.enable(experts, schedule)
         eager = samplers.sample(task, cond, noise)
+        harmonica.enable(experts, schedule, **options)
         for expert in experts:
-            harmonica.enable(expert, schedule, **options)
             setup(expert, task)
         runs = [samplers.sample(task, cond, noise) for _ in range(2)]
     return eager, runs, experts, task
@@ -367,8 +367,7 @@ def test_the_one_loop_under_graphs_on_the_stand_in_is_the_eager_engines():
         runners.append(runner)
 
     eager, runs, experts, _ = experts_under_fora(cuda_graphs=True, setup=stand_in)
-    for expert in experts:
-        harmonica.disable(expert)
+    harmonica.disable(experts)
     assert [(runner.captures, runner.replays) for runner in runners] == [(2, 2), (2, 2)]
     assert all(torch.equal(latents, eager) for latents in runs)
 
@@ -385,8 +384,7 @@ def test_the_one_loop_compiles_once_per_unit_kind_of_each_expert():
     counters.clear()
     eager, runs, experts, _ = experts_under_fora(compile={"backend": backend})
     per_engine = [entries_per_kind(expert._harmonica.engine) for expert in experts]
-    for expert in experts:
-        harmonica.disable(expert)
+    harmonica.disable(experts)
     assert len(backend.graphs) == 6 and not counters["graph_break"]
     assert per_engine == [{("WanTransformerBlock", kind): 1 for kind in ("attn1", "attn2", "ffn")}] * 2
     assert all(torch.equal(latents, eager) for latents in runs)

@@ -667,11 +667,9 @@ def test_quick_run_on_two_experts():
                                                               "transformers by step; a peer runs on one")
     workload = FlowWorkload("tiny-wan2.2", options)  # the row's generation by hand: both experts enabled
     plain = workload.decode(workload.loop(workload.prompt, 6, workload.pipe.transformer))
-    for expert in workload.transformers:
-        harmonica.enable(expert, CacheSchedule.fora(6, 6, 2).computing((3,)), fused=False)
+    harmonica.enable(workload.transformers, CacheSchedule.fora(6, 6, 2).computing((3,)), fused=False)
     cached = workload.decode(workload.loop(workload.prompt, 6, workload.pipe.transformer))
-    for expert in workload.transformers:
-        harmonica.disable(expert)
+    harmonica.disable(workload.transformers)
     assert fora["psnr"] == latent_psnr(cached, plain)
 
 

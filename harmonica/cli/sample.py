@@ -230,9 +230,8 @@ def sample(args) -> int:
         move_pipeline(expert, device, dtype)
     task = generation_task(args.model, transformers, plan.scheduler, plan.bank, plan.steps, plan.guidance,
                            plan.sampler, prompt=args.prompt, weights=args.weights, device=device, dtype=dtype)
-    # one engine per transformer on the one schedule (Wan 2.2 A14B's experts: each runs the rows of its steps)
-    engines = [enable(expert, plan.cache, tau=args.tau, cuda_graphs=args.cuda_graphs,
-                      scheduler_in_graph=args.scheduler_in_graph, compile=args.compile) for expert in transformers]
+    engine = enable(transformers, plan.cache, tau=args.tau, cuda_graphs=args.cuda_graphs,
+                    scheduler_in_graph=args.scheduler_in_graph, compile=args.compile)
     start = time.perf_counter()
     with torch.inference_mode():
         latents = samplers.sample(task, plan.cond, samplers.initial_noise(task, 1, generator), generator=generator,
@@ -253,8 +252,8 @@ def sample(args) -> int:
     size = f"{spec.height}x{spec.width}" + (f"x{spec.frames}" if spec.frames else "")
     print(summary(transformer, counted=(task.macs(), size)))
     if context_parallel:
-        print(parallel.summary_line(args.model, transformer, engines[0].policy.schedule, 2 if task.guided else 1,
-                                    dtype.itemsize, engines[0].cache_bytes()))
+        print(parallel.summary_line(args.model, transformer, engine.policy.schedule, 2 if task.guided else 1,
+                                    dtype.itemsize, engine.cache_bytes()))
     print(f"measured {elapsed:.2f} s (the denoising loop); latents {tuple(latents.shape)}, "
           f"{'latents' if args.out.endswith('.safetensors') else 'decoded'} written to {args.out}")
     return 0
