@@ -64,7 +64,8 @@ def _parts(pipe_or_transformer):
         transformer = getattr(part, "transformer", part)
         if not (hasattr(transformer, "named_children") and block_lists(transformer)):
             raise ValueError(f"pipe_or_transformer: expected a diffusers pipeline, transformer or list of transformers "
-                             f"with blocks of {', '.join(supported())}, got {type(part).__name__}")
+                             f"with blocks of {', '.join(supported())}, got "
+                             f"{'an empty list' if part is None else type(part).__name__}")
     first = group[0]
     return getattr(first, "transformer", first), getattr(pipe_or_transformer, "scheduler", None)
 

@@ -223,10 +223,13 @@ def test_an_unsupported_block_class_is_named_with_the_supported_ones(toy):
     assert not any("forward" in vars(m) for m in toy.modules()) and not hasattr(toy, "_harmonica")
 
 
-def test_a_model_without_block_lists_is_refused():
-    with pytest.raises(ValueError, match=re.escape(f"pipe_or_transformer: expected a diffusers pipeline or "
-                                                   f"transformer with blocks of {', '.join(supported())}, got Linear")):
-        harmonica.enable(nn.Linear(2, 2), CacheSchedule.no_cache(STEPS, 1))
+@pytest.mark.parametrize("given", [nn.Linear(2, 2), [nn.Linear(2, 2)], []], ids=["module", "list", "empty-list"])
+def test_a_model_without_block_lists_is_refused(given):
+    got = "an empty list" if given == [] else "Linear"
+    with pytest.raises(ValueError, match=re.escape(f"pipe_or_transformer: expected a diffusers pipeline, transformer "
+                                                   f"or list of transformers with blocks of {', '.join(supported())}, "
+                                                   f"got {got}")):
+        harmonica.enable(given, CacheSchedule.no_cache(STEPS, 1))
     with pytest.raises(ValueError, match=r"transformer: expected a diffusers transformer with blocks"):
         cached_units(nn.Linear(2, 2))
 
